@@ -1,0 +1,148 @@
+"""usbipyd: the USB/IP server. Options follow Linux usbipd where they overlap."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+
+from ..demo import DEMO_DISK_SIZE, demo_devices
+from ..devices import ImageFile, MassStorage, PtyBackend, StorageError
+from ..devices.base import ExportedDevice
+from ..devices.cdc_acm import CdcAcm
+from ..errors import UsbipError
+from ..server import USBIP_PORT, UsbipServer
+
+log = logging.getLogger("usbipyd")
+
+#: Loopback by default: USB/IP has no authentication, so exporting to the
+#: network must be asked for (-a 0.0.0.0 or -a ::). usbipd listens everywhere.
+DEFAULT_ADDRESS = "127.0.0.1"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="usbipyd", description="Export USB devices over USB/IP (protocol 1.1.1).")
+    p.add_argument("--demo", action="store_true",
+                   help="export an emulated HID keyboard, mass-storage disk and CDC-ACM port")
+    p.add_argument("--disk", metavar="PATH",
+                   help="export a mass-storage device backed by this image file")
+    p.add_argument("--read-only", action="store_true", help="export --disk write-protected")
+    p.add_argument("--disk-size", type=int, default=DEMO_DISK_SIZE, metavar="BYTES",
+                   help="size of the demo's scratch disk when no --disk is given")
+    p.add_argument("--serial", choices=("echo", "pty"), default="echo",
+                   help="where the demo serial port's bytes go (default: echo)")
+    p.add_argument("-a", "--address", action="append", metavar="ADDR",
+                   help=f"listen address, may repeat (default: {DEFAULT_ADDRESS})")
+    p.add_argument("-4", "--ipv4", action="store_true", help="listen on IPv4 only")
+    p.add_argument("-6", "--ipv6", action="store_true", help="listen on IPv6 only")
+    p.add_argument("-t", "--tcp-port", type=int, default=USBIP_PORT, metavar="PORT",
+                   help=f"TCP port to listen on (default: {USBIP_PORT})")
+    p.add_argument("-D", "--daemon", action="store_true", help="run in the background")
+    p.add_argument("-P", "--pid", metavar="FILE", help="write the process id to FILE")
+    p.add_argument("-d", "--debug", action="store_true", help="log every connection")
+    return p
+
+
+def _devices(args: argparse.Namespace) -> list[ExportedDevice]:
+    if args.demo:
+        return demo_devices(disk=args.disk, read_only=args.read_only, serial=args.serial,
+                            disk_size=args.disk_size)
+    devices: list[ExportedDevice] = []
+    if args.disk:
+        devices.append(MassStorage(ImageFile(args.disk, read_only=args.read_only)))
+    if args.serial == "pty":
+        devices.append(CdcAcm(PtyBackend()))
+    return devices
+
+
+def _hosts(args: argparse.Namespace) -> tuple[list[str], socket.AddressFamily]:
+    family = socket.AF_UNSPEC
+    if args.ipv4 and not args.ipv6:
+        family = socket.AF_INET
+    elif args.ipv6 and not args.ipv4:
+        family = socket.AF_INET6
+    if args.address:
+        return args.address, family
+    if family == socket.AF_INET6:
+        return ["::1"], family
+    return [DEFAULT_ADDRESS], family
+
+
+def _daemonize() -> None:
+    if os.fork():
+        os._exit(0)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+
+
+async def _serve(server: UsbipServer) -> None:
+    await server.start()
+    for device in server.registry:
+        info = device.info
+        extra = ""
+        backend = getattr(device, "backend", None)
+        if isinstance(backend, PtyBackend):
+            extra = f" (pty {backend.path})"
+        log.info("exporting %s: %04x:%04x %s%s", info.busid, info.idVendor, info.idProduct,
+                 type(device).__name__, extra)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        await server.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="usbipyd: %(levelname)s: %(message)s", stream=sys.stderr)
+    try:
+        devices = _devices(args)
+    except (StorageError, OSError) as exc:
+        print(f"usbipyd: {exc}", file=sys.stderr)
+        return 1
+    if not devices:
+        log.warning("no devices to export (try --demo or --disk PATH)")
+    hosts, family = _hosts(args)
+    server = UsbipServer(hosts=hosts, port=args.tcp_port, family=family)
+    for device in devices:
+        server.add(device)
+    if args.daemon:
+        _daemonize()
+    if args.pid:
+        with open(args.pid, "w") as f:
+            f.write(f"{os.getpid()}\n")
+    try:
+        asyncio.run(_serve(server))
+    except OSError as exc:
+        print(f"usbipyd: cannot listen on {', '.join(hosts)} port {args.tcp_port}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except UsbipError as exc:
+        print(f"usbipyd: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if args.pid:
+            try:
+                os.unlink(args.pid)
+            except OSError:
+                pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""A userspace USB/IP client over asyncio: list and import remote devices, submit URBs.
+
+For hosts with no vhci-hcd, for tests and for benchmarks::
+
+    devices = await list_devices("127.0.0.1")
+    async with await import_device("127.0.0.1", "1-1") as dev:
+        descriptor = await dev.control(0x80, 6, 0x0100, 0, 18)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import socket
+import struct
+from types import TracebackType
+
+from ..errors import UsbipError
+from ..protocol import (
+    ClientConnection,
+    CmdSubmit,
+    CmdUnlink,
+    DeviceInfo,
+    Direction,
+    IsoPacket,
+    OpRepDevlist,
+    OpRepImport,
+    OpReqDevlist,
+    OpReqImport,
+    OpStatus,
+    RemoteProtocolError,
+    RetSubmit,
+    RetUnlink,
+)
+
+USBIP_PORT = 3240
+
+
+class ClientError(UsbipError):
+    """A USB/IP request failed."""
+
+
+class ImportRefused(ClientError):
+    def __init__(self, busid: str, status: OpStatus) -> None:
+        explain = {
+            OpStatus.DEV_BUSY: "the device is already imported by another client",
+            OpStatus.NODEV: "no such device",
+            OpStatus.NA: "the device is not available",
+            OpStatus.DEV_ERR: "the device is in an error state",
+        }.get(status, "the server refused the import")
+        super().__init__(f"import of {busid} refused: {explain} ({status.name})")
+        self.busid = busid
+        self.status = status
+
+
+class UrbError(ClientError):
+    def __init__(self, ret: RetSubmit) -> None:
+        super().__init__(f"URB {ret.seqnum} failed with status {ret.status}")
+        self.ret = ret
+
+
+class _ClientProtocol(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.conn = ClientConnection()
+        self.transport: asyncio.Transport | None = None
+        self.op_reply: asyncio.Future[OpRepDevlist | OpRepImport] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self.waiting: dict[int, asyncio.Future[RetSubmit | RetUnlink]] = {}
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        self.conn.receive_data(data)
+        try:
+            for event in self.conn.events():
+                if isinstance(event, (RetSubmit, RetUnlink)):
+                    future = self.waiting.pop(event.seqnum, None)
+                    if future is not None and not future.done():
+                        future.set_result(event)
+                elif isinstance(event, (OpRepDevlist, OpRepImport)):
+                    if not self.op_reply.done():
+                        self.op_reply.set_result(event)
+        except RemoteProtocolError as exc:
+            self._fail(exc)
+            assert self.transport is not None
+            self.transport.abort()
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        error = ClientError(f"connection closed{f': {exc}' if exc else ''}")
+        self._fail(error)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def _fail(self, exc: Exception) -> None:
+        if not self.op_reply.done():
+            self.op_reply.set_exception(exc)
+        for future in self.waiting.values():
+            if not future.done():
+                future.set_exception(exc)
+        self.waiting.clear()
+
+
+async def _connect(host: str, port: int) -> _ClientProtocol:
+    loop = asyncio.get_running_loop()
+    try:
+        _transport, protocol = await loop.create_connection(_ClientProtocol, host, port)
+    except OSError as exc:
+        raise ClientError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from exc
+    return protocol
+
+
+async def list_devices(host: str, port: int = USBIP_PORT) -> tuple[DeviceInfo, ...]:
+    """OP_REQ_DEVLIST: the devices ``host`` exports."""
+    protocol = await _connect(host, port)
+    try:
+        assert protocol.transport is not None
+        protocol.transport.write(protocol.conn.send(OpReqDevlist()))
+        reply = await protocol.op_reply
+        assert isinstance(reply, OpRepDevlist)
+        return reply.devices
+    finally:
+        assert protocol.transport is not None
+        protocol.transport.close()
+
+
+async def import_device(host: str, busid: str, port: int = USBIP_PORT) -> RemoteDevice:
+    """OP_REQ_IMPORT: hold ``busid`` and get a handle to submit URBs to it."""
+    protocol = await _connect(host, port)
+    assert protocol.transport is not None
+    protocol.transport.write(protocol.conn.send(OpReqImport(busid)))
+    try:
+        reply = await protocol.op_reply
+    except BaseException:
+        protocol.transport.close()
+        raise
+    assert isinstance(reply, OpRepImport)
+    if reply.status != OpStatus.OK or reply.device is None:
+        protocol.transport.close()
+        raise ImportRefused(busid, reply.status)
+    return RemoteDevice(protocol, reply.device)
+
+
+_SETUP = struct.Struct("<BBHHH")
+
+
+class RemoteDevice:
+    """An imported device: submit URBs, unlink them, close."""
+
+    def __init__(self, protocol: _ClientProtocol, info: DeviceInfo) -> None:
+        self._protocol = protocol
+        self.info = info
+        self._seqnums = itertools.count(1)
+
+    @property
+    def closed(self) -> bool:
+        return self._protocol.closed.done()
+
+    def submit_nowait(self, ep: int, direction: Direction, length: int = 0, *,
+                      data: bytes = b"", setup: bytes = bytes(8), transfer_flags: int = 0,
+                      iso_packets: list[IsoPacket] | None = None,
+                      interval: int = 0) -> tuple[int, asyncio.Future[RetSubmit]]:
+        """Send CMD_SUBMIT; returns the seqnum and a future for its RET_SUBMIT."""
+        seqnum = next(self._seqnums)
+        if direction is Direction.OUT:
+            length = len(data)
+        cmd = CmdSubmit(seqnum, self.info.devid, direction, ep, transfer_flags, length, setup,
+                        data, 0, 0, interval, iso_packets)
+        future: asyncio.Future[RetSubmit] = asyncio.get_running_loop().create_future()
+        protocol = self._protocol
+        if protocol.transport is None or protocol.closed.done():
+            raise ClientError("the connection is closed")
+        protocol.waiting[seqnum] = future  # type: ignore[assignment]
+        protocol.transport.write(protocol.conn.send(cmd))
+        return seqnum, future
+
+    async def submit(self, ep: int, direction: Direction, length: int = 0, **kw: object
+                     ) -> RetSubmit:
+        _seqnum, future = self.submit_nowait(ep, direction, length, **kw)  # type: ignore[arg-type]
+        return await future
+
+    async def unlink(self, seqnum: int) -> RetUnlink:
+        unlink_seqnum = next(self._seqnums)
+        future: asyncio.Future[RetUnlink] = asyncio.get_running_loop().create_future()
+        protocol = self._protocol
+        assert protocol.transport is not None
+        protocol.waiting[unlink_seqnum] = future  # type: ignore[assignment]
+        protocol.transport.write(protocol.conn.send(
+            CmdUnlink(unlink_seqnum, self.info.devid, seqnum)))
+        reply = await future
+        if reply.status != 0:
+            # Cancelled on the server: its RET_SUBMIT will never come.
+            pending = protocol.waiting.pop(seqnum, None)
+            if pending is not None and not pending.done():
+                pending.cancel()
+        return reply
+
+    async def control(self, bmRequestType: int, bRequest: int, wValue: int, wIndex: int,
+                      wLength_or_data: int | bytes) -> bytes:
+        """A control transfer on endpoint 0; returns IN data; raises UrbError on a stall."""
+        if isinstance(wLength_or_data, int):
+            setup = _SETUP.pack(bmRequestType, bRequest, wValue, wIndex, wLength_or_data)
+            ret = await self.submit(0, Direction.IN, wLength_or_data, setup=setup)
+        else:
+            data = wLength_or_data
+            setup = _SETUP.pack(bmRequestType, bRequest, wValue, wIndex, len(data))
+            ret = await self.submit(0, Direction.OUT, data=data, setup=setup)
+        if ret.status:
+            raise UrbError(ret)
+        return ret.data
+
+    async def bulk_out(self, ep: int, data: bytes) -> RetSubmit:
+        return await self.submit(ep, Direction.OUT, data=data)
+
+    async def bulk_in(self, ep: int, length: int) -> RetSubmit:
+        return await self.submit(ep, Direction.IN, length)
+
+    async def close(self) -> None:
+        transport = self._protocol.transport
+        if transport is not None:
+            transport.close()
+        await self._protocol.closed
+
+    async def __aenter__(self) -> RemoteDevice:
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()

@@ -1,0 +1,22 @@
+"""The demo set of emulated devices: a keyboard, a disk and a serial port."""
+
+from __future__ import annotations
+
+from .devices import CdcAcm, HidKeyboard, ImageFile, MassStorage, PtyBackend
+from .devices.base import ExportedDevice
+from .devices.serial_backends import SerialBackend
+
+DEMO_DISK_SIZE = 64 * 1024 * 1024
+
+
+def demo_devices(*, disk: str | None = None, read_only: bool = False,
+                 serial: str = "echo", disk_size: int = DEMO_DISK_SIZE) -> list[ExportedDevice]:
+    """Keyboard on 1-1, mass storage on 1-2, CDC-ACM on 1-3.
+
+    With no ``disk`` the mass storage is a blank sparse scratch image.
+    ``serial`` is "echo" (loopback) or "pty" (a pseudo-terminal on this host).
+    """
+    image = (ImageFile(disk, read_only=read_only) if disk is not None
+             else ImageFile.scratch(disk_size))
+    backend: SerialBackend | None = PtyBackend() if serial == "pty" else None
+    return [HidKeyboard(), MassStorage(image), CdcAcm(backend)]

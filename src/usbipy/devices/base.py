@@ -1,0 +1,68 @@
+"""The one interface every exported device implements.
+
+An exported device is what a client imports: an emulated device written in
+Python, a device held by the kernel's usbip-host, or one opened through libusb.
+The server only ever talks to this interface.
+
+Cancellation (USBIP_CMD_UNLINK) is asyncio cancellation: the server cancels
+the awaitable that :meth:`ExportedDevice.submit` returned, and the device undoes
+whatever it started (a libusb transfer, a queued read) when that happens.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable
+from dataclasses import dataclass
+
+from ..protocol import CmdSubmit, DeviceInfo, IsoPacket
+
+
+@dataclass(slots=True)
+class Completion:
+    """How a URB ended: what RET_SUBMIT will carry."""
+
+    #: 0 or a negative errno (-EPIPE for a stall, -ENODEV for a gone device, ...).
+    status: int = 0
+    #: IN data; for isochronous IN, the packets' data back to back.
+    data: bytes = b""
+    #: Bytes moved. None means len(data) for IN and the whole buffer for OUT.
+    actual_length: int | None = None
+    iso_packets: list[IsoPacket] | None = None
+    error_count: int = 0
+    start_frame: int = 0
+
+
+#: A URB's outcome: known at once (no task needed), or later.
+SubmitResult = Completion | Awaitable[Completion]
+
+
+class ExportedDevice(ABC):
+    """A USB device that usbipyd exports."""
+
+    #: Filled in by the registry when the device is added, unless the backend knows it.
+    busid: str = ""
+    busnum: int = 0
+    devnum: int = 0
+
+    @property
+    @abstractmethod
+    def info(self) -> DeviceInfo:
+        """The record that OP_REP_DEVLIST and OP_REP_IMPORT send."""
+
+    def attach(self) -> None:
+        """A client imported the device; runs on the event loop."""
+
+    def detach(self) -> None:
+        """The client went away; release everything. Runs on the event loop."""
+
+    def reset(self) -> None:
+        """A port reset: back to the unconfigured, default state."""
+
+    @abstractmethod
+    def submit(self, urb: CmdSubmit) -> SubmitResult:
+        """Start a URB. Return a Completion when the result is known at once, or an
+        awaitable (a Future or coroutine) that the server may cancel on UNLINK."""
+
+    def close(self) -> None:
+        """The server shuts down: make everything durable and free resources."""

@@ -1,0 +1,358 @@
+"""Emulated devices: the standard requests answered from declarative descriptors.
+
+Write a device by subclassing :class:`EmulatedDevice`, giving it a
+:class:`~usbipy.devices.descriptors.Device` and overriding two hooks:
+
+* :meth:`EmulatedDevice.control_request` for class and vendor requests,
+* :meth:`EmulatedDevice.transfer` for URBs to endpoints other than 0.
+
+Everything else (GET_DESCRIPTOR, SET_CONFIGURATION, endpoint halt ...) is done
+here. A request nobody handles STALLs (-EPIPE), as a real device does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections import deque
+from dataclasses import dataclass
+
+from ..protocol import CmdSubmit, DeviceInfo, Direction
+from ..protocol.constants import EPIPE, ESHUTDOWN
+from .base import Completion, ExportedDevice, SubmitResult
+from .descriptors import DescriptorSet, DescriptorType, Device, Endpoint
+
+# bRequest codes of USB 2.0 table 9-4
+GET_STATUS = 0x00
+CLEAR_FEATURE = 0x01
+SET_FEATURE = 0x03
+SET_ADDRESS = 0x05
+GET_DESCRIPTOR = 0x06
+SET_DESCRIPTOR = 0x07
+GET_CONFIGURATION = 0x08
+SET_CONFIGURATION = 0x09
+GET_INTERFACE = 0x0A
+SET_INTERFACE = 0x0B
+
+# feature selectors
+ENDPOINT_HALT = 0
+DEVICE_REMOTE_WAKEUP = 1
+PORT_RESET = 4  # hub class; usbip-host treats SET_FEATURE(PORT_RESET) as a device reset
+
+# bmRequestType fields
+TYPE_MASK = 0x60
+TYPE_STANDARD = 0x00
+TYPE_CLASS = 0x20
+TYPE_VENDOR = 0x40
+RECIPIENT_MASK = 0x1F
+RECIPIENT_DEVICE = 0
+RECIPIENT_INTERFACE = 1
+RECIPIENT_ENDPOINT = 2
+
+_SETUP = struct.Struct("<BBHHH")
+
+
+class Stall(Exception):
+    """Raised by a request handler to STALL the request (-EPIPE)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Setup:
+    """The 8-byte SETUP packet of a control transfer (little-endian on the wire)."""
+
+    bmRequestType: int
+    bRequest: int
+    wValue: int
+    wIndex: int
+    wLength: int
+
+    @classmethod
+    def parse(cls, raw: bytes) -> Setup:
+        return cls(*_SETUP.unpack(raw))
+
+    def pack(self) -> bytes:
+        return _SETUP.pack(
+            self.bmRequestType, self.bRequest, self.wValue, self.wIndex, self.wLength
+        )
+
+    @property
+    def is_in(self) -> bool:
+        return bool(self.bmRequestType & 0x80)
+
+    @property
+    def type(self) -> int:
+        return self.bmRequestType & TYPE_MASK
+
+    @property
+    def recipient(self) -> int:
+        return self.bmRequestType & RECIPIENT_MASK
+
+
+_STALL = Completion(status=EPIPE)
+
+
+class UrbQueue:
+    """URBs waiting for data, completed first in, first out.
+
+    Cancelled waiters (UNLINK) are skipped, so a cancelled URB never takes data.
+    """
+
+    def __init__(self) -> None:
+        self._waiters: deque[tuple[CmdSubmit, asyncio.Future[Completion]]] = deque()
+
+    def __len__(self) -> int:
+        return len(self._waiters)
+
+    def wait(self, urb: CmdSubmit) -> asyncio.Future[Completion]:
+        future: asyncio.Future[Completion] = asyncio.get_running_loop().create_future()
+        self._waiters.append((urb, future))
+        return future
+
+    def __bool__(self) -> bool:
+        """Whether a live (not cancelled) URB is waiting."""
+        while self._waiters and self._waiters[0][1].done():
+            self._waiters.popleft()
+        return bool(self._waiters)
+
+    def pop(self) -> tuple[CmdSubmit, asyncio.Future[Completion]] | None:
+        """The oldest live waiter, taken off the queue; the caller completes its future."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter[1].done():
+                return waiter
+        return None
+
+    def fail_all(self, status: int) -> None:
+        while self._waiters:
+            _urb, future = self._waiters.popleft()
+            if not future.done():
+                future.set_result(Completion(status=status))
+
+
+class EmulatedDevice(ExportedDevice):
+    """A USB device implemented in Python from declarative descriptors."""
+
+    #: The device's descriptors; set by subclasses (class attribute or in __init__).
+    descriptor: Device
+
+    def __init__(self) -> None:
+        self.descriptors = DescriptorSet(self.descriptor)
+        self.configuration = 0  # bConfigurationValue; 0 = unconfigured
+        self.alternate: dict[int, int] = {}
+        self.halted: set[int] = set()  # bEndpointAddress of halted endpoints
+        self._endpoints: dict[int, Endpoint] = {}  # bEndpointAddress -> endpoint, current config
+        self._info: DeviceInfo | None = None
+
+    # --- ExportedDevice -----------------------------------------------------
+
+    @property
+    def info(self) -> DeviceInfo:
+        if self._info is None or self._info.busid != self.busid:
+            d = self.descriptor
+            cfg = d.configurations[0]
+            self._info = DeviceInfo(
+                path=f"/sys/devices/platform/usbipy/usb{self.busnum}/{self.busid}",
+                busid=self.busid, busnum=self.busnum, devnum=self.devnum, speed=d.speed,
+                idVendor=d.idVendor, idProduct=d.idProduct, bcdDevice=d.bcdDevice,
+                bDeviceClass=d.bDeviceClass, bDeviceSubClass=d.bDeviceSubClass,
+                bDeviceProtocol=d.bDeviceProtocol,
+                # usbipd reports the active configuration; an exported device idles in its first.
+                bConfigurationValue=cfg.bConfigurationValue,
+                bNumConfigurations=len(d.configurations),
+                bNumInterfaces=cfg.bNumInterfaces,
+                interfaces=self.descriptors.interface_infos(),
+            )
+        return self._info
+
+    def attach(self) -> None:
+        self.reset()
+
+    def detach(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        if self.configuration:
+            self.on_configuration(0)
+        self.configuration = 0
+        self.alternate.clear()
+        self.halted.clear()
+        self._endpoints.clear()
+
+    def submit(self, urb: CmdSubmit) -> SubmitResult:
+        if urb.ep == 0:
+            return self._control(urb)
+        address = urb.ep | (0x80 if urb.direction is Direction.IN else 0)
+        endpoint = self._endpoints.get(address)
+        if endpoint is None:
+            # No such endpoint in the active configuration: the kernel refuses the URB.
+            return Completion(status=ESHUTDOWN)
+        if address in self.halted:
+            return _STALL
+        return self.transfer(endpoint, urb)
+
+    # --- hooks for subclasses ------------------------------------------------
+
+    def control_request(self, setup: Setup, data: bytes) -> bytes | None:
+        """A class or vendor request (or a standard one this class does not know).
+
+        Return the IN data (bytes) or None for an OUT request; raise Stall to refuse.
+        """
+        raise Stall
+
+    def transfer(self, endpoint: Endpoint, urb: CmdSubmit) -> SubmitResult:
+        """A URB to a non-control endpoint of the active configuration."""
+        return _STALL
+
+    def on_configuration(self, value: int) -> None:
+        """The host selected configuration ``value`` (0 = deconfigured)."""
+
+    def on_interface(self, interface: int, alternate: int) -> None:
+        """The host selected an alternate setting."""
+
+    def on_clear_halt(self, endpoint: Endpoint) -> None:
+        """The host cleared a halt on ``endpoint`` (data toggles reset)."""
+
+    def halt(self, address: int) -> None:
+        """Halt an endpoint (a functional stall) until the host clears it."""
+        self.halted.add(address)
+
+    # --- standard requests -----------------------------------------------------
+
+    def _control(self, urb: CmdSubmit) -> Completion:
+        setup = Setup.parse(urb.setup)
+        if setup.bmRequestType == 0x23 and setup.bRequest == SET_FEATURE and (
+            setup.wValue == PORT_RESET
+        ):
+            # usbip-host turns the hub's SET_FEATURE(PORT_RESET) into a device reset.
+            self.reset()
+            return Completion(actual_length=0)
+        try:
+            if setup.type == TYPE_STANDARD:
+                reply = self._standard_request(setup, urb.data)
+            else:
+                reply = self.control_request(setup, urb.data)
+        except Stall:
+            return _STALL
+        if setup.is_in:
+            data = (reply or b"")[: min(setup.wLength, urb.transfer_buffer_length)]
+            return Completion(data=data)
+        return Completion(actual_length=len(urb.data))
+
+    def _standard_request(self, setup: Setup, data: bytes) -> bytes | None:
+        request = setup.bRequest
+        recipient = setup.recipient
+        if request == GET_DESCRIPTOR and recipient == RECIPIENT_DEVICE:
+            return self._get_descriptor(setup)
+        if request == SET_ADDRESS:
+            return None  # vhci-hcd assigns addresses itself; nothing to do
+        if request == GET_CONFIGURATION:
+            return bytes((self.configuration,))
+        if request == SET_CONFIGURATION:
+            self._set_configuration(setup.wValue & 0xFF)
+            return None
+        if request == GET_STATUS:
+            return self._get_status(setup)
+        if request in (SET_FEATURE, CLEAR_FEATURE):
+            self._feature(setup, request == SET_FEATURE)
+            return None
+        if request == GET_INTERFACE and recipient == RECIPIENT_INTERFACE:
+            self._interface(setup.wIndex & 0xFF, None)
+            return bytes((self.alternate.get(setup.wIndex & 0xFF, 0),))
+        if request == SET_INTERFACE and recipient == RECIPIENT_INTERFACE:
+            self._set_interface(setup.wIndex & 0xFF, setup.wValue)
+            return None
+        # e.g. GET_DESCRIPTOR to an interface (HID report descriptor)
+        return self.control_request(setup, data)
+
+    def _get_descriptor(self, setup: Setup) -> bytes:
+        kind, index = setup.wValue >> 8, setup.wValue & 0xFF
+        ds = self.descriptors
+        if kind == DescriptorType.DEVICE:
+            return ds.device_descriptor
+        if kind == DescriptorType.CONFIGURATION and index < len(ds.configuration_descriptors):
+            return ds.configuration_descriptors[index]
+        if kind == DescriptorType.STRING:
+            string = ds.string_descriptor(index, setup.wIndex)
+            if string is not None:
+                return string
+        if kind == DescriptorType.DEVICE_QUALIFIER and ds.device_qualifier is not None:
+            return ds.device_qualifier
+        raise Stall
+
+    def _set_configuration(self, value: int) -> None:
+        configs = {c.bConfigurationValue: c for c in self.descriptor.configurations}
+        if value and value not in configs:
+            raise Stall
+        if self.configuration:
+            self.on_configuration(0)
+        self.configuration = value
+        self.alternate.clear()
+        self.halted.clear()
+        self._endpoints.clear()
+        if value:
+            for intf in configs[value].interfaces:
+                if intf.bAlternateSetting == 0:
+                    self.alternate[intf.bInterfaceNumber] = 0
+                    self._endpoints.update({e.bEndpointAddress: e for e in intf.endpoints})
+            self.on_configuration(value)
+
+    def _interface(self, number: int, alternate: int | None) -> list[Endpoint]:
+        """Endpoints of an interface's setting in the active configuration; Stall if none."""
+        if not self.configuration or number not in self.alternate:
+            raise Stall
+        alt = self.alternate[number] if alternate is None else alternate
+        for config in self.descriptor.configurations:
+            if config.bConfigurationValue != self.configuration:
+                continue
+            for intf in config.interfaces:
+                if intf.bInterfaceNumber == number and intf.bAlternateSetting == alt:
+                    return list(intf.endpoints)
+        raise Stall
+
+    def _set_interface(self, number: int, alternate: int) -> None:
+        old = self._interface(number, None)
+        new = self._interface(number, alternate)
+        for ep in old:
+            self._endpoints.pop(ep.bEndpointAddress, None)
+            self.halted.discard(ep.bEndpointAddress)
+        self._endpoints.update({e.bEndpointAddress: e for e in new})
+        self.alternate[number] = alternate
+        self.on_interface(number, alternate)
+
+    def _get_status(self, setup: Setup) -> bytes:
+        recipient = setup.recipient
+        if recipient == RECIPIENT_DEVICE:
+            config = next(
+                (c for c in self.descriptor.configurations
+                 if c.bConfigurationValue == (self.configuration or 1)), None
+            )
+            self_powered = bool(config and config.bmAttributes & 0x40)
+            return struct.pack("<H", int(self_powered))
+        if recipient == RECIPIENT_INTERFACE:
+            self._interface(setup.wIndex & 0xFF, None)
+            return b"\0\0"
+        if recipient == RECIPIENT_ENDPOINT:
+            address = setup.wIndex & 0xFF
+            if address & 0x7F and address not in self._endpoints:
+                raise Stall
+            return struct.pack("<H", int(address in self.halted))
+        raise Stall
+
+    def _feature(self, setup: Setup, set_it: bool) -> None:
+        recipient = setup.recipient
+        if recipient == RECIPIENT_ENDPOINT and setup.wValue == ENDPOINT_HALT:
+            address = setup.wIndex & 0xFF
+            if address & 0x7F == 0:
+                return  # ep0 halts clear themselves on the next SETUP
+            endpoint = self._endpoints.get(address)
+            if endpoint is None:
+                raise Stall
+            if set_it:
+                self.halted.add(address)
+            else:
+                self.halted.discard(address)
+                self.on_clear_halt(endpoint)
+            return
+        if recipient == RECIPIENT_DEVICE and setup.wValue == DEVICE_REMOTE_WAKEUP:
+            return
+        raise Stall

@@ -1,0 +1,208 @@
+"""An emulated USB HID keyboard (boot protocol), with a Python API to type."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import threading
+from collections import deque
+
+from ..protocol import CmdSubmit, Speed
+from ..protocol.constants import EPIPE, ESHUTDOWN
+from .base import Completion, SubmitResult
+from .descriptors import Configuration, DescriptorType, Device, Endpoint, Interface, TransferType
+from .emulated import EmulatedDevice, Setup, Stall, UrbQueue
+
+# HID class requests (HID 1.11, 7.2)
+GET_REPORT = 0x01
+GET_IDLE = 0x02
+GET_PROTOCOL = 0x03
+SET_REPORT = 0x09
+SET_IDLE = 0x0A
+SET_PROTOCOL = 0x0B
+
+#: The boot keyboard report descriptor of HID 1.11 appendix B.1: 8 input bytes
+#: (modifiers, reserved, six keys) and one output byte (five LEDs).
+BOOT_KEYBOARD_REPORT = bytes.fromhex(
+    "05010906a101"  # Usage Page (Generic Desktop), Usage (Keyboard), Collection (Application)
+    "050719e029e71500250175019508810295017508810195057501"  # modifiers, reserved
+    "05081901290591029501750391019506750815002565"  # LEDs, LED padding, keys
+    "05071900296581" "00c0"  # key array, End Collection
+)
+
+MOD_LSHIFT = 0x02
+LED_NAMES = ("num_lock", "caps_lock", "scroll_lock", "compose", "kana")
+
+
+def _build_keymap() -> dict[str, tuple[int, int]]:
+    """US layout: character -> (usage id, modifiers)."""
+    keymap: dict[str, tuple[int, int]] = {}
+    for i, ch in enumerate("abcdefghijklmnopqrstuvwxyz"):
+        keymap[ch] = (0x04 + i, 0)
+        keymap[ch.upper()] = (0x04 + i, MOD_LSHIFT)
+    for i, (plain, shifted) in enumerate(zip("1234567890", "!@#$%^&*()", strict=True)):
+        keymap[plain] = (0x1E + i, 0)
+        keymap[shifted] = (0x1E + i, MOD_LSHIFT)
+    keymap.update({"\n": (0x28, 0), "\t": (0x2B, 0), " ": (0x2C, 0), "\b": (0x2A, 0)})
+    for usage, plain, shifted in (
+        (0x2D, "-", "_"), (0x2E, "=", "+"), (0x2F, "[", "{"), (0x30, "]", "}"),
+        (0x31, "\\", "|"), (0x33, ";", ":"), (0x34, "'", '"'), (0x35, "`", "~"),
+        (0x36, ",", "<"), (0x37, ".", ">"), (0x38, "/", "?"),
+    ):
+        keymap[plain] = (usage, 0)
+        keymap[shifted] = (usage, MOD_LSHIFT)
+    return keymap
+
+
+KEYMAP = _build_keymap()
+_REPORT = struct.Struct("BB6s")
+_RELEASED = bytes(8)
+
+
+class HidKeyboard(EmulatedDevice):
+    """A full-speed boot keyboard. Interrupt IN URBs wait until there is a report.
+
+    :meth:`type_text`, :meth:`press` and :meth:`release` may be called from any
+    thread; the reports are queued on the server's event loop.
+    """
+
+    descriptor = Device(
+        idVendor=0x1209, idProduct=0x0001, bcdDevice=0x0100, speed=Speed.FULL,
+        manufacturer="usbipy", product="usbipy HID keyboard", serial_number="KBD0001",
+        configurations=(
+            Configuration(
+                bmAttributes=0xA0,  # remote wakeup, as keyboards have
+                interfaces=(
+                    Interface(
+                        0, 0x03, 0x01, 0x01,  # HID, boot interface, keyboard
+                        endpoints=(Endpoint(0x81, TransferType.INTERRUPT, 8, 10),),
+                        class_descriptors=struct.pack(
+                            "<BBHBBBH", 9, DescriptorType.HID, 0x0111, 0, 1,
+                            DescriptorType.HID_REPORT, len(BOOT_KEYBOARD_REPORT),
+                        ),
+                    ),
+                ),
+            ),
+        ),
+    )
+
+    #: Reports waiting for an interrupt IN URB; beyond this, typing waits.
+    MAX_QUEUED_REPORTS = 4096
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.leds = 0
+        self.protocol = 1  # report protocol (1) by default, boot (0) on request
+        self.idle = 0
+        self._reports: deque[bytes] = deque()
+        self._urbs = UrbQueue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._last = _RELEASED
+        self.leds_changed = threading.Condition()
+
+    def attach(self) -> None:
+        super().attach()
+        self._loop = asyncio.get_running_loop()
+
+    def detach(self) -> None:
+        self._urbs.fail_all(ESHUTDOWN)  # the client is gone
+        self._reports.clear()
+        super().detach()
+
+    # --- Python API -----------------------------------------------------------
+
+    def press(self, *usages: int, modifiers: int = 0) -> None:
+        """Report the keys (HID usage ids, at most six) as held down."""
+        keys = bytes(usages[:6]).ljust(6, b"\0")
+        self._queue([_REPORT.pack(modifiers, 0, keys)])
+
+    def release(self) -> None:
+        """Report every key released."""
+        self._queue([_RELEASED])
+
+    def type_text(self, text: str) -> None:
+        """Type ``text`` on a US layout: a press and a release per character."""
+        reports = []
+        for ch in text:
+            try:
+                usage, mods = KEYMAP[ch]
+            except KeyError:
+                raise ValueError(f"no key for {ch!r} on a US keyboard") from None
+            reports.append(_REPORT.pack(mods, 0, bytes((usage, 0, 0, 0, 0, 0))))
+            reports.append(_RELEASED)
+        self._queue(reports)
+
+    def _queue(self, reports: list[bytes]) -> None:
+        loop = self._loop
+        if loop is None:
+            # Not imported yet: keep the reports for the first client.
+            self._reports.extend(reports)
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._push(reports)
+        else:
+            loop.call_soon_threadsafe(self._push, reports)
+
+    def _push(self, reports: list[bytes]) -> None:
+        if len(self._reports) + len(reports) > self.MAX_QUEUED_REPORTS:
+            raise OverflowError("too many keyboard reports queued; is a client reading?")
+        self._reports.extend(reports)
+        self._pump()
+
+    def _pump(self) -> None:
+        while self._reports:
+            waiter = self._urbs.pop()
+            if waiter is None:
+                return
+            urb, future = waiter
+            report = self._last = self._reports.popleft()
+            future.set_result(Completion(data=report[: urb.transfer_buffer_length]))
+
+    # --- USB --------------------------------------------------------------------
+
+    def transfer(self, endpoint: Endpoint, urb: CmdSubmit) -> SubmitResult:
+        if endpoint.bEndpointAddress != 0x81:
+            return Completion(status=EPIPE)
+        if self._reports and not self._urbs:
+            report = self._reports.popleft()
+            self._last = report
+            return Completion(data=report[: urb.transfer_buffer_length])
+        return self._urbs.wait(urb)
+
+    def control_request(self, setup: Setup, data: bytes) -> bytes | None:
+        if setup.bmRequestType == 0x81 and setup.bRequest == 0x06:  # GET_DESCRIPTOR
+            kind = setup.wValue >> 8
+            if kind == DescriptorType.HID_REPORT:
+                return BOOT_KEYBOARD_REPORT
+            if kind == DescriptorType.HID:
+                return self.descriptor.configurations[0].interfaces[0].class_descriptors
+            raise Stall
+        if setup.bmRequestType == 0x21:
+            if setup.bRequest == SET_REPORT:
+                if data:
+                    with self.leds_changed:
+                        self.leds = data[0]
+                        self.leds_changed.notify_all()
+                return None
+            if setup.bRequest == SET_IDLE:
+                self.idle = setup.wValue >> 8
+                return None
+            if setup.bRequest == SET_PROTOCOL:
+                self.protocol = setup.wValue & 1
+                return None
+        if setup.bmRequestType == 0xA1:
+            if setup.bRequest == GET_REPORT:
+                return self._last
+            if setup.bRequest == GET_IDLE:
+                return bytes((self.idle,))
+            if setup.bRequest == GET_PROTOCOL:
+                return bytes((self.protocol,))
+        raise Stall
+
+    @property
+    def led_state(self) -> dict[str, bool]:
+        return {name: bool(self.leds & (1 << i)) for i, name in enumerate(LED_NAMES)}

@@ -1,0 +1,207 @@
+"""Fixed layouts of USB/IP 1.1.1 as precompiled structs, and the encoders.
+
+Every multi-byte field is big-endian (network byte order). The layouts follow
+Documentation/usb/usbip_protocol.rst and include/uapi/linux/usbip.h.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from struct import Struct
+
+from .constants import (
+    BUSID_SIZE,
+    PATH_SIZE,
+    USBIP_VERSION,
+    OpCode,
+    OpStatus,
+    Speed,
+    UrbCommand,
+)
+from .errors import LocalProtocolError
+from .messages import CmdSubmit, CmdUnlink, DeviceInfo, InterfaceInfo, IsoPacket
+
+#: version, code, status
+OP_HEADER = Struct("!HHI")
+#: OP_REP_DEVLIST: the header plus the number of devices
+OP_DEVLIST_HEADER = Struct("!HHII")
+#: usbip_usb_device: path, busid, busnum, devnum, speed, idVendor, idProduct,
+#: bcdDevice, bDeviceClass, bDeviceSubClass, bDeviceProtocol,
+#: bConfigurationValue, bNumConfigurations, bNumInterfaces
+DEVICE = Struct(f"!{PATH_SIZE}s{BUSID_SIZE}sIIIHHHBBBBBB")
+#: usbip_usb_interface: class, subclass, protocol, padding
+INTERFACE = Struct("!BBBx")
+BUSID = Struct(f"!{BUSID_SIZE}s")
+
+#: usbip_header_basic: command, seqnum, devid, direction, ep
+URB_BASIC = Struct("!IIIII")
+#: basic + transfer_flags, transfer_buffer_length, start_frame,
+#: number_of_packets (unsigned: 0xffffffff marks non-iso), interval, setup
+CMD_SUBMIT = Struct("!IIIIIIiiIi8s")
+#: basic + status, actual_length, start_frame, number_of_packets, error_count, padding
+RET_SUBMIT = Struct("!IIIIIiiiIi8x")
+#: basic + unlink_seqnum, padding
+CMD_UNLINK = Struct("!IIIIII24x")
+#: basic + status, padding
+RET_UNLINK = Struct("!IIIIIi24x")
+#: offset, length, actual_length, status
+ISO_PACKET = Struct("!IIIi")
+
+URB_HEADER_SIZE = 48
+assert CMD_SUBMIT.size == RET_SUBMIT.size == CMD_UNLINK.size == RET_UNLINK.size == 48
+assert DEVICE.size == 312
+
+_CMD_SUBMIT = int(UrbCommand.CMD_SUBMIT)
+_RET_SUBMIT = int(UrbCommand.RET_SUBMIT)
+_CMD_UNLINK = int(UrbCommand.CMD_UNLINK)
+_RET_UNLINK = int(UrbCommand.RET_UNLINK)
+
+
+def _c_string(raw: bytes) -> str:
+    """A NUL-terminated, NUL-padded field as text."""
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def _c_field(text: str, size: int) -> bytes:
+    raw = text.encode()
+    if len(raw) >= size:
+        raise LocalProtocolError(f"{text!r} does not fit a {size}-byte field with its NUL")
+    return raw
+
+
+# --- OP phase -------------------------------------------------------------
+
+
+def encode_device(dev: DeviceInfo) -> bytes:
+    return DEVICE.pack(
+        _c_field(dev.path, PATH_SIZE),
+        _c_field(dev.busid, BUSID_SIZE),
+        dev.busnum,
+        dev.devnum,
+        dev.speed,
+        dev.idVendor,
+        dev.idProduct,
+        dev.bcdDevice,
+        dev.bDeviceClass,
+        dev.bDeviceSubClass,
+        dev.bDeviceProtocol,
+        dev.bConfigurationValue,
+        dev.bNumConfigurations,
+        dev.bNumInterfaces,
+    )
+
+
+def decode_device(buf: bytes | bytearray | memoryview, offset: int) -> DeviceInfo:
+    (path, busid, busnum, devnum, speed, vid, pid, bcd, cls, sub, proto, cfg, ncfg, nif) = (
+        DEVICE.unpack_from(buf, offset)
+    )
+    try:
+        speed_value = Speed(speed)
+    except ValueError:
+        speed_value = Speed.UNKNOWN
+    return DeviceInfo(
+        _c_string(path), _c_string(busid), busnum, devnum, speed_value, vid, pid, bcd,
+        cls, sub, proto, cfg, ncfg, nif,
+    )
+
+
+def encode_op_req_devlist() -> bytes:
+    return OP_HEADER.pack(USBIP_VERSION, OpCode.REQ_DEVLIST, 0)
+
+
+def encode_op_rep_devlist(devices: Sequence[DeviceInfo], status: OpStatus = OpStatus.OK) -> bytes:
+    parts = [OP_DEVLIST_HEADER.pack(USBIP_VERSION, OpCode.REP_DEVLIST, status, len(devices))]
+    for dev in devices:
+        if len(dev.interfaces) != dev.bNumInterfaces:
+            raise LocalProtocolError(
+                f"{dev.busid}: bNumInterfaces is {dev.bNumInterfaces} "
+                f"but {len(dev.interfaces)} interface records are given"
+            )
+        parts.append(encode_device(dev))
+        parts.extend(
+            INTERFACE.pack(i.bInterfaceClass, i.bInterfaceSubClass, i.bInterfaceProtocol)
+            for i in dev.interfaces
+        )
+    return b"".join(parts)
+
+
+def encode_op_req_import(busid: str) -> bytes:
+    return OP_HEADER.pack(USBIP_VERSION, OpCode.REQ_IMPORT, 0) + BUSID.pack(
+        _c_field(busid, BUSID_SIZE)
+    )
+
+
+def encode_op_rep_import(status: OpStatus, device: DeviceInfo | None) -> bytes:
+    header = OP_HEADER.pack(USBIP_VERSION, OpCode.REP_IMPORT, status)
+    if status != OpStatus.OK:
+        # usbipd sends only the 8-byte header when the import failed.
+        return header
+    if device is None:
+        raise LocalProtocolError("OP_REP_IMPORT with status OK needs the device record")
+    return header + encode_device(device)
+
+
+def decode_interfaces(
+    buf: bytes | bytearray | memoryview, offset: int, count: int
+) -> tuple[InterfaceInfo, ...]:
+    return tuple(
+        InterfaceInfo(*INTERFACE.unpack_from(buf, offset + 4 * i)) for i in range(count)
+    )
+
+
+# --- URB phase ------------------------------------------------------------
+
+
+def encode_iso_packets(packets: Sequence[IsoPacket]) -> bytes:
+    pack = ISO_PACKET.pack
+    return b"".join(pack(p.offset, p.length, p.actual_length, p.status) for p in packets)
+
+
+def encode_cmd_submit(cmd: CmdSubmit) -> bytes:
+    iso = cmd.iso_packets
+    header = CMD_SUBMIT.pack(
+        _CMD_SUBMIT,
+        cmd.seqnum,
+        cmd.devid,
+        cmd.direction,
+        cmd.ep,
+        cmd.transfer_flags,
+        cmd.transfer_buffer_length,
+        cmd.start_frame,
+        len(iso) if iso is not None else cmd.number_of_packets,
+        cmd.interval,
+        cmd.setup,
+    )
+    if iso is None:
+        return header + cmd.data if cmd.data else header
+    return b"".join((header, cmd.data, encode_iso_packets(iso)))
+
+
+def encode_ret_submit(
+    seqnum: int,
+    status: int,
+    actual_length: int,
+    data: bytes,
+    start_frame: int = 0,
+    number_of_packets: int = 0,
+    error_count: int = 0,
+    iso_packets: Sequence[IsoPacket] | None = None,
+) -> bytes:
+    """RET_SUBMIT; devid, direction and ep are 0 as the protocol asks of a server."""
+    header = RET_SUBMIT.pack(
+        _RET_SUBMIT, seqnum, 0, 0, 0,
+        status, actual_length, start_frame, number_of_packets, error_count,
+    )
+    if iso_packets is not None:
+        return b"".join((header, data, encode_iso_packets(iso_packets)))
+    return header + data if data else header
+
+
+def encode_cmd_unlink(cmd: CmdUnlink) -> bytes:
+    return CMD_UNLINK.pack(
+        _CMD_UNLINK, cmd.seqnum, cmd.devid, cmd.direction, cmd.ep, cmd.unlink_seqnum
+    )
+
+
+def encode_ret_unlink(seqnum: int, status: int) -> bytes:
+    return RET_UNLINK.pack(_RET_UNLINK, seqnum, 0, 0, 0, status)
