@@ -47,7 +47,8 @@ def _print_remote(host: str, devices: Sequence[DeviceInfo]) -> None:
     print("======================")
     print(f" - {host}")
     for d in devices:
-        print(f"{d.busid:>11}: unknown vendor : unknown product ({d.idVendor:04x}:{d.idProduct:04x})")
+        ids = f"{d.idVendor:04x}:{d.idProduct:04x}"
+        print(f"{d.busid:>11}: unknown vendor : unknown product ({ids})")
         print(f"{'':>11}: {d.path}")
         print(f"{'':>11}: ({d.bDeviceClass:02x}/{d.bDeviceSubClass:02x}/{d.bDeviceProtocol:02x})")
         for n, i in enumerate(d.interfaces):

@@ -52,12 +52,15 @@ class ExportedDevice(ABC):
 
     def attach(self) -> None:
         """A client imported the device; runs on the event loop."""
+        return None
 
     def detach(self) -> None:
         """The client went away; release everything. Runs on the event loop."""
+        return None
 
     def reset(self) -> None:
         """A port reset: back to the unconfigured, default state."""
+        return None
 
     @abstractmethod
     def submit(self, urb: CmdSubmit) -> SubmitResult:
@@ -66,3 +69,4 @@ class ExportedDevice(ABC):
 
     def close(self) -> None:
         """The server shuts down: make everything durable and free resources."""
+        return None

@@ -8,6 +8,7 @@ Errors leave sense data for REQUEST SENSE, as a real disk does.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -245,7 +246,7 @@ class ScsiDisk:
         return ScsiCommand(flush=True)
 
 
-_MEDIUM_COMMANDS = {
+_MEDIUM_COMMANDS: dict[int, Callable[[ScsiDisk, bytes], ScsiCommand]] = {
     Op.TEST_UNIT_READY: ScsiDisk._test_unit_ready,
     Op.READ_CAPACITY_10: ScsiDisk._read_capacity_10,
     Op.SERVICE_ACTION_IN_16: ScsiDisk._service_action_in,

@@ -17,6 +17,7 @@ No I/O happens here.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from enum import Enum, auto
 from typing import Final
@@ -145,10 +146,10 @@ class _Connection:
             raise
         if event is NEED_DATA and self._eof:
             if self.buffered:
-                exc = BadLength(f"connection closed inside a message ({self.buffered} bytes)")
+                error = BadLength(f"connection closed inside a message ({self.buffered} bytes)")
                 self.phase = Phase.ERROR
-                self._error = exc
-                raise exc
+                self._error = error
+                raise error
             return EOF
         return event
 
@@ -175,7 +176,9 @@ class _Connection:
             return None
         version, code, status = _OP_HEADER.unpack_from(self._buf, self._pos)
         if version != USBIP_VERSION:
-            raise UnsupportedVersion(f"USB/IP version {version:#06x}, expected {USBIP_VERSION:#06x}")
+            raise UnsupportedVersion(
+                f"USB/IP version {version:#06x}, expected {USBIP_VERSION:#06x}"
+            )
         try:
             op = OpCode(code)
         except ValueError:
@@ -440,9 +443,7 @@ class ClientConnection(_Connection):
                 return NEED_DATA
             interfaces = wire.decode_interfaces(self._buf, offset, n_if)
             offset += 4 * n_if
-            devices.append(
-                DeviceInfo(*(getattr(device, f) for f in _DEVICE_FIELDS), interfaces=interfaces)
-            )
+            devices.append(dataclasses.replace(device, interfaces=interfaces))
         self._pos = offset
         self.phase = Phase.CLOSED
         return OpRepDevlist(tuple(devices), op_status)
@@ -499,8 +500,3 @@ class ClientConnection(_Connection):
             self._pos = pos + _HDR
             return RetUnlink(seqnum, status)
         raise self._not_a_request(command)
-
-
-_DEVICE_FIELDS = tuple(
-    f for f in DeviceInfo.__dataclass_fields__ if f != "interfaces"
-)

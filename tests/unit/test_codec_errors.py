@@ -1,0 +1,154 @@
+"""The codec refuses bad input with an error that names what was wrong."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from usbipy.protocol import (
+    BadDevid,
+    BadIsoDescriptors,
+    BadLength,
+    ClientConnection,
+    CmdSubmit,
+    Direction,
+    LocalProtocolError,
+    OpReqDevlist,
+    RemoteProtocolError,
+    ServerConnection,
+    TooManyIsoPackets,
+    UnexpectedMessage,
+    UnknownCommand,
+    UnsupportedVersion,
+)
+
+from .test_codec_golden import DEVID, h, imported_client, imported_server
+
+
+def submit_header(*, devid: int = DEVID, direction: int = 0, ep: int = 1, length: int = 0,
+                  npackets: int = 0, seqnum: int = 1) -> bytes:
+    return struct.pack("!IIIIIIiiIi8s", 1, seqnum, devid, direction, ep, 0, length, 0,
+                       npackets, 0, bytes(8))
+
+
+def feed(conn: ServerConnection | ClientConnection, data: bytes) -> None:
+    conn.receive_data(data)
+    conn.next_event()
+
+
+def test_wrong_version() -> None:
+    with pytest.raises(UnsupportedVersion, match="0x0106"):
+        feed(ServerConnection(), h("0106", "8005", "00000000"))
+
+
+def test_unknown_op_code() -> None:
+    with pytest.raises(UnknownCommand, match="0x8009"):
+        feed(ServerConnection(), h("0111", "8009", "00000000"))
+
+
+def test_reply_sent_to_a_server_is_unexpected() -> None:
+    with pytest.raises(UnexpectedMessage, match="REP_DEVLIST"):
+        feed(ServerConnection(), h("0111", "0005", "00000000"))
+
+
+def test_urb_before_import() -> None:
+    with pytest.raises(UnsupportedVersion):
+        feed(ServerConnection(), submit_header())
+
+
+def test_unknown_urb_command() -> None:
+    with pytest.raises(UnknownCommand, match="0x00000009"):
+        feed(imported_server(), struct.pack("!I", 9) + bytes(44))
+
+
+def test_ret_submit_from_client_is_unexpected() -> None:
+    with pytest.raises(UnexpectedMessage, match="RET_SUBMIT"):
+        feed(imported_server(), struct.pack("!I", 3) + bytes(44))
+
+
+def test_bad_devid() -> None:
+    with pytest.raises(BadDevid, match="0x00010001"):
+        feed(imported_server(), submit_header(devid=0x10001))
+
+
+def test_negative_length() -> None:
+    with pytest.raises(BadLength, match="negative"):
+        feed(imported_server(), submit_header(length=-5))
+
+
+def test_oversized_out_length_is_refused_before_buffering() -> None:
+    server = ServerConnection(max_transfer_length=1024)
+    server.receive_data(h("0111", "8003", "00000000") + b"3-2".ljust(32, b"\0"))
+    server.next_event()
+    from .test_codec_golden import KEYBOARD
+    from usbipy.protocol import OpRepImport, OpStatus
+    server.send(OpRepImport(OpStatus.OK, KEYBOARD))
+    with pytest.raises(BadLength, match="above the cap of 1024"):
+        feed(server, submit_header(length=1025))
+
+
+def test_too_many_iso_packets() -> None:
+    with pytest.raises(TooManyIsoPackets, match="1025"):
+        feed(imported_server(), submit_header(direction=1, length=64, npackets=1025))
+
+
+def test_iso_descriptor_past_the_buffer() -> None:
+    iso = struct.pack("!IIIi", 60, 8, 0, 0)
+    with pytest.raises(BadIsoDescriptors, match="past the 64-byte buffer"):
+        feed(imported_server(), submit_header(direction=1, length=64, npackets=1) + iso)
+
+
+def test_iso_actual_lengths_must_add_up() -> None:
+    client = imported_client()
+    from usbipy.protocol import IsoPacket
+    client.send(CmdSubmit(1, DEVID, Direction.IN, 3, 0, 64, iso_packets=[IsoPacket(0, 32),
+                                                                            IsoPacket(32, 32)]))
+    ret = struct.pack("!IIIIIiiiIi8x", 3, 1, 0, 0, 0, 0, 10, 0, 2, 0) + bytes(10)
+    ret += struct.pack("!IIIi", 0, 32, 4, 0) + struct.pack("!IIIi", 32, 32, 4, 0)
+    with pytest.raises(BadIsoDescriptors, match="do not add up to 10"):
+        feed(client, ret)
+
+
+def test_ret_submit_for_unknown_seqnum() -> None:
+    with pytest.raises(UnexpectedMessage, match="seqnum 77"):
+        feed(imported_client(), struct.pack("!IIIIIiiiIi8x", 3, 77, 0, 0, 0, 0, 0, 0, 0, 0))
+
+
+def test_ret_submit_longer_than_requested() -> None:
+    client = imported_client()
+    client.send(CmdSubmit(1, DEVID, Direction.IN, 1, 0, 8))
+    with pytest.raises(BadLength, match="actual_length 9 outside 0..8"):
+        feed(client, struct.pack("!IIIIIiiiIi8x", 3, 1, 0, 0, 0, 0, 9, 0, 0, 0) + bytes(9))
+
+
+def test_eof_inside_a_message() -> None:
+    server = imported_server()
+    server.receive_data(submit_header()[:20])
+    server.receive_data(b"")
+    with pytest.raises(BadLength, match="inside a message"):
+        server.next_event()
+
+
+def test_error_is_sticky() -> None:
+    server = ServerConnection()
+    server.receive_data(h("0106", "8005", "00000000"))
+    with pytest.raises(UnsupportedVersion):
+        server.next_event()
+    with pytest.raises(UnsupportedVersion):
+        server.next_event()
+
+
+def test_local_errors() -> None:
+    client = ClientConnection()
+    with pytest.raises(LocalProtocolError):
+        client.send(CmdSubmit(1, DEVID, Direction.IN, 1, 0, 8))
+    client.send(OpReqDevlist())
+    with pytest.raises(LocalProtocolError, match="one OP request"):
+        client.send(OpReqDevlist())
+
+
+def test_every_error_is_a_remote_protocol_error() -> None:
+    for cls in (BadDevid, BadIsoDescriptors, BadLength, TooManyIsoPackets, UnexpectedMessage,
+                UnknownCommand, UnsupportedVersion):
+        assert issubclass(cls, RemoteProtocolError)
