@@ -1,0 +1,180 @@
+"""The server against the userspace client: handshake, URB dispatch, UNLINK, isolation."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import pytest
+
+from usbipy.client import ImportRefused, import_device, list_devices
+from usbipy.client.userspace import UrbError
+from usbipy.protocol import Direction, OpStatus
+from usbipy.server import UsbipServer
+
+HOST = "127.0.0.1"
+GET_DEVICE_DESCRIPTOR = (0x80, 6, 0x0100, 0, 18)
+
+
+def test_devlist_shows_the_demo_devices(serve) -> None:
+    async def test(server: UsbipServer) -> None:
+        devices = await list_devices(HOST, server.port)
+        triples = {d.busid: [(i.bInterfaceClass, i.bInterfaceSubClass, i.bInterfaceProtocol)
+                             for i in d.interfaces] for d in devices}
+        assert triples == {"1-1": [(3, 1, 1)], "1-2": [(8, 6, 0x50)],
+                           "1-3": [(2, 2, 1), (0x0A, 0, 0)]}
+        assert [d.devid for d in devices] == [0x10002, 0x10003, 0x10004]
+
+    serve(test)
+
+
+def test_import_and_get_descriptor(serve) -> None:
+    async def test(server: UsbipServer) -> None:
+        async with await import_device(HOST, "1-2", server.port) as dev:
+            desc = await dev.control(*GET_DEVICE_DESCRIPTOR)
+            assert len(desc) == 18 and desc[:2] == b"\x12\x01"
+            assert struct.unpack_from("<HH", desc, 8) == (0x1209, 0x0002)
+            # wLength shorter than the descriptor: the reply is cut
+            assert len(await dev.control(0x80, 6, 0x0100, 0, 8)) == 8
+            config = await dev.control(0x80, 6, 0x0200, 0, 255)
+            assert config[1] == 2 and struct.unpack_from("<H", config, 2)[0] == len(config)
+            product = await dev.control(0x80, 6, 0x0302, 0x0409, 255)
+            assert product[2:].decode("utf-16-le") == "usbipy mass storage"
+
+    serve(test)
+
+
+def test_exclusive_import(serve) -> None:
+    async def test(server: UsbipServer) -> None:
+        first = await import_device(HOST, "1-1", server.port)
+        with pytest.raises(ImportRefused) as refused:
+            await import_device(HOST, "1-1", server.port)
+        assert refused.value.status == OpStatus.DEV_BUSY
+        # the first client is not disturbed
+        assert len(await first.control(*GET_DEVICE_DESCRIPTOR)) == 18
+        # and the device in use is not offered
+        assert [d.busid for d in await list_devices(HOST, server.port)] == ["1-2", "1-3"]
+        await first.close()
+        await asyncio.sleep(0.05)
+        second = await import_device(HOST, "1-1", server.port)
+        assert len(await second.control(*GET_DEVICE_DESCRIPTOR)) == 18
+        await second.close()
+
+    serve(test)
+
+
+def test_import_of_unknown_busid(serve) -> None:
+    async def test(server: UsbipServer) -> None:
+        with pytest.raises(ImportRefused, match="no such device") as refused:
+            await import_device(HOST, "7-7", server.port)
+        assert refused.value.status == OpStatus.NODEV
+
+    serve(test)
+
+
+def test_unlink_pending_and_completed(serve) -> None:
+    async def test(server: UsbipServer) -> None:
+        async with await import_device(HOST, "1-1", server.port) as dev:
+            await dev.control(0x00, 9, 1, 0, b"")  # SET_CONFIGURATION 1
+            seqnum, pending = dev.submit_nowait(1, Direction.IN, 8)  # no key pressed: waits
+            await asyncio.sleep(0.05)
+            assert not pending.done()
+            reply = await dev.unlink(seqnum)
+            assert reply.status == -104  # -ECONNRESET
+            assert pending.cancelled()  # and never a RET_SUBMIT
+            done_seq, done = dev.submit_nowait(0, Direction.IN, 18,
+                                               setup=bytes.fromhex("8006000100001200"))
+            await done
+            assert (await dev.unlink(done_seq)).status == 0
+            # the connection still works after both
+            assert len(await dev.control(*GET_DEVICE_DESCRIPTOR)) == 18
+
+    serve(test)
+
+
+def test_urbs_complete_out_of_order(serve) -> None:
+    async def test(server: UsbipServer) -> None:
+        keyboard = server.registry.get("1-1")
+        async with await import_device(HOST, "1-1", server.port) as dev:
+            await dev.control(0x00, 9, 1, 0, b"")
+            _, key = dev.submit_nowait(1, Direction.IN, 8)
+            descs = [dev.submit_nowait(0, Direction.IN, 18,
+                                       setup=bytes.fromhex("8006000100001200"))[1]
+                     for _ in range(32)]
+            for ret in await asyncio.gather(*descs):
+                assert ret.status == 0 and len(ret.data) == 18
+            assert not key.done()
+            keyboard.type_text("a")  # type: ignore[union-attr]
+            report = await key
+            assert report.data == bytes((0, 0, 4, 0, 0, 0, 0, 0))
+
+    serve(test)
+
+
+def test_hostile_peer_loses_only_its_connection(serve) -> None:
+    async def test(server: UsbipServer) -> None:
+        good = await import_device(HOST, "1-2", server.port)
+        reader, writer = await asyncio.open_connection(HOST, server.port)
+        writer.write(bytes.fromhex("0111800300000000") + b"1-1".ljust(32, b"\0"))
+        assert len(await reader.readexactly(320)) == 320
+        writer.write(struct.pack("!IIIII", 1, 1, 0xBAD, 0, 0) + bytes(28))  # wrong devid
+        assert await reader.read() == b""  # closed by the server
+        writer.close()
+        assert len(await good.control(*GET_DEVICE_DESCRIPTOR)) == 18
+        # the hostile client's device is free again
+        await asyncio.sleep(0.05)
+        assert "1-1" in [d.busid for d in await list_devices(HOST, server.port)]
+        await good.close()
+
+    serve(test)
+
+
+def test_garbage_in_the_op_phase(serve) -> None:
+    async def test(server: UsbipServer) -> None:
+        reader, writer = await asyncio.open_connection(HOST, server.port)
+        writer.write(b"GET / HTTP/1.1\r\n\r\n")
+        assert await reader.read() == b""
+        writer.close()
+        assert len(await list_devices(HOST, server.port)) == 3
+
+    serve(test)
+
+
+def test_in_request_above_the_cap_gets_enomem(serve) -> None:
+    async def test(server: UsbipServer) -> None:
+        async with await import_device(HOST, "1-2", server.port) as dev:
+            await dev.control(0x00, 9, 1, 0, b"")
+            ret = await dev.submit(1, Direction.IN, 1 << 30)
+            assert ret.status == -12 and ret.data == b""  # -ENOMEM, nothing allocated
+            assert len(await dev.control(*GET_DEVICE_DESCRIPTOR)) == 18
+
+    serve(test)
+
+
+def test_standard_requests_and_stalls(serve) -> None:
+    async def test(server: UsbipServer) -> None:
+        async with await import_device(HOST, "1-2", server.port) as dev:
+            assert await dev.control(0x80, 8, 0, 0, 1) == b"\x00"  # unconfigured
+            # a bulk URB before SET_CONFIGURATION: no such endpoint
+            assert (await dev.submit(1, Direction.IN, 512)).status == -108
+            await dev.control(0x00, 9, 1, 0, b"")
+            assert await dev.control(0x80, 8, 0, 0, 1) == b"\x01"
+            assert await dev.control(0x81, 10, 0, 0, 1) == b"\x00"  # GET_INTERFACE
+            await dev.control(0x01, 11, 0, 0, b"")  # SET_INTERFACE 0/0
+            with pytest.raises(UrbError) as stall:
+                await dev.control(0x01, 11, 1, 0, b"")  # no alternate setting 1
+            assert stall.value.ret.status == -32
+            with pytest.raises(UrbError):
+                await dev.control(0xC0, 0x42, 0, 0, 4)  # unknown vendor request
+            with pytest.raises(UrbError):
+                await dev.control(0x80, 6, 0x0700, 0, 9)  # no other-speed config
+            # endpoint halt: SET_FEATURE, GET_STATUS, a stalled URB, CLEAR_FEATURE
+            await dev.control(0x02, 3, 0, 0x81, b"")
+            assert await dev.control(0x82, 0, 0, 0x81, 2) == b"\x01\x00"
+            assert (await dev.submit(1, Direction.IN, 13)).status == -32
+            await dev.control(0x02, 1, 0, 0x81, b"")
+            assert await dev.control(0x82, 0, 0, 0x81, 2) == b"\x00\x00"
+            qualifier = await dev.control(0x80, 6, 0x0600, 0, 10)
+            assert qualifier[:2] == b"\x0a\x06"
+
+    serve(test)
