@@ -1,0 +1,30 @@
+"""Fixtures for the tests that drive the real Linux kernel (vhci-hcd) in QEMU."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from .vm import Vm, VmUnavailable, check_host
+
+GUEST_MODULES = "vhci-hcd usb-storage sd_mod cdc_acm usbhid hid_generic evdev ext4"
+
+
+def _skip_or_fail(reason: str) -> None:
+    if os.environ.get("USBIPY_REQUIRE_ALL"):
+        pytest.fail(f"kernel tests cannot run: {reason}")
+    pytest.skip(f"kernel tests cannot run: {reason}")
+
+
+@pytest.fixture(scope="module")
+def vm() -> Iterator[Vm]:
+    """One booted guest per test module, with the USB/IP client modules loaded."""
+    try:
+        check_host()
+    except VmUnavailable as exc:
+        _skip_or_fail(str(exc))
+    with Vm() as machine:
+        machine.check(f"modprobe -a {GUEST_MODULES}")
+        yield machine

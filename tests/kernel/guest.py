@@ -1,0 +1,55 @@
+"""Shell snippets run in the guest, named for what they do."""
+
+from __future__ import annotations
+
+import re
+
+from .vm import SERVER_ALIAS, Vm
+
+
+def wait_for(vm: Vm, condition: str, timeout: float = 60) -> None:
+    """Poll a shell condition in the guest."""
+    vm.check(f"for i in $(seq {int(timeout * 5)}); do {condition} && exit 0; sleep 0.2; done; "
+             f"echo 'timed out waiting for: {condition}'; exit 1", timeout=timeout + 30)
+
+
+def attach(vm: Vm, busid: str) -> None:
+    """`usbip attach`, then wait until the kernel has enumerated the device."""
+    vm.check(f"usbip attach -r {SERVER_ALIAS} -b {busid}")
+    # usbip port lists a port once vhci-hcd has addressed the device.
+    wait_for(vm, f"usbip port | grep -q '{SERVER_ALIAS}:3240/{busid}$'")
+
+
+def ports(vm: Vm) -> dict[int, str]:
+    """vhci port number -> busid on the server, from `usbip port`."""
+    out = vm.check("usbip port")
+    result: dict[int, str] = {}
+    port = None
+    for line in out.splitlines():
+        m = re.match(r"Port (\d+): <Port in Use>", line)
+        if m:
+            port = int(m.group(1))
+        m = re.search(r"usbip://[^/]+/(\S+)", line)
+        if m and port is not None:
+            result[port] = m.group(1)
+    return result
+
+
+def detach_all(vm: Vm) -> None:
+    for port in ports(vm):
+        vm.check(f"usbip detach -p {port}")
+    wait_for(vm, "! usbip port | grep -q 'Port in Use'")
+
+
+def device_node(vm: Vm, vid_pid: str, pattern: str, timeout: float = 60) -> str:
+    """The /dev node (matching ``pattern``, e.g. 'sd*') of the USB device vid:pid."""
+    vid, pid = vid_pid.split(":")
+    script = (
+        f"for d in /sys/bus/usb/devices/*; do "
+        f"[ \"$(cat $d/idVendor 2>/dev/null):$(cat $d/idProduct 2>/dev/null)\" = {vid}:{pid} ] "
+        f"&& find $d/ -name '{pattern}' -path '*/block/*' -o -name '{pattern}' -path '*tty*' "
+        f"-o -name '{pattern}' -path '*input*' | head -n 1 | xargs -r basename; done; true"
+    )
+    wait_for(vm, f"[ -n \"$({script})\" ]", timeout)
+    name = vm.check(script).split()[0]
+    return f"/dev/input/{name}" if name.startswith("event") else f"/dev/{name}"

@@ -1,0 +1,243 @@
+"""The demo devices as a Linux user sees them through vhci-hcd: a disk, a tty, a keyboard."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from usbipy.devices import CdcAcm, HidKeyboard, ImageFile, MassStorage, PtyBackend
+from usbipy.server import ServerThread
+
+from .guest import attach, detach_all, device_node, ports, wait_for
+from .vm import SERVER_ALIAS, Vm
+
+DISK_SIZE = 64 << 20
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    path = tmp_path / "disk.img"
+    with open(path, "wb") as f:
+        f.truncate(DISK_SIZE)
+    return path
+
+
+def serve(vm: Vm, *devices: object) -> ServerThread:
+    return ServerThread(devices, port=vm.server_port)  # type: ignore[arg-type]
+
+
+def demo(vm: Vm, image: Path, **disk: bool) -> ServerThread:
+    return serve(vm, HidKeyboard(), MassStorage(ImageFile(image, **disk)), CdcAcm())
+
+
+def test_list_attach_and_port(vm: Vm, image: Path) -> None:
+    with demo(vm, image):
+        out = vm.check(f"usbip list -r {SERVER_ALIAS}")
+        for busid, ids in (("1-1", "1209:0001"), ("1-2", "1209:0002"), ("1-3", "1209:0003")):
+            assert f"{busid}: " in out and ids in out, out
+        for busid in ("1-1", "1-2", "1-3"):
+            attach(vm, busid)
+        assert sorted(ports(vm).values()) == ["1-1", "1-2", "1-3"]
+        wait_for(vm, "lsusb | grep -q 1209:0003")
+        lsusb = vm.check("lsusb")
+        assert "1209:0001" in lsusb and "1209:0002" in lsusb and "1209:0003" in lsusb
+        # imported devices are no longer offered
+        assert "1-2" not in vm.check(f"usbip list -r {SERVER_ALIAS}")
+        detach_all(vm)
+
+
+def test_disk_keeps_its_data(vm: Vm, image: Path) -> None:
+    with demo(vm, image):
+        attach(vm, "1-2")
+        disk = device_node(vm, "1209:0002", "sd*")
+        out = vm.check(
+            f"set -e; mkfs.ext4 -q -F {disk}; mkdir -p /mnt/d; mount {disk} /mnt/d; "
+            "head -c 6M /dev/urandom > /mnt/d/a.bin; head -c 3M /dev/urandom > /mnt/d/b.bin; "
+            "md5sum /mnt/d/a.bin /mnt/d/b.bin > /tmp/sums; umount /mnt/d; "
+            "echo 3 > /proc/sys/vm/drop_caches; "
+            f"mount {disk} /mnt/d; cd /mnt && md5sum -c /tmp/sums; cd /; umount /mnt/d; "
+            f"fsck.ext4 -n -f {disk}; cat /tmp/sums", timeout=600)
+        assert "a.bin: OK" in out and "b.bin: OK" in out, out
+        sums = {line.split()[1].split("/")[-1]: line.split()[0]
+                for line in out.splitlines() if line.endswith(".bin") and len(line.split()) == 2}
+        detach_all(vm)
+    # The bytes are in the server's image file.
+    for name, digest in sums.items():
+        data = subprocess.run(["debugfs", "-R", f"cat /{name}", str(image)],
+                              capture_output=True, check=True).stdout
+        assert hashlib.md5(data).hexdigest() == digest
+
+
+def test_read_only_disk_refuses_writes(vm: Vm, image: Path, tmp_path: Path) -> None:
+    content = tmp_path / "content"
+    content.mkdir()
+    (content / "hello.txt").write_text("hello from the image\n")
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(content), str(image)], check=True)
+    before = hashlib.sha256(image.read_bytes()).hexdigest()
+    with demo(vm, image, read_only=True):
+        attach(vm, "1-2")
+        disk = device_node(vm, "1209:0002", "sd*")
+        assert vm.check(f"blockdev --getro {disk}").strip() == "1"
+        result = vm.run(f"dd if=/dev/zero of={disk} bs=512 count=1 oflag=direct")
+        assert result.rc != 0
+        assert "Read-only file system" in result.out or "Operation not permitted" in result.out
+        out = vm.check(f"mkdir -p /mnt/r; mount -o ro {disk} /mnt/r && cat /mnt/r/hello.txt; "
+                       "umount /mnt/r")
+        assert "hello from the image" in out
+        detach_all(vm)
+    assert hashlib.sha256(image.read_bytes()).hexdigest() == before
+
+
+def test_serial_echo(vm: Vm, image: Path) -> None:
+    with demo(vm, image):
+        attach(vm, "1-3")
+        tty = device_node(vm, "1209:0003", "ttyACM*")
+        out = vm.check(
+            f"stty -F {tty} raw -echo; exec 3<>{tty}; "
+            "for w in alpha beta gamma; do printf '%s\\n' $w >&3; read -t 10 line <&3; "
+            "echo \"got:$line\"; done")
+        assert out.split() == ["got:alpha", "got:beta", "got:gamma"]
+        detach_all(vm)
+
+
+def test_serial_pty_on_the_server(vm: Vm) -> None:
+    backend = PtyBackend()
+    answered: list[bytes] = []
+
+    def program_on_the_server() -> None:
+        fd = os.open(backend.path, os.O_RDWR | os.O_NOCTTY)
+        try:
+            buf = b""
+            while buf.count(b"\n") < 2:
+                buf += os.read(fd, 100)
+            for line in buf.splitlines():
+                answered.append(line)
+                os.write(fd, b"server says " + line[::-1] + b"\n")
+        finally:
+            os.close(fd)
+
+    with serve(vm, CdcAcm(backend)):
+        program = threading.Thread(target=program_on_the_server, daemon=True)
+        program.start()
+        attach(vm, "1-1")
+        tty = device_node(vm, "1209:0003", "ttyACM*")
+        out = vm.check(f"stty -F {tty} raw -echo; exec 3<>{tty}; printf 'abc\\nxyz\\n' >&3; "
+                       "read -t 10 a <&3; read -t 10 b <&3; echo \"$a|$b\"")
+        assert out.strip() == "server says cba|server says zyx"
+        program.join(timeout=10)
+        assert answered == [b"abc", b"xyz"]
+        detach_all(vm)
+
+
+KEY_READER = r"""
+import struct, sys
+# struct input_event on x86_64: timeval (2 longs), type, code, value
+ev = struct.Struct("llHHi")
+with open(sys.argv[1], "rb") as f:
+    print("ready", flush=True)
+    downs = 0
+    while downs < int(sys.argv[2]):
+        t1, t2, kind, code, value = ev.unpack(f.read(ev.size))
+        if kind == 1 and value == 1:  # EV_KEY, pressed
+            print(code, flush=True)
+            downs += 1
+"""
+
+
+def test_keyboard_typing_arrives_as_key_events(vm: Vm) -> None:
+    keyboard = HidKeyboard()
+    (vm.io_dir / "keys.py").write_text(KEY_READER)
+    with serve(vm, keyboard):
+        attach(vm, "1-1")
+        event = device_node(vm, "1209:0001", "event*")
+        vm.check(f"nohup python3 /run/vm/keys.py {event} 6 > /run/vm/keys.txt 2>&1 &")
+        wait_for(vm, "grep -q ready /run/vm/keys.txt")
+        keyboard.type_text("hello\n")
+        wait_for(vm, "[ $(wc -l < /run/vm/keys.txt) -ge 7 ]")
+        codes = [int(x) for x in (vm.io_dir / "keys.txt").read_text().split()[1:]]
+        # KEY_H, KEY_E, KEY_L, KEY_L, KEY_O, KEY_ENTER (linux/input-event-codes.h)
+        assert codes == [35, 18, 38, 38, 24, 28]
+        detach_all(vm)
+
+
+def _fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_unlink_under_load_leaves_the_server_healthy(vm: Vm, image: Path) -> None:
+    with demo(vm, image) as srv:
+        attach(vm, "1-2")
+        disk = device_node(vm, "1209:0002", "sd*")
+        # a reader killed in the middle of a large read
+        vm.check(f"nohup dd if={disk} of=/dev/null bs=1M count=64 iflag=direct "
+                 "> /tmp/dd1.log 2>&1 & echo $! > /tmp/dd1.pid; sleep 2; "
+                 "kill -9 $(cat /tmp/dd1.pid); sleep 1")
+        vm.check(f"dd if={disk} of=/dev/null bs=64k count=16 iflag=direct")
+        # a detach during I/O
+        vm.check(f"nohup dd if={disk} of=/dev/null bs=1M count=64 iflag=direct "
+                 "> /tmp/dd2.log 2>&1 & sleep 2")
+        detach_all(vm)
+        # the server still serves the other devices, and the next attach works
+        assert "1-1" in vm.check(f"usbip list -r {SERVER_ALIAS}")
+        attach(vm, "1-2")
+        disk = device_node(vm, "1209:0002", "sd*")
+        vm.check(f"dd if={disk} of=/dev/null bs=64k count=16 iflag=direct")
+        detach_all(vm)
+        assert srv.server is not None
+        deadline = time.monotonic() + 10
+        while srv.server.connections and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not srv.server.connections
+
+
+def test_detach_and_reattach_ten_times_leaks_nothing(vm: Vm, image: Path) -> None:
+    with demo(vm, image) as srv:
+        assert srv.server is not None
+        devices = {"1-1": ("1209:0001", "event*"), "1-2": ("1209:0002", "sd*"),
+                   "1-3": ("1209:0003", "ttyACM*")}
+        baseline = None
+        for round_ in range(10):
+            for busid, (ids, node) in devices.items():
+                attach(vm, busid)
+                device_node(vm, ids, node)
+            detach_all(vm)
+            wait_for(vm, "! lsusb | grep -q 1209:")
+            deadline = time.monotonic() + 10
+            while srv.server.connections and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not srv.server.connections, f"round {round_}: connections left"
+            tasks = srv.call(lambda: len(__import__("asyncio").all_tasks()))
+            state = (_fd_count(), tasks)
+            if baseline is None:
+                baseline = state
+            assert state == baseline, f"round {round_}: fds/tasks {state} != {baseline}"
+
+
+def test_vanished_client_frees_the_device(vm: Vm, image: Path) -> None:
+    """Last in the module: it powers the guest off."""
+    with demo(vm, image) as srv:
+        assert srv.server is not None
+        attach(vm, "1-2")
+        device_node(vm, "1209:0002", "sd*")
+        assert srv.server.registry.owner("1-2") is not None
+        vm.kill()
+        deadline = time.monotonic() + 30
+        while srv.server.registry.owner("1-2") is not None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert srv.server.registry.owner("1-2") is None
+
+        import asyncio
+
+        from usbipy.client import import_device
+
+        async def reimport() -> int:
+            async with await import_device("127.0.0.1", "1-2", srv.port) as dev:
+                return len(await dev.control(0x80, 6, 0x0100, 0, 18))
+
+        assert asyncio.run(reimport()) == 18
