@@ -22,7 +22,7 @@ def main() -> None:
         time.sleep(0.1)
     port = open(glob.glob("/dev/vport*p1")[0], "r+b", buffering=0)
 
-    def send(obj: dict) -> None:
+    def send(obj: dict[str, object]) -> None:
         port.write(json.dumps(obj).encode() + b"\n")
 
     send({"ready": True})

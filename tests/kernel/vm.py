@@ -30,7 +30,7 @@ from pathlib import Path
 
 INITRAMFS_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "overlay", "virtio_net",
                      "virtio_console")
-INIT_VERSION = 3
+INIT_VERSION = 4
 GUEST_IP = "10.0.2.15"
 SERVER_ALIAS = "10.0.2.100"  # what the guest dials to reach the host's server
 
@@ -42,10 +42,13 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 while read -r m; do insmod "/modules/$m" || echo "init: insmod $m failed"; done < /modules/order
 mkdir -p /lower /upper /newroot
-mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=loose,ro hostroot /lower || poweroff -f
+NINEP=trans=virtio,version=9p2000.L,msize=512000
+mount -t 9p -o $NINEP,cache=loose,ro hostroot /lower || poweroff -f
 mount -t tmpfs -o mode=0755 tmpfs /upper
 mkdir -p /upper/u /upper/w
-mount -t overlay overlay -o lowerdir=/lower,upperdir=/upper/u,workdir=/upper/w,xino=off,index=off,redirect_dir=off,metacopy=off /newroot || poweroff -f
+OVL=lowerdir=/lower,upperdir=/upper/u,workdir=/upper/w
+mount -t overlay overlay -o $OVL,xino=off,index=off,redirect_dir=off,metacopy=off /newroot \
+  || poweroff -f
 R=/newroot
 # Module loads that the kernel starts itself (a filesystem, a protocol) run
 # /proc/sys/kernel/modprobe from the initramfs: send them into the new root.
@@ -60,7 +63,7 @@ mount -t tmpfs -o mode=0755 tmpfs $R/run
 mount -t tmpfs -o mode=1777 tmpfs $R/tmp
 mount -t configfs configfs $R/sys/kernel/config 2>/dev/null
 mkdir -p $R/run/vm $R/run/lock
-mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=mmap vmio $R/run/vm || poweroff -f
+mount -t 9p -o $NINEP,cache=mmap vmio $R/run/vm || poweroff -f
 ip link set lo up
 ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2
 hostname vm
@@ -148,7 +151,8 @@ def _initramfs(version: str, kernel: Path, agent_python: str) -> Path:
         (root / "init").chmod(0o755)
         (root / "agent-python").write_text(agent_python + "\n")
         helper = root / "bin/modprobe-chroot"
-        helper.write_text('#!/bin/busybox sh\nexec /bin/busybox chroot /newroot /sbin/modprobe "$@"\n')
+        helper.write_text(
+            '#!/bin/busybox sh\nexec /bin/busybox chroot /newroot /sbin/modprobe "$@"\n')
         helper.chmod(0o755)
         files = subprocess.run(["find", "."], cwd=root, capture_output=True, check=True).stdout
         archive = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], cwd=root, input=files,

@@ -186,7 +186,8 @@ def test_cmd_submit_control_in() -> None:
     assert cmd == CmdSubmit(1, DEVID, Direction.IN, 0, 0x200, 18,
                             bytes.fromhex("8006000100001200"))
     client = imported_client()
-    assert client.send(cmd) == CMD_SUBMIT_CONTROL_IN  # type: ignore[arg-type]
+    assert isinstance(cmd, CmdSubmit)
+    assert client.send(cmd) == CMD_SUBMIT_CONTROL_IN
 
 
 def test_ret_submit_control_in() -> None:

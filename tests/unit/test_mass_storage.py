@@ -10,7 +10,6 @@ from pathlib import Path
 from usbipy.client import import_device
 from usbipy.client.userspace import RemoteDevice
 from usbipy.devices import ImageFile, MassStorage
-from usbipy.protocol import Direction
 from usbipy.server import UsbipServer
 
 HOST = "127.0.0.1"
