@@ -39,7 +39,7 @@ class Counter(EmulatedDevice):
 def test_counter_device(serve) -> None:
     async def test(server: UsbipServer) -> None:
         async with await import_device("127.0.0.1", "1-1", server.port) as dev:
-            assert dev.info.idProduct == 0x7777 and dev.info.interfaces[0].bInterfaceClass == 0xFF
+            assert dev.info.idProduct == 0x7777
             await dev.control(0x00, 9, 1, 0, b"")
             assert [(await dev.bulk_in(1, 4)).data[0] for _ in range(3)] == [1, 2, 3]
             await dev.control(0x40, 1, 0, 0, b"")
