@@ -30,7 +30,7 @@ from pathlib import Path
 
 INITRAMFS_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "overlay", "virtio_net",
                      "virtio_console")
-INIT_VERSION = 4
+INIT_VERSION = 5
 GUEST_IP = "10.0.2.15"
 SERVER_ALIAS = "10.0.2.100"  # what the guest dials to reach the host's server
 
@@ -60,7 +60,6 @@ mkdir -p $R/dev/pts $R/dev/shm
 mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts $R/dev/pts
 mount -t tmpfs -o mode=1777 tmpfs $R/dev/shm
 mount -t tmpfs -o mode=0755 tmpfs $R/run
-mount -t tmpfs -o mode=1777 tmpfs $R/tmp
 mount -t configfs configfs $R/sys/kernel/config 2>/dev/null
 mkdir -p $R/run/vm $R/run/lock
 mount -t 9p -o $NINEP,cache=mmap vmio $R/run/vm || poweroff -f
