@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import pytest
+from hypothesis import settings
 
 from usbipy.demo import demo_devices
 from usbipy.devices.base import ExportedDevice
@@ -40,3 +41,8 @@ def serve() -> collections.abc.Iterator[Callable[..., Any]]:
         return asyncio.run(main())
 
     yield go
+
+
+# Shared CI machines are noisy and the kernel tests load them: no per-example deadline.
+settings.register_profile("usbipy", deadline=None)
+settings.load_profile("usbipy")
