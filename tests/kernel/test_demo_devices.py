@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from usbipy.client import import_device
 from usbipy.devices import CdcAcm, HidKeyboard, ImageFile, MassStorage, PtyBackend
 from usbipy.server import ServerThread
 
@@ -212,7 +214,7 @@ def test_detach_and_reattach_ten_times_leaks_nothing(vm: Vm, image: Path) -> Non
             while srv.server.connections and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert not srv.server.connections, f"round {round_}: connections left"
-            tasks = srv.call(lambda: len(__import__("asyncio").all_tasks()))
+            tasks = srv.call(lambda: len(asyncio.all_tasks()))
             state = (_fd_count(), tasks)
             if baseline is None:
                 baseline = state
@@ -231,10 +233,6 @@ def test_vanished_client_frees_the_device(vm: Vm, image: Path) -> None:
         while srv.server.registry.owner("1-2") is not None and time.monotonic() < deadline:
             time.sleep(0.1)
         assert srv.server.registry.owner("1-2") is None
-
-        import asyncio
-
-        from usbipy.client import import_device
 
         async def reimport() -> int:
             async with await import_device("127.0.0.1", "1-2", srv.port) as dev:

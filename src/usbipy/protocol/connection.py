@@ -164,12 +164,10 @@ class _Connection:
     def _parse(self) -> Event:
         raise NotImplementedError
 
-    def _take(self, n: int) -> bytes:
-        pos = self._pos
+    def _copy(self, start: int, n: int) -> bytes:
+        """``n`` buffered bytes at ``start``, copied once (the buffer is reused)."""
         with memoryview(self._buf) as view:
-            data = view[pos : pos + n].tobytes()
-        self._pos = pos + n
-        return data
+            return view[start : start + n].tobytes()
 
     def _op_header(self, expected: tuple[OpCode, ...]) -> tuple[OpCode, int] | None:
         if self.buffered < _OP_HEADER.size:
@@ -311,8 +309,7 @@ class ServerConnection(_Connection):
             iso = None
             if n_iso:
                 iso = self._iso_packets(pos + _HDR + payload, n_iso, length)
-            self._pos = pos + _HDR
-            data = self._take(payload) if payload else b""
+            data = self._copy(pos + _HDR, payload) if payload else b""
             self._pos = pos + need
             return CmdSubmit(
                 seqnum, devid, _IN if direction else _OUT, ep, flags, length, setup, data,
@@ -482,8 +479,7 @@ class ClientConnection(_Connection):
                     raise BadIsoDescriptors(
                         f"seqnum {seqnum}: iso actual lengths do not add up to {actual}"
                     )
-            self._pos = pos + _HDR
-            data = self._take(payload) if payload else b""
+            data = self._copy(pos + _HDR, payload) if payload else b""
             self._pos = pos + need
             del self._pending[seqnum]
             return RetSubmit(
