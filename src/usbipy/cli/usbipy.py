@@ -1,4 +1,13 @@
-"""usbipy: the USB/IP client and admin tool, with the words of Linux usbip."""
+"""usbipy: the USB/IP client and admin tool, with the words of Linux usbip.
+
+    usbipy list -l | -r HOST [-p]      usbipy attach -r HOST -b BUSID
+    usbipy bind -b BUSID               usbipy detach -p PORT
+    usbipy unbind -b BUSID             usbipy port
+
+Text output follows the C tool's layout; ``--json`` prints one JSON document
+for scripts. Errors go to stderr (and, with ``--json``, as {"error": ...} to
+stdout) with exit status 1.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +17,13 @@ import json
 import sys
 from collections.abc import Sequence
 
-from ..client import ClientError, list_devices
+from ..client import ClientError, list_devices, vhci
+from ..devices import usbip_host
+from ..errors import UsbipError
 from ..protocol import DeviceInfo
 from ..server import USBIP_PORT
+from ..sysfs import UsbDevice, usb_devices
+from ..usbids import system_ids
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,59 +31,212 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-t", "--tcp-port", type=int, default=USBIP_PORT, metavar="PORT",
                    help=f"TCP port of the server (default: {USBIP_PORT})")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
-    sub = p.add_subparsers(dest="command", required=True)
-    lst = sub.add_parser("list", help="list exportable or local USB devices")
-    lst.add_argument("-r", "--remote", metavar="HOST", required=True,
-                     help="list the devices HOST exports")
-    lst.add_argument("-p", "--parsable", action="store_true", help="parsable output")
+    # Also accepted after the subcommand: `usbipy port --json`.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print JSON for scripts")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    lst = sub.add_parser("list", parents=[common], help="list exportable or local USB devices")
+    where = lst.add_mutually_exclusive_group(required=True)
+    where.add_argument("-r", "--remote", metavar="HOST", help="the devices HOST exports")
+    where.add_argument("-l", "--local", action="store_true", help="the local USB devices")
+    lst.add_argument("-p", "--parsable", action="store_true", help="parsable list format")
+
+    bind = sub.add_parser("bind", parents=[common], help="bind a device to usbip-host")
+    bind.add_argument("-b", "--busid", required=True, help="the device's bus id")
+    unbind = sub.add_parser("unbind", parents=[common],
+                            help="give a device back to its own driver")
+    unbind.add_argument("-b", "--busid", required=True, help="the device's bus id")
+
+    att = sub.add_parser("attach", parents=[common], help="import a remote device into vhci-hcd")
+    att.add_argument("-r", "--remote", metavar="HOST", required=True,
+                     help="the machine that exports the device")
+    att.add_argument("-b", "--busid", "-d", "--device", dest="busid", required=True,
+                     help="the device's bus id on HOST")
+    det = sub.add_parser("detach", parents=[common], help="detach a device from vhci-hcd")
+    det.add_argument("-p", "--port", type=int, required=True, help="the vhci port")
+    sub.add_parser("port", parents=[common], help="show imported devices")
     return p
 
 
+def _class_triple(c: int, s: int, p: int) -> str:
+    return f"{c:02x}/{s:02x}/{p:02x}"
+
+
 def _device_dict(d: DeviceInfo) -> dict[str, object]:
+    ids = system_ids()
     return {
         "busid": d.busid, "path": d.path, "busnum": d.busnum, "devnum": d.devnum,
         "speed": d.speed.name.lower(), "idVendor": f"{d.idVendor:04x}",
         "idProduct": f"{d.idProduct:04x}", "bcdDevice": f"{d.bcdDevice:04x}",
-        "class": f"{d.bDeviceClass:02x}/{d.bDeviceSubClass:02x}/{d.bDeviceProtocol:02x}",
+        "product": ids.product_name(d.idVendor, d.idProduct),
+        "class": _class_triple(d.bDeviceClass, d.bDeviceSubClass, d.bDeviceProtocol),
         "bConfigurationValue": d.bConfigurationValue,
         "bNumConfigurations": d.bNumConfigurations,
         "interfaces": [
-            f"{i.bInterfaceClass:02x}/{i.bInterfaceSubClass:02x}/{i.bInterfaceProtocol:02x}"
+            _class_triple(i.bInterfaceClass, i.bInterfaceSubClass, i.bInterfaceProtocol)
             for i in d.interfaces
         ],
     }
 
 
-def _print_remote(host: str, devices: Sequence[DeviceInfo]) -> None:
+# --- list ------------------------------------------------------------------------------
+
+
+def _print_remote(host: str, devices: Sequence[DeviceInfo], parsable: bool) -> None:
+    ids = system_ids()
+    if not devices:
+        print(f"usbipy: info: no exportable devices found on {host}", file=sys.stderr)
+        return
+    if parsable:
+        for d in devices:
+            print(f"busid={d.busid}#usbid={d.idVendor:04x}:{d.idProduct:04x}#")
+        return
     # The layout of `usbip list -r`.
     print("Exportable USB devices")
     print("======================")
     print(f" - {host}")
     for d in devices:
-        ids = f"{d.idVendor:04x}:{d.idProduct:04x}"
-        print(f"{d.busid:>11}: unknown vendor : unknown product ({ids})")
+        print(f"{d.busid:>11}: {ids.product_name(d.idVendor, d.idProduct)}")
         print(f"{'':>11}: {d.path}")
-        print(f"{'':>11}: ({d.bDeviceClass:02x}/{d.bDeviceSubClass:02x}/{d.bDeviceProtocol:02x})")
+        print(f"{'':>11}: "
+              f"{ids.class_name(d.bDeviceClass, d.bDeviceSubClass, d.bDeviceProtocol)}")
         for n, i in enumerate(d.interfaces):
-            print(f"{'':>11}: {n:>2} - ({i.bInterfaceClass:02x}/{i.bInterfaceSubClass:02x}/"
-                  f"{i.bInterfaceProtocol:02x})")
+            name = ids.class_name(i.bInterfaceClass, i.bInterfaceSubClass, i.bInterfaceProtocol)
+            print(f"{'':>11}: {n:>2} - {name}")
         print()
+
+
+def _exportable_local() -> list[UsbDevice]:
+    # As `usbip list -l`: no hubs, nothing that vhci-hcd attached (exporting it would loop).
+    return [d for d in usb_devices() if not d.is_hub and not d.on_vhci]
+
+
+def _print_local(devices: Sequence[UsbDevice], parsable: bool) -> None:
+    ids = system_ids()
+    for dev in devices:
+        d = dev.info
+        usbid = f"{d.idVendor:04x}:{d.idProduct:04x}"
+        if parsable:
+            print(f"busid={dev.busid}#usbid={usbid}#")
+        else:
+            print(f" - busid {dev.busid} ({usbid})")
+            print(f"   {ids.product_name(d.idVendor, d.idProduct)}")
+        print()
+
+
+def _local_dict(dev: UsbDevice) -> dict[str, object]:
+    result = _device_dict(dev.info)
+    result["driver"] = dev.driver
+    result["exported"] = dev.driver == usbip_host.DRIVER
+    return result
+
+
+# --- port ------------------------------------------------------------------------------
+
+
+def _print_ports(devices: Sequence[vhci.ImportedDevice]) -> None:
+    ids = system_ids()
+    print("Imported USB devices")
+    print("====================")
+    for dev in devices:
+        speed = dev.local.info.speed if dev.local is not None else dev.port.speed
+        print(f"Port {dev.port.port:02d}: <{dev.port.status.label}> at "
+              f"{vhci.SPEED_LABELS[speed]}")
+        if dev.local is not None:
+            print(f"       {ids.product_name(dev.local.info.idVendor, dev.local.info.idProduct)}")
+        else:
+            print("       unknown vendor : unknown product (0000:0000)")
+        local = dev.port.local_busid
+        if dev.record is not None:
+            print(f"{local:>10} -> {dev.record.url}")
+        else:
+            print(f"{local:>10} -> unknown host, remote port and remote busid")
+        print(f"{'':>10} -> remote bus/dev {dev.remote_busnum:03d}/{dev.remote_devnum:03d}")
+
+
+def _port_dict(dev: vhci.ImportedDevice) -> dict[str, object]:
+    local = dev.local.info if dev.local is not None else None
+    record = dev.record
+    return {
+        "port": dev.port.port, "hub": dev.port.hub, "status": dev.port.status.name.lower(),
+        "speed": (local.speed if local is not None else dev.port.speed).name.lower(),
+        "local_busid": dev.port.local_busid,
+        "idVendor": f"{local.idVendor:04x}" if local is not None else None,
+        "idProduct": f"{local.idProduct:04x}" if local is not None else None,
+        "host": record.host if record else None,
+        "tcp_port": int(record.service) if record and record.service.isdigit() else None,
+        "remote_busid": record.busid if record else None,
+        "url": record.url if record else None,
+        "remote_busnum": dev.remote_busnum, "remote_devnum": dev.remote_devnum,
+    }
+
+
+# --- main ------------------------------------------------------------------------------
+
+
+def _run(args: argparse.Namespace) -> object:
+    """Do the command; print text and return None, or return what --json prints."""
+    as_json: bool = args.json
+    if args.command == "list":
+        if args.remote is not None:
+            remote = asyncio.run(list_devices(args.remote, args.tcp_port))
+            if as_json:
+                return [_device_dict(d) for d in remote]
+            _print_remote(args.remote, remote, args.parsable)
+        else:
+            local = _exportable_local()
+            if as_json:
+                return [_local_dict(d) for d in local]
+            _print_local(local, args.parsable)
+    elif args.command == "bind":
+        usbip_host.bind(args.busid)
+        if as_json:
+            return {"busid": args.busid, "driver": usbip_host.DRIVER}
+        print(f"usbipy: info: bind device on busid {args.busid}: complete")
+    elif args.command == "unbind":
+        usbip_host.unbind(args.busid)
+        if as_json:
+            return {"busid": args.busid, "driver": None}
+        print(f"usbipy: info: unbind device on busid {args.busid}: complete")
+    elif args.command == "attach":
+        attached = vhci.attach(args.remote, args.busid, args.tcp_port)
+        if as_json:
+            return {"port": attached.port, "host": attached.host,
+                    "tcp_port": attached.tcp_port, "busid": args.busid,
+                    "device": _device_dict(attached.device)}
+        print(f"usbipy: info: attached {args.busid} from {args.remote}:{args.tcp_port} "
+              f"on port {attached.port}")
+    elif args.command == "detach":
+        vhci.detach(args.port)
+        if as_json:
+            return {"port": args.port, "detached": True}
+        print(f"usbipy: info: port {args.port} is now detached")
+    elif args.command == "port":
+        imported = vhci.imported_devices()
+        if as_json:
+            return [_port_dict(d) for d in imported]
+        _print_ports(imported)
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "list":
-            devices = asyncio.run(list_devices(args.remote, args.tcp_port))
-            if args.json:
-                print(json.dumps([_device_dict(d) for d in devices], indent=2))
-            else:
-                _print_remote(args.remote, devices)
-            return 0
-    except ClientError as exc:
+        result = _run(args)
+    except (UsbipError, ClientError) as exc:
         print(f"usbipy: error: {exc}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"error": str(exc), "kind": type(exc).__name__}))
         return 1
-    return 2
+    except PermissionError as exc:
+        print(f"usbipy: error: {exc.filename or ''}: permission denied (run as root)",
+              file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return 0
 
 
 if __name__ == "__main__":

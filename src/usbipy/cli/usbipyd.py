@@ -12,11 +12,12 @@ import sys
 from collections.abc import Sequence
 
 from ..demo import DEMO_DISK_SIZE, demo_devices
-from ..devices import ImageFile, MassStorage, PtyBackend, StorageError
+from ..devices import ImageFile, MassStorage, PtyBackend, StorageError, usbip_host
 from ..devices.base import ExportedDevice
 from ..devices.cdc_acm import CdcAcm
 from ..errors import UsbipError
 from ..server import USBIP_PORT, UsbipServer
+from ..server.daemon import listen_sockets
 
 log = logging.getLogger("usbipyd")
 
@@ -37,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="size of the demo's scratch disk when no --disk is given")
     p.add_argument("--serial", choices=("echo", "pty"), default="echo",
                    help="where the demo serial port's bytes go (default: echo)")
+    p.add_argument("--no-usbip-host", action="store_true",
+                   help="do not export the devices bound to the kernel's usbip-host driver "
+                        "(exported by default, as usbipd does)")
     p.add_argument("-a", "--address", action="append", metavar="ADDR",
                    help=f"listen address, may repeat (default: {DEFAULT_ADDRESS})")
     p.add_argument("-4", "--ipv4", action="store_true", help="listen on IPv4 only")
@@ -115,12 +119,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (StorageError, OSError) as exc:
         print(f"usbipyd: {exc}", file=sys.stderr)
         return 1
-    if not devices:
-        log.warning("no devices to export (try --demo or --disk PATH)")
+    kernel = not args.no_usbip_host
+    if not devices and not (kernel and usbip_host.driver_loaded()):
+        log.warning("no devices to export (try --demo, --disk PATH, or 'usbipy bind -b "
+                    "BUSID' with usbip-host loaded)")
     hosts, family = _hosts(args)
-    server = UsbipServer(hosts=hosts, port=args.tcp_port, family=family)
+    try:
+        sockets = listen_sockets(hosts, args.tcp_port, family)
+    except OSError as exc:
+        print(f"usbipyd: cannot listen on {', '.join(hosts)} port {args.tcp_port}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return 1
+    server = UsbipServer(hosts=hosts, port=args.tcp_port, family=family, sockets=sockets)
     for device in devices:
         server.add(device)
+    if kernel:
+        server.registry.add_source(usbip_host.bound_devices)
     if args.daemon:
         _daemonize()
     if args.pid:
@@ -128,10 +142,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             f.write(f"{os.getpid()}\n")
     try:
         asyncio.run(_serve(server))
-    except OSError as exc:
-        print(f"usbipyd: cannot listen on {', '.join(hosts)} port {args.tcp_port}: "
-              f"{exc.strerror or exc}", file=sys.stderr)
-        return 1
     except UsbipError as exc:
         print(f"usbipyd: {exc}", file=sys.stderr)
         return 1

@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable
 from dataclasses import dataclass
 
-from ..protocol import CmdSubmit, DeviceInfo, IsoPacket
+from ..protocol import CmdSubmit, DeviceInfo, IsoPacket, OpStatus
 
 
 @dataclass(slots=True)
@@ -70,3 +70,25 @@ class ExportedDevice(ABC):
     def close(self) -> None:
         """The server shuts down: make everything durable and free resources."""
         return None
+
+
+class HandOffDevice(ExportedDevice):
+    """A device whose URBs another party serves, such as the kernel's usbip-host.
+
+    On IMPORT the server checks :meth:`import_status`, passes the connected
+    socket to :meth:`hand_off`, sends OP_REP_IMPORT and closes its own copy of
+    the socket: the connection lives on in the other party.
+    """
+
+    @abstractmethod
+    def import_status(self) -> OpStatus:
+        """OK when the device can be imported now; DEV_BUSY, DEV_ERR or NA otherwise."""
+
+    @abstractmethod
+    def hand_off(self, fd: int) -> None:
+        """Give the connected socket ``fd`` to the party that serves the URBs.
+
+        Raises OSError when it refuses."""
+
+    def submit(self, urb: CmdSubmit) -> SubmitResult:
+        raise RuntimeError("a hand-off device is served by another party, not submit()")

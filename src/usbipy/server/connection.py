@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 from collections.abc import Awaitable
 
-from ..devices.base import Completion, ExportedDevice
+from ..devices.base import Completion, ExportedDevice, HandOffDevice
 from ..protocol import (
     CmdSubmit,
     CmdUnlink,
@@ -129,6 +130,9 @@ class UsbipServerProtocol(asyncio.Protocol):
             self._write(self.conn.send(OpRepImport(status)))
             self._close()
             return
+        if isinstance(device, HandOffDevice):
+            self._hand_off(device)
+            return
         try:
             device.attach()
             info = device.info
@@ -141,6 +145,29 @@ class UsbipServerProtocol(asyncio.Protocol):
         self.device = device
         self._write(self.conn.send(OpRepImport(OpStatus.OK, info)))
         log.info("%s: imported %s", self.peer, busid)
+
+    def _hand_off(self, device: HandOffDevice) -> None:
+        # As usbipd: give the socket to the kernel, then reply, then close our
+        # copy. The client sends no URB before it has the reply, so the kernel
+        # reads the first one; we must not read anything past this point.
+        assert self._transport is not None
+        self._transport.pause_reading()
+        sock = self._transport.get_extra_info("socket")
+        fd = sock.fileno()
+        try:
+            # The kernel's usbip threads expect a blocking socket, as usbipd gives it.
+            os.set_blocking(fd, True)
+            device.hand_off(fd)
+        except OSError as exc:
+            log.error("%s: handing %s to the kernel failed: %s", self.peer, device.busid,
+                      exc.strerror or exc)
+            os.set_blocking(fd, False)
+            self._write(self.conn.send(OpRepImport(OpStatus.NA)))
+            self._close()
+            return
+        self._write(self.conn.send(OpRepImport(OpStatus.OK, device.info)))
+        log.info("%s: imported %s (served by the kernel)", self.peer, device.busid)
+        self._close()
 
     # --- URB phase ---------------------------------------------------------------
 

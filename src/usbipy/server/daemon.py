@@ -19,6 +19,36 @@ log = logging.getLogger("usbipy.server")
 USBIP_PORT = 3240
 
 
+def listen_sockets(hosts: Sequence[str], port: int,
+                   family: socket.AddressFamily = socket.AF_UNSPEC) -> list[socket.socket]:
+    """Bound, listening sockets for every address of ``hosts``.
+
+    Made before the event loop (and before ``-D`` forks), so that a port in
+    use is reported to the user rather than to /dev/null.
+    """
+    sockets: list[socket.socket] = []
+    try:
+        for host in hosts:
+            infos = socket.getaddrinfo(host or None, port, family, socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+            for fam, kind, proto, _name, addr in dict.fromkeys(infos):
+                sock = socket.socket(fam, kind, proto)
+                sockets.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if fam == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(addr)
+                sock.listen(128)
+                sock.setblocking(False)
+                if port == 0:
+                    port = sock.getsockname()[1]  # every address on the same port
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
 class UsbipServer:
     """A USB/IP server exporting the devices of a :class:`DeviceRegistry`.
 
@@ -28,52 +58,56 @@ class UsbipServer:
     def __init__(self, registry: DeviceRegistry | None = None, *,
                  hosts: Sequence[str] = ("127.0.0.1",), port: int = USBIP_PORT,
                  family: socket.AddressFamily = socket.AF_UNSPEC,
-                 max_transfer_length: int = DEFAULT_MAX_TRANSFER) -> None:
+                 max_transfer_length: int = DEFAULT_MAX_TRANSFER,
+                 sockets: Sequence[socket.socket] = ()) -> None:
         self.registry = registry if registry is not None else DeviceRegistry()
+        #: Listening sockets made beforehand (see :func:`listen_sockets`); when
+        #: empty, :meth:`start` binds ``hosts`` and ``port`` itself.
+        self._sockets = list(sockets)
         self.hosts = list(hosts)
         self.port = port
         self.family = family
         self.max_transfer_length = max_transfer_length
         self.connections: set[UsbipServerProtocol] = set()
-        self._server: asyncio.Server | None = None
+        self._servers: list[asyncio.Server] = []
 
     def add(self, device: ExportedDevice) -> ExportedDevice:
         return self.registry.add(device)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: UsbipServerProtocol(
-                self.registry, max_transfer_length=self.max_transfer_length,
-                connections=self.connections,
-            ),
-            host=self.hosts or None, port=self.port, family=self.family,
-            reuse_address=True,
-        )
+        sockets = self._sockets or listen_sockets(self.hosts, self.port, self.family)
+        self._sockets = []
+
+        def protocol() -> UsbipServerProtocol:
+            return UsbipServerProtocol(self.registry,
+                                       max_transfer_length=self.max_transfer_length,
+                                       connections=self.connections)
+
+        for sock in sockets:
+            self._servers.append(await loop.create_server(protocol, sock=sock))
         # With port 0 the system picks one: report the real port.
-        self.port = self._server.sockets[0].getsockname()[1]
-        for sock in self._server.sockets:
-            log.info("listening on %s", sock.getsockname()[:2])
+        self.port = sockets[0].getsockname()[1]
+        for address in self.addresses:
+            log.info("listening on %s", address)
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
-        if self._server is None:
-            return []
-        return [s.getsockname()[:2] for s in self._server.sockets]
+        return [s.getsockname()[:2] for server in self._servers for s in server.sockets]
 
     async def serve_forever(self) -> None:
-        assert self._server is not None
-        await self._server.serve_forever()
+        assert self._servers
+        await asyncio.gather(*(server.serve_forever() for server in self._servers))
 
     async def close(self) -> None:
         """Stop listening, drop every client, and make every device durable."""
-        if self._server is not None:
-            self._server.close()
+        servers, self._servers = self._servers, []
+        for server in servers:
+            server.close()
         for conn in list(self.connections):
             conn.close()
-        if self._server is not None:
-            await self._server.wait_closed()
-            self._server = None
+        for server in servers:
+            await server.wait_closed()
         await asyncio.sleep(0)  # let connection_lost run
         for device in self.registry:
             device.close()

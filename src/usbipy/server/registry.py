@@ -2,21 +2,51 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterable, Iterator
 
-from ..devices.base import ExportedDevice
+from ..devices.base import ExportedDevice, HandOffDevice
 from ..protocol import OpStatus
+
+log = logging.getLogger("usbipy.server")
+
+#: A source of devices whose set changes under us (the kernel's usbip-host
+#: bindings): asked afresh on every DEVLIST and IMPORT, as usbipd does.
+DeviceSource = Callable[[], Iterable[HandOffDevice]]
 
 
 class DeviceRegistry:
-    """Exported devices by busid. A device is held by at most one connection."""
+    """Exported devices by busid. A device is held by at most one connection.
+
+    Devices added with :meth:`add` are tracked here; devices from a
+    :data:`DeviceSource` are tracked by whoever serves them (usbip-host keeps
+    usbip_status), so the registry asks them instead.
+    """
 
     #: Emulated devices appear on this virtual bus, like usbipd's "busnum-port".
     EMULATED_BUS = 1
 
-    def __init__(self) -> None:
+    def __init__(self, sources: Iterable[DeviceSource] = ()) -> None:
         self._devices: dict[str, ExportedDevice] = {}
         self._owners: dict[str, object] = {}
+        self._sources = list(sources)
+        self._warned: set[str] = set()
+
+    def add_source(self, source: DeviceSource) -> None:
+        self._sources.append(source)
+
+    def _handed_off(self) -> dict[str, HandOffDevice]:
+        found: dict[str, HandOffDevice] = {}
+        for source in self._sources:
+            for device in source():
+                if device.busid in self._devices:
+                    if device.busid not in self._warned:
+                        self._warned.add(device.busid)
+                        log.warning("not exporting %s: an emulated device has that busid",
+                                    device.busid)
+                    continue
+                found[device.busid] = device
+        return found
 
     def add(self, device: ExportedDevice) -> ExportedDevice:
         """Export ``device``; one without a busid gets the next port on the emulated bus."""
@@ -46,13 +76,19 @@ class DeviceRegistry:
         return self._devices.get(busid)
 
     def available(self) -> list[ExportedDevice]:
-        """Devices no client holds: usbipd's device list leaves out imported ones."""
-        return [d for b, d in self._devices.items() if b not in self._owners]
+        """Devices no client holds: the device list leaves out imported ones."""
+        mine = [d for b, d in self._devices.items() if b not in self._owners]
+        theirs = [d for d in self._handed_off().values() if d.import_status() is OpStatus.OK]
+        return mine + theirs
 
     def claim(self, busid: str, owner: object) -> tuple[OpStatus, ExportedDevice | None]:
         device = self._devices.get(busid)
         if device is None:
-            return OpStatus.NODEV, None
+            handed_off = self._handed_off().get(busid)
+            if handed_off is None:
+                return OpStatus.NODEV, None
+            status = handed_off.import_status()
+            return status, handed_off if status is OpStatus.OK else None
         if busid in self._owners:
             return OpStatus.DEV_BUSY, None
         self._owners[busid] = owner

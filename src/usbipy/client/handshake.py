@@ -1,0 +1,91 @@
+"""The OP phase over a blocking socket: what `usbip attach` does before vhci-hcd.
+
+The codec is the same sans-IO :class:`ClientConnection` the asyncio client uses;
+only the I/O differs. After a successful import the socket carries URBs, and
+whoever gets it (vhci-hcd) must be handed it untouched: nothing past
+OP_REP_IMPORT is read here, because the server sends nothing more until a URB.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from ..protocol import (
+    EOF,
+    NEED_DATA,
+    ClientConnection,
+    DeviceInfo,
+    OpRepDevlist,
+    OpRepImport,
+    OpReqDevlist,
+    OpReqImport,
+    OpStatus,
+    RemoteProtocolError,
+)
+from .userspace import ClientError, ImportRefused
+
+#: Seconds to wait for the server to connect and to answer an OP request.
+OP_TIMEOUT = 30.0
+
+
+class HostUnreachable(ClientError):
+    def __init__(self, host: str, port: int, reason: str) -> None:
+        super().__init__(f"cannot connect to {host}:{port}: {reason} (is usbipd or usbipyd "
+                         f"running there, and port {port} open?)")
+        self.host = host
+        self.port = port
+
+
+def connect(host: str, port: int, timeout: float = OP_TIMEOUT) -> socket.socket:
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as exc:
+        raise HostUnreachable(host, port, exc.strerror or str(exc)) from exc
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def _exchange(sock: socket.socket, conn: ClientConnection, request: bytes
+              ) -> OpRepDevlist | OpRepImport:
+    try:
+        sock.sendall(request)
+        while True:
+            try:
+                event = conn.next_event()
+            except RemoteProtocolError as exc:
+                raise ClientError(f"the server sent a malformed reply: {exc}") from exc
+            if isinstance(event, (OpRepDevlist, OpRepImport)):
+                return event
+            if event is EOF:
+                raise ClientError("the server closed the connection without a reply")
+            assert event is NEED_DATA
+            # Small reads: an OP reply is short, and no byte after it may be taken.
+            conn.receive_data(sock.recv(_recv_size(conn)))
+    except TimeoutError as exc:
+        raise ClientError("the server did not answer in time") from exc
+    except OSError as exc:
+        raise ClientError(f"connection failed: {exc.strerror or exc}") from exc
+
+
+def _recv_size(conn: ClientConnection) -> int:
+    # OP_REP_IMPORT is 8 + 312 bytes; never read beyond the end of the reply.
+    return max(1, 320 - conn.buffered) if conn.buffered < 320 else 4096
+
+
+def request_import(sock: socket.socket, busid: str) -> DeviceInfo:
+    """OP_REQ_IMPORT on a connected socket; ImportRefused unless the server says OK."""
+    conn = ClientConnection()
+    reply = _exchange(sock, conn, conn.send(OpReqImport(busid)))
+    assert isinstance(reply, OpRepImport)
+    if reply.status is not OpStatus.OK or reply.device is None:
+        raise ImportRefused(busid, reply.status)
+    if reply.device.busid != busid:
+        raise ClientError(f"asked for {busid}, the server sent {reply.device.busid}")
+    return reply.device
+
+
+def request_devlist(sock: socket.socket) -> tuple[DeviceInfo, ...]:
+    conn = ClientConnection()
+    reply = _exchange(sock, conn, conn.send(OpReqDevlist()))
+    assert isinstance(reply, OpRepDevlist)
+    return reply.devices

@@ -1,0 +1,160 @@
+"""Devices exported through the kernel's stub driver, usbip-host.
+
+``bind``/``unbind`` do what `usbip bind`/`usbip unbind` do in sysfs. A bound
+device is exported by handing the client's connected socket to the kernel
+(usbip_sockfd): from then on every URB is served by usbip-host, and this
+process is out of the data path.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from enum import IntEnum
+
+from .. import sysfs
+from ..errors import UsbipError
+from ..protocol import DeviceInfo, OpStatus
+from .base import HandOffDevice
+
+log = logging.getLogger("usbipy.usbip_host")
+
+DRIVER = "usbip-host"
+
+
+class StubStatus(IntEnum):
+    """usbip_status of a bound device (enum usbip_device_status, SDEV_ST_*)."""
+
+    AVAILABLE = 1
+    USED = 2
+    ERROR = 3
+
+
+class UsbipHostError(UsbipError):
+    """A bind, unbind or export through usbip-host failed; the message says what to do."""
+
+
+def driver_loaded() -> bool:
+    return sysfs.usb_driver_dir(DRIVER).is_dir()
+
+
+def _require_driver() -> None:
+    if not driver_loaded():
+        raise UsbipHostError(f"the {DRIVER} driver is not loaded: run 'modprobe usbip-host' "
+                             "as root")
+
+
+def _device(busid: str) -> sysfs.UsbDevice:
+    try:
+        return sysfs.read_device(busid)
+    except sysfs.SysfsError:
+        raise UsbipHostError(f"no USB device with busid {busid} (see 'usbipy list -l')"
+                             ) from None
+
+
+def bind(busid: str) -> sysfs.UsbDevice:
+    """Give the device at ``busid`` to usbip-host, as `usbip bind -b BUSID`."""
+    _require_driver()
+    device = _device(busid)
+    if device.on_vhci:
+        raise UsbipHostError(f"{busid} is attached through vhci_hcd: exporting it again "
+                             "would loop")
+    if device.is_hub:
+        raise UsbipHostError(f"{busid} is a hub: hubs cannot be exported")
+    if device.driver == DRIVER:
+        raise UsbipHostError(f"{busid} is already bound to {DRIVER}")
+    drivers = sysfs.SYSFS_ROOT / "bus/usb/drivers"
+    try:
+        if device.driver is not None:
+            sysfs.write_attr(drivers / device.driver / "unbind", busid)
+        # match_busid first: usbip-host's probe refuses busids it was not told about.
+        sysfs.write_attr(drivers / DRIVER / "match_busid", f"add {busid}")
+    except OSError as exc:
+        raise UsbipHostError(f"cannot unbind {busid} from {device.driver}: "
+                             f"{exc.strerror or exc}") from exc
+    try:
+        sysfs.write_attr(drivers / DRIVER / "bind", busid)
+    except OSError as exc:
+        _forget(busid)
+        raise UsbipHostError(f"cannot bind {busid} to {DRIVER}: {exc.strerror or exc}"
+                             ) from exc
+    log.info("bound %s to %s", busid, DRIVER)
+    return device
+
+
+def _forget(busid: str) -> None:
+    try:
+        sysfs.write_attr(sysfs.usb_driver_dir(DRIVER) / "match_busid", f"del {busid}")
+    except OSError as exc:
+        log.warning("cannot remove %s from match_busid: %s", busid, exc)
+
+
+def unbind(busid: str) -> None:
+    """Take the device back from usbip-host and let its own driver probe it again."""
+    _require_driver()
+    device = _device(busid)
+    if device.driver != DRIVER:
+        raise UsbipHostError(f"{busid} is not bound to {DRIVER}")
+    driver = sysfs.usb_driver_dir(DRIVER)
+    try:
+        sysfs.write_attr(driver / "unbind", busid)
+    except OSError as exc:
+        raise UsbipHostError(f"cannot unbind {busid}: {exc.strerror or exc}") from exc
+    _forget(busid)
+    try:
+        # rebind makes the kernel probe the device again: its usual driver takes it.
+        sysfs.write_attr(driver / "rebind", busid)
+    except OSError as exc:
+        if exc.errno != errno.ENODEV:
+            raise UsbipHostError(f"cannot rebind {busid}: {exc.strerror or exc}") from exc
+    log.info("unbound %s from %s", busid, DRIVER)
+
+
+class KernelStubDevice(HandOffDevice):
+    """A device bound to usbip-host; its URBs are the kernel's business."""
+
+    def __init__(self, device: sysfs.UsbDevice) -> None:
+        self._device = device
+        self.busid = device.busid
+        self.busnum = device.info.busnum
+        self.devnum = device.info.devnum
+
+    @property
+    def info(self) -> DeviceInfo:
+        return self._device.info
+
+    @property
+    def status(self) -> StubStatus | None:
+        try:
+            return StubStatus(int(sysfs.read_attr(self._device.sys_path / "usbip_status")))
+        except (sysfs.SysfsError, ValueError):
+            return None
+
+    def import_status(self) -> OpStatus:
+        status = self.status
+        if status is StubStatus.AVAILABLE:
+            return OpStatus.OK
+        if status is StubStatus.USED:
+            return OpStatus.DEV_BUSY
+        if status is StubStatus.ERROR:
+            return OpStatus.DEV_ERR
+        return OpStatus.NA
+
+    def hand_off(self, fd: int) -> None:
+        sysfs.write_attr(self._device.sys_path / "usbip_sockfd", f"{fd}\n")
+
+
+def bound_devices() -> list[KernelStubDevice]:
+    """Every device bound to usbip-host now, read fresh from sysfs as usbipd does."""
+    driver = sysfs.usb_driver_dir(DRIVER)
+    try:
+        names = [n for n in driver.iterdir() if sysfs.is_device_busid(n.name)]
+    except OSError:
+        return []
+    devices = []
+    for name in sorted(names):
+        try:
+            devices.append(KernelStubDevice(sysfs.read_device(name.name)))
+        except (sysfs.SysfsError, OSError):
+            continue
+    return devices
