@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 
 from .conftest import Usbipyd, require
 
@@ -31,3 +32,16 @@ def test_usbip_attach_of_a_missing_device_fails_cleanly(usbipyd: Usbipyd) -> Non
     out = subprocess.run([usbip, "--tcp-port", str(usbipyd.port), "list", "-r", "127.0.0.1"],
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 0 and "1-3" in out.stdout
+
+
+def test_usbipy_list_remote_prints_what_usbip_prints(usbipyd: Usbipyd) -> None:
+    usbip = require("usbip")
+    port = str(usbipyd.port)
+    theirs = subprocess.run([usbip, "--tcp-port", port, "list", "-r", "127.0.0.1"],
+                            capture_output=True, text=True, timeout=30)
+    ours = subprocess.run([sys.executable, "-m", "usbipy.cli.usbipy", "--tcp-port", port,
+                           "list", "-r", "127.0.0.1"], capture_output=True, text=True, timeout=30)
+    assert theirs.returncode == ours.returncode == 0, (theirs.stderr, ours.stderr)
+    # names come from the same usb.ids; the layout is the C tool's, byte for byte
+    assert "Mass Storage / SCSI / Bulk-Only (08/06/50)" in ours.stdout
+    assert ours.stdout == theirs.stdout

@@ -12,7 +12,7 @@ from .vm import Vm, VmUnavailable, check_host
 GUEST_MODULES = "vhci-hcd usb-storage sd_mod cdc_acm usbhid hid_generic evdev ext4"
 
 
-def _skip_or_fail(reason: str) -> None:
+def skip_or_fail(reason: str) -> None:
     if os.environ.get("USBIPY_REQUIRE_ALL"):
         pytest.fail(f"kernel tests cannot run: {reason}")
     pytest.skip(f"kernel tests cannot run: {reason}")
@@ -24,7 +24,7 @@ def vm() -> Iterator[Vm]:
     try:
         check_host()
     except VmUnavailable as exc:
-        _skip_or_fail(str(exc))
+        skip_or_fail(str(exc))
     with Vm() as machine:
         machine.check(f"modprobe -a {GUEST_MODULES}")
         yield machine

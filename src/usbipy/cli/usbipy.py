@@ -35,13 +35,16 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="print JSON for scripts")
+    common.add_argument("-t", "--tcp-port", type=int, default=argparse.SUPPRESS,
+                        metavar="PORT", help="TCP port of the server")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     lst = sub.add_parser("list", parents=[common], help="list exportable or local USB devices")
     where = lst.add_mutually_exclusive_group(required=True)
     where.add_argument("-r", "--remote", metavar="HOST", help="the devices HOST exports")
     where.add_argument("-l", "--local", action="store_true", help="the local USB devices")
-    lst.add_argument("-p", "--parsable", action="store_true", help="parsable list format")
+    lst.add_argument("-p", "--parsable", action="store_true",
+                     help="parsable format for -l (as usbip, -r ignores it)")
 
     bind = sub.add_parser("bind", parents=[common], help="bind a device to usbip-host")
     bind.add_argument("-b", "--busid", required=True, help="the device's bus id")
@@ -84,16 +87,12 @@ def _device_dict(d: DeviceInfo) -> dict[str, object]:
 # --- list ------------------------------------------------------------------------------
 
 
-def _print_remote(host: str, devices: Sequence[DeviceInfo], parsable: bool) -> None:
+def _print_remote(host: str, devices: Sequence[DeviceInfo]) -> None:
+    # The layout of `usbip list -r`, which has no parsable form (-p is for -l only).
     ids = system_ids()
     if not devices:
         print(f"usbipy: info: no exportable devices found on {host}", file=sys.stderr)
         return
-    if parsable:
-        for d in devices:
-            print(f"busid={d.busid}#usbid={d.idVendor:04x}:{d.idProduct:04x}#")
-        return
-    # The layout of `usbip list -r`.
     print("Exportable USB devices")
     print("======================")
     print(f" - {host}")
@@ -184,7 +183,7 @@ def _run(args: argparse.Namespace) -> object:
             remote = asyncio.run(list_devices(args.remote, args.tcp_port))
             if as_json:
                 return [_device_dict(d) for d in remote]
-            _print_remote(args.remote, remote, args.parsable)
+            _print_remote(args.remote, remote)
         else:
             local = _exportable_local()
             if as_json:

@@ -171,7 +171,7 @@ def record_path(port: int) -> Path:
 
 
 def write_record(port: int, record: Record) -> None:
-    VHCI_STATE_DIR.mkdir(mode=0o700, exist_ok=True)
+    VHCI_STATE_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(record_path(port), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o700)
     with os.fdopen(fd, "w") as f:
         f.write(f"{record.host} {record.service} {record.busid}\n")

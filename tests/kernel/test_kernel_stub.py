@@ -1,0 +1,189 @@
+"""Parity with Linux usbip: the kernel's stub (usbip-host) and vhci-hcd, driven by
+usbipy and by Debian's C tools in every combination, on a QEMU USB stick.
+
+Everything runs inside one guest: the stick sits on QEMU's xHCI controller,
+the servers listen on the guest's loopback, and vhci-hcd attaches from there.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from .conftest import skip_or_fail
+from .guest import wait_for
+from .vm import Vm, VmUnavailable, check_host
+
+STICK_ID = "46f4:0001"  # QEMU's usb-storage
+KNOWN_FILE = "hello.txt"
+KNOWN_TEXT = "the stick's own bytes, read through USB/IP\n"
+MODULES = "xhci_pci usb-storage sd_mod usbip-host vhci-hcd ext4"
+PYTHON = sys.executable  # the host's venv is visible in the guest over 9p
+USBIPY = f"{PYTHON} -m usbipy.cli.usbipy"
+USBIPYD = f"{PYTHON} -m usbipy.cli.usbipyd"
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass
+class Stick:
+    vm: Vm
+    busid: str
+
+
+@pytest.fixture(scope="module")
+def stick(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stick]:
+    try:
+        check_host()
+    except VmUnavailable as exc:
+        skip_or_fail(str(exc))
+    if shutil.which("mke2fs") is None:
+        skip_or_fail("mke2fs is missing (apt-get install e2fsprogs)")
+    tmp = tmp_path_factory.mktemp("stick")
+    (tmp / "root").mkdir()
+    (tmp / "root" / KNOWN_FILE).write_text(KNOWN_TEXT)
+    image = tmp / "stick.img"
+    subprocess.run(["mke2fs", "-q", "-t", "ext2", "-d", str(tmp / "root"), str(image), "16M"],
+                   check=True)
+    qemu_stick = ["-device", "qemu-xhci,id=xhci",
+                  "-drive", f"if=none,id=stick,format=raw,file={image}",
+                  "-device", "usb-storage,bus=xhci.0,drive=stick"]
+    with Vm(extra_args=qemu_stick) as vm:
+        vm.check(f"modprobe -a {MODULES}")
+        wait_for(vm, f"lsusb | grep -q {STICK_ID}")
+        local = json.loads(vm.check(f"{USBIPY} list -l --json"))
+        [busid] = [d["busid"] for d in local
+                   if f"{d['idVendor']}:{d['idProduct']}" == STICK_ID]
+        stick = Stick(vm, busid)
+        wait_for(vm, f"[ -n \"$({_disks('! ')})\" ]")
+        yield stick
+
+
+def _disks(match: str) -> str:
+    """Shell: the sd disks that are (match='') or are not (match='! ') behind vhci_hcd."""
+    return (f"for b in /sys/block/sd*; do [ -e \"$b\" ] || continue; {match}readlink -f $b | "
+            f"grep -q vhci_hcd && basename $b; done")
+
+
+def vhci_disk(vm: Vm) -> str:
+    wait_for(vm, f"[ -n \"$({_disks('')})\" ]")
+    return "/dev/" + vm.check(_disks("")).split()[0]
+
+
+def read_known_file(vm: Vm, disk: str) -> str:
+    return vm.check(f"mkdir -p /mnt/stick && mount {disk} /mnt/stick && "
+                    f"cat /mnt/stick/{KNOWN_FILE}; umount /mnt/stick")
+
+
+@pytest.fixture
+def clean(stick: Stick) -> Iterator[Stick]:
+    """Leave the guest as the test found it: no servers, nothing attached, nothing bound."""
+    yield stick
+    vm = stick.vm
+    # (not pkill -f: the pattern is in this very shell's command line)
+    vm.run("[ -e /run/usbipyd.pid ] && kill $(cat /run/usbipyd.pid); pkill -x usbipd; "
+           "for p in $(usbip port | sed -n 's/^Port \\([0-9]*\\):.*/\\1/p'); do "
+           "usbip detach -p $p; done; sleep 1")
+    vm.run(f"[ -e /sys/bus/usb/drivers/usbip-host/{stick.busid} ] && "
+           f"usbip unbind -b {stick.busid}")
+    wait_for(vm, f"[ -n \"$({_disks('! ')})\" ]")
+    wait_for(vm, "! pgrep -x usbipd && [ ! -e /run/usbipyd.pid ]")
+
+
+def start_usbipyd(vm: Vm, *args: str) -> None:
+    vm.check(f"{USBIPYD} -D -P /run/usbipyd.pid {' '.join(args)}")
+    wait_for(vm, f"{USBIPY} list -r {LOOPBACK} >/dev/null 2>&1")
+
+
+def test_usbipy_bind_and_usbipyd_serve_the_c_client(clean: Stick) -> None:
+    vm, busid = clean.vm, clean.busid
+    out = vm.check(f"{USBIPY} bind -b {busid}")
+    assert f"bind device on busid {busid}: complete" in out
+    assert vm.check(f"readlink /sys/bus/usb/devices/{busid}/driver").strip().endswith(
+        "usbip-host")
+    # usb-storage let go of it: the local disk is gone
+    wait_for(vm, f"[ -z \"$({_disks('! ')})\" ]")
+    start_usbipyd(vm)
+    c_list = vm.check(f"usbip list -r {LOOPBACK}")
+    assert f"{busid}: QEMU : unknown product ({STICK_ID})" in c_list, c_list
+    # the same device list, in the same words, from both clients
+    assert vm.check(f"{USBIPY} list -r {LOOPBACK}") == c_list
+
+    vm.check(f"usbip attach -r {LOOPBACK} -b {busid}")
+    disk = vhci_disk(vm)
+    assert read_known_file(vm, disk) == KNOWN_TEXT
+    assert vm.check(f"cat /sys/bus/usb/devices/{busid}/usbip_status").strip() == "2"
+    # in use: usbipyd no longer offers it, as it does with its own devices
+    assert busid not in vm.check(f"{USBIPY} list -r {LOOPBACK} 2>&1")
+
+    out = vm.check(f"{USBIPY} unbind -b {busid}")
+    assert f"unbind device on busid {busid}: complete" in out
+    # the stick is back with usb-storage, and vhci lost its disk
+    wait_for(vm, f"readlink /sys/bus/usb/devices/{busid}:1.0/driver | grep -q usb-storage")
+    wait_for(vm, f"[ -z \"$({_disks('')})\" ]")
+    wait_for(vm, f"[ -n \"$({_disks('! ')})\" ]")
+    local = vm.check(_disks("! ")).split()[0]
+    assert read_known_file(vm, f"/dev/{local}") == KNOWN_TEXT
+
+
+def test_c_usbipd_serves_usbipy_attach(clean: Stick) -> None:
+    vm, busid = clean.vm, clean.busid
+    vm.check(f"usbip bind -b {busid}")
+    vm.check("usbipd -D")
+    wait_for(vm, f"usbip list -r {LOOPBACK} 2>/dev/null | grep -q {busid}")
+
+    attached = json.loads(vm.check(f"{USBIPY} attach -r {LOOPBACK} -b {busid} --json"))
+    port = attached["port"]
+    # SuperSpeed stick: the port must be on vhci's SuperSpeed hub
+    assert attached["device"]["speed"] == "super"
+    assert vm.check(f"cat /var/run/vhci_hcd/port{port}") == f"{LOOPBACK} 3240 {busid}\n"
+    disk = vhci_disk(vm)
+    assert read_known_file(vm, disk) == KNOWN_TEXT
+
+    url = f"usbip://{LOOPBACK}:3240/{busid}"
+    ours, theirs = vm.check(f"{USBIPY} port"), vm.check("usbip port")
+    assert url in ours and url in theirs
+    assert f"Port {port:02d}: <Port in Use> at Super Speed(5000Mbps)" in theirs
+    assert ours == theirs  # the same words, line for line
+    [entry] = json.loads(vm.check(f"{USBIPY} port --json"))
+    assert (entry["port"], entry["url"], entry["hub"]) == (port, url, "ss")
+
+    detached = json.loads(vm.check(f"{USBIPY} detach -p {port} --json"))
+    assert detached == {"port": port, "detached": True}
+    wait_for(vm, f"[ -z \"$({_disks('')})\" ]")
+    assert "Port in Use" not in vm.check("usbip port")
+    vm.check(f"[ ! -e /var/run/vhci_hcd/port{port} ]")
+
+
+def test_usbipyd_with_usbipy_attach_and_a_busy_second_client(clean: Stick) -> None:
+    vm, busid = clean.vm, clean.busid
+    vm.check(f"{USBIPY} bind -b {busid}")
+    start_usbipyd(vm)
+    out = vm.check(f"{USBIPY} attach -r {LOOPBACK} -b {busid}")
+    assert f"attached {busid} from {LOOPBACK}:3240 on port" in out
+    disk = vhci_disk(vm)
+    vm.check(f"mkdir -p /mnt/stick && mount {disk} /mnt/stick && "
+             "head -c 3000000 /dev/urandom > /mnt/stick/written && "
+             "md5sum /mnt/stick/written > /run/written.md5 && umount /mnt/stick")
+
+    second = vm.run(f"{USBIPY} attach -r {LOOPBACK} -b {busid}")
+    assert second.rc == 1
+    assert "already imported by another client (DEV_BUSY)" in second.out
+    as_json = vm.run(f"{USBIPY} --json attach -r {LOOPBACK} -b {busid} 2>/dev/null")
+    assert as_json.rc == 1 and json.loads(as_json.out)["kind"] == "ImportRefused"
+
+    # the first client did not notice: its data reads back after a remount
+    vm.check(f"echo 3 > /proc/sys/vm/drop_caches; mount {disk} /mnt/stick && "
+             "md5sum -c /run/written.md5 && "
+             f"cat /mnt/stick/{KNOWN_FILE} && rm /mnt/stick/written; umount /mnt/stick")
+    [entry] = json.loads(vm.check(f"{USBIPY} port --json"))
+    vm.check(f"{USBIPY} detach -p {entry['port']}")
+    wait_for(vm, f"[ -z \"$({_disks('')})\" ]")
+    # free again: offered in the list, importable
+    wait_for(vm, f"{USBIPY} list -r {LOOPBACK} | grep -q ' {busid}: '")
+    vm.check(f"{USBIPY} unbind -b {busid}")

@@ -1,0 +1,98 @@
+"""A fake /sys tree with USB devices, usbip-host and vhci-hcd, for CLI tests.
+
+Attribute files are plain files, so a test reads back what the code wrote.
+The real sysfs behaviour is covered by the kernel tests; this checks what
+usbipy writes where, and how it reports what it finds.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+VHCI_HEADER = "hub port sta spd dev      sockfd local_busid\n"
+
+
+class FakeSysfs:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        #: Sockets the fake kernel holds (dup'ed when written to attach/usbip_sockfd).
+        self.held: list[int] = []
+        self.devices = root / "bus/usb/devices"
+        self.drivers = root / "bus/usb/drivers"
+        self.devices.mkdir(parents=True)
+        for driver in ("usb", "usb-storage", "hub"):
+            (self.drivers / driver).mkdir(parents=True)
+            for attr in ("bind", "unbind"):
+                (self.drivers / driver / attr).write_text("")
+
+    def add_device(self, busid: str, vid: int, pid: int, *, device_class: int = 0,
+                   speed: str = "480", driver: str | None = "usb",
+                   interfaces: tuple[tuple[int, int, int], ...] = ((8, 6, 0x50),),
+                   parent: str = "pci0000:00/0000:00:05.0") -> Path:
+        bus, _, _ = busid.partition("-")
+        path = self.root / "devices" / parent / f"usb{bus}" / busid
+        path.mkdir(parents=True)
+        attrs = {
+            "busnum": bus, "devnum": str(len(list(self.devices.iterdir())) + 2),
+            "speed": speed, "idVendor": f"{vid:04x}", "idProduct": f"{pid:04x}",
+            "bcdDevice": "0100", "bDeviceClass": f"{device_class:02x}",
+            "bDeviceSubClass": "00", "bDeviceProtocol": "00", "bConfigurationValue": "1",
+            "bNumConfigurations": "1", "bNumInterfaces": f"{len(interfaces):2d}",
+        }
+        for name, value in attrs.items():
+            (path / name).write_text(value + "\n")
+        for n, (c, s, p) in enumerate(interfaces):
+            intf = path / f"{busid}:1.{n}"
+            intf.mkdir()
+            for name, number in (("bInterfaceClass", c), ("bInterfaceSubClass", s),
+                                 ("bInterfaceProtocol", p)):
+                (intf / name).write_text(f"{number:02x}\n")
+        os.symlink(path, self.devices / busid)
+        if driver is not None:
+            self.set_driver(busid, driver)
+        return path
+
+    def set_driver(self, busid: str, driver: str) -> None:
+        path = (self.devices / busid).resolve()
+        link = path / "driver"
+        if link.is_symlink():
+            link.unlink()
+        os.symlink(self.drivers / driver, link)
+        if driver == "usbip-host":
+            os.symlink(path, self.drivers / driver / busid)
+            (path / "usbip_status").write_text("1\n")
+            (path / "usbip_sockfd").write_text("")
+
+    def load_usbip_host(self) -> Path:
+        driver = self.drivers / "usbip-host"
+        driver.mkdir()
+        for attr in ("bind", "unbind", "match_busid", "rebind"):
+            (driver / attr).write_text("")
+        return driver
+
+    def load_vhci(self, ports_per_hub: int = 2) -> Path:
+        hc = self.root / "devices/platform/vhci_hcd.0"
+        hc.mkdir(parents=True)
+        for attr in ("attach", "detach"):
+            (hc / attr).write_text("")
+        (hc / "nports").write_text(f"{2 * ports_per_hub}\n")
+        self.set_vhci_status({}, ports_per_hub)
+        return hc
+
+    def set_vhci_status(self, used: dict[int, tuple[int, int, str]], ports_per_hub: int = 2
+                        ) -> None:
+        """used: port -> (speed, devid, local busid); the rest are free."""
+        lines = [VHCI_HEADER]
+        for port in range(2 * ports_per_hub):
+            hub = "hs" if port < ports_per_hub else "ss"
+            if port in used:
+                speed, devid, lbusid = used[port]
+                lines.append(f"{hub}  {port:04d} 006 {speed:03d} {devid:08x} 000003 {lbusid}\n")
+            else:
+                lines.append(f"{hub}  {port:04d} 004 000 00000000 000000 0-0\n")
+        (self.root / "devices/platform/vhci_hcd.0/status").write_text("".join(lines))
+
+
+def written(path: Path) -> str:
+    return path.read_text()

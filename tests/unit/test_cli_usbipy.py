@@ -1,0 +1,254 @@
+"""`usbipy` subcommands against a fake sysfs and a live server: text, --json, errors.
+
+The kernel tests check the same commands against the real usbip-host and vhci-hcd;
+here every error path is reachable, and the files usbipy writes are read back.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from usbipy.cli import usbipy as cli
+from usbipy.client import vhci
+from usbipy.demo import demo_devices
+from usbipy.server import ServerThread
+from usbipy.usbids import UsbIds
+
+from .conftest import USB_IDS
+from .fake_sysfs import FakeSysfs
+
+
+def usbipy(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    rc = cli.main(list(args))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.fixture
+def server() -> Iterator[ServerThread]:
+    with ServerThread(demo_devices(disk_size=1 << 20), port=0) as srv:
+        yield srv
+
+
+# --- names ------------------------------------------------------------------------------
+
+
+def test_usb_ids_names_like_the_c_tool() -> None:
+    ids = UsbIds.parse(USB_IDS)
+    assert ids.product_name(0x1209, 0x0002) == "Generic : pid.codes Test PID 2 (1209:0002)"
+    assert ids.product_name(0x46F4, 0x0001) == "QEMU : unknown product (46f4:0001)"
+    assert ids.product_name(0xFFFF, 1) == "unknown vendor : unknown product (ffff:0001)"
+    assert ids.class_name(8, 6, 0x50) == "Mass Storage / SCSI / Bulk-Only (08/06/50)"
+    assert ids.class_name(9, 0, 0) == "Hub / unknown subclass / unknown protocol (09/00/00)"
+    assert ids.class_name(0, 0, 0) == "(Defined at Interface level) (00/00/00)"
+
+
+# --- list -l ----------------------------------------------------------------------------
+
+
+def local_devices(fake: FakeSysfs) -> None:
+    fake.add_device("1-1", 0x46F4, 0x0001)
+    fake.add_device("1-2", 0x1209, 0x0002, speed="5000", driver="usbip-host"
+                    if (fake.drivers / "usbip-host").exists() else "usb")
+    fake.add_device("1-3", 0x05E3, 0x0608, device_class=9, driver="hub",
+                    interfaces=((9, 0, 0),))
+    fake.add_device("3-1", 0x1209, 0x0001, parent="platform/vhci_hcd.0")
+
+
+def test_list_local_text_parsable_and_json(fake: FakeSysfs, capsys) -> None:
+    local_devices(fake)
+    rc, out, _ = usbipy(capsys, "list", "-l")
+    # hubs and devices attached through vhci_hcd are left out, as `usbip list -l` does
+    assert rc == 0 and out == (
+        " - busid 1-1 (46f4:0001)\n   QEMU : unknown product (46f4:0001)\n\n"
+        " - busid 1-2 (1209:0002)\n   Generic : pid.codes Test PID 2 (1209:0002)\n\n")
+    rc, out, _ = usbipy(capsys, "list", "-l", "-p")
+    assert out == "busid=1-1#usbid=46f4:0001#\n\nbusid=1-2#usbid=1209:0002#\n\n"
+    rc, out, _ = usbipy(capsys, "list", "-l", "--json")
+    devices = json.loads(out)
+    assert [(d["busid"], d["speed"], d["driver"], d["interfaces"]) for d in devices] == [
+        ("1-1", "high", "usb", ["08/06/50"]), ("1-2", "super", "usb", ["08/06/50"])]
+
+
+# --- bind / unbind ----------------------------------------------------------------------
+
+
+def test_bind_writes_what_usbip_bind_writes(fake: FakeSysfs, capsys) -> None:
+    local_devices(fake)
+    host = fake.load_usbip_host()
+    rc, out, err = usbipy(capsys, "bind", "-b", "1-1")
+    assert (rc, err) == (0, "")
+    assert out == "usbipy: info: bind device on busid 1-1: complete\n"
+    assert (fake.drivers / "usb/unbind").read_text() == "1-1"
+    assert (host / "match_busid").read_text() == "add 1-1"
+    assert (host / "bind").read_text() == "1-1"
+    fake.set_driver("1-1", "usbip-host")
+    rc, out, _ = usbipy(capsys, "--json", "unbind", "-b", "1-1")
+    assert rc == 0 and json.loads(out) == {"busid": "1-1", "driver": None}
+    assert (host / "unbind").read_text() == "1-1"
+    assert (host / "match_busid").read_text() == "del 1-1"
+    assert (host / "rebind").read_text() == "1-1"
+
+
+@pytest.mark.parametrize("busid, setup, message", [
+    ("9-9", "load", "no USB device with busid 9-9"),
+    ("1-3", "load", "1-3 is a hub: hubs cannot be exported"),
+    ("3-1", "load", "attached through vhci_hcd"),
+    ("1-1", "bound", "1-1 is already bound to usbip-host"),
+    ("1-1", "none", "the usbip-host driver is not loaded: run 'modprobe usbip-host'"),
+])
+def test_bind_errors(fake: FakeSysfs, capsys, busid: str, setup: str, message: str) -> None:
+    local_devices(fake)
+    if setup != "none":
+        fake.load_usbip_host()
+    if setup == "bound":
+        fake.set_driver("1-1", "usbip-host")
+    rc, out, err = usbipy(capsys, "bind", "-b", busid)
+    assert rc == 1 and out == "" and message in err
+    rc, out, err = usbipy(capsys, "bind", "-b", busid, "--json")
+    assert rc == 1 and message in json.loads(out)["error"]
+
+
+def test_unbind_of_a_device_usbip_host_does_not_hold(fake: FakeSysfs, capsys) -> None:
+    local_devices(fake)
+    fake.load_usbip_host()
+    rc, _, err = usbipy(capsys, "unbind", "-b", "1-1")
+    assert rc == 1 and "1-1 is not bound to usbip-host" in err
+    assert (fake.drivers / "usbip-host/unbind").read_text() == ""
+
+
+# --- list -r ----------------------------------------------------------------------------
+
+
+def test_list_remote_text_and_json(fake: FakeSysfs, capsys, server: ServerThread) -> None:
+    rc, out, _ = usbipy(capsys, "-t", str(server.port), "list", "-r", "127.0.0.1")
+    assert rc == 0
+    assert out.startswith("Exportable USB devices\n======================\n - 127.0.0.1\n")
+    assert ("        1-2: Generic : pid.codes Test PID 2 (1209:0002)\n"
+            "           : /sys/devices/platform/usbipy/usb1/1-2\n"
+            "           : (Defined at Interface level) (00/00/00)\n"
+            "           :  0 - Mass Storage / SCSI / Bulk-Only (08/06/50)\n\n") in out
+    # -t after the subcommand works too
+    rc, out2, _ = usbipy(capsys, "list", "-r", "127.0.0.1", "-t", str(server.port))
+    assert out2 == out
+    rc, out, _ = usbipy(capsys, "--tcp-port", str(server.port), "list", "-r", "127.0.0.1",
+                        "--json")
+    assert [d["busid"] for d in json.loads(out)] == ["1-1", "1-2", "1-3"]
+
+
+# --- attach / port / detach -------------------------------------------------------------
+
+
+def test_attach_hands_the_socket_to_vhci_and_records_it(fake: FakeSysfs, capsys,
+                                                        server: ServerThread) -> None:
+    hc = fake.load_vhci()
+    rc, out, _ = usbipy(capsys, "--json", "-t", str(server.port), "attach", "-r", "127.0.0.1",
+                        "-b", "1-2")
+    assert rc == 0
+    result = json.loads(out)
+    # the mass-storage demo is high speed: the first port of the USB 2 hub
+    assert result["port"] == 0 and result["device"]["busid"] == "1-2"
+    port, fd, devid, speed = (hc / "attach").read_text().split()
+    assert (port, devid, speed) == ("0", str(0x10003), "3")
+    assert int(fd) > 2
+    assert (vhci.VHCI_STATE_DIR / "port0").read_text() == f"127.0.0.1 {server.port} 1-2\n"
+    # the device is imported: the server offers it no more
+    rc, out, _ = usbipy(capsys, "-t", str(server.port), "list", "-r", "127.0.0.1", "--json")
+    assert [d["busid"] for d in json.loads(out)] == ["1-1", "1-3"]
+
+
+def test_attach_takes_the_next_port_when_the_first_is_used(fake: FakeSysfs, capsys,
+                                                           server: ServerThread) -> None:
+    hc = fake.load_vhci()
+    fake.set_vhci_status({0: (3, 0x10009, "3-1")})
+    rc, out, _ = usbipy(capsys, "-t", str(server.port), "attach", "-r", "127.0.0.1",
+                        "-b", "1-3")
+    assert rc == 0 and "on port 1" in out
+    assert (hc / "attach").read_text().split()[0] == "1"
+
+
+def test_port_shows_what_usbip_port_shows(fake: FakeSysfs, capsys) -> None:
+    fake.load_vhci()
+    fake.add_device("3-1", 0x1209, 0x0002, parent="platform/vhci_hcd.0")
+    fake.add_device("4-1", 0x46F4, 0x0001, speed="5000", parent="platform/vhci_hcd.0")
+    fake.set_vhci_status({0: (3, 0x10003, "3-1"), 2: (5, 0x20002, "4-1")})
+    vhci.write_record(0, vhci.Record("10.0.0.7", "3240", "1-2"))
+    rc, out, _ = usbipy(capsys, "port")
+    assert rc == 0 and out == (
+        "Imported USB devices\n====================\n"
+        "Port 00: <Port in Use> at High Speed(480Mbps)\n"
+        "       Generic : pid.codes Test PID 2 (1209:0002)\n"
+        "       3-1 -> usbip://10.0.0.7:3240/1-2\n"
+        "           -> remote bus/dev 001/003\n"
+        "Port 02: <Port in Use> at Super Speed(5000Mbps)\n"
+        "       QEMU : unknown product (46f4:0001)\n"
+        "       4-1 -> unknown host, remote port and remote busid\n"
+        "           -> remote bus/dev 002/002\n")
+    rc, out, _ = usbipy(capsys, "port", "--json")
+    first, second = json.loads(out)
+    assert first == {
+        "port": 0, "hub": "hs", "status": "used", "speed": "high", "local_busid": "3-1",
+        "idVendor": "1209", "idProduct": "0002", "host": "10.0.0.7", "tcp_port": 3240,
+        "remote_busid": "1-2", "url": "usbip://10.0.0.7:3240/1-2", "remote_busnum": 1,
+        "remote_devnum": 3}
+    assert (second["port"], second["hub"], second["url"]) == (2, "ss", None)
+
+
+def test_detach(fake: FakeSysfs, capsys) -> None:
+    hc = fake.load_vhci()
+    fake.set_vhci_status({1: (3, 0x10003, "3-1")})
+    vhci.write_record(1, vhci.Record("127.0.0.1", "3240", "1-2"))
+    rc, out, _ = usbipy(capsys, "detach", "-p", "1")
+    assert rc == 0 and out == "usbipy: info: port 1 is now detached\n"
+    assert (hc / "detach").read_text() == "1"
+    assert not vhci.record_path(1).exists()
+
+
+@pytest.mark.parametrize("port, message", [
+    (0, "port 0 is already detached"),
+    (9, "invalid port 9: vhci-hcd has ports 0 to 3"),
+])
+def test_detach_errors(fake: FakeSysfs, capsys, port: int, message: str) -> None:
+    fake.load_vhci()
+    rc, _, err = usbipy(capsys, "detach", "-p", str(port))
+    assert rc == 1 and message in err
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no vhci", "vhci-hcd is not loaded: run 'modprobe vhci-hcd'"),
+    ("unreachable", "cannot connect to 127.0.0.1:"),
+    ("busy", "import of 1-2 refused: the device is already imported by another client "
+             "(DEV_BUSY)"),
+    ("no device", "import of 7-7 refused: no such device (NODEV)"),
+    ("no free port", "no free high-speed port on vhci-hcd"),
+])
+def test_attach_errors(fake: FakeSysfs, capsys, server: ServerThread, case: str,
+                       message: str) -> None:
+    if case != "no vhci":
+        fake.load_vhci()
+    busid, port = "1-2", server.port
+    if case == "unreachable":
+        port = _closed_port()
+    elif case == "busy":
+        assert usbipy(capsys, "-t", str(port), "attach", "-r", "127.0.0.1", "-b", "1-2")[0] == 0
+        fake.set_vhci_status({})
+    elif case == "no device":
+        busid = "7-7"
+    elif case == "no free port":
+        fake.set_vhci_status({0: (3, 0x10009, "3-1"), 1: (3, 0x1000A, "3-2")})
+    rc, out, err = usbipy(capsys, "-t", str(port), "attach", "-r", "127.0.0.1", "-b", busid)
+    assert rc == 1 and out == "" and message in err, err
+    if case == "no free port":
+        # the import was given back: another client may have the device
+        rc, out, _ = usbipy(capsys, "-t", str(port), "list", "-r", "127.0.0.1", "--json")
+        assert "1-2" in [d["busid"] for d in json.loads(out)]
