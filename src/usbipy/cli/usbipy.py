@@ -19,10 +19,12 @@ from collections.abc import Sequence
 
 from ..client import ClientError, list_devices, vhci
 from ..devices import usbip_host
+from ..devices.bindings import Binding, BindingStore
+from ..devices.usbip_host import UsbipHostError
 from ..errors import UsbipError
 from ..protocol import DeviceInfo
 from ..server import USBIP_PORT
-from ..sysfs import UsbDevice, usb_devices
+from ..sysfs import SysfsError, UsbDevice, read_device, usb_devices
 from ..usbids import system_ids
 
 
@@ -46,11 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("-p", "--parsable", action="store_true",
                      help="parsable format for -l (as usbip, -r ignores it)")
 
-    bind = sub.add_parser("bind", parents=[common], help="bind a device to usbip-host")
-    bind.add_argument("-b", "--busid", required=True, help="the device's bus id")
-    unbind = sub.add_parser("unbind", parents=[common],
-                            help="give a device back to its own driver")
-    unbind.add_argument("-b", "--busid", required=True, help="the device's bus id")
+    for name, text in (("bind", "export a device: bind it to usbip-host, or with --libusb "
+                                "mark it for usbipyd's libusb export"),
+                       ("unbind", "stop exporting a device and give it back to its driver")):
+        cmd = sub.add_parser(name, parents=[common], help=text)
+        which = cmd.add_mutually_exclusive_group(required=True)
+        which.add_argument("-b", "--busid", help="the device's bus id")
+        which.add_argument("--device", metavar="VID:PID[:SERIAL]",
+                           help="the device by its ids, wherever it is plugged in (libusb)")
+        if name == "bind":
+            cmd.add_argument("--libusb", action="store_true",
+                             help="export through libusb (usbipyd) rather than usbip-host")
 
     att = sub.add_parser("attach", parents=[common], help="import a remote device into vhci-hcd")
     att.add_argument("-r", "--remote", metavar="HOST", required=True,
@@ -172,6 +180,21 @@ def _port_dict(dev: vhci.ImportedDevice) -> dict[str, object]:
     }
 
 
+def _libusb_binding(args: argparse.Namespace) -> Binding:
+    if args.device:
+        return Binding.parse_device(args.device)
+    try:
+        device = read_device(args.busid)
+    except SysfsError:
+        device = None  # not Linux, or not plugged in yet: libusb will find it by busid
+    if device is not None and device.is_hub:
+        raise UsbipHostError(f"{args.busid} is a hub: hubs cannot be exported")
+    if device is not None and device.driver == usbip_host.DRIVER:
+        raise UsbipHostError(f"{args.busid} is bound to {usbip_host.DRIVER}: "
+                             f"'usbipy unbind -b {args.busid}' first")
+    return Binding(busid=args.busid)
+
+
 # --- main ------------------------------------------------------------------------------
 
 
@@ -190,15 +213,32 @@ def _run(args: argparse.Namespace) -> object:
                 return [_local_dict(d) for d in local]
             _print_local(local, args.parsable)
     elif args.command == "bind":
-        usbip_host.bind(args.busid)
-        if as_json:
-            return {"busid": args.busid, "driver": usbip_host.DRIVER}
-        print(f"usbipy: info: bind device on busid {args.busid}: complete")
+        if args.libusb or args.device:
+            binding = _libusb_binding(args)
+            BindingStore().add(binding)
+            if as_json:
+                return {"binding": str(binding), "export": "libusb"}
+            print(f"usbipy: info: bind {binding} for export through libusb: complete")
+        else:
+            usbip_host.bind(args.busid)
+            if as_json:
+                return {"busid": args.busid, "driver": usbip_host.DRIVER}
+            print(f"usbipy: info: bind device on busid {args.busid}: complete")
     elif args.command == "unbind":
-        usbip_host.unbind(args.busid)
-        if as_json:
-            return {"busid": args.busid, "driver": None}
-        print(f"usbipy: info: unbind device on busid {args.busid}: complete")
+        store = BindingStore()
+        binding = (Binding.parse_device(args.device) if args.device
+                   else Binding(busid=args.busid))
+        if args.device or binding in store.load():
+            # a running usbipyd drops the device's client and gives it back to its driver
+            store.remove(binding)
+            if as_json:
+                return {"binding": str(binding), "export": None}
+            print(f"usbipy: info: unbind {binding} from export through libusb: complete")
+        else:
+            usbip_host.unbind(args.busid)
+            if as_json:
+                return {"busid": args.busid, "driver": None}
+            print(f"usbipy: info: unbind device on busid {args.busid}: complete")
     elif args.command == "attach":
         attached = vhci.attach(args.remote, args.busid, args.tcp_port)
         if as_json:

@@ -10,11 +10,14 @@ import signal
 import socket
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from ..demo import DEMO_DISK_SIZE, demo_devices
 from ..devices import ImageFile, MassStorage, PtyBackend, StorageError, usbip_host
 from ..devices.base import ExportedDevice
+from ..devices.bindings import BindingStore, state_dir
 from ..devices.cdc_acm import CdcAcm
+from ..devices.libusb import LibusbSource, libusb_available
 from ..errors import UsbipError
 from ..server import USBIP_PORT, UsbipServer
 from ..server.daemon import listen_sockets
@@ -41,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-usbip-host", action="store_true",
                    help="do not export the devices bound to the kernel's usbip-host driver "
                         "(exported by default, as usbipd does)")
+    p.add_argument("--no-libusb", action="store_true",
+                   help="do not export the devices bound with 'usbipy bind --libusb'")
+    p.add_argument("--state-dir", metavar="DIR",
+                   help="where the libusb bindings live (default: $USBIPY_STATE_DIR or "
+                        "/var/lib/usbipy)")
     p.add_argument("-a", "--address", action="append", metavar="ADDR",
                    help=f"listen address, may repeat (default: {DEFAULT_ADDRESS})")
     p.add_argument("-4", "--ipv4", action="store_true", help="listen on IPv4 only")
@@ -89,8 +97,20 @@ def _daemonize() -> None:
         os.dup2(devnull, fd)
 
 
-async def _serve(server: UsbipServer) -> None:
+async def _watch(source: LibusbSource) -> None:
+    # An idle device has no transfer to fail when it is unplugged, and an unbind
+    # must reach a device in use: look every second.
+    while True:
+        await asyncio.sleep(1.0)
+        try:
+            source.check()
+        except Exception:
+            log.exception("checking the libusb devices failed")
+
+
+async def _serve(server: UsbipServer, libusb: LibusbSource | None) -> None:
     await server.start()
+    watcher = asyncio.create_task(_watch(libusb)) if libusb is not None else None
     for device in server.registry:
         info = device.info
         extra = ""
@@ -107,7 +127,11 @@ async def _serve(server: UsbipServer) -> None:
         await stop.wait()
     finally:
         log.info("shutting down")
+        if watcher is not None:
+            watcher.cancel()
         await server.close()
+        if libusb is not None:
+            libusb.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -135,13 +159,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         server.add(device)
     if kernel:
         server.registry.add_source(usbip_host.bound_devices)
+    libusb: LibusbSource | None = None
+    if not args.no_libusb and libusb_available():
+        state = Path(args.state_dir) if args.state_dir else state_dir()
+        libusb = LibusbSource(BindingStore(state / "libusb-bindings.json"))
+        server.registry.add_source(libusb)
     if args.daemon:
         _daemonize()
     if args.pid:
         with open(args.pid, "w") as f:
             f.write(f"{os.getpid()}\n")
     try:
-        asyncio.run(_serve(server))
+        asyncio.run(_serve(server, libusb))
     except UsbipError as exc:
         print(f"usbipyd: {exc}", file=sys.stderr)
         return 1

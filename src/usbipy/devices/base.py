@@ -12,7 +12,7 @@ whatever it started (a libusb transfer, a queued read) when that happens.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from ..protocol import CmdSubmit, DeviceInfo, IsoPacket, OpStatus
@@ -44,6 +44,9 @@ class ExportedDevice(ABC):
     busid: str = ""
     busnum: int = 0
     devnum: int = 0
+    #: Set by the server while a client holds the device: a device calls it on the
+    #: event loop to drop that client cleanly (unplugged, unbound).
+    drop_client: Callable[[], None] | None = None
 
     @property
     @abstractmethod

@@ -99,6 +99,7 @@ class UsbipServerProtocol(asyncio.Protocol):
         self._in_flight.clear()
         if self.device is not None:
             device, self.device = self.device, None
+            device.drop_client = None
             try:
                 device.detach()
             finally:
@@ -143,6 +144,7 @@ class UsbipServerProtocol(asyncio.Protocol):
             self._close()
             return
         self.device = device
+        device.drop_client = self._close
         self._write(self.conn.send(OpRepImport(OpStatus.OK, info)))
         log.info("%s: imported %s", self.peer, busid)
 

@@ -11,16 +11,16 @@ from ..protocol import OpStatus
 log = logging.getLogger("usbipy.server")
 
 #: A source of devices whose set changes under us (the kernel's usbip-host
-#: bindings): asked afresh on every DEVLIST and IMPORT, as usbipd does.
-DeviceSource = Callable[[], Iterable[HandOffDevice]]
+#: bindings, libusb bindings and hotplug): asked afresh on every DEVLIST and
+#: IMPORT, as usbipd does.
+DeviceSource = Callable[[], Iterable[ExportedDevice]]
 
 
 class DeviceRegistry:
     """Exported devices by busid. A device is held by at most one connection.
 
-    Devices added with :meth:`add` are tracked here; devices from a
-    :data:`DeviceSource` are tracked by whoever serves them (usbip-host keeps
-    usbip_status), so the registry asks them instead.
+    Who holds a device is tracked here, except for hand-off devices, whose
+    server tracks it (usbip-host keeps usbip_status): the registry asks them.
     """
 
     #: Emulated devices appear on this virtual bus, like usbipd's "busnum-port".
@@ -35,10 +35,17 @@ class DeviceRegistry:
     def add_source(self, source: DeviceSource) -> None:
         self._sources.append(source)
 
-    def _handed_off(self) -> dict[str, HandOffDevice]:
-        found: dict[str, HandOffDevice] = {}
+    def _from_sources(self) -> dict[str, ExportedDevice]:
+        found: dict[str, ExportedDevice] = {}
         for source in self._sources:
-            for device in source():
+            try:
+                devices = list(source())
+            except Exception:
+                # One broken source (an unreadable bindings file, libusb trouble)
+                # must not take the emulated and kernel devices down with it.
+                log.exception("listing the devices of %r failed", source)
+                continue
+            for device in devices:
                 if device.busid in self._devices:
                     if device.busid not in self._warned:
                         self._warned.add(device.busid)
@@ -77,18 +84,22 @@ class DeviceRegistry:
 
     def available(self) -> list[ExportedDevice]:
         """Devices no client holds: the device list leaves out imported ones."""
-        mine = [d for b, d in self._devices.items() if b not in self._owners]
-        theirs = [d for d in self._handed_off().values() if d.import_status() is OpStatus.OK]
-        return mine + theirs
+        result: list[ExportedDevice] = []
+        for busid, device in [*self._devices.items(), *self._from_sources().items()]:
+            if isinstance(device, HandOffDevice):
+                if device.import_status() is OpStatus.OK:
+                    result.append(device)
+            elif busid not in self._owners:
+                result.append(device)
+        return result
 
     def claim(self, busid: str, owner: object) -> tuple[OpStatus, ExportedDevice | None]:
-        device = self._devices.get(busid)
+        device = self._devices.get(busid) or self._from_sources().get(busid)
         if device is None:
-            handed_off = self._handed_off().get(busid)
-            if handed_off is None:
-                return OpStatus.NODEV, None
-            status = handed_off.import_status()
-            return status, handed_off if status is OpStatus.OK else None
+            return OpStatus.NODEV, None
+        if isinstance(device, HandOffDevice):
+            status = device.import_status()
+            return status, device if status is OpStatus.OK else None
         if busid in self._owners:
             return OpStatus.DEV_BUSY, None
         self._owners[busid] = owner
