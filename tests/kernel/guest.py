@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+from pathlib import Path
 
 from .vm import SERVER_ALIAS, Vm
 
@@ -53,3 +55,27 @@ def device_node(vm: Vm, vid_pid: str, pattern: str, timeout: float = 60) -> str:
     wait_for(vm, f"[ -n \"$({script})\" ]", timeout)
     name = vm.check(script).split()[0]
     return f"/dev/input/{name}" if name.startswith("event") else f"/dev/{name}"
+
+
+def ext2_image(path: Path, size: str, files: dict[str, str]) -> Path:
+    """An ext2 image at ``path`` holding ``files`` (name -> text), made on the host."""
+    root = path.with_suffix(".d")
+    root.mkdir()
+    for name, text in files.items():
+        (root / name).write_text(text)
+    subprocess.run(["mke2fs", "-q", "-t", "ext2", "-d", str(root), str(path), size], check=True)
+    return path
+
+
+def vhci_nodes(kind: str) -> str:
+    """Shell: the block devices ('block') or ttys ('tty') behind vhci_hcd."""
+    glob = "/sys/block/sd*" if kind == "block" else "/sys/class/tty/ttyACM*"
+    return (f"for b in {glob}; do [ -e \"$b\" ] || continue; readlink -f $b | "
+            f"grep -q vhci_hcd && basename $b; done")
+
+
+def vhci_node(vm: Vm, kind: str, timeout: float = 60) -> str:
+    wait_for(vm, f"[ -n \"$({vhci_nodes(kind)})\" ]", timeout)
+    if kind == "block":
+        wait_for(vm, f"[ \"$(cat /sys/block/$({vhci_nodes(kind)} | head -n1)/size)\" != 0 ]")
+    return "/dev/" + vm.check(vhci_nodes(kind)).split()[0]

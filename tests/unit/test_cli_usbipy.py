@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -252,3 +253,50 @@ def test_attach_errors(fake: FakeSysfs, capsys, server: ServerThread, case: str,
         # the import was given back: another client may have the device
         rc, out, _ = usbipy(capsys, "-t", str(port), "list", "-r", "127.0.0.1", "--json")
         assert "1-2" in [d["busid"] for d in json.loads(out)]
+
+
+# --- bind --libusb ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("USBIPY_STATE_DIR", str(tmp_path / "state"))
+    return tmp_path / "state" / "libusb-bindings.json"
+
+
+def test_bind_and_unbind_for_libusb(fake: FakeSysfs, capsys, state: Path) -> None:
+    local_devices(fake)
+    rc, out, _ = usbipy(capsys, "bind", "--libusb", "-b", "1-1")
+    assert rc == 0 and out == "usbipy: info: bind busid 1-1 for export through libusb: complete\n"
+    rc, out, _ = usbipy(capsys, "bind", "--device", "1209:0002:SN", "--json")
+    assert rc == 0 and json.loads(out) == {"binding": "device 1209:0002:SN", "export": "libusb"}
+    assert json.loads(state.read_text()) == {"libusb": [
+        {"busid": "1-1"}, {"vid": 0x1209, "pid": 0x0002, "serial": "SN"}]}
+    # the kernel's drivers were not touched: usbipyd detaches them only while imported
+    assert (fake.drivers / "usb/unbind").read_text() == ""
+    rc, out, _ = usbipy(capsys, "unbind", "-b", "1-1")
+    assert rc == 0 and "unbind busid 1-1 from export through libusb: complete" in out
+    rc, out, _ = usbipy(capsys, "unbind", "--device", "1209:0002:SN")
+    assert rc == 0
+    assert json.loads(state.read_text()) == {"libusb": []}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["bind", "--libusb", "-b", "1-3"], "1-3 is a hub"),
+    (["bind", "--device", "12:zz"], "bad device '12:zz': expected VID:PID[:SERIAL]"),
+    (["unbind", "--device", "1209:0002"], "device 1209:0002 is not bound for export through "
+                                          "libusb"),
+])
+def test_libusb_binding_errors(fake: FakeSysfs, capsys, state: Path, args: list[str],
+                               message: str) -> None:
+    local_devices(fake)
+    rc, out, err = usbipy(capsys, *args)
+    assert rc == 1 and message in err, err
+
+
+def test_libusb_bind_of_a_device_usbip_host_holds(fake: FakeSysfs, capsys, state: Path) -> None:
+    local_devices(fake)
+    fake.load_usbip_host()
+    fake.set_driver("1-1", "usbip-host")
+    rc, _, err = usbipy(capsys, "bind", "--libusb", "-b", "1-1")
+    assert rc == 1 and "'usbipy unbind -b 1-1' first" in err

@@ -224,6 +224,10 @@ class RemoteDevice:
     async def bulk_in(self, ep: int, length: int) -> RetSubmit:
         return await self.submit(ep, Direction.IN, length)
 
+    async def wait_closed(self) -> None:
+        """Until the server closes the connection (or :meth:`close` does)."""
+        await self._protocol.closed
+
     async def close(self) -> None:
         transport = self._protocol.transport
         if transport is not None:

@@ -27,7 +27,7 @@ from ..errors import UsbipError
 from ..protocol import CmdSubmit, DeviceInfo, Direction, InterfaceInfo, IsoPacket, Speed
 from .base import Completion, ExportedDevice, SubmitResult
 from .bindings import BindingStore
-from .libusb_status import TRANSFER_NO_DEVICE, error_errno, transfer_errno
+from .libusb_status import LIBUSB_ERROR_NO_DEVICE, TRANSFER_NO_DEVICE, error_errno, transfer_errno
 
 try:
     import usb1
@@ -331,7 +331,7 @@ class LibusbDevice(ExportedDevice):
             transfer.submit()
         except usb1.USBError as exc:
             del self._transfers[transfer]
-            if exc.value == usb1.LIBUSB_ERROR_NO_DEVICE:
+            if exc.value == LIBUSB_ERROR_NO_DEVICE:
                 self._mark_gone()
             return Completion(status=error_errno(exc.value))
         future.add_done_callback(lambda f: self._unlinked(transfer) if f.cancelled() else None)
@@ -385,6 +385,8 @@ class LibusbDevice(ExportedDevice):
             completion.actual_length = sum(p.actual_length for p in packets)
 
     def _finish(self, transfer: Any, completion: Completion, no_device: bool) -> None:
+        if self.gone and completion.status == -errno.ECONNRESET:
+            completion.status = -errno.ENODEV  # cancelled because the device left
         if log.isEnabledFor(logging.DEBUG):
             urb: CmdSubmit = transfer.getUserData()
             log.debug("%s: seqnum %d ep %d %s: status %d, %d bytes", self.busid, urb.seqnum,
@@ -409,7 +411,7 @@ class LibusbDevice(ExportedDevice):
             try:
                 await loop.run_in_executor(None, fn, *args)
             except usb1.USBError as exc:
-                if exc.value == usb1.LIBUSB_ERROR_NO_DEVICE:
+                if exc.value == LIBUSB_ERROR_NO_DEVICE:
                     self._mark_gone()
                 return Completion(status=error_errno(exc.value))
             return Completion()
@@ -448,10 +450,24 @@ class LibusbDevice(ExportedDevice):
             drop()
 
     def unplugged(self) -> None:
-        """Told by hotplug that the device left (on the event loop)."""
+        """The device left (found by the periodic check); runs on the event loop.
+
+        Its transfers are cancelled and answered -ENODEV; any that libusb cannot
+        cancel any more are answered after a grace period, then the client goes."""
+        if self.gone:
+            return
         self._mark_gone()
         for transfer in list(self._transfers):
             self._unlinked(transfer)
+        if self._loop is not None:
+            self._loop.call_later(CANCEL_TIMEOUT, self._abandon_transfers)
+
+    def _abandon_transfers(self) -> None:
+        for future in self._transfers.values():
+            if not future.done():
+                future.set_result(Completion(status=-errno.ENODEV))
+        self._transfers.clear()
+        self.drop()
 
 
 class LibusbSource:
@@ -524,10 +540,15 @@ class LibusbSource:
         imported = [d for d in self._devices.values() if d.drop_client is not None]
         if not imported:
             return
-        present = {(d.getBusNumber(), d.getDeviceAddress())
-                   for d in self.events.context.getDeviceList(skip_on_error=True)}
+        present: set[tuple[int, int]] | None = None
         for device in imported:
-            if device.identity not in present:
+            plugged = _still_plugged(device)
+            if plugged is None:  # no sysfs: ask libusb (which needs hotplug events)
+                if present is None:
+                    present = {(d.getBusNumber(), d.getDeviceAddress()) for d in
+                               self.events.context.getDeviceList(skip_on_error=True)}
+                plugged = device.identity in present
+            if not plugged:
                 device.unplugged()
         for device in self.unbound():
             log.info("%s was unbound: dropping its client", device.busid)
@@ -539,6 +560,18 @@ class LibusbSource:
         if self._events is not None:
             self._events.close()
             self._events = None
+
+
+def _still_plugged(device: LibusbDevice) -> bool | None:
+    """On Linux, sysfs knows at once whether the device at this busid is the same one
+    (libusb's own list lags without a udev daemon); None where there is no sysfs."""
+    if not sysfs.usb_devices_dir().is_dir():
+        return None
+    try:
+        return int(sysfs.read_attr(sysfs.usb_devices_dir() / device.busid / "devnum")
+                   ) == device.devnum
+    except (sysfs.SysfsError, ValueError):
+        return False
 
 
 def _driver(busid: str) -> str | None:

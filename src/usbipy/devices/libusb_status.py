@@ -30,6 +30,8 @@ TRANSFER_STATUS_ERRNO: dict[int, int] = {
 }
 
 # enum libusb_error
+LIBUSB_ERROR_NO_DEVICE = -4
+
 LIBUSB_ERROR_ERRNO: dict[int, int] = {
     0: 0,
     -1: -errno.EIO,         # LIBUSB_ERROR_IO

@@ -1,0 +1,30 @@
+"""usbipy's side of the benchmark: the device set the peer also exports, on 127.0.0.1:PORT.
+
+A mass-storage disk (64 MiB), a CDC-ACM port that echoes, and 14 HID keyboards:
+16 devices, the most usbip 0.7.0 exports on one port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from usbipy.devices import CdcAcm, HidKeyboard, ImageFile, MassStorage
+from usbipy.server import UsbipServer
+
+KEYBOARDS = 14
+
+
+async def main(port: int) -> None:
+    server = UsbipServer(port=port)
+    server.add(MassStorage(ImageFile.scratch(64 << 20)))
+    server.add(CdcAcm())
+    for _ in range(KEYBOARDS):
+        server.add(HidKeyboard())
+    async with server:
+        print("ready", flush=True)
+        await server.serve_forever()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(int(sys.argv[1])))

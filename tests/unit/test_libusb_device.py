@@ -1,0 +1,301 @@
+"""LibusbDevice against a fake python-libusb1: what each URB becomes, and back."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import types
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from usbipy.devices import libusb
+from usbipy.devices.base import Completion
+from usbipy.devices.bindings import Binding, BindingError, BindingStore
+from usbipy.devices.libusb import LibusbDevice
+from usbipy.devices.libusb_status import transfer_errno
+from usbipy.protocol import CmdSubmit, Direction, IsoPacket, Speed
+
+from .fake_usb1 import FakeDevice, FakeHandle, FakeUsbError
+
+
+@pytest.fixture(autouse=True)
+def fake_usb1(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(libusb, "usb1", types.SimpleNamespace(
+        USBError=FakeUsbError, USBErrorInterrupted=FakeUsbError))
+
+
+def with_device(test: Callable[[LibusbDevice, FakeHandle], Awaitable[None]]) -> None:
+    async def main() -> None:
+        fake = FakeDevice()
+        device = LibusbDevice(None, fake)  # type: ignore[arg-type]
+        device.attach()
+        assert fake.handle is not None
+        await test(device, fake.handle)
+
+    asyncio.run(main())
+
+
+def urb(ep: int, direction: Direction, length: int = 0, *, data: bytes = b"", flags: int = 0,
+        setup: bytes = bytes(8), iso: list[IsoPacket] | None = None) -> CmdSubmit:
+    return CmdSubmit(1, 0x20007, direction, ep, flags, length or len(data), setup, data,
+                     0, len(iso) if iso else 0, 0, iso)
+
+
+async def result(submitted: Any) -> Completion:
+    if isinstance(submitted, Completion):
+        return submitted
+    completion: Completion = await submitted
+    return completion
+
+
+def setup(request_type: int, request: int, value: int, index: int, length: int) -> bytes:
+    return bytes([request_type, request]) + value.to_bytes(2, "little") + \
+        index.to_bytes(2, "little") + length.to_bytes(2, "little")
+
+
+def test_device_record_from_the_descriptors() -> None:
+    device = LibusbDevice(None, FakeDevice())  # type: ignore[arg-type]
+    info = device.info
+    assert (info.busid, info.speed, info.devid) == ("2-3.1", Speed.HIGH, (2 << 16) | 7)
+    assert (info.idVendor, info.idProduct, info.bNumConfigurations) == (0x1209, 0xBEEF, 2)
+    assert [(i.bInterfaceClass, i.bInterfaceSubClass) for i in info.interfaces] == [(0xFF, 0)]
+
+
+def test_import_takes_the_interfaces_and_release_gives_them_back() -> None:
+    async def test(device: LibusbDevice, handle: FakeHandle) -> None:
+        assert handle.calls == [("detachKernelDriver", 0), ("claimInterface", 0)]
+        handle.calls.clear()
+        device.detach()
+        assert handle.calls == [("releaseInterface", 0), ("attachKernelDriver", 0), ("close",)]
+
+    with_device(test)
+
+
+def test_bulk_in_interrupt_and_out() -> None:
+    async def test(device: LibusbDevice, handle: FakeHandle) -> None:
+        pending = device.submit(urb(1, Direction.IN, 512))
+        [transfer] = handle.submitted
+        assert (transfer.kind, transfer.endpoint, transfer.request) == ("bulk", 0x81, 512)
+        transfer.complete(data=b"x" * 100)
+        assert (await result(pending)).data == b"x" * 100
+
+        pending = device.submit(urb(3, Direction.IN, 8))
+        assert (handle.submitted[-1].kind, handle.submitted[-1].endpoint) == ("interrupt", 0x83)
+        handle.submitted[-1].complete(data=b"\x01")
+        assert (await result(pending)).data == b"\x01"
+
+        pending = device.submit(urb(2, Direction.OUT, data=b"y" * 1024, flags=0x40))
+        out = handle.submitted[-1]
+        assert (out.kind, out.endpoint, out.request, out.add_zero_packet) == (
+            "bulk", 0x02, b"y" * 1024, True)
+        out.complete(actual_length=1000)
+        assert (await result(pending)).actual_length == 1000
+
+    with_device(test)
+
+
+def test_short_not_ok_is_remote_io_as_in_the_kernel() -> None:
+    async def test(device: LibusbDevice, handle: FakeHandle) -> None:
+        pending = device.submit(urb(1, Direction.IN, 512, flags=0x1))
+        handle.submitted[-1].complete(data=b"z" * 13)
+        done = await result(pending)
+        assert (done.status, done.data) == (-errno.EREMOTEIO, b"z" * 13)
+        pending = device.submit(urb(1, Direction.IN, 512, flags=0x1))
+        handle.submitted[-1].complete(data=b"z" * 512)
+        assert (await result(pending)).status == 0
+
+    with_device(test)
+
+
+@pytest.mark.parametrize("status, expected", [
+    (1, -errno.EPROTO), (2, -errno.ETIMEDOUT), (4, -errno.EPIPE), (5, -errno.ENODEV),
+    (6, -errno.EOVERFLOW),
+])
+def test_transfer_status_becomes_the_kernel_errno(status: int, expected: int) -> None:
+    assert transfer_errno(status) == expected
+
+    async def test(device: LibusbDevice, handle: FakeHandle) -> None:
+        pending = device.submit(urb(1, Direction.IN, 64))
+        handle.submitted[-1].complete(status=status)
+        assert (await result(pending)).status == expected
+
+    with_device(test)
+
+
+def test_an_endpoint_the_setting_lacks() -> None:
+    async def test(device: LibusbDevice, handle: FakeHandle) -> None:
+        assert (await result(device.submit(urb(4, Direction.IN, 64)))).status == -errno.ENOENT
+        assert handle.submitted == []
+
+    with_device(test)
+
+
+def test_control_passes_through_except_what_the_stub_intercepts() -> None:
+    async def test(device: LibusbDevice, handle: FakeHandle) -> None:
+        pending = device.submit(urb(0, Direction.IN, 18, setup=setup(0x80, 6, 0x100, 0, 18)))
+        control = handle.submitted[-1]
+        assert (control.kind, control.setup, control.request) == ("control", (0x80, 6, 0x100, 0),
+                                                                  18)
+        control.complete(data=b"\x12\x01" + bytes(16))
+        assert len((await result(pending)).data) == 18
+        handle.calls.clear()
+
+        intercepted = [
+            (setup(0x00, 9, 1, 0, 0), []),  # already configuration 1: left alone
+            (setup(0x00, 9, 2, 0, 0), [("releaseInterface", 0), ("setConfiguration", 2),
+                                       ("claimInterface", 0)]),
+            (setup(0x00, 9, 1, 0, 0), [("releaseInterface", 0), ("setConfiguration", 1),
+                                       ("claimInterface", 0)]),
+            (setup(0x01, 11, 1, 0, 0), [("setInterfaceAltSetting", 0, 1)]),
+            (setup(0x02, 1, 0, 0x81, 0), [("clearHalt", 0x81)]),
+            (setup(0x23, 3, 4, 1, 0), [("resetDevice",)]),
+        ]
+        for request, calls in intercepted:
+            handle.calls.clear()
+            done = await result(device.submit(urb(0, Direction.OUT, setup=request)))
+            assert done.status == 0 and handle.calls == calls
+        assert len(handle.submitted) == 1  # none of them went raw to the device
+        # alt setting 1 brought its iso endpoint
+        device.submit(urb(4, Direction.IN, 1024, iso=[IsoPacket(0, 1024)]))
+        assert handle.submitted[-1].kind == "iso"
+
+    with_device(test)
+
+
+def test_iso_in_is_packed_and_iso_out_gathered() -> None:
+    async def test(device: LibusbDevice, handle: FakeHandle) -> None:
+        await result(device.submit(urb(0, Direction.OUT, setup=setup(0x01, 11, 1, 0, 0))))
+        packets = [IsoPacket(0, 1024), IsoPacket(1024, 1024), IsoPacket(2048, 1024)]
+        pending = device.submit(urb(4, Direction.IN, 3072, iso=packets))
+        iso = handle.submitted[-1]
+        assert (iso.request, iso.iso_lengths) == (3072, [1024, 1024, 1024])
+        iso.complete(iso=[(0, b"a" * 1000), (0, b"b" * 1024), (1, b"")])
+        done = await result(pending)
+        assert done.data == b"a" * 1000 + b"b" * 1024  # back to back, as usbip sends it
+        assert [(p.offset, p.length, p.actual_length, p.status) for p in done.iso_packets
+                or []] == [(0, 1024, 1000, 0), (1024, 1024, 1024, 0),
+                           (2048, 1024, 0, -errno.EPROTO)]
+        assert done.error_count == 1
+
+    with_device(test)
+
+
+def test_iso_out_packets_at_their_own_offsets() -> None:
+    async def test(device: LibusbDevice, handle: FakeHandle) -> None:
+        handle.device.configs[0].interfaces[0][0].endpoints.append(
+            type(handle.device.configs[0].interfaces[0][0].endpoints[0])(0x05, 1))
+        device.detach()
+        device.attach()
+        handle = device._handle
+        data = b"A" * 10 + b"-" * 6 + b"B" * 10
+        pending = device.submit(urb(5, Direction.OUT, data=data,
+                                    iso=[IsoPacket(0, 10), IsoPacket(16, 10)]))
+        iso = handle.submitted[-1]
+        assert iso.request == b"A" * 10 + b"B" * 10
+        iso.complete(iso=[(0, b"A" * 10), (0, b"B" * 10)])
+        assert (await result(pending)).actual_length == 20
+
+    with_device(test)
+
+
+def test_unlink_cancels_the_transfer() -> None:
+    async def test(device: LibusbDevice, handle: FakeHandle) -> None:
+        pending = device.submit(urb(1, Direction.IN, 512))
+        assert isinstance(pending, asyncio.Future)
+        pending.cancel()
+        await asyncio.sleep(0)
+        transfer = handle.submitted[-1]
+        assert transfer.cancelled
+        transfer.complete(status=3)  # TRANSFER_CANCELLED arrives later
+        await asyncio.sleep(0)
+        assert pending.cancelled() and device._transfers == {}
+
+    with_device(test)
+
+
+def test_unplug_fails_the_urbs_and_drops_the_client() -> None:
+    async def test(device: LibusbDevice, handle: FakeHandle) -> None:
+        dropped: list[bool] = []
+        device.drop_client = lambda: dropped.append(True)
+        first = device.submit(urb(1, Direction.IN, 512))
+        second = device.submit(urb(1, Direction.IN, 512))
+        handle.submitted[0].complete(status=5)
+        assert (await result(first)).status == -errno.ENODEV
+        assert device.gone and dropped == []  # one URB still out: answer it first
+        handle.submitted[1].complete(status=5)
+        assert (await result(second)).status == -errno.ENODEV
+        await asyncio.sleep(0)
+        assert dropped == [True]
+        assert (await result(device.submit(urb(1, Direction.IN, 8)))).status == -errno.ENODEV
+
+    with_device(test)
+
+
+def test_a_submit_that_finds_the_device_gone() -> None:
+    async def test(device: LibusbDevice, handle: FakeHandle) -> None:
+        handle.submit_error = -4
+        assert (await result(device.submit(urb(1, Direction.IN, 8)))).status == -errno.ENODEV
+        assert device.gone
+
+    with_device(test)
+
+
+# --- bindings -----------------------------------------------------------------------------
+
+
+def test_bindings_persist_and_match(tmp_path: Path) -> None:
+    store = BindingStore(tmp_path / "state" / "b.json")
+    assert store.load() == []
+    store.add(Binding(busid="2-1"))
+    store.add(Binding.parse_device("1d6b:0104:SER1"))
+    with pytest.raises(BindingError, match="already bound"):
+        store.add(Binding(busid="2-1"))
+    again = BindingStore(tmp_path / "state" / "b.json").load()
+    assert again == [Binding(busid="2-1"), Binding(vid=0x1D6B, pid=0x0104, serial="SER1")]
+    by_ids = again[1]
+    assert by_ids.matches("9-9", 0x1D6B, 0x0104, lambda: "SER1")
+    assert not by_ids.matches("9-9", 0x1D6B, 0x0104, lambda: "SER2")
+    assert Binding.parse_device("1d6b:0104").matches("5-1", 0x1D6B, 0x0104, lambda: None)
+    store.remove(Binding(busid="2-1"))
+    assert store.load() == [by_ids]
+    with pytest.raises(BindingError, match="not bound"):
+        store.remove(Binding(busid="2-1"))
+
+
+@pytest.mark.parametrize("spec", ["1d6b", "xyz:0104", "1d6b:10000", ""])
+def test_bad_device_specs(spec: str) -> None:
+    with pytest.raises(BindingError, match="VID:PID"):
+        Binding.parse_device(spec)
+
+
+def test_an_idle_unplug_found_by_the_check_fails_pending_urbs() -> None:
+    async def test(device: LibusbDevice, handle: FakeHandle) -> None:
+        dropped: list[bool] = []
+        device.drop_client = lambda: dropped.append(True)
+        pending = device.submit(urb(1, Direction.IN, 512))
+        device.unplugged()
+        transfer = handle.submitted[-1]
+        assert transfer.cancelled
+        transfer.complete(status=3)  # the cancellation comes back...
+        done = await result(pending)
+        assert done.status == -errno.ENODEV  # ...and is answered as a gone device
+        await asyncio.sleep(0)
+        assert dropped == [True]
+
+    with_device(test)
+
+
+def test_the_check_asks_sysfs_whether_the_device_is_still_there(fake: object) -> None:
+    from .fake_sysfs import FakeSysfs
+    assert isinstance(fake, FakeSysfs)
+    path = fake.add_device("2-3.1", 0x1209, 0xBEEF)
+    (path / "devnum").write_text("7\n")
+    device = LibusbDevice(None, FakeDevice())  # type: ignore[arg-type]
+    assert libusb._still_plugged(device) is True
+    (path / "devnum").write_text("8\n")  # replugged: another device now
+    assert libusb._still_plugged(device) is False
+    (fake.devices / "2-3.1").unlink()
+    assert libusb._still_plugged(device) is False
