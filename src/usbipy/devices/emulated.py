@@ -52,6 +52,10 @@ RECIPIENT_ENDPOINT = 2
 _SETUP = struct.Struct("<BBHHH")
 
 
+#: A client may ask for any descriptor index and length: bound the reply cache.
+MAX_CACHED_DESCRIPTORS = 64
+
+
 class Stall(Exception):
     """Raised by a request handler to STALL the request (-EPIPE)."""
 
@@ -141,6 +145,9 @@ class EmulatedDevice(ExportedDevice):
         self.alternate: dict[int, int] = {}
         self.halted: set[int] = set()  # bEndpointAddress of halted endpoints
         self._endpoints: dict[int, Endpoint] = {}  # bEndpointAddress -> endpoint, current config
+        #: GET_DESCRIPTOR replies by (SETUP bytes, buffer length): descriptors do not change,
+        #: and hosts ask for the same ones again and again.
+        self._descriptor_replies: dict[tuple[bytes, int], Completion] = {}
         self._info: DeviceInfo | None = None
 
     # --- ExportedDevice -----------------------------------------------------
@@ -219,6 +226,18 @@ class EmulatedDevice(ExportedDevice):
     # --- standard requests -----------------------------------------------------
 
     def _control(self, urb: CmdSubmit) -> Completion:
+        raw = urb.setup
+        if raw[0] == 0x80 and raw[1] == GET_DESCRIPTOR:
+            key = (raw, urb.transfer_buffer_length)
+            cached = self._descriptor_replies.get(key)
+            if cached is None:
+                cached = self._control_request(urb)
+                if len(self._descriptor_replies) < MAX_CACHED_DESCRIPTORS:
+                    self._descriptor_replies[key] = cached
+            return cached
+        return self._control_request(urb)
+
+    def _control_request(self, urb: CmdSubmit) -> Completion:
         setup = Setup.parse(urb.setup)
         if setup.bmRequestType == 0x23 and setup.bRequest == SET_FEATURE and (
             setup.wValue == PORT_RESET

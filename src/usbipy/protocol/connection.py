@@ -260,6 +260,20 @@ class ServerConnection(_Connection):
             return data
         raise LocalProtocolError(f"a server does not send {type(message).__name__}")
 
+    def events(self) -> Iterator[Message]:
+        """Every whole message buffered now."""
+        if self.phase is Phase.URB and self._error is None:
+            # The hot path: URBs back to back, without the per-message dispatch.
+            parse = self._parse_urb
+            try:
+                while (event := parse()) is not NEED_DATA:
+                    yield event  # type: ignore[misc]
+            except RemoteProtocolError as exc:
+                self.phase = Phase.ERROR
+                self._error = exc
+                raise
+        yield from super().events()  # EOF, and what the other phases receive
+
     def _parse(self) -> Event:
         phase = self.phase
         if phase is Phase.URB:
@@ -293,7 +307,8 @@ class ServerConnection(_Connection):
         if command == 1:  # CMD_SUBMIT, the hot path
             (_, seqnum, devid, direction, ep, flags, length, start_frame, npackets,
              interval, setup) = _CMD_SUBMIT_UNPACK(buf, pos)
-            self._check_target(devid, direction, ep)
+            if devid != self.devid or direction > 1 or ep > 15:
+                self._check_target(devid, direction, ep)  # raises the specific error
             if length < 0:
                 raise BadLength(f"seqnum {seqnum}: negative transfer_buffer_length {length}")
             if direction == 0 and length > self.max_transfer_length:
@@ -382,6 +397,20 @@ class ClientConnection(_Connection):
             self._awaiting = OpCode.REP_IMPORT
             return wire.encode_op_req_import(message.busid)
         raise LocalProtocolError(f"a client does not send {type(message).__name__}")
+
+    def events(self) -> Iterator[Message]:
+        """Every whole message buffered now."""
+        if self.phase is Phase.URB and self._error is None:
+            # The hot path: URBs back to back, without the per-message dispatch.
+            parse = self._parse_urb
+            try:
+                while (event := parse()) is not NEED_DATA:
+                    yield event  # type: ignore[misc]
+            except RemoteProtocolError as exc:
+                self.phase = Phase.ERROR
+                self._error = exc
+                raise
+        yield from super().events()  # EOF, and what the other phases receive
 
     def _parse(self) -> Event:
         phase = self.phase

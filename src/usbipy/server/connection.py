@@ -31,6 +31,8 @@ from .registry import DeviceRegistry
 
 log = logging.getLogger("usbipy.server")
 
+_RET_SUBMIT_PACK = wire.RET_SUBMIT.pack
+
 #: Beyond this many URBs in flight on one connection, stop reading from it.
 MAX_IN_FLIGHT = 4096
 
@@ -50,6 +52,10 @@ class UsbipServerProtocol(asyncio.Protocol):
         self._paused_reading = False
         self._paused_writing = False
         self._closed = False
+        #: Replies made while one batch of input is handled, sent with one write:
+        #: at depth 32 one recv carries many URBs, and one send per reply would
+        #: cost more than the URBs themselves.
+        self._batch: list[bytes] | None = None
 
     # --- asyncio.Protocol --------------------------------------------------------
 
@@ -66,6 +72,14 @@ class UsbipServerProtocol(asyncio.Protocol):
         log.debug("%s: connected", self.peer)
 
     def data_received(self, data: bytes) -> None:
+        self._batch = []
+        try:
+            self._handle(data)
+        finally:
+            self._flush()
+            self._batch = None
+
+    def _handle(self, data: bytes) -> None:
         conn = self.conn
         conn.receive_data(data)
         try:
@@ -229,12 +243,22 @@ class UsbipServerProtocol(asyncio.Protocol):
             data, status = b"", result.status
             actual = (result.actual_length if result.actual_length is not None
                       else urb.transfer_buffer_length)
+        if iso is not None:
+            self._write(wire.encode_ret_submit(
+                urb.seqnum, status, actual, data, result.start_frame, len(iso),
+                result.error_count, iso,
+            ))
+            return
         # Non-iso: echo number_of_packets as usbip-host does (it copies the CMD's value).
-        npackets = len(iso) if iso is not None else urb.number_of_packets
-        self._write(wire.encode_ret_submit(
-            urb.seqnum, status, actual, data, result.start_frame, npackets,
-            result.error_count, iso,
-        ))
+        header = _RET_SUBMIT_PACK(3, urb.seqnum, 0, 0, 0, status, actual, result.start_frame,
+                                  urb.number_of_packets, result.error_count)
+        batch = self._batch
+        if batch is not None:
+            batch.append(header)  # header and data joined once, with the whole batch
+            if data:
+                batch.append(data)
+        elif self._transport is not None:
+            self._transport.write(header + data if data else header)
 
     def _unlink(self, cmd: CmdUnlink) -> None:
         future = self._in_flight.pop(cmd.unlink_seqnum, None)
@@ -250,10 +274,20 @@ class UsbipServerProtocol(asyncio.Protocol):
     # --- transport ---------------------------------------------------------------
 
     def _write(self, data: bytes) -> None:
-        if self._transport is not None and not self._closed:
+        if self._batch is not None:
+            self._batch.append(data)
+        elif self._transport is not None and not self._closed:
             self._transport.write(data)
 
+    def _flush(self) -> None:
+        batch = self._batch
+        if batch:
+            self._batch = []
+            if self._transport is not None and not self._closed:
+                self._transport.write(batch[0] if len(batch) == 1 else b"".join(batch))
+
     def _close(self) -> None:
+        self._flush()  # the last replies go out before the FIN
         self._closed = True
         if self._transport is not None:
             self._transport.close()
