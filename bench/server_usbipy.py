@@ -6,9 +6,9 @@ A mass-storage disk (64 MiB), a CDC-ACM port that echoes, and 14 HID keyboards:
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
+from usbipy.cli.usbipyd import run_loop
 from usbipy.devices import CdcAcm, HidKeyboard, ImageFile, MassStorage
 from usbipy.server import UsbipServer
 
@@ -27,4 +27,6 @@ async def main(port: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1])))
+    # As usbipyd: uvloop when it is installed (pass --asyncio to compare without it).
+    loop = "asyncio" if "--asyncio" in sys.argv else "auto"
+    run_loop(main(int(sys.argv[1])), loop)

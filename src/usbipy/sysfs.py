@@ -28,10 +28,6 @@ class SysfsError(UsbipError):
     """A sysfs attribute could not be read or written."""
 
 
-def root() -> Path:
-    return SYSFS_ROOT
-
-
 def usb_devices_dir() -> Path:
     return SYSFS_ROOT / "bus/usb/devices"
 

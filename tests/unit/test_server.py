@@ -178,3 +178,30 @@ def test_standard_requests_and_stalls(serve) -> None:
             assert qualifier[:2] == b"\x0a\x06"
 
     serve(test)
+
+
+def test_the_server_on_uvloop() -> None:
+    """usbipyd runs on uvloop when it is installed: the same behaviour there."""
+    uvloop = pytest.importorskip("uvloop")
+    from usbipy.demo import demo_devices
+
+    async def main() -> None:
+        server = UsbipServer(port=0)
+        for device in demo_devices(disk_size=1 << 20):
+            server.add(device)
+        async with server:
+            assert [d.busid for d in await list_devices(HOST, server.port)] == [
+                "1-1", "1-2", "1-3"]
+            async with await import_device(HOST, "1-1", server.port) as dev:
+                desc = await dev.control(*GET_DEVICE_DESCRIPTOR)
+                assert struct.unpack_from("<HH", desc, 8) == (0x1209, 0x0001)
+                await dev.control(0x00, 9, 1, 0, b"")
+                # the keyboard's interrupt IN waits for a key: UNLINK cancels it
+                seqnum, pending = dev.submit_nowait(1, Direction.IN, 8)
+                assert (await dev.unlink(seqnum)).status == -104
+                assert pending.cancelled()
+            with pytest.raises(ImportRefused):
+                async with await import_device(HOST, "9-9", server.port):
+                    pass
+
+    uvloop.run(main())

@@ -9,8 +9,9 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 
 from ..demo import DEMO_DISK_SIZE, demo_devices
 from ..devices import ImageFile, MassStorage, PtyBackend, StorageError, usbip_host
@@ -55,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-6", "--ipv6", action="store_true", help="listen on IPv6 only")
     p.add_argument("-t", "--tcp-port", type=int, default=USBIP_PORT, metavar="PORT",
                    help=f"TCP port to listen on (default: {USBIP_PORT})")
+    p.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto",
+                   help="event loop: uvloop when installed (auto, the default), or asyncio's")
     p.add_argument("-D", "--daemon", action="store_true", help="run in the background")
     p.add_argument("-P", "--pid", metavar="FILE", help="write the process id to FILE")
     p.add_argument("-d", "--debug", action="store_true", help="log every connection")
@@ -134,6 +137,21 @@ async def _serve(server: UsbipServer, libusb: LibusbSource | None) -> None:
             libusb.close()
 
 
+def run_loop(main: Coroutine[Any, Any, None], loop: str) -> None:
+    """Run ``main`` on uvloop when asked for or (``auto``) installed, else on asyncio's."""
+    if loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if loop == "uvloop":
+                raise UsbipError("uvloop is not installed: pip install 'usbipy[fast]'") from None
+        else:
+            log.debug("event loop: uvloop")
+            uvloop.run(main)
+            return
+    asyncio.run(main)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
@@ -170,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(args.pid, "w") as f:
             f.write(f"{os.getpid()}\n")
     try:
-        asyncio.run(_serve(server, libusb))
+        run_loop(_serve(server, libusb), args.loop)
     except UsbipError as exc:
         print(f"usbipyd: {exc}", file=sys.stderr)
         return 1

@@ -14,6 +14,7 @@ import itertools
 import socket
 import struct
 from types import TracebackType
+from typing import cast
 
 from ..errors import UsbipError
 from ..protocol import (
@@ -70,8 +71,8 @@ class _ClientProtocol(asyncio.Protocol):
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # (uvloop's transports do not derive from asyncio.Transport)
+        self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -119,6 +120,16 @@ async def _connect(host: str, port: int) -> _ClientProtocol:
     return protocol
 
 
+async def _close(protocol: _ClientProtocol) -> None:
+    """Close and wait until the transport is gone (uvloop warns about one that is not)."""
+    if protocol.transport is not None:
+        protocol.transport.close()
+    try:
+        await asyncio.wait_for(asyncio.shield(protocol.closed), 5)
+    except TimeoutError:
+        pass
+
+
 async def list_devices(host: str, port: int = USBIP_PORT) -> tuple[DeviceInfo, ...]:
     """OP_REQ_DEVLIST: the devices ``host`` exports."""
     protocol = await _connect(host, port)
@@ -129,8 +140,7 @@ async def list_devices(host: str, port: int = USBIP_PORT) -> tuple[DeviceInfo, .
         assert isinstance(reply, OpRepDevlist)
         return reply.devices
     finally:
-        assert protocol.transport is not None
-        protocol.transport.close()
+        await _close(protocol)
 
 
 async def import_device(host: str, busid: str, port: int = USBIP_PORT) -> RemoteDevice:
@@ -141,11 +151,11 @@ async def import_device(host: str, busid: str, port: int = USBIP_PORT) -> Remote
     try:
         reply = await protocol.op_reply
     except BaseException:
-        protocol.transport.close()
+        await _close(protocol)
         raise
     assert isinstance(reply, OpRepImport)
     if reply.status != OpStatus.OK or reply.device is None:
-        protocol.transport.close()
+        await _close(protocol)
         raise ImportRefused(busid, reply.status)
     return RemoteDevice(protocol, reply.device)
 

@@ -237,7 +237,7 @@ class LibusbDevice(ExportedDevice):
         self._detached_drivers = []
 
     def detach(self) -> None:
-        handle, self._handle = self._handle, None
+        handle = self._handle
         self.drop_client = None
         if handle is None:
             return
@@ -250,7 +250,6 @@ class LibusbDevice(ExportedDevice):
         deadline = time.monotonic() + CANCEL_TIMEOUT
         while self._pending_in_event_thread() and time.monotonic() < deadline:
             time.sleep(0.002)
-        self._handle = handle
         try:
             self._release_all()
             self._reattach_drivers()

@@ -156,12 +156,25 @@ class _Connection:
     def events(self) -> Iterator[Message]:
         """Every whole message buffered now."""
         while True:
-            event = self.next_event()
+            if self.phase is Phase.URB and self._error is None:
+                # The hot path: URBs back to back, without the per-message dispatch.
+                parse = self._parse_urb
+                try:
+                    while (urb := parse()) is not NEED_DATA:
+                        yield urb  # type: ignore[misc]
+                except RemoteProtocolError as exc:
+                    self.phase = Phase.ERROR
+                    self._error = exc
+                    raise
+            event = self.next_event()  # EOF, errors, and the OP phase
             if isinstance(event, _Sentinel):
                 return
             yield event
 
     def _parse(self) -> Event:
+        raise NotImplementedError
+
+    def _parse_urb(self) -> Event:
         raise NotImplementedError
 
     def _copy(self, start: int, n: int) -> bytes:
@@ -259,20 +272,6 @@ class ServerConnection(_Connection):
                 self.phase = Phase.CLOSED
             return data
         raise LocalProtocolError(f"a server does not send {type(message).__name__}")
-
-    def events(self) -> Iterator[Message]:
-        """Every whole message buffered now."""
-        if self.phase is Phase.URB and self._error is None:
-            # The hot path: URBs back to back, without the per-message dispatch.
-            parse = self._parse_urb
-            try:
-                while (event := parse()) is not NEED_DATA:
-                    yield event  # type: ignore[misc]
-            except RemoteProtocolError as exc:
-                self.phase = Phase.ERROR
-                self._error = exc
-                raise
-        yield from super().events()  # EOF, and what the other phases receive
 
     def _parse(self) -> Event:
         phase = self.phase
@@ -397,20 +396,6 @@ class ClientConnection(_Connection):
             self._awaiting = OpCode.REP_IMPORT
             return wire.encode_op_req_import(message.busid)
         raise LocalProtocolError(f"a client does not send {type(message).__name__}")
-
-    def events(self) -> Iterator[Message]:
-        """Every whole message buffered now."""
-        if self.phase is Phase.URB and self._error is None:
-            # The hot path: URBs back to back, without the per-message dispatch.
-            parse = self._parse_urb
-            try:
-                while (event := parse()) is not NEED_DATA:
-                    yield event  # type: ignore[misc]
-            except RemoteProtocolError as exc:
-                self.phase = Phase.ERROR
-                self._error = exc
-                raise
-        yield from super().events()  # EOF, and what the other phases receive
 
     def _parse(self) -> Event:
         phase = self.phase

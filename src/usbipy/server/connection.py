@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 from collections.abc import Awaitable
+from typing import cast
 
 from ..devices.base import Completion, ExportedDevice, HandOffDevice
 from ..protocol import (
@@ -60,8 +61,8 @@ class UsbipServerProtocol(asyncio.Protocol):
     # --- asyncio.Protocol --------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # (uvloop's transports do not derive from asyncio.Transport)
+        self._transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # URBs are small and latency-bound: never wait for Nagle.
