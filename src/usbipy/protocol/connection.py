@@ -104,7 +104,11 @@ class _Connection:
     def __init__(self, *, max_transfer_length: int = DEFAULT_MAX_TRANSFER) -> None:
         self.max_transfer_length = max_transfer_length
         self.phase = Phase.OP
-        self._buf = bytearray()
+        #: What is received and not yet parsed starts at _pos. A bytes chunk that
+        #: arrives when nothing is pending is parsed in place, without a copy (an
+        #: OUT payload is then copied once, into its message); a partial message
+        #: is kept in a bytearray that the next chunks are appended to.
+        self._buf: bytes | bytearray = bytearray()
         self._pos = 0
         self._eof = False
         self._error: RemoteProtocolError | None = None
@@ -121,14 +125,20 @@ class _Connection:
             return
         if self._eof:
             raise LocalProtocolError("data received after EOF")
-        if self._pos:
-            if self._pos == len(self._buf):
-                self._buf.clear()
-                self._pos = 0
-            elif self._pos >= _COMPACT_AT:
-                del self._buf[: self._pos]
-                self._pos = 0
-        self._buf += data
+        buf = self._buf
+        if self._pos == len(buf):  # everything before was parsed
+            self._buf = data if type(data) is bytes else bytearray(data)
+            self._pos = 0
+            return
+        if type(buf) is bytes:  # a partial message left in a chunk: keep only that
+            buf = self._buf = bytearray(memoryview(buf)[self._pos:])
+            self._pos = 0
+        elif self._pos >= _COMPACT_AT:
+            assert isinstance(buf, bytearray)
+            del buf[: self._pos]
+            self._pos = 0
+        assert isinstance(buf, bytearray)
+        buf += data
 
     def next_event(self) -> Event:
         """The next whole message, or NEED_DATA, or EOF.

@@ -285,7 +285,8 @@ class UsbipServerProtocol(asyncio.Protocol):
         if batch:
             self._batch = []
             if self._transport is not None and not self._closed:
-                self._transport.write(batch[0] if len(batch) == 1 else b"".join(batch))
+                # uvloop sends the pieces with one writev; asyncio joins them first
+                self._transport.writelines(batch)
 
     def _close(self) -> None:
         self._flush()  # the last replies go out before the FIN
