@@ -23,7 +23,10 @@ def main() -> None:
     port = open(glob.glob("/dev/vport*p1")[0], "r+b", buffering=0)
 
     def send(obj: dict[str, object]) -> None:
-        port.write(json.dumps(obj).encode() + b"\n")
+        data = memoryview(json.dumps(obj).encode() + b"\n")
+        while data:  # a virtio port takes a long line in pieces
+            written = port.write(data)
+            data = data[written or 0:]
 
     send({"ready": True})
     buf = b""

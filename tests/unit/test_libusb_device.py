@@ -299,3 +299,27 @@ def test_the_check_asks_sysfs_whether_the_device_is_still_there(fake: object) ->
     assert libusb._still_plugged(device) is False
     (fake.devices / "2-3.1").unlink()
     assert libusb._still_plugged(device) is False
+
+
+def test_a_plain_error_from_a_device_being_unplugged_is_enodev(fake: object) -> None:
+    from .fake_sysfs import FakeSysfs
+    assert isinstance(fake, FakeSysfs)
+    (fake.add_device("2-3.1", 0x1209, 0xBEEF) / "devnum").write_text("7\n")
+
+    async def test(device: LibusbDevice, handle: FakeHandle) -> None:
+        pending = device.submit(urb(1, Direction.IN, 512))
+        handle.submitted[-1].complete(status=1)  # TRANSFER_ERROR, device still there
+        assert (await result(pending)).status == -errno.EPROTO
+        assert not device.gone
+
+        def gone(interface: int) -> bool:
+            raise FakeUsbError(-4)
+
+        handle.kernelDriverActive = gone  # type: ignore[method-assign]
+        pending = device.submit(urb(1, Direction.IN, 512))
+        handle.submitted[-1].complete(status=1)  # the same error, while unplugging
+        # (looked at again a moment later, when usbfs knows)
+        assert (await result(pending)).status == -errno.ENODEV
+        assert device.gone
+
+    with_device(test)

@@ -26,8 +26,13 @@ from .. import sysfs
 from ..errors import UsbipError
 from ..protocol import CmdSubmit, DeviceInfo, Direction, InterfaceInfo, IsoPacket, Speed
 from .base import Completion, ExportedDevice, SubmitResult
-from .bindings import BindingStore
-from .libusb_status import LIBUSB_ERROR_NO_DEVICE, TRANSFER_NO_DEVICE, error_errno, transfer_errno
+from .bindings import Binding, BindingStore
+from .libusb_status import (
+    LIBUSB_ERROR_NO_DEVICE,
+    TRANSFER_NO_DEVICE,
+    error_errno,
+    transfer_errno,
+)
 
 try:
     import usb1
@@ -57,6 +62,8 @@ CONTROL, ISOCHRONOUS, BULK, INTERRUPT = range(4)
 
 #: How long detach waits for cancelled transfers to come back.
 CANCEL_TIMEOUT = 2.0
+#: How long after a plain transfer error to look whether the device was unplugged.
+UNPLUG_SETTLE = 0.25
 
 
 class LibusbUnavailable(UsbipError):
@@ -364,6 +371,18 @@ class LibusbDevice(ExportedDevice):
         except RuntimeError:
             pass  # the loop is closed: the server is gone
 
+    def _disconnected(self) -> bool:
+        """Whether the device is being unplugged: usbfs answers ENODEV at once, before
+        sysfs and libusb's device list catch up."""
+        handle = self._handle
+        if handle is None:
+            return True
+        try:
+            handle.kernelDriverActive(self._claimed[0] if self._claimed else 0)
+        except usb1.USBError as exc:
+            return bool(exc.value == LIBUSB_ERROR_NO_DEVICE)
+        return False
+
     @staticmethod
     def _iso_result(transfer: Any, urb: CmdSubmit, completion: Completion) -> None:
         assert urb.iso_packets is not None
@@ -384,8 +403,24 @@ class LibusbDevice(ExportedDevice):
             completion.actual_length = sum(p.actual_length for p in packets)
 
     def _finish(self, transfer: Any, completion: Completion, no_device: bool) -> None:
-        if self.gone and completion.status == -errno.ECONNRESET:
-            completion.status = -errno.ENODEV  # cancelled because the device left
+        if self.gone and completion.status in (-errno.ECONNRESET, -errno.EPROTO):
+            completion.status = -errno.ENODEV  # failed because the device left
+        elif (completion.status == -errno.EPROTO and not self.gone
+              and self._loop is not None):
+            # The host controller fails the URBs of a device being unplugged with a
+            # plain error, a moment before usbfs and sysfs know it is gone: look
+            # again shortly, and tell the client -ENODEV as usbip-host would.
+            self._loop.call_later(UNPLUG_SETTLE, self._recheck, transfer, completion)
+            return
+        self._complete(transfer, completion, no_device)
+
+    def _recheck(self, transfer: Any, completion: Completion) -> None:
+        gone = self._disconnected() or _still_plugged(self) is False
+        if gone:
+            completion.status = -errno.ENODEV
+        self._complete(transfer, completion, gone)
+
+    def _complete(self, transfer: Any, completion: Completion, no_device: bool) -> None:
         if log.isEnabledFor(logging.DEBUG):
             urb: CmdSubmit = transfer.getUserData()
             log.debug("%s: seqnum %d ep %d %s: status %d, %d bytes", self.busid, urb.seqnum,
@@ -402,7 +437,7 @@ class LibusbDevice(ExportedDevice):
         if no_device:
             self._mark_gone()
         elif self.gone and not self._transfers:
-            self.drop()
+            self._drop_soon()
 
     def _blocking(self, fn: Callable[..., Any], *args: Any) -> Coroutine[Any, Any, Completion]:
         async def run() -> Completion:
@@ -439,6 +474,13 @@ class LibusbDevice(ExportedDevice):
             self.gone = True
             log.warning("%s is gone", self.busid)
         if not self._transfers:
+            self._drop_soon()
+
+    def _drop_soon(self) -> None:
+        # After the completions already scheduled: their RET_SUBMITs go out first.
+        if self._loop is not None:
+            self._loop.call_soon(self.drop)
+        else:
             self.drop()
 
     def drop(self) -> None:
@@ -466,7 +508,7 @@ class LibusbDevice(ExportedDevice):
             if not future.done():
                 future.set_result(Completion(status=-errno.ENODEV))
         self._transfers.clear()
-        self.drop()
+        self._drop_soon()
 
 
 class LibusbSource:
@@ -481,6 +523,7 @@ class LibusbSource:
         self.store = store if store is not None else BindingStore()
         self._events = events
         self._devices: dict[str, LibusbDevice] = {}
+        self._unseen_warned: set[str] = set()
 
     @property
     def events(self) -> LibusbEvents:
@@ -492,6 +535,27 @@ class LibusbSource:
         bindings = self.store.load()
         if not bindings:
             return [d for d in self._devices.values() if d.drop_client is not None]
+        found = self._scan(bindings)
+        if self._unseen(bindings, found) and not any(
+                d.drop_client is not None for d in self._devices.values()):
+            # libusb keeps its device list up to date from udev's events; with no udev
+            # daemon it never sees a device plugged in later. With nothing open, a new
+            # context scans afresh.
+            log.info("libusb's device list is stale: scanning again")
+            self._events, events = None, self._events
+            if events is not None:
+                events.close()
+            self._devices = {}
+            found = self._scan(bindings)
+        self._warn_unseen(bindings, found)
+        # An imported device stays ours until its client lets go, plugged in or not.
+        for busid, device in self._devices.items():
+            if busid not in found and device.drop_client is not None:
+                found[busid] = device
+        self._devices = found
+        return list(found.values())
+
+    def _scan(self, bindings: list[Binding]) -> dict[str, LibusbDevice]:
         found: dict[str, LibusbDevice] = {}
         for device in self.events.context.getDeviceList(skip_on_error=True):
             try:
@@ -513,12 +577,37 @@ class LibusbSource:
                     found[busid] = LibusbDevice(self.events, device, busid)
                 except Exception as exc:
                     log.warning("cannot read %s through libusb: %s", busid, exc)
-        # An imported device stays ours until its client lets go, plugged in or not.
-        for busid, device in self._devices.items():
-            if busid not in found and device.drop_client is not None:
-                found[busid] = device
-        self._devices = found
-        return list(found.values())
+        return found
+
+    @staticmethod
+    def _unseen(bindings: list[Binding], found: dict[str, LibusbDevice]) -> list[str]:
+        """Bound devices that sysfs shows (Linux) and libusb's list lacks, or whose
+        address there is out of date (replugged)."""
+        unseen = []
+        for device in sysfs.usb_devices():
+            info = device.info
+            if device.driver == "usbip-host":
+                continue
+            if not any(b.matches(device.busid, info.idVendor, info.idProduct,
+                                 functools.partial(_sysfs_serial, device.busid))
+                       for b in bindings):
+                continue
+            known = found.get(device.busid)
+            if known is None or known.devnum != info.devnum:
+                unseen.append(device.busid)
+        return unseen
+
+    def _warn_unseen(self, bindings: list[Binding], found: dict[str, LibusbDevice]) -> None:
+        """A bound busid that sysfs shows and libusb does not: libusb's list is kept up
+        to date by udev events, so without a udev daemon it never learns of it."""
+        for binding in bindings:
+            busid = binding.busid
+            if (busid is None or busid in found or busid in self._unseen_warned
+                    or not (sysfs.usb_devices_dir() / busid).exists()):
+                continue
+            self._unseen_warned.add(busid)
+            log.warning("%s is plugged in but not in libusb's device list: libusb learns of "
+                        "new devices from udev; is the udev daemon running?", busid)
 
     def unbound(self) -> list[LibusbDevice]:
         """Imported devices whose binding was removed: the caller drops their clients."""
@@ -559,6 +648,13 @@ class LibusbSource:
         if self._events is not None:
             self._events.close()
             self._events = None
+
+
+def _sysfs_serial(busid: str) -> str | None:
+    try:
+        return sysfs.read_attr(sysfs.usb_devices_dir() / busid / "serial")
+    except sysfs.SysfsError:
+        return None
 
 
 def _still_plugged(device: LibusbDevice) -> bool | None:
