@@ -146,3 +146,30 @@ def test_valid_stream_then_garbage(cmds: list[CmdSubmit], garbage: bytes) -> Non
         assert event is NEED_DATA or isinstance(event, (CmdSubmit, CmdUnlink))
     except RemoteProtocolError:
         pass
+
+
+@given(st.lists(cmd_submits(), min_size=1, max_size=5),
+       st.lists(st.integers(0, 100_000), max_size=12),
+       st.lists(st.sampled_from(["bytes", "bytearray", "memoryview"]), min_size=1))
+def test_a_stream_cut_anywhere_in_any_buffer_type(cmds: list[CmdSubmit], cuts: list[int],
+                                                  kinds: list[str]) -> None:
+    """Chunks are parsed in place (bytes) or kept in a growing buffer (a partial
+    message, or a buffer the caller may reuse): every path gives the same messages."""
+    client = imported_client()
+    for n, cmd in enumerate(cmds):
+        cmd.seqnum = n + 1  # in flight together: distinct seqnums
+        if cmd.is_iso:
+            cmd.number_of_packets = len(cmd.iso_packets or ())
+    wire = b"".join(client.send(cmd) for cmd in cmds)
+    server = imported_server()
+    points = sorted({c % (len(wire) + 1) for c in cuts} | {0, len(wire)})
+    events: list[Message] = []
+    for n, (a, b) in enumerate(zip(points, points[1:], strict=False)):
+        chunk = wire[a:b]
+        kind = kinds[n % len(kinds)]
+        reusable = bytearray(chunk)
+        server.receive_data(chunk if kind == "bytes" else
+                            reusable if kind == "bytearray" else memoryview(reusable))
+        reusable[:] = b"\xff" * len(reusable)  # the caller reuses its buffer at once
+        events.extend(server.events())
+    assert events == cmds
