@@ -128,8 +128,7 @@ def pipelined(client: FastClient, make_op: Callable[[], list[bytes]], depth: int
               duration: float) -> tuple[int, int]:
     """Keep ``depth`` operations (groups of URBs) in flight for ``duration`` seconds."""
     per_op = len(make_op())
-    client._seqnum += 0  # (make_op above only built bytes; its seqnums are never sent)
-    client._directions.clear()
+    client._directions.clear()  # that operation was only counted, never sent
     for _ in range(depth):
         client.send(*make_op())
     in_flight, replies, ops = depth, 0, 0

@@ -124,9 +124,16 @@ def read_device(busid: str) -> UsbDevice:
         bConfigurationValue=config, bNumConfigurations=_int(path / "bNumConfigurations", 10, 1),
         bNumInterfaces=ninterfaces, interfaces=tuple(interfaces),
     )
-    driver_link = path / "driver"
-    driver = os.path.basename(os.readlink(driver_link)) if driver_link.is_symlink() else None
-    return UsbDevice(busid, path, info, driver)
+    return UsbDevice(busid, path, info, driver_of(path))
+
+
+def driver_of(device_dir: Path) -> str | None:
+    """The driver bound to the device or interface at ``device_dir``, if any."""
+    link = device_dir / "driver"
+    try:
+        return os.path.basename(os.readlink(link))
+    except OSError:
+        return None  # none bound, or no such device
 
 
 def usb_devices() -> list[UsbDevice]:

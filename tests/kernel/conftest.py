@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 
 import pytest
@@ -18,13 +19,21 @@ def skip_or_fail(reason: str) -> None:
     pytest.skip(f"kernel tests cannot run: {reason}")
 
 
-@pytest.fixture(scope="module")
-def vm() -> Iterator[Vm]:
-    """One booted guest per test module, with the USB/IP client modules loaded."""
+def require_vm(*tools: str) -> None:
+    """Skip (or fail, in CI) unless a guest can boot and the host has ``tools``."""
     try:
         check_host()
     except VmUnavailable as exc:
         skip_or_fail(str(exc))
+    for tool in tools:
+        if shutil.which(tool) is None:
+            skip_or_fail(f"{tool} is missing (scripts/setup.sh --test installs it)")
+
+
+@pytest.fixture(scope="module")
+def vm() -> Iterator[Vm]:
+    """One booted guest per test module, with the USB/IP client modules loaded."""
+    require_vm()
     with Vm() as machine:
         machine.check(f"modprobe -a {GUEST_MODULES}")
         yield machine

@@ -8,17 +8,15 @@ the servers listen on the guest's loopback, and vhci-hcd attaches from there.
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 
-from .conftest import skip_or_fail
-from .guest import wait_for
-from .vm import Vm, VmUnavailable, check_host
+from .conftest import require_vm
+from .guest import ext2_image, wait_for
+from .vm import Vm
 
 STICK_ID = "46f4:0001"  # QEMU's usb-storage
 KNOWN_FILE = "hello.txt"
@@ -38,18 +36,9 @@ class Stick:
 
 @pytest.fixture(scope="module")
 def stick(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stick]:
-    try:
-        check_host()
-    except VmUnavailable as exc:
-        skip_or_fail(str(exc))
-    if shutil.which("mke2fs") is None:
-        skip_or_fail("mke2fs is missing (apt-get install e2fsprogs)")
-    tmp = tmp_path_factory.mktemp("stick")
-    (tmp / "root").mkdir()
-    (tmp / "root" / KNOWN_FILE).write_text(KNOWN_TEXT)
-    image = tmp / "stick.img"
-    subprocess.run(["mke2fs", "-q", "-t", "ext2", "-d", str(tmp / "root"), str(image), "16M"],
-                   check=True)
+    require_vm("mke2fs")
+    image = ext2_image(tmp_path_factory.mktemp("stick") / "stick.img", "16M",
+                       {KNOWN_FILE: KNOWN_TEXT})
     qemu_stick = ["-device", "qemu-xhci,id=xhci",
                   "-drive", f"if=none,id=stick,format=raw,file={image}",
                   "-device", "usb-storage,bus=xhci.0,drive=stick"]

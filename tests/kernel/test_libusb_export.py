@@ -6,7 +6,6 @@ real vhci-hcd (C `usbip attach` and `usbipy attach`) or the userspace client.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from . import gadgets
-from .conftest import skip_or_fail
+from .conftest import require_vm, skip_or_fail
 from .guest import ext2_image, vhci_node, vhci_nodes, wait_for
-from .vm import Vm, VmUnavailable, check_host
+from .vm import Vm
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -50,13 +49,7 @@ def stop_usbipyd(vm: Vm) -> None:
 
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
-    try:
-        check_host()
-    except VmUnavailable as exc:
-        skip_or_fail(str(exc))
-    for tool in ("mke2fs", "debugfs"):
-        if shutil.which(tool) is None:
-            skip_or_fail(f"{tool} is missing (apt-get install e2fsprogs)")
+    require_vm("mke2fs", "debugfs")
     try:
         import usb1  # noqa: F401
     except ImportError:

@@ -19,7 +19,6 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Coroutine
-from pathlib import Path
 from typing import Any
 
 from .. import sysfs
@@ -113,11 +112,18 @@ def busid_of(device: Any) -> str:
     return f"{device.getBusNumber()}-{'.'.join(str(p) for p in ports)}"
 
 
-def _serial(busid: str, device: Any) -> str | None:
+def _sysfs_serial(busid: str) -> str | None:
     try:
         return sysfs.read_attr(sysfs.usb_devices_dir() / busid / "serial")
     except sysfs.SysfsError:
-        pass
+        return None
+
+
+def _serial(busid: str, device: Any) -> str | None:
+    """From sysfs where there is one (no need to open the device), else from libusb."""
+    serial = _sysfs_serial(busid)
+    if serial is not None:
+        return serial
     try:
         return str(device.getSerialNumber())
     except Exception:
@@ -536,8 +542,8 @@ class LibusbSource:
         if not bindings:
             return [d for d in self._devices.values() if d.drop_client is not None]
         found = self._scan(bindings)
-        if self._unseen(bindings, found) and not any(
-                d.drop_client is not None for d in self._devices.values()):
+        unseen = self._unseen(bindings, found)
+        if unseen and not any(d.drop_client is not None for d in self._devices.values()):
             # libusb keeps its device list up to date from udev's events; with no udev
             # daemon it never sees a device plugged in later. With nothing open, a new
             # context scans afresh.
@@ -547,7 +553,12 @@ class LibusbSource:
                 events.close()
             self._devices = {}
             found = self._scan(bindings)
-        self._warn_unseen(bindings, found)
+            unseen = self._unseen(bindings, found)
+        for busid in unseen:
+            if busid not in self._unseen_warned:
+                self._unseen_warned.add(busid)
+                log.warning("%s is plugged in but not in libusb's device list: libusb learns "
+                            "of new devices from udev; is the udev daemon running?", busid)
         # An imported device stays ours until its client lets go, plugged in or not.
         for busid, device in self._devices.items():
             if busid not in found and device.drop_client is not None:
@@ -563,7 +574,8 @@ class LibusbSource:
                 vid, pid = device.getVendorID(), device.getProductID()
             except Exception:
                 continue
-            if sysfs.is_device_busid(busid) and _driver(busid) == "usbip-host":
+            if (sysfs.is_device_busid(busid)
+                    and sysfs.driver_of(sysfs.usb_devices_dir() / busid) == "usbip-host"):
                 continue  # the kernel stub has it
             serial = functools.partial(_serial, busid, device)
             if not any(b.matches(busid, vid, pid, serial) for b in bindings):
@@ -596,18 +608,6 @@ class LibusbSource:
             if known is None or known.devnum != info.devnum:
                 unseen.append(device.busid)
         return unseen
-
-    def _warn_unseen(self, bindings: list[Binding], found: dict[str, LibusbDevice]) -> None:
-        """A bound busid that sysfs shows and libusb does not: libusb's list is kept up
-        to date by udev events, so without a udev daemon it never learns of it."""
-        for binding in bindings:
-            busid = binding.busid
-            if (busid is None or busid in found or busid in self._unseen_warned
-                    or not (sysfs.usb_devices_dir() / busid).exists()):
-                continue
-            self._unseen_warned.add(busid)
-            log.warning("%s is plugged in but not in libusb's device list: libusb learns of "
-                        "new devices from udev; is the udev daemon running?", busid)
 
     def unbound(self) -> list[LibusbDevice]:
         """Imported devices whose binding was removed: the caller drops their clients."""
@@ -650,13 +650,6 @@ class LibusbSource:
             self._events = None
 
 
-def _sysfs_serial(busid: str) -> str | None:
-    try:
-        return sysfs.read_attr(sysfs.usb_devices_dir() / busid / "serial")
-    except sysfs.SysfsError:
-        return None
-
-
 def _still_plugged(device: LibusbDevice) -> bool | None:
     """On Linux, sysfs knows at once whether the device at this busid is the same one
     (libusb's own list lags without a udev daemon); None where there is no sysfs."""
@@ -667,11 +660,3 @@ def _still_plugged(device: LibusbDevice) -> bool | None:
                    ) == device.devnum
     except (sysfs.SysfsError, ValueError):
         return False
-
-
-def _driver(busid: str) -> str | None:
-    link = sysfs.usb_devices_dir() / busid / "driver"
-    try:
-        return Path(link.resolve()).name if link.is_symlink() else None
-    except OSError:
-        return None
