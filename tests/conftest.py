@@ -8,8 +8,8 @@ from typing import Any, TypeVar
 import pytest
 from hypothesis import settings
 
-from usbipy.demo import demo_devices
-from usbipy.devices.base import ExportedDevice
+from usbipy.backends.base import ExportedDevice
+from usbipy.devices.demo import demo_devices
 from usbipy.server import UsbipServer
 
 T = TypeVar("T")

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from usbipy import sysfs
 from usbipy.cli import usbipy as cli
-from usbipy.client import vhci
-from usbipy.usbids import UsbIds
+from usbipy.linux import sysfs, vhci
+from usbipy.linux.usbids import UsbIds
 
 from .fake_sysfs import FakeSysfs
 

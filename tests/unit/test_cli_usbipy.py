@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from usbipy.cli import usbipy as cli
-from usbipy.client import vhci
-from usbipy.demo import demo_devices
+from usbipy.devices.demo import demo_devices
+from usbipy.linux import vhci
+from usbipy.linux.usbids import UsbIds
 from usbipy.server import ServerThread
-from usbipy.usbids import UsbIds
 
 from .conftest import USB_IDS
 from .fake_sysfs import FakeSysfs
@@ -269,7 +269,8 @@ def test_bind_and_unbind_for_libusb(fake: FakeSysfs, capsys, state: Path) -> Non
     rc, out, _ = usbipy(capsys, "bind", "--libusb", "-b", "1-1")
     assert rc == 0 and out == "usbipy: info: bind busid 1-1 for export through libusb: complete\n"
     rc, out, _ = usbipy(capsys, "bind", "--device", "1209:0002:SN", "--json")
-    assert rc == 0 and json.loads(out) == {"binding": "device 1209:0002:SN", "export": "libusb"}
+    assert rc == 0 and json.loads(out) == {"binding": "device 1209:0002:SN", "export": "libusb",
+                                     "plugged_in": False}
     assert json.loads(state.read_text()) == {"libusb": [
         {"busid": "1-1"}, {"vid": 0x1209, "pid": 0x0002, "serial": "SN"}]}
     # the kernel's drivers were not touched: usbipyd detaches them only while imported

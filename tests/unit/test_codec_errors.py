@@ -12,10 +12,12 @@ from usbipy.protocol import (
     BadLength,
     ClientConnection,
     CmdSubmit,
+    CmdUnlink,
     Direction,
     LocalProtocolError,
     OpReqDevlist,
     RemoteProtocolError,
+    RetSubmit,
     ServerConnection,
     TooManyIsoPackets,
     UnexpectedMessage,
@@ -52,8 +54,9 @@ def test_reply_sent_to_a_server_is_unexpected() -> None:
         feed(ServerConnection(), h("0111", "0005", "00000000"))
 
 
-def test_urb_before_import() -> None:
-    with pytest.raises(UnsupportedVersion):
+def test_urb_before_import_names_role_phase_and_message() -> None:
+    # Not "unsupported version 0x0000": a CMD_SUBMIT header where an OP header belongs.
+    with pytest.raises(UnexpectedMessage, match="server did not expect CMD_SUBMIT in phase OP"):
         feed(ServerConnection(), submit_header())
 
 
@@ -140,13 +143,29 @@ def test_error_is_sticky() -> None:
         server.next_event()
 
 
-def test_local_errors() -> None:
+def test_local_errors_name_role_phase_and_message_and_stick() -> None:
     client = ClientConnection()
-    with pytest.raises(LocalProtocolError):
+    with pytest.raises(LocalProtocolError, match="client cannot send CMD_SUBMIT in phase OP"):
         client.send(CmdSubmit(1, DEVID, Direction.IN, 1, 0, 8))
-    client.send(OpReqDevlist())
-    with pytest.raises(LocalProtocolError, match="one OP request"):
+    # sticky: the connection refuses everything after an illegal send
+    with pytest.raises(LocalProtocolError, match="broken"):
         client.send(OpReqDevlist())
+    client = ClientConnection()
+    client.send(OpReqDevlist())
+    with pytest.raises(LocalProtocolError, match="OP_REQ_DEVLIST in phase DEVLIST"):
+        client.send(OpReqDevlist())
+
+
+def test_a_server_never_sends_a_request() -> None:
+    server = imported_server()
+    with pytest.raises(LocalProtocolError, match="a server never sends CMD_UNLINK"):
+        server.send(CmdUnlink(1, DEVID, 1))  # type: ignore[arg-type]
+
+
+def test_a_reply_is_only_for_a_urb_in_flight() -> None:
+    server = imported_server()
+    with pytest.raises(LocalProtocolError, match="seqnum 5, which is not in flight"):
+        server.send(RetSubmit(5, 0, 0))
 
 
 def test_every_error_is_a_remote_protocol_error() -> None:

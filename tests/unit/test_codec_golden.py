@@ -193,6 +193,8 @@ def test_cmd_submit_control_in() -> None:
 def test_ret_submit_control_in() -> None:
     descriptor = bytes.fromhex("120100020000004009120100000101020301")
     server = imported_server()
+    server.receive_data(CMD_SUBMIT_CONTROL_IN)
+    assert isinstance(server.next_event(), CmdSubmit)
     assert server.send(RetSubmit(1, 0, 18, descriptor)) == RET_SUBMIT_CONTROL_IN
     client = imported_client()
     client.send(CmdSubmit(1, DEVID, Direction.IN, 0, 0x200, 18, bytes.fromhex("8006000100001200")))

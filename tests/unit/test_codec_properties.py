@@ -69,8 +69,12 @@ def test_cmd_submit_round_trip(cmd: CmdSubmit, cuts: list[int]) -> None:
 
 @given(cmd_submits(), st.integers(-200, 0), st.lists(st.integers(0, 10_000), max_size=6))
 def test_ret_submit_round_trip(cmd: CmdSubmit, status: int, cuts: list[int]) -> None:
+    if cmd.is_iso:
+        cmd.number_of_packets = len(cmd.iso_packets or ())
     client = imported_client()
-    client.send(cmd)
+    server = imported_server()
+    server.receive_data(client.send(cmd))
+    assert server.next_event() == cmd
     iso = None
     if cmd.iso_packets is not None:
         iso = [IsoPacket(p.offset, p.length, p.length // 2, status) for p in cmd.iso_packets]
@@ -78,12 +82,14 @@ def test_ret_submit_round_trip(cmd: CmdSubmit, status: int, cuts: list[int]) -> 
         actual = sum(p.actual_length for p in iso) if iso else cmd.transfer_buffer_length // 3
         data = bytes(range(256)) * (actual // 256) + bytes(actual % 256)
     else:
-        actual, data = cmd.transfer_buffer_length, b""
+        actual = sum(p.actual_length for p in iso) if iso else cmd.transfer_buffer_length
+        data = b""
     ret = RetSubmit(cmd.seqnum, status, actual, data, 0,
                     len(iso) if iso else cmd.number_of_packets, 0, iso, cmd.direction)
-    wire = imported_server().send(ret)
+    wire = server.send(ret)
+    assert server.fault is None
     assert split_feed(client, wire, cuts) == [ret]
-    assert client.pending == 0
+    assert client.pending == 0 and server.in_flight == 0
 
 
 @given(seqnums, seqnums)

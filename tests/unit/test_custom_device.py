@@ -6,9 +6,9 @@ import pytest
 
 from usbipy import Completion, EmulatedDevice, Stall, UsbipServer
 from usbipy.client import import_device
-from usbipy.client.userspace import UrbError
-from usbipy.devices import Configuration, Device, Endpoint, Interface, TransferType
-from usbipy.devices.emulated import Setup
+from usbipy.client.errors import UrbError
+from usbipy.usb import Configuration, Device, Endpoint, Interface, TransferType
+from usbipy.usb.requests import Setup
 
 
 class Counter(EmulatedDevice):

@@ -11,11 +11,12 @@ from typing import Any
 
 import pytest
 
-from usbipy.devices import libusb
-from usbipy.devices.base import Completion
-from usbipy.devices.bindings import Binding, BindingError, BindingStore
-from usbipy.devices.libusb import LibusbDevice
-from usbipy.devices.libusb_status import transfer_errno
+from usbipy.backends.base import Completion
+from usbipy.backends.libusb import events
+from usbipy.backends.libusb.bindings import Binding, BindingError, BindingStore
+from usbipy.backends.libusb.device import LibusbDevice
+from usbipy.backends.libusb.status import transfer_errno
+from usbipy.backends.libusb.unplug import still_plugged
 from usbipy.protocol import CmdSubmit, Direction, IsoPacket, Speed
 
 from .fake_usb1 import FakeDevice, FakeHandle, FakeUsbError
@@ -23,7 +24,7 @@ from .fake_usb1 import FakeDevice, FakeHandle, FakeUsbError
 
 @pytest.fixture(autouse=True)
 def fake_usb1(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(libusb, "usb1", types.SimpleNamespace(
+    monkeypatch.setattr(events, "usb1", types.SimpleNamespace(
         USBError=FakeUsbError, USBErrorInterrupted=FakeUsbError))
 
 
@@ -31,7 +32,7 @@ def with_device(test: Callable[[LibusbDevice, FakeHandle], Awaitable[None]]) -> 
     async def main() -> None:
         fake = FakeDevice()
         device = LibusbDevice(None, fake)  # type: ignore[arg-type]
-        device.attach()
+        await device.attach()
         assert fake.handle is not None
         await test(device, fake.handle)
 
@@ -68,7 +69,7 @@ def test_import_takes_the_interfaces_and_release_gives_them_back() -> None:
     async def test(device: LibusbDevice, handle: FakeHandle) -> None:
         assert handle.calls == [("detachKernelDriver", 0), ("claimInterface", 0)]
         handle.calls.clear()
-        device.detach()
+        await device.detach()
         assert handle.calls == [("releaseInterface", 0), ("attachKernelDriver", 0), ("close",)]
 
     with_device(test)
@@ -187,8 +188,8 @@ def test_iso_out_packets_at_their_own_offsets() -> None:
     async def test(device: LibusbDevice, handle: FakeHandle) -> None:
         handle.device.configs[0].interfaces[0][0].endpoints.append(
             type(handle.device.configs[0].interfaces[0][0].endpoints[0])(0x05, 1))
-        device.detach()
-        device.attach()
+        await device.detach()
+        await device.attach()
         handle = device._handle
         data = b"A" * 10 + b"-" * 6 + b"B" * 10
         pending = device.submit(urb(5, Direction.OUT, data=data,
@@ -294,11 +295,11 @@ def test_the_check_asks_sysfs_whether_the_device_is_still_there(fake: object) ->
     path = fake.add_device("2-3.1", 0x1209, 0xBEEF)
     (path / "devnum").write_text("7\n")
     device = LibusbDevice(None, FakeDevice())  # type: ignore[arg-type]
-    assert libusb._still_plugged(device) is True
+    assert still_plugged(device.busid, device.devnum) is True
     (path / "devnum").write_text("8\n")  # replugged: another device now
-    assert libusb._still_plugged(device) is False
+    assert still_plugged(device.busid, device.devnum) is False
     (fake.devices / "2-3.1").unlink()
-    assert libusb._still_plugged(device) is False
+    assert still_plugged(device.busid, device.devnum) is False
 
 
 def test_a_plain_error_from_a_device_being_unplugged_is_enodev(fake: object) -> None:

@@ -8,7 +8,7 @@ import struct
 import pytest
 
 from usbipy.client import ImportRefused, import_device, list_devices
-from usbipy.client.userspace import UrbError
+from usbipy.client.errors import UrbError
 from usbipy.protocol import Direction, OpStatus
 from usbipy.server import UsbipServer
 
@@ -183,7 +183,7 @@ def test_standard_requests_and_stalls(serve) -> None:
 def test_the_server_on_uvloop() -> None:
     """usbipyd runs on uvloop when it is installed: the same behaviour there."""
     uvloop = pytest.importorskip("uvloop")
-    from usbipy.demo import demo_devices
+    from usbipy.devices.demo import demo_devices
 
     async def main() -> None:
         server = UsbipServer(port=0)

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from usbipy.backends.kernel_stub import KernelStubSource
+from usbipy.client import ImportRefused
 from usbipy.client.handshake import connect, request_devlist, request_import
-from usbipy.client.userspace import ImportRefused
-from usbipy.devices import usbip_host
 from usbipy.protocol import OpStatus
 from usbipy.server import ServerThread
 
@@ -49,7 +49,7 @@ def exporting_stub() -> ServerThread:
     srv = ServerThread([], port=0)
     srv.start()
     assert srv.server is not None
-    srv.server.registry.add_source(usbip_host.bound_devices)
+    srv.server.registry.add_source(KernelStubSource())
     return srv
 
 

@@ -13,19 +13,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import sys
 from collections.abc import Sequence
 
-from ..client import ClientError, list_devices, vhci
-from ..devices import usbip_host
-from ..devices.bindings import Binding, BindingStore
-from ..devices.usbip_host import UsbipHostError
+from ..backends.libusb.bindings import Binding, BindingStore
+from ..backends.libusb.events import require_usb1
+from ..backends.libusb.source import sysfs_serial
+from ..client import list_devices
+from ..client.attach import attach
 from ..errors import UsbipError
-from ..protocol import DeviceInfo
-from ..server import USBIP_PORT
-from ..sysfs import SysfsError, UsbDevice, read_device, usb_devices
-from ..usbids import system_ids
+from ..escape import printable
+from ..linux import usbip_host, vhci
+from ..linux.sysfs import SysfsError, UsbDevice, read_device, usb_devices, usb_devices_dir
+from ..linux.usbids import system_ids
+from ..linux.usbip_host import UsbipHostError
+from ..protocol import USBIP_PORT, DeviceInfo
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,10 +107,11 @@ def _print_remote(host: str, devices: Sequence[DeviceInfo]) -> None:
         return
     print("Exportable USB devices")
     print("======================")
-    print(f" - {host}")
+    print(f" - {printable(host)}")
     for d in devices:
-        print(f"{d.busid:>11}: {ids.product_name(d.idVendor, d.idProduct)}")
-        print(f"{'':>11}: {d.path}")
+        # busid and path come from the server: escaped before they reach a terminal
+        print(f"{printable(d.busid):>11}: {ids.product_name(d.idVendor, d.idProduct)}")
+        print(f"{'':>11}: {printable(d.path)}")
         print(f"{'':>11}: "
               f"{ids.class_name(d.bDeviceClass, d.bDeviceSubClass, d.bDeviceProtocol)}")
         for n, i in enumerate(d.interfaces):
@@ -180,19 +185,30 @@ def _port_dict(dev: vhci.ImportedDevice) -> dict[str, object]:
     }
 
 
-def _libusb_binding(args: argparse.Namespace) -> Binding:
+def _libusb_binding(args: argparse.Namespace) -> tuple[Binding, bool]:
+    """The binding asked for, and whether its device is plugged in now."""
+    require_usb1()  # usbipyd could not serve it: say so now, not in its log later
     if args.device:
-        return Binding.parse_device(args.device)
+        binding = Binding.parse_device(args.device)
+        plugged = any(
+            binding.matches(d.busid, d.info.idVendor, d.info.idProduct,
+                            functools.partial(sysfs_serial, d.busid))
+            for d in usb_devices())
+        return binding, plugged
     try:
         device = read_device(args.busid)
     except SysfsError:
-        device = None  # not Linux, or not plugged in yet: libusb will find it by busid
-    if device is not None and device.is_hub:
+        if usb_devices_dir().is_dir():  # Linux: sysfs knows every device plugged in
+            raise UsbipHostError(f"no USB device with busid {printable(args.busid)} (see "
+                                 "'usbipy list -l'; to export a device that is not plugged "
+                                 "in yet, bind it by --device VID:PID)") from None
+        return Binding(busid=args.busid), True  # no sysfs to ask: libusb will look
+    if device.is_hub:
         raise UsbipHostError(f"{args.busid} is a hub: hubs cannot be exported")
-    if device is not None and device.driver == usbip_host.DRIVER:
+    if device.driver == usbip_host.DRIVER:
         raise UsbipHostError(f"{args.busid} is bound to {usbip_host.DRIVER}: "
                              f"'usbipy unbind -b {args.busid}' first")
-    return Binding(busid=args.busid)
+    return Binding(busid=args.busid), True
 
 
 # --- main ------------------------------------------------------------------------------
@@ -214,11 +230,13 @@ def _run(args: argparse.Namespace) -> object:
             _print_local(local, args.parsable)
     elif args.command == "bind":
         if args.libusb or args.device:
-            binding = _libusb_binding(args)
+            binding, plugged = _libusb_binding(args)
             BindingStore().add(binding)
             if as_json:
-                return {"binding": str(binding), "export": "libusb"}
-            print(f"usbipy: info: bind {binding} for export through libusb: complete")
+                return {"binding": str(binding), "export": "libusb", "plugged_in": plugged}
+            later = "" if plugged else (" (not plugged in now: usbipyd exports it once it "
+                                        "is)")
+            print(f"usbipy: info: bind {binding} for export through libusb: complete{later}")
         else:
             usbip_host.bind(args.busid)
             if as_json:
@@ -240,7 +258,7 @@ def _run(args: argparse.Namespace) -> object:
                 return {"busid": args.busid, "driver": None}
             print(f"usbipy: info: unbind device on busid {args.busid}: complete")
     elif args.command == "attach":
-        attached = vhci.attach(args.remote, args.busid, args.tcp_port)
+        attached = attach(args.remote, args.busid, args.tcp_port)
         if as_json:
             return {"port": attached.port, "host": attached.host,
                     "tcp_port": attached.tcp_port, "busid": args.busid,
@@ -260,18 +278,27 @@ def _run(args: argparse.Namespace) -> object:
     return None
 
 
+def _os_error_text(exc: OSError) -> str:
+    """An OSError as one line: the file, what went wrong, and for EACCES what to do."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    what = exc.strerror or str(exc)
+    if isinstance(exc, PermissionError):
+        return f"{where}{what} (run as root)"
+    return f"{where}{what}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = _run(args)
-    except (UsbipError, ClientError) as exc:
-        print(f"usbipy: error: {exc}", file=sys.stderr)
+    except (UsbipError, OSError) as exc:
+        # Every error a user can cause: one line on stderr, exit status 1, and with
+        # --json the same as an object on stdout.
+        text = str(exc) if isinstance(exc, UsbipError) else _os_error_text(exc)
+        text = printable(text)
+        print(f"usbipy: error: {text}", file=sys.stderr)
         if args.json:
-            print(json.dumps({"error": str(exc), "kind": type(exc).__name__}))
-        return 1
-    except PermissionError as exc:
-        print(f"usbipy: error: {exc.filename or ''}: permission denied (run as root)",
-              file=sys.stderr)
+            print(json.dumps({"error": text, "kind": type(exc).__name__}))
         return 1
     if args.json:
         print(json.dumps(result, indent=2))

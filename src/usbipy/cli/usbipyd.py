@@ -13,15 +13,18 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..demo import DEMO_DISK_SIZE, demo_devices
-from ..devices import ImageFile, MassStorage, PtyBackend, StorageError, usbip_host
-from ..devices.base import ExportedDevice
-from ..devices.bindings import BindingStore, state_dir
-from ..devices.cdc_acm import CdcAcm
-from ..devices.libusb import LibusbSource, libusb_available
+from ..backends.base import ExportedDevice
+from ..backends.kernel_stub import KernelStubSource
+from ..backends.libusb.bindings import BindingError, BindingStore, state_dir
+from ..backends.libusb.events import libusb_available
+from ..backends.libusb.source import LibusbSource
+from ..devices import CdcAcm, ImageFile, MassStorage, PtyBackend, StorageError
+from ..devices.demo import DEMO_DISK_SIZE, demo_devices
 from ..errors import UsbipError
-from ..server import USBIP_PORT, UsbipServer
-from ..server.daemon import listen_sockets
+from ..escape import printable
+from ..linux import usbip_host
+from ..protocol import USBIP_PORT
+from ..server import UsbipServer, listen_sockets
 
 log = logging.getLogger("usbipyd")
 
@@ -106,7 +109,7 @@ async def _watch(source: LibusbSource) -> None:
     while True:
         await asyncio.sleep(1.0)
         try:
-            source.check()
+            await source.check()
         except Exception:
             log.exception("checking the libusb devices failed")
 
@@ -132,9 +135,7 @@ async def _serve(server: UsbipServer, libusb: LibusbSource | None) -> None:
         log.info("shutting down")
         if watcher is not None:
             watcher.cancel()
-        await server.close()
-        if libusb is not None:
-            libusb.close()
+        await server.close()  # closes the sources too
 
 
 def run_loop(main: Coroutine[Any, Any, None], loop: str) -> None:
@@ -150,6 +151,17 @@ def run_loop(main: Coroutine[Any, Any, None], loop: str) -> None:
             uvloop.run(main)
             return
     asyncio.run(main)
+
+
+def _unservable(store: BindingStore, why: str) -> None:
+    """Name each libusb binding this server cannot serve, and why."""
+    try:
+        bindings = store.load()
+    except BindingError as exc:
+        log.warning("%s", exc)
+        return
+    for binding in bindings:
+        log.warning("not exporting %s: %s", printable(str(binding)), why)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -176,12 +188,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     for device in devices:
         server.add(device)
     if kernel:
-        server.registry.add_source(usbip_host.bound_devices)
+        server.registry.add_source(KernelStubSource())
     libusb: LibusbSource | None = None
-    if not args.no_libusb and libusb_available():
+    if not args.no_libusb:
         state = Path(args.state_dir) if args.state_dir else state_dir()
-        libusb = LibusbSource(BindingStore(state / "libusb-bindings.json"))
-        server.registry.add_source(libusb)
+        store = BindingStore(state / "libusb-bindings.json")
+        if libusb_available():
+            libusb = LibusbSource(store)
+            server.registry.add_source(libusb)
+        else:
+            _unservable(store, "python-libusb1 is not installed: pip install 'usbipy[libusb]'")
     if args.daemon:
         _daemonize()
     if args.pid:

@@ -1,13 +1,15 @@
-"""USB/IP clients: the userspace client (and, on Linux, vhci-hcd through sysfs)."""
+"""USB/IP clients: the asyncio userspace client, the blocking OP handshake, and
+`usbip attach` into vhci-hcd."""
 
-from .userspace import (
-    ClientError,
-    ImportRefused,
-    RemoteDevice,
-    UrbError,
-    import_device,
-    list_devices,
-)
+from .errors import ClientError, HostUnreachable, ImportRefused, UrbError
+from .userspace import RemoteDevice, import_device, list_devices
 
-__all__ = ["ClientError", "ImportRefused", "RemoteDevice", "UrbError", "import_device",
-           "list_devices"]
+__all__ = [
+    "ClientError",
+    "HostUnreachable",
+    "ImportRefused",
+    "RemoteDevice",
+    "UrbError",
+    "import_device",
+    "list_devices",
+]

@@ -22,18 +22,10 @@ from ..protocol import (
     OpStatus,
     RemoteProtocolError,
 )
-from .userspace import ClientError, ImportRefused
+from .errors import ClientError, HostUnreachable, ImportRefused
 
 #: Seconds to wait for the server to connect and to answer an OP request.
 OP_TIMEOUT = 30.0
-
-
-class HostUnreachable(ClientError):
-    def __init__(self, host: str, port: int, reason: str) -> None:
-        super().__init__(f"cannot connect to {host}:{port}: {reason} (is usbipd or usbipyd "
-                         f"running there, and port {port} open?)")
-        self.host = host
-        self.port = port
 
 
 def connect(host: str, port: int, timeout: float = OP_TIMEOUT) -> socket.socket:

@@ -12,11 +12,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import socket
-import struct
 from types import TracebackType
 from typing import cast
 
-from ..errors import UsbipError
 from ..protocol import (
     ClientConnection,
     CmdSubmit,
@@ -33,31 +31,9 @@ from ..protocol import (
     RetSubmit,
     RetUnlink,
 )
-
-USBIP_PORT = 3240
-
-
-class ClientError(UsbipError):
-    """A USB/IP request failed."""
-
-
-class ImportRefused(ClientError):
-    def __init__(self, busid: str, status: OpStatus) -> None:
-        explain = {
-            OpStatus.DEV_BUSY: "the device is already imported by another client",
-            OpStatus.NODEV: "no such device",
-            OpStatus.NA: "the device is not available",
-            OpStatus.DEV_ERR: "the device is in an error state",
-        }.get(status, "the server refused the import")
-        super().__init__(f"import of {busid} refused: {explain} ({status.name})")
-        self.busid = busid
-        self.status = status
-
-
-class UrbError(ClientError):
-    def __init__(self, ret: RetSubmit) -> None:
-        super().__init__(f"URB {ret.seqnum} failed with status {ret.status}")
-        self.ret = ret
+from ..protocol.constants import USBIP_PORT
+from ..usb.requests import SETUP
+from .errors import ClientError, ImportRefused, UrbError
 
 
 class _ClientProtocol(asyncio.Protocol):
@@ -160,9 +136,6 @@ async def import_device(host: str, busid: str, port: int = USBIP_PORT) -> Remote
     return RemoteDevice(protocol, reply.device)
 
 
-_SETUP = struct.Struct("<BBHHH")
-
-
 class RemoteDevice:
     """An imported device: submit URBs, unlink them, close."""
 
@@ -218,11 +191,11 @@ class RemoteDevice:
                       wLength_or_data: int | bytes) -> bytes:
         """A control transfer on endpoint 0; returns IN data; raises UrbError on a stall."""
         if isinstance(wLength_or_data, int):
-            setup = _SETUP.pack(bmRequestType, bRequest, wValue, wIndex, wLength_or_data)
+            setup = SETUP.pack(bmRequestType, bRequest, wValue, wIndex, wLength_or_data)
             ret = await self.submit(0, Direction.IN, wLength_or_data, setup=setup)
         else:
             data = wLength_or_data
-            setup = _SETUP.pack(bmRequestType, bRequest, wValue, wIndex, len(data))
+            setup = SETUP.pack(bmRequestType, bRequest, wValue, wIndex, len(data))
             ret = await self.submit(0, Direction.OUT, data=data, setup=setup)
         if ret.status:
             raise UrbError(ret)

@@ -1,19 +1,25 @@
-"""Exported devices: the interface, and the emulated devices written in Python."""
+"""Emulated devices written in Python: the examples to read when writing your own.
 
-from .base import Completion, ExportedDevice, SubmitResult
+A keyboard (HID boot protocol), a serial port (CDC-ACM) with its backends, a
+disk (mass storage, SCSI over Bulk-Only) with its image file, and the demo
+set that ``usbipyd --demo`` exports.
+"""
+
 from .cdc_acm import CdcAcm
-from .descriptors import Configuration, Device, Endpoint, Interface, TransferType
-from .emulated import EmulatedDevice, Setup, Stall, UrbQueue
+from .demo import demo_devices
 from .hid import HidKeyboard
 from .mass_storage import MassStorage
 from .serial_backends import EchoBackend, PtyBackend, SerialBackend
 from .storage import ImageFile, StorageError
 
 __all__ = [
-    "Completion", "ExportedDevice", "SubmitResult",
-    "CdcAcm", "HidKeyboard", "MassStorage",
-    "Configuration", "Device", "Endpoint", "Interface", "TransferType",
-    "EmulatedDevice", "Setup", "Stall", "UrbQueue",
-    "EchoBackend", "PtyBackend", "SerialBackend",
-    "ImageFile", "StorageError",
+    "CdcAcm",
+    "EchoBackend",
+    "HidKeyboard",
+    "ImageFile",
+    "MassStorage",
+    "PtyBackend",
+    "SerialBackend",
+    "StorageError",
+    "demo_devices",
 ]

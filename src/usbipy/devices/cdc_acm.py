@@ -6,11 +6,12 @@ import asyncio
 import struct
 from dataclasses import dataclass
 
+from ..backends.base import Completion, SubmitResult
+from ..backends.emulated import EmulatedDevice, Stall, UrbQueue
 from ..protocol import CmdSubmit, Speed
 from ..protocol.constants import EPIPE, ESHUTDOWN
-from .base import Completion, SubmitResult
-from .descriptors import Configuration, Device, Endpoint, Interface, TransferType
-from .emulated import EmulatedDevice, Setup, Stall, UrbQueue
+from ..usb.descriptors import Configuration, Device, Endpoint, Interface, TransferType
+from ..usb.requests import Setup
 from .serial_backends import EchoBackend, SerialBackend
 
 # CDC PSTN requests (CDC PSTN 1.2, 6.3)
@@ -86,18 +87,18 @@ class CdcAcm(EmulatedDevice):
         self._notify_urbs = UrbQueue()
         self._drained: asyncio.Future[None] | None = None
 
-    def attach(self) -> None:
-        super().attach()
+    async def attach(self) -> None:
+        await super().attach()
         self.backend.start(self._from_backend)
 
-    def detach(self) -> None:
+    async def detach(self) -> None:
         self.backend.stop()
         self._in_urbs.fail_all(ESHUTDOWN)
         self._notify_urbs.fail_all(ESHUTDOWN)
         self._rx.clear()
         if self._drained is not None and not self._drained.done():
             self._drained.cancel()
-        super().detach()
+        await super().detach()
 
     def close(self) -> None:
         close = getattr(self.backend, "close", None)

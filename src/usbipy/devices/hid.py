@@ -7,11 +7,19 @@ import struct
 import threading
 from collections import deque
 
+from ..backends.base import Completion, SubmitResult
+from ..backends.emulated import EmulatedDevice, Stall, UrbQueue
 from ..protocol import CmdSubmit, Speed
 from ..protocol.constants import EPIPE, ESHUTDOWN
-from .base import Completion, SubmitResult
-from .descriptors import Configuration, DescriptorType, Device, Endpoint, Interface, TransferType
-from .emulated import EmulatedDevice, Setup, Stall, UrbQueue
+from ..usb.descriptors import (
+    Configuration,
+    DescriptorType,
+    Device,
+    Endpoint,
+    Interface,
+    TransferType,
+)
+from ..usb.requests import Setup
 
 # HID class requests (HID 1.11, 7.2)
 GET_REPORT = 0x01
@@ -100,14 +108,14 @@ class HidKeyboard(EmulatedDevice):
         self._last = _RELEASED
         self.leds_changed = threading.Condition()
 
-    def attach(self) -> None:
-        super().attach()
+    async def attach(self) -> None:
+        await super().attach()
         self._loop = asyncio.get_running_loop()
 
-    def detach(self) -> None:
+    async def detach(self) -> None:
         self._urbs.fail_all(ESHUTDOWN)  # the client is gone
         self._reports.clear()
-        super().detach()
+        await super().detach()
 
     # --- Python API -----------------------------------------------------------
 

@@ -14,11 +14,12 @@ import struct
 from collections import deque
 from dataclasses import dataclass
 
+from ..backends.base import Completion, SubmitResult
+from ..backends.emulated import EmulatedDevice, Stall, UrbQueue
 from ..protocol import CmdSubmit, Speed
 from ..protocol.constants import EPIPE, ESHUTDOWN
-from .base import Completion, SubmitResult
-from .descriptors import Configuration, Device, Endpoint, Interface, TransferType
-from .emulated import EmulatedDevice, Setup, Stall, UrbQueue
+from ..usb.descriptors import Configuration, Device, Endpoint, Interface, TransferType
+from ..usb.requests import Setup
 from .scsi import GOOD, WRITE_ERROR, ScsiCommand, ScsiDisk
 from .storage import ImageFile
 
@@ -91,10 +92,10 @@ class MassStorage(EmulatedDevice):
         self._urbs = UrbQueue()
         self._busy = False  # a flush is running; the CSW comes after it
 
-    def detach(self) -> None:
+    async def detach(self) -> None:
         self._urbs.fail_all(ESHUTDOWN)
         self._bot_reset()
-        super().detach()
+        await super().detach()
 
     def close(self) -> None:
         self.storage.close()

@@ -2,16 +2,13 @@
 
 A connection goes through two phases. In the OP phase one request and one
 reply are exchanged (a device list, or an import). After a successful import
-the URB phase begins and lasts until the TCP connection ends::
-
-    server:  OP --REQ_DEVLIST--> REPLYING --send REP_DEVLIST--> CLOSED
-             OP --REQ_IMPORT---> REPLYING --send REP_IMPORT(OK)--> URB
-                                          --send REP_IMPORT(error)--> CLOSED
-    client:  OP --send REQ_*--> AWAIT_REPLY --REP_DEVLIST / REP_IMPORT(error)--> CLOSED
-                                            --REP_IMPORT(OK)--> URB
+the URB phase begins and lasts until the TCP connection ends. The moves are
+the table in :mod:`.states`.
 
 Use :meth:`receive_data` to feed bytes in any split (``b""`` means EOF),
 :meth:`next_event` to take whole messages out, and :meth:`send` to encode.
+The server answers URBs with :meth:`ServerConnection.reply_submit`, the fast
+path that decides every byte of RET_SUBMIT from what the device returned.
 No I/O happens here.
 """
 
@@ -24,6 +21,9 @@ from typing import Final
 
 from . import wire
 from .constants import (
+    ENOMEM,
+    EOVERFLOW,
+    EPROTO,
     MAX_ISO_PACKETS,
     NON_ISO_PACKETS,
     USBIP_VERSION,
@@ -36,6 +36,7 @@ from .errors import (
     BadDevid,
     BadIsoDescriptors,
     BadLength,
+    DuplicateSeqnum,
     LocalProtocolError,
     RemoteProtocolError,
     TooManyIsoPackets,
@@ -56,6 +57,8 @@ from .messages import (
     RetSubmit,
     RetUnlink,
 )
+from .states import SENDER as SENDER_OF
+from .states import Kind, Phase, Role, describe, next_phase
 
 
 class _Sentinel(Enum):
@@ -69,15 +72,6 @@ NEED_DATA: Final = _Sentinel.NEED_DATA
 EOF: Final = _Sentinel.EOF
 
 Event = Message | _Sentinel
-
-
-class Phase(Enum):
-    OP = auto()
-    REPLYING = auto()  # server: a request came, the reply is not sent yet
-    AWAIT_REPLY = auto()  # client: a request was sent, the reply did not come yet
-    URB = auto()
-    CLOSED = auto()  # the OP exchange is over and the connection ends here
-    ERROR = auto()
 
 
 #: Default cap on any one transfer buffer (OUT payload, IN reply): 16 MiB.
@@ -96,10 +90,30 @@ _U32 = wire.URB_BASIC.unpack_from
 _HDR = wire.URB_HEADER_SIZE
 _IN = Direction.IN
 _OUT = Direction.OUT
+_RET_SUBMIT_PACK = wire.RET_SUBMIT.pack
+_URB_KINDS = {int(c): Kind[c.name] for c in UrbCommand}
+_OP_KINDS = {OpCode.REQ_DEVLIST: Kind.OP_REQ_DEVLIST, OpCode.REQ_IMPORT: Kind.OP_REQ_IMPORT,
+             OpCode.REP_DEVLIST: Kind.OP_REP_DEVLIST}
+
+
+def _kind_of(message: Message) -> Kind:
+    if isinstance(message, OpRepImport):
+        return Kind.OP_REP_IMPORT_OK if message.status == OpStatus.OK else (
+            Kind.OP_REP_IMPORT_ERROR)
+    return _MESSAGE_KINDS[type(message)]
+
+
+_MESSAGE_KINDS: dict[type, Kind] = {
+    OpReqDevlist: Kind.OP_REQ_DEVLIST, OpRepDevlist: Kind.OP_REP_DEVLIST,
+    OpReqImport: Kind.OP_REQ_IMPORT, CmdSubmit: Kind.CMD_SUBMIT, CmdUnlink: Kind.CMD_UNLINK,
+    RetSubmit: Kind.RET_SUBMIT, RetUnlink: Kind.RET_UNLINK,
+}
 
 
 class _Connection:
     """The receive buffer, the phase and the sticky error state shared by both roles."""
+
+    role: Role
 
     def __init__(self, *, max_transfer_length: int = DEFAULT_MAX_TRANSFER) -> None:
         self.max_transfer_length = max_transfer_length
@@ -112,6 +126,28 @@ class _Connection:
         self._pos = 0
         self._eof = False
         self._error: RemoteProtocolError | None = None
+
+    # --- the state machine (states.py) --------------------------------------------
+
+    def _received(self, kind: Kind) -> None:
+        """Move on a message received; raises UnexpectedMessage for an illegal one."""
+        after = next_phase(self.role, self.phase, kind)
+        if after is None or SENDER_OF[kind] is self.role:
+            raise UnexpectedMessage(describe(self.role, self.phase, kind, sending=False))
+        self.phase = after
+
+    def _sending(self, kind: Kind) -> None:
+        """Move on a message sent; an illegal one breaks the connection for good."""
+        if self.phase is Phase.ERROR:
+            raise LocalProtocolError("the connection is broken by an earlier protocol error")
+        after = next_phase(self.role, self.phase, kind)
+        if after is None or SENDER_OF[kind] is not self.role:
+            self._local_error(describe(self.role, self.phase, kind, sending=True))
+        self.phase = after  # type: ignore[assignment]
+
+    def _local_error(self, text: str) -> None:
+        self.phase = Phase.ERROR
+        raise LocalProtocolError(text)
 
     @property
     def buffered(self) -> int:
@@ -192,10 +228,16 @@ class _Connection:
         with memoryview(self._buf) as view:
             return view[start : start + n].tobytes()
 
-    def _op_header(self, expected: tuple[OpCode, ...]) -> tuple[OpCode, int] | None:
+    def _op_header(self) -> tuple[OpCode, int] | None:
+        """The OP header in front, moved past in the state machine; None if incomplete."""
         if self.buffered < _OP_HEADER.size:
             return None
         version, code, status = _OP_HEADER.unpack_from(self._buf, self._pos)
+        if version == 0 and code in _URB_KINDS:
+            # A URB header where an OP message belongs: its command's high half is
+            # where the version would be. Name the message, not a "version 0x0000".
+            raise UnexpectedMessage(describe(self.role, self.phase, _URB_KINDS[code],
+                                             sending=False))
         if version != USBIP_VERSION:
             raise UnsupportedVersion(
                 f"USB/IP version {version:#06x}, expected {USBIP_VERSION:#06x}"
@@ -204,8 +246,12 @@ class _Connection:
             op = OpCode(code)
         except ValueError:
             raise UnknownCommand(f"unknown OP code {code:#06x}") from None
-        if op not in expected:
-            raise UnexpectedMessage(f"{op.name} not expected in phase {self.phase.name}")
+        if op is OpCode.REP_IMPORT:
+            kind = Kind.OP_REP_IMPORT_OK if status == OpStatus.OK else Kind.OP_REP_IMPORT_ERROR
+        else:
+            kind = _OP_KINDS[op]
+        if next_phase(self.role, self.phase, kind) is None or SENDER_OF[kind] is self.role:
+            raise UnexpectedMessage(describe(self.role, self.phase, kind, sending=False))
         return op, status
 
     def _iso_packets(
@@ -238,50 +284,173 @@ class _Connection:
             )
         return number_of_packets
 
-    def _not_a_request(self, command: int) -> RemoteProtocolError:
-        try:
-            name = UrbCommand(command).name
-        except ValueError:
+    def _not_expected(self, command: int) -> RemoteProtocolError:
+        kind = _URB_KINDS.get(command)
+        if kind is None:
             return UnknownCommand(f"unknown URB command {command:#010x}")
-        return UnexpectedMessage(f"{name} not expected from this peer")
+        return UnexpectedMessage(describe(self.role, self.phase, kind, sending=False))
 
 
 class ServerConnection(_Connection):
-    """The server side: decodes requests, encodes replies."""
+    """The server side: decodes requests, encodes replies.
+
+    It keeps every submitted URB until it is answered, so a reply is framed
+    from the URB it answers (direction, buffer size, iso layout) and a seqnum
+    can never be in flight twice nor be answered twice.
+    """
+
+    role = Role.SERVER
 
     def __init__(self, *, max_transfer_length: int = DEFAULT_MAX_TRANSFER) -> None:
         super().__init__(max_transfer_length=max_transfer_length)
         #: The imported device's devid, once the import succeeded.
         self.devid: int | None = None
+        #: seqnum -> the URB, from CMD_SUBMIT until its RET_SUBMIT (or a RET_UNLINK
+        #: that cancelled it).
+        self._in_flight: dict[int, CmdSubmit] = {}
+        #: Why the last reply differs from what the device returned, when it does
+        #: (a device bug the server should log); the server resets it.
+        self.fault: str | None = None
+
+    @property
+    def in_flight(self) -> int:
+        """URBs received and not yet answered."""
+        return len(self._in_flight)
 
     def send(self, message: OpRepDevlist | OpRepImport | RetSubmit | RetUnlink) -> bytes:
         if isinstance(message, RetSubmit):
-            if self.phase is not Phase.URB:
-                raise LocalProtocolError("RET_SUBMIT outside the URB phase")
-            return wire.encode_ret_submit(
-                message.seqnum, message.status, message.actual_length, message.data,
-                message.start_frame, message.number_of_packets, message.error_count,
-                message.iso_packets,
-            )
+            urb = self._in_flight.get(message.seqnum)
+            if urb is None:
+                self._sending(Kind.RET_SUBMIT)  # names the phase when that is what is wrong
+                self._local_error(f"RET_SUBMIT for seqnum {message.seqnum}, which is not "
+                                  "in flight")
+            assert urb is not None
+            header, data = self.reply_submit(
+                urb, message.status, message.data,
+                None if urb.direction is _IN and message.iso_packets is None
+                else message.actual_length,
+                message.start_frame, message.error_count, message.iso_packets)
+            return header + data
         if isinstance(message, RetUnlink):
-            if self.phase is not Phase.URB:
-                raise LocalProtocolError("RET_UNLINK outside the URB phase")
+            self._sending(Kind.RET_UNLINK)
             return wire.encode_ret_unlink(message.seqnum, message.status)
-        if self.phase is not Phase.REPLYING:
-            raise LocalProtocolError(f"no OP request to answer in phase {self.phase.name}")
+        self._sending(_kind_of(message))
         if isinstance(message, OpRepDevlist):
-            self.phase = Phase.CLOSED
             return wire.encode_op_rep_devlist(message.devices, message.status)
-        if isinstance(message, OpRepImport):
-            data = wire.encode_op_rep_import(message.status, message.device)
-            if message.status == OpStatus.OK:
-                assert message.device is not None
-                self.devid = message.device.devid
-                self.phase = Phase.URB
-            else:
-                self.phase = Phase.CLOSED
-            return data
-        raise LocalProtocolError(f"a server does not send {type(message).__name__}")
+        data = wire.encode_op_rep_import(message.status, message.device)
+        if message.status == OpStatus.OK:
+            assert message.device is not None
+            self.devid = message.device.devid
+        return data
+
+    # --- the reply fast path ---------------------------------------------------------
+
+    def admit(self, urb: CmdSubmit) -> tuple[bytes, bytes] | None:
+        """None when the device may have ``urb``; otherwise the reply that refuses it.
+
+        An IN buffer above the cap is refused with -ENOMEM, what usbip-host answers
+        when it cannot allocate the buffer (stub_rx.c): never allocate what a peer
+        asks for without a bound.
+        """
+        if urb.direction is _IN and urb.transfer_buffer_length > self.max_transfer_length:
+            self.fault = (f"seqnum {urb.seqnum} asks for {urb.transfer_buffer_length} bytes "
+                          f"IN, above the cap of {self.max_transfer_length}")
+            return self.reply_submit(urb, ENOMEM)
+        return None
+
+    def reply_submit(self, urb: CmdSubmit, status: int = 0, data: bytes = b"",
+                     actual_length: int | None = None, start_frame: int = 0,
+                     error_count: int = 0, iso_packets: list[IsoPacket] | None = None,
+                     ) -> tuple[bytes, bytes]:
+        """RET_SUBMIT for ``urb``: the 48-byte header and the bytes that follow it.
+
+        The reply is always self-consistent, whatever the device returned:
+
+        * IN data longer than the URB's buffer is a babble: -EOVERFLOW, no data.
+        * ``actual_length`` None means len(data) for IN and the whole buffer for OUT;
+          one that contradicts the data (IN) or the buffer (OUT) is -EPROTO, no data.
+        * A non-iso reply echoes the URB's number_of_packets, as usbip-host does
+          (stub_tx.c copies it); an iso reply must describe the URB's own packets,
+          with IN data packed (the packets' actual lengths back to back).
+
+        When the reply differs from the device's answer, :attr:`fault` says why.
+        """
+        seqnum = urb.seqnum
+        if self._in_flight.pop(seqnum, None) is None:
+            if self.phase is not Phase.URB:
+                self._sending(Kind.RET_SUBMIT)
+            self._local_error(f"RET_SUBMIT for seqnum {seqnum}, which is not in flight")
+        if iso_packets is not None or urb.iso_packets is not None:
+            return self._iso_reply(urb, status, data, actual_length, start_frame,
+                                   error_count, iso_packets)
+        length = urb.transfer_buffer_length
+        if urb.direction is _IN:
+            actual = len(data)
+            if actual > length:
+                self.fault = f"seqnum {seqnum}: {actual} bytes returned for a {length}-byte URB"
+                status, data, actual = EOVERFLOW, b"", 0  # as a babbling device
+            elif actual_length is not None and actual_length != actual:
+                self.fault = (f"seqnum {seqnum}: actual_length {actual_length} with "
+                              f"{actual} bytes of data")
+                status, data, actual = EPROTO, b"", 0
+        else:
+            data = b""
+            actual = length if actual_length is None else actual_length
+            if not 0 <= actual <= length:
+                self.fault = (f"seqnum {seqnum}: actual_length {actual} for a {length}-byte "
+                              "OUT URB")
+                status, actual = EPROTO, 0
+        return _RET_SUBMIT_PACK(3, seqnum, 0, 0, 0, status, actual, start_frame,
+                                urb.number_of_packets, error_count), data
+
+    def _iso_reply(self, urb: CmdSubmit, status: int, data: bytes, actual_length: int | None,
+                   start_frame: int, error_count: int, packets: list[IsoPacket] | None,
+                   ) -> tuple[bytes, bytes]:
+        requested = urb.iso_packets or []
+        fault = self._iso_fault(urb, data, actual_length, packets)
+        if fault is not None:
+            self.fault = f"seqnum {urb.seqnum}: {fault}"
+            # The client expects as many descriptors as it sent: fail each of them.
+            status, data, error_count = EPROTO, b"", len(requested)
+            packets = [IsoPacket(p.offset, p.length, 0, EPROTO) for p in requested]
+        assert packets is not None
+        if urb.direction is _IN:
+            actual = len(data)
+        else:
+            data = b""
+            actual = sum(p.actual_length for p in packets)
+        header = _RET_SUBMIT_PACK(3, urb.seqnum, 0, 0, 0, status, actual, start_frame,
+                                  len(packets), error_count)
+        return header, data + wire.encode_iso_packets(packets)
+
+    @staticmethod
+    def _iso_fault(urb: CmdSubmit, data: bytes, actual_length: int | None,
+                   packets: list[IsoPacket] | None) -> str | None:
+        requested = urb.iso_packets
+        if requested is None or packets is None:
+            return "an isochronous reply to a non-isochronous URB, or the other way round"
+        if len(packets) != len(requested):
+            return f"{len(packets)} iso packets returned, {len(requested)} submitted"
+        total = 0
+        for i, p in enumerate(packets):
+            if not 0 <= p.actual_length <= p.length or p.offset + p.length > (
+                    urb.transfer_buffer_length):
+                return f"iso packet {i} does not fit its buffer"
+            total += p.actual_length
+        if urb.direction is _IN and total != len(data):
+            return f"iso actual lengths add up to {total}, {len(data)} bytes of data"
+        if actual_length is not None and actual_length != total:
+            return f"actual_length {actual_length}, iso packets add up to {total}"
+        return None
+
+    def reply_unlink(self, cmd: CmdUnlink, status: int) -> bytes:
+        """RET_UNLINK for ``cmd``: -ECONNRESET when the URB was cancelled (its
+        RET_SUBMIT never comes), 0 when it had completed (its RET_SUBMIT is sent)."""
+        if status != 0:
+            self._in_flight.pop(cmd.unlink_seqnum, None)
+        return wire.encode_ret_unlink(cmd.seqnum, status)
+
+    # --- decoding -------------------------------------------------------------------
 
     def _parse(self) -> Event:
         phase = self.phase
@@ -289,21 +458,19 @@ class ServerConnection(_Connection):
             return self._parse_urb()
         if not self.buffered:
             return NEED_DATA
-        if phase is not Phase.OP:
-            raise UnexpectedMessage(f"data from the client in phase {phase.name}")
-        head = self._op_header((OpCode.REQ_DEVLIST, OpCode.REQ_IMPORT))
+        head = self._op_header()
         if head is None:
             return NEED_DATA
         op, _status = head
         if op is OpCode.REQ_DEVLIST:
             self._pos += _OP_HEADER.size
-            self.phase = Phase.REPLYING
+            self._received(Kind.OP_REQ_DEVLIST)
             return OpReqDevlist()
         if self.buffered < _OP_HEADER.size + wire.BUSID.size:
             return NEED_DATA
         (raw,) = wire.BUSID.unpack_from(self._buf, self._pos + _OP_HEADER.size)
         self._pos += _OP_HEADER.size + wire.BUSID.size
-        self.phase = Phase.REPLYING
+        self._received(Kind.OP_REQ_IMPORT)
         return OpReqImport(wire._c_string(raw))
 
     def _parse_urb(self) -> Event:
@@ -330,21 +497,25 @@ class ServerConnection(_Connection):
             need = _HDR + payload + 16 * n_iso
             if avail < need:
                 return NEED_DATA
+            in_flight = self._in_flight
+            if seqnum in in_flight:
+                raise DuplicateSeqnum(f"seqnum {seqnum} is already in flight")
             iso = None
             if n_iso:
                 iso = self._iso_packets(pos + _HDR + payload, n_iso, length)
             data = self._copy(pos + _HDR, payload) if payload else b""
             self._pos = pos + need
-            return CmdSubmit(
+            urb = in_flight[seqnum] = CmdSubmit(
                 seqnum, devid, _IN if direction else _OUT, ep, flags, length, setup, data,
                 start_frame, npackets, interval, iso,
             )
+            return urb
         if command == 2:  # CMD_UNLINK
             _, seqnum, devid, direction, ep, unlink_seqnum = wire.CMD_UNLINK.unpack_from(buf, pos)
             self._check_target(devid, direction, ep)
             self._pos = pos + _HDR
             return CmdUnlink(seqnum, devid, unlink_seqnum, Direction(direction), ep)
-        raise self._not_a_request(command)
+        raise self._not_expected(command)
 
     def _check_target(self, devid: int, direction: int, ep: int) -> None:
         if devid != self.devid:
@@ -362,9 +533,10 @@ class ClientConnection(_Connection):
     knows whether a RET_SUBMIT carries IN data and how much is plausible.
     """
 
+    role = Role.CLIENT
+
     def __init__(self, *, max_transfer_length: int = DEFAULT_MAX_TRANSFER) -> None:
         super().__init__(max_transfer_length=max_transfer_length)
-        self._awaiting: OpCode | None = None
         #: seqnum -> (direction, transfer_buffer_length, number of iso packets)
         self._pending: dict[int, tuple[Direction, int, int]] = {}
         #: unlink seqnum -> the seqnum it targets
@@ -377,35 +549,25 @@ class ClientConnection(_Connection):
         return len(self._pending)
 
     def send(self, message: OpReqDevlist | OpReqImport | CmdSubmit | CmdUnlink) -> bytes:
+        self._sending(_kind_of(message))
         if isinstance(message, CmdSubmit):
-            if self.phase is not Phase.URB:
-                raise LocalProtocolError("CMD_SUBMIT before a successful import")
             if message.seqnum in self._pending:
-                raise LocalProtocolError(f"seqnum {message.seqnum} is already in flight")
+                self._local_error(f"seqnum {message.seqnum} is already in flight")
             if message.direction is Direction.OUT and len(message.data) != (
                 message.transfer_buffer_length
             ):
-                raise LocalProtocolError("OUT data must be transfer_buffer_length bytes")
+                self._local_error("OUT data must be transfer_buffer_length bytes")
             n_iso = len(message.iso_packets) if message.iso_packets is not None else 0
             self._pending[message.seqnum] = (
                 message.direction, message.transfer_buffer_length, n_iso,
             )
             return wire.encode_cmd_submit(message)
         if isinstance(message, CmdUnlink):
-            if self.phase is not Phase.URB:
-                raise LocalProtocolError("CMD_UNLINK before a successful import")
             self._unlinks[message.seqnum] = message.unlink_seqnum
             return wire.encode_cmd_unlink(message)
-        if self.phase is not Phase.OP:
-            raise LocalProtocolError(f"one OP request per connection (phase {self.phase.name})")
-        self.phase = Phase.AWAIT_REPLY
         if isinstance(message, OpReqDevlist):
-            self._awaiting = OpCode.REP_DEVLIST
             return wire.encode_op_req_devlist()
-        if isinstance(message, OpReqImport):
-            self._awaiting = OpCode.REP_IMPORT
-            return wire.encode_op_req_import(message.busid)
-        raise LocalProtocolError(f"a client does not send {type(message).__name__}")
+        return wire.encode_op_req_import(message.busid)
 
     def _parse(self) -> Event:
         phase = self.phase
@@ -413,10 +575,7 @@ class ClientConnection(_Connection):
             return self._parse_urb()
         if not self.buffered:
             return NEED_DATA
-        if phase is not Phase.AWAIT_REPLY:
-            raise UnexpectedMessage(f"data from the server in phase {phase.name}")
-        assert self._awaiting is not None
-        head = self._op_header((self._awaiting,))
+        head = self._op_header()
         if head is None:
             return NEED_DATA
         op, status = head
@@ -434,14 +593,14 @@ class ClientConnection(_Connection):
         op_status = self._op_status(status)
         if op_status != OpStatus.OK:
             self._pos += _OP_HEADER.size
-            self.phase = Phase.CLOSED
+            self._received(Kind.OP_REP_IMPORT_ERROR)
             return OpRepImport(op_status)
         if self.buffered < _OP_HEADER.size + wire.DEVICE.size:
             return NEED_DATA
         device = wire.decode_device(self._buf, self._pos + _OP_HEADER.size)
         self._pos += _OP_HEADER.size + wire.DEVICE.size
         self.device = device
-        self.phase = Phase.URB
+        self._received(Kind.OP_REP_IMPORT_OK)
         return OpRepImport(op_status, device)
 
     def _parse_rep_devlist(self, status: int) -> Event:
@@ -466,7 +625,7 @@ class ClientConnection(_Connection):
             offset += 4 * n_if
             devices.append(dataclasses.replace(device, interfaces=interfaces))
         self._pos = offset
-        self.phase = Phase.CLOSED
+        self._received(Kind.OP_REP_DEVLIST)
         return OpRepDevlist(tuple(devices), op_status)
 
     def _parse_urb(self) -> Event:
@@ -519,4 +678,4 @@ class ClientConnection(_Connection):
                 self._pending.pop(target, None)
             self._pos = pos + _HDR
             return RetUnlink(seqnum, status)
-        raise self._not_a_request(command)
+        raise self._not_expected(command)

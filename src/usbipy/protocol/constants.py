@@ -7,6 +7,9 @@ from enum import IntEnum
 
 USBIP_VERSION = 0x0111
 
+#: The TCP port IANA assigned to USB/IP, where usbipd listens.
+USBIP_PORT = 3240
+
 #: The kernel's USBIP_MAX_ISO_PACKETS: more than this in one URB is refused.
 MAX_ISO_PACKETS = 1024
 
@@ -75,11 +78,5 @@ ENOMEM = -errno.ENOMEM
 ESHUTDOWN = -errno.ESHUTDOWN
 EPROTO = -errno.EPROTO
 ETIME = -errno.ETIME
-EREMOTEIO = -errno.EREMOTEIO  # short read with URB_SHORT_NOT_OK
+EREMOTEIO = -errno.EREMOTEIO  # short read with URB_SHORT_NOT_OK (usb/urb.py)
 EXDEV = -errno.EXDEV  # iso: partially completed
-
-#: URB_SHORT_NOT_OK in transfer_flags (include/uapi/linux/usbip.h).
-URB_SHORT_NOT_OK = 0x00000001
-URB_ISO_ASAP = 0x00000002
-URB_ZERO_PACKET = 0x00000040
-URB_DIR_IN = 0x00000200

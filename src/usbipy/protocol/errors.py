@@ -9,13 +9,15 @@
                ├── UnsupportedVersion
                ├── UnknownCommand
                ├── UnexpectedMessage   a valid message in the wrong phase, or an unknown seqnum
+               ├── DuplicateSeqnum     a CMD_SUBMIT whose seqnum is still in flight
                ├── BadDevid
                ├── BadLength           negative, oversized or impossible lengths
                ├── TooManyIsoPackets
                └── BadIsoDescriptors
 
 Once a connection object has raised a RemoteProtocolError, it stays broken:
-every later call raises the same error again.
+every later call raises the same error again. A LocalProtocolError from
+``send`` breaks it too: every later ``send`` refuses.
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ class UnknownCommand(RemoteProtocolError):
 
 class UnexpectedMessage(RemoteProtocolError):
     """A known message in the wrong phase, or a reply to a seqnum never sent."""
+
+
+class DuplicateSeqnum(RemoteProtocolError):
+    """A CMD_SUBMIT reusing the seqnum of a URB that has not been answered yet."""
 
 
 class BadDevid(RemoteProtocolError):

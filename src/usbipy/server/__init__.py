@@ -1,7 +1,13 @@
-"""The asyncio USB/IP server."""
+"""The asyncio USB/IP server: a thin layer around the codec."""
 
 from .connection import UsbipServerProtocol
-from .daemon import USBIP_PORT, ServerThread, UsbipServer
+from .daemon import ServerThread, UsbipServer, listen_sockets
 from .registry import DeviceRegistry
 
-__all__ = ["USBIP_PORT", "DeviceRegistry", "ServerThread", "UsbipServer", "UsbipServerProtocol"]
+__all__ = [
+    "DeviceRegistry",
+    "ServerThread",
+    "UsbipServer",
+    "UsbipServerProtocol",
+    "listen_sockets",
+]

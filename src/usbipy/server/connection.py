@@ -1,7 +1,11 @@
 """One client connection: the OP handshake, then URB dispatch with UNLINK.
 
 Each URB in flight is a future or task, completed in any order. A URB that a
-device finishes at once is answered without creating a task at all.
+device finishes at once is answered without creating a task at all. Every
+reply's bytes come from the codec (:class:`ServerConnection`); this layer
+only decides when to send them. Whatever may block (listing devices,
+opening a libusb device, writing usbip_sockfd) runs as a task, with reading
+paused until it is done, so other clients are served meanwhile.
 """
 
 from __future__ import annotations
@@ -10,14 +14,14 @@ import asyncio
 import logging
 import os
 import socket
-from collections.abc import Awaitable
-from typing import cast
+from collections.abc import Awaitable, Coroutine
+from typing import Any, cast
 
-from ..devices.base import Completion, ExportedDevice, HandOffDevice
+from ..backends.base import Completion, ExportedDevice, HandOffDevice
+from ..escape import printable
 from ..protocol import (
     CmdSubmit,
     CmdUnlink,
-    Direction,
     OpRepDevlist,
     OpRepImport,
     OpReqDevlist,
@@ -25,14 +29,11 @@ from ..protocol import (
     OpStatus,
     RemoteProtocolError,
     ServerConnection,
-    wire,
 )
-from ..protocol.constants import ECONNRESET, ENOMEM, EOVERFLOW, EPROTO
+from ..protocol.constants import ECONNRESET, EPROTO
 from .registry import DeviceRegistry
 
 log = logging.getLogger("usbipy.server")
-
-_RET_SUBMIT_PACK = wire.RET_SUBMIT.pack
 
 #: Beyond this many URBs in flight on one connection, stop reading from it.
 MAX_IN_FLIGHT = 4096
@@ -49,10 +50,16 @@ class UsbipServerProtocol(asyncio.Protocol):
         self.peer = "?"
         self._connections = connections
         self._transport: asyncio.Transport | None = None
-        self._in_flight: dict[int, asyncio.Future[Completion]] = {}
+        #: seqnum -> a URB the device did not finish at once, and its pending outcome
+        self._futures: dict[int, tuple[CmdSubmit, asyncio.Future[Completion]]] = {}
         self._paused_reading = False
         self._paused_writing = False
+        #: Reading is paused while an OP request is being answered.
+        self._op_pending = False
         self._closed = False
+        self._task: asyncio.Task[None] | None = None
+        #: Resolved once the connection is gone and its device released.
+        self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         #: Replies made while one batch of input is handled, sent with one write:
         #: at depth 32 one recv carries many URBs, and one send per reply would
         #: cost more than the URBs themselves.
@@ -73,34 +80,39 @@ class UsbipServerProtocol(asyncio.Protocol):
         log.debug("%s: connected", self.peer)
 
     def data_received(self, data: bytes) -> None:
+        self.conn.receive_data(data)
+        self._process()
+
+    def _process(self) -> None:
+        """Handle every whole message buffered, replies batched into one write."""
         self._batch = []
         try:
-            self._handle(data)
+            self._dispatch()
         finally:
             self._flush()
             self._batch = None
 
-    def _handle(self, data: bytes) -> None:
-        conn = self.conn
-        conn.receive_data(data)
+    def _dispatch(self) -> None:
         try:
-            for event in conn.events():
+            for event in self.conn.events():
                 if type(event) is CmdSubmit:
                     self._submit(event)
                 elif type(event) is CmdUnlink:
                     self._unlink(event)
                 elif type(event) is OpReqDevlist:
-                    self._devlist()
+                    self._start_op(self._devlist())
+                    return  # the rest waits for the reply
                 elif type(event) is OpReqImport:
-                    self._import(event.busid)
+                    self._start_op(self._import(event.busid))
+                    return
                 if self._closed:
                     return
         except RemoteProtocolError as exc:
             log.warning("%s: closing the connection: %s: %s", self.peer,
-                        type(exc).__name__, exc)
+                        type(exc).__name__, printable(str(exc)))
             self._abort()
             return
-        if len(self._in_flight) >= MAX_IN_FLIGHT and not self._paused_reading:
+        if self.conn.in_flight >= MAX_IN_FLIGHT and not self._paused_reading:
             self._pause_reading()
 
     def eof_received(self) -> bool | None:
@@ -109,18 +121,34 @@ class UsbipServerProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self._connections.discard(self)
-        for future in self._in_flight.values():
+        for _urb, future in self._futures.values():
             future.cancel()
-        self._in_flight.clear()
-        if self.device is not None:
-            device, self.device = self.device, None
-            device.drop_client = None
-            try:
-                device.detach()
-            finally:
-                self.registry.release(device.busid, self)
-            log.info("%s: released %s", self.peer, device.busid)
+        self._futures.clear()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        device, self.device = self.device, None
+        if device is None:
+            self._finish()
+        else:
+            # Released only once detach is done: until then the device stays held,
+            # so no other client imports it half released.
+            asyncio.ensure_future(self._release(device))
         log.debug("%s: disconnected (%s)", self.peer, exc or "closed")
+
+    async def _release(self, device: ExportedDevice) -> None:
+        device.drop_client = None
+        try:
+            await device.detach()
+        except Exception:
+            log.exception("%s: releasing %s failed", self.peer, printable(device.busid))
+        finally:
+            self.registry.release(device.busid, self)
+            self._finish()
+        log.info("%s: released %s", self.peer, printable(device.busid))
+
+    def _finish(self) -> None:
+        if not self.finished.done():
+            self.finished.set_result(None)
 
     def pause_writing(self) -> None:
         # The client does not read its replies: stop taking new URBs from it.
@@ -131,145 +159,166 @@ class UsbipServerProtocol(asyncio.Protocol):
         self._paused_writing = False
         self._maybe_resume_reading()
 
-    # --- OP phase ----------------------------------------------------------------
+    # --- OP phase: answered by a task, reading paused meanwhile ----------------------
 
-    def _devlist(self) -> None:
-        devices = tuple(d.info for d in self.registry.available())
+    def _start_op(self, work: Coroutine[Any, Any, None]) -> None:
+        self._op_pending = True
+        self._pause_reading()
+        self._task = asyncio.ensure_future(work)
+        self._task.add_done_callback(self._op_done)
+
+    def _op_done(self, task: asyncio.Task[None]) -> None:
+        self._op_pending = False
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("%s: answering the request failed", self.peer, exc_info=exc)
+            self._abort()
+            return
+        if not self._closed:
+            self._maybe_resume_reading()
+            if self.conn.buffered:
+                self._process()
+
+    async def _devlist(self) -> None:
+        devices = tuple(d.info for d in await self.registry.available())
         self._write(self.conn.send(OpRepDevlist(devices)))
         log.info("%s: sent the list of %d devices", self.peer, len(devices))
         self._close()
 
-    def _import(self, busid: str) -> None:
-        status, device = self.registry.claim(busid, self)
+    async def _import(self, busid: str) -> None:
+        shown = printable(busid)
+        status, device = await self.registry.claim(busid, self)
         if device is None:
-            log.info("%s: import of %s refused: %s", self.peer, busid, status.name)
-            self._write(self.conn.send(OpRepImport(status)))
-            self._close()
+            log.info("%s: import of %s refused: %s", self.peer, shown, status.name)
+            self._refuse(status)
             return
         if isinstance(device, HandOffDevice):
-            self._hand_off(device)
+            await self._hand_off(device)
+            return
+        if self._closed:  # the client left while we looked
+            self.registry.release(busid, self)
             return
         try:
-            device.attach()
+            await device.attach()
             info = device.info
         except Exception:
-            log.exception("%s: attaching %s failed", self.peer, busid)
+            log.exception("%s: attaching %s failed", self.peer, shown)
             self.registry.release(busid, self)
-            self._write(self.conn.send(OpRepImport(OpStatus.DEV_ERR)))
-            self._close()
+            self._refuse(OpStatus.DEV_ERR)
+            return
+        if self._closed:
+            await self._release(device)
             return
         self.device = device
         device.drop_client = self._close
         self._write(self.conn.send(OpRepImport(OpStatus.OK, info)))
-        log.info("%s: imported %s", self.peer, busid)
+        log.info("%s: imported %s", self.peer, shown)
 
-    def _hand_off(self, device: HandOffDevice) -> None:
+    def _refuse(self, status: OpStatus) -> None:
+        self._write(self.conn.send(OpRepImport(status)))
+        self._close()
+
+    async def _hand_off(self, device: HandOffDevice) -> None:
         # As usbipd: give the socket to the kernel, then reply, then close our
         # copy. The client sends no URB before it has the reply, so the kernel
-        # reads the first one; we must not read anything past this point.
+        # reads the first one; we must not read anything past this point
+        # (reading is paused since the request came).
         assert self._transport is not None
-        self._transport.pause_reading()
         sock = self._transport.get_extra_info("socket")
         fd = sock.fileno()
         try:
             # The kernel's usbip threads expect a blocking socket, as usbipd gives it.
             os.set_blocking(fd, True)
-            device.hand_off(fd)
+            await asyncio.to_thread(device.hand_off, fd)
         except OSError as exc:
-            log.error("%s: handing %s to the kernel failed: %s", self.peer, device.busid,
-                      exc.strerror or exc)
+            log.error("%s: handing %s to the kernel failed: %s", self.peer,
+                      printable(device.busid), exc.strerror or exc)
             os.set_blocking(fd, False)
-            self._write(self.conn.send(OpRepImport(OpStatus.NA)))
-            self._close()
+            self._refuse(OpStatus.NA)
             return
         self._write(self.conn.send(OpRepImport(OpStatus.OK, device.info)))
-        log.info("%s: imported %s (served by the kernel)", self.peer, device.busid)
+        log.info("%s: imported %s (served by the kernel)", self.peer, printable(device.busid))
         self._close()
 
     # --- URB phase ---------------------------------------------------------------
 
     def _submit(self, urb: CmdSubmit) -> None:
+        conn = self.conn
+        refusal = conn.admit(urb)
+        if refusal is not None:
+            self._send_reply(refusal)
+            return
         device = self.device
         assert device is not None
-        seqnum = urb.seqnum
-        if seqnum in self._in_flight:
-            raise RemoteProtocolError(f"seqnum {seqnum} is already in flight")
-        if urb.direction is Direction.IN and urb.transfer_buffer_length > (
-            self.conn.max_transfer_length
-        ):
-            # Never allocate what a peer asks for without a cap.
-            log.warning("%s: seqnum %d asks for %d bytes IN, above the cap of %d", self.peer,
-                        seqnum, urb.transfer_buffer_length, self.conn.max_transfer_length)
-            self._reply(urb, Completion(status=ENOMEM))
-            return
         try:
             result = device.submit(urb)
         except Exception:
-            log.exception("%s: %s failed on seqnum %d", self.peer, device.busid, seqnum)
+            log.exception("%s: %s failed on seqnum %d", self.peer, printable(device.busid),
+                          urb.seqnum)
             result = Completion(status=EPROTO)
         if type(result) is Completion:
             self._reply(urb, result)
             return
         assert isinstance(result, Awaitable)
         future: asyncio.Future[Completion] = asyncio.ensure_future(result)
-        self._in_flight[seqnum] = future
+        self._futures[urb.seqnum] = (urb, future)
         future.add_done_callback(lambda f: self._completed(urb, f))
 
     def _completed(self, urb: CmdSubmit, future: asyncio.Future[Completion]) -> None:
-        if self._in_flight.pop(urb.seqnum, None) is None or future.cancelled():
-            return  # unlinked: RET_UNLINK answered it, no RET_SUBMIT (as usbip-host)
-        exc = future.exception()
-        if exc is not None:
+        if self._futures.pop(urb.seqnum, None) is None:
+            return  # unlinked (RET_UNLINK answered it), or answered by _unlink already
+        self._reply_from(urb, future)
+        self._maybe_resume_reading()
+
+    def _reply_from(self, urb: CmdSubmit, future: asyncio.Future[Completion]) -> None:
+        if future.cancelled():
+            result = Completion(status=ECONNRESET)
+        elif (exc := future.exception()) is not None:
             log.error("%s: seqnum %d failed", self.peer, urb.seqnum, exc_info=exc)
             result = Completion(status=EPROTO)
         else:
             result = future.result()
         self._reply(urb, result)
-        self._maybe_resume_reading()
 
     def _reply(self, urb: CmdSubmit, result: Completion) -> None:
         if self._closed:
             return
-        iso = result.iso_packets
-        if urb.direction is Direction.IN:
-            data = result.data
-            if len(data) > urb.transfer_buffer_length:
-                log.error("%s: device returned %d bytes for a %d-byte URB", self.peer,
-                          len(data), urb.transfer_buffer_length)
-                data, status = b"", EOVERFLOW  # as a babbling device
-            else:
-                status = result.status
-            actual = result.actual_length if result.actual_length is not None else len(data)
-        else:
-            data, status = b"", result.status
-            actual = (result.actual_length if result.actual_length is not None
-                      else urb.transfer_buffer_length)
-        if iso is not None:
-            self._write(wire.encode_ret_submit(
-                urb.seqnum, status, actual, data, result.start_frame, len(iso),
-                result.error_count, iso,
-            ))
-            return
-        # Non-iso: echo number_of_packets as usbip-host does (it copies the CMD's value).
-        header = _RET_SUBMIT_PACK(3, urb.seqnum, 0, 0, 0, status, actual, result.start_frame,
-                                  urb.number_of_packets, result.error_count)
+        conn = self.conn
+        self._send_reply(conn.reply_submit(
+            urb, result.status, result.data, result.actual_length, result.start_frame,
+            result.error_count, result.iso_packets))
+
+    def _send_reply(self, reply: tuple[bytes, bytes]) -> None:
+        conn = self.conn
+        if conn.fault is not None:
+            log.error("%s: %s", self.peer, conn.fault)
+            conn.fault = None
+        header, data = reply
         batch = self._batch
         if batch is not None:
             batch.append(header)  # header and data joined once, with the whole batch
             if data:
                 batch.append(data)
-        elif self._transport is not None:
+        elif self._transport is not None and not self._closed:
             self._transport.write(header + data if data else header)
 
     def _unlink(self, cmd: CmdUnlink) -> None:
-        future = self._in_flight.pop(cmd.unlink_seqnum, None)
-        if future is not None and not future.done():
-            future.cancel()
-            status = ECONNRESET
-        else:
-            # Already completed (its RET_SUBMIT is sent) or never seen: usbip-host answers 0.
+        pending = self._futures.pop(cmd.unlink_seqnum, None)
+        if pending is None:
+            # Already answered, or never seen: usbip-host answers 0 (stub_rx.c).
             status = 0
-        self._write(wire.encode_ret_unlink(cmd.seqnum, status))
+        elif pending[1].done():
+            # Finished, but its done-callback has not run yet: usbip-host would have
+            # its RET_SUBMIT queued already, and sends that before this RET_UNLINK(0)
+            # (stub_tx.c sends RET_SUBMITs first).
+            self._reply_from(*pending)
+            status = 0
+        else:
+            pending[1].cancel()
+            status = ECONNRESET
+        self._write(self.conn.reply_unlink(cmd, status))
         self._maybe_resume_reading()
 
     # --- transport ---------------------------------------------------------------
@@ -306,7 +355,7 @@ class UsbipServerProtocol(asyncio.Protocol):
 
     def _maybe_resume_reading(self) -> None:
         if (self._paused_reading and not self._paused_writing and not self._closed
-                and len(self._in_flight) < MAX_IN_FLIGHT // 2):
+                and not self._op_pending and self.conn.in_flight < MAX_IN_FLIGHT // 2):
             self._paused_reading = False
             assert self._transport is not None
             self._transport.resume_reading()

@@ -9,14 +9,12 @@ import threading
 from collections.abc import Iterable, Sequence
 from types import TracebackType
 
-from ..devices.base import ExportedDevice
-from ..protocol import DEFAULT_MAX_TRANSFER
+from ..backends.base import ExportedDevice
+from ..protocol import DEFAULT_MAX_TRANSFER, USBIP_PORT
 from .connection import UsbipServerProtocol
 from .registry import DeviceRegistry
 
 log = logging.getLogger("usbipy.server")
-
-USBIP_PORT = 3240
 
 
 def listen_sockets(hosts: Sequence[str], port: int,
@@ -104,13 +102,18 @@ class UsbipServer:
         servers, self._servers = self._servers, []
         for server in servers:
             server.close()
-        for conn in list(self.connections):
+        connections = list(self.connections)
+        for conn in connections:
             conn.close()
         for server in servers:
             await server.wait_closed()
-        await asyncio.sleep(0)  # let connection_lost run
+        # Every client's device released (detach may take a worker thread's time).
+        if connections:
+            await asyncio.wait([c.finished for c in connections], timeout=10)
         for device in self.registry:
             device.close()
+        for source in self.registry.sources:
+            source.close()
 
     async def __aenter__(self) -> UsbipServer:
         await self.start()

@@ -1,45 +1,46 @@
-"""Which devices are exported, and which client holds each (exclusive import)."""
+"""Which devices are exported, and which client holds each: the one record of it.
+
+A device a client imported is held here until the server has released it
+(its ``detach`` finished), whatever the source that found it says meanwhile:
+the registry alone answers "is it busy". Hand-off devices are the exception
+by nature: once handed over, the kernel holds them (usbip-host's
+usbip_status), so for those the registry asks the device.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
-from ..devices.base import ExportedDevice, HandOffDevice
+from ..backends.base import AnyDevice, DeviceSource, ExportedDevice, HandOffDevice
+from ..escape import printable
 from ..protocol import OpStatus
 
 log = logging.getLogger("usbipy.server")
 
-#: A source of devices whose set changes under us (the kernel's usbip-host
-#: bindings, libusb bindings and hotplug): asked afresh on every DEVLIST and
-#: IMPORT, as usbipd does.
-DeviceSource = Callable[[], Iterable[ExportedDevice]]
-
 
 class DeviceRegistry:
-    """Exported devices by busid. A device is held by at most one connection.
-
-    Who holds a device is tracked here, except for hand-off devices, whose
-    server tracks it (usbip-host keeps usbip_status): the registry asks them.
-    """
+    """Exported devices by busid. A device is held by at most one connection."""
 
     #: Emulated devices appear on this virtual bus, like usbipd's "busnum-port".
     EMULATED_BUS = 1
 
     def __init__(self, sources: Iterable[DeviceSource] = ()) -> None:
         self._devices: dict[str, ExportedDevice] = {}
-        self._owners: dict[str, object] = {}
-        self._sources = list(sources)
+        #: busid -> (device, the connection that holds it)
+        self._held: dict[str, tuple[ExportedDevice, object]] = {}
+        self.sources = list(sources)
         self._warned: set[str] = set()
 
     def add_source(self, source: DeviceSource) -> None:
-        self._sources.append(source)
+        self.sources.append(source)
 
-    def _from_sources(self) -> dict[str, ExportedDevice]:
-        found: dict[str, ExportedDevice] = {}
-        for source in self._sources:
+    async def _from_sources(self) -> dict[str, AnyDevice]:
+        found: dict[str, AnyDevice] = {}
+        for source in self.sources:
             try:
-                devices = list(source())
+                devices = await source.devices()
             except Exception:
                 # One broken source (an unreadable bindings file, libusb trouble)
                 # must not take the emulated and kernel devices down with it.
@@ -50,9 +51,9 @@ class DeviceRegistry:
                     if device.busid not in self._warned:
                         self._warned.add(device.busid)
                         log.warning("not exporting %s: an emulated device has that busid",
-                                    device.busid)
+                                    printable(device.busid))
                     continue
-                found[device.busid] = device
+                found.setdefault(device.busid, device)
         return found
 
     def add(self, device: ExportedDevice) -> ExportedDevice:
@@ -70,7 +71,7 @@ class DeviceRegistry:
         return device
 
     def remove(self, busid: str) -> ExportedDevice:
-        self._owners.pop(busid, None)
+        """Stop exporting an emulated device (its client, if any, keeps it until it goes)."""
         return self._devices.pop(busid)
 
     def __iter__(self) -> Iterator[ExportedDevice]:
@@ -82,32 +83,43 @@ class DeviceRegistry:
     def get(self, busid: str) -> ExportedDevice | None:
         return self._devices.get(busid)
 
-    def available(self) -> list[ExportedDevice]:
-        """Devices no client holds: the device list leaves out imported ones."""
-        result: list[ExportedDevice] = []
-        for busid, device in [*self._devices.items(), *self._from_sources().items()]:
-            if isinstance(device, HandOffDevice):
-                if device.import_status() is OpStatus.OK:
-                    result.append(device)
-            elif busid not in self._owners:
-                result.append(device)
-        return result
+    async def available(self) -> list[AnyDevice]:
+        """Devices a client may import now: the device list leaves out held ones."""
+        candidates = [*self._devices.values(), *(await self._from_sources()).values()]
+        hand_offs = [d for d in candidates if isinstance(d, HandOffDevice)]
+        # usbip_status is a sysfs read: off the loop.
+        free_hand_offs = set(await asyncio.to_thread(
+            lambda: [d.busid for d in hand_offs if d.import_status() is OpStatus.OK]))
+        return [d for d in candidates
+                if (d.busid in free_hand_offs if isinstance(d, HandOffDevice)
+                    else d.busid not in self._held)]
 
-    def claim(self, busid: str, owner: object) -> tuple[OpStatus, ExportedDevice | None]:
-        device = self._devices.get(busid) or self._from_sources().get(busid)
+    async def claim(self, busid: str, owner: object) -> tuple[OpStatus, AnyDevice | None]:
+        """Hold ``busid`` for ``owner``: OK and the device, or why not and None."""
+        if busid in self._held:
+            return OpStatus.DEV_BUSY, None
+        device: AnyDevice | None = self._devices.get(busid)
+        if device is None:
+            device = (await self._from_sources()).get(busid)
         if device is None:
             return OpStatus.NODEV, None
         if isinstance(device, HandOffDevice):
-            status = device.import_status()
+            status = await asyncio.to_thread(device.import_status)
             return status, device if status is OpStatus.OK else None
-        if busid in self._owners:
+        if busid in self._held:  # claimed by another connection while we looked
             return OpStatus.DEV_BUSY, None
-        self._owners[busid] = owner
+        self._held[busid] = (device, owner)
         return OpStatus.OK, device
 
     def release(self, busid: str, owner: object) -> None:
-        if self._owners.get(busid) is owner:
-            del self._owners[busid]
+        held = self._held.get(busid)
+        if held is not None and held[1] is owner:
+            del self._held[busid]
 
     def owner(self, busid: str) -> object | None:
-        return self._owners.get(busid)
+        held = self._held.get(busid)
+        return held[1] if held is not None else None
+
+    def held(self) -> list[ExportedDevice]:
+        """The devices clients hold now."""
+        return [device for device, _owner in self._held.values()]

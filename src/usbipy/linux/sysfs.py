@@ -11,8 +11,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UsbipError
-from .protocol import DeviceInfo, InterfaceInfo, Speed
+from ..errors import UsbipError
+from ..protocol import DeviceInfo, InterfaceInfo, Speed
 
 #: Where sysfs is mounted.
 SYSFS_ROOT = Path("/sys")

@@ -1,9 +1,8 @@
-"""Devices exported through the kernel's stub driver, usbip-host.
+"""The kernel's stub driver, usbip-host, through sysfs.
 
-``bind``/``unbind`` do what `usbip bind`/`usbip unbind` do in sysfs. A bound
-device is exported by handing the client's connected socket to the kernel
-(usbip_sockfd): from then on every URB is served by usbip-host, and this
-process is out of the data path.
+``bind``/``unbind`` do what `usbip bind`/`usbip unbind` do. A bound device
+is exported by handing the client's connected socket to the kernel
+(usbip_sockfd): from then on every URB is served by usbip-host.
 """
 
 from __future__ import annotations
@@ -12,10 +11,8 @@ import errno
 import logging
 from enum import IntEnum
 
-from .. import sysfs
 from ..errors import UsbipError
-from ..protocol import DeviceInfo, OpStatus
-from .base import HandOffDevice
+from . import sysfs
 
 log = logging.getLogger("usbipy.usbip_host")
 
@@ -110,41 +107,20 @@ def unbind(busid: str) -> None:
     log.info("unbound %s from %s", busid, DRIVER)
 
 
-class KernelStubDevice(HandOffDevice):
-    """A device bound to usbip-host; its URBs are the kernel's business."""
-
-    def __init__(self, device: sysfs.UsbDevice) -> None:
-        self._device = device
-        self.busid = device.busid
-        self.busnum = device.info.busnum
-        self.devnum = device.info.devnum
-
-    @property
-    def info(self) -> DeviceInfo:
-        return self._device.info
-
-    @property
-    def status(self) -> StubStatus | None:
-        try:
-            return StubStatus(int(sysfs.read_attr(self._device.sys_path / "usbip_status")))
-        except (sysfs.SysfsError, ValueError):
-            return None
-
-    def import_status(self) -> OpStatus:
-        status = self.status
-        if status is StubStatus.AVAILABLE:
-            return OpStatus.OK
-        if status is StubStatus.USED:
-            return OpStatus.DEV_BUSY
-        if status is StubStatus.ERROR:
-            return OpStatus.DEV_ERR
-        return OpStatus.NA
-
-    def hand_off(self, fd: int) -> None:
-        sysfs.write_attr(self._device.sys_path / "usbip_sockfd", f"{fd}\n")
+def stub_status(device: sysfs.UsbDevice) -> StubStatus | None:
+    """usbip_status of a device bound to usbip-host; None when it cannot be read."""
+    try:
+        return StubStatus(int(sysfs.read_attr(device.sys_path / "usbip_status")))
+    except (sysfs.SysfsError, ValueError):
+        return None
 
 
-def bound_devices() -> list[KernelStubDevice]:
+def hand_off(device: sysfs.UsbDevice, fd: int) -> None:
+    """Give the connected socket ``fd`` to usbip-host (what usbipd does on import)."""
+    sysfs.write_attr(device.sys_path / "usbip_sockfd", f"{fd}\n")
+
+
+def bound_devices() -> list[sysfs.UsbDevice]:
     """Every device bound to usbip-host now, read fresh from sysfs as usbipd does."""
     driver = sysfs.usb_driver_dir(DRIVER)
     try:
@@ -154,7 +130,7 @@ def bound_devices() -> list[KernelStubDevice]:
     devices = []
     for name in sorted(names):
         try:
-            devices.append(KernelStubDevice(sysfs.read_device(name.name)))
+            devices.append(sysfs.read_device(name.name))
         except (sysfs.SysfsError, OSError):
             continue
     return devices

@@ -1,4 +1,4 @@
-"""vhci-hcd through sysfs: attach an imported device, detach it, list the ports.
+"""vhci-hcd through sysfs: hand it an imported socket, detach a port, list the ports.
 
 This is what `usbip attach/detach/port` do, with the same files: the attach
 and detach attributes of vhci_hcd.0, its status tables, and the per-port
@@ -15,16 +15,15 @@ from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
 
-from .. import sysfs
+from ..errors import UsbipError
 from ..protocol import DeviceInfo, Speed
-from .handshake import connect, request_import
-from .userspace import ClientError
+from . import sysfs
 
 #: Where `usbip attach` records each port's server (VHCI_STATE_PATH).
 VHCI_STATE_DIR = Path("/var/run/vhci_hcd")
 
 
-class VhciError(ClientError):
+class VhciError(UsbipError):
     """vhci-hcd is missing, full, or refused a request; the message says what to do."""
 
 
@@ -103,7 +102,7 @@ def controller_dir() -> Path:
     return sysfs.SYSFS_ROOT / "devices/platform/vhci_hcd.0"
 
 
-def _require_vhci() -> Path:
+def require_vhci() -> Path:
     hc = controller_dir()
     if not (hc / "attach").exists():
         raise VhciError("vhci-hcd is not loaded: run 'modprobe vhci-hcd' as root")
@@ -128,7 +127,7 @@ def _parse_status(text: str) -> list[VhciPort]:
 
 def read_ports() -> list[VhciPort]:
     """Every port of every vhci controller, by port number."""
-    hc = _require_vhci()
+    hc = require_vhci()
     controllers = len([p for p in hc.parent.iterdir() if p.name.startswith("vhci_hcd.")])
     ports: list[VhciPort] = []
     for n in range(max(1, controllers)):
@@ -145,7 +144,7 @@ def free_port(ports: list[VhciPort], speed: Speed) -> VhciPort | None:
 
 def attach_socket(sock: socket.socket, device: DeviceInfo) -> int:
     """Give vhci-hcd a socket that has just imported ``device``; returns the port."""
-    hc = _require_vhci()
+    hc = require_vhci()
     tried: set[int] = set()
     while True:
         ports = [p for p in read_ports() if p.port not in tried]
@@ -193,30 +192,9 @@ def remove_record(port: int) -> None:
         pass
 
 
-@dataclass(frozen=True)
-class Attached:
-    port: int
-    host: str
-    tcp_port: int
-    device: DeviceInfo
-
-
-def attach(host: str, busid: str, tcp_port: int) -> Attached:
-    """`usbip attach -r HOST -b BUSID`: import over TCP, then hand the socket to vhci-hcd."""
-    _require_vhci()  # fail before the server marks the device as imported
-    sock = connect(host, tcp_port)
-    try:
-        device = request_import(sock, busid)
-        port = attach_socket(sock, device)
-    finally:
-        sock.close()  # vhci-hcd holds its own reference now
-    write_record(port, Record(host, str(tcp_port), busid))
-    return Attached(port, host, tcp_port, device)
-
-
 def detach(port: int) -> None:
     """`usbip detach -p PORT`."""
-    hc = _require_vhci()
+    hc = require_vhci()
     ports = {p.port: p for p in read_ports()}
     if port not in ports:
         raise VhciError(f"invalid port {port}: vhci-hcd has ports 0 to {len(ports) - 1}")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from .devices import CdcAcm, HidKeyboard, ImageFile, MassStorage, PtyBackend
-from .devices.base import ExportedDevice
-from .devices.serial_backends import SerialBackend
+from ..backends.base import ExportedDevice
+from .cdc_acm import CdcAcm
+from .hid import HidKeyboard
+from .mass_storage import MassStorage
+from .serial_backends import PtyBackend, SerialBackend
+from .storage import ImageFile
 
 DEMO_DISK_SIZE = 64 * 1024 * 1024
 

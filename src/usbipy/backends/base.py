@@ -12,7 +12,7 @@ whatever it started (a libusb transfer, a queued read) when that happens.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from ..protocol import CmdSubmit, DeviceInfo, IsoPacket, OpStatus
@@ -38,7 +38,7 @@ SubmitResult = Completion | Awaitable[Completion]
 
 
 class ExportedDevice(ABC):
-    """A USB device that usbipyd exports."""
+    """A USB device that usbipyd exports and whose URBs this process serves."""
 
     #: Filled in by the registry when the device is added, unless the backend knows it.
     busid: str = ""
@@ -53,16 +53,13 @@ class ExportedDevice(ABC):
     def info(self) -> DeviceInfo:
         """The record that OP_REP_DEVLIST and OP_REP_IMPORT send."""
 
-    def attach(self) -> None:
-        """A client imported the device; runs on the event loop."""
+    async def attach(self) -> None:
+        """A client imported the device. Loop-only; blocking work goes to a thread."""
         return None
 
-    def detach(self) -> None:
-        """The client went away; release everything. Runs on the event loop."""
-        return None
-
-    def reset(self) -> None:
-        """A port reset: back to the unconfigured, default state."""
+    async def detach(self) -> None:
+        """The client went away: release everything. Loop-only; blocking work goes
+        to a thread. The device is offered again only once this returns."""
         return None
 
     @abstractmethod
@@ -75,13 +72,21 @@ class ExportedDevice(ABC):
         return None
 
 
-class HandOffDevice(ExportedDevice):
+class HandOffDevice(ABC):
     """A device whose URBs another party serves, such as the kernel's usbip-host.
 
     On IMPORT the server checks :meth:`import_status`, passes the connected
     socket to :meth:`hand_off`, sends OP_REP_IMPORT and closes its own copy of
-    the socket: the connection lives on in the other party.
+    the socket: the connection lives on in the other party. Both calls block
+    (sysfs); the server makes them in a worker thread.
     """
+
+    busid: str = ""
+
+    @property
+    @abstractmethod
+    def info(self) -> DeviceInfo:
+        """The record that OP_REP_DEVLIST and OP_REP_IMPORT send."""
 
     @abstractmethod
     def import_status(self) -> OpStatus:
@@ -93,5 +98,23 @@ class HandOffDevice(ExportedDevice):
 
         Raises OSError when it refuses."""
 
-    def submit(self, urb: CmdSubmit) -> SubmitResult:
-        raise RuntimeError("a hand-off device is served by another party, not submit()")
+
+#: Anything the registry can list and a client can import.
+AnyDevice = ExportedDevice | HandOffDevice
+
+
+class DeviceSource(ABC):
+    """Devices whose set changes under us (the kernel's usbip-host bindings, libusb
+    bindings and hotplug): asked afresh on every DEVLIST and IMPORT, as usbipd does."""
+
+    @abstractmethod
+    async def devices(self) -> Sequence[AnyDevice]:
+        """The devices now. Loop-only; blocking work goes to a thread."""
+
+    async def check(self) -> None:
+        """Called periodically: notice devices that left while imported."""
+        return None
+
+    def close(self) -> None:
+        """The server shuts down."""
+        return None

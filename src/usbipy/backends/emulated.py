@@ -15,42 +15,31 @@ from __future__ import annotations
 import asyncio
 import struct
 from collections import deque
-from dataclasses import dataclass
 
 from ..protocol import CmdSubmit, DeviceInfo, Direction
 from ..protocol.constants import EPIPE, ESHUTDOWN
+from ..usb.descriptors import DescriptorSet, DescriptorType, Device, Endpoint
+from ..usb.requests import (
+    CLEAR_FEATURE,
+    DEVICE_REMOTE_WAKEUP,
+    ENDPOINT_HALT,
+    GET_CONFIGURATION,
+    GET_DESCRIPTOR,
+    GET_INTERFACE,
+    GET_STATUS,
+    PORT_REQUEST_TYPE,
+    PORT_RESET,
+    RECIPIENT_DEVICE,
+    RECIPIENT_ENDPOINT,
+    RECIPIENT_INTERFACE,
+    SET_ADDRESS,
+    SET_CONFIGURATION,
+    SET_FEATURE,
+    SET_INTERFACE,
+    TYPE_STANDARD,
+    Setup,
+)
 from .base import Completion, ExportedDevice, SubmitResult
-from .descriptors import DescriptorSet, DescriptorType, Device, Endpoint
-
-# bRequest codes of USB 2.0 table 9-4
-GET_STATUS = 0x00
-CLEAR_FEATURE = 0x01
-SET_FEATURE = 0x03
-SET_ADDRESS = 0x05
-GET_DESCRIPTOR = 0x06
-SET_DESCRIPTOR = 0x07
-GET_CONFIGURATION = 0x08
-SET_CONFIGURATION = 0x09
-GET_INTERFACE = 0x0A
-SET_INTERFACE = 0x0B
-
-# feature selectors
-ENDPOINT_HALT = 0
-DEVICE_REMOTE_WAKEUP = 1
-PORT_RESET = 4  # hub class; usbip-host treats SET_FEATURE(PORT_RESET) as a device reset
-
-# bmRequestType fields
-TYPE_MASK = 0x60
-TYPE_STANDARD = 0x00
-TYPE_CLASS = 0x20
-TYPE_VENDOR = 0x40
-RECIPIENT_MASK = 0x1F
-RECIPIENT_DEVICE = 0
-RECIPIENT_INTERFACE = 1
-RECIPIENT_ENDPOINT = 2
-
-_SETUP = struct.Struct("<BBHHH")
-
 
 #: A client may ask for any descriptor index and length: bound the reply cache.
 MAX_CACHED_DESCRIPTORS = 64
@@ -58,38 +47,6 @@ MAX_CACHED_DESCRIPTORS = 64
 
 class Stall(Exception):
     """Raised by a request handler to STALL the request (-EPIPE)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Setup:
-    """The 8-byte SETUP packet of a control transfer (little-endian on the wire)."""
-
-    bmRequestType: int
-    bRequest: int
-    wValue: int
-    wIndex: int
-    wLength: int
-
-    @classmethod
-    def parse(cls, raw: bytes) -> Setup:
-        return cls(*_SETUP.unpack(raw))
-
-    def pack(self) -> bytes:
-        return _SETUP.pack(
-            self.bmRequestType, self.bRequest, self.wValue, self.wIndex, self.wLength
-        )
-
-    @property
-    def is_in(self) -> bool:
-        return bool(self.bmRequestType & 0x80)
-
-    @property
-    def type(self) -> int:
-        return self.bmRequestType & TYPE_MASK
-
-    @property
-    def recipient(self) -> int:
-        return self.bmRequestType & RECIPIENT_MASK
 
 
 _STALL = Completion(status=EPIPE)
@@ -171,10 +128,10 @@ class EmulatedDevice(ExportedDevice):
             )
         return self._info
 
-    def attach(self) -> None:
+    async def attach(self) -> None:
         self.reset()
 
-    def detach(self) -> None:
+    async def detach(self) -> None:
         self.reset()
 
     def reset(self) -> None:
@@ -200,11 +157,22 @@ class EmulatedDevice(ExportedDevice):
     # --- hooks for subclasses ------------------------------------------------
 
     def control_request(self, setup: Setup, data: bytes) -> bytes | None:
-        """A class or vendor request (or a standard one this class does not know).
+        """A request to the device or an endpoint that the standard requests do not
+        answer: class and vendor requests, and GET_DESCRIPTOR of a type the
+        descriptor model does not know (BOS, Microsoft OS descriptors).
 
         Return the IN data (bytes) or None for an OUT request; raise Stall to refuse.
         """
         raise Stall
+
+    def interface_request(self, interface: int, setup: Setup, data: bytes) -> bytes | None:
+        """A request to ``interface`` (bInterfaceNumber, checked to exist in the
+        active configuration) that the standard requests do not answer: class
+        requests, and GET_DESCRIPTOR of class descriptors (a HID report
+        descriptor). A composite device overrides this rather than routing on
+        wIndex itself. The default passes it to :meth:`control_request`.
+        """
+        return self.control_request(setup, data)
 
     def transfer(self, endpoint: Endpoint, urb: CmdSubmit) -> SubmitResult:
         """A URB to a non-control endpoint of the active configuration."""
@@ -239,7 +207,7 @@ class EmulatedDevice(ExportedDevice):
 
     def _control_request(self, urb: CmdSubmit) -> Completion:
         setup = Setup.parse(urb.setup)
-        if setup.bmRequestType == 0x23 and setup.bRequest == SET_FEATURE and (
+        if setup.bmRequestType == PORT_REQUEST_TYPE and setup.bRequest == SET_FEATURE and (
             setup.wValue == PORT_RESET
         ):
             # usbip-host turns the hub's SET_FEATURE(PORT_RESET) into a device reset.
@@ -249,7 +217,7 @@ class EmulatedDevice(ExportedDevice):
             if setup.type == TYPE_STANDARD:
                 reply = self._standard_request(setup, urb.data)
             else:
-                reply = self.control_request(setup, urb.data)
+                reply = self._other_request(setup, urb.data)
         except Stall:
             return _STALL
         if setup.is_in:
@@ -281,6 +249,14 @@ class EmulatedDevice(ExportedDevice):
             self._set_interface(setup.wIndex & 0xFF, setup.wValue)
             return None
         # e.g. GET_DESCRIPTOR to an interface (HID report descriptor)
+        return self._other_request(setup, data)
+
+    def _other_request(self, setup: Setup, data: bytes) -> bytes | None:
+        """A request the descriptor model does not answer: to its interface or the device."""
+        if setup.recipient == RECIPIENT_INTERFACE:
+            number = setup.wIndex & 0xFF
+            self._interface(number, None)  # Stall unless it exists in the active configuration
+            return self.interface_request(number, setup, data)
         return self.control_request(setup, data)
 
     def _get_descriptor(self, setup: Setup) -> bytes:
@@ -296,7 +272,13 @@ class EmulatedDevice(ExportedDevice):
                 return string
         if kind == DescriptorType.DEVICE_QUALIFIER and ds.device_qualifier is not None:
             return ds.device_qualifier
-        raise Stall
+        if kind in (DescriptorType.DEVICE, DescriptorType.CONFIGURATION, DescriptorType.STRING,
+                    DescriptorType.DEVICE_QUALIFIER):
+            raise Stall  # a type the model owns, at an index it does not have
+        reply = self.control_request(setup, b"")  # BOS, Microsoft OS descriptors ...
+        if reply is None:
+            raise Stall
+        return reply
 
     def _set_configuration(self, value: int) -> None:
         configs = {c.bConfigurationValue: c for c in self.descriptor.configurations}

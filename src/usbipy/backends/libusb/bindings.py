@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..errors import UsbipError
+from ...errors import UsbipError
 
 #: Where usbipyd keeps its state; USBIPY_STATE_DIR overrides it.
 DEFAULT_STATE_DIR = Path("/var/lib/usbipy")

@@ -1,0 +1,101 @@
+"""The USB/IP state machine, as data: (role, phase, message) -> next phase.
+
+One table for both roles and both directions. Every message kind has one
+sender (``SENDER``); a connection that sends or receives a message looks the
+move up here, and a move the table lacks is a protocol error that names the
+role, the phase and the message::
+
+    OP --OP_REQ_DEVLIST--> DEVLIST --OP_REP_DEVLIST--> CLOSED
+    OP --OP_REQ_IMPORT---> IMPORT  --OP_REP_IMPORT(OK)--> URB
+                                   --OP_REP_IMPORT(error)--> CLOSED
+    URB --CMD_SUBMIT, CMD_UNLINK, RET_SUBMIT, RET_UNLINK--> URB
+
+Both roles walk the same graph: the client sends the requests and receives
+the replies, the server the other way round.
+
+ERROR is sticky: a connection that raised a protocol error, either way, stays there.
+"""
+
+from __future__ import annotations
+
+from enum import Enum, auto
+from typing import Final
+
+
+class Role(Enum):
+    CLIENT = auto()
+    SERVER = auto()
+
+
+class Phase(Enum):
+    OP = auto()
+    DEVLIST = auto()  # OP_REQ_DEVLIST is sent, its reply is not
+    IMPORT = auto()  # OP_REQ_IMPORT is sent, its reply is not
+    URB = auto()
+    CLOSED = auto()  # the OP exchange is over and the connection ends here
+    ERROR = auto()
+
+
+class Kind(Enum):
+    """Message kinds as the state machine tells them apart."""
+
+    OP_REQ_DEVLIST = auto()
+    OP_REP_DEVLIST = auto()
+    OP_REQ_IMPORT = auto()
+    OP_REP_IMPORT_OK = auto()
+    OP_REP_IMPORT_ERROR = auto()
+    CMD_SUBMIT = auto()
+    CMD_UNLINK = auto()
+    RET_SUBMIT = auto()
+    RET_UNLINK = auto()
+
+    @property
+    def label(self) -> str:
+        if self is Kind.OP_REP_IMPORT_OK:
+            return "OP_REP_IMPORT(OK)"
+        if self is Kind.OP_REP_IMPORT_ERROR:
+            return "OP_REP_IMPORT(error)"
+        return self.name
+
+
+_C, _S = Role.CLIENT, Role.SERVER
+
+#: Who sends each kind of message.
+SENDER: Final = {
+    Kind.OP_REQ_DEVLIST: _C, Kind.OP_REQ_IMPORT: _C, Kind.CMD_SUBMIT: _C, Kind.CMD_UNLINK: _C,
+    Kind.OP_REP_DEVLIST: _S, Kind.OP_REP_IMPORT_OK: _S, Kind.OP_REP_IMPORT_ERROR: _S,
+    Kind.RET_SUBMIT: _S, Kind.RET_UNLINK: _S,
+}
+
+_GRAPH: Final = {
+    (Phase.OP, Kind.OP_REQ_DEVLIST): Phase.DEVLIST,
+    (Phase.OP, Kind.OP_REQ_IMPORT): Phase.IMPORT,
+    (Phase.DEVLIST, Kind.OP_REP_DEVLIST): Phase.CLOSED,
+    (Phase.IMPORT, Kind.OP_REP_IMPORT_OK): Phase.URB,
+    (Phase.IMPORT, Kind.OP_REP_IMPORT_ERROR): Phase.CLOSED,
+    (Phase.URB, Kind.CMD_SUBMIT): Phase.URB,
+    (Phase.URB, Kind.CMD_UNLINK): Phase.URB,
+    (Phase.URB, Kind.RET_SUBMIT): Phase.URB,
+    (Phase.URB, Kind.RET_UNLINK): Phase.URB,
+}
+
+#: (role, phase, message kind) -> the phase after it, whether sent or received.
+TRANSITIONS: Final[dict[tuple[Role, Phase, Kind], Phase]] = {
+    (role, phase, kind): after for role in Role for (phase, kind), after in _GRAPH.items()
+}
+
+
+def next_phase(role: Role, phase: Phase, kind: Kind) -> Phase | None:
+    """The phase after ``kind`` in ``phase``; None when the move is illegal."""
+    return TRANSITIONS.get((role, phase, kind))
+
+
+def describe(role: Role, phase: Phase, kind: Kind, *, sending: bool) -> str:
+    """An illegal move in words: the role, the phase and the message."""
+    verb = "cannot send" if sending else "did not expect"
+    if sending and SENDER[kind] is not role:
+        return f"a {role.name.lower()} never sends {kind.label}"
+    if not sending and SENDER[kind] is role:
+        return (f"{role.name.lower()} received {kind.label}, which only a "
+                f"{role.name.lower()} sends (phase {phase.name})")
+    return f"{role.name.lower()} {verb} {kind.label} in phase {phase.name}"

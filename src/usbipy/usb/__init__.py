@@ -1,0 +1,26 @@
+"""The USB specification's vocabulary: descriptors, control requests, URB flags."""
+
+from .descriptors import (
+    Configuration,
+    DescriptorSet,
+    DescriptorType,
+    Device,
+    Endpoint,
+    Interface,
+    TransferType,
+)
+from .requests import SETUP, Setup
+from .urb import UrbFlag
+
+__all__ = [
+    "SETUP",
+    "Configuration",
+    "DescriptorSet",
+    "DescriptorType",
+    "Device",
+    "Endpoint",
+    "Interface",
+    "Setup",
+    "TransferType",
+    "UrbFlag",
+]
