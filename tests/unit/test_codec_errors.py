@@ -6,6 +6,7 @@ import struct
 
 import pytest
 
+from tests.helpers import DEVID, h, imported_client, imported_server
 from usbipy.protocol import (
     BadDevid,
     BadIsoDescriptors,
@@ -24,8 +25,6 @@ from usbipy.protocol import (
     UnknownCommand,
     UnsupportedVersion,
 )
-
-from .test_codec_golden import DEVID, h, imported_client, imported_server
 
 
 def submit_header(*, devid: int = DEVID, direction: int = 0, ep: int = 1, length: int = 0,
@@ -84,9 +83,8 @@ def test_oversized_out_length_is_refused_before_buffering() -> None:
     server = ServerConnection(max_transfer_length=1024)
     server.receive_data(h("0111", "8003", "00000000") + b"3-2".ljust(32, b"\0"))
     server.next_event()
+    from tests.helpers import KEYBOARD
     from usbipy.protocol import OpRepImport, OpStatus
-
-    from .test_codec_golden import KEYBOARD
     server.send(OpRepImport(OpStatus.OK, KEYBOARD))
     with pytest.raises(BadLength, match="above the cap of 1024"):
         feed(server, submit_header(length=1025))

@@ -8,15 +8,22 @@ from __future__ import annotations
 
 import pytest
 
+from tests.helpers import (
+    DEVID,
+    KEYBOARD,
+    KEYBOARD_RECORD,
+    h,
+    imported_client,
+    imported_server,
+    padded,
+)
 from usbipy.protocol import (
     EOF,
     NEED_DATA,
     ClientConnection,
     CmdSubmit,
     CmdUnlink,
-    DeviceInfo,
     Direction,
-    InterfaceInfo,
     IsoPacket,
     OpRepDevlist,
     OpRepImport,
@@ -26,60 +33,11 @@ from usbipy.protocol import (
     RetSubmit,
     RetUnlink,
     ServerConnection,
-    Speed,
 )
-
-
-def h(*parts: str) -> bytes:
-    return bytes.fromhex("".join(parts))
-
-
-def padded(text: str, size: int) -> str:
-    return text.encode().ljust(size, b"\0").hex()
-
-
-KEYBOARD = DeviceInfo(
-    path="/sys/devices/pci0000:00/0000:00:1d.1/usb3/3-2", busid="3-2", busnum=3, devnum=2,
-    speed=Speed.FULL, idVendor=0x1209, idProduct=0x0001, bcdDevice=0x0100,
-    bDeviceClass=0, bDeviceSubClass=0, bDeviceProtocol=0, bConfigurationValue=1,
-    bNumConfigurations=1, bNumInterfaces=1, interfaces=(InterfaceInfo(3, 1, 1),),
-)
-KEYBOARD_RECORD = h(
-    padded("/sys/devices/pci0000:00/0000:00:1d.1/usb3/3-2", 256),  # path, NUL padded
-    padded("3-2", 32),  # busid, NUL padded
-    "00000003",  # busnum
-    "00000002",  # devnum
-    "00000002",  # speed: USB_SPEED_FULL
-    "1209",  # idVendor
-    "0001",  # idProduct
-    "0100",  # bcdDevice
-    "00", "00", "00",  # bDeviceClass, bDeviceSubClass, bDeviceProtocol
-    "01",  # bConfigurationValue
-    "01",  # bNumConfigurations
-    "01",  # bNumInterfaces
-)
-DEVID = (3 << 16) | 2
 
 
 def test_device_record_is_312_bytes() -> None:
     assert len(KEYBOARD_RECORD) == 312
-
-
-def imported_server() -> ServerConnection:
-    server = ServerConnection()
-    server.receive_data(h("0111", "8003", "00000000", padded("3-2", 32)))
-    assert server.next_event() == OpReqImport("3-2")
-    server.send(OpRepImport(OpStatus.OK, KEYBOARD))
-    return server
-
-
-def imported_client() -> ClientConnection:
-    client = ClientConnection()
-    client.send(OpReqImport("3-2"))
-    client.receive_data(h("0111", "0003", "00000000") + KEYBOARD_RECORD)
-    event = client.next_event()
-    assert isinstance(event, OpRepImport) and event.status == OpStatus.OK
-    return client
 
 
 def test_op_req_devlist() -> None:

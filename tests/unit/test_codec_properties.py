@@ -5,6 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.helpers import DEVID, imported_client, imported_server
 from usbipy.protocol import (
     NEED_DATA,
     ClientConnection,
@@ -17,8 +18,6 @@ from usbipy.protocol import (
     RetSubmit,
     ServerConnection,
 )
-
-from .test_codec_golden import DEVID, imported_client, imported_server
 
 u32 = st.integers(0, 2**32 - 1)
 seqnums = st.integers(1, 2**32 - 1)

@@ -1,0 +1,156 @@
+"""Shared test helpers: codec pairs in memory, a fake transport, URB builders.
+
+Test modules import from here, never from one another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from usbipy.protocol import (
+    ClientConnection,
+    CmdSubmit,
+    CmdUnlink,
+    DeviceInfo,
+    Direction,
+    InterfaceInfo,
+    IsoPacket,
+    Message,
+    OpRepImport,
+    OpReqImport,
+    OpStatus,
+    ServerConnection,
+    Speed,
+)
+
+
+def h(*parts: str) -> bytes:
+    """Bytes from hex pieces, so golden data reads as the layout."""
+    return bytes.fromhex("".join(parts))
+
+
+def padded(text: str, size: int) -> str:
+    return text.encode().ljust(size, b"\0").hex()
+
+
+#: The device record used by codec-level tests: a keyboard on 3-2.
+KEYBOARD = DeviceInfo(
+    path="/sys/devices/pci0000:00/0000:00:1d.1/usb3/3-2", busid="3-2", busnum=3, devnum=2,
+    speed=Speed.FULL, idVendor=0x1209, idProduct=0x0001, bcdDevice=0x0100,
+    bDeviceClass=0, bDeviceSubClass=0, bDeviceProtocol=0, bConfigurationValue=1,
+    bNumConfigurations=1, bNumInterfaces=1, interfaces=(InterfaceInfo(3, 1, 1),),
+)
+#: KEYBOARD as the 312-byte usbip_usb_device record.
+KEYBOARD_RECORD = h(
+    padded("/sys/devices/pci0000:00/0000:00:1d.1/usb3/3-2", 256),  # path, NUL padded
+    padded("3-2", 32),  # busid, NUL padded
+    "00000003",  # busnum
+    "00000002",  # devnum
+    "00000002",  # speed: USB_SPEED_FULL
+    "1209",  # idVendor
+    "0001",  # idProduct
+    "0100",  # bcdDevice
+    "00", "00", "00",  # bDeviceClass, bDeviceSubClass, bDeviceProtocol
+    "01",  # bConfigurationValue
+    "01",  # bNumConfigurations
+    "01",  # bNumInterfaces
+)
+DEVID = (3 << 16) | 2
+
+
+def imported_server() -> ServerConnection:
+    """A server codec that has answered an import of KEYBOARD."""
+    server = ServerConnection()
+    server.receive_data(h("0111", "8003", "00000000", padded("3-2", 32)))
+    assert server.next_event() == OpReqImport("3-2")
+    server.send(OpRepImport(OpStatus.OK, KEYBOARD))
+    return server
+
+
+def imported_client() -> ClientConnection:
+    """A client codec that has imported KEYBOARD."""
+    client = ClientConnection()
+    client.send(OpReqImport("3-2"))
+    client.receive_data(h("0111", "0003", "00000000") + KEYBOARD_RECORD)
+    event = client.next_event()
+    assert isinstance(event, OpRepImport) and event.status == OpStatus.OK
+    return client
+
+
+def imported_pair(device: DeviceInfo = KEYBOARD) -> tuple[ClientConnection, ServerConnection]:
+    """A client and a server codec that have done a successful import of ``device``."""
+    client, server = ClientConnection(), ServerConnection()
+    server.receive_data(client.send(OpReqImport(device.busid)))
+    assert server.next_event() == OpReqImport(device.busid)
+    client.receive_data(server.send(OpRepImport(OpStatus.OK, device)))
+    event = client.next_event()
+    assert isinstance(event, OpRepImport) and event.status == OpStatus.OK
+    return client, server
+
+
+def drain(conn: ClientConnection | ServerConnection) -> list[Message]:
+    """Every whole message buffered in ``conn``."""
+    return list(conn.events())
+
+
+def urb(seqnum: int, ep: int, direction: Direction, length: int = 0, *, data: bytes = b"",
+        setup: bytes = bytes(8), flags: int = 0, devid: int = DEVID,
+        iso: list[IsoPacket] | None = None) -> CmdSubmit:
+    if direction is Direction.OUT and data:
+        length = len(data)
+    return CmdSubmit(seqnum, devid, direction, ep, flags, length, setup, data, 0,
+                     len(iso) if iso is not None else 0, 0, iso)
+
+
+def unlink(seqnum: int, target: int, devid: int = DEVID) -> CmdUnlink:
+    return CmdUnlink(seqnum, devid, target)
+
+
+class FakeTransport:
+    """An asyncio transport that records what the protocol writes and asks for."""
+
+    def __init__(self, peer: tuple[str, int] = ("192.0.2.7", 40000)) -> None:
+        self.written = bytearray()
+        self.peer = peer
+        self.reading = True
+        self.pauses = 0
+        self.closed = False
+        self.aborted = False
+
+    def write(self, data: bytes) -> None:
+        assert not self.closed, "write after close"
+        self.written += data
+
+    def writelines(self, pieces: list[bytes]) -> None:
+        for piece in pieces:
+            self.write(piece)
+
+    def pause_reading(self) -> None:
+        self.reading = False
+        self.pauses += 1
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = self.aborted = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": self.peer}.get(name, default)
+
+    def take(self) -> bytes:
+        data, self.written = bytes(self.written), bytearray()
+        return data
+
+
+async def settle(rounds: int = 5) -> None:
+    """Let callbacks and short tasks scheduled on the loop run."""
+    for _ in range(rounds):
+        await asyncio.sleep(0)
