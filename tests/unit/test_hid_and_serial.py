@@ -10,6 +10,7 @@ import pytest
 
 from usbipy.client import import_device
 from usbipy.devices import CdcAcm, HidKeyboard, PtyBackend
+from usbipy.devices.hid import KEYMAP
 from usbipy.protocol import Direction
 from usbipy.server import UsbipServer
 
@@ -81,3 +82,44 @@ def test_serial_pty_bridges_both_ways(serve) -> None:
             os.close(fd)
 
     serve(test, [CdcAcm(backend)])
+
+
+def test_typing_from_a_thread_waits_for_room_and_loses_nothing(serve) -> None:
+    keyboard = HidKeyboard()
+    keyboard.MAX_QUEUED_REPORTS = 8
+    text = "the quick brown fox"  # 38 reports, far above the cap
+
+    async def test(server: UsbipServer) -> None:
+        async with await import_device(HOST, "1-1", server.port) as dev:
+            await dev.control(0x00, 9, 1, 0, b"")
+            typist = asyncio.get_running_loop().run_in_executor(
+                None, lambda: keyboard.type_text(text, timeout=30))
+            reports = [(await dev.submit(1, Direction.IN, 8)).data for _ in range(2 * len(text))]
+            await typist
+            pressed = [r[2] for r in reports[::2]]
+            assert pressed == [KEYMAP[ch][0] for ch in text]
+            assert all(r == bytes(8) for r in reports[1::2])
+
+    serve(test, [keyboard])
+
+
+def test_typing_is_bounded_before_any_import() -> None:
+    keyboard = HidKeyboard()
+    keyboard.MAX_QUEUED_REPORTS = 8
+    keyboard.type_text("abcd", timeout=1)  # 8 reports: fits
+    with pytest.raises(TimeoutError):
+        keyboard.type_text("e", timeout=0.05)  # no client will ever read: no unbounded queue
+    assert len(keyboard._reports) == 8
+
+
+def test_typing_on_the_loop_never_waits(serve) -> None:
+    keyboard = HidKeyboard()
+    keyboard.MAX_QUEUED_REPORTS = 8
+
+    async def test(server: UsbipServer) -> None:
+        async with await import_device(HOST, "1-1", server.port):
+            keyboard.type_text("abcd")
+            with pytest.raises(OverflowError):
+                keyboard.type_text("e")
+
+    serve(test, [keyboard])

@@ -163,3 +163,32 @@ def test_invalid_cbw_needs_reset_recovery(serve, tmp_path: Path) -> None:
         assert status == 0 and len(data) == 36
 
     with_disk(serve, tmp_path, test)
+
+
+class FailingImage(ImageFile):
+    """An image whose reads fail at one offset, as a bad sector would."""
+
+    bad_offset = 4 * BLOCK
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset <= self.bad_offset < offset + length:
+            raise OSError(5, "Input/output error")
+        return super().read(offset, length)
+
+
+def test_a_read_error_is_check_condition_with_medium_error(serve, tmp_path: Path) -> None:
+    path = tmp_path / "disk.img"
+    path.write_bytes(bytes(64 * BLOCK))
+
+    async def test(server: UsbipServer) -> None:
+        async with await import_device(HOST, "1-1", server.port) as dev:
+            await dev.control(0x00, 9, 1, 0, b"")
+            bot = Bot(dev)
+            data, status, residue = await bot.command(read10(4, 2), data_in=2 * BLOCK)
+            # Not "PASSED with no data": the command failed and sense says why.
+            assert (data, status, residue) == (b"", 1, 2 * BLOCK)
+            assert await bot.sense() == (0x3, 0x11)  # MEDIUM ERROR, UNRECOVERED READ ERROR
+            data, status, _ = await bot.command(read10(0, 1), data_in=BLOCK)
+            assert (status, len(data)) == (0, BLOCK)  # the disk goes on
+
+    serve(test, [MassStorage(FailingImage(path))])

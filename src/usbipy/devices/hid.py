@@ -102,7 +102,10 @@ class HidKeyboard(EmulatedDevice):
         self.leds = 0
         self.protocol = 1  # report protocol (1) by default, boot (0) on request
         self.idle = 0
+        #: Reports not yet sent. Appended from any thread, taken on the loop (deque's
+        #: append and popleft are atomic); ``_room`` wakes typists waiting for space.
         self._reports: deque[bytes] = deque()
+        self._room = threading.Condition()
         self._urbs = UrbQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._last = _RELEASED
@@ -111,25 +114,33 @@ class HidKeyboard(EmulatedDevice):
     async def attach(self) -> None:
         await super().attach()
         self._loop = asyncio.get_running_loop()
+        self._pump()  # reports typed before the import
 
     async def detach(self) -> None:
         self._urbs.fail_all(ESHUTDOWN)  # the client is gone
         self._reports.clear()
+        self._taken()
         await super().detach()
 
     # --- Python API -----------------------------------------------------------
 
-    def press(self, *usages: int, modifiers: int = 0) -> None:
+    def press(self, *usages: int, modifiers: int = 0, timeout: float | None = None) -> None:
         """Report the keys (HID usage ids, at most six) as held down."""
         keys = bytes(usages[:6]).ljust(6, b"\0")
-        self._queue([_REPORT.pack(modifiers, 0, keys)])
+        self._queue([_REPORT.pack(modifiers, 0, keys)], timeout)
 
-    def release(self) -> None:
+    def release(self, timeout: float | None = None) -> None:
         """Report every key released."""
-        self._queue([_RELEASED])
+        self._queue([_RELEASED], timeout)
 
-    def type_text(self, text: str) -> None:
-        """Type ``text`` on a US layout: a press and a release per character."""
+    def type_text(self, text: str, timeout: float | None = None) -> None:
+        """Type ``text`` on a US layout: a press and a release per character.
+
+        From any thread but the server's loop, this waits while
+        MAX_QUEUED_REPORTS reports are queued (until a client reads them), up to
+        ``timeout`` seconds (TimeoutError); on the loop, where waiting would stall
+        the server, a full queue raises OverflowError and nothing is queued.
+        """
         reports = []
         for ch in text:
             try:
@@ -138,37 +149,58 @@ class HidKeyboard(EmulatedDevice):
                 raise ValueError(f"no key for {ch!r} on a US keyboard") from None
             reports.append(_REPORT.pack(mods, 0, bytes((usage, 0, 0, 0, 0, 0))))
             reports.append(_RELEASED)
-        self._queue(reports)
+        self._queue(reports, timeout)
 
-    def _queue(self, reports: list[bytes]) -> None:
-        loop = self._loop
-        if loop is None:
-            # Not imported yet: keep the reports for the first client.
-            self._reports.extend(reports)
-            return
+    def _on_loop(self) -> bool:
         try:
-            running = asyncio.get_running_loop()
+            return asyncio.get_running_loop() is self._loop
         except RuntimeError:
-            running = None
-        if running is loop:
-            self._push(reports)
-        else:
-            loop.call_soon_threadsafe(self._push, reports)
+            return False
 
-    def _push(self, reports: list[bytes]) -> None:
-        if len(self._reports) + len(reports) > self.MAX_QUEUED_REPORTS:
-            raise OverflowError("too many keyboard reports queued; is a client reading?")
-        self._reports.extend(reports)
-        self._pump()
+    def _queue(self, reports: list[bytes], timeout: float | None) -> None:
+        limit = self.MAX_QUEUED_REPORTS
+        if self._on_loop():
+            if len(self._reports) + len(reports) > limit:
+                raise OverflowError("too many keyboard reports queued; is a client reading?")
+            self._reports.extend(reports)
+            self._pump()
+            return
+        # Another thread: queue in pieces that fit, waiting for room between them.
+        for start in range(0, len(reports), limit):
+            chunk = reports[start:start + limit]
+
+            def room(n: int = len(chunk)) -> bool:
+                return len(self._reports) + n <= limit
+
+            with self._room:
+                if not self._room.wait_for(room, timeout):
+                    raise TimeoutError("the keyboard's reports were not read in time; "
+                                       "is a client attached?")
+                self._reports.extend(chunk)
+            loop = self._loop
+            if loop is not None:
+                try:
+                    loop.call_soon_threadsafe(self._pump)
+                except RuntimeError:
+                    pass  # the server's loop is closed: the reports wait for the next one
+
+    def _taken(self) -> None:
+        """Reports left the queue: wake typists waiting for room."""
+        with self._room:
+            self._room.notify_all()
 
     def _pump(self) -> None:
+        taken = False
         while self._reports:
             waiter = self._urbs.pop()
             if waiter is None:
-                return
+                break
             urb, future = waiter
             report = self._last = self._reports.popleft()
             future.set_result(Completion(data=report[: urb.transfer_buffer_length]))
+            taken = True
+        if taken:
+            self._taken()
 
     # --- USB --------------------------------------------------------------------
 
@@ -176,8 +208,8 @@ class HidKeyboard(EmulatedDevice):
         if endpoint.bEndpointAddress != 0x81:
             return Completion(status=EPIPE)
         if self._reports and not self._urbs:
-            report = self._reports.popleft()
-            self._last = report
+            report = self._last = self._reports.popleft()
+            self._taken()
             return Completion(data=report[: urb.transfer_buffer_length])
         return self._urbs.wait(urb)
 

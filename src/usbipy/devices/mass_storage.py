@@ -20,7 +20,7 @@ from ..protocol import CmdSubmit, Speed
 from ..protocol.constants import EPIPE, ESHUTDOWN
 from ..usb.descriptors import Configuration, Device, Endpoint, Interface, TransferType
 from ..usb.requests import Setup
-from .scsi import GOOD, WRITE_ERROR, ScsiCommand, ScsiDisk
+from .scsi import GOOD, READ_ERROR, WRITE_ERROR, ScsiCommand, ScsiDisk
 from .storage import ImageFile
 
 log = logging.getLogger(__name__)
@@ -232,7 +232,7 @@ class MassStorage(EmulatedDevice):
                 data = self.storage.read(command.read[0] + head.offset, take)
             except OSError:
                 log.exception("read from the disk image failed")
-                data = b""
+                return self._read_failed(head)
         else:
             data = command.data_in[head.offset : head.offset + take]
         head.offset += len(data)
@@ -246,6 +246,16 @@ class MassStorage(EmulatedDevice):
             # The CSW goes right after its data phase, ahead of anything queued later.
             self._in_queue.appendleft(self._csw(head.tag, residue, CSW_PASSED))
         return Completion(data=data)
+
+    def _read_failed(self, head: _InData) -> Completion:
+        """A read error: end the data phase with a stall (BOT 6.7.2), then a CSW of
+        FAILED, with MEDIUM ERROR / UNRECOVERED READ ERROR for REQUEST SENSE (SBC-3 4.15)."""
+        self._in_queue.popleft()
+        self.disk.sense = READ_ERROR
+        self._in_queue.appendleft(self._csw(head.tag, head.host_length - head.offset,
+                                            CSW_FAILED))
+        self.halt(EP_IN)
+        return Completion(status=EPIPE)
 
     def _pump(self) -> None:
         """Complete waiting IN URBs while there is something to send."""
