@@ -301,3 +301,64 @@ def test_libusb_bind_of_a_device_usbip_host_holds(fake: FakeSysfs, capsys, state
     fake.set_driver("1-1", "usbip-host")
     rc, _, err = usbipy(capsys, "bind", "--libusb", "-b", "1-1")
     assert rc == 1 and "'usbipy unbind -b 1-1' first" in err
+
+
+def test_libusb_bind_refuses_a_busid_that_does_not_exist(fake: FakeSysfs, capsys,
+                                                        state: Path) -> None:
+    local_devices(fake)
+    rc, out, err = usbipy(capsys, "bind", "--libusb", "-b", "7-7", "--json")
+    assert rc == 1 and "no USB device with busid 7-7" in err and "--device VID:PID" in err
+    assert json.loads(out)["kind"] == "UsbipHostError"
+    assert not state.exists()
+
+
+def test_libusb_bind_by_ids_of_a_device_not_plugged_in_says_so(fake: FakeSysfs, capsys,
+                                                              state: Path) -> None:
+    local_devices(fake)
+    rc, out, _ = usbipy(capsys, "bind", "--device", "abcd:1234")
+    assert rc == 0 and "(not plugged in now: usbipyd exports it once it is)" in out
+    rc, out, _ = usbipy(capsys, "bind", "--device", "46f4:0001")
+    assert rc == 0 and out.endswith("complete\n")
+
+
+def test_libusb_bind_without_python_libusb1(fake: FakeSysfs, capsys, state: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from usbipy.backends.libusb import events
+
+    local_devices(fake)
+    monkeypatch.setattr(events, "usb1", None)
+    rc, _, err = usbipy(capsys, "bind", "--libusb", "-b", "1-1")
+    assert rc == 1 and "pip install 'usbipy[libusb]'" in err
+    assert not state.exists()
+
+
+@pytest.mark.parametrize("error", [
+    PermissionError(13, "Permission denied", "/sys/bus/usb/drivers/usbip-host/bind"),
+    OSError(28, "No space left on device", "/var/lib/usbipy/libusb-bindings.json"),
+    OSError(5, "Input/output error"),
+])
+def test_every_os_error_is_one_line_and_a_json_object(fake: FakeSysfs, capsys, state: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       error: OSError) -> None:
+    def fail(*args: object) -> None:
+        raise error
+
+    monkeypatch.setattr(cli, "_run", fail)
+    rc, out, err = usbipy(capsys, "port", "--json")
+    assert rc == 1 and err.count("\n") == 1 and err.startswith("usbipy: error: ")
+    assert error.strerror in err and (error.filename or "") in err
+    assert json.loads(out) == {"error": err.removeprefix("usbipy: error: ").rstrip("\n"),
+                               "kind": type(error).__name__}
+    if isinstance(error, PermissionError):
+        assert "(run as root)" in err
+
+
+def test_a_remote_busid_is_escaped_before_the_terminal(fake: FakeSysfs, capsys) -> None:
+    from usbipy.backends import FunctionDevice
+
+    device = FunctionDevice(lambda urb: None)  # type: ignore[arg-type,return-value]
+    device.busid = "1-1\x1b]0;owned\x07"
+    with ServerThread([device], port=0) as srv:
+        rc, out, _ = usbipy(capsys, "-t", str(srv.port), "list", "-r", "127.0.0.1")
+    assert rc == 0 and "\x1b" not in out and "\x07" not in out
+    assert "1-1\\x1b]0;owned\\x07" in out

@@ -9,7 +9,7 @@ import pytest
 
 from usbipy.client import ImportRefused, import_device, list_devices
 from usbipy.client.errors import UrbError
-from usbipy.protocol import Direction, OpStatus
+from usbipy.protocol import Direction, LocalProtocolError, OpStatus
 from usbipy.server import UsbipServer
 
 HOST = "127.0.0.1"
@@ -205,3 +205,23 @@ def test_the_server_on_uvloop() -> None:
                     pass
 
     uvloop.run(main())
+
+
+def test_a_submit_the_codec_refuses_leaves_nothing_waiting(serve) -> None:
+    async def test(server: UsbipServer) -> None:
+        async with await import_device(HOST, "1-1", server.port) as dev:
+            protocol = dev._protocol
+
+            def refuse(message: object) -> bytes:
+                raise LocalProtocolError("refused")
+
+            send, protocol.conn.send = protocol.conn.send, refuse  # type: ignore[method-assign]
+            with pytest.raises(LocalProtocolError):
+                dev.submit_nowait(1, Direction.IN, 8)
+            with pytest.raises(LocalProtocolError):
+                await dev.unlink(1)
+            assert protocol.waiting == {}  # no future left that nothing will ever resolve
+            protocol.conn.send = send  # type: ignore[method-assign]
+            assert len(await dev.control(*GET_DEVICE_DESCRIPTOR)) == 18
+
+    serve(test)

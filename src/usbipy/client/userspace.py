@@ -158,12 +158,13 @@ class RemoteDevice:
             length = len(data)
         cmd = CmdSubmit(seqnum, self.info.devid, direction, ep, transfer_flags, length, setup,
                         data, 0, 0, interval, iso_packets)
-        future: asyncio.Future[RetSubmit] = asyncio.get_running_loop().create_future()
         protocol = self._protocol
         if protocol.transport is None or protocol.closed.done():
             raise ClientError("the connection is closed")
+        wire = protocol.conn.send(cmd)  # may refuse: then nothing waits for a reply
+        future: asyncio.Future[RetSubmit] = asyncio.get_running_loop().create_future()
         protocol.waiting[seqnum] = future  # type: ignore[assignment]
-        protocol.transport.write(protocol.conn.send(cmd))
+        protocol.transport.write(wire)
         return seqnum, future
 
     async def submit(self, ep: int, direction: Direction, length: int = 0, **kw: object
@@ -173,12 +174,13 @@ class RemoteDevice:
 
     async def unlink(self, seqnum: int) -> RetUnlink:
         unlink_seqnum = next(self._seqnums)
-        future: asyncio.Future[RetUnlink] = asyncio.get_running_loop().create_future()
         protocol = self._protocol
-        assert protocol.transport is not None
+        if protocol.transport is None or protocol.closed.done():
+            raise ClientError("the connection is closed")
+        wire = protocol.conn.send(CmdUnlink(unlink_seqnum, self.info.devid, seqnum))
+        future: asyncio.Future[RetUnlink] = asyncio.get_running_loop().create_future()
         protocol.waiting[unlink_seqnum] = future  # type: ignore[assignment]
-        protocol.transport.write(protocol.conn.send(
-            CmdUnlink(unlink_seqnum, self.info.devid, seqnum)))
+        protocol.transport.write(wire)
         reply = await future
         if reply.status != 0:
             # Cancelled on the server: its RET_SUBMIT will never come.
