@@ -346,7 +346,7 @@ def test_every_os_error_is_one_line_and_a_json_object(fake: FakeSysfs, capsys, s
     monkeypatch.setattr(cli, "_run", fail)
     rc, out, err = usbipy(capsys, "port", "--json")
     assert rc == 1 and err.count("\n") == 1 and err.startswith("usbipy: error: ")
-    assert error.strerror in err and (error.filename or "") in err
+    assert (error.strerror or "") in err and (error.filename or "") in err
     assert json.loads(out) == {"error": err.removeprefix("usbipy: error: ").rstrip("\n"),
                                "kind": type(error).__name__}
     if isinstance(error, PermissionError):

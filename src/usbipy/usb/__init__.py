@@ -13,13 +13,13 @@ from .requests import SETUP, Setup
 from .urb import UrbFlag
 
 __all__ = [
-    "SETUP",
     "Configuration",
     "DescriptorSet",
     "DescriptorType",
     "Device",
     "Endpoint",
     "Interface",
+    "SETUP",
     "Setup",
     "TransferType",
     "UrbFlag",
