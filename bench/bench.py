@@ -71,12 +71,12 @@ def peer_python() -> str:
 
 
 class Server:
-    def __init__(self, name: str, argv: list[str]) -> None:
+    def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         self.name = name
         self.port = free_port()
         self.proc = subprocess.Popen(
             [*argv, str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            preexec_fn=lambda: os.sched_setaffinity(0, {SERVER_CORE}))
+            env=env, preexec_fn=lambda: os.sched_setaffinity(0, {SERVER_CORE}))
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -351,6 +351,16 @@ def compare(earlier: Path, results: list[dict[str, object]], a: str, b: str) -> 
         print(f"{row['workload']:<27} {then:>6.2f}x -> {ra['rate'] / rb['rate']:>6.2f}x")
 
 
+def baseline_server(rev: str) -> Server:
+    """usbipy as of ``rev``, from a git worktree, serving bench/server_usbipy.py's devices."""
+    tree = ROOT / f".baseline-{rev}"
+    if not tree.exists():
+        subprocess.run(["git", "-C", str(ROOT.parent), "worktree", "add", "--detach",
+                        str(tree), rev], check=True, capture_output=True)
+    env = {**os.environ, "PYTHONPATH": str(tree / "src")}
+    return Server(f"usbipy@{rev[:7]}", [sys.executable, str(ROOT / "server_usbipy.py")], env)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -363,6 +373,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3,
                         help="measurements per server and workload, in alternating order; "
                              "the table shows the medians")
+    parser.add_argument("--baseline", metavar="REV",
+                        help="also run usbipy as of git revision REV (a worktree in "
+                             "bench/.baseline-REV), to show a change's cost in the same run")
     args = parser.parse_args()
     duration = 0.5 if args.quick else args.duration
     rounds = 1 if args.quick else max(1, args.rounds)
@@ -371,6 +384,8 @@ def main() -> int:
         Server("usbipy", [sys.executable, str(ROOT / "server_usbipy.py")]),
         Server("usbip-0.7.0", [peer_python(), str(ROOT / "peer_usbip070.py")]),
     ]
+    if args.baseline:
+        servers.append(baseline_server(args.baseline))
     results: list[dict[str, object]] = []
     try:
         for work in [w for w in WORKLOADS if not args.only or args.only in w.name]:
@@ -397,6 +412,9 @@ def main() -> int:
             server.stop()
     a, b = servers[0].name, servers[1].name
     print_table(results, a, b)
+    if args.baseline:
+        print()
+        print_table(results, a, servers[2].name)
     if args.json:
         args.json.write_text(json.dumps({
             "time": time.time(), "python": platform.python_version(),

@@ -324,3 +324,36 @@ def test_a_plain_error_from_a_device_being_unplugged_is_enodev(fake: object) -> 
         assert device.gone
 
     with_device(test)
+
+
+def test_usbipyd_names_bindings_it_cannot_serve(tmp_path: Path,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    from usbipy.cli import usbipyd
+
+    store = BindingStore(tmp_path / "libusb-bindings.json")
+    store.add(Binding(busid="2-1"))
+    store.add(Binding.parse_device("1d6b:0104"))
+    with caplog.at_level("WARNING", logger="usbipyd"):
+        usbipyd._unservable(store, "python-libusb1 is not installed: pip install "
+                                   "'usbipy[libusb]'")
+    assert [r.getMessage() for r in caplog.records] == [
+        "not exporting busid 2-1: python-libusb1 is not installed: pip install "
+        "'usbipy[libusb]'",
+        "not exporting device 1d6b:0104: python-libusb1 is not installed: pip install "
+        "'usbipy[libusb]'",
+    ]
+
+
+def test_a_binding_that_matches_nothing_is_named_once(caplog: pytest.LogCaptureFixture,
+                                                      tmp_path: Path) -> None:
+    from usbipy.backends.libusb.source import LibusbSource
+
+    store = BindingStore(tmp_path / "libusb-bindings.json")
+    store.add(Binding(busid="9-9"))
+    source = LibusbSource(store)
+    with caplog.at_level("WARNING", logger="usbipy.libusb"):
+        source._warn_unmatched(store.load(), {})
+        source._warn_unmatched(store.load(), {})
+    assert [r.getMessage() for r in caplog.records] == [
+        "not exporting busid 9-9: no such device is plugged in"]
+    source.close()
