@@ -269,3 +269,22 @@ def test_a_peer_busid_is_escaped_in_the_log(caplog: pytest.LogCaptureFixture) ->
     text = caplog.text
     assert "refused" in text and "9-9\\nusbipy: INFO" in text
     assert "\x1b" not in text and text.count("\n") == len(caplog.records)
+
+
+def test_a_client_that_leaves_during_a_slow_attach_leaves_nothing_held() -> None:
+    class SlowAttach(FunctionDevice):
+        async def attach(self) -> None:
+            await asyncio.sleep(0.05)  # as a libusb open in a worker thread
+            await super().attach()
+
+    async def main() -> None:
+        device = SlowAttach(lambda cmd: Completion())
+        session = Session(device)
+        session.protocol.data_received(session.client.send(OpReqImport(device.busid)))
+        await settle()
+        session.protocol.connection_lost(None)  # gone before the reply
+        await asyncio.wait_for(session.protocol.finished, 5)
+        assert (device.attached, device.detached) == (1, 1)
+        assert session.registry.owner(device.busid) is None
+
+    asyncio.run(main())

@@ -124,15 +124,16 @@ class UsbipServerProtocol(asyncio.Protocol):
         for _urb, future in self._futures.values():
             future.cancel()
         self._futures.clear()
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
         device, self.device = self.device, None
-        if device is None:
-            self._finish()
-        else:
+        if device is not None:
             # Released only once detach is done: until then the device stays held,
             # so no other client imports it half released.
             asyncio.ensure_future(self._release(device))
+        elif self._task is None or self._task.done():
+            self._finish()
+        # else an OP request is being answered: not cancelled (a libusb open in a
+        # worker thread cannot be), it sees the connection gone, releases what it
+        # claimed, and _op_done finishes.
         log.debug("%s: disconnected (%s)", self.peer, exc or "closed")
 
     async def _release(self, device: ExportedDevice) -> None:
@@ -169,6 +170,8 @@ class UsbipServerProtocol(asyncio.Protocol):
 
     def _op_done(self, task: asyncio.Task[None]) -> None:
         self._op_pending = False
+        if self._closed and self.device is None:
+            self._finish()
         if task.cancelled():
             return
         exc = task.exception()
@@ -246,10 +249,12 @@ class UsbipServerProtocol(asyncio.Protocol):
 
     def _submit(self, urb: CmdSubmit) -> None:
         conn = self.conn
-        refusal = conn.admit(urb)
-        if refusal is not None:
-            self._send_reply(refusal)
-            return
+        # (the comparison first: admit() decides, but most URBs need not ask it)
+        if urb.transfer_buffer_length > conn.max_transfer_length:
+            refusal = conn.admit(urb)
+            if refusal is not None:
+                self._send_reply(*refusal)
+                return
         device = self.device
         assert device is not None
         try:
@@ -285,17 +290,16 @@ class UsbipServerProtocol(asyncio.Protocol):
     def _reply(self, urb: CmdSubmit, result: Completion) -> None:
         if self._closed:
             return
-        conn = self.conn
-        self._send_reply(conn.reply_submit(
+        header, data = self.conn.reply_submit(
             urb, result.status, result.data, result.actual_length, result.start_frame,
-            result.error_count, result.iso_packets))
+            result.error_count, result.iso_packets)
+        self._send_reply(header, data)
 
-    def _send_reply(self, reply: tuple[bytes, bytes]) -> None:
+    def _send_reply(self, header: bytes, data: bytes) -> None:
         conn = self.conn
         if conn.fault is not None:
             log.error("%s: %s", self.peer, conn.fault)
             conn.fault = None
-        header, data = reply
         batch = self._batch
         if batch is not None:
             batch.append(header)  # header and data joined once, with the whole batch
