@@ -362,3 +362,19 @@ def test_a_remote_busid_is_escaped_before_the_terminal(fake: FakeSysfs, capsys) 
         rc, out, _ = usbipy(capsys, "-t", str(srv.port), "list", "-r", "127.0.0.1")
     assert rc == 0 and "\x1b" not in out and "\x07" not in out
     assert "1-1\\x1b]0;owned\\x07" in out
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; from usbipy.cli import usbipy as c; "
+            "c._run = lambda args: ['x' * 1000] * 1000; sys.exit(c.main(['--json', 'port']))")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # as `usbipy ... | head` when head has read enough
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert proc.wait(timeout=60) == 1
+    assert "Traceback" not in err, err

@@ -86,8 +86,8 @@ class UsbipServer:
             self._servers.append(await loop.create_server(protocol, sock=sock))
         # With port 0 the system picks one: report the real port.
         self.port = sockets[0].getsockname()[1]
-        for address in self.addresses:
-            log.info("listening on %s", address)
+        for host, port in self.addresses:
+            log.info("listening on %s", f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
