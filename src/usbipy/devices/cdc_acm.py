@@ -23,6 +23,7 @@ SET_CONTROL_LINE_STATE = 0x22
 SEND_BREAK = 0x23
 
 EP_NOTIFY = 0x83
+COMM_INTERFACE = 0  # bInterfaceNumber of the communications interface
 EP_IN = 0x81
 EP_OUT = 0x02
 
@@ -56,7 +57,7 @@ class CdcAcm(EmulatedDevice):
             Configuration(
                 interfaces=(
                     Interface(
-                        0, 0x02, 0x02, 0x01,  # CDC, ACM, AT commands (V.250)
+                        COMM_INTERFACE, 0x02, 0x02, 0x01,  # CDC, ACM, AT commands (V.250)
                         endpoints=(Endpoint(EP_NOTIFY, TransferType.INTERRUPT, 16, 9),),
                         class_descriptors=_FUNCTIONAL,
                     ),
@@ -105,7 +106,11 @@ class CdcAcm(EmulatedDevice):
         if close is not None:
             close()
 
-    def control_request(self, setup: Setup, data: bytes) -> bytes | None:
+    def interface_request(self, interface: int, setup: Setup, data: bytes) -> bytes | None:
+        # PSTN 1.2, 6.3: the class requests go to the communications interface;
+        # the data interface has none.
+        if interface != COMM_INTERFACE:
+            raise Stall
         if setup.bmRequestType == 0x21:
             if setup.bRequest == SET_LINE_CODING:
                 if len(data) < _LINE_CODING.size:

@@ -213,7 +213,8 @@ class HidKeyboard(EmulatedDevice):
             return Completion(data=report[: urb.transfer_buffer_length])
         return self._urbs.wait(urb)
 
-    def control_request(self, setup: Setup, data: bytes) -> bytes | None:
+    def interface_request(self, interface: int, setup: Setup, data: bytes) -> bytes | None:
+        # The one interface: its HID descriptors (HID 1.11, 7.1) and class requests (7.2).
         if setup.bmRequestType == 0x81 and setup.bRequest == 0x06:  # GET_DESCRIPTOR
             kind = setup.wValue >> 8
             if kind == DescriptorType.HID_REPORT:

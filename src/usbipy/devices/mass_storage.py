@@ -102,7 +102,8 @@ class MassStorage(EmulatedDevice):
 
     # --- control ------------------------------------------------------------
 
-    def control_request(self, setup: Setup, data: bytes) -> bytes | None:
+    def interface_request(self, interface: int, setup: Setup, data: bytes) -> bytes | None:
+        # BOT 3.1 and 3.2: the class requests of the one interface.
         if setup.bmRequestType == 0x21 and setup.bRequest == BULK_ONLY_RESET:
             self._bot_reset()
             return None
