@@ -70,6 +70,16 @@ def session_test(handler: Callable[[CmdSubmit], object],
     asyncio.run(main())
 
 
+def pending_handler(futures: list[asyncio.Future[Completion]]
+                    ) -> Callable[[CmdSubmit], asyncio.Future[Completion]]:
+    """A device that leaves every URB pending; the test completes them."""
+    def handler(cmd: CmdSubmit) -> asyncio.Future[Completion]:
+        futures.append(asyncio.get_running_loop().create_future())
+        return futures[-1]
+
+    return handler
+
+
 def in_urb(session: Session, seqnum: int, length: int = 8, ep: int = 1) -> CmdSubmit:
     return urb(seqnum, ep, Direction.IN, length, devid=session.devid)
 
@@ -77,10 +87,7 @@ def in_urb(session: Session, seqnum: int, length: int = 8, ep: int = 1) -> CmdSu
 def test_unlink_of_a_urb_done_but_not_yet_answered_still_delivers_it() -> None:
     """The race: the future is done, its done-callback has not run, an UNLINK arrives."""
     futures: list[asyncio.Future[Completion]] = []
-
-    def handler(cmd: CmdSubmit) -> asyncio.Future[Completion]:
-        futures.append(asyncio.get_running_loop().create_future())
-        return futures[-1]
+    handler = pending_handler(futures)
 
     async def test(s: Session) -> None:
         s.send(in_urb(s, 1))
@@ -96,10 +103,7 @@ def test_unlink_of_a_urb_done_but_not_yet_answered_still_delivers_it() -> None:
 
 def test_unlink_of_a_pending_urb_cancels_it_and_sends_no_ret_submit() -> None:
     futures: list[asyncio.Future[Completion]] = []
-
-    def handler(cmd: CmdSubmit) -> asyncio.Future[Completion]:
-        futures.append(asyncio.get_running_loop().create_future())
-        return futures[-1]
+    handler = pending_handler(futures)
 
     async def test(s: Session) -> None:
         s.send(in_urb(s, 1), unlink(2, 1, s.devid), unlink(3, 99, s.devid))
@@ -198,10 +202,7 @@ def test_in_above_the_cap_is_enomem_without_reaching_the_device() -> None:
 def test_reading_pauses_at_the_in_flight_limit_and_resumes(monkeypatch) -> None:
     monkeypatch.setattr(server_connection, "MAX_IN_FLIGHT", 4)
     futures: list[asyncio.Future[Completion]] = []
-
-    def handler(cmd: CmdSubmit) -> asyncio.Future[Completion]:
-        futures.append(asyncio.get_running_loop().create_future())
-        return futures[-1]
+    handler = pending_handler(futures)
 
     async def test(s: Session) -> None:
         s.send(*(in_urb(s, n) for n in range(1, 5)))
