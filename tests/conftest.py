@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import collections.abc
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -32,15 +33,46 @@ def serve() -> collections.abc.Iterator[Callable[..., Any]]:
     def go(test: Callable[[UsbipServer], Awaitable[T]],
            devices: list[ExportedDevice] | None = None) -> T:
         async def main() -> T:
+            # asyncio's debug mode reports any callback that holds the loop too long:
+            # a blocking call there stalls every client.
+            asyncio.get_running_loop().slow_callback_duration = BLOCKED_LOOP_S
             server = UsbipServer(port=0)
             for device in devices if devices is not None else demo_devices(disk_size=1 << 20):
                 server.add(device)
             async with server:
                 return await asyncio.wait_for(test(server), 60)
 
-        return asyncio.run(main())
+        with BlockedLoopLog() as blocked:
+            result = asyncio.run(main(), debug=True)
+        assert not blocked.messages, f"the event loop was blocked: {blocked.messages}"
+        return result
 
     yield go
+
+
+#: A callback holding the loop this long is a blocking call in the wrong place
+#: (generous: loaded CI machines are slow, a real blocking call is slower still).
+BLOCKED_LOOP_S = 0.5
+
+
+class BlockedLoopLog(logging.Handler):
+    """Collects asyncio's debug-mode reports of slow callbacks."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "took" in message and "seconds" in message:
+            self.messages.append(message)
+
+    def __enter__(self) -> BlockedLoopLog:
+        logging.getLogger("asyncio").addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger("asyncio").removeHandler(self)
 
 
 # Shared CI machines are noisy and the kernel tests load them: no per-example deadline.

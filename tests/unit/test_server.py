@@ -225,3 +225,20 @@ def test_a_submit_the_codec_refuses_leaves_nothing_waiting(serve) -> None:
             assert len(await dev.control(*GET_DEVICE_DESCRIPTOR)) == 18
 
     serve(test)
+
+
+def test_the_serve_fixture_fails_a_test_that_blocks_the_loop(serve) -> None:
+    import time
+
+    from usbipy.backends import Completion, FunctionDevice
+
+    def blocking(urb: object) -> Completion:
+        time.sleep(0.6)  # a blocking call on the loop, as a careless device would make
+        return Completion()
+
+    async def test(server: UsbipServer) -> None:
+        async with await import_device(HOST, "1-1", server.port) as dev:
+            await dev.bulk_in(1, 4)
+
+    with pytest.raises(AssertionError, match="the event loop was blocked"):
+        serve(test, [FunctionDevice(blocking)])  # type: ignore[arg-type]
