@@ -241,4 +241,4 @@ def test_the_serve_fixture_fails_a_test_that_blocks_the_loop(serve) -> None:
             await dev.bulk_in(1, 4)
 
     with pytest.raises(AssertionError, match="the event loop was blocked"):
-        serve(test, [FunctionDevice(blocking)])  # type: ignore[arg-type]
+        serve(test, [FunctionDevice(blocking)])
