@@ -378,3 +378,13 @@ def test_a_reader_that_leaves_early_gets_no_traceback() -> None:
     proc.stderr.close()
     assert proc.wait(timeout=60) == 1
     assert "Traceback" not in err, err
+
+
+def test_usbipyd_reports_a_pid_file_it_cannot_write(tmp_path: Path, capsys) -> None:
+    from usbipy.cli import usbipyd
+
+    rc = usbipyd.main(["-t", "0", "--no-usbip-host", "--no-libusb",
+                       "-P", str(tmp_path / "missing-dir" / "usbipyd.pid")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "cannot write" in err and "No such file or directory" in err
+    assert "Traceback" not in err

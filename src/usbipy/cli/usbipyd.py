@@ -198,11 +198,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             server.registry.add_source(libusb)
         else:
             _unservable(store, "python-libusb1 is not installed: pip install 'usbipy[libusb]'")
+    pid_file = None
+    if args.pid:
+        try:  # opened before -D forks, so that a refusal is reported, not lost
+            pid_file = open(args.pid, "w")  # noqa: SIM115 (written after the fork)
+        except OSError as exc:
+            print(f"usbipyd: cannot write {args.pid}: {exc.strerror or exc}", file=sys.stderr)
+            for sock in sockets:
+                sock.close()
+            return 1
     if args.daemon:
         _daemonize()
-    if args.pid:
-        with open(args.pid, "w") as f:
-            f.write(f"{os.getpid()}\n")
+    if pid_file is not None:
+        with pid_file:
+            pid_file.write(f"{os.getpid()}\n")
     try:
         run_loop(_serve(server, libusb), args.loop)
     except UsbipError as exc:
