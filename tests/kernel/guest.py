@@ -3,16 +3,37 @@
 from __future__ import annotations
 
 import re
+import shlex
 import subprocess
 from pathlib import Path
 
 from .vm import SERVER_ALIAS, Vm
 
+#: Ceiling of a wait in the guest. Generous: a condition that holds after a few
+#: seconds on a fast host may take three times as long on a slow one, and the
+#: wait ends as soon as it holds.
+WAIT = 120
 
-def wait_for(vm: Vm, condition: str, timeout: float = 60) -> None:
+
+def _poll(condition: str, timeout: float, then: str) -> str:
+    """Shell: poll ``condition`` until it holds (then run ``then``) or ``timeout`` seconds
+    of guest time have passed. The deadline is time, not a count of rounds, so a slow
+    condition cannot stretch the wait past the agent's timeout."""
+    return (f"end=$((SECONDS + {int(timeout)})); while :; do if {condition}; then {then}; exit 0; "
+            f"fi; [ $SECONDS -lt $end ] || break; sleep 0.2; done; "
+            f"echo 'timed out after {int(timeout)} s waiting for: '{shlex.quote(condition)}; "
+            "exit 1")
+
+
+def wait_for(vm: Vm, condition: str, timeout: float = WAIT) -> None:
     """Poll a shell condition in the guest."""
-    vm.check(f"for i in $(seq {int(timeout * 5)}); do {condition} && exit 0; sleep 0.2; done; "
-             f"echo 'timed out waiting for: {condition}'; exit 1", timeout=timeout + 30)
+    vm.check(_poll(condition, timeout, "true"), timeout=timeout + 60)
+
+
+def wait_output(vm: Vm, script: str, timeout: float = WAIT) -> str:
+    """Run ``script`` in the guest until it prints something, and return that."""
+    return vm.check(_poll(f"out=$({script}); [ -n \"$out\" ]", timeout,
+                          "printf '%s\\n' \"$out\""), timeout=timeout + 60)
 
 
 def attach(vm: Vm, busid: str) -> None:
@@ -43,17 +64,17 @@ def detach_all(vm: Vm) -> None:
     wait_for(vm, "! usbip port | grep -q 'Port in Use'")
 
 
-def device_node(vm: Vm, vid_pid: str, pattern: str, timeout: float = 60) -> str:
+def device_node(vm: Vm, vid_pid: str, pattern: str, timeout: float = WAIT) -> str:
     """The /dev node (matching ``pattern``, e.g. 'sd*') of the USB device vid:pid."""
     vid, pid = vid_pid.split(":")
+    # (ids read with the read builtin: a fork per sysfs entry costs seconds in the guest)
     script = (
-        f"for d in /sys/bus/usb/devices/*; do "
-        f"[ \"$(cat $d/idVendor 2>/dev/null):$(cat $d/idProduct 2>/dev/null)\" = {vid}:{pid} ] "
-        f"&& find $d/ -name '{pattern}' -path '*/block/*' -o -name '{pattern}' -path '*tty*' "
-        f"-o -name '{pattern}' -path '*input*' | head -n 1 | xargs -r basename; done; true"
+        f"for d in /sys/bus/usb/devices/*; do [ -r $d/idVendor ] && read -r v < $d/idVendor "
+        f"&& read -r p < $d/idProduct && [ \"$v:$p\" = {vid}:{pid} ] || continue; "
+        f"find $d/ -name '{pattern}' \\( -path '*/block/*' -o -path '*tty*' -o -path '*input*' "
+        f"\\) -print -quit; done"
     )
-    wait_for(vm, f"[ -n \"$({script})\" ]", timeout)
-    name = vm.check(script).split()[0]
+    name = wait_output(vm, script, timeout).split()[0].rsplit("/", 1)[-1]
     return f"/dev/input/{name}" if name.startswith("event") else f"/dev/{name}"
 
 
@@ -74,8 +95,9 @@ def vhci_nodes(kind: str) -> str:
             f"grep -q vhci_hcd && basename $b; done")
 
 
-def vhci_node(vm: Vm, kind: str, timeout: float = 60) -> str:
+def vhci_node(vm: Vm, kind: str, timeout: float = WAIT) -> str:
     wait_for(vm, f"[ -n \"$({vhci_nodes(kind)})\" ]", timeout)
     if kind == "block":
-        wait_for(vm, f"[ \"$(cat /sys/block/$({vhci_nodes(kind)} | head -n1)/size)\" != 0 ]")
+        wait_for(vm, f"[ \"$(cat /sys/block/$({vhci_nodes(kind)} | head -n1)/size)\" != 0 ]",
+                 timeout)
     return "/dev/" + vm.check(vhci_nodes(kind)).split()[0]

@@ -1,7 +1,9 @@
 """Runs inside the guest: executes the host's commands and answers over virtio-serial.
 
-Protocol: one JSON object per line each way. Request {"cmd": str, "timeout": s};
-reply {"rc": int, "out": str}. Commands run with bash, stdout and stderr merged.
+Protocol: one JSON object per line each way. Request {"id": int, "cmd": str,
+"timeout": s}; reply {"id": int, "rc": int, "out": str}, the request's id echoed so
+that the host can tell a late reply (to a command it gave up on) from the one it
+waits for. Commands run with bash, stdout and stderr merged.
 A command that leaves a process in the background must redirect its output,
 or the reply waits for that process.
 """
@@ -49,7 +51,7 @@ def main() -> None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 out, _ = proc.communicate()
                 rc = 124
-            send({"rc": rc, "out": out.decode("utf-8", "replace")})
+            send({"id": request.get("id"), "rc": rc, "out": out.decode("utf-8", "replace")})
 
 
 main()

@@ -77,7 +77,10 @@ def clean(stick: Stick) -> Iterator[Stick]:
     # (not pkill -f: the pattern is in this very shell's command line)
     vm.run("[ -e /run/usbipyd.pid ] && kill $(cat /run/usbipyd.pid); pkill -x usbipd; "
            "for p in $(usbip port | sed -n 's/^Port \\([0-9]*\\):.*/\\1/p'); do "
-           "usbip detach -p $p; done; sleep 1")
+           "usbip detach -p $p; done")
+    # detached on both sides: vhci's port free, the stub no longer in use
+    wait_for(vm, "! usbip port | grep -q 'Port in Use' && "
+             f"! grep -qsx 2 /sys/bus/usb/devices/{stick.busid}/usbip_status")
     vm.run(f"[ -e /sys/bus/usb/drivers/usbip-host/{stick.busid} ] && "
            f"usbip unbind -b {stick.busid}")
     wait_for(vm, f"[ -n \"$({_disks('! ')})\" ]")

@@ -140,8 +140,12 @@ def test_serial_gadget_lines_both_ways(clean: Rig) -> None:
     vm.check(f"stty -F {acm} raw -echo && stty -F /dev/ttyGS0 raw -echo")
     for src, dst, line in ((acm, "/dev/ttyGS0", "from the client to the gadget"),
                            ("/dev/ttyGS0", acm, "from the gadget back to the client")):
-        out = vm.check(f"timeout 30 head -n 1 {dst} > /run/line & reader=$!; sleep 1; "
-                       f"echo '{line}' > {src}; wait $reader; cat /run/line")
+        # the line is written once the reader has the tty open
+        out = vm.check(f"timeout 100 head -n 1 {dst} > /run/line & reader=$!; "
+                       f"end=$((SECONDS + 60)); until find /proc/[0-9]*/fd -lname {dst} "
+                       f"2>/dev/null | grep -q .; do [ $SECONDS -lt $end ] || {{ echo 'no reader "
+                       f"on {dst}'; exit 1; }}; sleep 0.1; done; echo '{line}' > {src}; "
+                       "wait $reader; cat /run/line")
         assert out == f"{line}\n"
     vm.check(f"{USBIPY} detach -p {port_of(vm)}")
     out = vm.check(f"{USBIPY} unbind --device {ACM}")
@@ -185,7 +189,7 @@ def test_unplug_while_imported(clean: Rig) -> None:
              f"pending_when_unplugged {busid} > /run/unplug.json 2>&1 &)")
     wait_for(vm, "[ -e /run/urb-pending ]")
     gadgets.unplug(vm, "msc")
-    wait_for(vm, "[ -s /run/unplug.json ]", timeout=40)
+    wait_for(vm, "[ -s /run/unplug.json ]", timeout=200)  # past the client's own ceilings
     result = json.loads(vm.check("cat /run/unplug.json"))
     # the URB in flight fails as the kernel's would, and usbipyd closes the connection
     assert result == {"status": -19, "closed": True}
@@ -196,8 +200,11 @@ def test_unplug_while_imported(clean: Rig) -> None:
     # the same through vhci-hcd, with the disk busy
     vm.check(f"{USBIPY} attach -r {LOOPBACK} -b {busid}")
     disk = vhci_node(vm, "block")
-    vm.check(f"(for i in $(seq 200); do dd if={disk} of=/dev/null bs=64k count=64 "
-             "iflag=direct 2>/dev/null || break; done &)")
+    # (its output elsewhere: the loop must not hold this command until it ends)
+    vm.check(f"rm -f /run/reads; (for i in $(seq 200); do dd if={disk} of=/dev/null bs=64k "
+             "count=64 iflag=direct 2>/dev/null || break; echo $i >> /run/reads; done) "
+             ">/dev/null 2>&1 </dev/null &")
+    wait_for(vm, "[ -s /run/reads ]")  # reading: the disk is busy
     gadgets.unplug(vm, "msc")
     wait_for(vm, "! usbip port | grep -q 'Port in Use'")
     wait_for(vm, f"[ -z \"$({vhci_nodes('block')})\" ]")

@@ -177,6 +177,11 @@ class Vm:
         self._proc: subprocess.Popen[bytes] | None = None
         self._agent: socket.socket | None = None
         self._buf = b""
+        self._last_id = 0
+        #: The agent runs one command at a time, each up to its timeout. A command
+        #: whose caller gave up (a test that timed out) runs on in the guest: until
+        #: this time (monotonic), the next one may wait behind it.
+        self._busy_until = 0.0
 
     @property
     def io_dir(self) -> Path:
@@ -252,8 +257,19 @@ class Vm:
     def run(self, cmd: str, timeout: float = 120) -> Result:
         """Run ``cmd`` with bash in the guest; returns its exit code and output."""
         assert self._agent is not None, "the VM is not running"
-        self._agent.sendall(json.dumps({"cmd": cmd, "timeout": timeout}).encode() + b"\n")
-        reply = self._read(time.monotonic() + timeout + 30)
+        self._last_id += 1
+        request_id = self._last_id
+        now = time.monotonic()
+        queued = max(0.0, self._busy_until - now)
+        self._busy_until = now + queued + timeout + 30
+        self._agent.sendall(json.dumps({"id": request_id, "cmd": cmd, "timeout": timeout}
+                                       ).encode() + b"\n")
+        while True:
+            reply = self._read(self._busy_until)
+            if reply.get("id") == request_id:
+                break
+            # the late reply to a command whose caller gave up: not ours
+        self._busy_until = 0.0
         rc, out = reply["rc"], reply["out"]
         assert isinstance(rc, int) and isinstance(out, str)
         return Result(rc, out)
