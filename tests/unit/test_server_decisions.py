@@ -25,6 +25,7 @@ from usbipy.protocol import (
     OpStatus,
     RetSubmit,
     RetUnlink,
+    wire,
 )
 from usbipy.server import DeviceRegistry, UsbipServerProtocol
 from usbipy.server import connection as server_connection
@@ -289,3 +290,22 @@ def test_a_client_that_leaves_during_a_slow_attach_leaves_nothing_held() -> None
         assert session.registry.owner(device.busid) is None
 
     asyncio.run(main())
+
+
+def test_a_seqnum_reused_after_its_unlink_gets_its_own_reply() -> None:
+    futures: list[asyncio.Future[Completion]] = []
+    handler = pending_handler(futures)
+
+    async def test(s: Session) -> None:
+        s.send(in_urb(s, 5))
+        # one segment: cancel URB 5, then a new URB that reuses seqnum 5
+        s.protocol.data_received(s.client.send(unlink(6, 5, s.devid))
+                                 + wire.encode_cmd_submit(in_urb(s, 5)))
+        await settle()  # the cancelled future's callback runs: it must not answer the new 5
+        assert s.replies() == [RetUnlink(6, -errno.ECONNRESET)]
+        s.client.send(in_urb(s, 5))  # (the client codec learns of the new 5 only now)
+        futures[1].set_result(Completion(data=b"new"))
+        await settle()
+        assert s.replies() == [RetSubmit(5, 0, 3, b"new", 0, 0)]
+
+    session_test(handler, test)

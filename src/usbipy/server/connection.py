@@ -272,8 +272,12 @@ class UsbipServerProtocol(asyncio.Protocol):
         future.add_done_callback(lambda f: self._completed(urb, f))
 
     def _completed(self, urb: CmdSubmit, future: asyncio.Future[Completion]) -> None:
-        if self._futures.pop(urb.seqnum, None) is None:
-            return  # unlinked (RET_UNLINK answered it), or answered by _unlink already
+        entry = self._futures.get(urb.seqnum)
+        if entry is None or entry[1] is not future:
+            # Unlinked (RET_UNLINK answered it) or answered by _unlink already; the
+            # seqnum may even be in use again by a newer URB, which is not ours.
+            return
+        del self._futures[urb.seqnum]
         self._reply_from(urb, future)
         self._maybe_resume_reading()
 
