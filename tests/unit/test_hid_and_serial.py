@@ -123,3 +123,15 @@ def test_typing_on_the_loop_never_waits(serve) -> None:
                 keyboard.type_text("e")
 
     serve(test, [keyboard])
+
+
+def test_typing_on_a_loop_before_any_import_raises_rather_than_blocks() -> None:
+    keyboard = HidKeyboard()
+    keyboard.MAX_QUEUED_REPORTS = 8
+
+    async def main() -> None:  # e.g. a program's own loop, before a client imports
+        keyboard.type_text("abcd")
+        with pytest.raises(OverflowError):
+            keyboard.type_text("e")
+
+    asyncio.run(asyncio.wait_for(main(), 10))

@@ -136,10 +136,10 @@ class HidKeyboard(EmulatedDevice):
     def type_text(self, text: str, timeout: float | None = None) -> None:
         """Type ``text`` on a US layout: a press and a release per character.
 
-        From any thread but the server's loop, this waits while
-        MAX_QUEUED_REPORTS reports are queued (until a client reads them), up to
-        ``timeout`` seconds (TimeoutError); on the loop, where waiting would stall
-        the server, a full queue raises OverflowError and nothing is queued.
+        From a plain thread, this waits while MAX_QUEUED_REPORTS reports are
+        queued (until a client reads them), up to ``timeout`` seconds
+        (TimeoutError). On an event loop, where waiting would stall it, a full
+        queue raises OverflowError and nothing is queued.
         """
         reports = []
         for ch in text:
@@ -151,21 +151,22 @@ class HidKeyboard(EmulatedDevice):
             reports.append(_RELEASED)
         self._queue(reports, timeout)
 
-    def _on_loop(self) -> bool:
-        try:
-            return asyncio.get_running_loop() is self._loop
-        except RuntimeError:
-            return False
-
     def _queue(self, reports: list[bytes], timeout: float | None) -> None:
         limit = self.MAX_QUEUED_REPORTS
-        if self._on_loop():
-            if len(self._reports) + len(reports) > limit:
-                raise OverflowError("too many keyboard reports queued; is a client reading?")
-            self._reports.extend(reports)
-            self._pump()
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not None:
+            # On an event loop (the server's or any other): waiting would stall it.
+            with self._room:
+                if len(self._reports) + len(reports) > limit:
+                    raise OverflowError("too many keyboard reports queued; is a client "
+                                        "reading?")
+                self._reports.extend(reports)
+            self._wake(running)
             return
-        # Another thread: queue in pieces that fit, waiting for room between them.
+        # A plain thread: queue in pieces that fit, waiting for room between them.
         for start in range(0, len(reports), limit):
             chunk = reports[start:start + limit]
 
@@ -177,12 +178,20 @@ class HidKeyboard(EmulatedDevice):
                     raise TimeoutError("the keyboard's reports were not read in time; "
                                        "is a client attached?")
                 self._reports.extend(chunk)
-            loop = self._loop
-            if loop is not None:
-                try:
-                    loop.call_soon_threadsafe(self._pump)
-                except RuntimeError:
-                    pass  # the server's loop is closed: the reports wait for the next one
+            self._wake(None)
+
+    def _wake(self, running: asyncio.AbstractEventLoop | None) -> None:
+        """Hand new reports to waiting URBs, on the server's loop."""
+        loop = self._loop
+        if loop is None:
+            return  # not imported yet: the first client's attach takes them
+        if loop is running:
+            self._pump()
+            return
+        try:
+            loop.call_soon_threadsafe(self._pump)
+        except RuntimeError:
+            pass  # the server's loop is closed: the reports wait for the next one
 
     def _taken(self) -> None:
         """Reports left the queue: wake typists waiting for room."""
