@@ -243,3 +243,15 @@ def test_unlink_and_ret_unlink() -> None:
     client.receive_data(ret_wire)
     assert client.next_event() == RetUnlink(5, -104)
     assert client.pending == 0  # cancelled: no RET_SUBMIT will come for seqnum 4
+
+
+def test_ret_unlink_with_status_0_ends_a_urb_still_pending() -> None:
+    # usbip-host (stub_complete) answers a URB it was unlinking as it completed with
+    # RET_UNLINK alone, status 0; vhci_rx.c gives the URB back on it. No RET_SUBMIT.
+    client = imported_client()
+    client.send(CmdSubmit(4, DEVID, Direction.IN, 1, 0, 8))
+    client.send(CmdUnlink(5, DEVID, 4))
+    client.receive_data(h("00000004", "00000005", "00000000", "00000000", "00000000",
+                          "00000000", "00" * 24))
+    assert client.next_event() == RetUnlink(5, 0)
+    assert client.pending == 0

@@ -242,3 +242,39 @@ def test_the_serve_fixture_fails_a_test_that_blocks_the_loop(serve) -> None:
 
     with pytest.raises(AssertionError, match="the event loop was blocked"):
         serve(test, [FunctionDevice(blocking)])
+
+
+def test_an_unlink_answered_0_for_a_pending_urb_frees_its_waiter() -> None:
+    """Against a server that behaves as usbip-host when an unlink meets a completion."""
+    from usbipy.protocol import CmdUnlink, OpReqImport, ServerConnection
+
+    async def main() -> None:
+        async def serve_one(reader: asyncio.StreamReader,
+                            writer: asyncio.StreamWriter) -> None:
+            from tests.helpers import KEYBOARD
+            from usbipy.protocol import OpRepImport
+
+            conn = ServerConnection()
+            while True:
+                data = await reader.read(4096)
+                if not data:
+                    break
+                conn.receive_data(data)
+                for event in conn.events():
+                    if isinstance(event, OpReqImport):
+                        writer.write(conn.send(OpRepImport(OpStatus.OK, KEYBOARD)))
+                    elif isinstance(event, CmdUnlink):
+                        writer.write(conn.reply_unlink(event, 0))  # and no RET_SUBMIT
+            writer.close()
+
+        listener = await asyncio.start_server(serve_one, HOST, 0)
+        port = listener.sockets[0].getsockname()[1]
+        async with listener:
+            dev = await import_device(HOST, "3-2", port)
+            seqnum, pending = dev.submit_nowait(1, Direction.IN, 8)
+            assert (await dev.unlink(seqnum)).status == 0
+            await asyncio.sleep(0)
+            assert pending.cancelled()  # not left waiting forever
+            await dev.close()
+
+    asyncio.run(asyncio.wait_for(main(), 30))

@@ -182,11 +182,12 @@ class RemoteDevice:
         protocol.waiting[unlink_seqnum] = future  # type: ignore[assignment]
         protocol.transport.write(wire)
         reply = await future
-        if reply.status != 0:
-            # Cancelled on the server: its RET_SUBMIT will never come.
-            pending = protocol.waiting.pop(seqnum, None)
-            if pending is not None and not pending.done():
-                pending.cancel()
+        # A RET_SUBMIT for the URB, if any, came before this reply; none comes after
+        # it (even with status 0: usbip-host answers a URB it unlinked as it
+        # completed with RET_UNLINK alone). What still waits, waits in vain.
+        pending = protocol.waiting.pop(seqnum, None)
+        if pending is not None and not pending.done():
+            pending.cancel()
         return reply
 
     async def control(self, bmRequestType: int, bRequest: int, wValue: int, wIndex: int,

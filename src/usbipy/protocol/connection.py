@@ -673,9 +673,12 @@ class ClientConnection(_Connection):
             target = self._unlinks.pop(seqnum, None)
             if target is None:
                 raise UnexpectedMessage(f"RET_UNLINK for seqnum {seqnum}, which was never sent")
-            if status != 0:
-                # The server cancelled the URB: no RET_SUBMIT will come for it.
-                self._pending.pop(target, None)
+            # Whatever the status, no RET_SUBMIT follows a RET_UNLINK: a URB that
+            # completed first had its RET_SUBMIT sent first (stub_tx.c sends those
+            # before RET_UNLINKs), and one usbip-host unlinked while it completed is
+            # answered by this RET_UNLINK alone, with status 0 (stub_complete), which
+            # vhci_rx.c takes as the URB's end.
+            self._pending.pop(target, None)
             self._pos = pos + _HDR
             return RetUnlink(seqnum, status)
         raise self._not_expected(command)
