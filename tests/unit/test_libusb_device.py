@@ -357,3 +357,89 @@ def test_a_binding_that_matches_nothing_is_named_once(caplog: pytest.LogCaptureF
     assert [r.getMessage() for r in caplog.records] == [
         "not exporting busid 9-9: no such device is plugged in"]
     source.close()
+
+
+def test_a_release_waits_for_an_intercepted_request_still_running() -> None:
+    """SET_CONFIGURATION in a worker thread, then the client goes: the handle is closed
+    after that call, never under it."""
+    import time
+
+    class SlowConfigHandle(FakeHandle):
+        def setConfiguration(self, value: int) -> None:
+            time.sleep(0.2)
+            super().setConfiguration(value)
+
+    class SlowConfigDevice(FakeDevice):
+        def open(self) -> FakeHandle:
+            self.handle = SlowConfigHandle(self)
+            return self.handle
+
+    async def main() -> None:
+        fake = SlowConfigDevice()
+        device = LibusbDevice(None, fake)  # type: ignore[arg-type]
+        await device.attach()
+        assert fake.handle is not None
+        fake.handle.calls.clear()
+        pending = device.submit(urb(0, Direction.OUT, setup=setup(0x00, 9, 2, 0, 0)))
+        task = asyncio.ensure_future(result(pending))
+        await asyncio.sleep(0.01)  # the request is running in its thread
+        task.cancel()  # as the server does when the client goes
+        await device.detach()
+        names = [call[0] for call in fake.handle.calls]
+        assert names.index("setConfiguration") < names.index("close"), names
+        assert names[-1] == "close"
+        device.close()
+
+    asyncio.run(main())
+
+
+def test_a_device_being_opened_counts_as_open() -> None:
+    """A scan must not throw away libusb's context while an import opens a device."""
+    import threading
+
+    opening = threading.Event()
+    proceed = threading.Event()
+
+    class SlowOpenDevice(FakeDevice):
+        def open(self) -> FakeHandle:
+            opening.set()
+            proceed.wait(5)
+            return super().open()
+
+    async def main() -> None:
+        device = LibusbDevice(None, SlowOpenDevice())  # type: ignore[arg-type]
+        attach = asyncio.ensure_future(device.attach())
+        await asyncio.get_running_loop().run_in_executor(None, opening.wait, 5)
+        assert device.is_open  # opening: what LibusbSource.scan asks
+        proceed.set()
+        await attach
+        assert device.is_open
+        await device.detach()
+        assert not device.is_open
+        device.close()
+
+    asyncio.run(main())
+
+
+def test_an_unplug_grace_period_never_reaches_the_next_client(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from usbipy.backends.libusb import device as device_module
+
+    monkeypatch.setattr(device_module, "CANCEL_TIMEOUT", 0.3)
+
+    async def test(device: LibusbDevice, handle: FakeHandle) -> None:
+        device.drop_client = lambda: None
+        first = device.submit(urb(1, Direction.IN, 512))
+        device.unplugged()  # a false alarm (a sysfs read that failed), say
+        handle.submitted[-1].complete(status=3)  # the cancellation comes back
+        await result(first)
+        await device.detach()
+        await device.attach()  # the device is still there: the next client imports it
+        assert device._device.handle is not None
+        pending = device.submit(urb(1, Direction.IN, 512))
+        await asyncio.sleep(0.5)  # past the first client's grace period
+        assert isinstance(pending, asyncio.Future) and not pending.done()
+        await device.detach()
+        device.close()
+
+    with_device(test)

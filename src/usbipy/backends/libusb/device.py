@@ -15,6 +15,7 @@ import asyncio
 import errno
 import logging
 from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ...linux import sysfs
@@ -75,6 +76,15 @@ class LibusbDevice(ExportedDevice):
         self._detached_drivers: list[int] = []
         self._endpoints: dict[int, TransferType] = {}
         self.gone = False
+        #: From the start of an import until its release is done: a scan must not
+        #: drop the libusb context under a device being opened or closed.
+        self._in_use = False
+        #: Every call on the handle (open, claim, the intercepted requests, release,
+        #: close) runs here, one at a time and in order: a release queued behind a
+        #: SET_CONFIGURATION waits for it rather than closing the handle under it.
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="libusb-device")
+        self._abandon_timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def usb_device(self) -> Any:
@@ -88,8 +98,13 @@ class LibusbDevice(ExportedDevice):
 
     @property
     def is_open(self) -> bool:
-        """Whether libusb holds the device open (a client imported it)."""
-        return self._handle is not None
+        """Whether a client has the device (libusb holds it open, or is opening or
+        closing it)."""
+        return self._in_use or self._handle is not None
+
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` on this device's worker thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
     def _read_info(self) -> DeviceInfo:
         dev = self._device
@@ -129,8 +144,14 @@ class LibusbDevice(ExportedDevice):
 
     async def attach(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._cancel_abandon()
         self.gone = False
-        self._handle = await asyncio.to_thread(self._open)
+        self._in_use = True
+        try:
+            self._handle = await self._call(self._open)
+        except BaseException:
+            self._in_use = False
+            raise
         log.info("opened %s (%04x:%04x) through libusb", self.busid, self._info.idVendor,
                  self._info.idProduct)
 
@@ -190,6 +211,13 @@ class LibusbDevice(ExportedDevice):
 
     async def detach(self) -> None:
         self.drop_client = None
+        self._cancel_abandon()
+        try:
+            await self._release()
+        finally:
+            self._in_use = False
+
+    async def _release(self) -> None:
         if self._handle is None:
             return
         self._cancel_all()
@@ -202,7 +230,7 @@ class LibusbDevice(ExportedDevice):
             except TimeoutError:
                 log.warning("%s: %d transfers did not come back from libusb", self.busid,
                             len(self._transfers))
-        await asyncio.to_thread(self._close_handle)
+        await self._call(self._close_handle)  # after any intercepted request still running
         self._transfers.clear()
         log.info("released %s", self.busid)
 
@@ -227,6 +255,7 @@ class LibusbDevice(ExportedDevice):
     def close(self) -> None:
         """Server shutdown: whatever a release left, closed now."""
         self._cancel_all()
+        self._worker.shutdown(wait=True)  # an intercepted request finishes first
         self._close_handle()
 
     # --- URBs ----------------------------------------------------------------------------
@@ -301,16 +330,25 @@ class LibusbDevice(ExportedDevice):
               and self._loop is not None):
             # Perhaps an unplug that usbfs and sysfs do not know of yet: look again
             # shortly, and tell the client -ENODEV as usbip-host would.
-            self._loop.call_later(UNPLUG_SETTLE, self._recheck, transfer, completion)
+            self._loop.call_later(UNPLUG_SETTLE, self._start_recheck, transfer, completion)
             return
         self._complete(transfer, completion, no_device)
 
-    def _recheck(self, transfer: Any, completion: Completion) -> None:
-        gone = (handle_gone(self._handle, self._claimed[0] if self._claimed else 0)
-                or still_plugged(self.busid, self.devnum) is False)
+    def _start_recheck(self, transfer: Any, completion: Completion) -> None:
+        task = asyncio.ensure_future(self._recheck(transfer, completion))
+        self._tasks.add(task)  # (the loop keeps only a weak reference to a task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _recheck(self, transfer: Any, completion: Completion) -> None:
+        gone = await self._call(self._unplugged_now)
         if gone:
             completion.status = -errno.ENODEV
         self._complete(transfer, completion, gone)
+
+    def _unplugged_now(self) -> bool:
+        """Blocking (a usbfs ioctl, a sysfs read): whether the device has left."""
+        return (handle_gone(self._handle, self._claimed[0] if self._claimed else 0)
+                or still_plugged(self.busid, self.devnum) is False)
 
     def _complete(self, transfer: Any, completion: Completion, no_device: bool) -> None:
         if log.isEnabledFor(logging.DEBUG):
@@ -336,7 +374,7 @@ class LibusbDevice(ExportedDevice):
     def _blocking(self, fn: Callable[..., Any], *args: Any) -> Coroutine[Any, Any, Completion]:
         async def run() -> Completion:
             try:
-                await asyncio.to_thread(fn, *args)
+                await self._call(fn, *args)
             except events.usb1.USBError as exc:
                 if exc.value == LIBUSB_ERROR_NO_DEVICE:
                     self._mark_gone()
@@ -393,9 +431,17 @@ class LibusbDevice(ExportedDevice):
         self._mark_gone()
         self._cancel_all()
         if self._loop is not None:
-            self._loop.call_later(CANCEL_TIMEOUT, self._abandon_transfers)
+            self._abandon_timer = self._loop.call_later(CANCEL_TIMEOUT,
+                                                        self._abandon_transfers)
+
+    def _cancel_abandon(self) -> None:
+        """The grace period of an unplug belongs to its client only."""
+        if self._abandon_timer is not None:
+            self._abandon_timer.cancel()
+            self._abandon_timer = None
 
     def _abandon_transfers(self) -> None:
+        self._abandon_timer = None
         for future in self._transfers.values():
             if not future.done():
                 future.set_result(Completion(status=-errno.ENODEV))
