@@ -309,3 +309,32 @@ def test_a_seqnum_reused_after_its_unlink_gets_its_own_reply() -> None:
         assert s.replies() == [RetSubmit(5, 0, 3, b"new", 0, 0)]
 
     session_test(handler, test)
+
+
+@pytest.mark.parametrize("completion", [
+    Completion(status=-(1 << 40)),
+    Completion(data=b"x", start_frame=1 << 33),
+    Completion(data=b"x", error_count=-(1 << 35)),
+])
+def test_fields_that_do_not_fit_are_eproto_not_a_lost_urb(completion: Completion) -> None:
+    async def test(s: Session) -> None:
+        s.send(in_urb(s, 1), in_urb(s, 2))
+        await settle()
+        first, second = s.replies()
+        assert isinstance(first, RetSubmit) and first.status == -errno.EPROTO
+        assert isinstance(second, RetSubmit) and second.seqnum == 2
+
+    session_test(lambda cmd: completion if cmd.seqnum == 1 else Completion(), test)
+
+
+def test_an_iso_packet_at_a_negative_offset_is_eproto() -> None:
+    packets = [IsoPacket(0, 8)]
+
+    async def test(s: Session) -> None:
+        s.send(urb(1, 3, Direction.IN, 8, devid=s.devid, iso=packets))
+        await settle()
+        [reply] = s.replies()
+        assert isinstance(reply, RetSubmit) and reply.status == -errno.EPROTO
+
+    session_test(lambda cmd: Completion(data=b"abc", iso_packets=[IsoPacket(-4, 8, 3, 0)]),
+                 test)

@@ -15,6 +15,7 @@ No I/O happens here.
 from __future__ import annotations
 
 import dataclasses
+import struct
 from collections.abc import Iterator
 from enum import Enum, auto
 from typing import Final
@@ -400,8 +401,14 @@ class ServerConnection(_Connection):
                 self.fault = (f"seqnum {seqnum}: actual_length {actual} for a {length}-byte "
                               "OUT URB")
                 status, actual = EPROTO, 0
-        return _RET_SUBMIT_PACK(3, seqnum, 0, 0, 0, status, actual, start_frame,
-                                urb.number_of_packets, error_count), data
+        try:
+            return _RET_SUBMIT_PACK(3, seqnum, 0, 0, 0, status, actual, start_frame,
+                                    urb.number_of_packets, error_count), data
+        except struct.error:  # a status, start_frame or error_count beyond 32 bits
+            self.fault = (f"seqnum {seqnum}: status {status}, start_frame {start_frame} or "
+                          f"error_count {error_count} does not fit its field")
+            return _RET_SUBMIT_PACK(3, seqnum, 0, 0, 0, EPROTO, 0, 0,
+                                    urb.number_of_packets, 0), b""
 
     def _iso_reply(self, urb: CmdSubmit, status: int, data: bytes, actual_length: int | None,
                    start_frame: int, error_count: int, packets: list[IsoPacket] | None,
@@ -419,9 +426,16 @@ class ServerConnection(_Connection):
         else:
             data = b""
             actual = sum(p.actual_length for p in packets)
-        header = _RET_SUBMIT_PACK(3, urb.seqnum, 0, 0, 0, status, actual, start_frame,
-                                  len(packets), error_count)
-        return header, data + wire.encode_iso_packets(packets)
+        try:
+            header = _RET_SUBMIT_PACK(3, urb.seqnum, 0, 0, 0, status, actual, start_frame,
+                                      len(packets), error_count)
+            return header, data + wire.encode_iso_packets(packets)
+        except struct.error:  # a status, frame or count beyond 32 bits
+            self.fault = f"seqnum {urb.seqnum}: a field of the iso reply does not fit"
+            failed = [IsoPacket(p.offset, p.length, 0, EPROTO) for p in requested]
+            header = _RET_SUBMIT_PACK(3, urb.seqnum, 0, 0, 0, EPROTO, 0, 0, len(failed),
+                                      len(failed))
+            return header, wire.encode_iso_packets(failed)
 
     @staticmethod
     def _iso_fault(urb: CmdSubmit, data: bytes, actual_length: int | None,
@@ -433,8 +447,8 @@ class ServerConnection(_Connection):
             return f"{len(packets)} iso packets returned, {len(requested)} submitted"
         total = 0
         for i, p in enumerate(packets):
-            if not 0 <= p.actual_length <= p.length or p.offset + p.length > (
-                    urb.transfer_buffer_length):
+            if (p.offset < 0 or not 0 <= p.actual_length <= p.length
+                    or p.offset + p.length > urb.transfer_buffer_length):
                 return f"iso packet {i} does not fit its buffer"
             total += p.actual_length
         if urb.direction is _IN and total != len(data):
