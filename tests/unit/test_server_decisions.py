@@ -338,3 +338,22 @@ def test_an_iso_packet_at_a_negative_offset_is_eproto() -> None:
 
     session_test(lambda cmd: Completion(data=b"abc", iso_packets=[IsoPacket(-4, 8, 3, 0)]),
                  test)
+
+
+def test_reading_pauses_when_pending_out_data_piles_up(monkeypatch) -> None:
+    monkeypatch.setattr(server_connection, "MAX_PENDING_OUT_BYTES", 1000)
+    futures: list[asyncio.Future[Completion]] = []
+    handler = pending_handler(futures)
+
+    async def test(s: Session) -> None:
+        # a device that keeps OUT data and completes the URBs later (a serial port
+        # whose reader is slow): 3 x 400 bytes held is above the budget
+        s.send(*(urb(n, 2, Direction.OUT, data=bytes(400), devid=s.devid) for n in (1, 2, 3)))
+        assert not s.transport.reading
+        futures[0].set_result(Completion())
+        futures[1].set_result(Completion())
+        await settle()
+        assert s.transport.reading  # 400 bytes held: below half the budget
+        assert len(s.replies()) == 2
+
+    session_test(handler, test)

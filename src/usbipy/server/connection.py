@@ -37,6 +37,10 @@ log = logging.getLogger("usbipy.server")
 
 #: Beyond this many URBs in flight on one connection, stop reading from it.
 MAX_IN_FLIGHT = 4096
+#: Beyond this many bytes of OUT data held by pending URBs (a device that takes the
+#: data and completes the URB later, as a serial port that waits for its reader),
+#: stop reading: the URB count alone would let 4096 x 16 MiB pile up.
+MAX_PENDING_OUT_BYTES = 64 << 20
 
 
 class UsbipServerProtocol(asyncio.Protocol):
@@ -52,6 +56,8 @@ class UsbipServerProtocol(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         #: seqnum -> a URB the device did not finish at once, and its pending outcome
         self._futures: dict[int, tuple[CmdSubmit, asyncio.Future[Completion]]] = {}
+        #: OUT bytes of the URBs in _futures
+        self._pending_out = 0
         self._paused_reading = False
         self._paused_writing = False
         #: Reading is paused while an OP request is being answered.
@@ -112,7 +118,8 @@ class UsbipServerProtocol(asyncio.Protocol):
                         type(exc).__name__, printable(str(exc)))
             self._abort()
             return
-        if self.conn.in_flight >= MAX_IN_FLIGHT and not self._paused_reading:
+        if (self.conn.in_flight >= MAX_IN_FLIGHT or self._pending_out > MAX_PENDING_OUT_BYTES
+                ) and not self._paused_reading:
             self._pause_reading()
 
     def eof_received(self) -> bool | None:
@@ -124,6 +131,7 @@ class UsbipServerProtocol(asyncio.Protocol):
         for _urb, future in self._futures.values():
             future.cancel()
         self._futures.clear()
+        self._pending_out = 0
         device, self.device = self.device, None
         if device is not None:
             # Released only once detach is done: until then the device stays held,
@@ -269,6 +277,7 @@ class UsbipServerProtocol(asyncio.Protocol):
         assert isinstance(result, Awaitable)
         future: asyncio.Future[Completion] = asyncio.ensure_future(result)
         self._futures[urb.seqnum] = (urb, future)
+        self._pending_out += len(urb.data)
         future.add_done_callback(lambda f: self._completed(urb, f))
 
     def _completed(self, urb: CmdSubmit, future: asyncio.Future[Completion]) -> None:
@@ -277,7 +286,7 @@ class UsbipServerProtocol(asyncio.Protocol):
             # Unlinked (RET_UNLINK answered it) or answered by _unlink already; the
             # seqnum may even be in use again by a newer URB, which is not ours.
             return
-        del self._futures[urb.seqnum]
+        self._forget(urb.seqnum)
         self._reply_from(urb, future)
         self._maybe_resume_reading()
 
@@ -313,7 +322,7 @@ class UsbipServerProtocol(asyncio.Protocol):
             self._transport.write(header + data if data else header)
 
     def _unlink(self, cmd: CmdUnlink) -> None:
-        pending = self._futures.pop(cmd.unlink_seqnum, None)
+        pending = self._forget(cmd.unlink_seqnum)
         if pending is None:
             # Already answered, or never seen: usbip-host answers 0 (stub_rx.c).
             status = 0
@@ -328,6 +337,12 @@ class UsbipServerProtocol(asyncio.Protocol):
             status = ECONNRESET
         self._write(self.conn.reply_unlink(cmd, status))
         self._maybe_resume_reading()
+
+    def _forget(self, seqnum: int) -> tuple[CmdSubmit, asyncio.Future[Completion]] | None:
+        entry = self._futures.pop(seqnum, None)
+        if entry is not None:
+            self._pending_out -= len(entry[0].data)
+        return entry
 
     # --- transport ---------------------------------------------------------------
 
@@ -363,7 +378,8 @@ class UsbipServerProtocol(asyncio.Protocol):
 
     def _maybe_resume_reading(self) -> None:
         if (self._paused_reading and not self._paused_writing and not self._closed
-                and not self._op_pending and self.conn.in_flight < MAX_IN_FLIGHT // 2):
+                and not self._op_pending and self.conn.in_flight < MAX_IN_FLIGHT // 2
+                and self._pending_out <= MAX_PENDING_OUT_BYTES // 2):
             self._paused_reading = False
             assert self._transport is not None
             self._transport.resume_reading()
