@@ -42,6 +42,9 @@ MAX_IN_FLIGHT = 4096
 #: stop reading: the URB count alone would let 4096 x 16 MiB pile up.
 MAX_PENDING_OUT_BYTES = 64 << 20
 
+#: Releases of devices whose clients left, until each is done.
+_releasing: set[asyncio.Task[None]] = set()
+
 
 class UsbipServerProtocol(asyncio.Protocol):
     """asyncio protocol for one client; the codec is a :class:`ServerConnection`."""
@@ -136,7 +139,9 @@ class UsbipServerProtocol(asyncio.Protocol):
         if device is not None:
             # Released only once detach is done: until then the device stays held,
             # so no other client imports it half released.
-            asyncio.ensure_future(self._release(device))
+            task = asyncio.ensure_future(self._release(device))
+            _releasing.add(task)  # (the loop keeps only a weak reference to a task)
+            task.add_done_callback(_releasing.discard)
         elif self._task is None or self._task.done():
             self._finish()
         # else an OP request is being answered: not cancelled (a libusb open in a
