@@ -301,6 +301,8 @@ def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = _run(args)
+    except BrokenPipeError:
+        raise  # the reader left: main() ends quietly, this is no error to report
     except (UsbipError, OSError) as exc:
         # Every error a user can cause: one line on stderr, exit status 1, and with
         # --json the same as an object on stdout.
