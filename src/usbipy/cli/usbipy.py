@@ -21,13 +21,19 @@ from collections.abc import Sequence
 
 from ..backends.libusb.bindings import Binding, BindingStore
 from ..backends.libusb.events import require_usb1
-from ..backends.libusb.source import sysfs_serial
 from ..client import list_devices
 from ..client.attach import attach
 from ..errors import UsbipError
 from ..escape import printable
 from ..linux import usbip_host, vhci
-from ..linux.sysfs import SysfsError, UsbDevice, read_device, usb_devices, usb_devices_dir
+from ..linux.sysfs import (
+    SysfsError,
+    UsbDevice,
+    read_device,
+    serial_of,
+    usb_devices,
+    usb_devices_dir,
+)
 from ..linux.usbids import system_ids
 from ..linux.usbip_host import UsbipHostError
 from ..protocol import USBIP_PORT, DeviceInfo
@@ -193,7 +199,7 @@ def _libusb_binding(args: argparse.Namespace) -> tuple[Binding, bool]:
         binding = Binding.parse_device(args.device)
         plugged = any(
             binding.matches(d.busid, d.info.idVendor, d.info.idProduct,
-                            functools.partial(sysfs_serial, d.busid))
+                            functools.partial(serial_of, d.busid))
             for d in usb_devices())
         return binding, plugged
     try:

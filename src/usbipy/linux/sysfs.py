@@ -127,6 +127,14 @@ def read_device(busid: str) -> UsbDevice:
     return UsbDevice(busid, path, info, driver_of(path))
 
 
+def serial_of(busid: str) -> str | None:
+    """The device's iSerialNumber string as the kernel read it; None when it has none."""
+    try:
+        return read_attr(usb_devices_dir() / busid / "serial")
+    except SysfsError:
+        return None
+
+
 def driver_of(device_dir: Path) -> str | None:
     """The driver bound to the device or interface at ``device_dir``, if any."""
     link = device_dir / "driver"

@@ -111,6 +111,12 @@ _MESSAGE_KINDS: dict[type, Kind] = {
 }
 
 
+def _failed(requested: list[IsoPacket]) -> list[IsoPacket]:
+    """The URB's own iso packets, each failed with -EPROTO: the answer to a device
+    whose iso reply cannot be sent (the client expects as many as it sent)."""
+    return [IsoPacket(p.offset, p.length, 0, EPROTO) for p in requested]
+
+
 class _Connection:
     """The receive buffer, the phase and the sticky error state shared by both roles."""
 
@@ -130,12 +136,16 @@ class _Connection:
 
     # --- the state machine (states.py) --------------------------------------------
 
-    def _received(self, kind: Kind) -> None:
-        """Move on a message received; raises UnexpectedMessage for an illegal one."""
+    def _phase_after(self, kind: Kind) -> Phase:
+        """The phase after receiving ``kind``; UnexpectedMessage for an illegal move."""
         after = next_phase(self.role, self.phase, kind)
         if after is None or SENDER_OF[kind] is self.role:
             raise UnexpectedMessage(describe(self.role, self.phase, kind, sending=False))
-        self.phase = after
+        return after
+
+    def _received(self, kind: Kind) -> None:
+        """Move on a message received (and consumed)."""
+        self.phase = self._phase_after(kind)
 
     def _sending(self, kind: Kind) -> None:
         """Move on a message sent; an illegal one breaks the connection for good."""
@@ -251,8 +261,7 @@ class _Connection:
             kind = Kind.OP_REP_IMPORT_OK if status == OpStatus.OK else Kind.OP_REP_IMPORT_ERROR
         else:
             kind = _OP_KINDS[op]
-        if next_phase(self.role, self.phase, kind) is None or SENDER_OF[kind] is self.role:
-            raise UnexpectedMessage(describe(self.role, self.phase, kind, sending=False))
+        self._phase_after(kind)  # refused at its header, before the rest arrives
         return op, status
 
     def _iso_packets(
@@ -417,9 +426,8 @@ class ServerConnection(_Connection):
         fault = self._iso_fault(urb, data, actual_length, packets)
         if fault is not None:
             self.fault = f"seqnum {urb.seqnum}: {fault}"
-            # The client expects as many descriptors as it sent: fail each of them.
             status, data, error_count = EPROTO, b"", len(requested)
-            packets = [IsoPacket(p.offset, p.length, 0, EPROTO) for p in requested]
+            packets = _failed(requested)
         assert packets is not None
         if urb.direction is _IN:
             actual = len(data)
@@ -432,7 +440,7 @@ class ServerConnection(_Connection):
             return header, data + wire.encode_iso_packets(packets)
         except struct.error:  # a status, frame or count beyond 32 bits
             self.fault = f"seqnum {urb.seqnum}: a field of the iso reply does not fit"
-            failed = [IsoPacket(p.offset, p.length, 0, EPROTO) for p in requested]
+            failed = _failed(requested)
             header = _RET_SUBMIT_PACK(3, urb.seqnum, 0, 0, 0, EPROTO, 0, 0, len(failed),
                                       len(failed))
             return header, wire.encode_iso_packets(failed)

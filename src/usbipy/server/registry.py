@@ -87,9 +87,10 @@ class DeviceRegistry:
         """Devices a client may import now: the device list leaves out held ones."""
         candidates = [*self._devices.values(), *(await self._from_sources()).values()]
         hand_offs = [d for d in candidates if isinstance(d, HandOffDevice)]
-        # usbip_status is a sysfs read: off the loop.
-        free_hand_offs = set(await asyncio.to_thread(
-            lambda: [d.busid for d in hand_offs if d.import_status() is OpStatus.OK]))
+        free_hand_offs: set[str] = set()
+        if hand_offs:  # usbip_status is a sysfs read: off the loop
+            free_hand_offs.update(await asyncio.to_thread(
+                lambda: [d.busid for d in hand_offs if d.import_status() is OpStatus.OK]))
         return [d for d in candidates
                 if (d.busid in free_hand_offs if isinstance(d, HandOffDevice)
                     else d.busid not in self._held)]

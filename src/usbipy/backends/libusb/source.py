@@ -24,16 +24,9 @@ from .unplug import still_plugged
 log = logging.getLogger("usbipy.libusb")
 
 
-def sysfs_serial(busid: str) -> str | None:
-    try:
-        return sysfs.read_attr(sysfs.usb_devices_dir() / busid / "serial")
-    except sysfs.SysfsError:
-        return None
-
-
 def device_serial(busid: str, device: Any) -> str | None:
     """From sysfs where there is one (no need to open the device), else from libusb."""
-    serial = sysfs_serial(busid)
+    serial = sysfs.serial_of(busid)
     if serial is not None:
         return serial
     try:
@@ -150,7 +143,7 @@ class LibusbSource(DeviceSource):
             if device.driver == "usbip-host":
                 continue
             if not any(b.matches(device.busid, info.idVendor, info.idProduct,
-                                 functools.partial(sysfs_serial, device.busid))
+                                 functools.partial(sysfs.serial_of, device.busid))
                        for b in bindings):
                 continue
             known = found.get(device.busid)
