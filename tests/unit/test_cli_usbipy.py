@@ -18,6 +18,7 @@ from usbipy.devices.demo import demo_devices
 from usbipy.linux import vhci
 from usbipy.linux.usbids import UsbIds
 from usbipy.server import ServerThread
+from usbipy.tls import TlsSession
 
 from .conftest import USB_IDS
 from .fake_sysfs import FakeSysfs
@@ -195,8 +196,30 @@ def test_port_shows_what_usbip_port_shows(fake: FakeSysfs, capsys) -> None:
         "port": 0, "hub": "hs", "status": "used", "speed": "high", "local_busid": "3-1",
         "idVendor": "1209", "idProduct": "0002", "host": "10.0.0.7", "tcp_port": 3240,
         "remote_busid": "1-2", "url": "usbip://10.0.0.7:3240/1-2", "remote_busnum": 1,
-        "remote_devnum": 3}
+        "remote_devnum": 3, "encrypted": False, "tls": None}
     assert (second["port"], second["hub"], second["url"]) == (2, "ss", None)
+
+
+def test_port_shows_the_tls_session_and_the_server_identity(fake: FakeSysfs, capsys) -> None:
+    fake.load_vhci()
+    fake.add_device("3-1", 0x1209, 0x0002, parent="platform/vhci_hcd.0")
+    fake.set_vhci_status({0: (3, 0x10003, "3-1")})
+    # the identity comes from the server's certificate: a newline in it stays escaped
+    session = TlsSession("TLSv1.2", "ECDHE-ECDSA-AES128-GCM-SHA256", "CN=lab\nforged",
+                         kernel=True)
+    vhci.write_record(0, vhci.Record("10.0.0.7", "3240", "1-2"), session)
+    rc, out, _ = usbipy(capsys, "port")
+    assert rc == 0 and out.endswith(
+        "       3-1 -> usbip://10.0.0.7:3240/1-2\n"
+        "           -> remote bus/dev 001/003\n"
+        "           -> encrypted (kernel TLS, TLSv1.2) with CN=lab\\nforged\n")
+    rc, out, _ = usbipy(capsys, "port", "--json")
+    (port,) = json.loads(out)
+    assert port["encrypted"] is True and port["tls"] == {
+        "version": "TLSv1.2", "cipher": "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "peer": "CN=lab\nforged", "kernel": True}
+    # C usbip reads the first line only: it is unchanged
+    assert vhci.record_path(0).read_text().splitlines()[0] == "10.0.0.7 3240 1-2"
 
 
 def test_detach(fake: FakeSysfs, capsys) -> None:

@@ -3,6 +3,10 @@
     usbipy list -l | -r HOST [-p]      usbipy attach -r HOST -b BUSID
     usbipy bind -b BUSID               usbipy detach -p PORT
     usbipy unbind -b BUSID             usbipy port
+    usbipy cert init                   usbipy cert issue NAME --server|--client
+
+With --tls-cert/--tls-key/--tls-ca (before or after the command), list and
+attach speak mutual TLS to usbipyd.
 
 Text output follows the C tool's layout; ``--json`` prints one JSON document
 for scripts. Errors go to stderr (and, with ``--json``, as {"error": ...} to
@@ -18,6 +22,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from ..backends.libusb.bindings import Binding, BindingStore
 from ..backends.libusb.events import require_usb1
@@ -37,6 +42,8 @@ from ..linux.sysfs import (
 from ..linux.usbids import system_ids
 from ..linux.usbip_host import UsbipHostError
 from ..protocol import USBIP_PORT, DeviceInfo
+from ..tls import TlsFiles, certs, client_context
+from ..tls.certs import LEAF_DAYS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print JSON for scripts")
     common.add_argument("-t", "--tcp-port", type=int, default=argparse.SUPPRESS,
                         metavar="PORT", help="TCP port of the server")
+    for parser, default in ((p, None), (common, argparse.SUPPRESS)):
+        tls = parser.add_argument_group("mutual TLS (usbipyd --tls-*)")
+        tls.add_argument("--tls-cert", metavar="FILE", default=default,
+                         help="this client's certificate")
+        tls.add_argument("--tls-key", metavar="FILE", default=default,
+                         help="its private key")
+        tls.add_argument("--tls-ca", metavar="FILE", default=default,
+                         help="the CA that signed the server's certificate")
+        tls.add_argument("--tls-server-name", metavar="NAME", default=default,
+                         help="the name the server's certificate must carry "
+                              "(default: the HOST given with -r)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     lst = sub.add_parser("list", parents=[common], help="list exportable or local USB devices")
@@ -79,6 +97,29 @@ def build_parser() -> argparse.ArgumentParser:
     det = sub.add_parser("detach", parents=[common], help="detach a device from vhci-hcd")
     det.add_argument("-p", "--port", type=int, required=True, help="the vhci port")
     sub.add_parser("port", parents=[common], help="show imported devices")
+
+    cert = sub.add_parser("cert", parents=[common],
+                          help="make a small CA and certificates for mutual TLS")
+    cert_sub = cert.add_subparsers(dest="cert_command", required=True, metavar="ACTION")
+    init = cert_sub.add_parser("init", parents=[common],
+                               help="make the CA in the state directory")
+    init.add_argument("--force", action="store_true", help="replace an existing CA")
+    issue = cert_sub.add_parser("issue", parents=[common],
+                                help="make a key and a certificate signed by the CA")
+    issue.add_argument("name", help="the certificate's name: a server's host name, or a "
+                                    "client's identity")
+    kind = issue.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--server", action="store_true", help="for usbipyd")
+    kind.add_argument("--client", action="store_true", help="for usbipy")
+    issue.add_argument("--san", action="append", default=[], metavar="NAME|IP",
+                       help="another host name or address the server is reached by "
+                            "(may repeat)")
+    issue.add_argument("--days", type=int, default=LEAF_DAYS,
+                       help=f"validity in days (default: {LEAF_DAYS})")
+    for parser in (init, issue):
+        parser.add_argument("--state-dir", metavar="DIR",
+                            help="where the CA lives (default: $USBIPY_STATE_DIR or "
+                                 "/var/lib/usbipy), in its tls/ folder")
     return p
 
 
@@ -169,10 +210,15 @@ def _print_ports(devices: Sequence[vhci.ImportedDevice]) -> None:
             print("       unknown vendor : unknown product (0000:0000)")
         local = dev.port.local_busid
         if dev.record is not None:
-            print(f"{local:>10} -> {dev.record.url}")
+            print(f"{local:>10} -> {printable(dev.record.url)}")
         else:
             print(f"{local:>10} -> unknown host, remote port and remote busid")
         print(f"{'':>10} -> remote bus/dev {dev.remote_busnum:03d}/{dev.remote_devnum:03d}")
+        tls = dev.record.tls if dev.record is not None else None
+        if tls:  # (a plaintext port looks exactly as `usbip port` shows it)
+            where = "kernel TLS" if tls.get("kernel") else "TLS"
+            print(f"{'':>10} -> encrypted ({where}, {printable(str(tls.get('version')))}) "
+                  f"with {printable(str(tls.get('peer')))}")
 
 
 def _port_dict(dev: vhci.ImportedDevice) -> dict[str, object]:
@@ -189,6 +235,7 @@ def _port_dict(dev: vhci.ImportedDevice) -> dict[str, object]:
         "remote_busid": record.busid if record else None,
         "url": record.url if record else None,
         "remote_busnum": dev.remote_busnum, "remote_devnum": dev.remote_devnum,
+        "encrypted": bool(record and record.tls), "tls": record.tls if record else None,
     }
 
 
@@ -224,9 +271,12 @@ def _libusb_binding(args: argparse.Namespace) -> tuple[Binding, bool]:
 def _run(args: argparse.Namespace) -> object:
     """Do the command; print text and return None, or return what --json prints."""
     as_json: bool = args.json
+    tls = TlsFiles.from_options(args.tls_cert, args.tls_key, args.tls_ca)
     if args.command == "list":
         if args.remote is not None:
-            remote = asyncio.run(list_devices(args.remote, args.tcp_port))
+            context = client_context(tls) if tls is not None else None
+            remote = asyncio.run(list_devices(args.remote, args.tcp_port, tls=context,
+                                              server_hostname=args.tls_server_name))
             if as_json:
                 return [_device_dict(d) for d in remote]
             _print_remote(args.remote, remote)
@@ -265,23 +315,48 @@ def _run(args: argparse.Namespace) -> object:
                 return {"busid": args.busid, "driver": None}
             print(f"usbipy: info: unbind device on busid {args.busid}: complete")
     elif args.command == "attach":
-        attached = attach(args.remote, args.busid, args.tcp_port)
+        attached = attach(args.remote, args.busid, args.tcp_port, tls=tls,
+                          server_name=args.tls_server_name)
         if as_json:
             return {"port": attached.port, "host": attached.host,
                     "tcp_port": attached.tcp_port, "busid": args.busid,
-                    "device": _device_dict(attached.device)}
+                    "device": _device_dict(attached.device),
+                    "tls": attached.tls.as_dict() if attached.tls else None}
+        over = f" over TLS with {attached.tls.peer}" if attached.tls else ""
         print(f"usbipy: info: attached {args.busid} from {args.remote}:{args.tcp_port} "
-              f"on port {attached.port}")
+              f"on port {attached.port}{over}")
     elif args.command == "detach":
         vhci.detach(args.port)
         if as_json:
             return {"port": args.port, "detached": True}
         print(f"usbipy: info: port {args.port} is now detached")
+    elif args.command == "cert":
+        return _cert(args)
     elif args.command == "port":
         imported = vhci.imported_devices()
         if as_json:
             return [_port_dict(d) for d in imported]
         _print_ports(imported)
+    return None
+
+
+def _cert(args: argparse.Namespace) -> object:
+    base = Path(args.state_dir) if args.state_dir else None
+    if args.cert_command == "init":
+        made = certs.init_ca(base, force=args.force)
+        if args.json:
+            return {"ca": str(made.cert), "key": str(made.key)}
+        print(f"usbipy: info: CA made: {made.cert} (its key: {made.key}; keep it private)")
+        return None
+    made = certs.issue(args.name, server=args.server, base=base, alt_names=tuple(args.san),
+                       days=args.days)
+    if args.json:
+        return {"cert": str(made.cert), "key": str(made.key), "ca": str(made.ca)}
+    option = "usbipyd" if args.server else "usbipy"
+    print(f"usbipy: info: {'server' if args.server else 'client'} certificate for "
+          f"{args.name}: {made.cert}")
+    print(f"usbipy: info: use it with: {option} --tls-cert {made.cert} --tls-key {made.key} "
+          f"--tls-ca {made.ca}")
     return None
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
@@ -15,7 +16,7 @@ from typing import Any
 
 from ..backends.base import ExportedDevice
 from ..backends.kernel_stub import KernelStubSource
-from ..backends.libusb.bindings import BindingError, BindingStore, state_dir
+from ..backends.libusb.bindings import BindingError, BindingStore
 from ..backends.libusb.events import libusb_available
 from ..backends.libusb.source import LibusbSource
 from ..devices import CdcAcm, ImageFile, MassStorage, PtyBackend, StorageError
@@ -25,6 +26,9 @@ from ..escape import printable
 from ..linux import usbip_host
 from ..protocol import USBIP_PORT
 from ..server import UsbipServer, listen_sockets
+from ..server.tls import HANDSHAKE_TIMEOUT, ServerTls
+from ..state import state_dir
+from ..tls import TlsError, TlsFiles, ktls, server_context
 
 log = logging.getLogger("usbipyd")
 
@@ -59,6 +63,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-6", "--ipv6", action="store_true", help="listen on IPv6 only")
     p.add_argument("-t", "--tcp-port", type=int, default=USBIP_PORT, metavar="PORT",
                    help=f"TCP port to listen on (default: {USBIP_PORT})")
+    tls = p.add_argument_group(
+        "mutual TLS", "With all three files, every client on the listen addresses must present "
+        "a certificate signed by the CA, and the connection is encrypted. Where the kernel has "
+        "TLS (modprobe tls), sessions go to kernel TLS, which devices bound to usbip-host need.")
+    tls.add_argument("--tls-cert", metavar="FILE", help="the server's certificate")
+    tls.add_argument("--tls-key", metavar="FILE", help="its private key")
+    tls.add_argument("--tls-ca", metavar="FILE", help="the CA that signs the clients' "
+                                                      "certificates")
+    tls.add_argument("--ktls", choices=("auto", "on", "off"), default="auto",
+                     help="hand sessions to kernel TLS: when available (auto, the default), "
+                          "always (on: refuse to start without it), or never (off)")
+    tls.add_argument("--tls-handshake-timeout", type=float, default=HANDSHAKE_TIMEOUT,
+                     metavar="SECONDS",
+                     help=f"time a client has for its handshake (default: {HANDSHAKE_TIMEOUT:g})")
+    tls.add_argument("--plaintext-port", type=int, metavar="PORT",
+                     help="with TLS, also serve plaintext USB/IP on this port of 127.0.0.1 "
+                          "(for local tools such as C usbip); never on other addresses")
     p.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto",
                    help="event loop: uvloop when installed (auto, the default), or asyncio's")
     p.add_argument("-D", "--daemon", action="store_true", help="run in the background")
@@ -90,6 +111,37 @@ def _hosts(args: argparse.Namespace) -> tuple[list[str], socket.AddressFamily]:
     if family == socket.AF_INET6:
         return ["::1"], family
     return [DEFAULT_ADDRESS], family
+
+
+def _tls(args: argparse.Namespace) -> ServerTls | None:
+    """The TLS set-up the options ask for; refuses what cannot work, before listening."""
+    files = TlsFiles.from_options(args.tls_cert, args.tls_key, args.tls_ca)
+    if files is None:
+        return None
+    kernel = False
+    if args.ktls != "off":
+        try:
+            ktls.prepare()  # also loads the AEAD, before any client waits on it
+            kernel = True
+        except TlsError as exc:
+            if args.ktls == "on":
+                raise
+            log.info("serving TLS in userspace: %s", exc)
+    return ServerTls(server_context(files, kernel=kernel), kernel=kernel,
+                     handshake_timeout=args.tls_handshake_timeout)
+
+
+def _warn_if_exposed(sockets: Sequence[socket.socket]) -> None:
+    for sock in sockets:
+        host = sock.getsockname()[0]
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            log.warning("serving plaintext USB/IP on %s: anyone who reaches it can take the "
+                        "devices and read their traffic (use --tls-cert/--tls-key/--tls-ca)",
+                        host)
 
 
 def _daemonize() -> None:
@@ -177,6 +229,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not devices and not (kernel and usbip_host.driver_loaded()):
         log.warning("no devices to export (try --demo, --disk PATH, or 'usbipy bind -b "
                     "BUSID' with usbip-host loaded)")
+    try:
+        tls = _tls(args)
+    except UsbipError as exc:
+        print(f"usbipyd: {exc}", file=sys.stderr)
+        return 1
     hosts, family = _hosts(args)
     try:
         sockets = listen_sockets(hosts, args.tcp_port, family)
@@ -184,7 +241,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"usbipyd: cannot listen on {', '.join(hosts)} port {args.tcp_port}: "
               f"{exc.strerror or exc}", file=sys.stderr)
         return 1
-    server = UsbipServer(hosts=hosts, port=args.tcp_port, family=family, sockets=sockets)
+    plain_sockets: list[socket.socket] = []
+    if tls is not None and args.plaintext_port is not None:
+        try:
+            plain_sockets = listen_sockets([DEFAULT_ADDRESS], args.plaintext_port)
+        except OSError as exc:
+            print(f"usbipyd: cannot listen on {DEFAULT_ADDRESS} port {args.plaintext_port}: "
+                  f"{exc.strerror or exc}", file=sys.stderr)
+            for sock in sockets:
+                sock.close()
+            return 1
+    if tls is None:
+        _warn_if_exposed(sockets)
+        if args.plaintext_port is not None:
+            log.warning("--plaintext-port is for use with TLS: ignored")
+    elif not tls.kernel and kernel and usbip_host.driver_loaded():
+        log.warning("kernel TLS is not available: devices bound to usbip-host cannot be "
+                    "exported over TLS ('modprobe tls', then restart usbipyd)")
+    server = UsbipServer(hosts=hosts, port=args.tcp_port, family=family, sockets=sockets,
+                         tls=tls, plain_sockets=plain_sockets)
     for device in devices:
         server.add(device)
     if kernel:

@@ -6,6 +6,7 @@
      └── ClientError            a request to a server failed
           ├── HostUnreachable   no TCP connection to the server
           ├── ImportRefused     the server answered OP_REP_IMPORT with an error status
+          ├── TlsRefused        no TLS session: a certificate, a name, or no TLS there
           └── UrbError          a URB completed with a non-zero status
 """
 
@@ -28,6 +29,12 @@ class HostUnreachable(ClientError):
         self.port = port
 
 
+#: Why a server may close a plaintext connection at once.
+PLAINTEXT_REFUSED = ("the server closed the connection before it answered (a server that "
+                     "requires TLS does this to a plaintext client: use --tls-cert, --tls-key "
+                     "and --tls-ca)")
+
+
 class ImportRefused(ClientError):
     def __init__(self, busid: str, status: OpStatus) -> None:
         explain = {
@@ -39,6 +46,16 @@ class ImportRefused(ClientError):
         super().__init__(f"import of {printable(busid)} refused: {explain} ({status.name})")
         self.busid = busid
         self.status = status
+
+
+class TlsRefused(ClientError):
+    """The TLS handshake with the server failed; the message says why."""
+
+    def __init__(self, host: str, port: int, reason: str) -> None:
+        super().__init__(f"TLS with {printable(host)}:{port} failed: {reason}")
+        self.host = host
+        self.port = port
+        self.reason = reason
 
 
 class UrbError(ClientError):

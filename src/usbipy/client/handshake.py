@@ -22,7 +22,7 @@ from ..protocol import (
     OpStatus,
     RemoteProtocolError,
 )
-from .errors import ClientError, HostUnreachable, ImportRefused
+from .errors import PLAINTEXT_REFUSED, ClientError, HostUnreachable, ImportRefused
 
 #: Seconds to wait for the server to connect and to answer an OP request.
 OP_TIMEOUT = 30.0
@@ -37,8 +37,8 @@ def connect(host: str, port: int, timeout: float = OP_TIMEOUT) -> socket.socket:
     return sock
 
 
-def _exchange(sock: socket.socket, conn: ClientConnection, request: bytes
-              ) -> OpRepDevlist | OpRepImport:
+def _exchange(sock: socket.socket, conn: ClientConnection, request: bytes,
+              plaintext: bool) -> OpRepDevlist | OpRepImport:
     try:
         sock.sendall(request)
         while True:
@@ -49,7 +49,8 @@ def _exchange(sock: socket.socket, conn: ClientConnection, request: bytes
             if isinstance(event, (OpRepDevlist, OpRepImport)):
                 return event
             if event is EOF:
-                raise ClientError("the server closed the connection without a reply")
+                raise ClientError(PLAINTEXT_REFUSED if plaintext else
+                                  "the server closed the connection without a reply")
             assert event is NEED_DATA
             # Small reads: an OP reply is short, and no byte after it may be taken.
             conn.receive_data(sock.recv(_recv_size(conn)))
@@ -64,10 +65,14 @@ def _recv_size(conn: ClientConnection) -> int:
     return max(1, 320 - conn.buffered) if conn.buffered < 320 else 4096
 
 
-def request_import(sock: socket.socket, busid: str) -> DeviceInfo:
-    """OP_REQ_IMPORT on a connected socket; ImportRefused unless the server says OK."""
+def request_import(sock: socket.socket, busid: str, *, plaintext: bool = True) -> DeviceInfo:
+    """OP_REQ_IMPORT on a connected socket; ImportRefused unless the server says OK.
+
+    ``plaintext``: whether the connection is (then an immediate close is
+    explained as a server that requires TLS).
+    """
     conn = ClientConnection()
-    reply = _exchange(sock, conn, conn.send(OpReqImport(busid)))
+    reply = _exchange(sock, conn, conn.send(OpReqImport(busid)), plaintext)
     assert isinstance(reply, OpRepImport)
     if reply.status is not OpStatus.OK or reply.device is None:
         raise ImportRefused(busid, reply.status)
@@ -78,6 +83,6 @@ def request_import(sock: socket.socket, busid: str) -> DeviceInfo:
 
 def request_devlist(sock: socket.socket) -> tuple[DeviceInfo, ...]:
     conn = ClientConnection()
-    reply = _exchange(sock, conn, conn.send(OpReqDevlist()))
+    reply = _exchange(sock, conn, conn.send(OpReqDevlist()), True)
     assert isinstance(reply, OpRepDevlist)
     return reply.devices

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import socket
+import ssl
 from types import TracebackType
 from typing import cast
 
@@ -32,8 +33,19 @@ from ..protocol import (
     RetUnlink,
 )
 from ..protocol.constants import USBIP_PORT
+from ..tls import TlsSession, handshake_failure
 from ..usb.requests import SETUP
-from .errors import ClientError, ImportRefused, UrbError
+from .errors import (
+    PLAINTEXT_REFUSED,
+    ClientError,
+    HostUnreachable,
+    ImportRefused,
+    TlsRefused,
+    UrbError,
+)
+
+#: Seconds to connect and finish a TLS handshake.
+CONNECT_TIMEOUT = 30.0
 
 
 class _ClientProtocol(asyncio.Protocol):
@@ -45,10 +57,12 @@ class _ClientProtocol(asyncio.Protocol):
         )
         self.waiting: dict[int, asyncio.Future[RetSubmit | RetUnlink]] = {}
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.plaintext = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # (uvloop's transports do not derive from asyncio.Transport)
         self.transport = cast(asyncio.Transport, transport)
+        self.plaintext = transport.get_extra_info("ssl_object") is None
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -73,7 +87,20 @@ class _ClientProtocol(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        error = ClientError(f"connection closed{f': {exc}' if exc else ''}")
+        if isinstance(exc, ssl.SSLError):
+            # TLS 1.3: a server that refuses our certificate says so after the
+            # handshake, on the first read.
+            error: ClientError = ClientError(f"connection closed: {handshake_failure(exc)}")
+        elif exc is None and not self.op_reply.done() and self.plaintext:
+            error = ClientError(PLAINTEXT_REFUSED)
+        elif not self.op_reply.done() and not self.plaintext:
+            # TLS 1.3 ends the handshake before the server has checked our
+            # certificate: its refusal comes as a close, often a reset.
+            error = ClientError(
+                "the server closed the TLS connection before it answered: it may not "
+                f"accept our certificate (its log says why){f' ({exc})' if exc else ''}")
+        else:
+            error = ClientError(f"connection closed{f': {exc}' if exc else ''}")
         self._fail(error)
         if not self.closed.done():
             self.closed.set_result(None)
@@ -87,13 +114,46 @@ class _ClientProtocol(asyncio.Protocol):
         self.waiting.clear()
 
 
-async def _connect(host: str, port: int) -> _ClientProtocol:
+async def _connect(host: str, port: int, tls: ssl.SSLContext | None,
+                   server_hostname: str | None) -> _ClientProtocol:
     loop = asyncio.get_running_loop()
     try:
-        _transport, protocol = await loop.create_connection(_ClientProtocol, host, port)
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            sock = await _tcp(loop, host, port)
+    except TimeoutError:
+        raise HostUnreachable(host, port, "connection timed out") from None
     except OSError as exc:
-        raise ClientError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from exc
+        raise HostUnreachable(host, port, exc.strerror or str(exc)) from exc
+    if tls is None:
+        _transport, protocol = await loop.create_connection(_ClientProtocol, sock=sock)
+        return protocol
+    try:
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            _transport, protocol = await loop.create_connection(
+                _ClientProtocol, sock=sock, ssl=tls, server_hostname=server_hostname or host,
+                ssl_handshake_timeout=CONNECT_TIMEOUT + 5)
+    except (OSError, TimeoutError) as exc:
+        sock.close()
+        raise TlsRefused(host, port, handshake_failure(exc)) from exc
     return protocol
+
+
+async def _tcp(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
+    """A connected socket: made first, so a refused TCP connection and a refused
+    TLS handshake are told apart."""
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    error: OSError = OSError(f"no address for {host}")
+    for family, kind, proto, _name, address in infos:
+        sock = socket.socket(family, kind, proto)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, address)
+        except OSError as exc:
+            sock.close()
+            error = exc
+            continue
+        return sock
+    raise error
 
 
 async def _close(protocol: _ClientProtocol) -> None:
@@ -106,9 +166,14 @@ async def _close(protocol: _ClientProtocol) -> None:
         pass
 
 
-async def list_devices(host: str, port: int = USBIP_PORT) -> tuple[DeviceInfo, ...]:
-    """OP_REQ_DEVLIST: the devices ``host`` exports."""
-    protocol = await _connect(host, port)
+async def list_devices(host: str, port: int = USBIP_PORT, *, tls: ssl.SSLContext | None = None,
+                       server_hostname: str | None = None) -> tuple[DeviceInfo, ...]:
+    """OP_REQ_DEVLIST: the devices ``host`` exports.
+
+    With ``tls`` (see :func:`usbipy.tls.client_context`), over mutual TLS; the
+    server's certificate must name ``server_hostname`` (default: ``host``).
+    """
+    protocol = await _connect(host, port, tls, server_hostname)
     try:
         assert protocol.transport is not None
         protocol.transport.write(protocol.conn.send(OpReqDevlist()))
@@ -119,9 +184,14 @@ async def list_devices(host: str, port: int = USBIP_PORT) -> tuple[DeviceInfo, .
         await _close(protocol)
 
 
-async def import_device(host: str, busid: str, port: int = USBIP_PORT) -> RemoteDevice:
-    """OP_REQ_IMPORT: hold ``busid`` and get a handle to submit URBs to it."""
-    protocol = await _connect(host, port)
+async def import_device(host: str, busid: str, port: int = USBIP_PORT, *,
+                        tls: ssl.SSLContext | None = None,
+                        server_hostname: str | None = None) -> RemoteDevice:
+    """OP_REQ_IMPORT: hold ``busid`` and get a handle to submit URBs to it.
+
+    ``tls`` and ``server_hostname`` as for :func:`list_devices`.
+    """
+    protocol = await _connect(host, port, tls, server_hostname)
     assert protocol.transport is not None
     protocol.transport.write(protocol.conn.send(OpReqImport(busid)))
     try:
@@ -143,6 +213,11 @@ class RemoteDevice:
         self._protocol = protocol
         self.info = info
         self._seqnums = itertools.count(1)
+        ssl_object = protocol.transport.get_extra_info("ssl_object") if (
+            protocol.transport is not None) else None
+        #: The TLS session with the server, None for plaintext.
+        self.tls: TlsSession | None = (
+            TlsSession.of(ssl_object, kernel=False) if ssl_object is not None else None)
 
     @property
     def closed(self) -> bool:

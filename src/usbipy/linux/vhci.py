@@ -9,6 +9,7 @@ C `usbip port` reads the records usbipy writes, and the other way round.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import socket
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from ..errors import UsbipError
 from ..protocol import DeviceInfo, Speed
+from ..tls import TlsSession
 from . import sysfs
 
 #: Where `usbip attach` records each port's server (VHCI_STATE_PATH).
@@ -69,11 +71,17 @@ class VhciPort:
 
 @dataclass(frozen=True)
 class Record:
-    """/var/run/vhci_hcd/portN: "host port busid"."""
+    """/var/run/vhci_hcd/portN: "host port busid".
+
+    usbipy adds a second line, which C `usbip port` does not read: the TLS
+    session as JSON, when the connection is encrypted.
+    """
 
     host: str
     service: str
     busid: str
+    #: version, cipher, peer (the server's verified identity), kernel
+    tls: dict[str, object] | None = None
 
     @property
     def url(self) -> str:
@@ -169,19 +177,32 @@ def record_path(port: int) -> Path:
     return VHCI_STATE_DIR / f"port{port}"
 
 
-def write_record(port: int, record: Record) -> None:
+def write_record(port: int, record: Record, tls: TlsSession | None = None) -> None:
     VHCI_STATE_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(record_path(port), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o700)
     with os.fdopen(fd, "w") as f:
         f.write(f"{record.host} {record.service} {record.busid}\n")
+        if tls is not None:
+            f.write(json.dumps({"tls": tls.as_dict()}) + "\n")
 
 
 def read_record(port: int) -> Record | None:
     try:
-        fields = record_path(port).read_text().split()
+        lines = record_path(port).read_text().splitlines()
     except OSError:
         return None
-    return Record(*fields[:3]) if len(fields) >= 3 else None
+    fields = lines[0].split() if lines else []
+    if len(fields) < 3:
+        return None
+    tls = None
+    if len(lines) > 1:
+        try:
+            extra = json.loads(lines[1])
+        except ValueError:
+            extra = None
+        if isinstance(extra, dict) and isinstance(extra.get("tls"), dict):
+            tls = extra["tls"]
+    return Record(fields[0], fields[1], fields[2], tls=tls)
 
 
 def remove_record(port: int) -> None:

@@ -31,6 +31,7 @@ from ..protocol import (
     ServerConnection,
 )
 from ..protocol.constants import ECONNRESET, EPROTO
+from ..tls import TlsSession
 from .registry import DeviceRegistry
 
 log = logging.getLogger("usbipy.server")
@@ -42,6 +43,9 @@ MAX_IN_FLIGHT = 4096
 #: stop reading: the URB count alone would let 4096 x 16 MiB pile up.
 MAX_PENDING_OUT_BYTES = 64 << 20
 
+#: A TLS record of type handshake (22), version 3.x: a ClientHello's first bytes.
+TLS_HANDSHAKE_RECORD = b"\x16\x03"
+
 #: Releases of devices whose clients left, until each is done.
 _releasing: set[asyncio.Task[None]] = set()
 
@@ -50,8 +54,11 @@ class UsbipServerProtocol(asyncio.Protocol):
     """asyncio protocol for one client; the codec is a :class:`ServerConnection`."""
 
     def __init__(self, registry: DeviceRegistry, *, max_transfer_length: int,
-                 connections: set[UsbipServerProtocol]) -> None:
+                 connections: set[UsbipServerProtocol], tls: TlsSession | None = None) -> None:
         self.registry = registry
+        #: The client's TLS session (a kernel TLS one is passed in; a userspace
+        #: one is read off the transport), None for plaintext.
+        self.tls = tls
         self.conn = ServerConnection(max_transfer_length=max_transfer_length)
         self.device: ExportedDevice | None = None
         self.peer = "?"
@@ -66,6 +73,8 @@ class UsbipServerProtocol(asyncio.Protocol):
         #: Reading is paused while an OP request is being answered.
         self._op_pending = False
         self._closed = False
+        #: What the client sent first: a TLS ClientHello on a plaintext port is told apart.
+        self._first_bytes = b""
         self._task: asyncio.Task[None] | None = None
         #: Resolved once the connection is gone and its device released.
         self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -85,10 +94,18 @@ class UsbipServerProtocol(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            self.tls = TlsSession.of(ssl_object, kernel=False)
+        if self.tls is not None:
+            # the verified identity, in every line about this client
+            self.peer = f"{self.peer} {self.tls.peer}"
         self._connections.add(self)
-        log.debug("%s: connected", self.peer)
+        log.debug("%s: connected%s", self.peer, f" ({self.tls.protection})" if self.tls else "")
 
     def data_received(self, data: bytes) -> None:
+        if not self._first_bytes:
+            self._first_bytes = data[:2]
         self.conn.receive_data(data)
         self._process()
 
@@ -117,8 +134,11 @@ class UsbipServerProtocol(asyncio.Protocol):
                 if self._closed:
                     return
         except RemoteProtocolError as exc:
-            log.warning("%s: closing the connection: %s: %s", self.peer,
-                        type(exc).__name__, printable(str(exc)))
+            hint = ""
+            if self._first_bytes.startswith(TLS_HANDSHAKE_RECORD) and self.tls is None:
+                hint = " (a TLS handshake: this port serves plaintext USB/IP)"
+            log.warning("%s: closing the connection: %s: %s%s", self.peer,
+                        type(exc).__name__, printable(str(exc)), hint)
             self._abort()
             return
         if (self.conn.in_flight >= MAX_IN_FLIGHT or self._pending_out > MAX_PENDING_OUT_BYTES
@@ -242,6 +262,14 @@ class UsbipServerProtocol(asyncio.Protocol):
         # reads the first one; we must not read anything past this point
         # (reading is paused since the request came).
         assert self._transport is not None
+        if self.tls is not None and not self.tls.kernel:
+            # The kernel cannot take over a session whose keys live in this process.
+            log.error("%s: cannot hand %s to usbip-host over TLS: kernel TLS is not "
+                      "available here ('modprobe tls', then restart usbipyd)", self.peer,
+                      printable(device.busid))
+            self.registry.release(device.busid, self)
+            self._refuse(OpStatus.NA)
+            return
         sock = self._transport.get_extra_info("socket")
         fd = sock.fileno()
         try:

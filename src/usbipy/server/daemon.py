@@ -6,13 +6,16 @@ import asyncio
 import logging
 import socket
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
 from types import TracebackType
+from typing import Any
 
 from ..backends.base import ExportedDevice
 from ..protocol import DEFAULT_MAX_TRANSFER, USBIP_PORT
+from ..tls import TlsSession
 from .connection import UsbipServerProtocol
 from .registry import DeviceRegistry
+from .tls import ServerTls, serve_tls_client
 
 log = logging.getLogger("usbipy.server")
 
@@ -50,6 +53,10 @@ def listen_sockets(hosts: Sequence[str], port: int,
 class UsbipServer:
     """A USB/IP server exporting the devices of a :class:`DeviceRegistry`.
 
+    With ``tls``, every client of ``hosts``/``sockets`` must complete a mutual
+    TLS handshake first; ``plain_sockets`` (loopback listeners, say) serve
+    plaintext beside them.
+
     Loop-only: create, start and close it on the event loop that serves it.
     """
 
@@ -57,17 +64,24 @@ class UsbipServer:
                  hosts: Sequence[str] = ("127.0.0.1",), port: int = USBIP_PORT,
                  family: socket.AddressFamily = socket.AF_UNSPEC,
                  max_transfer_length: int = DEFAULT_MAX_TRANSFER,
-                 sockets: Sequence[socket.socket] = ()) -> None:
+                 sockets: Sequence[socket.socket] = (),
+                 tls: ServerTls | None = None,
+                 plain_sockets: Sequence[socket.socket] = ()) -> None:
         self.registry = registry if registry is not None else DeviceRegistry()
         #: Listening sockets made beforehand (see :func:`listen_sockets`); when
         #: empty, :meth:`start` binds ``hosts`` and ``port`` itself.
         self._sockets = list(sockets)
+        self._plain_sockets = list(plain_sockets)
+        self.tls = tls
         self.hosts = list(hosts)
         self.port = port
         self.family = family
         self.max_transfer_length = max_transfer_length
         self.connections: set[UsbipServerProtocol] = set()
         self._servers: list[asyncio.Server] = []
+        #: TLS listeners and the handshakes in progress on them.
+        self._listeners: list[socket.socket] = []
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def add(self, device: ExportedDevice) -> ExportedDevice:
         return self.registry.add(device)
@@ -77,31 +91,75 @@ class UsbipServer:
         sockets = self._sockets or listen_sockets(self.hosts, self.port, self.family)
         self._sockets = []
 
-        def protocol() -> UsbipServerProtocol:
-            return UsbipServerProtocol(self.registry,
-                                       max_transfer_length=self.max_transfer_length,
-                                       connections=self.connections)
-
+        plain, self._plain_sockets = self._plain_sockets, []
+        if self.tls is None:
+            plain, sockets = sockets + plain, []
+        for sock in plain:
+            self._servers.append(await loop.create_server(self._protocol, sock=sock))
         for sock in sockets:
-            self._servers.append(await loop.create_server(protocol, sock=sock))
+            self._listeners.append(sock)
+            self._spawn(self._accept_tls(sock, self.tls))
         # With port 0 the system picks one: report the real port.
-        self.port = sockets[0].getsockname()[1]
-        for host, port in self.addresses:
-            log.info("listening on %s", f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        self.port = (sockets or plain)[0].getsockname()[1]
+        for (host, port), tls in self._addresses():
+            where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            if tls is None:
+                log.info("listening on %s", where)
+            else:
+                log.info("listening on %s (mutual TLS, %s)", where,
+                         "kernel TLS" if tls.kernel else "userspace TLS")
+
+    def _protocol(self, tls: TlsSession | None = None) -> UsbipServerProtocol:
+        return UsbipServerProtocol(self.registry, max_transfer_length=self.max_transfer_length,
+                                   connections=self.connections, tls=tls)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)  # (the loop keeps only a weak reference to a task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _accept_tls(self, listener: socket.socket, tls: ServerTls | None) -> None:
+        assert tls is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, addr = await loop.sock_accept(listener)
+            except OSError as exc:
+                # Out of file descriptors, say: not fatal, and not a busy loop.
+                log.error("accepting a client failed: %s", exc.strerror or exc)
+                await asyncio.sleep(0.5)
+                continue
+            self._spawn(serve_tls_client(sock, addr, tls, self._protocol))
+
+    def _addresses(self) -> list[tuple[tuple[str, int], ServerTls | None]]:
+        found: list[tuple[tuple[str, int], ServerTls | None]] = [
+            (s.getsockname()[:2], self.tls) for s in self._listeners]
+        found += [(s.getsockname()[:2], None) for server in self._servers
+                  for s in server.sockets]
+        return found
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
-        return [s.getsockname()[:2] for server in self._servers for s in server.sockets]
+        return [address for address, _tls in self._addresses()]
 
     async def serve_forever(self) -> None:
-        assert self._servers
-        await asyncio.gather(*(server.serve_forever() for server in self._servers))
+        assert self._servers or self._listeners
+        await asyncio.gather(*(server.serve_forever() for server in self._servers),
+                             asyncio.get_running_loop().create_future())
 
     async def close(self) -> None:
         """Stop listening, drop every client, and make every device durable."""
         servers, self._servers = self._servers, []
         for server in servers:
             server.close()
+        tasks, self._tasks = list(self._tasks), set()
+        for task in tasks:
+            task.cancel()
+        listeners, self._listeners = self._listeners, []
+        for sock in listeners:
+            sock.close()
+        if tasks:
+            await asyncio.wait(tasks)
         connections = list(self.connections)
         for conn in connections:
             conn.close()

@@ -16,13 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ...errors import UsbipError
-
-#: Where usbipyd keeps its state; USBIPY_STATE_DIR overrides it.
-DEFAULT_STATE_DIR = Path("/var/lib/usbipy")
-
-
-def state_dir() -> Path:
-    return Path(os.environ.get("USBIPY_STATE_DIR", DEFAULT_STATE_DIR))
+from ...state import state_dir
 
 
 class BindingError(UsbipError):

@@ -1,0 +1,182 @@
+"""A small certificate authority for usbipy: `usbipy cert init` and `usbipy cert issue`.
+
+For users with no PKI of their own: one CA in the state directory, and a
+key and certificate per server and per client, signed by it. Keys are
+ECDSA P-256 (fast handshakes, supported by every TLS peer) and are written
+with mode 0600; nothing here is hand-written X.509 (the ``cryptography``
+package builds and signs every certificate).
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..state import state_dir
+from .errors import TlsError
+
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+CA_DAYS = 3650
+LEAF_DAYS = 825
+#: A name becomes a file name and a certificate's CN: keep it plain.
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def tls_dir(base: Path | None = None) -> Path:
+    """Where the CA and the issued files live: STATE_DIR/tls."""
+    return (base if base is not None else state_dir()) / "tls"
+
+
+@dataclass(frozen=True)
+class Issued:
+    cert: Path
+    key: Path
+    ca: Path
+
+
+def _crypto() -> None:
+    try:
+        import cryptography  # noqa: F401
+    except ImportError:
+        raise TlsError("making certificates needs the cryptography package: "
+                       "pip install 'usbipy[tls]' (or bring your own PKI)") from None
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    """Write a new file with ``mode`` from the start (a key is never world-readable)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, mode)  # O_CREAT's mode is masked by the umask
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _new_key() -> ec.EllipticCurvePrivateKey:
+    from cryptography.hazmat.primitives.asymmetric import ec
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+    return key.private_bytes(serialization.Encoding.PEM,
+                             serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _cert_pem(cert: x509.Certificate) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def init_ca(base: Path | None = None, *, name: str = "usbipy CA", days: int = CA_DAYS,
+            force: bool = False) -> Issued:
+    """Make the CA: ca.pem and ca-key.pem (0600) in STATE_DIR/tls."""
+    _crypto()
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    where = tls_dir(base)
+    cert_path, key_path = where / "ca.pem", where / "ca-key.pem"
+    if cert_path.exists() and not force:
+        raise TlsError(f"{cert_path} exists already: a new CA would invalidate every "
+                       "certificate it signed (use --force to replace it)")
+    key = _new_key()
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject).issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False,
+                                     key_encipherment=False, data_encipherment=False,
+                                     key_agreement=False, key_cert_sign=True, crl_sign=True,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                       critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    _write(key_path, _key_pem(key), 0o600)
+    _write(cert_path, _cert_pem(cert), 0o644)
+    return Issued(cert_path, key_path, cert_path)
+
+
+def _alt_name(text: str) -> x509.GeneralName:
+    from cryptography import x509
+    try:
+        return x509.IPAddress(ipaddress.ip_address(text))
+    except ValueError:
+        return x509.DNSName(text)
+
+
+def issue(name: str, *, server: bool, base: Path | None = None,
+          alt_names: tuple[str, ...] = (), days: int = LEAF_DAYS,
+          not_before: datetime.datetime | None = None) -> Issued:
+    """A key and certificate for ``name``, signed by the CA of :func:`init_ca`.
+
+    A server certificate names ``name`` and ``alt_names`` (DNS names or IP
+    addresses) as subjectAltNames, which clients check against the host
+    they dial; a client certificate carries ``name`` as its CN, the identity
+    the server logs and shows.
+    """
+    _crypto()
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    if not _NAME.match(name):
+        raise TlsError(f"bad certificate name {name!r}: letters, digits, '.', '-' and '_' "
+                       "only, at most 64")
+    where = tls_dir(base)
+    ca_cert_path, ca_key_path = where / "ca.pem", where / "ca-key.pem"
+    try:
+        ca_cert = x509.load_pem_x509_certificate(ca_cert_path.read_bytes())
+        ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), None)
+    except FileNotFoundError:
+        raise TlsError(f"no CA in {where}: run 'usbipy cert init' first") from None
+    except (OSError, ValueError) as exc:
+        raise TlsError(f"cannot read the CA in {where}: {exc}") from exc
+    key = _new_key()
+    start = not_before or datetime.datetime.now(datetime.UTC) - datetime.timedelta(
+        minutes=5)
+    usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+            ca_key.public_key()), critical=False)  # type: ignore[arg-type]
+    )
+    names = dict.fromkeys((name, *alt_names) if server else alt_names)
+    if names:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([_alt_name(n) for n in names]), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    cert_path, key_path = where / f"{name}.pem", where / f"{name}-key.pem"
+    _write(key_path, _key_pem(key), 0o600)
+    _write(cert_path, _cert_pem(cert), 0o644)
+    return Issued(cert_path, key_path, ca_cert_path)
