@@ -28,15 +28,16 @@ ServeFn = Callable[[Callable[[UsbipServer], Awaitable[Any]]], Any]
 
 @pytest.fixture
 def serve() -> collections.abc.Iterator[Callable[..., Any]]:
-    """serve(test, devices=None): run ``await test(server)`` against a live server on port 0."""
+    """serve(test, devices=None, **server_args): run ``await test(server)`` against a
+    live server on port 0."""
 
     def go(test: Callable[[UsbipServer], Awaitable[T]],
-           devices: list[ExportedDevice] | None = None) -> T:
+           devices: list[ExportedDevice] | None = None, **server_args: Any) -> T:
         async def main() -> T:
             # asyncio's debug mode reports any callback that holds the loop too long:
             # a blocking call there stalls every client.
             asyncio.get_running_loop().slow_callback_duration = BLOCKED_LOOP_S
-            server = UsbipServer(port=0)
+            server = UsbipServer(port=0, **server_args)
             for device in devices if devices is not None else demo_devices(disk_size=1 << 20):
                 server.add(device)
             async with server:

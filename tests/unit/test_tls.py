@@ -1,0 +1,380 @@
+"""Mutual TLS between usbipyd and the userspace client, and every way a handshake fails.
+
+These run over userspace TLS (this host's kernel may have no kTLS); the
+kernel TLS paths are checked in the VM (tests/kernel/test_tls.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import os
+import socket
+import ssl
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from usbipy.client import ClientError, import_device, list_devices
+from usbipy.client.errors import TlsRefused
+from usbipy.server import UsbipServer
+from usbipy.server.tls import ServerTls
+from usbipy.tls import TlsError, TlsFiles, certs, client_context, ktls, server_context
+
+pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
+
+
+@dataclass(frozen=True)
+class Pki:
+    base: Path
+    server: TlsFiles
+    client: TlsFiles
+    #: a client certificate from another CA
+    stranger: TlsFiles
+    #: a client certificate of ours that expired
+    expired: TlsFiles
+
+
+def _files(issued: certs.Issued) -> TlsFiles:
+    return TlsFiles(issued.cert, issued.key, issued.ca)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    base = tmp_path_factory.mktemp("pki")
+    certs.init_ca(base)
+    server = _files(certs.issue("usbipy-test", server=True, base=base,
+                                alt_names=("127.0.0.1", "::1")))
+    client = _files(certs.issue("alice", server=False, base=base))
+    past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=10)
+    expired = _files(certs.issue("old", server=False, base=base, not_before=past, days=1))
+    other = tmp_path_factory.mktemp("other-pki")
+    certs.init_ca(other, name="another CA")
+    stranger = certs.issue("mallory", server=False, base=other)
+    # mallory trusts our CA (she knows whom she talks to); we do not trust hers
+    return Pki(base, server, client,
+               TlsFiles(stranger.cert, stranger.key, server.ca), expired)
+
+
+def tls_server(pki: Pki, timeout: float = 10.0) -> ServerTls:
+    return ServerTls(server_context(pki.server, kernel=False), kernel=False,
+                     handshake_timeout=timeout)
+
+
+# --- usbipy cert -------------------------------------------------------------------
+
+
+def test_cert_init_writes_a_private_ca_key_and_refuses_to_replace_it(tmp_path: Path) -> None:
+    made = certs.init_ca(tmp_path)
+    assert made.cert == tmp_path / "tls/ca.pem"
+    assert stat.S_IMODE(os.stat(made.key).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(tmp_path / "tls").st_mode) == 0o700
+    with pytest.raises(TlsError, match="exists already.*--force"):
+        certs.init_ca(tmp_path)
+    before = made.cert.read_bytes()
+    certs.init_ca(tmp_path, force=True)
+    assert made.cert.read_bytes() != before
+
+
+def test_cert_issue_needs_a_ca_and_a_plain_name(tmp_path: Path) -> None:
+    with pytest.raises(TlsError, match="no CA in .*: run 'usbipy cert init' first"):
+        certs.issue("alice", server=False, base=tmp_path)
+    certs.init_ca(tmp_path)
+    for bad in ("", "a/b", "evil\nname", "-x", "x" * 65):
+        with pytest.raises(TlsError, match="bad certificate name"):
+            certs.issue(bad, server=False, base=tmp_path)
+
+
+def test_issued_certificates_carry_names_and_purpose(pki: Pki) -> None:
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    server = x509.load_pem_x509_certificate(pki.server.cert.read_bytes())
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["usbipy-test"]
+    assert [str(a) for a in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1", "::1"]
+    usage = server.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(usage) == [ExtendedKeyUsageOID.SERVER_AUTH]
+    client = x509.load_pem_x509_certificate(pki.client.cert.read_bytes())
+    assert client.subject.rfc4514_string() == "CN=alice"
+    usage = client.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(usage) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    assert stat.S_IMODE(os.stat(pki.client.key).st_mode) == 0o600
+
+
+def test_tls_files_must_come_as_three_and_be_readable(tmp_path: Path, pki: Pki) -> None:
+    assert TlsFiles.from_options(None, None, None) is None
+    with pytest.raises(TlsError, match="needs --tls-key, --tls-ca too"):
+        TlsFiles.from_options("c.pem", None, None)
+    missing = TlsFiles(tmp_path / "nope.pem", pki.client.key, pki.client.ca)
+    with pytest.raises(TlsError, match="nope.pem: No such file"):
+        client_context(missing)
+    swapped = TlsFiles(pki.client.cert, pki.server.key, pki.client.ca)
+    with pytest.raises(TlsError, match="not a certificate and its key"):
+        client_context(swapped)
+
+
+# --- a session ---------------------------------------------------------------------
+
+
+def test_list_and_import_over_mutual_tls(serve, pki: Pki, caplog) -> None:
+    caplog.set_level(logging.INFO, "usbipy.server")
+
+    async def test(server: UsbipServer) -> None:
+        context = client_context(pki.client)
+        devices = await list_devices("127.0.0.1", server.port, tls=context)
+        assert [d.busid for d in devices] == ["1-1", "1-2", "1-3"]
+        async with await import_device("127.0.0.1", "1-2", server.port, tls=context) as dev:
+            assert dev.tls is not None and dev.tls.peer == "CN=usbipy-test"
+            assert dev.tls.kernel is False
+            descriptor = await dev.control(0x80, 6, 0x0100, 0, 18)
+            assert descriptor[:2] == b"\x12\x01"
+
+    serve(test, tls=tls_server(pki))
+    # the server names the client by its certificate
+    assert "CN=alice: imported 1-2" in caplog.text
+
+
+def test_the_server_name_is_checked(serve, pki: Pki) -> None:
+    async def test(server: UsbipServer) -> None:
+        context = client_context(pki.client)
+        with pytest.raises(TlsRefused, match="Hostname mismatch.*'lab.example'"):
+            await list_devices("127.0.0.1", server.port, tls=context,
+                               server_hostname="lab.example")
+        # the name the certificate carries, dialed by address
+        devices = await list_devices("127.0.0.1", server.port, tls=context,
+                                     server_hostname="usbipy-test")
+        assert len(devices) == 3
+
+    serve(test, tls=tls_server(pki))
+
+
+def test_a_server_signed_by_another_ca_is_refused(serve, pki: Pki) -> None:
+    async def test(server: UsbipServer) -> None:
+        # trusting only the other CA: our server's certificate is not accepted
+        other_ca = TlsFiles(pki.client.cert, pki.client.key,
+                            pki.stranger.cert.parent / "ca.pem")
+        with pytest.raises(TlsRefused, match="certificate is not accepted"):
+            await list_devices("127.0.0.1", server.port, tls=client_context(other_ca))
+
+    serve(test, tls=tls_server(pki))
+
+
+@pytest.mark.parametrize("who, logged", [
+    ("stranger", "TLS handshake refused: the peer's certificate is not accepted: "
+                 "unable to get local issuer certificate"),
+    ("expired", "TLS handshake refused: the peer's certificate is not accepted: "
+                "certificate has expired"),
+    ("nobody", "TLS handshake refused: the peer sent no certificate"),
+])
+def test_clients_without_a_valid_certificate_are_refused_and_others_served(
+        serve, pki: Pki, caplog, who: str, logged: str) -> None:
+    caplog.set_level(logging.INFO, "usbipy.server")
+
+    async def test(server: UsbipServer) -> None:
+        if who == "nobody":
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.load_verify_locations(pki.server.ca)
+        else:
+            context = client_context(getattr(pki, who))
+        async with await import_device("127.0.0.1", "1-1", server.port,
+                                       tls=client_context(pki.client)) as held:
+            with pytest.raises(ClientError, match="certificate"):
+                await list_devices("127.0.0.1", server.port, tls=context)
+            # the session that was there goes on
+            assert (await held.control(0x80, 6, 0x0100, 0, 18))[:2] == b"\x12\x01"
+
+    serve(test, tls=tls_server(pki))
+    assert logged in caplog.text
+
+
+# --- the wrong protocol on either side ---------------------------------------------
+
+
+def test_a_plaintext_client_on_a_tls_port_is_told_at_once(serve, pki: Pki, caplog) -> None:
+    caplog.set_level(logging.INFO, "usbipy.server")
+
+    async def test(server: UsbipServer) -> None:
+        async with asyncio.timeout(5):  # the handshake timeout is 60 s: no waiting on it
+            with pytest.raises(ClientError, match="requires TLS.*--tls-cert"):
+                await list_devices("127.0.0.1", server.port)
+
+    serve(test, tls=tls_server(pki, timeout=60))
+    assert "the peer does not speak TLS (wrong version number)" in caplog.text
+
+
+def test_a_tls_client_on_a_plaintext_port_is_told_at_once(serve, pki: Pki, caplog) -> None:
+    caplog.set_level(logging.INFO, "usbipy.server")
+
+    async def test(server: UsbipServer) -> None:
+        async with asyncio.timeout(5):
+            with pytest.raises(TlsRefused, match="closed the connection during the TLS "
+                                                 "handshake"):
+                await list_devices("127.0.0.1", server.port, tls=client_context(pki.client))
+
+    serve(test)
+    assert "a TLS handshake: this port serves plaintext USB/IP" in caplog.text
+
+
+# --- hostile and broken clients ----------------------------------------------------
+
+
+async def _raw(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", port)
+
+
+async def _served(port: int, pki: Pki, devices: int = 3) -> None:
+    async with asyncio.timeout(5):
+        listed = await list_devices("127.0.0.1", port, tls=client_context(pki.client))
+    assert len(listed) == devices
+
+
+def test_a_stalled_handshake_blocks_nobody_and_times_out(serve, pki: Pki, caplog) -> None:
+    caplog.set_level(logging.INFO, "usbipy.server")
+
+    async def test(server: UsbipServer) -> None:
+        silent = [await _raw(server.port) for _ in range(20)]
+        # half a ClientHello, then nothing
+        half_reader, half = await _raw(server.port)
+        half.write(bytes.fromhex("160301020001"))
+        await half.drain()
+        await _served(server.port, pki)
+        # each is closed by the handshake timeout (1 s), none earlier than asked
+        async with asyncio.timeout(10):
+            assert await half_reader.read() == b""
+            for reader, _writer in silent:
+                assert await reader.read() == b""
+        for _reader, writer in [*silent, (half_reader, half)]:
+            writer.close()
+        await _served(server.port, pki)
+
+    serve(test, tls=tls_server(pki, timeout=1.0))
+    assert caplog.text.count("TLS handshake refused: the TLS handshake timed out") == 21
+
+
+@pytest.mark.parametrize("sent, why", [
+    (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "does not speak TLS"),
+    (bytes.fromhex("00000000") * 64, "does not speak TLS"),
+    # a handshake record longer than TLS allows (2^14 + 2048)
+    (bytes.fromhex("1603017fff") + bytes(1000), "does not speak TLS"),
+    # a record cut off: the client leaves in the middle of it
+    (bytes.fromhex("1603010200") + bytes(100), "closed the connection during the TLS handshake"),
+])
+def test_garbage_and_forged_records_close_only_their_connection(
+        serve, pki: Pki, caplog, sent: bytes, why: str) -> None:
+    caplog.set_level(logging.INFO, "usbipy.server")
+
+    async def test(server: UsbipServer) -> None:
+        async with await import_device("127.0.0.1", "1-1", server.port,
+                                       tls=client_context(pki.client)) as held:
+            reader, writer = await _raw(server.port)
+            writer.write(sent)
+            await writer.drain()
+            if why.startswith("closed"):
+                writer.write_eof()
+            async with asyncio.timeout(5):  # closed by the server, at once
+                try:
+                    while await reader.read(65536):
+                        pass
+                except ConnectionResetError:
+                    pass
+            writer.close()
+            await _served(server.port, pki, devices=2)  # 1-1 is held
+            assert (await held.control(0x80, 6, 0x0100, 0, 18))[:2] == b"\x12\x01"
+
+    serve(test, tls=tls_server(pki))
+    assert f"TLS handshake refused: the peer {why}" in caplog.text
+
+
+def test_a_forged_identity_is_escaped_in_the_log(serve, pki: Pki, caplog,
+                                                 tmp_path: Path) -> None:
+    """A CN with a newline and an escape sequence, signed by our CA (a CA that signs
+    what it is given): it reaches the log escaped, on one line."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    ca_cert = x509.load_pem_x509_certificate((pki.base / "tls/ca.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key((pki.base / "tls/ca-key.pem").read_bytes(),
+                                                None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(
+                NameOID.COMMON_NAME, "eve\nusbipyd: INFO: forged\x1b[2J")]))
+            .issuer_name(ca_cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .sign(ca_key, hashes.SHA256()))  # type: ignore[arg-type]
+    (tmp_path / "eve.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "eve-key.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    eve = TlsFiles(tmp_path / "eve.pem", tmp_path / "eve-key.pem", pki.server.ca)
+    caplog.set_level(logging.INFO, "usbipy.server")
+
+    async def test(server: UsbipServer) -> None:
+        await list_devices("127.0.0.1", server.port, tls=client_context(eve))
+
+    serve(test, tls=tls_server(pki))
+    lines = [r.getMessage() for r in caplog.records if "sent the list" in r.getMessage()]
+    assert len(lines) == 1
+    assert "CN=eve\\nusbipyd: INFO: forged\\x1b[2J: sent the list" in lines[0]
+    assert "\n" not in lines[0] and "\x1b" not in lines[0]
+
+
+# --- kernel TLS is never faked -------------------------------------------------------
+
+
+needs_no_ktls = pytest.mark.skipif(ktls.available(), reason="this host has kernel TLS")
+
+
+@needs_no_ktls
+def test_without_kernel_tls_prepare_says_what_to_do() -> None:
+    with pytest.raises(TlsError, match="kernel TLS is not available.*modprobe tls"):
+        ktls.prepare()
+
+
+@needs_no_ktls
+def test_a_kernel_session_that_the_kernel_did_not_take_is_refused(serve, pki: Pki,
+                                                                   caplog) -> None:
+    """A kernel-TLS server whose OpenSSL could not install the keys in the kernel must
+    not carry on in plaintext: the connection is dropped, and the client is told."""
+    caplog.set_level(logging.INFO, "usbipy.server")
+    tls = ServerTls(server_context(pki.server, kernel=True), kernel=True)
+
+    async def test(server: UsbipServer) -> None:
+        with pytest.raises(ClientError):
+            await list_devices("127.0.0.1", server.port, tls=client_context(pki.client))
+
+    serve(test, tls=tls)
+    assert "OpenSSL did not hand the session to kernel TLS" in caplog.text
+
+
+@needs_no_ktls
+def test_a_kernel_client_handshake_without_kernel_tls_is_refused(pki: Pki) -> None:
+    """The attach path: the handshake succeeds, but no plaintext socket is handed on."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    context = server_context(pki.server, kernel=False)
+
+    def accept() -> None:
+        conn, _ = listener.accept()
+        with context.wrap_socket(conn, server_side=True) as tls:
+            try:
+                tls.recv(1)
+            except OSError:
+                pass
+
+    import threading
+    thread = threading.Thread(target=accept)
+    thread.start()
+    sock = socket.create_connection(listener.getsockname())
+    with pytest.raises(TlsError, match="OpenSSL did not hand the session to kernel TLS"):
+        ktls.client_handshake(sock, client_context(pki.client, kernel=True), "127.0.0.1", 10)
+    thread.join(10)
+    listener.close()
