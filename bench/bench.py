@@ -19,6 +19,7 @@ import os
 import platform
 import selectors
 import socket
+import ssl
 import statistics
 import struct
 import subprocess
@@ -71,8 +72,10 @@ def peer_python() -> str:
 
 
 class Server:
-    def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.name = name
+        self.tls = tls
         self.port = free_port()
         self.proc = subprocess.Popen(
             [*argv, str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -86,7 +89,10 @@ class Server:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
                     raise RuntimeError(f"{name} did not start") from None
                 time.sleep(0.1)
-        with connect("127.0.0.1", self.port) as sock:
+        sock = connect("127.0.0.1", self.port)
+        if tls is not None:
+            sock = tls.wrap_socket(sock, server_hostname="127.0.0.1")
+        with sock:
             self.devices: tuple[DeviceInfo, ...] = request_devlist(sock)
 
     def busid(self, interface_class: int, nth: int = 0) -> str:
@@ -95,7 +101,7 @@ class Server:
         return found[nth]
 
     def client(self, interface_class: int, nth: int = 0) -> FastClient:
-        return FastClient("127.0.0.1", self.port, self.busid(interface_class, nth))
+        return FastClient("127.0.0.1", self.port, self.busid(interface_class, nth), self.tls)
 
     def stop(self) -> None:
         self.proc.terminate()

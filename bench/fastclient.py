@@ -9,6 +9,7 @@ costs a few microseconds per URB.
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
 from dataclasses import dataclass
 
@@ -32,9 +33,13 @@ class Reply:
 class FastClient:
     """One imported device over one TCP connection."""
 
-    def __init__(self, host: str, port: int, busid: str) -> None:
+    def __init__(self, host: str, port: int, busid: str,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.sock: socket.socket = connect(host, port)
-        self.device: DeviceInfo = request_import(self.sock, busid)
+        if tls is not None:  # userspace TLS on this side: its cost is the client's core
+            self.sock = tls.wrap_socket(self.sock, server_hostname=host)
+        self.device: DeviceInfo = request_import(self.sock, busid,
+                                                 plaintext=tls is None)
         self.sock.settimeout(60)
         self.devid = self.device.devid
         self._seqnum = 0

@@ -6,17 +6,33 @@ A mass-storage disk (64 MiB), a CDC-ACM port that echoes, and 14 HID keyboards:
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 from usbipy.cli.usbipyd import run_loop
 from usbipy.devices import CdcAcm, HidKeyboard, ImageFile, MassStorage
 from usbipy.server import UsbipServer
+from usbipy.server.tls import ServerTls
+from usbipy.tls import TlsFiles, server_context
 
 KEYBOARDS = 14
 
 
+def _tls() -> ServerTls | None:
+    """BENCH_TLS=DIR (with server.pem, server-key.pem, ca.pem): serve over mutual TLS;
+    BENCH_KTLS=1 hands the sessions to kernel TLS."""
+    where = os.environ.get("BENCH_TLS")
+    if not where:
+        return None
+    files = TlsFiles(Path(where, "server.pem"), Path(where, "server-key.pem"),
+                     Path(where, "ca.pem"))
+    kernel = os.environ.get("BENCH_KTLS") == "1"
+    return ServerTls(server_context(files, kernel=kernel), kernel=kernel)
+
+
 async def main(port: int) -> None:
-    server = UsbipServer(port=port)
+    server = UsbipServer(port=port, tls=_tls())
     server.add(MassStorage(ImageFile.scratch(64 << 20)))
     server.add(CdcAcm())
     for _ in range(KEYBOARDS):
@@ -29,4 +45,4 @@ async def main(port: int) -> None:
 if __name__ == "__main__":
     # As usbipyd: uvloop when it is installed (pass --asyncio to compare without it).
     loop = "asyncio" if "--asyncio" in sys.argv else "auto"
-    run_loop(main(int(sys.argv[1])), loop)
+    run_loop(main(int(sys.argv[-1])), loop)
