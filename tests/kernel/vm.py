@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import glob
 import gzip
+import hashlib
 import json
 import lzma
 import os
@@ -109,7 +110,9 @@ def check_host() -> None:
 def _initramfs(version: str, kernel: Path, agent_python: str) -> Path:
     cache = Path(os.environ.get("USBIPY_VM_CACHE", "/var/tmp/usbipy-vm"))
     cache.mkdir(parents=True, exist_ok=True)
-    key = f"{version}-{int(kernel.stat().st_mtime)}-v{INIT_VERSION}-{abs(hash(agent_python))}"
+    # (hashlib, not hash(): str hashes change with every process)
+    python_key = hashlib.sha256(agent_python.encode()).hexdigest()[:12]
+    key = f"{version}-{int(kernel.stat().st_mtime)}-v{INIT_VERSION}-{python_key}"
     target = cache / f"initramfs-{key}.cpio.gz"
     if target.exists():
         return target

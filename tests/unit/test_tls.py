@@ -378,3 +378,34 @@ def test_a_kernel_client_handshake_without_kernel_tls_is_refused(pki: Pki) -> No
         ktls.client_handshake(sock, client_context(pki.client, kernel=True), "127.0.0.1", 10)
     thread.join(10)
     listener.close()
+
+
+class _KernelTlsSocket:
+    """getsockopt(SOL_TLS) as net/tls/tls_main.c answers it: exactly 4 bytes (the
+    header) or exactly the cipher's struct, else EINVAL; EBUSY with no keys."""
+
+    def __init__(self, cipher: int | None, rx: bool = True) -> None:
+        self.cipher = cipher
+        self.rx = rx
+
+    def getsockopt(self, level: int, name: int, buflen: int) -> bytes:
+        import errno
+        assert level == ktls.SOL_TLS
+        if self.cipher is None or (name == ktls.TLS_RX and not self.rx):
+            raise OSError(errno.EBUSY, "no keys")
+        full = 40 if self.cipher == ktls.TLS_CIPHER_AES_GCM_128 else 56
+        if buflen not in (4, full):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return ktls.CRYPTO_INFO_HEADER.pack(ktls.TLS_1_2_VERSION, self.cipher) + bytes(
+            buflen - 4)
+
+
+@pytest.mark.parametrize("sock, expected", [
+    (_KernelTlsSocket(ktls.TLS_CIPHER_AES_GCM_128), True),
+    (_KernelTlsSocket(ktls.TLS_CIPHER_AES_GCM_256), True),
+    (_KernelTlsSocket(ktls.TLS_CIPHER_AES_GCM_128, rx=False), False),  # sending only
+    (_KernelTlsSocket(None), False),
+])
+def test_kernel_tls_is_recognised_whatever_the_cipher(sock: _KernelTlsSocket,
+                                                      expected: bool) -> None:
+    assert ktls.installed(sock) is expected  # type: ignore[arg-type]

@@ -35,6 +35,11 @@ TLS_TX = 1
 TLS_RX = 2
 TLS_1_2_VERSION = 0x0303
 TLS_CIPHER_AES_GCM_128 = 51
+TLS_CIPHER_AES_GCM_256 = 52
+AES_GCM_CIPHERS = (TLS_CIPHER_AES_GCM_128, TLS_CIPHER_AES_GCM_256)
+
+#: struct tls_crypto_info: the version and the cipher, in host order.
+CRYPTO_INFO_HEADER = struct.Struct("=HH")
 
 #: struct tls12_crypto_info_aes_gcm_128: version and cipher in host order,
 #: then iv[8], key[16], salt[4], rec_seq[8].
@@ -104,11 +109,17 @@ def available() -> bool:
 
 
 def installed(sock: socket.socket) -> bool:
-    """Whether the kernel holds keys for both directions of ``sock``."""
+    """Whether the kernel holds TLS 1.2 AES-GCM keys for both directions of ``sock``."""
     for direction in (TLS_TX, TLS_RX):
         try:
-            sock.getsockopt(SOL_TLS, direction, CRYPTO_INFO_AES_GCM_128.size + 16)
+            # The kernel takes exactly the header's length (version and cipher) or
+            # exactly the cipher's whole struct; any other length is EINVAL
+            # (net/tls/tls_main.c, do_tls_getsockopt_conf). No keys yet: EBUSY.
+            info = sock.getsockopt(SOL_TLS, direction, CRYPTO_INFO_HEADER.size)
         except OSError:
+            return False
+        version, cipher = CRYPTO_INFO_HEADER.unpack(info)
+        if version != TLS_1_2_VERSION or cipher not in AES_GCM_CIPHERS:
             return False
     return True
 
@@ -138,7 +149,8 @@ def client_handshake(sock: socket.socket, context: ssl.SSLContext, server_hostna
                      timeout: float) -> tuple[socket.socket, TlsSession]:
     """A blocking client handshake with a kernel context; returns the kTLS socket.
 
-    ``sock`` is taken (closed on failure). The returned socket is blocking.
+    ``sock`` is taken (closed on failure). The returned socket has ``timeout``
+    for the OP requests that follow.
     """
     sock.settimeout(timeout)
     try:
