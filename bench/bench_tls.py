@@ -47,6 +47,8 @@ def main() -> int:
                         help="measurements per server and workload, alternating order")
     parser.add_argument("--ktls", action="store_true",
                         help="the TLS server hands its sessions to kernel TLS")
+    parser.add_argument("--asyncio", action="store_true",
+                        help="serve on asyncio's loop rather than uvloop")
     parser.add_argument("--json", type=Path, help="write the results here too")
     args = parser.parse_args()
     os.sched_setaffinity(0, {CLIENT_CORE})
@@ -58,7 +60,8 @@ def main() -> int:
         tls_env = {**os.environ, "BENCH_TLS": str(base / "tls"),
                    "BENCH_KTLS": "1" if args.ktls else "0"}
         context = client_context(TlsFiles(client.cert, client.key, client.ca))
-        script = [sys.executable, str(ROOT / "server_usbipy.py")]
+        script = [sys.executable, str(ROOT / "server_usbipy.py"),
+                  *(["--asyncio"] if args.asyncio else [])]
         servers = [Server("plaintext", script),
                    Server("kernel TLS" if args.ktls else "TLS", script, tls_env, context)]
         plain, tls = servers[0].name, servers[1].name

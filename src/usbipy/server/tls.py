@@ -103,17 +103,25 @@ async def serve_tls_client(sock: socket.socket, addr: object, tls: ServerTls,
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(tls.handshake_timeout):
-            if tls.kernel:
-                plain, session = await kernel_handshake(sock, tls.context)
-                await loop.connect_accepted_socket(lambda: protocol(session), plain)
-            else:
+            if not tls.kernel:
                 # the protocol reads the session from the transport's ssl_object
                 await loop.connect_accepted_socket(
                     lambda: protocol(None), sock, ssl=tls.context,
                     ssl_handshake_timeout=tls.handshake_timeout + 5)
+                return
+            plain, session = await kernel_handshake(sock, tls.context)
     except Exception as exc:  # noqa: BLE001 (every failure is this client's alone)
         sock.close()
         why = handshake_failure(exc)
         if isinstance(exc, ConnectionAbortedError) and "taking longer" in str(exc):
             why = handshake_failure(TimeoutError())
         log.warning("%s: TLS handshake refused: %s", _peer(addr), why)
+        return
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        await loop.connect_accepted_socket(lambda: protocol(session), plain)
+    except BaseException:
+        plain.close()
+        raise
