@@ -58,6 +58,11 @@ def test_cert_init_and_issue(capsys, state: Path) -> None:
      "mutual TLS needs --tls-key, --tls-ca too"),
     (["list", "-r", "127.0.0.1", "--tls-cert", "a.pem", "--tls-key", "b.pem", "--tls-ca",
       "c.pem"], "a.pem: No such file or directory"),
+    (["--tls-cert", "", "--tls-key", "", "--tls-ca", "", "list", "-r", "127.0.0.1"],
+     "given empty"),
+    (["--tls-server-name", "lab1", "list", "-r", "127.0.0.1"],
+     "--tls-server-name needs --tls-cert, --tls-key and --tls-ca"),
+    (["cert", "issue", "ca", "--client"], "bad certificate name 'ca'"),
 ])
 def test_tls_errors_are_one_line(capsys, state: Path, args: list[str], message: str) -> None:
     rc, out, err = usbipy(capsys, *args)
@@ -94,6 +99,15 @@ def test_usbipyd_ktls_on_refuses_to_start_without_kernel_tls(capsys, state: Path
     err = capsys.readouterr().err
     assert rc == 1 and "usbipyd: kernel TLS is not available on this host" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("args", [["--ktls", "on"], ["--plaintext-port", "3241"],
+                                  ["--tls-handshake-timeout", "5"]])
+def test_usbipyd_tls_options_without_tls_are_refused(capsys, args: list[str]) -> None:
+    rc = usbipyd.main(["-t", "0", "--no-usbip-host", "--no-libusb", *args])
+    err = capsys.readouterr().err
+    assert rc == 1 and err == (f"usbipyd: {args[0]}{' on' if args[1] == 'on' else ''} needs "
+                               "--tls-cert, --tls-key and --tls-ca\n")
 
 
 def test_usbipyd_needs_all_three_tls_files(capsys) -> None:

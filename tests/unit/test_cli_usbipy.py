@@ -207,7 +207,7 @@ def test_port_shows_the_tls_session_and_the_server_identity(fake: FakeSysfs, cap
     # the identity comes from the server's certificate: a newline in it stays escaped
     session = TlsSession("TLSv1.2", "ECDHE-ECDSA-AES128-GCM-SHA256", "CN=lab\nforged",
                          kernel=True)
-    vhci.write_record(0, vhci.Record("10.0.0.7", "3240", "1-2"), session)
+    vhci.write_record(0, vhci.Record("10.0.0.7", "3240", "1-2"), session, devid=0x10003)
     rc, out, _ = usbipy(capsys, "port")
     assert rc == 0 and out.endswith(
         "       3-1 -> usbip://10.0.0.7:3240/1-2\n"
@@ -220,6 +220,13 @@ def test_port_shows_the_tls_session_and_the_server_identity(fake: FakeSysfs, cap
         "peer": "CN=lab\nforged", "kernel": True}
     # C usbip reads the first line only: it is unchanged
     assert vhci.record_path(0).read_text().splitlines()[0] == "10.0.0.7 3240 1-2"
+    # the port now holds another device (the session died, another attach took the
+    # port): the old session's protection is not claimed for it
+    fake.set_vhci_status({0: (3, 0x10004, "3-1")})
+    rc, out, _ = usbipy(capsys, "port")
+    assert rc == 0 and "encrypted" not in out
+    rc, out, _ = usbipy(capsys, "port", "--json")
+    assert json.loads(out)[0]["encrypted"] is False
 
 
 def test_detach(fake: FakeSysfs, capsys) -> None:

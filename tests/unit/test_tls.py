@@ -7,6 +7,7 @@ kernel TLS paths are checked in the VM (tests/kernel/test_tls.py).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import logging
 import os
@@ -18,13 +19,15 @@ from pathlib import Path
 
 import pytest
 
-from usbipy.client import ClientError, import_device, list_devices
+from usbipy.backends.base import DeviceSource, HandOffDevice
+from usbipy.client import ClientError, ImportRefused, import_device, list_devices
 from usbipy.client.errors import TlsRefused
-from usbipy.server import UsbipServer
+from usbipy.protocol import DeviceInfo, OpStatus
+from usbipy.server import UsbipServer, daemon
 from usbipy.server.tls import ServerTls
 from usbipy.tls import TlsError, TlsFiles, certs, client_context, ktls, server_context
 
-pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
+from ..helpers import KEYBOARD
 
 
 @dataclass(frozen=True)
@@ -83,9 +86,30 @@ def test_cert_issue_needs_a_ca_and_a_plain_name(tmp_path: Path) -> None:
     with pytest.raises(TlsError, match="no CA in .*: run 'usbipy cert init' first"):
         certs.issue("alice", server=False, base=tmp_path)
     certs.init_ca(tmp_path)
-    for bad in ("", "a/b", "evil\nname", "-x", "x" * 65):
+    for bad in ("", "a/b", "evil\nname", "-x", "x" * 65, "ca", "alice-key"):
         with pytest.raises(TlsError, match="bad certificate name"):
             certs.issue(bad, server=False, base=tmp_path)
+    for days in (0, -3, 100000000):
+        with pytest.raises(TlsError, match=f"bad validity {days} days"):
+            certs.issue("alice", server=False, base=tmp_path, days=days)
+    for san in ("", "bad name", "\u00e9.example", "a..b"):
+        with pytest.raises(TlsError, match="bad host name"):
+            certs.issue("srv", server=True, base=tmp_path, alt_names=(san,))
+
+
+def test_cert_issue_never_replaces_a_key_unasked(tmp_path: Path) -> None:
+    certs.init_ca(tmp_path)
+    made = certs.issue("lab1", server=True, base=tmp_path)
+    key = made.key.read_bytes()
+    with pytest.raises(TlsError, match="lab1.pem exists already.*--force"):
+        certs.issue("lab1", server=False, base=tmp_path)
+    assert made.key.read_bytes() == key
+    certs.issue("lab1", server=False, base=tmp_path, force=True)
+    assert made.key.read_bytes() != key
+    assert stat.S_IMODE(os.stat(made.key).st_mode) == 0o600
+    # no temporary file is left behind
+    assert sorted(p.name for p in made.key.parent.iterdir()) == [
+        "ca-key.pem", "ca.pem", "lab1-key.pem", "lab1.pem"]
 
 
 def test_issued_certificates_carry_names_and_purpose(pki: Pki) -> None:
@@ -109,6 +133,9 @@ def test_tls_files_must_come_as_three_and_be_readable(tmp_path: Path, pki: Pki) 
     assert TlsFiles.from_options(None, None, None) is None
     with pytest.raises(TlsError, match="needs --tls-key, --tls-ca too"):
         TlsFiles.from_options("c.pem", None, None)
+    # "$CERT" with CERT unset: refused, never taken for "no TLS"
+    with pytest.raises(TlsError, match="--tls-cert, --tls-key, --tls-ca given empty"):
+        TlsFiles.from_options("", "", "")
     missing = TlsFiles(tmp_path / "nope.pem", pki.client.key, pki.client.ca)
     with pytest.raises(TlsError, match="nope.pem: No such file"):
         client_context(missing)
@@ -222,8 +249,11 @@ def test_a_tls_client_on_a_plaintext_port_is_told_at_once(serve, pki: Pki, caplo
 # --- hostile and broken clients ----------------------------------------------------
 
 
-async def _raw(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    return await asyncio.open_connection("127.0.0.1", port)
+async def _raw(port: int, source: str = "127.0.0.2"
+               ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw connection, from another loopback address than the well-behaved client's
+    (the server caps the handshakes in progress per address)."""
+    return await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
 
 
 async def _served(port: int, pki: Pki, devices: int = 3) -> None:
@@ -236,7 +266,7 @@ def test_a_stalled_handshake_blocks_nobody_and_times_out(serve, pki: Pki, caplog
     caplog.set_level(logging.INFO, "usbipy.server")
 
     async def test(server: UsbipServer) -> None:
-        silent = [await _raw(server.port) for _ in range(20)]
+        silent = [await _raw(server.port) for _ in range(10)]
         # half a ClientHello, then nothing
         half_reader, half = await _raw(server.port)
         half.write(bytes.fromhex("160301020001"))
@@ -252,7 +282,7 @@ def test_a_stalled_handshake_blocks_nobody_and_times_out(serve, pki: Pki, caplog
         await _served(server.port, pki)
 
     serve(test, tls=tls_server(pki, timeout=1.0))
-    assert caplog.text.count("TLS handshake refused: the TLS handshake timed out") == 21
+    assert caplog.text.count("TLS handshake refused: the TLS handshake timed out") == 11
 
 
 @pytest.mark.parametrize("sent, why", [
@@ -409,3 +439,98 @@ class _KernelTlsSocket:
 def test_kernel_tls_is_recognised_whatever_the_cipher(sock: _KernelTlsSocket,
                                                       expected: bool) -> None:
     assert ktls.installed(sock) is expected  # type: ignore[arg-type]
+
+
+# --- limits and refusals of the server ---------------------------------------------
+
+
+def test_a_flood_of_idle_connections_holds_a_bounded_number_of_handshakes(
+        serve, pki: Pki, caplog) -> None:
+    caplog.set_level(logging.INFO, "usbipy.server")
+    flood = daemon.MAX_HANDSHAKES_PER_ADDRESS + 24
+
+    async def test(server: UsbipServer) -> None:
+        loop = asyncio.get_running_loop()
+        idle = []
+        for _ in range(flood):  # from another loopback address than the real client
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.bind(("127.0.0.2", 0))
+            await loop.sock_connect(sock, ("127.0.0.1", server.port))
+            idle.append(sock)
+        try:
+            async with asyncio.timeout(5):  # those over the cap are closed at once
+                closed = 0
+                while closed < flood - daemon.MAX_HANDSHAKES_PER_ADDRESS:
+                    await asyncio.sleep(0.05)
+                    closed = 0
+                    for sock in idle:
+                        try:
+                            closed += sock.recv(1) == b""
+                        except BlockingIOError:
+                            pass
+                        except ConnectionResetError:
+                            closed += 1
+            assert len(server._handshakes) == daemon.MAX_HANDSHAKES_PER_ADDRESS
+            await _served(server.port, pki)  # another address is served meanwhile
+        finally:
+            for sock in idle:
+                sock.close()
+
+    serve(test, tls=tls_server(pki, timeout=30))
+    assert "127.0.0.2: too many TLS handshakes in progress" in caplog.text
+
+
+class _Stub(HandOffDevice):
+    """A device the kernel would serve: it must never get a userspace TLS session."""
+
+    busid = "2-1"
+
+    def __init__(self) -> None:
+        self.handed: list[int] = []
+
+    @property
+    def info(self) -> DeviceInfo:
+        return dataclasses.replace(KEYBOARD, busid="2-1")
+
+    def import_status(self) -> OpStatus:
+        return OpStatus.OK
+
+    def hand_off(self, fd: int) -> None:
+        self.handed.append(fd)
+
+
+class _Source(DeviceSource):
+    def __init__(self, device: _Stub) -> None:
+        self.device = device
+
+    async def devices(self) -> list[_Stub]:
+        return [self.device]
+
+
+def test_no_userspace_tls_session_is_handed_to_the_kernel(serve, pki: Pki, caplog) -> None:
+    caplog.set_level(logging.INFO, "usbipy.server")
+    stub = _Stub()
+
+    async def test(server: UsbipServer) -> None:
+        server.registry.add_source(_Source(stub))
+        with pytest.raises(ImportRefused) as refused:
+            await import_device("127.0.0.1", "2-1", server.port,
+                                tls=client_context(pki.client))
+        assert refused.value.status is OpStatus.NA
+
+    serve(test, tls=tls_server(pki))
+    assert stub.handed == []
+    assert "cannot hand 2-1 to usbip-host over TLS: kernel TLS is not available" in caplog.text
+
+
+def test_serve_forever_returns_after_close(pki: Pki) -> None:
+    async def main() -> None:
+        server = UsbipServer(port=0, tls=tls_server(pki))
+        await server.start()
+        serving = asyncio.ensure_future(server.serve_forever())
+        await asyncio.sleep(0)
+        await server.close()
+        await asyncio.wait_for(serving, 5)
+
+    asyncio.run(main())

@@ -42,7 +42,7 @@ from ..linux.sysfs import (
 from ..linux.usbids import system_ids
 from ..linux.usbip_host import UsbipHostError
 from ..protocol import USBIP_PORT, DeviceInfo
-from ..tls import TlsFiles, certs, client_context
+from ..tls import TlsError, TlsFiles, certs, client_context
 from ..tls.certs import LEAF_DAYS
 
 
@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "(may repeat)")
     issue.add_argument("--days", type=int, default=LEAF_DAYS,
                        help=f"validity in days (default: {LEAF_DAYS})")
+    issue.add_argument("--force", action="store_true",
+                       help="replace a certificate of that name and its key")
     for parser in (init, issue):
         parser.add_argument("--state-dir", metavar="DIR",
                             help="where the CA lives (default: $USBIPY_STATE_DIR or "
@@ -235,7 +237,9 @@ def _port_dict(dev: vhci.ImportedDevice) -> dict[str, object]:
         "remote_busid": record.busid if record else None,
         "url": record.url if record else None,
         "remote_busnum": dev.remote_busnum, "remote_devnum": dev.remote_devnum,
-        "encrypted": bool(record and record.tls), "tls": record.tls if record else None,
+        "encrypted": bool(record and record.tls),
+        "tls": {k: v for k, v in record.tls.items() if k != "devid"}
+        if record and record.tls else None,
     }
 
 
@@ -272,6 +276,8 @@ def _run(args: argparse.Namespace) -> object:
     """Do the command; print text and return None, or return what --json prints."""
     as_json: bool = args.json
     tls = TlsFiles.from_options(args.tls_cert, args.tls_key, args.tls_ca)
+    if tls is None and args.tls_server_name is not None:
+        raise TlsError("--tls-server-name needs --tls-cert, --tls-key and --tls-ca")
     if args.command == "list":
         if args.remote is not None:
             context = client_context(tls) if tls is not None else None
@@ -349,7 +355,7 @@ def _cert(args: argparse.Namespace) -> object:
         print(f"usbipy: info: CA made: {made.cert} (its key: {made.key}; keep it private)")
         return None
     made = certs.issue(args.name, server=args.server, base=base, alt_names=tuple(args.san),
-                       days=args.days)
+                       days=args.days, force=args.force)
     if args.json:
         return {"cert": str(made.cert), "key": str(made.key), "ca": str(made.ca)}
     option = "usbipyd" if args.server else "usbipy"

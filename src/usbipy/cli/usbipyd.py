@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
@@ -74,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     tls.add_argument("--ktls", choices=("auto", "on", "off"), default="auto",
                      help="hand sessions to kernel TLS: when available (auto, the default), "
                           "always (on: refuse to start without it), or never (off)")
-    tls.add_argument("--tls-handshake-timeout", type=float, default=HANDSHAKE_TIMEOUT,
+    tls.add_argument("--tls-handshake-timeout", type=float,
                      metavar="SECONDS",
                      help=f"time a client has for its handshake (default: {HANDSHAKE_TIMEOUT:g})")
     tls.add_argument("--plaintext-port", type=int, metavar="PORT",
@@ -117,18 +118,30 @@ def _tls(args: argparse.Namespace) -> ServerTls | None:
     """The TLS set-up the options ask for; refuses what cannot work, before listening."""
     files = TlsFiles.from_options(args.tls_cert, args.tls_key, args.tls_ca)
     if files is None:
+        lonely = [option for option, given in (
+            ("--ktls on", args.ktls == "on"), ("--plaintext-port", args.plaintext_port),
+            ("--tls-handshake-timeout", args.tls_handshake_timeout)) if given is not None
+            and given is not False]
+        if lonely:
+            raise TlsError(f"{', '.join(lonely)} needs --tls-cert, --tls-key and --tls-ca")
         return None
     kernel = False
     if args.ktls != "off":
         try:
             ktls.prepare()  # also loads the AEAD, before any client waits on it
+            probe = server_context(files, kernel=True)
+            probe.verify_mode = ssl.CERT_NONE
+            ktls.check_openssl(probe)
             kernel = True
         except TlsError as exc:
             if args.ktls == "on":
                 raise
             log.info("serving TLS in userspace: %s", exc)
+    timeout = args.tls_handshake_timeout
+    if timeout is not None and not 0 < timeout <= 3600:
+        raise TlsError(f"--tls-handshake-timeout {timeout:g}: from 0 to 3600 seconds")
     return ServerTls(server_context(files, kernel=kernel), kernel=kernel,
-                     handshake_timeout=args.tls_handshake_timeout)
+                     handshake_timeout=timeout if timeout is not None else HANDSHAKE_TIMEOUT)
 
 
 def _warn_if_exposed(sockets: Sequence[socket.socket]) -> None:
@@ -253,8 +266,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
     if tls is None:
         _warn_if_exposed(sockets)
-        if args.plaintext_port is not None:
-            log.warning("--plaintext-port is for use with TLS: ignored")
     elif not tls.kernel and kernel and usbip_host.driver_loaded():
         log.warning("kernel TLS is not available: devices bound to usbip-host cannot be "
                     "exported over TLS ('modprobe tls', then restart usbipyd)")

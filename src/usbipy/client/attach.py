@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 from ..linux import vhci
 from ..protocol import DeviceInfo
-from ..tls import TlsFiles, TlsSession, client_context, ktls
+from ..tls import TlsError, TlsFiles, TlsSession, client_context, ktls
+from .errors import TlsRefused
 from .handshake import OP_TIMEOUT, connect, request_import
 
 
@@ -40,11 +41,14 @@ def attach(host: str, busid: str, tcp_port: int, *, tls: TlsFiles | None = None,
     sock = connect(host, tcp_port)
     try:
         if context is not None:
-            sock, session = ktls.client_handshake(sock, context, server_name or host,
-                                                  OP_TIMEOUT)
+            try:
+                sock, session = ktls.client_handshake(sock, context, server_name or host,
+                                                      OP_TIMEOUT)
+            except TlsError as exc:
+                raise TlsRefused(host, tcp_port, str(exc)) from exc
         device = request_import(sock, busid, plaintext=session is None)
         port = vhci.attach_socket(sock, device)
     finally:
         sock.close()  # vhci-hcd holds its own reference now
-    vhci.write_record(port, vhci.Record(host, str(tcp_port), busid), session)
+    vhci.write_record(port, vhci.Record(host, str(tcp_port), busid), session, device.devid)
     return Attached(port, host, tcp_port, device, session)

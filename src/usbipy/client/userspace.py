@@ -152,6 +152,9 @@ async def _tcp(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.
             sock.close()
             error = exc
             continue
+        except BaseException:  # cancelled (a timeout): not a socket left behind
+            sock.close()
+            raise
         return sock
     raise error
 

@@ -177,13 +177,15 @@ def record_path(port: int) -> Path:
     return VHCI_STATE_DIR / f"port{port}"
 
 
-def write_record(port: int, record: Record, tls: TlsSession | None = None) -> None:
+def write_record(port: int, record: Record, tls: TlsSession | None = None,
+                 devid: int | None = None) -> None:
+    """Write the port's record; with ``tls``, a second line for the device ``devid``."""
     VHCI_STATE_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(record_path(port), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o700)
     with os.fdopen(fd, "w") as f:
         f.write(f"{record.host} {record.service} {record.busid}\n")
         if tls is not None:
-            f.write(json.dumps({"tls": tls.as_dict()}) + "\n")
+            f.write(json.dumps({"tls": tls.as_dict(), "devid": devid}) + "\n")
 
 
 def read_record(port: int) -> Record | None:
@@ -201,7 +203,7 @@ def read_record(port: int) -> Record | None:
         except ValueError:
             extra = None
         if isinstance(extra, dict) and isinstance(extra.get("tls"), dict):
-            tls = extra["tls"]
+            tls = {**extra["tls"], "devid": extra.get("devid")}
     return Record(fields[0], fields[1], fields[2], tls=tls)
 
 
@@ -238,5 +240,10 @@ def imported_devices() -> list[ImportedDevice]:
             local: sysfs.UsbDevice | None = sysfs.read_device(port.local_busid)
         except sysfs.SysfsError:
             local = None
-        result.append(ImportedDevice(port, local, read_record(port.port)))
+        record = read_record(port.port)
+        if record is not None and record.tls is not None and (
+                record.tls.get("devid") != port.devid):
+            # written for another device: that session is gone, whatever is there now
+            record = Record(record.host, record.service, record.busid)
+        result.append(ImportedDevice(port, local, record))
     return result

@@ -106,8 +106,8 @@ class UsbipServerProtocol(asyncio.Protocol):
         log.debug("%s: connected%s", self.peer, f" ({self.tls.protection})" if self.tls else "")
 
     def data_received(self, data: bytes) -> None:
-        if not self._first_bytes:
-            self._first_bytes = data[:2]
+        if len(self._first_bytes) < 2:
+            self._first_bytes += data[:2 - len(self._first_bytes)]
         self.conn.receive_data(data)
         self._process()
 

@@ -6,11 +6,13 @@ import asyncio
 import logging
 import socket
 import threading
+import time
 from collections.abc import Coroutine, Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
 from ..backends.base import ExportedDevice
+from ..escape import printable
 from ..protocol import DEFAULT_MAX_TRANSFER, USBIP_PORT
 from ..tls import TlsSession
 from .connection import UsbipServerProtocol
@@ -18,6 +20,11 @@ from .registry import DeviceRegistry
 from .tls import ServerTls, serve_tls_client
 
 log = logging.getLogger("usbipy.server")
+
+#: TLS handshakes in progress at once, in all and from one address; beyond, new
+#: connections are closed at once.
+MAX_HANDSHAKES = 256
+MAX_HANDSHAKES_PER_ADDRESS = 16
 
 
 def listen_sockets(hosts: Sequence[str], port: int,
@@ -82,6 +89,11 @@ class UsbipServer:
         #: TLS listeners and the handshakes in progress on them.
         self._listeners: list[socket.socket] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        #: The client address of every handshake in progress.
+        self._handshakes: list[str] = []
+        self._full_reported = -10.0
+        #: Resolved by close(): serve_forever() returns.
+        self._stopped: asyncio.Future[None] | None = None
 
     def add(self, device: ExportedDevice) -> ExportedDevice:
         return self.registry.add(device)
@@ -129,7 +141,31 @@ class UsbipServer:
                 log.error("accepting a client failed: %s", exc.strerror or exc)
                 await asyncio.sleep(0.5)
                 continue
-            self._spawn(serve_tls_client(sock, addr, tls, self._protocol))
+            host = str(addr[0]) if isinstance(addr, tuple) else str(addr)
+            if (len(self._handshakes) >= MAX_HANDSHAKES
+                    or self._handshakes.count(host) >= MAX_HANDSHAKES_PER_ADDRESS):
+                # Each pending handshake holds a socket for up to the handshake
+                # timeout: without a cap, idle connections exhaust the descriptors.
+                sock.close()
+                self._report_full(host)
+                continue
+            self._handshakes.append(host)
+            self._spawn(self._handshake(sock, addr, host, tls))
+
+    async def _handshake(self, sock: socket.socket, addr: object, host: str,
+                         tls: ServerTls) -> None:
+        try:
+            await serve_tls_client(sock, addr, tls, self._protocol)
+        finally:
+            self._handshakes.remove(host)
+
+    def _report_full(self, host: str) -> None:
+        now = time.monotonic()
+        if now - self._full_reported >= 10:  # (at most one line per 10 s under a flood)
+            self._full_reported = now
+            log.warning("%s: too many TLS handshakes in progress (%d in all, at most %d per "
+                        "address): connection closed", printable(host), len(self._handshakes),
+                        MAX_HANDSHAKES_PER_ADDRESS)
 
     def _addresses(self) -> list[tuple[tuple[str, int], ServerTls | None]]:
         found: list[tuple[tuple[str, int], ServerTls | None]] = [
@@ -143,9 +179,13 @@ class UsbipServer:
         return [address for address, _tls in self._addresses()]
 
     async def serve_forever(self) -> None:
+        """Serve until :meth:`close`."""
         assert self._servers or self._listeners
-        await asyncio.gather(*(server.serve_forever() for server in self._servers),
-                             asyncio.get_running_loop().create_future())
+        self._stopped = asyncio.get_running_loop().create_future()
+        try:
+            await self._stopped
+        finally:
+            self._stopped = None
 
     async def close(self) -> None:
         """Stop listening, drop every client, and make every device durable."""
@@ -155,11 +195,13 @@ class UsbipServer:
         tasks, self._tasks = list(self._tasks), set()
         for task in tasks:
             task.cancel()
+        if tasks:  # (the accept loops stop watching their sockets before these close)
+            await asyncio.wait(tasks)
         listeners, self._listeners = self._listeners, []
         for sock in listeners:
             sock.close()
-        if tasks:
-            await asyncio.wait(tasks)
+        if self._stopped is not None and not self._stopped.done():
+            self._stopped.set_result(None)
         connections = list(self.connections)
         for conn in connections:
             conn.close()

@@ -13,6 +13,7 @@ import datetime
 import ipaddress
 import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,8 +27,12 @@ if TYPE_CHECKING:
 
 CA_DAYS = 3650
 LEAF_DAYS = 825
+MAX_DAYS = 36500
 #: A name becomes a file name and a certificate's CN: keep it plain.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+#: A subjectAltName that is not an IP address: an ASCII host name (a leading "*." allowed).
+_LABEL = r"[A-Za-z0-9][A-Za-z0-9-]{0,62}"
+_DNS_NAME = re.compile(rf"^(\*\.)?{_LABEL}(\.{_LABEL})*$")
 
 
 def tls_dir(base: Path | None = None) -> Path:
@@ -51,18 +56,31 @@ def _crypto() -> None:
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
-    """Write a new file with ``mode`` from the start (a key is never world-readable)."""
+    """Write a file whole, with ``mode`` from its first byte (a key is never readable by
+    others, not even for a moment), then put it in place: a crash leaves the old file or
+    the new one, never half of one."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # O_EXCL, 0600
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.chmod(tmp, mode)  # O_CREAT's mode is masked by the umask
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)
         raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def _check_days(days: int) -> None:
+    if not 1 <= days <= MAX_DAYS:
+        raise TlsError(f"bad validity {days} days: from 1 to {MAX_DAYS}")
 
 
 def _new_key() -> ec.EllipticCurvePrivateKey:
@@ -90,9 +108,10 @@ def init_ca(base: Path | None = None, *, name: str = "usbipy CA", days: int = CA
     from cryptography.hazmat.primitives import hashes
     from cryptography.x509.oid import NameOID
 
+    _check_days(days)
     where = tls_dir(base)
     cert_path, key_path = where / "ca.pem", where / "ca-key.pem"
-    if cert_path.exists() and not force:
+    if (cert_path.exists() or key_path.exists()) and not force:
         raise TlsError(f"{cert_path} exists already: a new CA would invalidate every "
                        "certificate it signed (use --force to replace it)")
     key = _new_key()
@@ -124,12 +143,16 @@ def _alt_name(text: str) -> x509.GeneralName:
     try:
         return x509.IPAddress(ipaddress.ip_address(text))
     except ValueError:
-        return x509.DNSName(text)
+        pass
+    if len(text) > 253 or not _DNS_NAME.match(text):
+        raise TlsError(f"bad host name {text!r} for the certificate: an IP address or an "
+                       "ASCII host name")
+    return x509.DNSName(text)
 
 
 def issue(name: str, *, server: bool, base: Path | None = None,
           alt_names: tuple[str, ...] = (), days: int = LEAF_DAYS,
-          not_before: datetime.datetime | None = None) -> Issued:
+          not_before: datetime.datetime | None = None, force: bool = False) -> Issued:
     """A key and certificate for ``name``, signed by the CA of :func:`init_ca`.
 
     A server certificate names ``name`` and ``alt_names`` (DNS names or IP
@@ -145,14 +168,22 @@ def issue(name: str, *, server: bool, base: Path | None = None,
     if not _NAME.match(name):
         raise TlsError(f"bad certificate name {name!r}: letters, digits, '.', '-' and '_' "
                        "only, at most 64")
+    if name == "ca" or name.endswith("-key"):
+        # NAME.pem and NAME-key.pem share the folder with ca.pem and every other key
+        raise TlsError(f"bad certificate name {name!r}: 'ca' and names ending in '-key' "
+                       "are the files' own")
+    _check_days(days)
     where = tls_dir(base)
+    cert_path, key_path = where / f"{name}.pem", where / f"{name}-key.pem"
+    if (cert_path.exists() or key_path.exists()) and not force:
+        raise TlsError(f"{cert_path} exists already (use --force to replace it and its key)")
     ca_cert_path, ca_key_path = where / "ca.pem", where / "ca-key.pem"
     try:
         ca_cert = x509.load_pem_x509_certificate(ca_cert_path.read_bytes())
         ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), None)
     except FileNotFoundError:
         raise TlsError(f"no CA in {where}: run 'usbipy cert init' first") from None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, TypeError) as exc:  # (TypeError: a passphrase-protected key)
         raise TlsError(f"cannot read the CA in {where}: {exc}") from exc
     key = _new_key()
     start = not_before or datetime.datetime.now(datetime.UTC) - datetime.timedelta(
@@ -167,7 +198,13 @@ def issue(name: str, *, server: bool, base: Path | None = None,
         .not_valid_before(start)
         .not_valid_after(start + datetime.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
+                                     key_encipherment=False, data_encipherment=False,
+                                     key_agreement=False, key_cert_sign=False, crl_sign=False,
+                                     encipher_only=False, decipher_only=False), critical=True)
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                       critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
             ca_key.public_key()), critical=False)  # type: ignore[arg-type]
     )
@@ -176,7 +213,6 @@ def issue(name: str, *, server: bool, base: Path | None = None,
         builder = builder.add_extension(
             x509.SubjectAlternativeName([_alt_name(n) for n in names]), critical=False)
     cert = builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
-    cert_path, key_path = where / f"{name}.pem", where / f"{name}-key.pem"
     _write(key_path, _key_pem(key), 0o600)
     _write(cert_path, _cert_pem(cert), 0o644)
     return Issued(cert_path, key_path, ca_cert_path)

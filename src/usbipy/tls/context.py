@@ -49,9 +49,13 @@ class TlsFiles:
                      ) -> TlsFiles | None:
         """All three or none: the options ``--tls-cert/--tls-key/--tls-ca``."""
         given = {"--tls-cert": cert, "--tls-key": key, "--tls-ca": ca}
-        if not any(given.values()):
+        if all(value is None for value in given.values()):
             return None
-        missing = [name for name, value in given.items() if not value]
+        # (an empty value is an unset variable in a script: never taken as "no TLS")
+        empty = [name for name, value in given.items() if value == ""]
+        if empty:
+            raise TlsError(f"{', '.join(empty)} given empty: name the file")
+        missing = [name for name, value in given.items() if value is None]
         if missing:
             raise TlsError(f"mutual TLS needs {', '.join(missing)} too (a certificate, its "
                            "key and the CA of the peers; 'usbipy cert' makes them)")

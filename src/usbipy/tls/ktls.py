@@ -25,8 +25,9 @@ import os
 import socket
 import ssl
 import struct
+import threading
 
-from .context import TlsSession
+from .context import OP_ENABLE_KTLS, TlsSession
 from .errors import TlsError, handshake_failure
 
 TCP_ULP = 31
@@ -97,6 +98,47 @@ def prepare() -> None:
     finally:
         for sock in sockets:
             sock.close()
+
+
+def check_openssl(server: ssl.SSLContext) -> None:
+    """Check that this process's OpenSSL installs kTLS keys itself: a handshake over
+    loopback with ``server`` (a kernel context that asks for no client certificate).
+
+    Upstream OpenSSL builds without kTLS by default (Debian's has it): a kernel
+    with kTLS is not enough. Raises :class:`TlsError` when no keys reached the
+    kernel.
+    """
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname = False
+    client.verify_mode = ssl.CERT_NONE  # (a probe of the mechanism, not of identities)
+    client.maximum_version = ssl.TLSVersion.TLSv1_2
+    client.options |= OP_ENABLE_KTLS
+    listener, near, far = _loopback_pair()
+    listener.close()
+    result: list[BaseException | bool] = []
+
+    def serve() -> None:
+        try:
+            with server.wrap_socket(far, server_side=True) as tls:
+                result.append(installed(tls))
+        except BaseException as exc:  # noqa: BLE001 (reported by the caller)
+            result.append(exc)
+
+    thread = threading.Thread(target=serve, name="ktls-probe")
+    far.settimeout(10)
+    near.settimeout(10)
+    thread.start()
+    try:
+        with client.wrap_socket(near) as tls:
+            ours = installed(tls)
+    except (ssl.SSLError, OSError) as exc:
+        raise TlsError(f"kernel TLS probe failed: {handshake_failure(exc)}") from exc
+    finally:
+        thread.join(15)
+        far.close()
+    if not (ours and result == [True]):
+        raise TlsError("this Python's OpenSSL does not hand sessions to kernel TLS (built "
+                       "without kTLS?): TLS stays in userspace")
 
 
 def available() -> bool:
