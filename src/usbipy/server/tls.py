@@ -20,11 +20,14 @@ import asyncio
 import logging
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any, cast
 
+from ..escape import printable
 from ..tls import TlsSession, handshake_failure
 from ..tls.ktls import take_plain
+from ..tls.layer import TlsLayer
 
 log = logging.getLogger("usbipy.server")
 
@@ -97,18 +100,167 @@ def _peer(addr: object) -> str:
     return str(addr)
 
 
+class _TlsTransport(asyncio.Transport):
+    """What the USB/IP protocol writes to: plaintext in, records out to the socket."""
+
+    def __init__(self, raw: asyncio.Transport, layer: TlsLayer) -> None:
+        super().__init__()
+        self._raw = raw
+        self._layer = layer
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        records = self._layer.send(bytes(data))
+        if records:
+            self._raw.write(records)
+
+    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
+        # one plaintext, cut in records of up to 16 KiB: not a record per piece
+        self.write(b"".join(list_of_data))
+
+    def pause_reading(self) -> None:
+        self._raw.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._raw.resume_reading()
+
+    def is_reading(self) -> bool:
+        return self._raw.is_reading()
+
+    def close(self) -> None:
+        # No close_notify: a peer whose socket the kernel owns (vhci-hcd over kTLS)
+        # fails on any record that is not data; the FIN says as much.
+        self._raw.close()
+
+    def abort(self) -> None:
+        self._raw.abort()
+
+    def is_closing(self) -> bool:
+        return self._raw.is_closing()
+
+    def get_write_buffer_size(self) -> int:
+        return self._raw.get_write_buffer_size()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None
+                                ) -> None:
+        self._raw.set_write_buffer_limits(high, low)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "ssl_object":
+            return self._layer.ssl_object
+        return self._raw.get_extra_info(name, default)
+
+
+class TlsServerProtocol(asyncio.Protocol):
+    """A TLS server session in userspace, around the protocol it carries.
+
+    The handshake is fed from data_received (nothing blocks), with a time
+    limit; once it is done, ``inner`` is made and sees plaintext only, over a
+    transport that encrypts what it writes.
+    """
+
+    def __init__(self, tls: ServerTls, inner: Callable[[], asyncio.Protocol]) -> None:
+        self._tls = tls
+        self._make_inner = inner
+        self._layer = TlsLayer(tls.context, server_side=True)
+        self._raw: asyncio.Transport | None = None
+        self._inner: asyncio.Protocol | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._peer = "?"
+        #: Resolved when the handshake is over, whichever way it went.
+        self.settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._raw = cast(asyncio.Transport, transport)
+        self._peer = _peer(transport.get_extra_info("peername"))
+        self._timer = asyncio.get_running_loop().call_later(
+            self._tls.handshake_timeout, self._refuse, TimeoutError())
+
+    def data_received(self, data: bytes) -> None:
+        layer = self._layer
+        try:
+            plain = layer.receive(data)
+        except (ssl.SSLError, ValueError) as exc:
+            if self._inner is None:
+                self._refuse(exc)
+            else:  # a broken record in the session: this client's connection ends
+                log.warning("%s: closing the connection: %s", self._peer,
+                            printable(str(getattr(exc, "reason", None) or exc)))
+                assert self._raw is not None
+                self._raw.abort()
+            return
+        if self._inner is None:
+            out = layer.outgoing()
+            if out:
+                assert self._raw is not None
+                self._raw.write(out)
+            if not layer.established:
+                return
+            self._established()
+        if plain and self._inner is not None:
+            self._inner.data_received(plain)
+        if layer.closed_by_peer and self._raw is not None:
+            self._raw.close()
+
+    def _settle(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if not self.settled.done():
+            self.settled.set_result(None)
+
+    def _established(self) -> None:
+        assert self._raw is not None
+        self._settle()
+        self._inner = self._make_inner()
+        self._inner.connection_made(_TlsTransport(self._raw, self._layer))
+
+    def _refuse(self, exc: BaseException) -> None:
+        if self._inner is not None or self._raw is None or self._raw.is_closing():
+            return
+        log.warning("%s: TLS handshake refused: %s", self._peer, handshake_failure(exc))
+        out = self._layer.outgoing()  # the alert that tells the client why, if any
+        if out:
+            self._raw.write(out)
+        self._raw.close()
+
+    def eof_received(self) -> bool | None:
+        if self._inner is not None:
+            return self._inner.eof_received()
+        self._refuse(ssl.SSLEOFError())
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._settle()
+        if self._inner is not None:
+            self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.resume_writing()
+
+
 async def serve_tls_client(sock: socket.socket, addr: object, tls: ServerTls,
                            protocol: Callable[[TlsSession | None], asyncio.Protocol]) -> None:
     """Handshake with one accepted client, then give it a protocol; ``sock`` is taken."""
     loop = asyncio.get_running_loop()
+    if not tls.kernel:
+        try:
+            transport, handshake = await loop.connect_accepted_socket(
+                lambda: TlsServerProtocol(tls, lambda: protocol(None)), sock)
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            await handshake.settled  # (the caller counts this handshake until then)
+        except BaseException:
+            transport.abort()
+            raise
+        return
     try:
         async with asyncio.timeout(tls.handshake_timeout):
-            if not tls.kernel:
-                # the protocol reads the session from the transport's ssl_object
-                await loop.connect_accepted_socket(
-                    lambda: protocol(None), sock, ssl=tls.context,
-                    ssl_handshake_timeout=tls.handshake_timeout + 5)
-                return
             plain, session = await kernel_handshake(sock, tls.context)
     except Exception as exc:  # noqa: BLE001 (every failure is this client's alone)
         sock.close()

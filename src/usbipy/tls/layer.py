@@ -1,0 +1,88 @@
+"""TLS as a sans-IO layer: ciphertext in, plaintext out; plaintext in, ciphertext out.
+
+OpenSSL over two memory BIOs, with no I/O of its own (the way the codec in
+:mod:`usbipy.protocol` works): the server feeds it what the socket gave and
+writes what it hands back. Compared with asyncio's TLS transport it does
+less per record (no flow-control state machine of its own, one record
+stream per batch of replies), and it never sends a record on its own
+account: no close_notify at close, so a peer whose socket the kernel owns
+is never sent a record that would fail it.
+"""
+
+from __future__ import annotations
+
+import ssl
+
+from .context import TlsSession
+
+#: Plaintext taken out of OpenSSL per call; a record holds at most 16 KiB.
+_READ_SIZE = 1 << 18
+
+
+class TlsLayer:
+    """One TLS session on memory BIOs.
+
+    :meth:`receive` returns the plaintext the bytes complete (b"" during the
+    handshake) and raises :class:`ssl.SSLError` when the peer breaks TLS or
+    fails the handshake; :meth:`outgoing` is what must be sent next
+    (handshake messages, alerts, records).
+    """
+
+    def __init__(self, context: ssl.SSLContext, *, server_side: bool,
+                 server_hostname: str | None = None) -> None:
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self.ssl_object = context.wrap_bio(self._incoming, self._outgoing,
+                                           server_side=server_side,
+                                           server_hostname=server_hostname)
+        self.established = False
+        #: The peer sent close_notify: no more plaintext comes.
+        self.closed_by_peer = False
+
+    def start(self) -> None:
+        """The first handshake step (a client's ClientHello goes to :meth:`outgoing`)."""
+        self._handshake()
+
+    def _handshake(self) -> None:
+        try:
+            self.ssl_object.do_handshake()
+        except ssl.SSLWantReadError:
+            return
+        self.established = True
+
+    def receive(self, data: bytes) -> bytes:
+        self._incoming.write(data)
+        if not self.established:
+            self._handshake()
+            if not self.established:
+                return b""
+        read = self.ssl_object.read
+        first = b""
+        chunks: list[bytes] | None = None
+        while True:
+            try:
+                chunk = read(_READ_SIZE)
+            except ssl.SSLWantReadError:
+                break
+            if not chunk:  # close_notify
+                self.closed_by_peer = True
+                break
+            if not first:
+                first = chunk
+            elif chunks is None:
+                chunks = [first, chunk]
+            else:
+                chunks.append(chunk)
+        return b"".join(chunks) if chunks is not None else first
+
+    def send(self, data: bytes) -> bytes:
+        """Encrypt ``data``; returns the records to send (with anything else pending)."""
+        if data:
+            self.ssl_object.write(data)
+        return self._outgoing.read()
+
+    def outgoing(self) -> bytes:
+        return self._outgoing.read()
+
+    def session(self) -> TlsSession:
+        return TlsSession.of(self.ssl_object, kernel=False)
