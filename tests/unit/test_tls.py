@@ -534,3 +534,33 @@ def test_serve_forever_returns_after_close(pki: Pki) -> None:
         await asyncio.wait_for(serving, 5)
 
     asyncio.run(main())
+
+
+def test_a_batch_of_replies_reaches_the_client_whole_and_in_order(pki: Pki) -> None:
+    """Small pieces are joined into one record, large ones go in as they are: the client
+    decrypts exactly the bytes, in order."""
+    from usbipy.server.tls import _TlsTransport
+    from usbipy.tls.layer import TlsLayer
+
+    server = TlsLayer(server_context(pki.server, kernel=False), server_side=True)
+    client = TlsLayer(client_context(pki.client), server_side=False,
+                      server_hostname="127.0.0.1")
+    client.start()
+    for _ in range(5):  # the handshake, both ways over memory
+        server.receive(client.outgoing())
+        client.receive(server.outgoing())
+    assert server.established and client.established
+
+    class Raw:
+        sent: list[bytes] = []
+
+        def write(self, data: bytes) -> None:
+            self.sent.append(data)
+
+    raw = Raw()
+    transport = _TlsTransport(raw, server)  # type: ignore[arg-type]
+    pieces: list[bytes | memoryview] = [b"h" * 48, os.urandom(65536), b"c" * 13,
+                                        memoryview(os.urandom(20000)), b"t" * 48]
+    transport.writelines(pieces)
+    assert len(raw.sent) == 1  # one write for the batch
+    assert client.receive(raw.sent[0]) == b"".join(bytes(p) for p in pieces)

@@ -75,7 +75,6 @@ class UsbipServerProtocol(asyncio.Protocol):
         self._closed = False
         #: What the client sent first: a TLS ClientHello on a plaintext port is told apart.
         self._first_bytes = b""
-        self._userspace_tls = False
         self._task: asyncio.Task[None] | None = None
         #: Resolved once the connection is gone and its device released.
         self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -98,7 +97,6 @@ class UsbipServerProtocol(asyncio.Protocol):
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
             self.tls = TlsSession.of(ssl_object, kernel=False)
-            self._userspace_tls = True
         if self.tls is not None:
             # the verified identity, in every line about this client
             self.peer = f"{self.peer} {self.tls.peer}"
@@ -392,13 +390,9 @@ class UsbipServerProtocol(asyncio.Protocol):
         if batch:
             self._batch = []
             if self._transport is not None and not self._closed:
-                if self._userspace_tls:
-                    # A TLS transport makes a record of every piece it is given:
-                    # one piece, in records of up to 16 KiB.
-                    self._transport.write(b"".join(batch))
-                else:
-                    # uvloop sends the pieces with one writev; asyncio joins them first
-                    self._transport.writelines(batch)
+                # uvloop sends the pieces with one writev; asyncio joins them first;
+                # the TLS transport packs them into as few records as it can
+                self._transport.writelines(batch)
 
     def _close(self) -> None:
         self._flush()  # the last replies go out before the FIN

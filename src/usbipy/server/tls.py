@@ -31,6 +31,9 @@ from ..tls.layer import TlsLayer
 
 log = logging.getLogger("usbipy.server")
 
+#: A TLS record's most plaintext.
+_RECORD_SIZE = 1 << 14
+
 #: Seconds a client has to finish its TLS handshake.
 HANDSHAKE_TIMEOUT = 20.0
 
@@ -109,13 +112,26 @@ class _TlsTransport(asyncio.Transport):
         self._layer = layer
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        records = self._layer.send(bytes(data))
+        records = self._layer.send(data)
         if records:
             self._raw.write(records)
 
     def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
-        # one plaintext, cut in records of up to 16 KiB: not a record per piece
-        self.write(b"".join(list_of_data))
+        # Small pieces (headers, short replies) are joined into one record rather
+        # than a record each; a large one goes in as it is, not copied into a join.
+        layer = self._layer
+        small: list[bytes | bytearray | memoryview] = []
+        for piece in list_of_data:
+            if len(piece) < _RECORD_SIZE:
+                small.append(piece)
+                continue
+            if small:
+                layer.encrypt(b"".join(small))
+                small = []
+            layer.encrypt(piece)
+        records = layer.send(b"".join(small))
+        if records:
+            self._raw.write(records)
 
     def pause_reading(self) -> None:
         self._raw.pause_reading()

@@ -62,7 +62,7 @@ class TlsLayer:
         while True:
             try:
                 chunk = read(_READ_SIZE)
-            except ssl.SSLWantReadError:
+            except ssl.SSLWantReadError:  # (measured: cheaper than asking pending())
                 break
             if not chunk:  # close_notify
                 self.closed_by_peer = True
@@ -75,11 +75,15 @@ class TlsLayer:
                 chunks.append(chunk)
         return b"".join(chunks) if chunks is not None else first
 
-    def send(self, data: bytes) -> bytes:
+    def send(self, data: bytes | bytearray | memoryview) -> bytes:
         """Encrypt ``data``; returns the records to send (with anything else pending)."""
+        self.encrypt(data)
+        return self._outgoing.read()
+
+    def encrypt(self, data: bytes | bytearray | memoryview) -> None:
+        """Encrypt ``data`` into records that :meth:`outgoing` returns."""
         if data:
             self.ssl_object.write(data)
-        return self._outgoing.read()
 
     def outgoing(self) -> bytes:
         return self._outgoing.read()
