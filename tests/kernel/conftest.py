@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -37,3 +38,23 @@ def vm() -> Iterator[Vm]:
     with Vm() as machine:
         machine.check(f"modprobe -a {GUEST_MODULES}")
         yield machine
+
+
+#: The emulated disk's size in the tests that export one from the host.
+DISK_SIZE = 64 << 20
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    """An empty disk image of DISK_SIZE bytes."""
+    path = tmp_path / "disk.img"
+    with open(path, "wb") as f:
+        f.truncate(DISK_SIZE)
+    return path
+
+
+def qemu_stick(image: Path) -> list[str]:
+    """QEMU arguments for a USB stick on an xHCI controller, backed by ``image``."""
+    return ["-device", "qemu-xhci,id=xhci",
+            "-drive", f"if=none,id=stick,format=raw,file={image}",
+            "-device", "usb-storage,bus=xhci.0,drive=stick"]

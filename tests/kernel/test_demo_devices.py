@@ -11,24 +11,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
 from usbipy.client import import_device
 from usbipy.devices import CdcAcm, HidKeyboard, ImageFile, MassStorage, PtyBackend
 from usbipy.server import ServerThread
 
 from .guest import attach, detach_all, device_node, ports, wait_for
 from .vm import SERVER_ALIAS, Vm
-
-DISK_SIZE = 64 << 20
-
-
-@pytest.fixture
-def image(tmp_path: Path) -> Path:
-    path = tmp_path / "disk.img"
-    with open(path, "wb") as f:
-        f.truncate(DISK_SIZE)
-    return path
 
 
 def serve(vm: Vm, *devices: object) -> ServerThread:

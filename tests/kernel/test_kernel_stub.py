@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from .conftest import require_vm
+from .conftest import qemu_stick, require_vm
 from .guest import ext2_image, wait_for
 from .vm import Vm
 
@@ -39,10 +39,7 @@ def stick(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stick]:
     require_vm("mke2fs")
     image = ext2_image(tmp_path_factory.mktemp("stick") / "stick.img", "16M",
                        {KNOWN_FILE: KNOWN_TEXT})
-    qemu_stick = ["-device", "qemu-xhci,id=xhci",
-                  "-drive", f"if=none,id=stick,format=raw,file={image}",
-                  "-device", "usb-storage,bus=xhci.0,drive=stick"]
-    with Vm(extra_args=qemu_stick) as vm:
+    with Vm(extra_args=qemu_stick(image)) as vm:
         vm.check(f"modprobe -a {MODULES}")
         wait_for(vm, f"lsusb | grep -q {STICK_ID}")
         local = json.loads(vm.check(f"{USBIPY} list -l --json"))

@@ -29,7 +29,7 @@ from usbipy.server.tls import ServerTls
 from usbipy.tls import TlsFiles, server_context
 from usbipy.tls.certs import Issued, init_ca, issue
 
-from .conftest import require_vm
+from .conftest import qemu_stick, require_vm
 from .guest import ext2_image, vhci_node, wait_for
 from .vm import SERVER_ALIAS, Vm
 
@@ -37,7 +37,6 @@ STICK_ID = "46f4:0001"  # QEMU's usb-storage
 KNOWN_FILE = "hello.txt"
 KNOWN_TEXT = "the stick's own bytes, read through USB/IP over kernel TLS\n"
 STICK_SIZE = 16 << 20
-DISK_SIZE = 64 << 20
 MODULES = "xhci_pci usb-storage sd_mod usbip-host vhci-hcd ext4 tls"
 PYTHON = sys.executable  # the host's venv is visible in the guest over 9p
 USBIPY = f"{PYTHON} -m usbipy.cli.usbipy"
@@ -102,10 +101,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
                   TlsFiles(foreign.cert, foreign.key, server.ca))
     image = ext2_image(tmp_path_factory.mktemp("stick") / "stick.img", str(STICK_SIZE >> 10),
                        {KNOWN_FILE: KNOWN_TEXT})
-    qemu_stick = ["-device", "qemu-xhci,id=xhci",
-                  "-drive", f"if=none,id=stick,format=raw,file={image}",
-                  "-device", "usb-storage,bus=xhci.0,drive=stick"]
-    with Vm(extra_args=qemu_stick) as vm:
+    with Vm(extra_args=qemu_stick(image)) as vm:
         vm.check(f"modprobe -a {MODULES}")
         # the guest reads the host's files where the host wrote them
         assert vm.check(f"cat {certs.client.cert}") == certs.client.cert.read_text()
@@ -141,14 +137,6 @@ def clean(lab: Lab) -> Iterator[Lab]:
              f"! grep -qsx 2 /sys/bus/usb/devices/{busid}/usbip_status")
     vm.run(f"[ -e /sys/bus/usb/drivers/usbip-host/{busid} ] && usbip unbind -b {busid}")
     wait_for(vm, f"[ -n \"$({_local_disks()})\" ] && [ ! -e /run/usbipyd.pid ]")
-
-
-@pytest.fixture
-def image(tmp_path: Path) -> Path:
-    path = tmp_path / "disk.img"
-    with open(path, "wb") as f:
-        f.truncate(DISK_SIZE)
-    return path
 
 
 def tls_server(lab: Lab, image: Path) -> ServerThread:
