@@ -16,7 +16,7 @@ import ssl
 from .context import TlsSession
 
 #: Plaintext taken out of OpenSSL per call; a record holds at most 16 KiB.
-_READ_SIZE = 1 << 18
+_READ_SIZE = 1 << 14
 
 
 class TlsLayer:
@@ -57,12 +57,16 @@ class TlsLayer:
             if not self.established:
                 return b""
         read = self.ssl_object.read
+        incoming = self._incoming
         first = b""
         chunks: list[bytes] | None = None
-        while True:
+        # Each read returns a whole record's plaintext (OpenSSL reads no further
+        # ahead than one record): the loop ends when the BIO is empty, and raises
+        # (costly: OpenSSL formats an error) only for a record not all here yet.
+        while incoming.pending:
             try:
                 chunk = read(_READ_SIZE)
-            except ssl.SSLWantReadError:  # (measured: cheaper than asking pending())
+            except ssl.SSLWantReadError:
                 break
             if not chunk:  # close_notify
                 self.closed_by_peer = True
