@@ -37,7 +37,7 @@ STICK_ID = "46f4:0001"  # QEMU's usb-storage
 KNOWN_FILE = "hello.txt"
 KNOWN_TEXT = "the stick's own bytes, read through USB/IP over kernel TLS\n"
 STICK_SIZE = 16 << 20
-MODULES = "xhci_pci usb-storage sd_mod usbip-host vhci-hcd ext4 tls"
+MODULES = "xhci_pci usb-storage sd_mod usbip-host vhci-hcd ext4 tls cdc_acm"
 PYTHON = sys.executable  # the host's venv is visible in the guest over 9p
 USBIPY = f"{PYTHON} -m usbipy.cli.usbipy"
 USBIPYD = f"{PYTHON} -m usbipy.cli.usbipyd"
@@ -380,3 +380,32 @@ def test_usbip_host_exports_over_kernel_tls_in_one_guest(clean: Lab) -> None:
     print(f"\nkernel path, 16 MiB read through vhci (usbip-host in the same guest, TCG): "
           f"kTLS {mib / tls_seconds:.2f} MiB/s, plaintext {mib / plain_seconds:.2f} MiB/s, "
           f"kTLS/plaintext throughput {plain_seconds / tls_seconds:.2f}")
+
+
+def test_python_served_devices_over_a_kernel_tls_server(clean: Lab) -> None:
+    """usbipyd's own devices when its sessions are in kernel TLS: the protocol reads and
+    writes a kTLS socket, and the client's vhci another; a serial port echoes through
+    both."""
+    vm, certs = clean.vm, clean.certs
+    start_usbipyd(vm, options(certs.server), "--demo", "--disk-size", str(1 << 20),
+                  "--no-usbip-host", "--no-libusb", "-a", LOOPBACK, "-t", str(GUEST_TLS_PORT))
+    wait_for(vm, f"grep -qF 'exporting 1-3' /run/usbipyd.log && grep -qF 'listening on "
+             f"{LOOPBACK}:{GUEST_TLS_PORT} (mutual TLS, kernel TLS)' /run/usbipyd.log "
+             "|| { cat /run/usbipyd.log; false; }")
+    tls = f"{options(certs.client)} --tls-server-name {SERVER_NAME} -t {GUEST_TLS_PORT}"
+    listed = vm.check(f"{USBIPY} {tls} list -r {LOOPBACK}")  # the userspace client, too
+    assert "1-1: " in listed and "1-3: " in listed, listed
+    out = vm.check(f"{USBIPY} {tls} attach -r {LOOPBACK} -b 1-3")
+    assert f"over TLS with CN={SERVER_NAME}" in out, out
+    tty = vhci_node(vm, "tty")
+    stat = tls_stat(vm)
+    assert stat["TlsCurrTxSw"] >= 2 and stat["TlsCurrRxSw"] >= 2, stat
+    out = vm.check(
+        f"stty -F {tty} raw -echo; exec 3<>{tty}; "
+        "for w in alpha beta gamma; do printf '%s\\n' $w >&3; read -t 60 line <&3; "
+        "echo \"got:$line\"; done")
+    assert out.split() == ["got:alpha", "got:beta", "got:gamma"]
+    assert vm.check("grep TlsDecryptError /proc/net/tls_stat").split()[1] == "0"
+    detach(vm)
+    wait_for(vm, "grep -qF 'released 1-3' /run/usbipyd.log || { cat /run/usbipyd.log; false; }")
+    wait_for(vm, NO_KTLS_SOCKETS)
