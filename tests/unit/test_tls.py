@@ -557,6 +557,9 @@ def test_a_batch_of_replies_reaches_the_client_whole_and_in_order(pki: Pki) -> N
         def write(self, data: bytes) -> None:
             self.sent.append(data)
 
+        def is_closing(self) -> bool:
+            return False
+
     raw = Raw()
     transport = _TlsTransport(raw, server)  # type: ignore[arg-type]
     pieces: list[bytes | memoryview] = [b"h" * 48, os.urandom(65536), b"c" * 13,
@@ -564,3 +567,86 @@ def test_a_batch_of_replies_reaches_the_client_whole_and_in_order(pki: Pki) -> N
     transport.writelines(pieces)
     assert len(raw.sent) == 1  # one write for the batch
     assert client.receive(raw.sent[0]) == b"".join(bytes(p) for p in pieces)
+
+
+def test_close_right_after_accepting_frees_every_handshake(pki: Pki) -> None:
+    """close() in the same loop turn as the accepts: the handshakes that never began
+    give back their slots and their sockets."""
+    async def main() -> int:
+        left = 0
+        for _ in range(20):
+            server = UsbipServer(port=0, tls=tls_server(pki))
+            await server.start()
+            clients = []
+            for _ in range(8):
+                sock = socket.socket()
+                sock.setblocking(False)
+                try:
+                    sock.connect(("127.0.0.1", server.port))
+                except BlockingIOError:
+                    pass
+                clients.append(sock)
+            await asyncio.sleep(0)
+            await server.close()
+            left += len(server._handshakes) + len(server._tasks)
+            for sock in clients:
+                sock.close()
+        return left
+
+    assert asyncio.run(main()) == 0
+
+
+def test_a_broken_record_after_the_handshake_ends_the_session_quietly(pki: Pki) -> None:
+    """A reply the protocol writes after a forged record broke the session is dropped,
+    not an exception in the event loop."""
+    from usbipy.server.tls import TlsServerProtocol
+
+    class Inner(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+
+    inner = Inner()
+
+    class Raw(asyncio.Transport):
+        closing = False
+        sent: list[bytes] = []
+
+        def write(self, data: bytes) -> None:  # type: ignore[override]
+            self.sent.append(data)
+
+        def abort(self) -> None:
+            self.closing = True
+
+        def close(self) -> None:
+            self.closing = True
+
+        def is_closing(self) -> bool:
+            return self.closing
+
+        def get_extra_info(self, name: str, default: object = None) -> object:
+            return ("127.0.0.1", 1) if name == "peername" else default
+
+    async def main() -> None:
+        from usbipy.tls.layer import TlsLayer
+        server = TlsServerProtocol(tls_server(pki), lambda: inner)
+        raw = Raw()
+        server.connection_made(raw)
+        client = TlsLayer(client_context(pki.client), server_side=False,
+                          server_hostname="127.0.0.1")
+        client.start()
+        for _ in range(5):
+            out = client.outgoing()
+            if out:
+                server.data_received(out)
+            while raw.sent:
+                client.receive(raw.sent.pop(0))
+        assert client.established
+        record = bytearray(client.send(b"x" * 48))
+        record[-1] ^= 1  # a forged tag
+        server.data_received(bytes(record))
+        assert raw.closing
+        inner.transport.write(b"a late reply")  # type: ignore[attr-defined]
+        inner.transport.writelines([b"more"])  # type: ignore[attr-defined]
+        assert raw.sent == []
+
+    asyncio.run(main())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 import threading
@@ -150,14 +151,18 @@ class UsbipServer:
                 self._report_full(host)
                 continue
             self._handshakes.append(host)
-            self._spawn(self._handshake(sock, addr, host, tls))
+            task = asyncio.ensure_future(serve_tls_client(sock, addr, tls, self._protocol))
+            self._tasks.add(task)
+            # Owned here, not inside the coroutine: a task cancelled before it ever
+            # ran (close() right after an accept) still frees its slot and socket.
+            task.add_done_callback(functools.partial(self._handshake_done, sock, host))
 
-    async def _handshake(self, sock: socket.socket, addr: object, host: str,
-                         tls: ServerTls) -> None:
-        try:
-            await serve_tls_client(sock, addr, tls, self._protocol)
-        finally:
-            self._handshakes.remove(host)
+    def _handshake_done(self, sock: socket.socket, host: str, task: asyncio.Task[None]
+                        ) -> None:
+        self._tasks.discard(task)
+        self._handshakes.remove(host)
+        if task.cancelled():
+            sock.close()  # (taken over by then on every other path: closing is harmless)
 
     def _report_full(self, host: str) -> None:
         now = time.monotonic()

@@ -6,7 +6,8 @@ Two ways to serve a TLS session, chosen when the server starts:
   itself and installs the keys in the kernel; the protocol then reads and
   writes plain USB/IP on that socket, and a device served by usbip-host can
   be handed the very same socket.
-* userspace TLS: asyncio's TLS transport, records encrypted in this process.
+* userspace TLS: a sans-IO TLS layer (:mod:`usbipy.tls.layer`) under the
+  protocol, records encrypted in this process.
 
 Every handshake runs on the event loop (no thread per client, so a client
 that stalls mid-handshake holds nothing but its own socket) and has a time
@@ -112,6 +113,8 @@ class _TlsTransport(asyncio.Transport):
         self._layer = layer
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._raw.is_closing():
+            return  # (as asyncio's transports: what is written after close is dropped)
         records = self._layer.send(data)
         if records:
             self._raw.write(records)
@@ -119,16 +122,23 @@ class _TlsTransport(asyncio.Transport):
     def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
         # Small pieces (headers, short replies) are joined into one record rather
         # than a record each; a large one goes in as it is, not copied into a join.
+        if self._raw.is_closing():
+            return
         layer = self._layer
         small: list[bytes | bytearray | memoryview] = []
+        gathered = 0
         for piece in list_of_data:
-            if len(piece) < _RECORD_SIZE:
-                small.append(piece)
+            if len(piece) >= _RECORD_SIZE:
+                if small:
+                    layer.encrypt(b"".join(small))
+                    small, gathered = [], 0
+                layer.encrypt(piece)
                 continue
-            if small:
+            small.append(piece)
+            gathered += len(piece)
+            if gathered >= _RECORD_SIZE:  # (a join no bigger than about a record)
                 layer.encrypt(b"".join(small))
-                small = []
-            layer.encrypt(piece)
+                small, gathered = [], 0
         records = layer.send(b"".join(small))
         if records:
             self._raw.write(records)
@@ -236,7 +246,9 @@ class TlsServerProtocol(asyncio.Protocol):
         out = self._layer.outgoing()  # the alert that tells the client why, if any
         if out:
             self._raw.write(out)
-        self._raw.close()
+            self._raw.close()
+        else:  # (nothing to say: a peer that never reads cannot hold the slot)
+            self._raw.abort()
 
     def eof_received(self) -> bool | None:
         if self._inner is not None:
@@ -245,6 +257,8 @@ class TlsServerProtocol(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._inner is None and exc is not None and not self.settled.done():
+            log.warning("%s: TLS handshake refused: %s", self._peer, handshake_failure(exc))
         self._settle()
         if self._inner is not None:
             self._inner.connection_lost(exc)
