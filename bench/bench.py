@@ -364,7 +364,9 @@ def baseline_server(rev: str) -> Server:
         subprocess.run(["git", "-C", str(ROOT.parent), "worktree", "add", "--detach",
                         str(tree), rev], check=True, capture_output=True)
     env = {**os.environ, "PYTHONPATH": str(tree / "src")}
-    return Server(f"usbipy@{rev[:7]}", [sys.executable, str(ROOT / "server_usbipy.py")], env)
+    # (that revision's own server script: this one may use what it does not have)
+    return Server(f"usbipy@{rev[:7]}", [sys.executable, str(tree / "bench/server_usbipy.py")],
+                  env)
 
 
 def main() -> int:
