@@ -36,5 +36,6 @@ fi
 if [ "${1:-}" = "--test" ]; then
     .venv/bin/python -m pip install -q -e '.[test]'
 else
-    .venv/bin/python -m pip install -q -e .
+    # (with cryptography, for `usbipy cert`: the README's TLS set-up works from here)
+    .venv/bin/python -m pip install -q -e '.[tls]'
 fi
