@@ -650,3 +650,15 @@ def test_a_broken_record_after_the_handshake_ends_the_session_quietly(pki: Pki) 
         assert raw.sent == []
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("addr, key", [
+    (("192.0.2.7", 40000), "192.0.2.7"),
+    (("2001:db8:1:2:aaaa::1", 40000, 0, 0), "2001:db8:1:2::/64"),
+    (("2001:db8:1:2:bbbb::9", 40001, 0, 0), "2001:db8:1:2::/64"),  # the same host's /64
+    (("::ffff:192.0.2.7", 40000, 0, 0), "192.0.2.7"),
+    (("fe80::1%eth0", 40000, 0, 2), "fe80::/64"),
+])
+def test_handshakes_are_counted_per_ipv4_address_and_ipv6_64(addr: tuple[object, ...],
+                                                             key: str) -> None:
+    assert daemon.client_key(addr) == key

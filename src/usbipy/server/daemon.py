@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ipaddress
 import logging
 import socket
 import threading
@@ -22,8 +23,8 @@ from .tls import ServerTls, serve_tls_client
 
 log = logging.getLogger("usbipy.server")
 
-#: TLS handshakes in progress at once, in all and from one address; beyond, new
-#: connections are closed at once.
+#: TLS handshakes in progress at once, in all and from one address (an IPv6 /64);
+#: beyond, new connections are closed at once.
 MAX_HANDSHAKES = 256
 MAX_HANDSHAKES_PER_ADDRESS = 16
 
@@ -56,6 +57,21 @@ def listen_sockets(hosts: Sequence[str], port: int,
             sock.close()
         raise
     return sockets
+
+
+def client_key(addr: object) -> str:
+    """Whom a connection counts against: its IPv4 address, or its IPv6 /64 (one
+    host commonly holds a whole /64, so per-address counts would not hold it)."""
+    host = str(addr[0]) if isinstance(addr, tuple) else str(addr)
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return host
 
 
 class UsbipServer:
@@ -142,7 +158,7 @@ class UsbipServer:
                 log.error("accepting a client failed: %s", exc.strerror or exc)
                 await asyncio.sleep(0.5)
                 continue
-            host = str(addr[0]) if isinstance(addr, tuple) else str(addr)
+            host = client_key(addr)
             if (len(self._handshakes) >= MAX_HANDSHAKES
                     or self._handshakes.count(host) >= MAX_HANDSHAKES_PER_ADDRESS):
                 # Each pending handshake holds a socket for up to the handshake
