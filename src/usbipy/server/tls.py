@@ -243,6 +243,7 @@ class TlsServerProtocol(asyncio.Protocol):
         if self._inner is not None or self._raw is None or self._raw.is_closing():
             return
         log.warning("%s: TLS handshake refused: %s", self._peer, handshake_failure(exc))
+        self._settle()  # (told once: connection_lost has nothing more to say)
         out = self._layer.outgoing()  # the alert that tells the client why, if any
         if out:
             self._raw.write(out)
