@@ -101,7 +101,7 @@ class Server:
         return found[nth]
 
     def client(self, interface_class: int, nth: int = 0) -> FastClient:
-        return FastClient("127.0.0.1", self.port, self.busid(interface_class, nth), self.tls)
+        return FastClient("127.0.0.1", self.port, self.busid(interface_class, nth))
 
     def stop(self) -> None:
         self.proc.terminate()

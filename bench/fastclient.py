@@ -9,7 +9,6 @@ costs a few microseconds per URB.
 from __future__ import annotations
 
 import socket
-import ssl
 import struct
 from dataclasses import dataclass
 
@@ -33,15 +32,15 @@ class Reply:
 class FastClient:
     """One imported device over one TCP connection."""
 
-    def __init__(self, host: str, port: int, busid: str,
-                 tls: ssl.SSLContext | None = None) -> None:
+    def __init__(self, host: str, port: int, busid: str) -> None:
         self.sock: socket.socket = connect(host, port)
-        if tls is not None:  # userspace TLS on this side: its cost is the client's core
-            self.sock = tls.wrap_socket(self.sock, server_hostname=host)
-        self.device: DeviceInfo = request_import(self.sock, busid,
-                                                 plaintext=tls is None)
+        self._imported(request_import(self.sock, busid))
         self.sock.settimeout(60)
-        self.devid = self.device.devid
+
+    def _imported(self, device: DeviceInfo) -> None:
+        """Ready to submit URBs to ``device``."""
+        self.device = device
+        self.devid = device.devid
         self._seqnum = 0
         self._directions: dict[int, int] = {}
         self._buf = bytearray(1 << 22)

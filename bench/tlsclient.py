@@ -55,13 +55,7 @@ class SealedClient(FastClient):
             if plain:
                 conn.receive_data(plain)
         assert event.device is not None, event.status
-        self.device = event.device
-        self.devid = self.device.devid
-        self._seqnum = 0
-        self._directions: dict[int, int] = {}
-        self._buf = bytearray(1 << 22)
-        self._view = memoryview(self._buf)
-        self._start = self._end = 0
+        self._imported(event.device)
 
     def _recv(self) -> bytes:
         data = self.sock.recv(1 << 16)

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import ssl
 
-from .context import TlsSession
-
 #: Plaintext taken out of OpenSSL per call; a record holds at most 16 KiB.
 _READ_SIZE = 1 << 14
 
@@ -91,6 +89,3 @@ class TlsLayer:
 
     def outgoing(self) -> bytes:
         return self._outgoing.read()
-
-    def session(self) -> TlsSession:
-        return TlsSession.of(self.ssl_object, kernel=False)
