@@ -19,7 +19,7 @@ from ..protocol import DEFAULT_MAX_TRANSFER, USBIP_PORT
 from ..tls import TlsSession
 from .connection import UsbipServerProtocol
 from .registry import DeviceRegistry
-from .tls import ServerTls, serve_tls_client
+from .tls import ServerTls, address_text, serve_tls_client
 
 log = logging.getLogger("usbipy.server")
 
@@ -130,8 +130,8 @@ class UsbipServer:
             self._spawn(self._accept_tls(sock, self.tls))
         # With port 0 the system picks one: report the real port.
         self.port = (sockets or plain)[0].getsockname()[1]
-        for (host, port), tls in self._addresses():
-            where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        for address, tls in self._addresses():
+            where = address_text(address)
             if tls is None:
                 log.info("listening on %s", where)
             else:

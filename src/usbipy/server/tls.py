@@ -97,7 +97,8 @@ async def kernel_handshake(sock: socket.socket, context: ssl.SSLContext
     return plain, session
 
 
-def _peer(addr: object) -> str:
+def address_text(addr: object) -> str:
+    """A socket address as "host:port", "[v6]:port" for IPv6."""
     if isinstance(addr, tuple) and len(addr) >= 2:
         host = str(addr[0])
         return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
@@ -197,7 +198,7 @@ class TlsServerProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._raw = cast(asyncio.Transport, transport)
-        self._peer = _peer(transport.get_extra_info("peername"))
+        self._peer = address_text(transport.get_extra_info("peername"))
         self._timer = asyncio.get_running_loop().call_later(
             self._tls.handshake_timeout, self._refuse, TimeoutError())
 
@@ -298,7 +299,7 @@ async def serve_tls_client(sock: socket.socket, addr: object, tls: ServerTls,
         why = handshake_failure(exc)
         if isinstance(exc, ConnectionAbortedError) and "taking longer" in str(exc):
             why = handshake_failure(TimeoutError())
-        log.warning("%s: TLS handshake refused: %s", _peer(addr), why)
+        log.warning("%s: TLS handshake refused: %s", address_text(addr), why)
         return
     except BaseException:
         sock.close()
