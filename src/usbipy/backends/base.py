@@ -44,6 +44,8 @@ class ExportedDevice(ABC):
     busid: str = ""
     busnum: int = 0
     devnum: int = 0
+    #: The device's serial number (iSerialNumber), for access rules; None if none.
+    serial: str | None = None
     #: Set by the server while a client holds the device: a device calls it on the
     #: event loop to drop that client cleanly (unplugged, unbound).
     drop_client: Callable[[], None] | None = None
@@ -82,6 +84,7 @@ class HandOffDevice(ABC):
     """
 
     busid: str = ""
+    serial: str | None = None
 
     @property
     @abstractmethod
@@ -97,6 +100,12 @@ class HandOffDevice(ABC):
         """Give the connected socket ``fd`` to the party that serves the URBs.
 
         Raises OSError when it refuses."""
+
+    def take_back(self) -> None:
+        """End the session the other party serves (a client no longer allowed).
+
+        Blocking, like :meth:`hand_off`; OSError when it cannot."""
+        raise OSError(f"{type(self).__name__} cannot end its session")
 
 
 #: Anything the registry can list and a client can import.

@@ -106,6 +106,7 @@ class EmulatedDevice(ExportedDevice):
         #: and hosts ask for the same ones again and again.
         self._descriptor_replies: dict[tuple[bytes, int], Completion] = {}
         self._info: DeviceInfo | None = None
+        self.serial = self.descriptor.serial_number
 
     # --- ExportedDevice -----------------------------------------------------
 

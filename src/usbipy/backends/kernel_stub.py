@@ -28,6 +28,7 @@ class KernelStubDevice(HandOffDevice):
     def __init__(self, device: sysfs.UsbDevice) -> None:
         self._device = device
         self.busid = device.busid
+        self.serial = device.serial
 
     @property
     def info(self) -> DeviceInfo:
@@ -43,6 +44,9 @@ class KernelStubDevice(HandOffDevice):
 
     def hand_off(self, fd: int) -> None:
         usbip_host.hand_off(self._device, fd)
+
+    def take_back(self) -> None:
+        usbip_host.disconnect(self._device)
 
 
 class KernelStubSource(DeviceSource):

@@ -67,6 +67,8 @@ class UsbDevice:
     info: DeviceInfo
     #: The device-level driver bound to it ("usb", "usbip-host") or None.
     driver: str | None
+    #: Its iSerialNumber string as the kernel read it, if it has one.
+    serial: str | None = None
 
     @property
     def is_hub(self) -> bool:
@@ -124,7 +126,7 @@ def read_device(busid: str) -> UsbDevice:
         bConfigurationValue=config, bNumConfigurations=_int(path / "bNumConfigurations", 10, 1),
         bNumInterfaces=ninterfaces, interfaces=tuple(interfaces),
     )
-    return UsbDevice(busid, path, info, driver_of(path))
+    return UsbDevice(busid, path, info, driver_of(path), serial_of(busid))
 
 
 def serial_of(busid: str) -> str | None:

@@ -120,6 +120,13 @@ def hand_off(device: sysfs.UsbDevice, fd: int) -> None:
     sysfs.write_attr(device.sys_path / "usbip_sockfd", f"{fd}\n")
 
 
+def disconnect(device: sysfs.UsbDevice) -> None:
+    """End the connection usbip-host serves ``device`` on: "-1" to usbip_sockfd shuts
+    the stub's session down and makes the device available again (stub_dev.c,
+    usbip_sockfd_store)."""
+    sysfs.write_attr(device.sys_path / "usbip_sockfd", "-1\n")
+
+
 def bound_devices() -> list[sysfs.UsbDevice]:
     """Every device bound to usbip-host now, read fresh from sysfs as usbipd does."""
     driver = sysfs.usb_driver_dir(DRIVER)

@@ -17,8 +17,9 @@ import socket
 from collections.abc import Awaitable, Coroutine
 from typing import Any, cast
 
-from ..backends.base import Completion, ExportedDevice, HandOffDevice
+from ..backends.base import AnyDevice, Completion, ExportedDevice, HandOffDevice
 from ..escape import printable
+from ..policy import Decision
 from ..protocol import (
     CmdSubmit,
     CmdUnlink,
@@ -32,6 +33,7 @@ from ..protocol import (
 )
 from ..protocol.constants import ECONNRESET, EPROTO
 from ..tls import TlsSession
+from .access import Access, HandedOff, client_of
 from .registry import DeviceRegistry
 
 log = logging.getLogger("usbipy.server")
@@ -54,8 +56,13 @@ class UsbipServerProtocol(asyncio.Protocol):
     """asyncio protocol for one client; the codec is a :class:`ServerConnection`."""
 
     def __init__(self, registry: DeviceRegistry, *, max_transfer_length: int,
-                 connections: set[UsbipServerProtocol], tls: TlsSession | None = None) -> None:
+                 connections: set[UsbipServerProtocol], tls: TlsSession | None = None,
+                 access: Access | None = None) -> None:
         self.registry = registry
+        #: The policy and limits in force (shared by the server's connections).
+        self.access = access if access is not None else Access()
+        #: Who the policy judges (set when connected).
+        self.client = client_of(None, None)
         #: The client's TLS session (a kernel TLS one is passed in; a userspace
         #: one is read off the transport), None for plaintext.
         self.tls = tls
@@ -76,6 +83,9 @@ class UsbipServerProtocol(asyncio.Protocol):
         #: What the client sent first: a TLS ClientHello on a plaintext port is told apart.
         self._first_bytes = b""
         self._task: asyncio.Task[None] | None = None
+        #: Until the OP request is whole: the time left for it, and for silence.
+        self._request_timer: asyncio.TimerHandle | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
         #: Resolved once the connection is gone and its device released.
         self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         #: Replies made while one batch of input is handled, sent with one write:
@@ -100,10 +110,21 @@ class UsbipServerProtocol(asyncio.Protocol):
         if self.tls is not None:
             # the verified identity, in every line about this client
             self.peer = f"{self.peer} {self.tls.peer}"
+        self.client = client_of(peer[0] if isinstance(peer, tuple) else None, self.tls)
         self._connections.add(self)
+        limits = self.access.limits
+        loop = asyncio.get_running_loop()
+        self._request_timer = loop.call_later(
+            limits.request_timeout, self._timed_out,
+            f"no complete request in {limits.request_timeout:g} s (request_timeout)")
+        self._idle_timer = loop.call_later(limits.idle_timeout, self._idle)
         log.debug("%s: connected%s", self.peer, f" ({self.tls.protection})" if self.tls else "")
 
     def data_received(self, data: bytes) -> None:
+        if self._idle_timer is not None:  # (the OP phase: a byte restarts the idle clock)
+            self._idle_timer.cancel()
+            self._idle_timer = asyncio.get_running_loop().call_later(
+                self.access.limits.idle_timeout, self._idle)
         if len(self._first_bytes) < 2:
             self._first_bytes += data[:2 - len(self._first_bytes)]
         self.conn.receive_data(data)
@@ -148,7 +169,26 @@ class UsbipServerProtocol(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         return None  # close our side too
 
+    # --- OP-phase time limits ------------------------------------------------------
+
+    def _stop_timers(self) -> None:
+        for timer in (self._request_timer, self._idle_timer):
+            if timer is not None:
+                timer.cancel()
+        self._request_timer = self._idle_timer = None
+
+    def _idle(self) -> None:
+        self._timed_out(f"nothing sent for {self.access.limits.idle_timeout:g} s in the "
+                        "OP phase (idle_timeout)")
+
+    def _timed_out(self, why: str) -> None:
+        self._stop_timers()
+        if not self._closed:
+            self.access.log.warning("timeout", f"{self.peer}: closing the connection: {why}")
+            self._abort()
+
     def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_timers()
         self._closed = True
         self._connections.discard(self)
         for _urb, future in self._futures.values():
@@ -196,6 +236,7 @@ class UsbipServerProtocol(asyncio.Protocol):
     # --- OP phase: answered by a task, reading paused meanwhile ----------------------
 
     def _start_op(self, work: Coroutine[Any, Any, None]) -> None:
+        self._stop_timers()  # (the request is whole: the OP phase ends with its answer)
         self._op_pending = True
         self._pause_reading()
         self._task = asyncio.ensure_future(work)
@@ -218,16 +259,34 @@ class UsbipServerProtocol(asyncio.Protocol):
                 self._process()
 
     async def _devlist(self) -> None:
-        devices = tuple(d.info for d in await self.registry.available())
+        available = await self.registry.available()
+        decide, client = self.access.decide, self.client
+        # Only what this client may import: the others are not shown at all.
+        devices = tuple(d.info for d in available if decide(client, d).allowed)
         self._write(self.conn.send(OpRepDevlist(devices)))
-        log.info("%s: sent the list of %d devices", self.peer, len(devices))
+        hidden = len(available) - len(devices)
+        log.info("%s: sent the list of %d devices%s", self.peer, len(devices),
+                 f" ({hidden} not shown by the access policy)" if hidden else "")
         self._close()
 
     async def _import(self, busid: str) -> None:
         shown = printable(busid)
-        status, device = await self.registry.claim(busid, self)
+        decision: Decision | None = None
+
+        def permitted(device: AnyDevice) -> bool:
+            nonlocal decision
+            decision = self.access.decide(self.client, device)
+            return decision.allowed
+
+        status, device = await self.registry.claim(busid, self, permitted)
         if device is None:
-            log.info("%s: import of %s refused: %s", self.peer, shown, status.name)
+            if decision is not None and not decision.allowed:
+                # Refused as an unknown device is (NODEV), so the reply tells the client
+                # nothing about what it may not use; the log says which rule refused.
+                log.warning("%s: import of %s denied by %s", self.peer, shown,
+                            decision.reason)
+            else:
+                log.info("%s: import of %s refused: %s", self.peer, shown, status.name)
             self._refuse(status)
             return
         if isinstance(device, HandOffDevice):
@@ -282,6 +341,7 @@ class UsbipServerProtocol(asyncio.Protocol):
             os.set_blocking(fd, False)
             self._refuse(OpStatus.NA)
             return
+        self.access.handed_off[device.busid] = HandedOff(device, self.client, self.peer)
         self._write(self.conn.send(OpRepImport(OpStatus.OK, device.info)))
         log.info("%s: imported %s (served by the kernel)", self.peer, printable(device.busid))
         self._close()

@@ -8,16 +8,18 @@ import ipaddress
 import logging
 import socket
 import threading
-import time
 from collections.abc import Coroutine, Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
-from ..backends.base import ExportedDevice
+from ..backends.base import ExportedDevice, HandOffDevice
 from ..escape import printable
-from ..protocol import DEFAULT_MAX_TRANSFER, USBIP_PORT
+from ..policy import OPEN, Policy
+from ..protocol import DEFAULT_MAX_TRANSFER, USBIP_PORT, OpStatus
 from ..tls import TlsSession
+from .access import Access, HandedOff
 from .connection import UsbipServerProtocol
+from .limits import Admission, Limits
 from .registry import DeviceRegistry
 from .tls import ServerTls, address_text, serve_tls_client
 
@@ -90,8 +92,11 @@ class UsbipServer:
                  max_transfer_length: int = DEFAULT_MAX_TRANSFER,
                  sockets: Sequence[socket.socket] = (),
                  tls: ServerTls | None = None,
-                 plain_sockets: Sequence[socket.socket] = ()) -> None:
+                 plain_sockets: Sequence[socket.socket] = (),
+                 policy: Policy = OPEN, limits: Limits | None = None) -> None:
         self.registry = registry if registry is not None else DeviceRegistry()
+        self.access = Access(policy, limits if limits is not None else Limits())
+        self.admission = Admission(self.access.limits)
         #: Listening sockets made beforehand (see :func:`listen_sockets`); when
         #: empty, :meth:`start` binds ``hosts`` and ``port`` itself.
         self._sockets = list(sockets)
@@ -102,13 +107,11 @@ class UsbipServer:
         self.family = family
         self.max_transfer_length = max_transfer_length
         self.connections: set[UsbipServerProtocol] = set()
-        self._servers: list[asyncio.Server] = []
-        #: TLS listeners and the handshakes in progress on them.
-        self._listeners: list[socket.socket] = []
+        #: Listening sockets, each with the TLS its clients must speak (None: plaintext).
+        self._listeners: list[tuple[socket.socket, ServerTls | None]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         #: The client address of every handshake in progress.
         self._handshakes: list[str] = []
-        self._full_reported = -10.0
         #: Resolved by close(): serve_forever() returns.
         self._stopped: asyncio.Future[None] | None = None
 
@@ -116,20 +119,14 @@ class UsbipServer:
         return self.registry.add(device)
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
         sockets = self._sockets or listen_sockets(self.hosts, self.port, self.family)
         self._sockets = []
-
         plain, self._plain_sockets = self._plain_sockets, []
-        if self.tls is None:
-            plain, sockets = sockets + plain, []
-        for sock in plain:
-            self._servers.append(await loop.create_server(self._protocol, sock=sock))
-        for sock in sockets:
-            self._listeners.append(sock)
-            self._spawn(self._accept_tls(sock, self.tls))
+        for sock, tls in [*((s, self.tls) for s in sockets), *((s, None) for s in plain)]:
+            self._listeners.append((sock, tls))
+            self._spawn(self._accept(sock, tls))
         # With port 0 the system picks one: report the real port.
-        self.port = (sockets or plain)[0].getsockname()[1]
+        self.port = sockets[0].getsockname()[1] if sockets else plain[0].getsockname()[1]
         for address, tls in self._addresses():
             where = address_text(address)
             if tls is None:
@@ -140,15 +137,21 @@ class UsbipServer:
 
     def _protocol(self, tls: TlsSession | None = None) -> UsbipServerProtocol:
         return UsbipServerProtocol(self.registry, max_transfer_length=self.max_transfer_length,
-                                   connections=self.connections, tls=tls)
+                                   connections=self.connections, tls=tls, access=self.access)
+
+    def _counted_protocol(self, host: str, tls: TlsSession | None = None
+                          ) -> UsbipServerProtocol:
+        """A protocol whose connection counts against ``host`` until it is gone."""
+        protocol = self._protocol(tls)
+        protocol.finished.add_done_callback(lambda _f: self.admission.leave(host))
+        return protocol
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(work)
         self._tasks.add(task)  # (the loop keeps only a weak reference to a task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _accept_tls(self, listener: socket.socket, tls: ServerTls | None) -> None:
-        assert tls is not None
+    async def _accept(self, listener: socket.socket, tls: ServerTls | None) -> None:
         loop = asyncio.get_running_loop()
         while True:
             try:
@@ -159,41 +162,102 @@ class UsbipServer:
                 await asyncio.sleep(0.5)
                 continue
             host = client_key(addr)
+            refused = self.admission.admit(host)
+            if refused is not None:
+                sock.close()
+                self.access.log.warning(
+                    "admission", f"{printable(address_text(addr))}: connection refused: "
+                                 f"{refused}")
+                continue
+            if tls is None:
+                try:
+                    await loop.connect_accepted_socket(
+                        functools.partial(self._counted_protocol, host), sock)
+                except Exception as exc:  # noqa: BLE001 (this client's alone)
+                    sock.close()
+                    self.admission.leave(host)
+                    log.warning("%s: cannot serve the connection: %s",
+                                printable(address_text(addr)), exc)
+                continue
             if (len(self._handshakes) >= MAX_HANDSHAKES
                     or self._handshakes.count(host) >= MAX_HANDSHAKES_PER_ADDRESS):
                 # Each pending handshake holds a socket for up to the handshake
                 # timeout: without a cap, idle connections exhaust the descriptors.
                 sock.close()
+                self.admission.leave(host)
                 self._report_full(host)
                 continue
             self._handshakes.append(host)
-            task = asyncio.ensure_future(serve_tls_client(sock, addr, tls, self._protocol))
+            made: list[UsbipServerProtocol] = []
+
+            def protocol(session: TlsSession | None, host: str = host,
+                         made: list[UsbipServerProtocol] = made) -> UsbipServerProtocol:
+                made.append(self._counted_protocol(host, session))
+                return made[-1]
+
+            task = asyncio.ensure_future(serve_tls_client(sock, addr, tls, protocol))
             self._tasks.add(task)
             # Owned here, not inside the coroutine: a task cancelled before it ever
             # ran (close() right after an accept) still frees its slot and socket.
-            task.add_done_callback(functools.partial(self._handshake_done, sock, host))
+            task.add_done_callback(functools.partial(self._handshake_done, sock, host, made))
 
-    def _handshake_done(self, sock: socket.socket, host: str, task: asyncio.Task[None]
-                        ) -> None:
+    def _handshake_done(self, sock: socket.socket, host: str,
+                        made: list[UsbipServerProtocol], task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         self._handshakes.remove(host)
+        if not made:  # (no protocol to count the connection until it goes)
+            self.admission.leave(host)
         if task.cancelled():
             sock.close()  # (taken over by then on every other path: closing is harmless)
 
     def _report_full(self, host: str) -> None:
-        now = time.monotonic()
-        if now - self._full_reported >= 10:  # (at most one line per 10 s under a flood)
-            self._full_reported = now
-            log.warning("%s: too many TLS handshakes in progress (%d in all, at most %d per "
-                        "address): connection closed", printable(host), len(self._handshakes),
-                        MAX_HANDSHAKES_PER_ADDRESS)
+        self.access.log.warning(
+            "handshakes", f"{printable(host)}: too many TLS handshakes in progress "
+                          f"({len(self._handshakes)} in all, at most "
+                          f"{MAX_HANDSHAKES_PER_ADDRESS} per address): connection closed")
 
     def _addresses(self) -> list[tuple[tuple[str, int], ServerTls | None]]:
-        found: list[tuple[tuple[str, int], ServerTls | None]] = [
-            (s.getsockname()[:2], self.tls) for s in self._listeners]
-        found += [(s.getsockname()[:2], None) for server in self._servers
-                  for s in server.sockets]
-        return found
+        return [(s.getsockname()[:2], tls) for s, tls in self._listeners]
+
+    async def reconfigure(self, policy: Policy, limits: Limits) -> None:
+        """Put ``policy`` and ``limits`` in force: new requests see them at once, and
+        every session whose client the policy no longer allows is ended."""
+        self.access.policy = policy
+        self.access.limits = self.admission.limits = limits
+        for conn in list(self.connections):
+            device = conn.device
+            if device is None:
+                continue
+            decision = self.access.decide(conn.client, device)
+            if not decision.allowed:
+                log.warning("%s: dropped from %s: no longer allowed by %s", conn.peer,
+                            printable(device.busid), decision.reason)
+                conn.close()
+        handed = list(self.access.handed_off.items())
+        if handed:
+            await asyncio.to_thread(self._take_back, handed)
+
+    def _take_back(self, handed: list[tuple[str, HandedOff]]) -> None:
+        """End the kernel sessions of clients the policy no longer allows (blocking)."""
+        for busid, entry in handed:
+            device = entry.device
+            if not isinstance(device, HandOffDevice):
+                continue
+            if device.import_status() is not OpStatus.DEV_BUSY:
+                self.access.handed_off.pop(busid, None)  # (that session is over)
+                continue
+            decision = self.access.decide(entry.client, device)
+            if decision.allowed:
+                continue
+            try:
+                device.take_back()
+            except OSError as exc:
+                log.error("%s: cannot end its session on %s: %s", entry.peer,
+                          printable(busid), exc.strerror or exc)
+                continue
+            self.access.handed_off.pop(busid, None)
+            log.warning("%s: dropped from %s (served by the kernel): no longer allowed by %s",
+                        entry.peer, printable(busid), decision.reason)
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -201,7 +265,7 @@ class UsbipServer:
 
     async def serve_forever(self) -> None:
         """Serve until :meth:`close`."""
-        assert self._servers or self._listeners
+        assert self._listeners
         self._stopped = asyncio.get_running_loop().create_future()
         try:
             await self._stopped
@@ -210,24 +274,19 @@ class UsbipServer:
 
     async def close(self) -> None:
         """Stop listening, drop every client, and make every device durable."""
-        servers, self._servers = self._servers, []
-        for server in servers:
-            server.close()
         tasks, self._tasks = list(self._tasks), set()
         for task in tasks:
             task.cancel()
         if tasks:  # (the accept loops stop watching their sockets before these close)
             await asyncio.wait(tasks)
         listeners, self._listeners = self._listeners, []
-        for sock in listeners:
+        for sock, _tls in listeners:
             sock.close()
         if self._stopped is not None and not self._stopped.done():
             self._stopped.set_result(None)
         connections = list(self.connections)
         for conn in connections:
             conn.close()
-        for server in servers:
-            await server.wait_closed()
         # Every client's device released (detach may take a worker thread's time).
         if connections:
             await asyncio.wait([c.finished for c in connections], timeout=10)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from ..backends.base import AnyDevice, DeviceSource, ExportedDevice, HandOffDevice
 from ..escape import printable
@@ -95,14 +95,20 @@ class DeviceRegistry:
                 if (d.busid in free_hand_offs if isinstance(d, HandOffDevice)
                     else d.busid not in self._held)]
 
-    async def claim(self, busid: str, owner: object) -> tuple[OpStatus, AnyDevice | None]:
-        """Hold ``busid`` for ``owner``: OK and the device, or why not and None."""
-        if busid in self._held:
-            return OpStatus.DEV_BUSY, None
+    async def claim(self, busid: str, owner: object,
+                    permitted: Callable[[AnyDevice], bool] = lambda device: True,
+                    ) -> tuple[OpStatus, AnyDevice | None]:
+        """Hold ``busid`` for ``owner``: OK and the device, or why not and None.
+
+        A device ``permitted`` refuses is NODEV, busy or not: a client learns
+        nothing of devices it may not use."""
+        held = self._held.get(busid)
+        if held is not None:
+            return (OpStatus.DEV_BUSY if permitted(held[0]) else OpStatus.NODEV), None
         device: AnyDevice | None = self._devices.get(busid)
         if device is None:
             device = (await self._from_sources()).get(busid)
-        if device is None:
+        if device is None or not permitted(device):
             return OpStatus.NODEV, None
         if isinstance(device, HandOffDevice):
             status = await asyncio.to_thread(device.import_status)

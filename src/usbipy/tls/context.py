@@ -21,7 +21,7 @@ record that is not application data, makes a kernel-owned socket fail
 from __future__ import annotations
 
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -118,14 +118,24 @@ class TlsSession:
     peer: str
     #: True when the kernel encrypts the records (kTLS), False when this process does.
     kernel: bool
+    #: For access rules: the subject's commonName and the subjectAltName values,
+    #: raw (never print them unescaped), and the certificate itself (DER).
+    cn: str | None = field(default=None, repr=False)
+    sans: tuple[str, ...] = field(default=(), repr=False)
+    certificate: bytes | None = field(default=None, repr=False)
 
     @classmethod
     def of(cls, ssl_object: ssl.SSLObject | ssl.SSLSocket, *, kernel: bool) -> TlsSession:
         cipher = ssl_object.cipher()
+        cert: dict[str, Any] = ssl_object.getpeercert() or {}
+        cn = next((str(value) for rdn in cert.get("subject", ()) for key, value in rdn
+                   if key == "commonName"), None)
         return cls(version=ssl_object.version() or "?",
                    cipher=cipher[0] if cipher else "?",
-                   peer=peer_identity(ssl_object.getpeercert()),
-                   kernel=kernel)
+                   peer=peer_identity(cert),
+                   kernel=kernel, cn=cn,
+                   sans=tuple(str(value) for _kind, value in cert.get("subjectAltName", ())),
+                   certificate=ssl_object.getpeercert(binary_form=True))
 
     def as_dict(self) -> dict[str, object]:
         return {"version": self.version, "cipher": self.cipher, "peer": self.peer,

@@ -67,6 +67,8 @@ class LibusbDevice(ExportedDevice):
         self.busnum = device.getBusNumber()
         self.devnum = device.getDeviceAddress()
         self._info = self._read_info()
+        # (made in the source's worker thread: a sysfs read is fine here)
+        self.serial = sysfs.serial_of(self.busid)
         self._handle: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._transfers: dict[Any, asyncio.Future[Completion]] = {}

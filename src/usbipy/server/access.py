@@ -1,0 +1,53 @@
+"""The server's access decisions: the policy in force, asked about real devices.
+
+One :class:`Access` per server, shared by its connections; a reload swaps
+its policy and limits, and every later request sees the new ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..backends.base import AnyDevice
+from ..policy import OPEN, Client, Decision, DeviceFacts, Policy
+from ..tls import TlsSession
+from .limits import Limits, RateLimitedLog
+
+
+def facts_of(device: AnyDevice) -> DeviceFacts:
+    info = device.info
+    return DeviceFacts(device.busid, info.idVendor, info.idProduct, device.serial)
+
+
+def client_of(host: str | None, tls: TlsSession | None) -> Client:
+    """The client a policy judges: its address and, over TLS, its certificate."""
+    try:
+        if tls is None:
+            return Client(host)
+        return Client(host, cn=tls.cn, sans=tls.sans, certificate=tls.certificate)
+    except ValueError:  # (not an IP address: a Unix socket in a test, say)
+        if tls is None:
+            return Client()
+        return Client(cn=tls.cn, sans=tls.sans, certificate=tls.certificate)
+
+
+@dataclass
+class HandedOff:
+    """A device this server handed to the kernel, and whom for."""
+
+    device: AnyDevice
+    client: Client
+    peer: str
+
+
+@dataclass
+class Access:
+    policy: Policy = OPEN
+    limits: Limits = field(default_factory=Limits)
+    #: busid -> the last session this server handed to the kernel for it.
+    handed_off: dict[str, HandedOff] = field(default_factory=dict)
+    #: For what a flood would otherwise write once per connection.
+    log: RateLimitedLog = field(default_factory=RateLimitedLog)
+
+    def decide(self, client: Client, device: AnyDevice) -> Decision:
+        return self.policy.decide(client, facts_of(device))

@@ -1,0 +1,120 @@
+"""What a server exposed to a network holds back: connection caps, an accept
+rate, and time limits on the OP phase.
+
+Every accepted connection is admitted or closed at once by
+:class:`Admission`, counted against its client (an IPv4 address, an IPv6
+/64) from accept until it is gone. The defaults are far above what a lab
+does and far below what exhausts the server's descriptors or loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+log = logging.getLogger("usbipy.server")
+
+
+@dataclass(frozen=True)
+class Limits:
+    #: Connections at once, all clients together (TLS handshakes included).
+    max_connections: int = 1000
+    #: Connections at once from one client address (an IPv6 /64).
+    max_connections_per_address: int = 64
+    #: New connections per second one client address may open, on average...
+    accept_rate: float = 20.0
+    #: ...and in a burst.
+    accept_burst: int = 100
+    #: Seconds a connection has to send its first complete OP request.
+    request_timeout: float = 30.0
+    #: Seconds a connection in the OP phase may send nothing.
+    idle_timeout: float = 10.0
+
+
+class _Bucket:
+    """A token bucket: ``burst`` tokens, refilled at ``rate`` per second."""
+
+    __slots__ = ("tokens", "stamp")
+
+    def __init__(self, burst: int, now: float) -> None:
+        self.tokens = float(burst)
+        self.stamp = now
+
+
+class RateLimitedLog:
+    """Warnings of one kind at most once per 10 s: a flood writes a line, not a line
+    per connection."""
+
+    def __init__(self) -> None:
+        self._reported: dict[str, float] = {}
+        self._suppressed: Counter[str] = Counter()
+
+    def warning(self, kind: str, text: str) -> None:
+        now = time.monotonic()
+        if now - self._reported.get(kind, -10.0) < 10:
+            self._suppressed[kind] += 1
+            return
+        self._reported[kind] = now
+        more = self._suppressed.pop(kind, 0)
+        log.warning("%s%s", text, f" (and {more} more like it)" if more else "")
+
+
+class Admission:
+    """Which new connections are taken, and how many each client holds."""
+
+    #: Buckets kept at most (a flood from many addresses must not grow them
+    #: without bound); full buckets of idle clients are dropped first.
+    MAX_BUCKETS = 65536
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.connections = 0
+        self._per_client: Counter[str] = Counter()
+        self._buckets: dict[str, _Bucket] = {}
+
+    def admit(self, client: str) -> str | None:
+        """Count a new connection from ``client``; or say why it is refused."""
+        limits = self.limits
+        now = time.monotonic()
+        bucket = self._buckets.get(client)
+        if bucket is None:
+            if len(self._buckets) >= self.MAX_BUCKETS:
+                self._prune(now)
+            bucket = self._buckets[client] = _Bucket(limits.accept_burst, now)
+        else:
+            bucket.tokens = min(float(limits.accept_burst),
+                                bucket.tokens + (now - bucket.stamp) * limits.accept_rate)
+            bucket.stamp = now
+        if bucket.tokens < 1:
+            return (f"more than {limits.accept_rate:g} new connections a second "
+                    "(accept_rate)")
+        bucket.tokens -= 1
+        if self.connections >= limits.max_connections:
+            return f"{self.connections} connections in all (max_connections)"
+        if self._per_client[client] >= limits.max_connections_per_address:
+            return (f"{self._per_client[client]} connections from this address "
+                    "(max_connections_per_address)")
+        self.connections += 1
+        self._per_client[client] += 1
+        return None
+
+    def leave(self, client: str) -> None:
+        self.connections -= 1
+        self._per_client[client] -= 1
+        if not self._per_client[client]:
+            del self._per_client[client]
+
+    def held(self, client: str) -> int:
+        return self._per_client[client]
+
+    def _prune(self, now: float) -> None:
+        limits = self.limits
+        for client, bucket in list(self._buckets.items()):
+            refilled = bucket.tokens + (now - bucket.stamp) * limits.accept_rate
+            if refilled >= limits.accept_burst and client not in self._per_client:
+                del self._buckets[client]
+        if len(self._buckets) >= self.MAX_BUCKETS:  # all busy: forget the oldest half
+            for client in list(self._buckets)[:self.MAX_BUCKETS // 2]:
+                del self._buckets[client]
