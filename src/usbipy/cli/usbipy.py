@@ -4,6 +4,7 @@
     usbipy bind -b BUSID               usbipy detach -p PORT
     usbipy unbind -b BUSID             usbipy port
     usbipy cert init                   usbipy cert issue NAME --server|--client
+    usbipy policy check --client NAME|ADDR --device BUSID [-c FILE]
 
 With --tls-cert/--tls-key/--tls-ca (before or after the command), list and
 attach speak mutual TLS to usbipyd.
@@ -41,6 +42,7 @@ from ..linux.sysfs import (
 )
 from ..linux.usbids import system_ids
 from ..linux.usbip_host import UsbipHostError
+from ..policy import Client, DeviceFacts, parse_address
 from ..protocol import USBIP_PORT, DeviceInfo
 from ..tls import TlsError, TlsFiles, certs, client_context
 from ..tls.certs import LEAF_DAYS
@@ -122,6 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument("--state-dir", metavar="DIR",
                             help="where the CA lives (default: $USBIPY_STATE_DIR or "
                                  "/var/lib/usbipy), in its tls/ folder")
+
+    policy = sub.add_parser("policy", parents=[common],
+                            help="what usbipyd's access policy decides, without a server")
+    policy_sub = policy.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
+    check = policy_sub.add_parser(
+        "check", parents=[common],
+        help="may this client import this device, and which rule says so (exit status 0: "
+             "allowed, 3: denied)")
+    check.add_argument("--client", action="append", required=True, metavar="NAME|ADDR",
+                       help="the client: a certificate name (its CN or a subjectAltName), "
+                            "an IP address, or both (give --client twice)")
+    check.add_argument("--device", "-b", "--busid", dest="device", required=True,
+                       metavar="BUSID", help="the device, as usbipyd would export it")
+    check.add_argument("-c", "--config", metavar="FILE",
+                       help="usbipyd's configuration file (default: usbipyd's)")
     return p
 
 
@@ -272,12 +289,80 @@ def _libusb_binding(args: argparse.Namespace) -> tuple[Binding, bool]:
 # --- main ------------------------------------------------------------------------------
 
 
+def _policy_client(values: list[str]) -> Client:
+    address: str | None = None
+    name: str | None = None
+    for value in values:
+        try:
+            parse_address(value)
+        except ValueError:
+            if name is not None:
+                raise UsbipError(f"--client {value}: one name only ({name} given)") from None
+            name = value
+        else:
+            if address is not None:
+                raise UsbipError(f"--client {value}: one address only ({address} given)")
+            address = value
+    # A name stands for a certificate whose CN, and a subjectAltName, carry it.
+    return Client(address, cn=name, sans=(name,) if name is not None else ())
+
+
+def _policy_device(busid: str, options: argparse.Namespace) -> DeviceFacts:
+    """The device ``busid`` as usbipyd would export it: emulated, or from sysfs."""
+    from ..server.access import facts_of  # (the server's modules: only this command)
+    from ..server.registry import DeviceRegistry
+    from . import usbipyd
+
+    registry = DeviceRegistry()
+    devices = usbipyd.emulated_devices(options)
+    try:
+        for device in devices:
+            registry.add(device)
+        emulated = registry.get(busid)
+        if emulated is not None:
+            return facts_of(emulated)
+    finally:
+        for device in devices:
+            device.close()
+    try:
+        found = read_device(busid)
+    except SysfsError:
+        raise UsbipError(f"no device {busid}: neither emulated by usbipyd's configuration "
+                         "nor plugged in here") from None
+    return DeviceFacts(busid, found.info.idVendor, found.info.idProduct, found.serial)
+
+
+def _policy_check(args: argparse.Namespace) -> dict[str, object]:
+    from . import usbipyd
+
+    daemon_args = usbipyd.build_parser().parse_args(
+        ["--config", args.config] if args.config else [])
+    settings = usbipyd.read_settings(daemon_args)
+    client = _policy_client(args.client)
+    device = _policy_device(args.device, settings.options)
+    decision = settings.policy.decide(client, device)
+    verdict = "allowed" if decision.allowed else "denied"
+    if not args.json:
+        serial = f", serial {printable(device.serial)}" if device.serial else ""
+        print(f"{printable(device.busid)} ({device.vid_pid}{serial}) for {client.name}: "
+              f"{verdict} by {decision.reason}")
+    return {"client": client.name, "device": {"busid": device.busid,
+                                              "vid_pid": device.vid_pid,
+                                              "serial": device.serial},
+            "allowed": decision.allowed, "decision": decision.action.value,
+            "rule": decision.rule.number if decision.rule is not None else None,
+            "reason": decision.reason,
+            "config": str(settings.file) if settings.file is not None else None}
+
+
 def _run(args: argparse.Namespace) -> object:
     """Do the command; print text and return None, or return what --json prints."""
     as_json: bool = args.json
     tls = TlsFiles.from_options(args.tls_cert, args.tls_key, args.tls_ca)
     if tls is None and args.tls_server_name is not None:
         raise TlsError("--tls-server-name needs --tls-cert, --tls-key and --tls-ca")
+    if args.command == "policy":
+        return _policy_check(args)
     if args.command == "list":
         if args.remote is not None:
             context = client_context(tls) if tls is not None else None
@@ -401,6 +486,8 @@ def _main(argv: Sequence[str] | None) -> int:
         return 1
     if args.json:
         print(json.dumps(result, indent=2))
+    if args.command == "policy" and isinstance(result, dict) and not result["allowed"]:
+        return 3  # (a decision, not an error: "denied" for scripts)
     return 0
 
 

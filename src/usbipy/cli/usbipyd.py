@@ -7,11 +7,13 @@ import asyncio
 import ipaddress
 import logging
 import os
+import resource
 import signal
 import socket
 import ssl
 import sys
 from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +22,18 @@ from ..backends.kernel_stub import KernelStubSource
 from ..backends.libusb.bindings import BindingError, BindingStore
 from ..backends.libusb.events import libusb_available
 from ..backends.libusb.source import LibusbSource
+from ..config import DEFAULT_PATH as DEFAULT_CONFIG
+from ..config import DaemonConfig
+from ..config import load as load_config
 from ..devices import CdcAcm, ImageFile, MassStorage, PtyBackend, StorageError
 from ..devices.demo import DEMO_DISK_SIZE, demo_devices
 from ..errors import UsbipError
 from ..escape import printable
 from ..linux import usbip_host
+from ..policy import OPEN, Policy
 from ..protocol import USBIP_PORT
 from ..server import UsbipServer, listen_sockets
+from ..server.limits import Limits
 from ..server.tls import HANDSHAKE_TIMEOUT, ServerTls
 from ..state import state_dir
 from ..tls import TlsError, TlsFiles, ktls, server_context
@@ -38,31 +45,56 @@ log = logging.getLogger("usbipyd")
 DEFAULT_ADDRESS = "127.0.0.1"
 
 
+#: Every setting an option or the configuration file gives, when neither does.
+DEFAULTS: dict[str, Any] = {
+    "demo": False, "disk": None, "read_only": False, "disk_size": DEMO_DISK_SIZE,
+    "serial": "echo", "usbip_host": True, "libusb": True, "state_dir": None,
+    "address": None, "family": "any", "tcp_port": USBIP_PORT,
+    "tls_cert": None, "tls_key": None, "tls_ca": None, "ktls": "auto",
+    "tls_handshake_timeout": None, "plaintext_port": None,
+    "loop": "auto", "daemon": False, "pid": None, "debug": False,
+}
+
+#: The options that set [limits] (argparse dest = the Limits field).
+LIMIT_OPTIONS = ("max_connections", "max_connections_per_address", "accept_rate",
+                 "accept_burst", "request_timeout", "idle_timeout")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    # (no defaults here: an option not given leaves the configuration file's value)
     p = argparse.ArgumentParser(
-        prog="usbipyd", description="Export USB devices over USB/IP (protocol 1.1.1).")
-    p.add_argument("--demo", action="store_true",
+        prog="usbipyd", description="Export USB devices over USB/IP (protocol 1.1.1).",
+        argument_default=None)
+    p.add_argument("-c", "--config", metavar="FILE",
+                   help=f"read settings, access policy and limits from FILE (default: "
+                        f"{DEFAULT_CONFIG} when it exists); options given here win over it")
+    p.add_argument("--check-config", action="store_true",
+                   help="check the configuration file, say what it sets, and exit")
+    p.add_argument("--demo", action=argparse.BooleanOptionalAction,
                    help="export an emulated HID keyboard, mass-storage disk and CDC-ACM port")
     p.add_argument("--disk", metavar="PATH",
                    help="export a mass-storage device backed by this image file")
-    p.add_argument("--read-only", action="store_true", help="export --disk write-protected")
-    p.add_argument("--disk-size", type=int, default=DEMO_DISK_SIZE, metavar="BYTES",
+    p.add_argument("--read-only", action=argparse.BooleanOptionalAction,
+                   help="export --disk write-protected")
+    p.add_argument("--disk-size", type=int, metavar="BYTES",
                    help="size of the demo's scratch disk when no --disk is given")
-    p.add_argument("--serial", choices=("echo", "pty"), default="echo",
+    p.add_argument("--serial", choices=("echo", "pty"),
                    help="where the demo serial port's bytes go (default: echo)")
-    p.add_argument("--no-usbip-host", action="store_true",
-                   help="do not export the devices bound to the kernel's usbip-host driver "
-                        "(exported by default, as usbipd does)")
-    p.add_argument("--no-libusb", action="store_true",
-                   help="do not export the devices bound with 'usbipy bind --libusb'")
+    p.add_argument("--usbip-host", action=argparse.BooleanOptionalAction,
+                   help="export the devices bound to the kernel's usbip-host driver "
+                        "(the default, as usbipd does)")
+    p.add_argument("--libusb", action=argparse.BooleanOptionalAction,
+                   help="export the devices bound with 'usbipy bind --libusb' (the default)")
     p.add_argument("--state-dir", metavar="DIR",
                    help="where the libusb bindings live (default: $USBIPY_STATE_DIR or "
                         "/var/lib/usbipy)")
     p.add_argument("-a", "--address", action="append", metavar="ADDR",
                    help=f"listen address, may repeat (default: {DEFAULT_ADDRESS})")
-    p.add_argument("-4", "--ipv4", action="store_true", help="listen on IPv4 only")
-    p.add_argument("-6", "--ipv6", action="store_true", help="listen on IPv6 only")
-    p.add_argument("-t", "--tcp-port", type=int, default=USBIP_PORT, metavar="PORT",
+    p.add_argument("-4", "--ipv4", dest="family", action="store_const", const="ipv4",
+                   help="listen on IPv4 only")
+    p.add_argument("-6", "--ipv6", dest="family", action="store_const", const="ipv6",
+                   help="listen on IPv6 only")
+    p.add_argument("-t", "--tcp-port", type=int, metavar="PORT",
                    help=f"TCP port to listen on (default: {USBIP_PORT})")
     tls = p.add_argument_group(
         "mutual TLS", "With all three files, every client on the listen addresses must present "
@@ -72,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     tls.add_argument("--tls-key", metavar="FILE", help="its private key")
     tls.add_argument("--tls-ca", metavar="FILE", help="the CA that signs the clients' "
                                                       "certificates")
-    tls.add_argument("--ktls", choices=("auto", "on", "off"), default="auto",
+    tls.add_argument("--ktls", choices=("auto", "on", "off"),
                      help="hand sessions to kernel TLS: when available (auto, the default), "
                           "always (on: refuse to start without it), or never (off)")
     tls.add_argument("--tls-handshake-timeout", type=float,
@@ -81,15 +113,93 @@ def build_parser() -> argparse.ArgumentParser:
     tls.add_argument("--plaintext-port", type=int, metavar="PORT",
                      help="with TLS, also serve plaintext USB/IP on this port of 127.0.0.1 "
                           "(for local tools such as C usbip); never on other addresses")
-    p.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto",
+    limits = p.add_argument_group(
+        "limits", "What one client, or a flood of them, may hold (also [limits] in the "
+        "configuration file).")
+    base = Limits()
+    limits.add_argument("--max-connections", type=int, metavar="N",
+                        help=f"connections at once (default: {base.max_connections})")
+    limits.add_argument("--max-connections-per-address", type=int, metavar="N",
+                        help="connections at once from one address or IPv6 /64 "
+                             f"(default: {base.max_connections_per_address})")
+    limits.add_argument("--accept-rate", type=float, metavar="PER_SECOND",
+                        help="new connections a second from one address "
+                             f"(default: {base.accept_rate:g}, bursts of --accept-burst)")
+    limits.add_argument("--accept-burst", type=int, metavar="N",
+                        help=f"(default: {base.accept_burst})")
+    limits.add_argument("--request-timeout", type=float, metavar="SECONDS",
+                        help="time a connection has to send a whole request "
+                             f"(default: {base.request_timeout:g})")
+    limits.add_argument("--idle-timeout", type=float, metavar="SECONDS",
+                        help="time a connection may send nothing before its request "
+                             f"(default: {base.idle_timeout:g})")
+    p.add_argument("--loop", choices=("auto", "asyncio", "uvloop"),
                    help="event loop: uvloop when installed (auto, the default), or asyncio's")
-    p.add_argument("-D", "--daemon", action="store_true", help="run in the background")
+    p.add_argument("-D", "--daemon", action="store_true", default=None,
+                   help="run in the background")
     p.add_argument("-P", "--pid", metavar="FILE", help="write the process id to FILE")
-    p.add_argument("-d", "--debug", action="store_true", help="log every connection")
+    p.add_argument("-d", "--debug", action="store_true", default=None,
+                   help="log every connection")
     return p
 
 
-def _devices(args: argparse.Namespace) -> list[ExportedDevice]:
+@dataclass
+class Settings:
+    """The configuration in force: the file's, with the options given over it."""
+
+    file: Path | None
+    options: argparse.Namespace
+    limits: Limits
+    policy: Policy
+    warnings: list[str]
+
+
+def _config_path(args: argparse.Namespace) -> Path | None:
+    if args.config is not None:
+        return Path(args.config)
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None
+
+
+def _limits(args: argparse.Namespace, config: DaemonConfig) -> Limits:
+    given = {name: getattr(args, name) for name in LIMIT_OPTIONS
+             if getattr(args, name) is not None}
+    for name, value in given.items():
+        if not value > 0:
+            raise UsbipError(f"--{name.replace('_', '-')} {value:g}: must be more than 0")
+    return Limits(**{**Limits().__dict__, **config.limits, **given})
+
+
+def read_settings(args: argparse.Namespace) -> Settings:
+    """The file (if any) with ``args`` over it; UsbipError for anything wrong."""
+    path = _config_path(args)
+    config = load_config(path) if path is not None else DaemonConfig()
+    options = dict(DEFAULTS)
+    options.update(config.options)
+    options.update({key: value for key, value in vars(args).items()
+                    if key in DEFAULTS and value is not None})
+    return Settings(path, argparse.Namespace(**options), _limits(args, config),
+                    config.policy if config.policy is not None else OPEN, config.warnings)
+
+
+def _describe(settings: Settings) -> list[str]:
+    """What --check-config says, and the server logs at start."""
+    lines = []
+    policy = settings.policy
+    if policy.open and policy.default_reason == OPEN.default_reason:
+        lines.append("access policy: none: every client may list and import every device")
+    else:
+        lines.append(f"access policy: {len(policy.rules)} rules, then {policy.default_reason}")
+        lines += [f"  {rule}" for rule in policy.rules]
+    limits = settings.limits
+    lines.append(
+        f"limits: {limits.max_connections} connections, {limits.max_connections_per_address} "
+        f"per address, {limits.accept_rate:g} new a second per address (bursts of "
+        f"{limits.accept_burst}); a request within {limits.request_timeout:g} s, "
+        f"silence at most {limits.idle_timeout:g} s")
+    return lines
+
+
+def emulated_devices(args: argparse.Namespace) -> list[ExportedDevice]:
     if args.demo:
         return demo_devices(disk=args.disk, read_only=args.read_only, serial=args.serial,
                             disk_size=args.disk_size)
@@ -102,11 +212,8 @@ def _devices(args: argparse.Namespace) -> list[ExportedDevice]:
 
 
 def _hosts(args: argparse.Namespace) -> tuple[list[str], socket.AddressFamily]:
-    family = socket.AF_UNSPEC
-    if args.ipv4 and not args.ipv6:
-        family = socket.AF_INET
-    elif args.ipv6 and not args.ipv4:
-        family = socket.AF_INET6
+    family = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}.get(args.family,
+                                                                   socket.AF_UNSPEC)
     if args.address:
         return args.address, family
     if family == socket.AF_INET6:
@@ -179,7 +286,34 @@ async def _watch(source: LibusbSource) -> None:
             log.exception("checking the libusb devices failed")
 
 
-async def _serve(server: UsbipServer, libusb: LibusbSource | None) -> None:
+async def _reload(server: UsbipServer, args: argparse.Namespace, running: Settings
+                  ) -> Settings:
+    """Read the configuration file again (SIGHUP); the policy and limits take effect,
+    the rest waits for a restart. A file with an error changes nothing."""
+    if running.file is None:
+        log.warning("reload: no configuration file (--config FILE) to read")
+        return running
+    try:
+        new = await asyncio.to_thread(read_settings, args)
+    except UsbipError as exc:
+        log.error("reload: %s: the running configuration stays in force", exc)
+        return running
+    changed = sorted(key for key, value in vars(new.options).items()
+                     if getattr(running.options, key) != value)
+    if changed:
+        log.warning("reload: %s changed: takes effect when usbipyd restarts",
+                    ", ".join(changed))
+    for warning in new.warnings:
+        log.warning("%s", warning)
+    await server.reconfigure(new.policy, new.limits)
+    log.info("reloaded %s", new.file)
+    for line in _describe(new):
+        log.info("%s", line)
+    return new
+
+
+async def _serve(server: UsbipServer, libusb: LibusbSource | None,
+                 args: argparse.Namespace, settings: Settings) -> None:
     await server.start()
     watcher = asyncio.create_task(_watch(libusb)) if libusb is not None else None
     for device in server.registry:
@@ -194,9 +328,19 @@ async def _serve(server: UsbipServer, libusb: LibusbSource | None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    hangups = asyncio.Queue[None]()
+    loop.add_signal_handler(signal.SIGHUP, hangups.put_nowait, None)
+
+    async def reloads(settings: Settings) -> None:
+        while True:
+            await hangups.get()
+            settings = await _reload(server, args, settings)
+
+    reloader = asyncio.create_task(reloads(settings))
     try:
         await stop.wait()
     finally:
+        reloader.cancel()
         log.info("shutting down")
         if watcher is not None:
             watcher.cancel()
@@ -229,16 +373,47 @@ def _unservable(store: BindingStore, why: str) -> None:
         log.warning("not exporting %s: %s", printable(str(binding)), why)
 
 
+def _raise_file_limit(limits: Limits) -> None:
+    """Room for max_connections descriptors (and the devices'), within the hard limit."""
+    needed = limits.max_connections + 256
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        raised = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (ValueError, OSError):
+            pass
+        if soft < needed:
+            log.warning("max_connections %d: only %d file descriptors allowed (ulimit -n, "
+                        "LimitNOFILE= in systemd): connections beyond fail to be accepted",
+                        limits.max_connections, soft)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    cli = build_parser().parse_args(argv)
+    try:
+        settings = read_settings(cli)
+    except UsbipError as exc:
+        print(f"usbipyd: {exc}", file=sys.stderr)
+        return 1
+    args = settings.options
+    if cli.check_config:
+        where = settings.file if settings.file is not None else "no configuration file"
+        print(f"usbipyd: {where}: ok")
+        for line in [*settings.warnings, *_describe(settings)]:
+            print(f"usbipyd: {line}")
+        return 0
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="usbipyd: %(levelname)s: %(message)s", stream=sys.stderr)
+    for warning in settings.warnings:
+        log.warning("%s", warning)
     try:
-        devices = _devices(args)
+        devices = emulated_devices(args)
     except (StorageError, OSError) as exc:
         print(f"usbipyd: {exc}", file=sys.stderr)
         return 1
-    kernel = not args.no_usbip_host
+    kernel = args.usbip_host
     if not devices and not (kernel and usbip_host.driver_loaded()):
         log.warning("no devices to export (try --demo, --disk PATH, or 'usbipy bind -b "
                     "BUSID' with usbip-host loaded)")
@@ -269,14 +444,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif not tls.kernel and kernel and usbip_host.driver_loaded():
         log.warning("kernel TLS is not available: devices bound to usbip-host cannot be "
                     "exported over TLS ('modprobe tls', then restart usbipyd)")
+    _raise_file_limit(settings.limits)
+    for line in _describe(settings):
+        log.info("%s", line)
     server = UsbipServer(hosts=hosts, port=args.tcp_port, family=family, sockets=sockets,
-                         tls=tls, plain_sockets=plain_sockets)
+                         tls=tls, plain_sockets=plain_sockets, policy=settings.policy,
+                         limits=settings.limits)
     for device in devices:
         server.add(device)
     if kernel:
         server.registry.add_source(KernelStubSource())
     libusb: LibusbSource | None = None
-    if not args.no_libusb:
+    if args.libusb:
         state = Path(args.state_dir) if args.state_dir else state_dir()
         store = BindingStore(state / "libusb-bindings.json")
         if libusb_available():
@@ -299,7 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with pid_file:
             pid_file.write(f"{os.getpid()}\n")
     try:
-        run_loop(_serve(server, libusb), args.loop)
+        run_loop(_serve(server, libusb, cli, settings), args.loop)
     except UsbipError as exc:
         print(f"usbipyd: {exc}", file=sys.stderr)
         return 1
