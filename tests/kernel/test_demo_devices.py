@@ -5,14 +5,25 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
+import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from usbipy.client import import_device
+from usbipy.client import import_device, list_devices
 from usbipy.devices import CdcAcm, HidKeyboard, ImageFile, MassStorage, PtyBackend
+from usbipy.protocol import (
+    ClientConnection,
+    OpRepDevlist,
+    OpRepImport,
+    OpReqDevlist,
+    OpReqImport,
+    OpStatus,
+)
 from usbipy.server import ServerThread
 
 from .guest import attach, detach_all, device_node, ports, wait_for
@@ -243,6 +254,131 @@ def test_detach_and_reattach_four_times_leaks_nothing(vm: Vm, image: Path) -> No
             _until(lambda: state() == baseline, timeout=30)
             now = state()
             assert now == baseline, f"round {round_}: fds/tasks {now} != {baseline}"
+
+
+PYTHON = sys.executable  # the host's venv is visible in the guest over 9p
+USBIPY = f"{PYTHON} -m usbipy.cli.usbipy"
+
+#: usbipyd's configuration in test_access_policy_by_network: only the disk, and only
+#: to clients from NETWORK. The guest's connections reach the host's server from
+#: 127.0.0.1: QEMU's guestfwd runs socat on the host for each one, and socat
+#: dials 127.0.0.1 (see vm.py).
+NETWORK = "127.0.0.1/32"
+#: A loopback address outside NETWORK, for the host's check that the rule is what
+#: lets the guest in.
+OUTSIDER = "127.0.0.2"
+POLICY_CONFIG = """\
+listen = ["127.0.0.1"]
+port = {port}
+usbip_host = false
+libusb = false
+
+[devices]
+demo = true            # keyboard 1-1 (1209:0001), disk 1-2 (1209:0002), serial 1-3 (1209:0003)
+
+[policy]
+default = "deny"
+
+[[policy.rule]]
+action = "allow"
+client = {{ network = "{network}" }}
+device = {{ busid = "1-2" }}
+"""
+
+
+def _ask_from(source: str, port: int, request: OpReqDevlist | OpReqImport
+              ) -> OpRepDevlist | OpRepImport:
+    """One OP request to the server on 127.0.0.1:``port``, from the local address
+    ``source``; its reply."""
+    conn = ClientConnection()
+    with socket.create_connection(("127.0.0.1", port), timeout=60,
+                                  source_address=(source, 0)) as sock:
+        sock.sendall(conn.send(request))
+        while True:
+            data = sock.recv(65536)
+            conn.receive_data(data)
+            for event in conn.events():
+                if isinstance(event, OpRepDevlist | OpRepImport):
+                    return event
+            if not data:
+                raise AssertionError(f"the server closed without answering {request}")
+
+
+def test_access_policy_by_network(vm: Vm, tmp_path: Path) -> None:
+    """The real usbipyd with a configuration file whose one rule allows the disk to
+    clients from 127.0.0.1/32: the guest sees and imports the disk only, and a
+    device it may not use is refused as one that does not exist."""
+    config = tmp_path / "usbipyd.toml"
+    config.write_text(POLICY_CONFIG.format(port=vm.server_port, network=NETWORK))
+    log_path = tmp_path / "usbipyd.log"
+
+    def log() -> str:
+        return log_path.read_text(errors="replace")
+
+    with open(log_path, "wb") as log_file:
+        daemon = subprocess.Popen([PYTHON, "-m", "usbipy.cli.usbipyd", "-c", str(config)],
+                                  stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file)
+    try:
+        ready = f"listening on 127.0.0.1:{vm.server_port}"
+        _until(lambda: daemon.poll() is not None or ("exporting 1-3" in log()
+                                                     and ready in log()))
+        assert daemon.poll() is None and ready in log(), log()
+
+        # On the host: the same server, the same listening socket, two source
+        # addresses. From inside NETWORK only the disk; from outside it nothing,
+        # and an import refused as NODEV.
+        inside = asyncio.run(list_devices("127.0.0.1", vm.server_port))
+        assert [d.busid for d in inside] == ["1-2"], log()
+        outside = _ask_from(OUTSIDER, vm.server_port, OpReqDevlist())
+        assert isinstance(outside, OpRepDevlist) and outside.devices == (), outside
+        refused = _ask_from(OUTSIDER, vm.server_port, OpReqImport("1-2"))
+        assert refused == OpRepImport(OpStatus.NODEV), refused
+        _until(lambda: f"{OUTSIDER}:" in log() and "import of 1-2 denied by the default" in log())
+        assert re.search(rf"^usbipyd: WARNING: {re.escape(OUTSIDER)}:\d+: import of 1-2 "
+                         r"denied by the default \(deny, ", log(), re.M), log()
+
+        # In the guest: both clients list the disk alone.
+        listed = vm.check(f"{USBIPY} list -r {SERVER_ALIAS}")
+        c_listed = vm.check(f"usbip list -r {SERVER_ALIAS}")
+        for out in (listed, c_listed):
+            assert "1-2: " in out and "1209:0002" in out, out
+            for hidden in ("1-1", "1209:0001", "1-3", "1209:0003"):
+                assert hidden not in out, out
+
+        # A forbidden device fails to attach exactly as one that does not exist.
+        forbidden = vm.run(f"usbip attach -r {SERVER_ALIAS} -b 1-1")
+        missing = vm.run(f"usbip attach -r {SERVER_ALIAS} -b 9-9")
+        assert forbidden.rc != 0, forbidden.out
+        assert forbidden.rc == missing.rc, (forbidden, missing)
+        assert forbidden.out.replace("1-1", "BUSID") == missing.out.replace("9-9", "BUSID"), \
+            (forbidden.out, missing.out)
+        assert not ports(vm)
+
+        # The allowed one attaches, and the disk appears.
+        attach(vm, "1-2")
+        assert list(ports(vm).values()) == ["1-2"]
+        disk = device_node(vm, "1209:0002", "sd*")
+        vm.check(f"dd if={disk} of=/dev/null bs=64k count=16 iflag=direct")
+        detach_all(vm)
+
+        # The log names the rule that refused the guest, and the guest's address.
+        denied = re.search(r"^usbipyd: WARNING: (\S+):\d+: import of 1-1 denied by the "
+                           r"default \(deny, usbipyd\.toml line \d+\)$", log(), re.M)
+        assert denied is not None, log()
+        assert denied.group(1) == "127.0.0.1", denied.group(0)
+        assert "import of 9-9 refused: NODEV" in log(), log()
+        print("=== usbipy list\n" + listed + "=== usbip list\n" + c_listed)
+        print("=== forbidden", forbidden, "\n=== missing", missing)
+    finally:
+        daemon.terminate()
+        try:
+            daemon.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
+    assert daemon.returncode == 0, log()
+    assert "shutting down" in log(), log()
+    print("=== log\n" + log())
 
 
 def test_vanished_client_frees_the_device(vm: Vm, image: Path) -> None:

@@ -1,0 +1,294 @@
+"""usbipyd's configuration file: every key it takes, every error it names, and how the
+command line and a reload combine with it."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from usbipy.cli import usbipyd
+from usbipy.config import ConfigError, Document, load
+from usbipy.policy import Action
+from usbipy.server.limits import Limits
+
+SAMPLE = """\
+# every key there is
+listen = ["0.0.0.0", "::"]
+port = 3241
+family = "ipv4"
+state_dir = "state"
+usbip_host = false
+libusb = false
+loop = "asyncio"
+debug = true
+pid_file = "/run/usbipyd.pid"
+
+[devices]
+demo = true
+disk = "disk.img"
+read_only = true
+disk_size = 1048576
+serial = "pty"
+
+[tls]
+cert = "server.pem"
+key = "server-key.pem"
+ca = "ca.pem"
+ktls = "off"
+handshake_timeout = 5
+plaintext_port = 3242
+
+[limits]
+max_connections = 100
+max_connections_per_address = 10
+accept_rate = 2.5
+accept_burst = 5
+request_timeout = 3
+idle_timeout = 1.5
+
+[names]
+yubikey = { vid_pid = "1050:*" }
+
+[policy]
+default = "deny"
+
+[[policy.rule]]
+action = "allow"
+client.cn = ["alice", "bob"]
+device.name = "yubikey"
+
+[[policy.rule]]
+action = "deny"
+client = { network = "10.9.0.0/16" }
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "usbipyd.toml"
+    path.write_text(text)
+    return path
+
+
+def test_every_key_of_the_sample(tmp_path: Path) -> None:
+    config = load(write(tmp_path, SAMPLE))
+    d = str(tmp_path)
+    assert config.options == {
+        "address": ["0.0.0.0", "::"], "tcp_port": 3241, "family": "ipv4",
+        "state_dir": f"{d}/state", "usbip_host": False, "libusb": False, "loop": "asyncio",
+        "debug": True, "pid": "/run/usbipyd.pid",
+        "demo": True, "disk": f"{d}/disk.img", "read_only": True, "disk_size": 1048576,
+        "serial": "pty",
+        # relative paths are the file's directory's
+        "tls_cert": f"{d}/server.pem", "tls_key": f"{d}/server-key.pem",
+        "tls_ca": f"{d}/ca.pem", "ktls": "off", "tls_handshake_timeout": 5.0,
+        "plaintext_port": 3242,
+    }
+    assert config.limits_over(Limits()) == Limits(100, 10, 2.5, 5, 3.0, 1.5)
+    policy = config.policy
+    assert policy is not None and policy.default is Action.DENY
+    assert [str(rule) for rule in policy.rules] == [
+        "rule 1 (allow client cn=alice|bob device name=yubikey, usbipyd.toml line 41)",
+        "rule 2 (deny client network=10.9.0.0/16, usbipyd.toml line 46)"]
+    assert policy.default_reason == "the default (deny, usbipyd.toml line 39)"
+    assert config.warnings == []
+
+
+def test_every_option_of_usbipyd_has_a_key() -> None:
+    # (what the command line sets, the file can set; flags that only act once are apart)
+    keys = {option.dest for table in usbipyd_options() for option in table.values()}
+    dests = set(usbipyd.DEFAULTS) - {"daemon"}
+    assert dests == keys
+
+
+def usbipyd_options() -> list[dict[str, object]]:
+    from usbipy.config.daemon import OPTIONS
+    return list(OPTIONS.values())  # type: ignore[arg-type]
+
+
+#: (file text, the error: FILE is the file's path)
+ERRORS = [
+    ("port = 3240\nport = 1\n", "FILE:2: cannot overwrite a value (column 9)"),
+    ("[tls\n", "FILE:1: expected ']' at the end of a table declaration (column 5)"),
+    ("prot = 3240\n", "FILE:1: prot: unknown key (known: debug, devices, family, libusb, "
+                      "limits, listen, loop, names, pid_file, policy, port, state_dir, tls, "
+                      "usbip_host)"),
+    ("port = '3240'\n", "FILE:1: port: '3240' is not a whole number"),
+    ("port = 70000\n", "FILE:1: port: 70000 is out of range (1 to 65535)"),
+    ("port = true\n", "FILE:1: port: True is not a whole number"),
+    ("debug = 1\n", "FILE:1: debug: 1 is not true or false"),
+    ("listen = []\n", "FILE:1: listen: an empty list"),
+    ("listen = ['']\n", "FILE:1: listen: empty"),
+    ("loop = 'trio'\n", "FILE:1: loop: 'trio' is not one of auto, asyncio, uvloop"),
+    ("devices = 1\n", "FILE:1: devices: 1 is not a table"),
+    ("\n[devices]\ndemo = true\nnoise = 1\n",
+     "FILE:4: devices.noise: unknown key (known: demo, disk, disk_size, read_only, serial)"),
+    ("[tls]\ncert = 'a.pem'\nkey = 'k.pem'\n", "FILE:1: tls: mutual TLS needs tls.ca too"),
+    ("[tls]\nhandshake_timeout = 0\n",
+     "FILE:2: tls.handshake_timeout: 0 is out of range (more than 0, at most 3600)"),
+    ("[limits]\naccept_rate = -1\n", "FILE:2: limits.accept_rate: -1 is not a positive number"),
+    ("[limits]\nmax_conections = 5\n",
+     "FILE:2: limits.max_conections: unknown key (known: accept_burst, accept_rate, "
+     "idle_timeout, max_connections, max_connections_per_address, request_timeout)"),
+    ("[names]\nkey = { product = 'x' }\n",
+     "FILE:2: names.key.product: unknown key (known: busid, serial, vid_pid)"),
+    ("[names]\nkey = {}\n",
+     "FILE:2: names.key: names nothing (give one of busid, vid_pid, serial)"),
+    ("[names]\nkey = { vid_pid = '1050' }\n",
+     "FILE:2: names.key.vid_pid: '1050' is not VID:PID in hex (wildcards * and ?)"),
+    ("[names]\nkey = { busid = '1 2' }\n",
+     "FILE:2: names.key.busid: '1 2' is not a busid such as 1-2.3"),
+    ("[policy]\n[[policy.rule]]\naction = 'allow'\ndevice.busid = '1-1'\n",
+     'FILE:1: policy: policy.default: missing: say "allow" or "deny" (what a client gets '
+     'for a device no rule matches)'),
+    ("[policy]\ndefault = 'maybe'\n",
+     "FILE:2: policy.default: 'maybe' is not one of allow, deny"),
+    ("[policy]\ndefault = 'deny'\nrules = []\n",
+     "FILE:3: policy.rules: unknown key (known: default, rule)"),
+    ("[policy]\ndefault = 'deny'\n[[policy.rule]]\ndevice.busid = '1-1'\n",
+     'FILE:3: policy.rule[1]: action: missing: say "allow" or "deny"'),
+    ("[policy]\ndefault = 'deny'\n[[policy.rule]]\naction = 'permit'\n",
+     "FILE:4: policy.rule[1].action: 'permit' is not one of allow, deny"),
+    ("[policy]\ndefault = 'deny'\n[[policy.rule]]\naction = 'allow'\n",
+     "FILE:3: policy.rule[1]: names no device and no client (a rule for every client and "
+     "device is policy.default)"),
+    ("[policy]\ndefault = 'deny'\n[[policy.rule]]\naction = 'allow'\ndevice = {}\n",
+     "FILE:5: policy.rule[1].device: names nothing (give one of busid, vid_pid, serial, "
+     "name)"),
+    ("[policy]\ndefault = 'deny'\n[[policy.rule]]\naction = 'allow'\ndevice.busid = '1-1'\n"
+     "[[policy.rule]]\naction = 'allow'\ndevice.name = 'scope'\n",
+     "FILE:8: policy.rule[2].device.name: 'scope' matches no name in [names] (known: none)"),
+    ("[policy]\ndefault = 'deny'\n[[policy.rule]]\naction = 'allow'\n"
+     "client = { cn = 'a', user = 'b' }\n",
+     "FILE:5: policy.rule[1].client.user: unknown key (known: ca, cn, network, san)"),
+    ("[policy]\ndefault = 'deny'\n[[policy.rule]]\naction = 'allow'\n"
+     "client.network = '10.0.0.1/8'\n",
+     "FILE:5: policy.rule[1].client.network: '10.0.0.1/8' is not a network such as "
+     "10.0.0.0/8 (10.0.0.1/8 has host bits set)"),
+    ("[policy]\ndefault = 'deny'\n[[policy.rule]]\naction = 'allow'\n"
+     "client.ca = 'missing.pem'\n",
+     "FILE:5: policy.rule[1].client.ca: DIR/missing.pem: No such file or directory"),
+    ("[policy]\ndefault = 'deny'\n[[policy.rule]]\naction = 'allow'\n"
+     "client.ca = 'usbipyd.toml'\n",
+     "FILE:5: policy.rule[1].client.ca: DIR/usbipyd.toml: not a PEM certificate"),
+    ("[policy]\ndefault = 'deny'\n[[policy.rule]]\naction = 'allow'\nclient.cn = 5\n",
+     "FILE:5: policy.rule[1].client.cn: 5 is not a string"),
+    ("[policy]\ndefault = 'deny'\nrule = 5\n",
+     "FILE:3: policy.rule: is not a list of rules: write [[policy.rule]]"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), ERRORS,
+                         ids=[m.split(": ", 1)[1][:40] for _t, m in ERRORS])
+def test_every_error_names_file_line_and_key(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load(path)
+    assert str(caught.value) == message.replace("FILE", str(path)).replace("DIR",
+                                                                           str(tmp_path))
+
+
+def test_unreadable_and_undecodable_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"nope.toml: No such file or directory$"):
+        load(tmp_path / "nope.toml")
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b"# caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"latin1.toml: not UTF-8 text"):
+        load(path)
+
+
+def test_key_lines_know_tables_dotted_keys_and_multiline_values(tmp_path: Path) -> None:
+    doc = Document.parse('''\
+title = """
+port = 1
+"""
+listen = [
+  "a",
+  "b",
+]
+"quoted.key" = 1
+[policy]
+default = "deny"
+[[policy.rule]]
+action = "allow"
+[[policy.rule]]
+client . cn = "x"
+device = { busid = "1-1" }
+''', Path("f.toml"))
+    assert doc.line(("title",)) == 1
+    assert doc.line(("port",)) is None  # inside a string, not a key
+    assert doc.line(("listen",)) == 4
+    assert doc.line(("quoted.key",)) == 8
+    assert doc.line(("policy", "default")) == 10
+    assert doc.line(("policy", "rule", 0, "action")) == 12
+    assert doc.line(("policy", "rule", 1, "client", "cn")) == 14
+    assert doc.line(("policy", "rule", 1, "device", "busid")) == 15  # its inline table's line
+    assert doc.line(("policy", "rule", 1, "nothing")) == 13  # the rule's header
+
+
+def settings(*argv: str) -> usbipyd.Settings:
+    return usbipyd.read_settings(usbipyd.build_parser().parse_args(list(argv)))
+
+
+def test_options_win_over_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "port = 4000\nusbip_host = false\n[devices]\nserial = 'pty'\n"
+                           "[limits]\nidle_timeout = 4\nrequest_timeout = 9\n")
+    base = settings("-c", str(path))
+    assert base.options.tcp_port == 4000 and base.options.usbip_host is False
+    assert base.options.serial == "pty" and base.options.loop == "auto"  # a default
+    over = settings("-c", str(path), "-t", "5000", "--usbip-host", "--serial", "echo",
+                    "--idle-timeout", "2")
+    assert over.options.tcp_port == 5000 and over.options.usbip_host is True
+    assert over.options.serial == "echo"
+    assert (over.limits.idle_timeout, over.limits.request_timeout) == (2.0, 9.0)
+    # and "no" wins too
+    assert settings("-c", str(path), "--no-libusb").options.libusb is False
+    assert settings("-6").options.family == "ipv6"
+
+
+def test_no_file_means_no_policy_and_default_limits(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(usbipyd, "DEFAULT_CONFIG", tmp_path / "absent.toml")
+    plain = settings()
+    assert plain.file is None and plain.policy.open and plain.limits == Limits()
+    # the default file is read when it exists
+    default = write(tmp_path, "[policy]\ndefault = 'deny'\n")
+    monkeypatch.setattr(usbipyd, "DEFAULT_CONFIG", default)
+    assert settings().file == default and not settings().policy.open
+
+
+def test_check_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, SAMPLE.replace('[tls]\ncert = "server.pem"\nkey = "server-key.pem"'
+                                          '\nca = "ca.pem"\n', "[tls]\n"))
+    assert usbipyd.main(["-c", str(path), "--check-config"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"usbipyd: {path}: ok"
+    # a rule on certificate names without TLS can never match: said, not refused
+    assert out[1].startswith("usbipyd: rule 1 (allow client cn=alice|bob") and \
+        out[1].endswith("names a certificate, but TLS is not configured here: it matches no "
+                        "client unless --tls-cert/--tls-key/--tls-ca are given")
+    assert "usbipyd: access policy: 2 rules, then the default (deny, usbipyd.toml line 36)" in out
+    bad = write(tmp_path, "port = 'x'\n")
+    assert usbipyd.main(["-c", str(bad), "--check-config"]) == 1
+    assert capsys.readouterr().err == f"usbipyd: {bad}:1: port: 'x' is not a whole number\n"
+
+
+def test_a_bad_file_starts_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = write(tmp_path, "[devices]\ndemo = true\n[policy]\ndefault = 'deny'\n"
+                          "[[policy.rule]]\naction = 'allow'\n")
+    assert usbipyd.main(["-c", str(bad), "-t", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"usbipyd: {bad}:5: policy.rule[1]: names no device and no client")
+    assert "listening" not in err
+
+
+def test_limit_options_are_checked(capsys: pytest.CaptureFixture[str]) -> None:
+    assert usbipyd.main(["--idle-timeout", "0", "--check-config"]) == 1
+    assert capsys.readouterr().err == "usbipyd: --idle-timeout 0: must be more than 0\n"
+
+
+def test_namespace_keeps_every_default() -> None:
+    ns = settings().options
+    assert isinstance(ns, argparse.Namespace)
+    assert {k: getattr(ns, k) for k in usbipyd.DEFAULTS} == usbipyd.DEFAULTS
