@@ -367,8 +367,6 @@ def test_access_policy_by_network(vm: Vm, tmp_path: Path) -> None:
         assert denied is not None, log()
         assert denied.group(1) == "127.0.0.1", denied.group(0)
         assert "import of 9-9 refused: NODEV" in log(), log()
-        print("=== usbipy list\n" + listed + "=== usbip list\n" + c_listed)
-        print("=== forbidden", forbidden, "\n=== missing", missing)
     finally:
         daemon.terminate()
         try:
@@ -378,7 +376,6 @@ def test_access_policy_by_network(vm: Vm, tmp_path: Path) -> None:
             daemon.wait()
     assert daemon.returncode == 0, log()
     assert "shutting down" in log(), log()
-    print("=== log\n" + log())
 
 
 def test_vanished_client_frees_the_device(vm: Vm, image: Path) -> None:

@@ -10,6 +10,7 @@ import pytest
 
 from usbipy.cli import usbipyd
 from usbipy.config import ConfigError, Document, load
+from usbipy.config.daemon import OPTIONS
 from usbipy.policy import Action
 from usbipy.server.limits import Limits
 
@@ -97,14 +98,9 @@ def test_every_key_of_the_sample(tmp_path: Path) -> None:
 
 def test_every_option_of_usbipyd_has_a_key() -> None:
     # (what the command line sets, the file can set; flags that only act once are apart)
-    keys = {option.dest for table in usbipyd_options() for option in table.values()}
+    keys = {option.dest for table in OPTIONS.values() for option in table.values()}
     dests = set(usbipyd.DEFAULTS) - {"daemon"}
     assert dests == keys
-
-
-def usbipyd_options() -> list[dict[str, object]]:
-    from usbipy.config.daemon import OPTIONS
-    return list(OPTIONS.values())  # type: ignore[arg-type]
 
 
 #: (file text, the error: FILE is the file's path)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from ..backends.base import AnyDevice
 from ..policy import OPEN, Client, Decision, DeviceFacts, Policy
 from ..tls import TlsSession
-from .limits import Limits, RateLimitedLog
+from .limits import Admission, Limits, RateLimitedLog
 
 
 def facts_of(device: AnyDevice) -> DeviceFacts:
@@ -44,10 +44,18 @@ class HandedOff:
 class Access:
     policy: Policy = OPEN
     limits: Limits = field(default_factory=Limits)
+    admission: Admission = field(init=False)
     #: busid -> the last session this server handed to the kernel for it.
     handed_off: dict[str, HandedOff] = field(default_factory=dict)
     #: For what a flood would otherwise write once per connection.
     log: RateLimitedLog = field(default_factory=RateLimitedLog)
+
+    def __post_init__(self) -> None:
+        self.admission = Admission(self.limits)
+
+    def reconfigure(self, policy: Policy, limits: Limits) -> None:
+        self.policy = policy
+        self.limits = self.admission.limits = limits
 
     def decide(self, client: Client, device: AnyDevice) -> Decision:
         return self.policy.decide(client, facts_of(device))

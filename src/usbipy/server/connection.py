@@ -34,6 +34,7 @@ from ..protocol import (
 from ..protocol.constants import ECONNRESET, EPROTO
 from ..tls import TlsSession
 from .access import Access, HandedOff, client_of
+from .limits import Slot
 from .registry import DeviceRegistry
 
 log = logging.getLogger("usbipy.server")
@@ -63,6 +64,8 @@ class UsbipServerProtocol(asyncio.Protocol):
         self.access = access if access is not None else Access()
         #: Who the policy judges (set when connected).
         self.client = client_of(None, None)
+        #: This connection's place in the server's count, if it is counted.
+        self.slot: Slot | None = None
         #: The client's TLS session (a kernel TLS one is passed in; a userspace
         #: one is read off the transport), None for plaintext.
         self.tls = tls
@@ -118,6 +121,8 @@ class UsbipServerProtocol(asyncio.Protocol):
             limits.request_timeout, self._timed_out,
             f"no complete request in {limits.request_timeout:g} s (request_timeout)")
         self._idle_timer = loop.call_later(limits.idle_timeout, self._idle)
+        if self.slot is not None:  # (the server may close it to make room for another)
+            self.access.admission.waiting(self.slot, self._abort)
         log.debug("%s: connected%s", self.peer, f" ({self.tls.protection})" if self.tls else "")
 
     def data_received(self, data: bytes) -> None:
@@ -176,6 +181,8 @@ class UsbipServerProtocol(asyncio.Protocol):
             if timer is not None:
                 timer.cancel()
         self._request_timer = self._idle_timer = None
+        if self.slot is not None:
+            self.access.admission.served(self.slot)
 
     def _idle(self) -> None:
         self._timed_out(f"nothing sent for {self.access.limits.idle_timeout:g} s in the "

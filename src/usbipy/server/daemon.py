@@ -19,7 +19,7 @@ from ..protocol import DEFAULT_MAX_TRANSFER, USBIP_PORT, OpStatus
 from ..tls import TlsSession
 from .access import Access, HandedOff
 from .connection import UsbipServerProtocol
-from .limits import Admission, Limits
+from .limits import Limits, Slot
 from .registry import DeviceRegistry
 from .tls import ServerTls, address_text, serve_tls_client
 
@@ -96,7 +96,6 @@ class UsbipServer:
                  policy: Policy = OPEN, limits: Limits | None = None) -> None:
         self.registry = registry if registry is not None else DeviceRegistry()
         self.access = Access(policy, limits if limits is not None else Limits())
-        self.admission = Admission(self.access.limits)
         #: Listening sockets made beforehand (see :func:`listen_sockets`); when
         #: empty, :meth:`start` binds ``hosts`` and ``port`` itself.
         self._sockets = list(sockets)
@@ -139,11 +138,12 @@ class UsbipServer:
         return UsbipServerProtocol(self.registry, max_transfer_length=self.max_transfer_length,
                                    connections=self.connections, tls=tls, access=self.access)
 
-    def _counted_protocol(self, host: str, tls: TlsSession | None = None
+    def _counted_protocol(self, slot: Slot, tls: TlsSession | None = None
                           ) -> UsbipServerProtocol:
-        """A protocol whose connection counts against ``host`` until it is gone."""
+        """A protocol whose connection holds ``slot`` until it is gone."""
         protocol = self._protocol(tls)
-        protocol.finished.add_done_callback(lambda _f: self.admission.leave(host))
+        protocol.slot = slot
+        protocol.finished.add_done_callback(lambda _f: slot.release())
         return protocol
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
@@ -162,20 +162,27 @@ class UsbipServer:
                 await asyncio.sleep(0.5)
                 continue
             host = client_key(addr)
-            refused = self.admission.admit(host)
-            if refused is not None:
+            admission = self.access.admission
+            evicted = admission.evicted
+            slot = admission.admit(host)
+            if isinstance(slot, str):
                 sock.close()
                 self.access.log.warning(
                     "admission", f"{printable(address_text(addr))}: connection refused: "
-                                 f"{refused}")
+                                 f"{slot}")
                 continue
+            if admission.evicted != evicted:
+                self.access.log.warning(
+                    "eviction", f"{admission.connections} connections in all "
+                                "(max_connections): the one that waited longest for its "
+                                "request was closed to make room")
             if tls is None:
                 try:
                     await loop.connect_accepted_socket(
-                        functools.partial(self._counted_protocol, host), sock)
+                        functools.partial(self._counted_protocol, slot), sock)
                 except Exception as exc:  # noqa: BLE001 (this client's alone)
                     sock.close()
-                    self.admission.leave(host)
+                    slot.release()
                     log.warning("%s: cannot serve the connection: %s",
                                 printable(address_text(addr)), exc)
                 continue
@@ -184,29 +191,29 @@ class UsbipServer:
                 # Each pending handshake holds a socket for up to the handshake
                 # timeout: without a cap, idle connections exhaust the descriptors.
                 sock.close()
-                self.admission.leave(host)
+                slot.release()
                 self._report_full(host)
                 continue
             self._handshakes.append(host)
             made: list[UsbipServerProtocol] = []
 
-            def protocol(session: TlsSession | None, host: str = host,
+            def protocol(session: TlsSession | None, slot: Slot = slot,
                          made: list[UsbipServerProtocol] = made) -> UsbipServerProtocol:
-                made.append(self._counted_protocol(host, session))
+                made.append(self._counted_protocol(slot, session))
                 return made[-1]
 
             task = asyncio.ensure_future(serve_tls_client(sock, addr, tls, protocol))
             self._tasks.add(task)
             # Owned here, not inside the coroutine: a task cancelled before it ever
             # ran (close() right after an accept) still frees its slot and socket.
-            task.add_done_callback(functools.partial(self._handshake_done, sock, host, made))
+            task.add_done_callback(functools.partial(self._handshake_done, sock, slot, made))
 
-    def _handshake_done(self, sock: socket.socket, host: str,
+    def _handshake_done(self, sock: socket.socket, slot: Slot,
                         made: list[UsbipServerProtocol], task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        self._handshakes.remove(host)
+        self._handshakes.remove(slot.client)
         if not made:  # (no protocol to count the connection until it goes)
-            self.admission.leave(host)
+            slot.release()
         if task.cancelled():
             sock.close()  # (taken over by then on every other path: closing is harmless)
 
@@ -222,8 +229,7 @@ class UsbipServer:
     async def reconfigure(self, policy: Policy, limits: Limits) -> None:
         """Put ``policy`` and ``limits`` in force: new requests see them at once, and
         every session whose client the policy no longer allows is ended."""
-        self.access.policy = policy
-        self.access.limits = self.admission.limits = limits
+        self.access.reconfigure(policy, limits)
         for conn in list(self.connections):
             device = conn.device
             if device is None:

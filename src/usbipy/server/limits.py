@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 log = logging.getLogger("usbipy.server")
@@ -61,8 +62,30 @@ class RateLimitedLog:
         log.warning("%s%s", text, f" (and {more} more like it)" if more else "")
 
 
+class Slot:
+    """One admitted connection, counted against its client until released."""
+
+    __slots__ = ("_admission", "client", "_released")
+
+    def __init__(self, admission: Admission, client: str) -> None:
+        self._admission = admission
+        self.client = client
+        self._released = False
+
+    def release(self) -> None:
+        """The connection is gone (idempotent)."""
+        if not self._released:
+            self._released = True
+            self._admission._leave(self)
+
+
 class Admission:
-    """Which new connections are taken, and how many each client holds."""
+    """Which new connections are taken, and how many each client holds.
+
+    At the total cap, a new connection takes the place of the one that has
+    waited longest without sending its request: connections that send
+    nothing can fill the table, but never keep a real client out.
+    """
 
     #: Buckets kept at most (a flood from many addresses must not grow them
     #: without bound); full buckets of idle clients are dropped first.
@@ -71,10 +94,15 @@ class Admission:
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
         self.connections = 0
+        #: Connections closed to make room for new ones, since the start.
+        self.evicted = 0
         self._per_client: Counter[str] = Counter()
         self._buckets: dict[str, _Bucket] = {}
+        #: Connections still waiting for their request, oldest first, and how to
+        #: close each.
+        self._waiting: dict[Slot, Callable[[], None]] = {}
 
-    def admit(self, client: str) -> str | None:
+    def admit(self, client: str) -> Slot | str:
         """Count a new connection from ``client``; or say why it is refused."""
         limits = self.limits
         now = time.monotonic()
@@ -91,16 +119,31 @@ class Admission:
             return (f"more than {limits.accept_rate:g} new connections a second "
                     "(accept_rate)")
         bucket.tokens -= 1
-        if self.connections >= limits.max_connections:
-            return f"{self.connections} connections in all (max_connections)"
         if self._per_client[client] >= limits.max_connections_per_address:
             return (f"{self._per_client[client]} connections from this address "
                     "(max_connections_per_address)")
+        if self.connections >= limits.max_connections:
+            if not self._waiting:
+                return f"{self.connections} connections in all (max_connections)"
+            oldest, close = next(iter(self._waiting.items()))
+            self.evicted += 1
+            oldest.release()
+            close()
         self.connections += 1
         self._per_client[client] += 1
-        return None
+        return Slot(self, client)
 
-    def leave(self, client: str) -> None:
+    def waiting(self, slot: Slot, close: Callable[[], None]) -> None:
+        """``slot``'s connection waits for its request; ``close`` ends it."""
+        self._waiting[slot] = close
+
+    def served(self, slot: Slot) -> None:
+        """``slot``'s connection sent its request (or is gone)."""
+        self._waiting.pop(slot, None)
+
+    def _leave(self, slot: Slot) -> None:
+        self._waiting.pop(slot, None)
+        client = slot.client
         self.connections -= 1
         self._per_client[client] -= 1
         if not self._per_client[client]:
