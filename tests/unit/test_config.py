@@ -288,3 +288,40 @@ def test_namespace_keeps_every_default() -> None:
     ns = settings().options
     assert isinstance(ns, argparse.Namespace)
     assert {k: getattr(ns, k) for k in usbipyd.DEFAULTS} == usbipyd.DEFAULTS
+
+
+ROOT = Path(__file__).parents[2]
+
+
+def test_the_readme_sample_and_its_policy_check(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    import re
+
+    from usbipy.cli import usbipy
+
+    readme = (ROOT / "README.md").read_text()
+    sample = re.search(r"```toml\n(.*?)```", readme, re.S)
+    assert sample is not None
+    # (the same lines, with the demo devices to check against)
+    path = write(tmp_path, sample.group(1).replace("demo = false", "demo = true "))
+    config = load(path)
+    assert config.policy is not None and len(config.policy.rules) == 4
+    shown = re.findall(r"^      \$ usbipy (policy check .*)\n      (.*)$", readme, re.M)
+    assert len(shown) == 2
+    for command, output in shown:
+        status = usbipy.main([*command.split(), "-c", str(path)])
+        assert capsys.readouterr().out.rstrip("\n") == output
+        assert status == (0 if "allowed" in output else 3)
+
+
+def test_the_systemd_unit_checks_then_runs_and_reloads_with_sighup() -> None:
+    unit = (ROOT / "systemd/usbipyd.service").read_text()
+    lines = dict(line.split("=", 1) for line in unit.splitlines()
+                 if "=" in line and not line.startswith("#"))
+    assert lines["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    for key in ("ExecStartPre", "ExecStart"):
+        program, *argv = lines[key].split()
+        assert program.endswith("/usbipyd")
+        parsed = usbipyd.build_parser().parse_args(argv)
+        assert parsed.config == "/etc/usbipy/usbipyd.toml"
+    assert "--check-config" in lines["ExecStartPre"]
