@@ -117,6 +117,8 @@ class FakeTransport:
         self.pauses = 0
         self.closed = False
         self.aborted = False
+        #: Bytes "not yet sent": a client that does not read.
+        self.unflushed = 0
 
     def write(self, data: bytes) -> None:
         assert not self.closed, "write after close"
@@ -141,6 +143,9 @@ class FakeTransport:
 
     def is_closing(self) -> bool:
         return self.closed
+
+    def get_write_buffer_size(self) -> int:
+        return self.unflushed
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return {"peername": self.peer}.get(name, default)

@@ -7,11 +7,13 @@ import asyncio
 import dataclasses
 import ipaddress
 import logging
+import time
 from collections.abc import Sequence
 
 import pytest
 
 from usbipy.backends.base import DeviceSource, HandOffDevice
+from usbipy.devices import HidKeyboard
 from usbipy.client import ImportRefused, import_device, list_devices
 from usbipy.policy import Action, ClientSelector, DeviceSelector, Policy, Rule
 from usbipy.protocol import (
@@ -180,3 +182,42 @@ def test_a_new_policy_ends_kernel_sessions_it_no_longer_allows(serve, caplog) ->
     serve(test, devices=[], policy=allow_all)
     assert "dropped from 5-1 (served by the kernel): no longer allowed by the default (deny)" \
         in caplog.text
+
+
+class _SlowAttach(HidKeyboard):
+    async def attach(self) -> None:
+        await asyncio.sleep(0.3)
+        await super().attach()
+
+
+class _SlowStub(_Stub):
+    def hand_off(self, fd: int) -> None:
+        time.sleep(0.3)  # (in the server's worker thread, as a sysfs write is)
+        super().hand_off(fd)
+
+
+@pytest.mark.parametrize("kind", ["emulated", "kernel"])
+def test_a_reload_during_an_import_is_not_missed(serve, caplog, kind: str) -> None:
+    caplog.set_level(logging.INFO, "usbipy.server")
+    stub = _SlowStub("5-1")
+    deny_all = Policy((), Action.DENY, "the default (deny)")
+
+    async def test(server: UsbipServer) -> None:
+        if kind == "kernel":
+            server.registry.add_source(_Stubs([stub]))
+        busid = "1-1" if kind == "emulated" else "5-1"
+        reply = asyncio.ensure_future(request(server.port, OpReqImport(busid),
+                                              source="127.0.0.1"))
+        await asyncio.sleep(0.1)  # the import is under way (attach or hand-off)
+        await server.reconfigure(deny_all, Limits())
+        if kind == "emulated":
+            assert await reply == OpRepImport(OpStatus.NODEV)
+            assert server.registry.owner("1-1") is None
+        else:  # the kernel had the socket already: its session is ended, no OK is sent
+            with pytest.raises(AssertionError, match="closed with no reply"):
+                await reply
+            assert stub.handed and stub.taken_back == 1
+
+    serve(test, devices=[_SlowAttach()] if kind == "emulated" else [],
+          policy=Policy((), Action.ALLOW, "the default (allow)"))
+    assert "denied by the default (deny) (reloaded during the import)" in caplog.text

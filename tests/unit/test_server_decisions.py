@@ -357,3 +357,20 @@ def test_reading_pauses_when_pending_out_data_piles_up(monkeypatch) -> None:
         assert len(s.replies()) == 2
 
     session_test(handler, test)
+
+
+def test_a_close_that_cannot_flush_is_cut_after_a_while(monkeypatch) -> None:
+    # A client that never reads its last replies must not hold the socket for ever
+    # (it no longer counts against any limit once the server closed it).
+    monkeypatch.setattr(server_connection, "CLOSE_TIMEOUT", 0.05)
+
+    async def main() -> None:
+        session = Session(FunctionDevice(lambda cmd: Completion()))
+        session.transport.unflushed = 1 << 20
+        session.protocol.data_received(session.client.send(OpReqImport("9-9")))
+        await settle()
+        assert session.transport.closed and not session.transport.aborted
+        await asyncio.sleep(0.2)
+        assert session.transport.aborted
+
+    asyncio.run(main())

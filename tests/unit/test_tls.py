@@ -662,3 +662,32 @@ def test_a_broken_record_after_the_handshake_ends_the_session_quietly(pki: Pki) 
 def test_handshakes_are_counted_per_ipv4_address_and_ipv6_64(addr: tuple[object, ...],
                                                              key: str) -> None:
     assert daemon.client_key(addr) == key
+
+
+def test_stalled_handshakes_from_many_addresses_keep_no_real_client_out(
+        serve, pki: Pki, caplog) -> None:
+    # 15 per address stays under the per-address cap; 20 addresses fill the 256 slots
+    caplog.set_level(logging.INFO, "usbipy.server")
+
+    async def test(server: UsbipServer) -> None:
+        loop = asyncio.get_running_loop()
+        idle = []
+        try:
+            for n in range(300):
+                sock = socket.socket()
+                sock.setblocking(False)
+                sock.bind((f"127.0.1.{1 + n % 20}", 0))
+                await loop.sock_connect(sock, ("127.0.0.1", server.port))
+                idle.append(sock)
+            for _ in range(500):  # until the server has taken them in (10 s at most)
+                if server.access.admission.connections >= daemon.MAX_HANDSHAKES:
+                    break
+                await asyncio.sleep(0.02)
+            assert len(server._handshakes) == daemon.MAX_HANDSHAKES
+            await _served(server.port, pki)  # (a handshake, then the list, in 5 s)
+        finally:
+            for sock in idle:
+                sock.close()
+
+    serve(test, tls=tls_server(pki))
+    assert "TLS handshakes in progress: the oldest was closed to make room" in caplog.text

@@ -50,12 +50,17 @@ class Access:
     #: For what a flood would otherwise write once per connection.
     log: RateLimitedLog = field(default_factory=RateLimitedLog)
 
+    #: Changed by every reconfigure: an import begun under an older policy is
+    #: decided again before it is answered.
+    generation: int = 0
+
     def __post_init__(self) -> None:
         self.admission = Admission(self.limits)
 
     def reconfigure(self, policy: Policy, limits: Limits) -> None:
         self.policy = policy
         self.limits = self.admission.limits = limits
+        self.generation += 1
 
     def decide(self, client: Client, device: AnyDevice) -> Decision:
         return self.policy.decide(client, facts_of(device))

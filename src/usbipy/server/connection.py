@@ -46,6 +46,9 @@ MAX_IN_FLIGHT = 4096
 #: stop reading: the URB count alone would let 4096 x 16 MiB pile up.
 MAX_PENDING_OUT_BYTES = 64 << 20
 
+#: Seconds a closing connection has to take its last replies before it is cut.
+CLOSE_TIMEOUT = 30.0
+
 #: A TLS record of type handshake (22), version 3.x: a ClientHello's first bytes.
 TLS_HANDSHAKE_RECORD = b"\x16\x03"
 
@@ -89,6 +92,8 @@ class UsbipServerProtocol(asyncio.Protocol):
         #: Until the OP request is whole: the time left for it, and for silence.
         self._request_timer: asyncio.TimerHandle | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
+        #: Set when a close waits for replies to be flushed: the time they have.
+        self._close_timer: asyncio.TimerHandle | None = None
         #: Resolved once the connection is gone and its device released.
         self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         #: Replies made while one batch of input is handled, sent with one write:
@@ -196,6 +201,10 @@ class UsbipServerProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_timers()
+        if self.slot is not None:  # (the socket is closed: it counts no more)
+            self.slot.release()
+        if self._close_timer is not None:
+            self._close_timer.cancel()
         self._closed = True
         self._connections.discard(self)
         for _urb, future in self._futures.values():
@@ -276,9 +285,21 @@ class UsbipServerProtocol(asyncio.Protocol):
                  f" ({hidden} not shown by the access policy)" if hidden else "")
         self._close()
 
+    def _revoked_meanwhile(self, generation: int, device: AnyDevice) -> bool:
+        """Whether a reload during this import took the device from this client."""
+        if self.access.generation == generation:
+            return False
+        decision = self.access.decide(self.client, device)
+        if decision.allowed:
+            return False
+        log.warning("%s: import of %s denied by %s (reloaded during the import)", self.peer,
+                    printable(device.busid), decision.reason)
+        return True
+
     async def _import(self, busid: str) -> None:
         shown = printable(busid)
         decision: Decision | None = None
+        generation = self.access.generation
 
         def permitted(device: AnyDevice) -> bool:
             nonlocal decision
@@ -289,15 +310,18 @@ class UsbipServerProtocol(asyncio.Protocol):
         if device is None:
             if decision is not None and not decision.allowed:
                 # Refused as an unknown device is (NODEV), so the reply tells the client
-                # nothing about what it may not use; the log says which rule refused.
-                log.warning("%s: import of %s denied by %s", self.peer, shown,
-                            decision.reason)
+                # nothing about what it may not use; the log says which rule refused
+                # (once per 10 s per client address: a client cannot flood the log).
+                host = self.peer.split(" ", 1)[0].rsplit(":", 1)[0]
+                self.access.log.warning(
+                    f"denied {host}",
+                    f"{self.peer}: import of {shown} denied by {decision.reason}")
             else:
                 log.info("%s: import of %s refused: %s", self.peer, shown, status.name)
             self._refuse(status)
             return
         if isinstance(device, HandOffDevice):
-            await self._hand_off(device)
+            await self._hand_off(device, generation)
             return
         if self._closed:  # the client left while we looked
             self.registry.release(busid, self)
@@ -313,6 +337,11 @@ class UsbipServerProtocol(asyncio.Protocol):
         if self._closed:
             await self._release(device)
             return
+        if self._revoked_meanwhile(generation, device):
+            await device.detach()
+            self.registry.release(busid, self)
+            self._refuse(OpStatus.NODEV)
+            return
         self.device = device
         device.drop_client = self._close
         self._write(self.conn.send(OpRepImport(OpStatus.OK, info)))
@@ -322,7 +351,7 @@ class UsbipServerProtocol(asyncio.Protocol):
         self._write(self.conn.send(OpRepImport(status)))
         self._close()
 
-    async def _hand_off(self, device: HandOffDevice) -> None:
+    async def _hand_off(self, device: HandOffDevice, generation: int) -> None:
         # As usbipd: give the socket to the kernel, then reply, then close our
         # copy. The client sends no URB before it has the reply, so the kernel
         # reads the first one; we must not read anything past this point
@@ -336,19 +365,37 @@ class UsbipServerProtocol(asyncio.Protocol):
             self.registry.release(device.busid, self)
             self._refuse(OpStatus.NA)
             return
+        if self._revoked_meanwhile(generation, device):
+            self._refuse(OpStatus.NODEV)
+            return
         sock = self._transport.get_extra_info("socket")
         fd = sock.fileno()
+        # Recorded before the hand-off: a reload while it runs sees this session.
+        entry = HandedOff(device, self.client, self.peer)
+        self.access.handed_off[device.busid] = entry
         try:
             # The kernel's usbip threads expect a blocking socket, as usbipd gives it.
             os.set_blocking(fd, True)
             await asyncio.to_thread(device.hand_off, fd)
         except OSError as exc:
+            if self.access.handed_off.get(device.busid) is entry:
+                del self.access.handed_off[device.busid]
             log.error("%s: handing %s to the kernel failed: %s", self.peer,
                       printable(device.busid), exc.strerror or exc)
             os.set_blocking(fd, False)
             self._refuse(OpStatus.NA)
             return
-        self.access.handed_off[device.busid] = HandedOff(device, self.client, self.peer)
+        if self._revoked_meanwhile(generation, device):
+            # The kernel has the socket: end its session, and say nothing more.
+            if self.access.handed_off.get(device.busid) is entry:
+                del self.access.handed_off[device.busid]
+            try:
+                await asyncio.to_thread(device.take_back)
+            except OSError as exc:
+                log.error("%s: cannot end the session on %s: %s", self.peer,
+                          printable(device.busid), exc.strerror or exc)
+            self._close()
+            return
         self._write(self.conn.send(OpRepImport(OpStatus.OK, device.info)))
         log.info("%s: imported %s (served by the kernel)", self.peer, printable(device.busid))
         self._close()
@@ -466,6 +513,11 @@ class UsbipServerProtocol(asyncio.Protocol):
         self._closed = True
         if self._transport is not None:
             self._transport.close()
+            if self._close_timer is None and self._transport.get_write_buffer_size():
+                # A client that never reads its last replies would hold the socket
+                # (and escape every limit) for ever.
+                self._close_timer = asyncio.get_running_loop().call_later(
+                    CLOSE_TIMEOUT, self._transport.abort)
 
     def _abort(self) -> None:
         self._closed = True

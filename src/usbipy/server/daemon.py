@@ -109,8 +109,8 @@ class UsbipServer:
         #: Listening sockets, each with the TLS its clients must speak (None: plaintext).
         self._listeners: list[tuple[socket.socket, ServerTls | None]] = []
         self._tasks: set[asyncio.Task[None]] = set()
-        #: The client address of every handshake in progress.
-        self._handshakes: list[str] = []
+        #: Every handshake in progress, oldest first, and its client.
+        self._handshakes: dict[asyncio.Task[None], str] = {}
         #: Resolved by close(): serve_forever() returns.
         self._stopped: asyncio.Future[None] | None = None
 
@@ -186,15 +186,21 @@ class UsbipServer:
                     log.warning("%s: cannot serve the connection: %s",
                                 printable(address_text(addr)), exc)
                 continue
-            if (len(self._handshakes) >= MAX_HANDSHAKES
-                    or self._handshakes.count(host) >= MAX_HANDSHAKES_PER_ADDRESS):
-                # Each pending handshake holds a socket for up to the handshake
-                # timeout: without a cap, idle connections exhaust the descriptors.
+            # Each pending handshake holds a socket for up to the handshake timeout:
+            # capped per address (beyond, refused) and in all (beyond, the oldest
+            # makes room: stalled handshakes never keep a real client out).
+            if sum(h == host for h in self._handshakes.values()) >= MAX_HANDSHAKES_PER_ADDRESS:
                 sock.close()
                 slot.release()
                 self._report_full(host)
                 continue
-            self._handshakes.append(host)
+            if len(self._handshakes) >= MAX_HANDSHAKES:
+                oldest = next(iter(self._handshakes))
+                del self._handshakes[oldest]
+                oldest.cancel()
+                self.access.log.warning(
+                    "handshake eviction", f"{MAX_HANDSHAKES} TLS handshakes in progress: "
+                                          "the oldest was closed to make room")
             made: list[UsbipServerProtocol] = []
 
             def protocol(session: TlsSession | None, slot: Slot = slot,
@@ -204,6 +210,8 @@ class UsbipServer:
 
             task = asyncio.ensure_future(serve_tls_client(sock, addr, tls, protocol))
             self._tasks.add(task)
+            self._handshakes[task] = host
+            admission.waiting(slot, task.cancel)  # (until its protocol waits in its place)
             # Owned here, not inside the coroutine: a task cancelled before it ever
             # ran (close() right after an accept) still frees its slot and socket.
             task.add_done_callback(functools.partial(self._handshake_done, sock, slot, made))
@@ -211,7 +219,7 @@ class UsbipServer:
     def _handshake_done(self, sock: socket.socket, slot: Slot,
                         made: list[UsbipServerProtocol], task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        self._handshakes.remove(slot.client)
+        self._handshakes.pop(task, None)
         if not made:  # (no protocol to count the connection until it goes)
             slot.release()
         if task.cancelled():
@@ -219,9 +227,9 @@ class UsbipServer:
 
     def _report_full(self, host: str) -> None:
         self.access.log.warning(
-            "handshakes", f"{printable(host)}: too many TLS handshakes in progress "
-                          f"({len(self._handshakes)} in all, at most "
-                          f"{MAX_HANDSHAKES_PER_ADDRESS} per address): connection closed")
+            "handshakes", f"{printable(host)}: too many TLS handshakes in progress from "
+                          f"this address (at most {MAX_HANDSHAKES_PER_ADDRESS}): connection "
+                          "closed")
 
     def _addresses(self) -> list[tuple[tuple[str, int], ServerTls | None]]:
         return [(s.getsockname()[:2], tls) for s, tls in self._listeners]
@@ -239,31 +247,33 @@ class UsbipServer:
                 log.warning("%s: dropped from %s: no longer allowed by %s", conn.peer,
                             printable(device.busid), decision.reason)
                 conn.close()
-        handed = list(self.access.handed_off.items())
-        if handed:
-            await asyncio.to_thread(self._take_back, handed)
+        for busid, entry in list(self.access.handed_off.items()):
+            await self._take_back(busid, entry)
 
-    def _take_back(self, handed: list[tuple[str, HandedOff]]) -> None:
-        """End the kernel sessions of clients the policy no longer allows (blocking)."""
-        for busid, entry in handed:
-            device = entry.device
-            if not isinstance(device, HandOffDevice):
-                continue
-            if device.import_status() is not OpStatus.DEV_BUSY:
-                self.access.handed_off.pop(busid, None)  # (that session is over)
-                continue
-            decision = self.access.decide(entry.client, device)
-            if decision.allowed:
-                continue
-            try:
-                device.take_back()
-            except OSError as exc:
-                log.error("%s: cannot end its session on %s: %s", entry.peer,
-                          printable(busid), exc.strerror or exc)
-                continue
-            self.access.handed_off.pop(busid, None)
-            log.warning("%s: dropped from %s (served by the kernel): no longer allowed by %s",
-                        entry.peer, printable(busid), decision.reason)
+    async def _take_back(self, busid: str, entry: HandedOff) -> None:
+        """End a kernel session whose client the policy no longer allows."""
+        handed = self.access.handed_off
+        device = entry.device
+        if not isinstance(device, HandOffDevice):
+            return
+        status = await asyncio.to_thread(device.import_status)
+        if handed.get(busid) is not entry:
+            return  # (handed off anew meanwhile: that session is another client's)
+        if status is not OpStatus.DEV_BUSY:
+            del handed[busid]  # (that session is over)
+            return
+        decision = self.access.decide(entry.client, device)
+        if decision.allowed:
+            return
+        del handed[busid]
+        try:
+            await asyncio.to_thread(device.take_back)
+        except OSError as exc:
+            log.error("%s: cannot end its session on %s: %s", entry.peer,
+                      printable(busid), exc.strerror or exc)
+            return
+        log.warning("%s: dropped from %s (served by the kernel): no longer allowed by %s",
+                    entry.peer, printable(busid), decision.reason)
 
     @property
     def addresses(self) -> list[tuple[str, int]]:

@@ -52,11 +52,17 @@ class RateLimitedLog:
         self._reported: dict[str, float] = {}
         self._suppressed: Counter[str] = Counter()
 
+    #: Kinds remembered at most (a kind may name a client address).
+    MAX_KINDS = 4096
+
     def warning(self, kind: str, text: str) -> None:
         now = time.monotonic()
         if now - self._reported.get(kind, -10.0) < 10:
             self._suppressed[kind] += 1
             return
+        if len(self._reported) >= self.MAX_KINDS:
+            self._reported.clear()
+            self._suppressed.clear()
         self._reported[kind] = now
         more = self._suppressed.pop(kind, 0)
         log.warning("%s%s", text, f" (and {more} more like it)" if more else "")
@@ -100,7 +106,7 @@ class Admission:
         self._buckets: dict[str, _Bucket] = {}
         #: Connections still waiting for their request, oldest first, and how to
         #: close each.
-        self._waiting: dict[Slot, Callable[[], None]] = {}
+        self._waiting: dict[Slot, Callable[[], object]] = {}
 
     def admit(self, client: str) -> Slot | str:
         """Count a new connection from ``client``; or say why it is refused."""
@@ -133,7 +139,7 @@ class Admission:
         self._per_client[client] += 1
         return Slot(self, client)
 
-    def waiting(self, slot: Slot, close: Callable[[], None]) -> None:
+    def waiting(self, slot: Slot, close: Callable[[], object]) -> None:
         """``slot``'s connection waits for its request; ``close`` ends it."""
         self._waiting[slot] = close
 

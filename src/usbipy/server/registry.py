@@ -102,12 +102,15 @@ class DeviceRegistry:
 
         A device ``permitted`` refuses is NODEV, busy or not: a client learns
         nothing of devices it may not use."""
+        # The sources are read whatever the busid: a denied device must take as long
+        # to refuse as an unknown one, or the time tells them apart.
+        found = await self._from_sources() if self.sources else {}
         held = self._held.get(busid)
         if held is not None:
             return (OpStatus.DEV_BUSY if permitted(held[0]) else OpStatus.NODEV), None
         device: AnyDevice | None = self._devices.get(busid)
         if device is None:
-            device = (await self._from_sources()).get(busid)
+            device = found.get(busid)
         if device is None or not permitted(device):
             return OpStatus.NODEV, None
         if isinstance(device, HandOffDevice):
