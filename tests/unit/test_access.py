@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import pytest
 
 from usbipy.backends.base import DeviceSource, HandOffDevice
-from usbipy.devices import HidKeyboard
 from usbipy.client import ImportRefused, import_device, list_devices
+from usbipy.devices import HidKeyboard
 from usbipy.policy import Action, ClientSelector, DeviceSelector, Policy, Rule
 from usbipy.protocol import (
     ClientConnection,

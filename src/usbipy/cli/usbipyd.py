@@ -12,6 +12,7 @@ import signal
 import socket
 import ssl
 import sys
+import threading
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from ..backends.libusb.source import LibusbSource
 from ..config import DEFAULT_PATH as DEFAULT_CONFIG
 from ..config import DaemonConfig
 from ..config import load as load_config
+from ..config.daemon import warnings as policy_warnings
 from ..devices import CdcAcm, ImageFile, MassStorage, PtyBackend, StorageError
 from ..devices.demo import DEMO_DISK_SIZE, demo_devices
 from ..errors import UsbipError
@@ -138,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-D", "--daemon", action="store_true", default=None,
                    help="run in the background")
     p.add_argument("-P", "--pid", metavar="FILE", help="write the process id to FILE")
-    p.add_argument("-d", "--debug", action="store_true", default=None,
+    p.add_argument("-d", "--debug", action=argparse.BooleanOptionalAction,
                    help="log every connection")
     return p
 
@@ -169,16 +171,21 @@ def _limits(args: argparse.Namespace, config: DaemonConfig) -> Limits:
     return Limits(**{**Limits().__dict__, **config.limits, **given})
 
 
-def read_settings(args: argparse.Namespace) -> Settings:
-    """The file (if any) with ``args`` over it; UsbipError for anything wrong."""
-    path = _config_path(args)
+def read_settings(args: argparse.Namespace, path: Path | None = None) -> Settings:
+    """The file (``path``, else the one ``args`` name, if any) with ``args`` over it;
+    UsbipError for anything wrong."""
+    if path is None:
+        path = _config_path(args)
     config = load_config(path) if path is not None else DaemonConfig()
     options = dict(DEFAULTS)
     options.update(config.options)
     options.update({key: value for key, value in vars(args).items()
                     if key in DEFAULTS and value is not None})
-    return Settings(path, argparse.Namespace(**options), _limits(args, config),
-                    config.policy if config.policy is not None else OPEN, config.warnings)
+    # (the file and the options together: each may give a part)
+    tls = TlsFiles.from_options(options["tls_cert"], options["tls_key"], options["tls_ca"])
+    policy = config.policy if config.policy is not None else OPEN
+    return Settings(path, argparse.Namespace(**options), _limits(args, config), policy,
+                    policy_warnings(policy, tls is not None))
 
 
 def _describe(settings: Settings) -> list[str]:
@@ -294,7 +301,8 @@ async def _reload(server: UsbipServer, args: argparse.Namespace, running: Settin
         log.warning("reload: no configuration file (--config FILE) to read")
         return running
     try:
-        new = await asyncio.to_thread(read_settings, args)
+        # (the file usbipyd started with: one gone meanwhile is an error, never "none")
+        new = await asyncio.to_thread(read_settings, args, running.file)
     except UsbipError as exc:
         log.error("reload: %s: the running configuration stays in force", exc)
         return running
@@ -305,6 +313,7 @@ async def _reload(server: UsbipServer, args: argparse.Namespace, running: Settin
                     ", ".join(changed))
     for warning in new.warnings:
         log.warning("%s", warning)
+    _raise_file_limit(new.limits)
     await server.reconfigure(new.policy, new.limits)
     log.info("reloaded %s", new.file)
     for line in _describe(new):
@@ -334,7 +343,10 @@ async def _serve(server: UsbipServer, libusb: LibusbSource | None,
     async def reloads(settings: Settings) -> None:
         while True:
             await hangups.get()
-            settings = await _reload(server, args, settings)
+            try:
+                settings = await _reload(server, args, settings)
+            except Exception:  # (a reload that fails must not end the next ones)
+                log.exception("reload failed: the running configuration stays in force")
 
     reloader = asyncio.create_task(reloads(settings))
     try:
@@ -392,6 +404,10 @@ def _raise_file_limit(limits: Limits) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     cli = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        # A SIGHUP before the loop handles it (systemd's reload right after start)
+        # must not end the daemon; the loop's handler takes over.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         settings = read_settings(cli)
     except UsbipError as exc:

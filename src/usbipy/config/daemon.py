@@ -32,7 +32,10 @@ from .toml import ConfigError, Document, KeyPath, dotted
 #: Where usbipyd looks when --config is not given.
 DEFAULT_PATH = Path("/etc/usbipy/usbipyd.toml")
 
-_VID_PID = re.compile(r"[0-9a-f*?]{1,4}:[0-9a-f*?]{1,4}", re.IGNORECASE)
+#: Four hex digits a side (as devices are compared: "046d:c52b"), or a pattern with
+#: a wildcard; "46d:c52b" would never match anything.
+_ID = r"(?:[0-9a-f]{4}|[0-9a-f?]*\*[0-9a-f?*]*|[0-9a-f?]{4})"
+_VID_PID = re.compile(f"{_ID}:{_ID}", re.IGNORECASE)
 _BUSID = re.compile(r"[0-9a-z.*?:\[\]\-]+", re.IGNORECASE)
 
 
@@ -165,8 +168,6 @@ class DaemonConfig:
     #: [limits] fields the file sets.
     limits: dict[str, Any] = field(default_factory=dict)
     policy: Policy | None = None
-    #: Things that are allowed but probably not meant ("a rule no client can match").
-    warnings: list[str] = field(default_factory=list)
 
     def limits_over(self, base: Limits) -> Limits:
         return Limits(**{**base.__dict__, **self.limits})
@@ -202,7 +203,8 @@ def _device_selector(doc: Document, path: KeyPath, value: Any,
     for pattern in found.get("vid_pid", ()):
         if not _VID_PID.fullmatch(pattern):
             raise doc.error((*path, "vid_pid"),
-                            f"{pattern!r} is not VID:PID in hex (wildcards * and ?)")
+                            f"{pattern!r} is not VID:PID, four hex digits each (wildcards "
+                            "* and ?)")
     for pattern in found.get("busid", ()):
         if not _BUSID.fullmatch(pattern):
             raise doc.error((*path, "busid"), f"{pattern!r} is not a busid such as 1-2.3")
@@ -227,10 +229,15 @@ def _fnmatch(name: str, pattern: str) -> bool:
 
 def _network(doc: Document, path: KeyPath, text: str) -> IPNetwork:
     try:
-        return ipaddress.ip_network(text)
+        net = ipaddress.ip_network(text)
     except ValueError as exc:
         raise doc.error(path, f"{text!r} is not a network such as 10.0.0.0/8 ({exc})"
                         ) from None
+    mapped = net.network_address.ipv4_mapped if net.version == 6 else None
+    if mapped is not None and net.prefixlen >= 96:
+        # (clients are compared by their IPv4 address: ::ffff:10.0.0.0/104 is 10.0.0.0/8)
+        return ipaddress.IPv4Network((mapped, net.prefixlen - 96))
+    return net
 
 
 def _ca(doc: Document, path: KeyPath, text: str) -> CertificateAuthority:
@@ -276,8 +283,8 @@ def _policy(doc: Document, value: Any, names: dict[str, DeviceSelector]) -> Poli
         if key not in ("default", "rule"):
             raise _unknown(doc, ("policy", key), ("default", "rule"))
     if "default" not in table:
-        raise doc.error(("policy",), 'policy.default: missing: say "allow" or "deny" (what '
-                                     "a client gets for a device no rule matches)")
+        raise doc.error(("policy", "default"), 'missing: say "allow" or "deny" (what a '
+                                               "client gets for a device no rule matches)")
     default = Action(_choice("allow", "deny")(doc, ("policy", "default"), table["default"]))
     rules_value = table.get("rule", [])
     if not isinstance(rules_value, list):
@@ -306,11 +313,11 @@ def _policy(doc: Document, value: Any, names: dict[str, DeviceSelector]) -> Poli
     return Policy(tuple(rules), default, f"the default ({default.value}, {default_where})")
 
 
-def _warnings(config: DaemonConfig) -> list[str]:
+def warnings(policy: Policy, tls: bool) -> list[str]:
+    """What a policy says that can never match, with TLS or without."""
     found = []
-    tls = "tls_cert" in config.options
-    if config.policy is not None and not tls:
-        for rule in config.policy.rules:
+    if not tls:
+        for rule in policy.rules:
             client = rule.client
             if client.cn or client.san or client.ca:
                 found.append(f"{rule} names a certificate, but TLS is not configured "
@@ -346,12 +353,6 @@ def parse(doc: Document) -> DaemonConfig:
             config.policy = _policy(doc, value, names)
         elif key != "names":
             raise _unknown(doc, (key,), [*OPTIONS[""], *_TABLES])
-    tls = [config.options.get(dest) for dest in ("tls_cert", "tls_key", "tls_ca")]
-    if any(tls) and not all(tls):
-        missing = [f"tls.{k}" for k, v in zip(("cert", "key", "ca"), tls, strict=True)
-                   if not v]
-        raise doc.error(("tls",), f"mutual TLS needs {', '.join(missing)} too")
-    config.warnings = _warnings(config)
     return config
 
 

@@ -75,7 +75,8 @@ def _key_lines(text: str) -> dict[KeyPath, int]:
     counts: dict[tuple[str, ...], int] = {}
     depth = 0
     in_string = ""
-    for number, line in enumerate(text.splitlines(), 1):
+    # (only "\n" ends a line in TOML; str.splitlines() would also split at U+2028)
+    for number, line in enumerate(text.split("\n"), 1):
         if in_string:
             if in_string in line:
                 in_string = ""
@@ -106,9 +107,10 @@ def _key_lines(text: str) -> dict[KeyPath, int]:
         parts, end = found
         path = (*table, *parts)
         lines.setdefault(path, number)
-        value = line[end + 1:]
+        value = line[end + 1:].lstrip()
         for quotes in ('"""', "'''"):
-            if value.count(quotes) % 2 == 1:
+            # a multi-line string opens right after the "=" and does not close on its line
+            if value.startswith(quotes) and quotes not in value[3:]:
                 in_string = quotes
         if not in_string:
             depth = max(_open_brackets(value), 0)

@@ -76,7 +76,10 @@ class Client:
             return None
         from cryptography import x509  # (only CA rules need it: an optional dependency)
 
-        cert = x509.load_der_x509_certificate(self.certificate)
+        try:  # (OpenSSL verified it; cryptography may still find it malformed)
+            cert = x509.load_der_x509_certificate(self.certificate)
+        except ValueError:
+            return None
         try:
             aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier)
             key_id = aki.value.key_identifier

@@ -20,6 +20,7 @@ record that is not application data, makes a kernel-owned socket fail
 
 from __future__ import annotations
 
+import ipaddress
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,7 +135,8 @@ class TlsSession:
                    cipher=cipher[0] if cipher else "?",
                    peer=peer_identity(cert),
                    kernel=kernel, cn=cn,
-                   sans=tuple(str(value) for _kind, value in cert.get("subjectAltName", ())),
+                   sans=tuple(_san(kind, value) for kind, value in
+                              cert.get("subjectAltName", ())),
                    certificate=ssl_object.getpeercert(binary_form=True))
 
     def as_dict(self) -> dict[str, object]:
@@ -148,6 +150,17 @@ class TlsSession:
 
     def __str__(self) -> str:
         return f"{self.peer} ({self.protection})"
+
+
+def _san(kind: str, value: object) -> str:
+    """A subjectAltName value as rules compare it: an address in its short form
+    (OpenSSL writes IPv6 ones in full: 2001:DB8:0:0:0:0:0:1)."""
+    if kind == "IP Address":
+        try:
+            return str(ipaddress.ip_address(str(value).strip()))
+        except ValueError:
+            pass
+    return str(value)
 
 
 def peer_identity(cert: dict[str, Any] | None) -> str:
