@@ -162,3 +162,21 @@ def test_a_reload_says_what_waits_for_a_restart(daemon: Daemon) -> None:
     daemon.wait_log("reloaded", start)
     assert ("reload: disk_size changed: takes effect when usbipyd restarts"
             in daemon.log.read_text()[start:])
+
+
+def test_a_file_gone_at_reload_keeps_the_running_policy(daemon: Daemon) -> None:
+    start = len(daemon.log.read_text())
+    daemon.config.rename(daemon.config.with_suffix(".old"))
+    daemon.process.send_signal(signal.SIGHUP)
+    daemon.wait_log("the running configuration stays in force", start)
+    assert (f"reload: {daemon.config}: No such file or directory"
+            in daemon.log.read_text()[start:])
+    alice = client_context(daemon.client("alice"))
+    bob = client_context(daemon.client("bob"))
+
+    async def listed() -> tuple[list[str], list[str]]:
+        a = await list_devices("127.0.0.1", daemon.port, tls=alice)
+        b = await list_devices("127.0.0.1", daemon.port, tls=bob)
+        return [d.busid for d in a], [d.busid for d in b]
+
+    assert asyncio.run(listed()) == (["1-1"], ["1-2", "1-3"])  # (not "every device")

@@ -363,3 +363,24 @@ def test_mapped_ipv6_networks_are_their_ipv4_networks(tmp_path: Path) -> None:
     assert policy.decide(Client("10.1.2.3"), disk).allowed
     assert policy.decide(Client("::ffff:10.1.2.3"), disk).allowed
     assert not policy.decide(Client("11.1.2.3"), disk).allowed
+
+
+def test_a_reload_reads_the_file_it_started_with(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # started from the default file; that file is gone at the reload: an error, never
+    # "no file, so no policy"
+    import asyncio
+
+    path = write(tmp_path, "[policy]\ndefault = 'deny'\n")
+    monkeypatch.setattr(usbipyd, "DEFAULT_CONFIG", path)
+    args = usbipyd.build_parser().parse_args([])
+    running = usbipyd.read_settings(args)
+    assert running.file == path and not running.policy.open
+    path.unlink()
+
+    class Server:
+        async def reconfigure(self, *_: object) -> None:
+            raise AssertionError("the policy must not change")
+
+    kept = asyncio.run(usbipyd._reload(Server(), args, running))  # type: ignore[arg-type]
+    assert kept is running

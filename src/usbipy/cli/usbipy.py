@@ -132,9 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
         "check", parents=[common],
         help="may this client import this device, and which rule says so (exit status 0: "
              "allowed, 3: denied)")
-    check.add_argument("--client", action="append", required=True, metavar="NAME|ADDR",
-                       help="the client: a certificate name (its CN or a subjectAltName), "
-                            "an IP address, or both (give --client twice)")
+    check.add_argument("--client", action="append", default=[], metavar="CN|ADDR",
+                       help="the client: its certificate's CN, its IP address, or both "
+                            "(give --client twice)")
+    check.add_argument("--san", action="append", default=[], metavar="NAME",
+                       help="a subjectAltName of its certificate (may repeat)")
+    check.add_argument("--cert", metavar="FILE",
+                       help="its certificate itself: CN, subjectAltNames and issuer (for "
+                            "rules that name a CA)")
     check.add_argument("--device", "-b", "--busid", dest="device", required=True,
                        metavar="BUSID", help="the device, as usbipyd would export it")
     check.add_argument("-c", "--config", metavar="FILE",
@@ -289,22 +294,50 @@ def _libusb_binding(args: argparse.Namespace) -> tuple[Binding, bool]:
 # --- main ------------------------------------------------------------------------------
 
 
-def _policy_client(values: list[str]) -> Client:
+def _certificate_names(path: str) -> tuple[str | None, tuple[str, ...], bytes]:
+    """CN, subjectAltNames and DER of the certificate at ``path``."""
+    try:
+        from cryptography import x509
+        from cryptography.hazmat.primitives.serialization import Encoding
+    except ImportError:
+        raise UsbipError("--cert needs the cryptography package: pip install "
+                         "'usbipy[tls]'") from None
+    try:
+        cert = x509.load_pem_x509_certificate(Path(path).read_bytes())
+    except ValueError:
+        raise UsbipError(f"{path}: not a PEM certificate") from None
+    cns = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    cn = str(cns[0].value) if cns else None
+    try:
+        alt = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        sans = tuple(str(name.value) for name in alt)
+    except x509.ExtensionNotFound:
+        sans = ()
+    return cn, sans, cert.public_bytes(Encoding.DER)
+
+
+def _policy_client(values: list[str], sans: list[str], cert: str | None) -> Client:
+    if not values and not sans and cert is None:
+        raise UsbipError("policy check: say which client (--client CN|ADDR, --san, --cert)")
     address: str | None = None
     name: str | None = None
+    der: bytes | None = None
+    found_sans = tuple(sans)
+    if cert is not None:
+        name, cert_sans, der = _certificate_names(cert)
+        found_sans += cert_sans
     for value in values:
         try:
             parse_address(value)
         except ValueError:
             if name is not None:
-                raise UsbipError(f"--client {value}: one name only ({name} given)") from None
+                raise UsbipError(f"--client {value}: one CN only ({name} given)") from None
             name = value
         else:
             if address is not None:
                 raise UsbipError(f"--client {value}: one address only ({address} given)")
             address = value
-    # A name stands for a certificate whose CN, and a subjectAltName, carry it.
-    return Client(address, cn=name, sans=(name,) if name is not None else ())
+    return Client(address, cn=name, sans=found_sans, certificate=der)
 
 
 def _policy_device(busid: str, options: argparse.Namespace) -> DeviceFacts:
@@ -338,20 +371,27 @@ def _policy_check(args: argparse.Namespace) -> dict[str, object]:
     daemon_args = usbipyd.build_parser().parse_args(
         ["--config", args.config] if args.config else [])
     settings = usbipyd.read_settings(daemon_args)
-    client = _policy_client(args.client)
+    client = _policy_client(args.client, args.san, args.cert)
     device = _policy_device(args.device, settings.options)
     decision = settings.policy.decide(client, device)
     verdict = "allowed" if decision.allowed else "denied"
+    # Rules on the CA can only be judged with the certificate itself.
+    unjudged = [rule.number for rule in settings.policy.rules
+                if rule.client.ca and client.certificate is None]
+    notes = [f"rule {n} names a CA: without --cert it matches no client here"
+             for n in unjudged]
     if not args.json:
         serial = f", serial {printable(device.serial)}" if device.serial else ""
         print(f"{printable(device.busid)} ({device.vid_pid}{serial}) for {client.name}: "
               f"{verdict} by {decision.reason}")
+        for note in notes:
+            print(f"usbipy: note: {note}")
     return {"client": client.name, "device": {"busid": device.busid,
                                               "vid_pid": device.vid_pid,
                                               "serial": device.serial},
             "allowed": decision.allowed, "decision": decision.action.value,
             "rule": decision.rule.number if decision.rule is not None else None,
-            "reason": decision.reason,
+            "reason": decision.reason, "notes": notes,
             "config": str(settings.file) if settings.file is not None else None}
 
 
