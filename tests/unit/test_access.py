@@ -221,3 +221,19 @@ def test_a_reload_during_an_import_is_not_missed(serve, caplog, kind: str) -> No
     serve(test, devices=[_SlowAttach()] if kind == "emulated" else [],
           policy=Policy((), Action.ALLOW, "the default (allow)"))
     assert "denied by the default (deny) (reloaded during the import)" in caplog.text
+
+
+def test_kernel_sessions_this_server_did_not_start_are_named(serve, caplog) -> None:
+    caplog.set_level(logging.INFO, "usbipy.server")
+    stranger = _Stub("5-3")
+    stranger.handed.append(99)  # (in use since before this process)
+
+    async def test(server: UsbipServer) -> None:
+        server.registry.add_source(_Stubs([stranger]))
+        await server.reconfigure(LOCAL_DISK, Limits())
+        assert stranger.taken_back == 0  # (whose it is, nobody here knows)
+
+    serve(test, devices=[])
+    assert ("5-3: in use by a session this usbipyd did not start (before a restart, or by "
+            "another server): the policy cannot tell whose; 'usbipy unbind -b 5-3' ends it"
+            in caplog.text)

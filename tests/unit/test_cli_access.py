@@ -160,7 +160,7 @@ def test_a_reload_says_what_waits_for_a_restart(daemon: Daemon) -> None:
                                                                 "disk_size = 2097152"))
     daemon.process.send_signal(signal.SIGHUP)
     daemon.wait_log("reloaded", start)
-    assert ("reload: disk_size changed: takes effect when usbipyd restarts"
+    assert ("reload: devices.disk_size changed: takes effect when usbipyd restarts"
             in daemon.log.read_text()[start:])
 
 

@@ -111,7 +111,7 @@ ERRORS = [
                       "limits, listen, loop, names, pid_file, policy, port, state_dir, tls, "
                       "usbip_host)"),
     ("port = '3240'\n", "FILE:1: port: '3240' is not a whole number"),
-    ("port = 70000\n", "FILE:1: port: 70000 is out of range (1 to 65535)"),
+    ("port = 70000\n", "FILE:1: port: 70000 is out of range (0 to 65535)"),
     ("port = true\n", "FILE:1: port: True is not a whole number"),
     ("debug = 1\n", "FILE:1: debug: 1 is not true or false"),
     ("listen = []\n", "FILE:1: listen: an empty list"),
@@ -258,8 +258,9 @@ def test_no_file_means_no_policy_and_default_limits(tmp_path: Path,
 
 
 def test_check_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = write(tmp_path, SAMPLE.replace('[tls]\ncert = "server.pem"\nkey = "server-key.pem"'
-                                          '\nca = "ca.pem"\n', "[tls]\n"))
+    (tmp_path / "disk.img").write_bytes(bytes(1 << 20))
+    tls = SAMPLE[SAMPLE.index("[tls]"):SAMPLE.index("[limits]")]
+    path = write(tmp_path, SAMPLE.replace(tls, "\n" * tls.count("\n")))  # (lines kept)
     assert usbipyd.main(["-c", str(path), "--check-config"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"usbipyd: {path}: ok"
@@ -267,7 +268,7 @@ def test_check_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert out[1].startswith("usbipyd: rule 1 (allow client cn=alice|bob") and \
         out[1].endswith("names a certificate, but TLS is not configured here: it matches no "
                         "client unless --tls-cert/--tls-key/--tls-ca are given")
-    assert "usbipyd: access policy: 2 rules, then the default (deny, usbipyd.toml line 36)" in out
+    assert "usbipyd: access policy: 2 rules, then the default (deny, usbipyd.toml line 39)" in out
     bad = write(tmp_path, "port = 'x'\n")
     assert usbipyd.main(["-c", str(bad), "--check-config"]) == 1
     assert capsys.readouterr().err == f"usbipyd: {bad}:1: port: 'x' is not a whole number\n"
@@ -282,9 +283,24 @@ def test_a_bad_file_starts_nothing(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "listening" not in err
 
 
-def test_limit_options_are_checked(capsys: pytest.CaptureFixture[str]) -> None:
-    assert usbipyd.main(["--idle-timeout", "0", "--check-config"]) == 1
-    assert capsys.readouterr().err == "usbipyd: --idle-timeout 0: must be more than 0\n"
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--idle-timeout", "0"], "argument --idle-timeout: 0 is out of range (more than 0, at "
+                              "most 3600)"),
+    (["--request-timeout", "inf"], "argument --request-timeout: inf is out of range (more "
+                                   "than 0, at most 3600)"),
+    (["--accept-rate", "nan"], "argument --accept-rate: nan is out of range (more than 0, "
+                               "at most 1e+06)"),
+    (["--max-connections", "99999999"], "argument --max-connections: 99999999 is out of "
+                                        "range (1 to 1048576)"),
+    (["-t", "70000"], "argument -t/--tcp-port: 70000 is out of range (0 to 65535)"),
+    (["--disk-size", "x"], "argument --disk-size: 'x' is not a whole number"),
+])
+def test_options_take_the_ranges_of_the_file(capsys: pytest.CaptureFixture[str],
+                                             argv: list[str], message: str) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        usbipyd.main([*argv, "--check-config"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"usbipyd: error: {message}"
 
 
 def test_namespace_keeps_every_default() -> None:
@@ -319,15 +335,19 @@ def test_the_readme_sample_and_its_policy_check(tmp_path: Path,
 
 def test_the_systemd_unit_checks_then_runs_and_reloads_with_sighup() -> None:
     unit = (ROOT / "systemd/usbipyd.service").read_text()
-    lines = dict(line.split("=", 1) for line in unit.splitlines()
-                 if "=" in line and not line.startswith("#"))
-    assert lines["ExecReload"] == "/bin/kill -HUP $MAINPID"
-    for key in ("ExecStartPre", "ExecStart"):
-        program, *argv = lines[key].split()
-        assert program.endswith("/usbipyd")
+    lines = [tuple(line.split("=", 1)) for line in unit.splitlines()
+             if "=" in line and not line.startswith("#")]
+    execs = [(key, value) for key, value in lines if key.startswith("Exec")]
+    assert [key for key, _ in execs] == ["ExecStartPre", "ExecStart", "ExecReload",
+                                         "ExecReload"]
+    # the file is checked before a start and before the reload's SIGHUP
+    assert execs[-1][1] == "/bin/kill -HUP $MAINPID"
+    for key, value in execs[:3]:
+        program, *argv = value.split()
+        assert program == "/opt/usbipy/bin/usbipyd"
         parsed = usbipyd.build_parser().parse_args(argv)
         assert parsed.config == "/etc/usbipy/usbipyd.toml"
-    assert "--check-config" in lines["ExecStartPre"]
+        assert parsed.check_config is (key != "ExecStart")
 
 
 def test_a_line_separator_inside_a_comment_does_not_shift_the_lines(tmp_path: Path) -> None:
@@ -384,3 +404,57 @@ def test_a_reload_reads_the_file_it_started_with(tmp_path: Path,
 
     kept = asyncio.run(usbipyd._reload(Server(), args, running))  # type: ignore[arg-type]
     assert kept is running
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    # what a start would refuse, --check-config refuses too
+    ("[tls]\nplaintext_port = 3241\n",
+     "--plaintext-port needs --tls-cert, --tls-key and --tls-ca"),
+    ("[tls]\ncert = 'a.pem'\nkey = 'k.pem'\n",
+     "mutual TLS needs --tls-ca too (a certificate, its key and the CA of the peers; 'usbipy "
+     "cert' makes them) ([tls] cert, key and ca in FILE)"),
+    ("[tls]\ncert = 'a.pem'\nkey = 'k.pem'\nca = 'c.pem'\n", "DIR/a.pem: No such file or "
+                                                             "directory"),
+    ("[devices]\ndisk = 'none.img'\n", "DIR/none.img"),
+])
+def test_check_config_checks_what_a_start_checks(tmp_path: Path, text: str, message: str,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, text)
+    assert usbipyd.main(["-c", str(path), "--check-config"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("usbipyd: ") and err.count("\n") == 1
+    assert message.replace("FILE", str(path)).replace("DIR", str(tmp_path)) in err
+
+
+def test_tls_without_a_policy_is_said(tmp_path: Path) -> None:
+    path = write(tmp_path, "[tls]\ncert = 'a.pem'\nkey = 'k.pem'\nca = 'c.pem'\n")
+    assert settings("-c", str(path)).warnings == [
+        "mutual TLS and no [policy] in a configuration file: every client whose certificate "
+        "the CA signed may list and import every device"]
+    assert settings().warnings == []
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("[[policy.rule]]\naction = 'allow'\ndevice.busid = '1-1'\n",
+     'FILE:1: policy.default: missing: say "allow" or "deny" (what a client gets for a device '
+     'no rule matches)'),
+    ("port = ", "FILE: invalid value at the end of the file"),
+    ("[limits]\naccept_rate = inf\n",
+     "FILE:2: limits.accept_rate: inf is out of range (at most 1e+06)"),
+])
+def test_more_errors(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load(path)
+    assert str(caught.value) == message.replace("FILE", str(path))
+
+
+def test_bracket_wildcards_in_ids(tmp_path: Path) -> None:
+    from usbipy.policy import Client, DeviceFacts
+    path = write(tmp_path, "[policy]\ndefault = 'deny'\n[[policy.rule]]\naction = 'allow'\n"
+                           "device = { vid_pid = '0483:374[0-9]', busid = '1-[!1]' }\n")
+    policy = load(path).policy
+    assert policy is not None
+    assert policy.decide(Client(), DeviceFacts("1-2", 0x0483, 0x3748)).allowed
+    assert not policy.decide(Client(), DeviceFacts("1-1", 0x0483, 0x3748)).allowed
+    assert not policy.decide(Client(), DeviceFacts("1-2", 0x0483, 0x374B)).allowed

@@ -347,7 +347,7 @@ def _policy_device(busid: str, options: argparse.Namespace) -> DeviceFacts:
     from . import usbipyd
 
     registry = DeviceRegistry()
-    devices = usbipyd.emulated_devices(options)
+    devices = usbipyd.emulated_devices(options, look_only=True)
     try:
         for device in devices:
             registry.add(device)
@@ -378,8 +378,8 @@ def _policy_check(args: argparse.Namespace) -> dict[str, object]:
     # Rules on the CA can only be judged with the certificate itself.
     unjudged = [rule.number for rule in settings.policy.rules
                 if rule.client.ca and client.certificate is None]
-    notes = [f"rule {n} names a CA: without --cert it matches no client here"
-             for n in unjudged]
+    notes = [*settings.warnings, *(f"rule {n} names a CA: without --cert it matches no "
+                                   "client here" for n in unjudged)]
     if not args.json:
         serial = f", serial {printable(device.serial)}" if device.serial else ""
         print(f"{printable(device.busid)} ({device.vid_pid}{serial}) for {client.name}: "

@@ -13,7 +13,7 @@ import socket
 import ssl
 import sys
 import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from ..backends.libusb.source import LibusbSource
 from ..config import DEFAULT_PATH as DEFAULT_CONFIG
 from ..config import DaemonConfig
 from ..config import load as load_config
+from ..config.daemon import COUNTS, DISK_SIZES, MAX_RATE, MAX_SECONDS, PORTS, key_of
 from ..config.daemon import warnings as policy_warnings
 from ..devices import CdcAcm, ImageFile, MassStorage, PtyBackend, StorageError
 from ..devices.demo import DEMO_DISK_SIZE, demo_devices
@@ -62,6 +63,33 @@ LIMIT_OPTIONS = ("max_connections", "max_connections_per_address", "accept_rate"
                  "accept_burst", "request_timeout", "idle_timeout")
 
 
+def _whole(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from ``low`` to ``high`` (as in the file)."""
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is out of range ({low} to {high})")
+        return value
+    return convert
+
+
+def _positive(high: float) -> Callable[[str], float]:
+    """An argparse type: a number above 0, at most ``high`` (as in the file)."""
+    def convert(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not 0 < value <= high:
+            raise argparse.ArgumentTypeError(
+                f"{text} is out of range (more than 0, at most {high:g})")
+        return value
+    return convert
+
+
 def build_parser() -> argparse.ArgumentParser:
     # (no defaults here: an option not given leaves the configuration file's value)
     p = argparse.ArgumentParser(
@@ -78,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="export a mass-storage device backed by this image file")
     p.add_argument("--read-only", action=argparse.BooleanOptionalAction,
                    help="export --disk write-protected")
-    p.add_argument("--disk-size", type=int, metavar="BYTES",
+    p.add_argument("--disk-size", type=_whole(*DISK_SIZES), metavar="BYTES",
                    help="size of the demo's scratch disk when no --disk is given")
     p.add_argument("--serial", choices=("echo", "pty"),
                    help="where the demo serial port's bytes go (default: echo)")
@@ -96,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="listen on IPv4 only")
     p.add_argument("-6", "--ipv6", dest="family", action="store_const", const="ipv6",
                    help="listen on IPv6 only")
-    p.add_argument("-t", "--tcp-port", type=int, metavar="PORT",
+    p.add_argument("-t", "--tcp-port", type=_whole(*PORTS), metavar="PORT",
                    help=f"TCP port to listen on (default: {USBIP_PORT})")
     tls = p.add_argument_group(
         "mutual TLS", "With all three files, every client on the listen addresses must present "
@@ -109,30 +137,30 @@ def build_parser() -> argparse.ArgumentParser:
     tls.add_argument("--ktls", choices=("auto", "on", "off"),
                      help="hand sessions to kernel TLS: when available (auto, the default), "
                           "always (on: refuse to start without it), or never (off)")
-    tls.add_argument("--tls-handshake-timeout", type=float,
+    tls.add_argument("--tls-handshake-timeout", type=_positive(MAX_SECONDS),
                      metavar="SECONDS",
                      help=f"time a client has for its handshake (default: {HANDSHAKE_TIMEOUT:g})")
-    tls.add_argument("--plaintext-port", type=int, metavar="PORT",
+    tls.add_argument("--plaintext-port", type=_whole(*PORTS), metavar="PORT",
                      help="with TLS, also serve plaintext USB/IP on this port of 127.0.0.1 "
                           "(for local tools such as C usbip); never on other addresses")
     limits = p.add_argument_group(
         "limits", "What one client, or a flood of them, may hold (also [limits] in the "
         "configuration file).")
     base = Limits()
-    limits.add_argument("--max-connections", type=int, metavar="N",
+    limits.add_argument("--max-connections", type=_whole(*COUNTS), metavar="N",
                         help=f"connections at once (default: {base.max_connections})")
-    limits.add_argument("--max-connections-per-address", type=int, metavar="N",
+    limits.add_argument("--max-connections-per-address", type=_whole(*COUNTS), metavar="N",
                         help="connections at once from one address or IPv6 /64 "
                              f"(default: {base.max_connections_per_address})")
-    limits.add_argument("--accept-rate", type=float, metavar="PER_SECOND",
+    limits.add_argument("--accept-rate", type=_positive(MAX_RATE), metavar="PER_SECOND",
                         help="new connections a second from one address "
                              f"(default: {base.accept_rate:g}, bursts of --accept-burst)")
-    limits.add_argument("--accept-burst", type=int, metavar="N",
+    limits.add_argument("--accept-burst", type=_whole(*COUNTS), metavar="N",
                         help=f"(default: {base.accept_burst})")
-    limits.add_argument("--request-timeout", type=float, metavar="SECONDS",
+    limits.add_argument("--request-timeout", type=_positive(MAX_SECONDS), metavar="SECONDS",
                         help="time a connection has to send a whole request "
                              f"(default: {base.request_timeout:g})")
-    limits.add_argument("--idle-timeout", type=float, metavar="SECONDS",
+    limits.add_argument("--idle-timeout", type=_positive(MAX_SECONDS), metavar="SECONDS",
                         help="time a connection may send nothing before its request "
                              f"(default: {base.idle_timeout:g})")
     p.add_argument("--loop", choices=("auto", "asyncio", "uvloop"),
@@ -165,9 +193,6 @@ def _config_path(args: argparse.Namespace) -> Path | None:
 def _limits(args: argparse.Namespace, config: DaemonConfig) -> Limits:
     given = {name: getattr(args, name) for name in LIMIT_OPTIONS
              if getattr(args, name) is not None}
-    for name, value in given.items():
-        if not value > 0:
-            raise UsbipError(f"--{name.replace('_', '-')} {value:g}: must be more than 0")
     return Limits(**{**Limits().__dict__, **config.limits, **given})
 
 
@@ -182,10 +207,17 @@ def read_settings(args: argparse.Namespace, path: Path | None = None) -> Setting
     options.update({key: value for key, value in vars(args).items()
                     if key in DEFAULTS and value is not None})
     # (the file and the options together: each may give a part)
-    tls = TlsFiles.from_options(options["tls_cert"], options["tls_key"], options["tls_ca"])
+    try:
+        tls = TlsFiles.from_options(options["tls_cert"], options["tls_key"],
+                                    options["tls_ca"])
+    except TlsError as exc:
+        if path is None:
+            raise
+        raise TlsError(f"{exc} ([tls] cert, key and ca in {path})") from None
     policy = config.policy if config.policy is not None else OPEN
     return Settings(path, argparse.Namespace(**options), _limits(args, config), policy,
-                    policy_warnings(policy, tls is not None))
+                    policy_warnings(policy, tls is not None,
+                                    written=config.policy is not None))
 
 
 def _describe(settings: Settings) -> list[str]:
@@ -206,15 +238,20 @@ def _describe(settings: Settings) -> list[str]:
     return lines
 
 
-def emulated_devices(args: argparse.Namespace) -> list[ExportedDevice]:
+def emulated_devices(args: argparse.Namespace, *, look_only: bool = False
+                     ) -> list[ExportedDevice]:
+    """The emulated devices the settings ask for, in busid order. ``look_only``: the
+    same devices with nothing opened for writing and no pty (to learn their ids)."""
+    read_only = args.read_only or look_only
     if args.demo:
-        return demo_devices(disk=args.disk, read_only=args.read_only, serial=args.serial,
+        return demo_devices(disk=args.disk, read_only=read_only,
+                            serial="echo" if look_only else args.serial,
                             disk_size=args.disk_size)
     devices: list[ExportedDevice] = []
     if args.disk:
-        devices.append(MassStorage(ImageFile(args.disk, read_only=args.read_only)))
+        devices.append(MassStorage(ImageFile(args.disk, read_only=read_only)))
     if args.serial == "pty":
-        devices.append(CdcAcm(PtyBackend()))
+        devices.append(CdcAcm(None if look_only else PtyBackend()))
     return devices
 
 
@@ -306,7 +343,7 @@ async def _reload(server: UsbipServer, args: argparse.Namespace, running: Settin
     except UsbipError as exc:
         log.error("reload: %s: the running configuration stays in force", exc)
         return running
-    changed = sorted(key for key, value in vars(new.options).items()
+    changed = sorted(key_of(key) for key, value in vars(new.options).items()
                      if getattr(running.options, key) != value)
     if changed:
         log.warning("reload: %s changed: takes effect when usbipyd restarts",
@@ -415,6 +452,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     args = settings.options
     if cli.check_config:
+        # Everything a start would check: the TLS files load (and kTLS, when asked
+        # for), the disk image opens.
+        try:
+            _tls(args)
+            for device in emulated_devices(args, look_only=True):
+                device.close()
+        except (UsbipError, StorageError, OSError) as exc:
+            print(f"usbipyd: {exc}", file=sys.stderr)
+            return 1
         where = settings.file if settings.file is not None else "no configuration file"
         print(f"usbipyd: {where}: ok")
         for line in [*settings.warnings, *_describe(settings)]:

@@ -32,11 +32,25 @@ from .toml import ConfigError, Document, KeyPath, dotted
 #: Where usbipyd looks when --config is not given.
 DEFAULT_PATH = Path("/etc/usbipy/usbipyd.toml")
 
-#: Four hex digits a side (as devices are compared: "046d:c52b"), or a pattern with
-#: a wildcard; "46d:c52b" would never match anything.
-_ID = r"(?:[0-9a-f]{4}|[0-9a-f?]*\*[0-9a-f?*]*|[0-9a-f?]{4})"
-_VID_PID = re.compile(f"{_ID}:{_ID}", re.IGNORECASE)
-_BUSID = re.compile(r"[0-9a-z.*?:\[\]\-]+", re.IGNORECASE)
+#: Four hex digits a side (as devices are compared: "046d:c52b"), or a pattern with a
+#: wildcard (* ? [...]); "46d:c52b" would never match anything.
+_HEX4 = re.compile(r"[0-9a-f]{4}", re.IGNORECASE)
+_ID_PATTERN = re.compile(r"[0-9a-f*?\[\]!-]+", re.IGNORECASE)
+_BUSID = re.compile(r"[0-9a-z.*?:\[\]!\-]+", re.IGNORECASE)
+
+#: The ranges a value may take, in the file and as an option.
+PORTS = (0, 65535)
+COUNTS = (1, 1 << 20)
+DISK_SIZES = (512, 1 << 50)
+MAX_SECONDS = 3600.0
+MAX_RATE = 1e6
+
+
+def vid_pid_valid(pattern: str) -> bool:
+    sides = pattern.split(":")
+    return len(sides) == 2 and all(
+        _HEX4.fullmatch(side) or (any(c in side for c in "*?[") and _ID_PATTERN.fullmatch(side))
+        for side in sides)
 
 
 @dataclass(frozen=True)
@@ -88,6 +102,8 @@ def _seconds(high: float) -> Callable[[Document, KeyPath, Any], float]:
 def _rate(doc: Document, path: KeyPath, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
         raise doc.error(path, f"{_shown(value)} is not a positive number")
+    if not value <= MAX_RATE:
+        raise doc.error(path, f"{value:g} is out of range (at most {MAX_RATE:g})")
     return float(value)
 
 
@@ -112,11 +128,20 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+def key_of(dest: str) -> str:
+    """The file's key for an option's ``dest``: "listen" for "address", "tls.cert"..."""
+    for table, options in OPTIONS.items():
+        for key, option in options.items():
+            if option.dest == dest:
+                return f"{table}.{key}" if table else key
+    return dest
+
+
 #: Keys at the top of the file and in [devices] and [tls], and the option each sets.
 OPTIONS: dict[str, dict[str, _Option]] = {
     "": {
         "listen": _Option("address", lambda d, p, v: list(_strings(d, p, v))),
-        "port": _Option("tcp_port", _int(1, 65535)),
+        "port": _Option("tcp_port", _int(*PORTS)),
         "family": _Option("family", _choice("any", "ipv4", "ipv6")),
         "state_dir": _Option("state_dir", _file),
         "usbip_host": _Option("usbip_host", _bool),
@@ -129,7 +154,7 @@ OPTIONS: dict[str, dict[str, _Option]] = {
         "demo": _Option("demo", _bool),
         "disk": _Option("disk", _file),
         "read_only": _Option("read_only", _bool),
-        "disk_size": _Option("disk_size", _int(512, 1 << 50)),
+        "disk_size": _Option("disk_size", _int(*DISK_SIZES)),
         "serial": _Option("serial", _choice("echo", "pty")),
     },
     "tls": {
@@ -137,19 +162,19 @@ OPTIONS: dict[str, dict[str, _Option]] = {
         "key": _Option("tls_key", _file),
         "ca": _Option("tls_ca", _file),
         "ktls": _Option("ktls", _choice("auto", "on", "off")),
-        "handshake_timeout": _Option("tls_handshake_timeout", _seconds(3600)),
-        "plaintext_port": _Option("plaintext_port", _int(1, 65535)),
+        "handshake_timeout": _Option("tls_handshake_timeout", _seconds(MAX_SECONDS)),
+        "plaintext_port": _Option("plaintext_port", _int(*PORTS)),
     },
 }
 
 #: [limits] keys: Limits fields, and their checks.
 LIMIT_CHECKS: dict[str, Callable[[Document, KeyPath, Any], Any]] = {
-    "max_connections": _int(1, 1 << 20),
-    "max_connections_per_address": _int(1, 1 << 20),
+    "max_connections": _int(*COUNTS),
+    "max_connections_per_address": _int(*COUNTS),
     "accept_rate": _rate,
-    "accept_burst": _int(1, 1 << 20),
-    "request_timeout": _seconds(3600),
-    "idle_timeout": _seconds(3600),
+    "accept_burst": _int(*COUNTS),
+    "request_timeout": _seconds(MAX_SECONDS),
+    "idle_timeout": _seconds(MAX_SECONDS),
 }
 assert set(LIMIT_CHECKS) == {f.name for f in fields(Limits)}
 
@@ -201,7 +226,7 @@ def _device_selector(doc: Document, path: KeyPath, value: Any,
     keys = _DEVICE_KEYS if names is not None else _DEVICE_KEYS[:3]
     found = _selector_fields(doc, path, table, keys)
     for pattern in found.get("vid_pid", ()):
-        if not _VID_PID.fullmatch(pattern):
+        if not vid_pid_valid(pattern):
             raise doc.error((*path, "vid_pid"),
                             f"{pattern!r} is not VID:PID, four hex digits each (wildcards "
                             "* and ?)")
@@ -283,8 +308,11 @@ def _policy(doc: Document, value: Any, names: dict[str, DeviceSelector]) -> Poli
         if key not in ("default", "rule"):
             raise _unknown(doc, ("policy", key), ("default", "rule"))
     if "default" not in table:
-        raise doc.error(("policy", "default"), 'missing: say "allow" or "deny" (what a '
-                                               "client gets for a device no rule matches)")
+        where: KeyPath = ("policy", "default")
+        if doc.line(where) is None:  # ([[policy.rule]] with no [policy] header)
+            where = ("policy", "rule", 0)
+        raise ConfigError(f"{doc.where(where)}: policy.default: missing: say \"allow\" or "
+                          '"deny" (what a client gets for a device no rule matches)')
     default = Action(_choice("allow", "deny")(doc, ("policy", "default"), table["default"]))
     rules_value = table.get("rule", [])
     if not isinstance(rules_value, list):
@@ -313,9 +341,12 @@ def _policy(doc: Document, value: Any, names: dict[str, DeviceSelector]) -> Poli
     return Policy(tuple(rules), default, f"the default ({default.value}, {default_where})")
 
 
-def warnings(policy: Policy, tls: bool) -> list[str]:
-    """What a policy says that can never match, with TLS or without."""
+def warnings(policy: Policy, tls: bool, *, written: bool) -> list[str]:
+    """What a policy (``written`` in a file, or none) lets through or can never match."""
     found = []
+    if tls and not written:
+        found.append("mutual TLS and no [policy] in a configuration file: every client whose "
+                     "certificate the CA signed may list and import every device")
     if not tls:
         for rule in policy.rules:
             client = rule.client

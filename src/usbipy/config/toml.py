@@ -155,7 +155,8 @@ class Document:
             message = str(exc)
             m = _TOML_POSITION.match(message)
             if m is None:
-                raise ConfigError(f"{path}: {message}") from None
+                message = message.replace(" (at end of document)", " at the end of the file")
+                raise ConfigError(f"{path}: {message[0].lower()}{message[1:]}") from None
             what, line, column = m.groups()
             raise ConfigError(f"{path}:{line}: {what[0].lower()}{what[1:]} "
                               f"(column {column})") from None

@@ -124,6 +124,8 @@ class UsbipServer:
         for sock, tls in [*((s, self.tls) for s in sockets), *((s, None) for s in plain)]:
             self._listeners.append((sock, tls))
             self._spawn(self._accept(sock, tls))
+        if not self.access.policy.open:
+            self._spawn(self._unknown_sessions())
         # With port 0 the system picks one: report the real port.
         self.port = sockets[0].getsockname()[1] if sockets else plain[0].getsockname()[1]
         for address, tls in self._addresses():
@@ -249,6 +251,23 @@ class UsbipServer:
                 conn.close()
         for busid, entry in list(self.access.handed_off.items()):
             await self._take_back(busid, entry)
+        if not policy.open:
+            await self._unknown_sessions()
+
+    async def _unknown_sessions(self) -> None:
+        """Name the kernel sessions no policy can judge: those this process did not
+        start (begun before a restart, or by C usbipd)."""
+        strangers = [d for d in await self.registry.hand_offs()
+                     if d.busid not in self.access.handed_off]
+        if not strangers:
+            return
+        statuses = await asyncio.to_thread(lambda: [d.import_status() for d in strangers])
+        for device, status in zip(strangers, statuses, strict=True):
+            if status is OpStatus.DEV_BUSY:
+                log.warning("%s: in use by a session this usbipyd did not start (before a "
+                            "restart, or by another server): the policy cannot tell whose; "
+                            "'usbipy unbind -b %s' ends it", printable(device.busid),
+                            printable(device.busid))
 
     async def _take_back(self, busid: str, entry: HandedOff) -> None:
         """End a kernel session whose client the policy no longer allows."""

@@ -83,6 +83,11 @@ class DeviceRegistry:
     def get(self, busid: str) -> ExportedDevice | None:
         return self._devices.get(busid)
 
+    async def hand_offs(self) -> list[HandOffDevice]:
+        """Every device another party (the kernel) serves, in use or not."""
+        return [d for d in (await self._from_sources()).values()
+                if isinstance(d, HandOffDevice)]
+
     async def available(self) -> list[AnyDevice]:
         """Devices a client may import now: the device list leaves out held ones."""
         candidates = [*self._devices.values(), *(await self._from_sources()).values()]
