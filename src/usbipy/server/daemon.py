@@ -210,7 +210,8 @@ class UsbipServer:
                 made.append(self._counted_protocol(slot, session))
                 return made[-1]
 
-            task = asyncio.ensure_future(serve_tls_client(sock, addr, tls, protocol))
+            task = asyncio.ensure_future(serve_tls_client(sock, addr, tls, protocol,
+                                                          self.access.log.warning))
             self._tasks.add(task)
             self._handshakes[task] = host
             admission.waiting(slot, task.cancel)  # (until its protocol waits in its place)

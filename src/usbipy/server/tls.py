@@ -38,6 +38,20 @@ _RECORD_SIZE = 1 << 14
 #: Seconds a client has to finish its TLS handshake.
 HANDSHAKE_TIMEOUT = 20.0
 
+#: Where a refused handshake is told: (kind, line). The server passes one that
+#: writes a kind at most once per 10 s, so a flood of broken handshakes is a line
+#: per address, not a line per connection.
+Warn = Callable[[str, str], None]
+
+
+def _log_warning(kind: str, text: str) -> None:
+    log.warning("%s", text)
+
+
+def _refused(warn: Warn, peer: str, why: str) -> None:
+    host = peer.rsplit(":", 1)[0]
+    warn(f"handshake refused {host}", f"{peer}: TLS handshake refused: {why}")
+
 
 @dataclass(frozen=True)
 class ServerTls:
@@ -185,8 +199,10 @@ class TlsServerProtocol(asyncio.Protocol):
     transport that encrypts what it writes.
     """
 
-    def __init__(self, tls: ServerTls, inner: Callable[[], asyncio.Protocol]) -> None:
+    def __init__(self, tls: ServerTls, inner: Callable[[], asyncio.Protocol],
+                 warn: Warn = _log_warning) -> None:
         self._tls = tls
+        self._warn = warn
         self._make_inner = inner
         self._layer = TlsLayer(tls.context, server_side=True)
         self._raw: asyncio.Transport | None = None
@@ -243,7 +259,7 @@ class TlsServerProtocol(asyncio.Protocol):
     def _refuse(self, exc: BaseException) -> None:
         if self._inner is not None or self._raw is None or self._raw.is_closing():
             return
-        log.warning("%s: TLS handshake refused: %s", self._peer, handshake_failure(exc))
+        _refused(self._warn, self._peer, handshake_failure(exc))
         self._settle()  # (told once: connection_lost has nothing more to say)
         out = self._layer.outgoing()  # the alert that tells the client why, if any
         if out:
@@ -260,7 +276,7 @@ class TlsServerProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._inner is None and exc is not None and not self.settled.done():
-            log.warning("%s: TLS handshake refused: %s", self._peer, handshake_failure(exc))
+            _refused(self._warn, self._peer, handshake_failure(exc))
         self._settle()
         if self._inner is not None:
             self._inner.connection_lost(exc)
@@ -275,13 +291,14 @@ class TlsServerProtocol(asyncio.Protocol):
 
 
 async def serve_tls_client(sock: socket.socket, addr: object, tls: ServerTls,
-                           protocol: Callable[[TlsSession | None], asyncio.Protocol]) -> None:
+                           protocol: Callable[[TlsSession | None], asyncio.Protocol],
+                           warn: Warn = _log_warning) -> None:
     """Handshake with one accepted client, then give it a protocol; ``sock`` is taken."""
     loop = asyncio.get_running_loop()
     if not tls.kernel:
         try:
             transport, handshake = await loop.connect_accepted_socket(
-                lambda: TlsServerProtocol(tls, lambda: protocol(None)), sock)
+                lambda: TlsServerProtocol(tls, lambda: protocol(None), warn), sock)
         except BaseException:
             sock.close()
             raise
@@ -299,7 +316,7 @@ async def serve_tls_client(sock: socket.socket, addr: object, tls: ServerTls,
         why = handshake_failure(exc)
         if isinstance(exc, ConnectionAbortedError) and "taking longer" in str(exc):
             why = handshake_failure(TimeoutError())
-        log.warning("%s: TLS handshake refused: %s", address_text(addr), why)
+        _refused(warn, address_text(addr), why)
         return
     except BaseException:
         sock.close()
