@@ -6,6 +6,7 @@ Test modules import from here, never from one another.
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import Any
 
 from usbipy.protocol import (
@@ -159,3 +160,10 @@ async def settle(rounds: int = 5) -> None:
     """Let callbacks and short tasks scheduled on the loop run."""
     for _ in range(rounds):
         await asyncio.sleep(0)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -20,6 +19,8 @@ import pytest
 from usbipy.cli import usbipy as cli
 from usbipy.client import ImportRefused, import_device, list_devices
 from usbipy.tls import TlsFiles, certs, client_context
+
+from ..helpers import free_port
 
 RULES = """
 [[policy.rule]]
@@ -72,11 +73,6 @@ default = "deny"
             time.sleep(0.02)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[Daemon]:
@@ -88,7 +84,7 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
     log = tmp_path / "usbipyd.log"
     config = tmp_path / "usbipyd.toml"
     with open(log, "wb") as out:
-        d = Daemon(_free_port(), config, log, None, base / "tls")  # type: ignore[arg-type]
+        d = Daemon(free_port(), config, log, None, base / "tls")  # type: ignore[arg-type]
         d.write(ALICE_RULE + RULES)
         d.process = subprocess.Popen(
             [sys.executable, "-m", "usbipy.cli.usbipyd", "-c", str(config), "--ktls", "off"],

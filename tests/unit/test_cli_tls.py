@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from usbipy.cli import usbipy as cli
 from usbipy.cli import usbipyd
 from usbipy.tls import ktls
 
+from ..helpers import free_port
 from .fake_sysfs import FakeSysfs
 
 
@@ -118,11 +118,6 @@ def test_usbipyd_needs_all_three_tls_files(capsys) -> None:
                                "makes them)\n")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 @pytest.fixture
 def tls_daemon(tmp_path: Path, capsys, state: Path) -> Iterator[tuple[int, int, Path]]:
@@ -131,7 +126,7 @@ def tls_daemon(tmp_path: Path, capsys, state: Path) -> Iterator[tuple[int, int, 
     usbipy(capsys, "cert", "issue", "localhost", "--server", "--san", "127.0.0.1")
     usbipy(capsys, "cert", "issue", "alice", "--client")
     tls = state / "tls"
-    port, plain = _free_port(), _free_port()
+    port, plain = free_port(), free_port()
     log = tmp_path / "usbipyd.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
