@@ -44,7 +44,8 @@ def free_port() -> int:
 
 def start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "usbipy.cli.usbipyd", "--demo",
+        proc = subprocess.Popen([sys.executable, "-m", "usbipy.cli.usbipyd", "-c", os.devnull,
+                                 "--demo",
                                  "--disk-size", "1048576", "--no-usbip-host", "--no-libusb",
                                  *args], stderr=out,
                                 env={**os.environ, "PYTHONPATH": str(ROOT / "src")})

@@ -4,6 +4,7 @@ import asyncio
 import collections.abc
 import logging
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -24,6 +25,14 @@ def run(coro: Awaitable[T], timeout: float = 60) -> T:
 
 
 ServeFn = Callable[[Callable[[UsbipServer], Awaitable[Any]]], Any]
+
+
+@pytest.fixture(autouse=True)
+def _no_system_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test reads this machine's /etc/usbipy/usbipyd.toml."""
+    from usbipy.cli import usbipyd
+
+    monkeypatch.setattr(usbipyd, "DEFAULT_CONFIG", Path("/nonexistent/usbipy/usbipyd.toml"))
 
 
 @pytest.fixture

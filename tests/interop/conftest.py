@@ -39,7 +39,9 @@ def usbipyd(tmp_path: Path) -> Iterator[Usbipyd]:
     port = free_port()
     log = open(tmp_path / "usbipyd.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "usbipy.cli.usbipyd", "--demo", "--tcp-port", str(port),
+        # (-c /dev/null: never this machine's /etc/usbipy/usbipyd.toml)
+        [sys.executable, "-m", "usbipy.cli.usbipyd", "-c", os.devnull, "--demo",
+         "--tcp-port", str(port),
          "--disk-size", str(8 << 20)],
         stdout=log, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 20

@@ -130,7 +130,8 @@ def tls_daemon(tmp_path: Path, capsys, state: Path) -> Iterator[tuple[int, int, 
     log = tmp_path / "usbipyd.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "usbipy.cli.usbipyd", "--demo", "--disk-size", "1048576",
+            [sys.executable, "-m", "usbipy.cli.usbipyd", "-c", os.devnull, "--demo",
+             "--disk-size", "1048576",
              "-t", str(port), "--plaintext-port", str(plain), "--no-usbip-host",
              "--no-libusb", "--tls-cert", str(tls / "localhost.pem"), "--tls-key",
              str(tls / "localhost-key.pem"), "--tls-ca", str(tls / "ca.pem")],
