@@ -176,3 +176,49 @@ def test_usbipyd_with_usbipy_attach_and_a_busy_second_client(clean: Stick) -> No
     # free again: offered in the list, importable
     wait_for(vm, f"{USBIPY} list -r {LOOPBACK} | grep -q ' {busid}: '")
     vm.check(f"{USBIPY} unbind -b {busid}")
+
+
+POLICY = """\
+usbip_host = true
+libusb = false
+[policy]
+default = "deny"
+{rules}"""
+
+ALLOW_LOOPBACK = """
+[[policy.rule]]
+action = "allow"
+client.network = "127.0.0.1/32"
+"""
+
+
+def test_a_reload_that_revokes_the_client_ends_the_kernel_session(clean: Stick) -> None:
+    """usbipyd handed the stick to usbip-host for a client; a SIGHUP with a policy that
+    no longer allows that client ends the kernel's session (usbip_sockfd "-1"): the
+    stub is free again and vhci-hcd lets go of the disk."""
+    vm, busid = clean.vm, clean.busid
+    vm.check(f"{USBIPY} bind -b {busid}")
+    vm.check(f"cat > /run/usbipyd.toml <<'EOF'\n{POLICY.format(rules=ALLOW_LOOPBACK)}EOF")
+    # (in the foreground, logging to a file; the clean fixture stops it by its pid file)
+    vm.check(f"setsid {USBIPYD} -c /run/usbipyd.toml -P /run/usbipyd.pid "
+             "</dev/null >/run/usbipyd.log 2>&1 &")
+    wait_for(vm, f"{USBIPY} list -r {LOOPBACK} 2>/dev/null | grep -q ' {busid}: '")
+
+    vm.check(f"usbip attach -r {LOOPBACK} -b {busid}")
+    disk = vhci_disk(vm)
+    assert read_known_file(vm, disk) == KNOWN_TEXT
+    assert vm.check(f"cat /sys/bus/usb/devices/{busid}/usbip_status").strip() == "2"
+
+    vm.check(f"cat > /run/usbipyd.toml <<'EOF'\n{POLICY.format(rules='')}EOF")
+    vm.check("kill -HUP $(cat /run/usbipyd.pid)")
+    # the stub's session ends: available again, and the client's port and disk are gone
+    wait_for(vm, f"grep -qx 1 /sys/bus/usb/devices/{busid}/usbip_status")
+    wait_for(vm, "! usbip port | grep -q 'Port in Use'")
+    wait_for(vm, f"[ -z \"$({_disks('')})\" ]")
+    log = vm.check("cat /run/usbipyd.log")
+    assert (f"dropped from {busid} (served by the kernel): no longer allowed by the default "
+            "(deny, usbipyd.toml line 4)") in log, log
+    # and the client may not have it back: refused as an unknown device
+    again = vm.run(f"usbip attach -r {LOOPBACK} -b {busid}")
+    assert again.rc != 0 and "Device not found" in again.out, again.out
+    assert busid not in vm.check(f"{USBIPY} list -r {LOOPBACK}")
