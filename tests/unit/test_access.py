@@ -237,3 +237,99 @@ def test_kernel_sessions_this_server_did_not_start_are_named(serve, caplog) -> N
     assert ("5-3: in use by a session this usbipyd did not start (before a restart, or by "
             "another server): the policy cannot tell whose; 'usbipy unbind -b 5-3' ends it"
             in caplog.text)
+
+
+def test_a_reload_that_still_allows_a_hand_off_in_progress_keeps_its_record(
+        serve, caplog) -> None:
+    # A reload while the kernel is being handed the socket must not lose the session:
+    # a later reload that revokes the client still ends it.
+    stub = _SlowStub("5-1")
+    allow_all = Policy((), Action.ALLOW, "the default (allow)")
+    deny_all = Policy((), Action.DENY, "the default (deny)")
+
+    async def test(server: UsbipServer) -> None:
+        server.registry.add_source(_Stubs([stub]))
+        reply = asyncio.ensure_future(request(server.port, OpReqImport("5-1"),
+                                              source="127.0.0.1"))
+        await asyncio.sleep(0.1)  # the hand-off is under way
+        await server.reconfigure(allow_all, Limits())
+        answer = await reply
+        assert isinstance(answer, OpRepImport) and answer.status == OpStatus.OK
+        assert stub.taken_back == 0
+        await server.reconfigure(deny_all, Limits())
+        assert stub.taken_back == 1
+
+    serve(test, devices=[], policy=allow_all)
+
+
+class _Refusing(_Stub):
+    """The kernel refuses this hand-off (the device was taken meanwhile)."""
+
+    def hand_off(self, fd: int) -> None:
+        raise OSError(16, "Device or resource busy")
+
+
+class _Stuck(_Stub):
+    """Its first take-back fails (the session goes on)."""
+
+    attempts = 0
+
+    def take_back(self) -> None:
+        self.attempts += 1
+        if self.attempts == 1:
+            raise OSError(5, "Input/output error")
+        super().take_back()
+
+
+def test_a_failed_hand_off_keeps_the_record_of_the_session_before_it(serve) -> None:
+    first = _Stub("5-1")
+    allow_all = Policy((), Action.ALLOW, "the default (allow)")
+
+    async def test(server: UsbipServer) -> None:
+        source = _Stubs([first])
+        server.registry.add_source(source)
+        ok = await request(server.port, OpReqImport("5-1"), source="127.0.0.1")
+        assert isinstance(ok, OpRepImport) and ok.status == OpStatus.OK
+        # a second import races in, sees it free and fails in the kernel
+        source.stubs = [_Refusing("5-1")]
+        refused = await request(server.port, OpReqImport("5-1"), source="127.0.0.1")
+        assert refused == OpRepImport(OpStatus.NA)
+        source.stubs = [first]
+        await server.reconfigure(Policy((), Action.DENY, "the default (deny)"), Limits())
+        assert first.taken_back == 1  # (the first session was still known)
+
+    serve(test, devices=[], policy=allow_all)
+
+
+def test_a_take_back_that_fails_is_tried_again_on_the_next_reload(serve) -> None:
+    stub = _Stuck("5-1")
+    deny_all = Policy((), Action.DENY, "the default (deny)")
+
+    async def test(server: UsbipServer) -> None:
+        server.registry.add_source(_Stubs([stub]))
+        ok = await request(server.port, OpReqImport("5-1"), source="127.0.0.1")
+        assert isinstance(ok, OpRepImport) and ok.status == OpStatus.OK
+        await server.reconfigure(deny_all, Limits())
+        assert (stub.attempts, stub.taken_back) == (1, 0)  # failed
+        await server.reconfigure(deny_all, Limits())
+        assert (stub.attempts, stub.taken_back) == (2, 1)
+
+    serve(test, devices=[], policy=Policy((), Action.ALLOW, "the default (allow)"))
+
+
+class _SlowAttachFailingDetach(_SlowAttach):
+    async def detach(self) -> None:
+        raise RuntimeError("the device would not let go")
+
+
+def test_a_revoked_import_whose_detach_fails_still_frees_the_device(serve) -> None:
+    async def test(server: UsbipServer) -> None:
+        reply = asyncio.ensure_future(request(server.port, OpReqImport("1-1"),
+                                              source="127.0.0.1"))
+        await asyncio.sleep(0.1)
+        await server.reconfigure(Policy((), Action.DENY, "the default (deny)"), Limits())
+        assert await reply == OpRepImport(OpStatus.NODEV)
+        assert server.registry.owner("1-1") is None
+
+    serve(test, devices=[_SlowAttachFailingDetach()],
+          policy=Policy((), Action.ALLOW, "the default (allow)"))

@@ -458,3 +458,17 @@ def test_bracket_wildcards_in_ids(tmp_path: Path) -> None:
     assert policy.decide(Client(), DeviceFacts("1-2", 0x0483, 0x3748)).allowed
     assert not policy.decide(Client(), DeviceFacts("1-1", 0x0483, 0x3748)).allowed
     assert not policy.decide(Client(), DeviceFacts("1-2", 0x0483, 0x374B)).allowed
+
+
+def test_a_multiline_string_in_an_array_keeps_later_lines(tmp_path: Path) -> None:
+    text = 'listen = ["""a\nb""", "c"]\nloop = "x"\n'
+    with pytest.raises(ConfigError, match=r"usbipyd.toml:3: loop: 'x' is not one of"):
+        load(write(tmp_path, text))
+
+
+def test_main_gives_sighup_back_as_it_found_it() -> None:
+    import signal
+
+    before = signal.getsignal(signal.SIGHUP)
+    assert usbipyd.main(["-c", "/dev/null", "--check-config"]) == 0
+    assert signal.getsignal(signal.SIGHUP) is before

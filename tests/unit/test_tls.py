@@ -23,7 +23,7 @@ from usbipy.backends.base import DeviceSource, HandOffDevice
 from usbipy.client import ClientError, ImportRefused, import_device, list_devices
 from usbipy.client.errors import TlsRefused
 from usbipy.protocol import DeviceInfo, OpStatus
-from usbipy.server import UsbipServer, daemon
+from usbipy.server import UsbipServer, daemon, limits
 from usbipy.server.tls import ServerTls
 from usbipy.tls import TlsError, TlsFiles, certs, client_context, ktls, server_context
 
@@ -663,7 +663,7 @@ def test_a_broken_record_after_the_handshake_ends_the_session_quietly(pki: Pki) 
 ])
 def test_handshakes_are_counted_per_ipv4_address_and_ipv6_64(addr: tuple[object, ...],
                                                              key: str) -> None:
-    assert daemon.client_key(addr) == key
+    assert limits.client_key(addr) == key
 
 
 def test_stalled_handshakes_from_many_addresses_keep_no_real_client_out(

@@ -441,10 +441,19 @@ def _raise_file_limit(limits: Limits) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     cli = build_parser().parse_args(argv)
-    if threading.current_thread() is threading.main_thread():
-        # A SIGHUP before the loop handles it (systemd's reload right after start)
-        # must not end the daemon; the loop's handler takes over.
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    if threading.current_thread() is not threading.main_thread():
+        return _main(cli)
+    # A SIGHUP before the loop handles it (systemd's reload right after start) must
+    # not end the daemon: ignored until the loop's handler takes over, and the
+    # caller's handler is back when main returns.
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        return _main(cli)
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
+def _main(cli: argparse.Namespace) -> int:
     try:
         settings = read_settings(cli)
     except UsbipError as exc:

@@ -69,6 +69,37 @@ def _open_brackets(text: str) -> int:
     return depth
 
 
+#: The delimiters of multi-line strings.
+_MULTILINE = ('"' * 3, "'" * 3)
+
+
+def _unclosed_multiline(text: str) -> str:
+    """The multi-line string delimiter ``text`` opens and leaves open, or "". Strings
+    on one line and comments are skipped: triple quotes in them open nothing."""
+    quote = ""
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if quote:
+            if len(quote) == 3 and text.startswith(quote, i):
+                quote, i = "", i + 3
+                continue
+            if ch == "\\" and quote[0] == '"':
+                i += 2
+                continue
+            if len(quote) == 1 and ch == quote:
+                quote = ""
+        elif text.startswith(_MULTILINE, i):
+            quote, i = text[i:i + 3], i + 3
+            continue
+        elif ch in "\"'":
+            quote = ch
+        elif ch == "#":
+            break
+        i += 1
+    return quote if len(quote) == 3 else ""
+
+
 def _key_lines(text: str) -> dict[KeyPath, int]:
     lines: dict[KeyPath, int] = {}
     table: KeyPath = ()
@@ -82,7 +113,9 @@ def _key_lines(text: str) -> dict[KeyPath, int]:
                 in_string = ""
             continue
         if depth > 0:
-            depth += _open_brackets(line)
+            in_string = _unclosed_multiline(line)
+            if not in_string:
+                depth += _open_brackets(line)
             continue
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
@@ -107,11 +140,8 @@ def _key_lines(text: str) -> dict[KeyPath, int]:
         parts, end = found
         path = (*table, *parts)
         lines.setdefault(path, number)
-        value = line[end + 1:].lstrip()
-        for quotes in ('"""', "'''"):
-            # a multi-line string opens right after the "=" and does not close on its line
-            if value.startswith(quotes) and quotes not in value[3:]:
-                in_string = quotes
+        value = line[end + 1:]
+        in_string = _unclosed_multiline(value)
         if not in_string:
             depth = max(_open_brackets(value), 0)
     return lines

@@ -38,6 +38,8 @@ class HandedOff:
     device: AnyDevice
     client: Client
     peer: str
+    #: Until the kernel has taken the socket (the import decides it then).
+    pending: bool = False
 
 
 @dataclass

@@ -34,7 +34,7 @@ from ..protocol import (
 from ..protocol.constants import ECONNRESET, EPROTO
 from ..tls import TlsSession
 from .access import Access, HandedOff, client_of
-from .limits import Slot
+from .limits import Slot, client_key
 from .registry import DeviceRegistry
 
 log = logging.getLogger("usbipy.server")
@@ -69,6 +69,7 @@ class UsbipServerProtocol(asyncio.Protocol):
         self.client = client_of(None, None)
         #: This connection's place in the server's count, if it is counted.
         self.slot: Slot | None = None
+        self._client_key = "?"
         #: The client's TLS session (a kernel TLS one is passed in; a userspace
         #: one is read off the transport), None for plaintext.
         self.tls = tls
@@ -119,6 +120,7 @@ class UsbipServerProtocol(asyncio.Protocol):
             # the verified identity, in every line about this client
             self.peer = f"{self.peer} {self.tls.peer}"
         self.client = client_of(peer[0] if isinstance(peer, tuple) else None, self.tls)
+        self._client_key = client_key(peer)
         self._connections.add(self)
         limits = self.access.limits
         loop = asyncio.get_running_loop()
@@ -312,9 +314,8 @@ class UsbipServerProtocol(asyncio.Protocol):
                 # Refused as an unknown device is (NODEV), so the reply tells the client
                 # nothing about what it may not use; the log says which rule refused
                 # (once per 10 s per client address: a client cannot flood the log).
-                host = self.peer.split(" ", 1)[0].rsplit(":", 1)[0]
                 self.access.log.warning(
-                    f"denied {host}",
+                    f"denied {self._client_key}",
                     f"{self.peer}: import of {shown} denied by {decision.reason}")
             else:
                 log.info("%s: import of %s refused: %s", self.peer, shown, status.name)
@@ -338,8 +339,12 @@ class UsbipServerProtocol(asyncio.Protocol):
             await self._release(device)
             return
         if self._revoked_meanwhile(generation, device):
-            await device.detach()
-            self.registry.release(busid, self)
+            try:
+                await device.detach()
+            except Exception:
+                log.exception("%s: releasing %s failed", self.peer, shown)
+            finally:
+                self.registry.release(busid, self)
             self._refuse(OpStatus.NODEV)
             return
         self.device = device
@@ -370,21 +375,28 @@ class UsbipServerProtocol(asyncio.Protocol):
             return
         sock = self._transport.get_extra_info("socket")
         fd = sock.fileno()
-        # Recorded before the hand-off: a reload while it runs sees this session.
-        entry = HandedOff(device, self.client, self.peer)
-        self.access.handed_off[device.busid] = entry
+        # Recorded before the hand-off, as pending: a reload meanwhile leaves it to
+        # _revoked_meanwhile below, and a failed hand-off puts back what was there.
+        handed = self.access.handed_off
+        previous = handed.get(device.busid)
+        entry = HandedOff(device, self.client, self.peer, pending=True)
+        handed[device.busid] = entry
         try:
             # The kernel's usbip threads expect a blocking socket, as usbipd gives it.
             os.set_blocking(fd, True)
             await asyncio.to_thread(device.hand_off, fd)
         except OSError as exc:
-            if self.access.handed_off.get(device.busid) is entry:
-                del self.access.handed_off[device.busid]
+            if handed.get(device.busid) is entry:
+                if previous is not None:
+                    handed[device.busid] = previous
+                else:
+                    del handed[device.busid]
             log.error("%s: handing %s to the kernel failed: %s", self.peer,
                       printable(device.busid), exc.strerror or exc)
             os.set_blocking(fd, False)
             self._refuse(OpStatus.NA)
             return
+        entry.pending = False
         if self._revoked_meanwhile(generation, device):
             # The kernel has the socket: end its session, and say nothing more.
             if self.access.handed_off.get(device.busid) is entry:

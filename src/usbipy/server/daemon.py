@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import ipaddress
 import logging
 import socket
 import threading
@@ -19,7 +18,7 @@ from ..protocol import DEFAULT_MAX_TRANSFER, USBIP_PORT, OpStatus
 from ..tls import TlsSession
 from .access import Access, HandedOff
 from .connection import UsbipServerProtocol
-from .limits import Limits, Slot
+from .limits import Limits, Slot, client_key
 from .registry import DeviceRegistry
 from .tls import ServerTls, address_text, serve_tls_client
 
@@ -59,21 +58,6 @@ def listen_sockets(hosts: Sequence[str], port: int,
             sock.close()
         raise
     return sockets
-
-
-def client_key(addr: object) -> str:
-    """Whom a connection counts against: its IPv4 address, or its IPv6 /64 (one
-    host commonly holds a whole /64, so per-address counts would not hold it)."""
-    host = str(addr[0]) if isinstance(addr, tuple) else str(addr)
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return host
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return host
 
 
 class UsbipServer:
@@ -164,6 +148,12 @@ class UsbipServer:
                 await asyncio.sleep(0.5)
                 continue
             host = client_key(addr)
+            if tls is not None and (sum(h == host for h in self._handshakes.values())
+                                    >= MAX_HANDSHAKES_PER_ADDRESS):
+                # (before admission: a refused newcomer must not make anyone room)
+                sock.close()
+                self._report_full(host)
+                continue
             admission = self.access.admission
             evicted = admission.evicted
             slot = admission.admit(host)
@@ -189,13 +179,8 @@ class UsbipServer:
                                 printable(address_text(addr)), exc)
                 continue
             # Each pending handshake holds a socket for up to the handshake timeout:
-            # capped per address (beyond, refused) and in all (beyond, the oldest
-            # makes room: stalled handshakes never keep a real client out).
-            if sum(h == host for h in self._handshakes.values()) >= MAX_HANDSHAKES_PER_ADDRESS:
-                sock.close()
-                slot.release()
-                self._report_full(host)
-                continue
+            # capped per address (above: beyond, refused) and in all (beyond, the
+            # oldest makes room: stalled handshakes never keep a real client out).
             if len(self._handshakes) >= MAX_HANDSHAKES:
                 oldest = next(iter(self._handshakes))
                 del self._handshakes[oldest]
@@ -274,7 +259,7 @@ class UsbipServer:
         """End a kernel session whose client the policy no longer allows."""
         handed = self.access.handed_off
         device = entry.device
-        if not isinstance(device, HandOffDevice):
+        if not isinstance(device, HandOffDevice) or entry.pending:
             return
         status = await asyncio.to_thread(device.import_status)
         if handed.get(busid) is not entry:
@@ -289,6 +274,7 @@ class UsbipServer:
         try:
             await asyncio.to_thread(device.take_back)
         except OSError as exc:
+            handed.setdefault(busid, entry)  # (tried again on the next reload)
             log.error("%s: cannot end its session on %s: %s", entry.peer,
                       printable(busid), exc.strerror or exc)
             return

@@ -9,6 +9,7 @@ does and far below what exhausts the server's descriptors or loop.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import time
 from collections import Counter
@@ -32,6 +33,21 @@ class Limits:
     request_timeout: float = 30.0
     #: Seconds a connection in the OP phase may send nothing.
     idle_timeout: float = 10.0
+
+
+def client_key(addr: object) -> str:
+    """Whom a connection counts against: its IPv4 address, or its IPv6 /64 (one
+    host commonly holds a whole /64, so per-address counts would not hold it)."""
+    host = str(addr[0]) if isinstance(addr, tuple) else str(addr)
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return host
 
 
 class _Bucket:

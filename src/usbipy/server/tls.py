@@ -29,6 +29,7 @@ from ..escape import printable
 from ..tls import TlsSession, handshake_failure
 from ..tls.ktls import take_plain
 from ..tls.layer import TlsLayer
+from .limits import client_key
 
 log = logging.getLogger("usbipy.server")
 
@@ -48,9 +49,10 @@ def _log_warning(kind: str, text: str) -> None:
     log.warning("%s", text)
 
 
-def _refused(warn: Warn, peer: str, why: str) -> None:
-    host = peer.rsplit(":", 1)[0]
-    warn(f"handshake refused {host}", f"{peer}: TLS handshake refused: {why}")
+def _refused(warn: Warn, addr: object, why: str) -> None:
+    # (one kind per client as the limits count it: an IPv6 host by its /64)
+    warn(f"handshake refused {client_key(addr)}",
+         f"{printable(address_text(addr))}: TLS handshake refused: {why}")
 
 
 @dataclass(frozen=True)
@@ -209,12 +211,14 @@ class TlsServerProtocol(asyncio.Protocol):
         self._inner: asyncio.Protocol | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._peer = "?"
+        self._addr: object = None
         #: Resolved when the handshake is over, whichever way it went.
         self.settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._raw = cast(asyncio.Transport, transport)
-        self._peer = address_text(transport.get_extra_info("peername"))
+        self._addr = transport.get_extra_info("peername")
+        self._peer = address_text(self._addr)
         self._timer = asyncio.get_running_loop().call_later(
             self._tls.handshake_timeout, self._refuse, TimeoutError())
 
@@ -259,7 +263,7 @@ class TlsServerProtocol(asyncio.Protocol):
     def _refuse(self, exc: BaseException) -> None:
         if self._inner is not None or self._raw is None or self._raw.is_closing():
             return
-        _refused(self._warn, self._peer, handshake_failure(exc))
+        _refused(self._warn, self._addr, handshake_failure(exc))
         self._settle()  # (told once: connection_lost has nothing more to say)
         out = self._layer.outgoing()  # the alert that tells the client why, if any
         if out:
@@ -276,7 +280,7 @@ class TlsServerProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._inner is None and exc is not None and not self.settled.done():
-            _refused(self._warn, self._peer, handshake_failure(exc))
+            _refused(self._warn, self._addr, handshake_failure(exc))
         self._settle()
         if self._inner is not None:
             self._inner.connection_lost(exc)
@@ -316,7 +320,7 @@ async def serve_tls_client(sock: socket.socket, addr: object, tls: ServerTls,
         why = handshake_failure(exc)
         if isinstance(exc, ConnectionAbortedError) and "taking longer" in str(exc):
             why = handshake_failure(TimeoutError())
-        _refused(warn, address_text(addr), why)
+        _refused(warn, addr, why)
         return
     except BaseException:
         sock.close()
