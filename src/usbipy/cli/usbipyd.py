@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -193,7 +194,7 @@ def _config_path(args: argparse.Namespace) -> Path | None:
 def _limits(args: argparse.Namespace, config: DaemonConfig) -> Limits:
     given = {name: getattr(args, name) for name in LIMIT_OPTIONS
              if getattr(args, name) is not None}
-    return Limits(**{**Limits().__dict__, **config.limits, **given})
+    return dataclasses.replace(config.limits_over(Limits()), **given)
 
 
 def read_settings(args: argparse.Namespace, path: Path | None = None) -> Settings:

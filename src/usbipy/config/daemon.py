@@ -10,6 +10,8 @@ Relative paths in the file are taken from the file's directory.
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
 import ipaddress
 import re
 from collections.abc import Callable
@@ -195,7 +197,7 @@ class DaemonConfig:
     policy: Policy | None = None
 
     def limits_over(self, base: Limits) -> Limits:
-        return Limits(**{**base.__dict__, **self.limits})
+        return dataclasses.replace(base, **self.limits)
 
 
 def _table(doc: Document, path: KeyPath, value: Any) -> dict[str, Any]:
@@ -236,7 +238,7 @@ def _device_selector(doc: Document, path: KeyPath, value: Any,
     named: list[DeviceSelector] = []
     for pattern in found.get("name", ()):
         hits = [selector for name, selector in (names or {}).items()
-                if _fnmatch(name, pattern)]
+                if fnmatch.fnmatchcase(name, pattern)]
         if not hits:
             known = ", ".join(sorted(names or {})) or "none"
             raise doc.error((*path, "name"),
@@ -245,11 +247,6 @@ def _device_selector(doc: Document, path: KeyPath, value: Any,
     return DeviceSelector(busid=found.get("busid", ()), vid_pid=found.get("vid_pid", ()),
                           serial=found.get("serial", ()), name=found.get("name", ()),
                           named=tuple(named))
-
-
-def _fnmatch(name: str, pattern: str) -> bool:
-    import fnmatch
-    return fnmatch.fnmatchcase(name, pattern)
 
 
 def _network(doc: Document, path: KeyPath, text: str) -> IPNetwork:
