@@ -35,6 +35,12 @@ def _no_system_config(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(usbipyd, "DEFAULT_CONFIG", Path("/nonexistent/usbipy/usbipyd.toml"))
 
 
+@pytest.fixture(autouse=True)
+def _private_run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Persistent attachments describe themselves in a directory of the test's own."""
+    monkeypatch.setenv("USBIPY_RUN_DIR", str(tmp_path / "run/usbipy/attach"))
+
+
 @pytest.fixture
 def serve() -> collections.abc.Iterator[Callable[..., Any]]:
     """serve(test, devices=None, **server_args): run ``await test(server)`` against a

@@ -196,7 +196,7 @@ def test_port_shows_what_usbip_port_shows(fake: FakeSysfs, capsys) -> None:
         "port": 0, "hub": "hs", "status": "used", "speed": "high", "local_busid": "3-1",
         "idVendor": "1209", "idProduct": "0002", "host": "10.0.0.7", "tcp_port": 3240,
         "remote_busid": "1-2", "url": "usbip://10.0.0.7:3240/1-2", "remote_busnum": 1,
-        "remote_devnum": 3, "encrypted": False, "tls": None}
+        "remote_devnum": 3, "encrypted": False, "tls": None, "persistent": None}
     assert (second["port"], second["hub"], second["url"]) == (2, "ss", None)
 
 

@@ -1,7 +1,7 @@
 """usbipy: the USB/IP client and admin tool, with the words of Linux usbip.
 
-    usbipy list -l | -r HOST [-p]      usbipy attach -r HOST -b BUSID
-    usbipy bind -b BUSID               usbipy detach -p PORT
+    usbipy list -l | -r HOST [-p]      usbipy attach -r HOST -b BUSID [--persistent]
+    usbipy bind -b BUSID               usbipy detach -p PORT | -b BUSID
     usbipy unbind -b BUSID             usbipy port
     usbipy cert init                   usbipy cert issue NAME --server|--client
     usbipy policy check --client NAME|ADDR --device BUSID [-c FILE]
@@ -27,10 +27,12 @@ from pathlib import Path
 
 from ..backends.libusb.bindings import Binding, BindingStore
 from ..backends.libusb.events import require_usb1
-from ..client import list_devices
+from ..client import list_devices, persistent
 from ..client.attach import attach
+from ..client.backoff import Backoff
 from ..errors import UsbipError
 from ..escape import printable
+from ..keepalive import DEFAULT_TIMEOUT, Keepalive
 from ..linux import usbip_host, vhci
 from ..linux.sysfs import (
     SysfsError,
@@ -96,8 +98,33 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the machine that exports the device")
     att.add_argument("-b", "--busid", "-d", "--device", dest="busid", required=True,
                      help="the device's bus id on HOST")
-    det = sub.add_parser("detach", parents=[common], help="detach a device from vhci-hcd")
-    det.add_argument("-p", "--port", type=int, required=True, help="the vhci port")
+    att.add_argument("--dead-peer-timeout", type=_seconds, default=DEFAULT_TIMEOUT,
+                     metavar="SECONDS",
+                     help="give the server up when it has not answered for this long: the "
+                          "device goes away (TCP keepalive and user timeout; default: "
+                          f"{DEFAULT_TIMEOUT:g})")
+    keep = att.add_argument_group("keeping the device attached")
+    keep.add_argument("--persistent", action="store_true",
+                      help="stay and attach the device again whenever it is lost (the "
+                           "server restarts, the network drops), with backoff; stop with "
+                           "'usbipy detach', SIGTERM or Ctrl-C, which detach it")
+    keep.add_argument("--retries", type=_count, metavar="N",
+                      help="with --persistent: give up after N failed attempts in a row "
+                           "(default: never)")
+    keep.add_argument("--max-delay", type=_seconds, default=60.0, metavar="SECONDS",
+                      help="with --persistent: the longest wait between attempts "
+                           "(default: 60; the first is 1 s, doubling)")
+    keep.add_argument("--background", action="store_true",
+                      help="with --persistent: run in the background (the log goes to "
+                           "/run/usbipy/attach/PID.log)")
+    det = sub.add_parser("detach", parents=[common],
+                         help="detach a device from vhci-hcd (and stop keeping it attached)")
+    which_port = det.add_mutually_exclusive_group(required=True)
+    which_port.add_argument("-p", "--port", type=int, help="the vhci port")
+    which_port.add_argument("-b", "--busid", help="a persistent attachment, by the busid on "
+                                                  "the server (also while it waits)")
+    det.add_argument("-r", "--remote", metavar="HOST",
+                     help="with -b: the attachment from this server")
     sub.add_parser("port", parents=[common], help="show imported devices")
 
     cert = sub.add_parser("cert", parents=[common],
@@ -145,6 +172,26 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("-c", "--config", metavar="FILE",
                        help="usbipyd's configuration file (default: usbipyd's)")
     return p
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text} is out of range (more than 0, at most 3600)")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is below 0")
+    return value
 
 
 def _class_triple(c: int, s: int, p: int) -> str:
@@ -220,10 +267,12 @@ def _local_dict(dev: UsbDevice) -> dict[str, object]:
 # --- port ------------------------------------------------------------------------------
 
 
-def _print_ports(devices: Sequence[vhci.ImportedDevice]) -> None:
+def _print_ports(devices: Sequence[vhci.ImportedDevice],
+                 keepers: Sequence[persistent.KeeperState] = ()) -> None:
     ids = system_ids()
     print("Imported USB devices")
     print("====================")
+    attached = {k.port: k for k in keepers if k.state == "attached"}
     for dev in devices:
         speed = dev.local.info.speed if dev.local is not None else dev.port.speed
         print(f"Port {dev.port.port:02d}: <{dev.port.status.label}> at "
@@ -243,6 +292,67 @@ def _print_ports(devices: Sequence[vhci.ImportedDevice]) -> None:
             where = "kernel TLS" if tls.get("kernel") else "TLS"
             print(f"{'':>10} -> encrypted ({where}, {printable(str(tls.get('version')))}) "
                   f"with {printable(str(tls.get('peer')))}")
+        keeper = attached.get(dev.port.port)
+        if keeper is not None and keeper.devid == dev.port.devid:
+            print(f"{'':>10} -> {_keeper_text(keeper)}")
+    waiting = [k for k in keepers if k.state != "attached"]
+    if waiting:
+        print()
+        print("Persistent attachments waiting")
+        print("==============================")
+    for keeper in waiting:
+        print(f"{printable(keeper.url)}: <{keeper.state}>")
+        print(f"{'':>10} -> {_keeper_text(keeper)}")
+        if keeper.last_error:
+            print(f"{'':>10} -> last error: {printable(keeper.last_error)}")
+
+
+def _keeper_text(keeper: persistent.KeeperState) -> str:
+    """One line about a persistent attachment: its process, and what it waits for."""
+    import time
+
+    text = f"persistent (pid {keeper.pid}"
+    if keeper.state == "attached":
+        text += f", attached {_ago(time.time() - keeper.since)} ago"
+        if keeper.reattached:
+            text += f", re-attached {keeper.reattached} times"
+    elif keeper.state == "waiting" and keeper.retry_at is not None:
+        text += (f", retry in {max(0.0, keeper.retry_at - time.time()):.0f} s, "
+                 f"attempt {keeper.attempts}")
+    else:
+        text += ", connecting now"
+    if keeper.state != "attached" and keeper.port is not None:
+        text += f", was port {keeper.port}"
+    return text + ")"
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min"
+    return f"{seconds // 3600} h"
+
+
+def _ports_json(devices: Sequence[vhci.ImportedDevice],
+                keepers: Sequence[persistent.KeeperState]) -> list[dict[str, object]]:
+    """Every imported port, then every persistent attachment that waits (status
+    "waiting" or "connecting", port null): one list, each entry an attachment."""
+    attached = {k.port: k for k in keepers if k.state == "attached"}
+    result = []
+    for dev in devices:
+        entry = _port_dict(dev)
+        keeper = attached.get(dev.port.port)
+        entry["persistent"] = (keeper.as_dict() if keeper is not None
+                               and keeper.devid == dev.port.devid else None)
+        result.append(entry)
+    for keeper in keepers:
+        if keeper.state != "attached":
+            result.append({"port": None, "status": keeper.state, "host": keeper.host,
+                           "tcp_port": keeper.tcp_port, "remote_busid": keeper.busid,
+                           "url": keeper.url, "persistent": keeper.as_dict()})
+    return result
 
 
 def _port_dict(dev: vhci.ImportedDevice) -> dict[str, object]:
@@ -446,8 +556,14 @@ def _run(args: argparse.Namespace) -> object:
                 return {"busid": args.busid, "driver": None}
             print(f"usbipy: info: unbind device on busid {args.busid}: complete")
     elif args.command == "attach":
+        if args.persistent:
+            return _attach_persistent(args, tls)
+        for option in ("retries", "background"):
+            if getattr(args, option):
+                raise UsbipError(f"--{option} is for --persistent attachments")
         attached = attach(args.remote, args.busid, args.tcp_port, tls=tls,
-                          server_name=args.tls_server_name)
+                          server_name=args.tls_server_name,
+                          keepalive=Keepalive(args.dead_peer_timeout))
         if as_json:
             return {"port": attached.port, "host": attached.host,
                     "tcp_port": attached.tcp_port, "busid": args.busid,
@@ -457,18 +573,129 @@ def _run(args: argparse.Namespace) -> object:
         print(f"usbipy: info: attached {args.busid} from {args.remote}:{args.tcp_port} "
               f"on port {attached.port}{over}")
     elif args.command == "detach":
-        vhci.detach(args.port)
-        if as_json:
-            return {"port": args.port, "detached": True}
-        print(f"usbipy: info: port {args.port} is now detached")
+        return _detach(args)
     elif args.command == "cert":
         return _cert(args)
     elif args.command == "port":
-        imported = vhci.imported_devices()
+        keepers = persistent.read_states()
+        try:
+            imported = vhci.imported_devices()
+        except vhci.VhciError:
+            if not keepers:
+                raise
+            imported = []  # (keepers waiting while vhci-hcd is not loaded: show them)
         if as_json:
-            return [_port_dict(d) for d in imported]
-        _print_ports(imported)
+            return _ports_json(imported, keepers)
+        _print_ports(imported, keepers)
     return None
+
+
+def _detach(args: argparse.Namespace) -> object:
+    if args.remote is not None and args.busid is None:
+        raise UsbipError("detach -r HOST needs -b BUSID")
+    keeper = persistent.find_keeper(port=args.port, busid=args.busid, host=args.remote)
+    if keeper is not None:
+        persistent.stop_keeper(keeper)  # (it detaches its port on the way out)
+        if args.port is not None and any(p.port == args.port and p.in_use
+                                         for p in vhci.read_ports()):
+            vhci.detach(args.port)  # the keeper was killed before it could
+        what = (f"port {keeper.port}" if keeper.state == "attached"
+                else printable(keeper.url))
+        if args.json:
+            return {"port": keeper.port if keeper.state == "attached" else None,
+                    "detached": True, "persistent": keeper.as_dict()}
+        print(f"usbipy: info: {what} is now detached and no longer kept attached "
+              f"(pid {keeper.pid} stopped)")
+        return None
+    if args.port is None:
+        raise UsbipError(f"no persistent attachment of {printable(args.busid)}"
+                         f"{f' from {printable(args.remote)}' if args.remote else ''} "
+                         "(see 'usbipy port')")
+    vhci.detach(args.port)
+    if args.json:
+        return {"port": args.port, "detached": True}
+    print(f"usbipy: info: port {args.port} is now detached")
+    return None
+
+
+def _attach_persistent(args: argparse.Namespace, tls: TlsFiles | None) -> object:
+    import logging
+    import signal
+
+    running = persistent.find_keeper(busid=args.busid, host=args.remote)
+    if running is not None and running.tcp_port == args.tcp_port:
+        raise UsbipError(f"{printable(running.url)} is already kept attached by pid "
+                         f"{running.pid} (see 'usbipy port')")
+    vhci.require_vhci()  # a usage error: before going to the background
+    keepalive = Keepalive(args.dead_peer_timeout)
+    backoff = Backoff(maximum=max(1.0, args.max_delay), retries=args.retries)
+    keeper_log = None
+    if args.background:
+        pid = _background()
+        if pid:
+            log_file = persistent.run_dir() / f"{pid}.log"
+            if args.json:
+                return {"persistent": True, "pid": pid, "log": str(log_file)}
+            print(f"usbipy: info: keeping {args.busid} from {args.remote}:{args.tcp_port} "
+                  f"attached in the background (pid {pid}, log {log_file})")
+            return None
+        keeper_log = persistent.run_dir() / f"{os.getpid()}.log"
+    handler: logging.Handler
+    if keeper_log is not None:
+        import logging.handlers
+
+        keeper_log.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.handlers.RotatingFileHandler(keeper_log, maxBytes=1 << 20,
+                                                       backupCount=1)
+        handler.setFormatter(logging.Formatter("%(asctime)s usbipy: %(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("usbipy: %(message)s"))
+    logger = logging.getLogger("usbipy.persistent")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    keeper = persistent.Keeper(
+        args.remote, args.tcp_port, args.busid,
+        functools.partial(attach, args.remote, args.busid, args.tcp_port, tls=tls,
+                          server_name=args.tls_server_name, keepalive=keepalive,
+                          watch=True),
+        backoff=backoff)
+    previous = {sig: signal.signal(sig, lambda _s, _f: keeper.stop())
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        status = keeper.run()
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        logger.removeHandler(handler)
+    if status:
+        raise UsbipError(f"{args.busid} from {args.remote}:{args.tcp_port}: gave up after "
+                         f"{backoff.attempts} attempts")
+    return {"persistent": True, "stopped": True} if args.json else None
+
+
+def _background() -> int:
+    """Fork into the background: the parent gets the keeper's pid, the keeper 0."""
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child:
+        os.close(write_end)
+        with os.fdopen(read_end) as pipe:
+            text = pipe.read().strip()
+        os.waitpid(child, 0)
+        if not text.isdigit():
+            raise UsbipError("the background keeper did not start")
+        return int(text)
+    os.close(read_end)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    os.write(write_end, f"{os.getpid()}\n".encode())
+    os.close(write_end)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    return 0
 
 
 def _cert(args: argparse.Namespace) -> object:

@@ -61,7 +61,8 @@ DEFAULTS: dict[str, Any] = {
 
 #: The options that set [limits] (argparse dest = the Limits field).
 LIMIT_OPTIONS = ("max_connections", "max_connections_per_address", "accept_rate",
-                 "accept_burst", "request_timeout", "idle_timeout")
+                 "accept_burst", "request_timeout", "idle_timeout",
+                 "dead_peer_timeout")
 
 
 def _whole(low: int, high: int) -> Callable[[str], int]:
@@ -164,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--idle-timeout", type=_positive(MAX_SECONDS), metavar="SECONDS",
                         help="time a connection may send nothing before its request "
                              f"(default: {base.idle_timeout:g})")
+    limits.add_argument("--dead-peer-timeout", type=_positive(MAX_SECONDS),
+                        metavar="SECONDS",
+                        help="time after which a client that stopped answering is taken "
+                             "for dead and its device freed, also for usbip-host (TCP "
+                             f"keepalive and user timeout; default: {base.dead_peer_timeout:g})")
     p.add_argument("--loop", choices=("auto", "asyncio", "uvloop"),
                    help="event loop: uvloop when installed (auto, the default), or asyncio's")
     p.add_argument("-D", "--daemon", action="store_true", default=None,
@@ -235,7 +241,8 @@ def _describe(settings: Settings) -> list[str]:
         f"limits: {limits.max_connections} connections, {limits.max_connections_per_address} "
         f"per address, {limits.accept_rate:g} new a second per address (bursts of "
         f"{limits.accept_burst}); a request within {limits.request_timeout:g} s, "
-        f"silence at most {limits.idle_timeout:g} s")
+        f"silence at most {limits.idle_timeout:g} s; a peer silent for "
+        f"{limits.dead_peer_timeout:g} s is dead")
     return lines
 
 

@@ -7,6 +7,7 @@
           ├── HostUnreachable   no TCP connection to the server
           ├── ImportRefused     the server answered OP_REP_IMPORT with an error status
           ├── TlsRefused        no TLS session: a certificate, a name, or no TLS there
+          ├── ServerGone        an imported device's connection was lost
           └── UrbError          a URB completed with a non-zero status
 """
 
@@ -56,6 +57,31 @@ class TlsRefused(ClientError):
         self.host = host
         self.port = port
         self.reason = reason
+
+
+class ServerGone(ClientError):
+    """The connection of an imported device was lost: the server closed it, reset
+    it, or stopped answering for the dead-peer timeout. URBs in flight then
+    have no outcome: whether the device did them is unknown."""
+
+    def __init__(self, host: str, port: int, reason: str) -> None:
+        super().__init__(f"the connection to {printable(host)}:{port} was lost: {reason}")
+        self.host = host
+        self.port = port
+        self.reason = reason
+
+
+def lost_reason(exc: BaseException | None) -> str:
+    """Why a connection ended, in words: ``exc`` as connection_lost got it."""
+    if exc is None:
+        return "the server closed it"
+    if isinstance(exc, TimeoutError) or getattr(exc, "errno", None) == 110:
+        return ("the server stopped answering (no reply within the dead-peer timeout: it "
+                "or the network is gone)")
+    if isinstance(exc, ConnectionResetError):
+        return "the server reset it"
+    text = getattr(exc, "strerror", None) or str(exc)
+    return text or type(exc).__name__
 
 
 class UrbError(ClientError):

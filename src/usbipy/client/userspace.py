@@ -5,17 +5,29 @@ For hosts with no vhci-hcd, for tests and for benchmarks::
     devices = await list_devices("127.0.0.1")
     async with await import_device("127.0.0.1", "1-1") as dev:
         descriptor = await dev.control(0x80, 6, 0x0100, 0, 18)
+
+Every connection has TCP keepalive and a user timeout (:mod:`usbipy.keepalive`):
+a server that stops answering ends the connection within the dead-peer
+timeout, and what waits on it raises :class:`ServerGone`. With
+``reconnect=Backoff()``, an imported device connects and imports again after
+a loss, with exponential backoff; URBs in flight at the loss still fail
+(whether the device did them is unknown), later ones wait for the new
+connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
+import logging
 import socket
 import ssl
+from dataclasses import dataclass
 from types import TracebackType
 from typing import cast
 
+from ..keepalive import DEFAULT, Keepalive
 from ..protocol import (
     ClientConnection,
     CmdSubmit,
@@ -35,21 +47,31 @@ from ..protocol import (
 from ..protocol.constants import USBIP_PORT
 from ..tls import TlsSession, handshake_failure
 from ..usb.requests import SETUP
+from .backoff import Backoff
 from .errors import (
     PLAINTEXT_REFUSED,
     ClientError,
     HostUnreachable,
     ImportRefused,
+    ServerGone,
     TlsRefused,
     UrbError,
+    lost_reason,
 )
 
 #: Seconds to connect and finish a TLS handshake.
 CONNECT_TIMEOUT = 30.0
 
 
+log = logging.getLogger("usbipy.client")
+
+
 class _ClientProtocol(asyncio.Protocol):
-    def __init__(self) -> None:
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        #: Set by our own close: the end of the connection is then no loss.
+        self.closing = False
         self.conn = ClientConnection()
         self.transport: asyncio.Transport | None = None
         self.op_reply: asyncio.Future[OpRepDevlist | OpRepImport] = (
@@ -58,6 +80,8 @@ class _ClientProtocol(asyncio.Protocol):
         self.waiting: dict[int, asyncio.Future[RetSubmit | RetUnlink]] = {}
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.plaintext = True
+        #: Why the connection ended, once it has.
+        self.error: ClientError | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # (uvloop's transports do not derive from asyncio.Transport)
@@ -99,8 +123,11 @@ class _ClientProtocol(asyncio.Protocol):
             error = ClientError(
                 "the server closed the TLS connection before it answered: it may not "
                 f"accept our certificate (its log says why){f' ({exc})' if exc else ''}")
+        elif self.op_reply.done() and not self.closing:
+            error = ServerGone(self.host, self.port, lost_reason(exc))
         else:
             error = ClientError(f"connection closed{f': {exc}' if exc else ''}")
+        self.error = error
         self._fail(error)
         if not self.closed.done():
             self.closed.set_result(None)
@@ -115,22 +142,25 @@ class _ClientProtocol(asyncio.Protocol):
 
 
 async def _connect(host: str, port: int, tls: ssl.SSLContext | None,
-                   server_hostname: str | None) -> _ClientProtocol:
+                   server_hostname: str | None, keepalive: Keepalive = DEFAULT
+                   ) -> _ClientProtocol:
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(CONNECT_TIMEOUT):
             sock = await _tcp(loop, host, port)
+        keepalive.apply(sock)
     except TimeoutError:
         raise HostUnreachable(host, port, "connection timed out") from None
     except OSError as exc:
         raise HostUnreachable(host, port, exc.strerror or str(exc)) from exc
+    factory = functools.partial(_ClientProtocol, host, port)
     if tls is None:
-        _transport, protocol = await loop.create_connection(_ClientProtocol, sock=sock)
+        _transport, protocol = await loop.create_connection(factory, sock=sock)
         return protocol
     try:
         async with asyncio.timeout(CONNECT_TIMEOUT):
             _transport, protocol = await loop.create_connection(
-                _ClientProtocol, sock=sock, ssl=tls, server_hostname=server_hostname or host,
+                factory, sock=sock, ssl=tls, server_hostname=server_hostname or host,
                 ssl_handshake_timeout=CONNECT_TIMEOUT + 5)
     except (OSError, TimeoutError) as exc:
         sock.close()
@@ -161,6 +191,7 @@ async def _tcp(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.
 
 async def _close(protocol: _ClientProtocol) -> None:
     """Close and wait until the transport is gone (uvloop warns about one that is not)."""
+    protocol.closing = True
     if protocol.transport is not None:
         protocol.transport.close()
     try:
@@ -170,13 +201,14 @@ async def _close(protocol: _ClientProtocol) -> None:
 
 
 async def list_devices(host: str, port: int = USBIP_PORT, *, tls: ssl.SSLContext | None = None,
-                       server_hostname: str | None = None) -> tuple[DeviceInfo, ...]:
+                       server_hostname: str | None = None,
+                       keepalive: Keepalive = DEFAULT) -> tuple[DeviceInfo, ...]:
     """OP_REQ_DEVLIST: the devices ``host`` exports.
 
     With ``tls`` (see :func:`usbipy.tls.client_context`), over mutual TLS; the
     server's certificate must name ``server_hostname`` (default: ``host``).
     """
-    protocol = await _connect(host, port, tls, server_hostname)
+    protocol = await _connect(host, port, tls, server_hostname, keepalive)
     try:
         assert protocol.transport is not None
         protocol.transport.write(protocol.conn.send(OpReqDevlist()))
@@ -189,12 +221,37 @@ async def list_devices(host: str, port: int = USBIP_PORT, *, tls: ssl.SSLContext
 
 async def import_device(host: str, busid: str, port: int = USBIP_PORT, *,
                         tls: ssl.SSLContext | None = None,
-                        server_hostname: str | None = None) -> RemoteDevice:
+                        server_hostname: str | None = None,
+                        keepalive: Keepalive = DEFAULT,
+                        reconnect: Backoff | None = None) -> RemoteDevice:
     """OP_REQ_IMPORT: hold ``busid`` and get a handle to submit URBs to it.
 
-    ``tls`` and ``server_hostname`` as for :func:`list_devices`.
+    ``tls``, ``server_hostname`` and ``keepalive`` as for :func:`list_devices`.
+    With ``reconnect``, a lost connection is made again (and the device
+    imported again) after the delays ``reconnect`` gives, until it succeeds
+    or they run out; see :class:`RemoteDevice`.
     """
-    protocol = await _connect(host, port, tls, server_hostname)
+    protocol, info = await _import(host, busid, port, tls, server_hostname, keepalive)
+    target = _Target(host, busid, port, tls, server_hostname, keepalive)
+    return RemoteDevice(protocol, info, target=target, reconnect=reconnect)
+
+
+@dataclass(frozen=True)
+class _Target:
+    """What a reconnecting device connects to again."""
+
+    host: str
+    busid: str
+    port: int
+    tls: ssl.SSLContext | None
+    server_hostname: str | None
+    keepalive: Keepalive
+
+
+async def _import(host: str, busid: str, port: int, tls: ssl.SSLContext | None,
+                  server_hostname: str | None, keepalive: Keepalive
+                  ) -> tuple[_ClientProtocol, DeviceInfo]:
+    protocol = await _connect(host, port, tls, server_hostname, keepalive)
     assert protocol.transport is not None
     protocol.transport.write(protocol.conn.send(OpReqImport(busid)))
     try:
@@ -206,25 +263,101 @@ async def import_device(host: str, busid: str, port: int = USBIP_PORT, *,
     if reply.status != OpStatus.OK or reply.device is None:
         await _close(protocol)
         raise ImportRefused(busid, reply.status)
-    return RemoteDevice(protocol, reply.device)
+    return protocol, reply.device
 
 
 class RemoteDevice:
-    """An imported device: submit URBs, unlink them, close."""
+    """An imported device: submit URBs, unlink them, close.
 
-    def __init__(self, protocol: _ClientProtocol, info: DeviceInfo) -> None:
-        self._protocol = protocol
+    When the connection is lost, URBs in flight and later ones raise
+    :class:`ServerGone`; with ``reconnect``, later ones wait until the
+    device is imported again (:attr:`reconnects` counts the times), and raise
+    ServerGone only once the backoff has run out.
+    """
+
+    def __init__(self, protocol: _ClientProtocol, info: DeviceInfo, *,
+                 target: _Target | None = None, reconnect: Backoff | None = None) -> None:
         self.info = info
         self._seqnums = itertools.count(1)
+        self._target = target
+        self._backoff = reconnect
+        self._closing = False
+        #: Set while a connection is up (or once there is no hope of one).
+        self._connected = asyncio.Event()
+        self._reconnecting: asyncio.Task[None] | None = None
+        #: Times the device was imported again after a loss.
+        self.reconnects = 0
+        self._use(protocol)
+
+    def _use(self, protocol: _ClientProtocol) -> None:
+        self._protocol = protocol
         ssl_object = protocol.transport.get_extra_info("ssl_object") if (
             protocol.transport is not None) else None
         #: The TLS session with the server, None for plaintext.
         self.tls: TlsSession | None = (
             TlsSession.of(ssl_object, kernel=False) if ssl_object is not None else None)
+        self._connected.set()
+        if self._backoff is not None:
+            protocol.closed.add_done_callback(self._lost)
+
+    def _lost(self, _closed: asyncio.Future[None]) -> None:
+        if self._closing or self._reconnecting is not None:
+            return
+        self._connected.clear()
+        error = self._protocol.error
+        log.warning("%s", error)
+        self._reconnecting = asyncio.ensure_future(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        assert self._backoff is not None and self._target is not None
+        target = self._target
+        try:
+            while not self._closing:
+                try:
+                    delay = self._backoff.next_delay()
+                except StopIteration:
+                    log.warning("%s: giving up after %d attempts to connect again",
+                                target.busid, self._backoff.attempts)
+                    break
+                log.info("%s: connecting again in %.1f s (attempt %d)", target.busid, delay,
+                         self._backoff.attempts)
+                await asyncio.sleep(delay)
+                try:
+                    protocol, info = await _import(target.host, target.busid, target.port,
+                                                   target.tls, target.server_hostname,
+                                                   target.keepalive)
+                except ClientError as exc:
+                    log.warning("%s: %s", target.busid, exc)
+                    continue
+                if self._closing:
+                    await _close(protocol)
+                    break
+                self.info = info
+                self.reconnects += 1
+                self._backoff.reset()
+                self._reconnecting = None
+                log.info("%s: imported again from %s:%d", target.busid, target.host,
+                         target.port)
+                self._use(protocol)
+                return
+        finally:
+            if self._reconnecting is asyncio.current_task():
+                self._reconnecting = None
+                self._connected.set()  # (no connection: what waits raises ServerGone)
+
+    def _gone(self) -> ClientError:
+        return self._protocol.error or ClientError("the connection is closed")
 
     @property
     def closed(self) -> bool:
+        """Whether the connection is down (while reconnecting too)."""
         return self._protocol.closed.done()
+
+    async def wait_connected(self) -> None:
+        """Until a lost connection is back; ServerGone once there is no hope of it."""
+        await self._connected.wait()
+        if self.closed:
+            raise self._gone()
 
     def submit_nowait(self, ep: int, direction: Direction, length: int = 0, *,
                       data: bytes = b"", setup: bytes = bytes(8), transfer_flags: int = 0,
@@ -238,7 +371,7 @@ class RemoteDevice:
                         data, 0, 0, interval, iso_packets)
         protocol = self._protocol
         if protocol.transport is None or protocol.closed.done():
-            raise ClientError("the connection is closed")
+            raise self._gone()
         wire = protocol.conn.send(cmd)  # may refuse: then nothing waits for a reply
         future: asyncio.Future[RetSubmit] = asyncio.get_running_loop().create_future()
         protocol.waiting[seqnum] = future  # type: ignore[assignment]
@@ -247,6 +380,8 @@ class RemoteDevice:
 
     async def submit(self, ep: int, direction: Direction, length: int = 0, **kw: object
                      ) -> RetSubmit:
+        if self._reconnecting is not None:
+            await self.wait_connected()
         _seqnum, future = self.submit_nowait(ep, direction, length, **kw)  # type: ignore[arg-type]
         return await future
 
@@ -254,7 +389,7 @@ class RemoteDevice:
         unlink_seqnum = next(self._seqnums)
         protocol = self._protocol
         if protocol.transport is None or protocol.closed.done():
-            raise ClientError("the connection is closed")
+            raise self._gone()
         wire = protocol.conn.send(CmdUnlink(unlink_seqnum, self.info.devid, seqnum))
         future: asyncio.Future[RetUnlink] = asyncio.get_running_loop().create_future()
         protocol.waiting[unlink_seqnum] = future  # type: ignore[assignment]
@@ -293,6 +428,12 @@ class RemoteDevice:
         await self._protocol.closed
 
     async def close(self) -> None:
+        self._closing = True
+        if self._reconnecting is not None:
+            self._reconnecting.cancel()
+            self._reconnecting = None
+        self._connected.set()
+        self._protocol.closing = True
         transport = self._protocol.transport
         if transport is not None:
             transport.close()

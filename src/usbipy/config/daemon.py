@@ -177,6 +177,7 @@ LIMIT_CHECKS: dict[str, Callable[[Document, KeyPath, Any], Any]] = {
     "accept_burst": _int(*COUNTS),
     "request_timeout": _seconds(MAX_SECONDS),
     "idle_timeout": _seconds(MAX_SECONDS),
+    "dead_peer_timeout": _seconds(MAX_SECONDS),
 }
 assert set(LIMIT_CHECKS) == {f.name for f in fields(Limits)}
 

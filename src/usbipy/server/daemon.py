@@ -13,6 +13,7 @@ from typing import Any
 
 from ..backends.base import ExportedDevice, HandOffDevice
 from ..escape import printable
+from ..keepalive import Keepalive
 from ..policy import OPEN, Policy
 from ..protocol import DEFAULT_MAX_TRANSFER, USBIP_PORT, OpStatus
 from ..tls import TlsSession
@@ -146,6 +147,14 @@ class UsbipServer:
                 # Out of file descriptors, say: not fatal, and not a busy loop.
                 log.error("accepting a client failed: %s", exc.strerror or exc)
                 await asyncio.sleep(0.5)
+                continue
+            # Before anything else: the socket may end up in usbip-host, and from
+            # then on only these options notice that its client is gone.
+            try:
+                Keepalive(self.access.limits.dead_peer_timeout).apply(sock)
+            except OSError as exc:  # (the client reset it already, say)
+                sock.close()
+                log.debug("%s: %s", printable(address_text(addr)), exc.strerror or exc)
                 continue
             host = client_key(addr)
             if tls is not None and (sum(h == host for h in self._handshakes.values())

@@ -16,6 +16,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..keepalive import DEFAULT_TIMEOUT
+
 log = logging.getLogger("usbipy.server")
 
 
@@ -33,6 +35,10 @@ class Limits:
     request_timeout: float = 30.0
     #: Seconds a connection in the OP phase may send nothing.
     idle_timeout: float = 10.0
+    #: Seconds of silence after which a peer is taken for dead, on every connection
+    #: (those handed to usbip-host too): TCP keepalive and TCP_USER_TIMEOUT, see
+    #: :mod:`usbipy.keepalive`.
+    dead_peer_timeout: float = DEFAULT_TIMEOUT
 
 
 def client_key(addr: object) -> str:

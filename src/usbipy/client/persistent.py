@@ -1,0 +1,345 @@
+"""`usbipy attach --persistent`: keep a remote device attached through losses.
+
+A :class:`Keeper` attaches the device into vhci-hcd and then waits, without
+polling the device or the network, for the attachment to end:
+
+- it keeps a duplicate of the socket it handed to vhci-hcd and poll()s it for
+  POLLHUP/POLLERR/POLLRDHUP. vhci-hcd shuts the socket down the moment its
+  side fails (vhci_shutdown_connection in drivers/usb/usbip/vhci_hcd.c): the
+  server closed it, reset it, or stopped answering for the dead-peer timeout
+  (keepalive and TCP_USER_TIMEOUT, set before the hand-off);
+- a slow read of vhci-hcd's status table is the backstop (a port freed with no
+  event on the socket).
+
+Then it connects and imports again, with exponential backoff and jitter,
+through a server that does not listen yet or still answers "busy" while it
+reaps the old session. A port detached by someone (its record in
+/var/run/vhci_hcd removed, as `usbip detach` does) ends the keeper for good, as
+does SIGTERM or SIGINT, which also detach the device.
+
+Each keeper describes itself in a small JSON file in the run directory, for
+`usbipy port` and `usbipy detach`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import select
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from ..errors import UsbipError
+from ..escape import printable
+from ..linux import vhci
+from .attach import Attached
+from .backoff import Backoff
+
+log = logging.getLogger("usbipy.persistent")
+
+#: Where keepers describe themselves; USBIPY_RUN_DIR overrides it.
+DEFAULT_RUN_DIR = Path("/run/usbipy/attach")
+#: Seconds between reads of vhci-hcd's status table (the backstop).
+BACKSTOP = 5.0
+#: An attachment that lasted this long starts the next backoff from the start.
+STABLE = 30.0
+
+_LOST = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0x2000)
+
+
+def run_dir() -> Path:
+    return Path(os.environ.get("USBIPY_RUN_DIR", DEFAULT_RUN_DIR))
+
+
+@dataclass(frozen=True)
+class KeeperState:
+    """What one keeper is doing, as `usbipy port` shows it."""
+
+    pid: int
+    host: str
+    tcp_port: int
+    busid: str
+    #: "connecting", "attached" or "waiting" (for the next attempt)
+    state: str
+    #: The vhci port while attached; the last one it had while waiting.
+    port: int | None = None
+    devid: int | None = None
+    #: Wall-clock times (seconds since the epoch).
+    since: float = field(default_factory=time.time)
+    retry_at: float | None = None
+    #: Attempts since the last success.
+    attempts: int = 0
+    last_error: str | None = None
+    #: Times the device came back after a loss.
+    reattached: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"usbip://{self.host}:{self.tcp_port}/{self.busid}"
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def _path(pid: int) -> Path:
+    return run_dir() / f"{pid}.json"
+
+
+def write_state(state: KeeperState) -> None:
+    """Replace this keeper's file at once (a reader never sees half of it)."""
+    directory = run_dir()
+    directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+    partial = directory / f".{state.pid}.tmp"
+    partial.write_text(json.dumps(state.as_dict()) + "\n")
+    partial.replace(_path(state.pid))
+
+
+def remove_state(pid: int) -> None:
+    with contextlib.suppress(OSError):
+        _path(pid).unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # (a pid reused by another program is no keeper)
+        return b"usbipy" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True
+
+
+def read_states() -> list[KeeperState]:
+    """The keepers that run, by pid; the files of keepers that died are removed."""
+    states = []
+    try:
+        files = sorted(run_dir().glob("*.json"))
+    except OSError:
+        return []
+    for path in files:
+        try:
+            data = json.loads(path.read_text())
+            state = KeeperState(**data)
+        except (OSError, ValueError, TypeError):
+            continue
+        if not _alive(state.pid):
+            with contextlib.suppress(OSError):
+                path.unlink()
+            continue
+        states.append(state)
+    return sorted(states, key=lambda s: s.pid)
+
+
+def find_keeper(port: int | None = None, busid: str | None = None,
+                host: str | None = None) -> KeeperState | None:
+    for state in read_states():
+        if port is not None and state.port == port:
+            return state
+        if busid is not None and state.busid == busid and host in (None, state.host):
+            return state
+    return None
+
+
+def stop_keeper(state: KeeperState, timeout: float = 60.0) -> None:
+    """SIGTERM the keeper and wait until it is gone (it detaches its device first)."""
+    import signal
+
+    try:
+        os.kill(state.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while _alive(state.pid):
+        if time.monotonic() > deadline:
+            raise UsbipError(f"the keeper of {printable(state.url)} (pid {state.pid}) did not "
+                             f"stop within {timeout:g} s")
+        time.sleep(0.05)
+
+
+AttachFn = Callable[[], Attached]
+
+
+class Keeper:
+    """Keeps one device attached: attach, watch, re-attach, until stopped.
+
+    ``attach`` attaches the device and returns it with a watch socket (see
+    :func:`usbipy.client.attach.attach` with ``watch=True``). Blocking: run it
+    in the foreground of its own process; :meth:`stop` may be called from a
+    signal handler.
+    """
+
+    def __init__(self, host: str, tcp_port: int, busid: str, attach: AttachFn, *,
+                 backoff: Backoff | None = None, backstop: float = BACKSTOP,
+                 read_ports: Callable[[], list[vhci.VhciPort]] = vhci.read_ports,
+                 detach: Callable[[int], None] = vhci.detach,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.host = host
+        self.tcp_port = tcp_port
+        self.busid = busid
+        self._attach = attach
+        self.backoff = backoff or Backoff()
+        self._backstop = backstop
+        self._read_ports = read_ports
+        self._detach = detach
+        self._clock = clock
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self.stopped = False
+        self.state = KeeperState(os.getpid(), host, tcp_port, busid, "connecting")
+
+    def stop(self) -> None:
+        """Stop for good (from a signal handler too): detach, and do not come back."""
+        self.stopped = True
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+
+    def _set(self, **changes: object) -> None:
+        self.state = replace(self.state, **changes)  # type: ignore[arg-type]
+        try:
+            write_state(self.state)
+        except OSError as exc:  # (`usbipy port` will not see it; the device still works)
+            log.debug("cannot write %s: %s", _path(self.state.pid), exc)
+
+    def run(self) -> int:
+        """Until stopped (0), detached by someone (0), or out of retries (1)."""
+        what = printable(self.state.url)
+        log.info("keeping %s attached", what)
+        self._set(state="connecting")
+        try:
+            while not self.stopped:
+                try:
+                    attached = self._attach()
+                except (UsbipError, OSError) as exc:
+                    if self.stopped:
+                        break
+                    if not self._wait_to_retry(printable(str(exc) if isinstance(
+                            exc, UsbipError) else (exc.strerror or str(exc)))):
+                        return 1
+                    continue
+                ended = self._keep(attached)
+                if ended is not None:
+                    log.info("%s", ended)
+                    return 0
+            return 0
+        finally:
+            remove_state(self.state.pid)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    def _wait_to_retry(self, error: str) -> bool:
+        """Wait for the next attempt; False once the retries have run out."""
+        try:
+            delay = self.backoff.next_delay()
+        except StopIteration:
+            log.error("%s: giving up after %d attempts; the last: %s",
+                      printable(self.state.url), self.backoff.attempts, error)
+            return False
+        log.warning("attach %s failed: %s; again in %.1f s (attempt %d%s)",
+                    printable(self.state.url), error, delay, self.backoff.attempts,
+                    f" of {self.backoff.retries}" if self.backoff.retries is not None else "")
+        self._set(state="waiting", retry_at=time.time() + delay, last_error=error,
+                  attempts=self.backoff.attempts)
+        self._sleep(delay)
+        self._set(state="connecting", retry_at=None)
+        return True
+
+    def _sleep(self, seconds: float) -> None:
+        """Sleep, woken at once by :meth:`stop`."""
+        select.select([self._wake_r], [], [], max(0.0, seconds))
+
+    def _keep(self, attached: Attached) -> str | None:
+        """Watch an attachment until it ends. None: lost (attach again); a text: the
+        reason to stop for good."""
+        port = attached.port
+        devid = attached.device.devid
+        started = self._clock()
+        reattached = self.state.reattached + (1 if self.state.last_error is not None else 0)
+        log.info("attached %s on port %d%s", printable(self.state.url), port,
+                 " again" if reattached > self.state.reattached else "")
+        self._set(state="attached", port=port, devid=devid, since=time.time(),
+                  last_error=None, attempts=0, retry_at=None, reattached=reattached)
+        try:
+            reason = self._watch(attached)
+        finally:
+            if attached.watch is not None:
+                attached.watch.close()
+        if reason is None:  # stopped: give the port back ourselves
+            self._release(port, devid)
+            return f"stopped: port {port} detached"
+        if vhci.read_record(port) is None and self._port_holds(port, devid) is not True:
+            # `usbip detach` removes the record first: a person detached it
+            return f"port {port} was detached by someone else: no longer kept attached"
+        if self._clock() - started >= STABLE:
+            self.backoff.reset()
+        self._forget(port, devid)
+        error = f"connection lost: {reason}"
+        log.warning("%s on port %d: %s", printable(self.state.url), port, error)
+        self._set(state="connecting", last_error=error)
+        if not self.stopped:
+            # A first attempt at once would meet a server that still holds the device:
+            # the backoff's first delay covers the reaping.
+            if not self._wait_to_retry(error):
+                self.stopped = True
+                return f"{printable(self.state.url)}: no longer kept attached"
+        return None
+
+    def _watch(self, attached: Attached) -> str | None:
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        if attached.watch is not None:
+            poller.register(attached.watch.fileno(), _LOST)
+        while not self.stopped:
+            events = poller.poll(int(self._backstop * 1000))
+            if self.stopped:
+                return None
+            for fd, _mask in events:
+                if attached.watch is not None and fd == attached.watch.fileno():
+                    return self._socket_error(attached.watch)
+            if self._port_holds(attached.port, attached.device.devid) is False:
+                return "vhci-hcd freed the port"
+        return None
+
+    @staticmethod
+    def _socket_error(sock: socket.socket) -> str:
+        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code == errno.ETIMEDOUT:
+            return "the server stopped answering (dead-peer timeout)"
+        if code:
+            return os.strerror(code)
+        return "the connection was closed"
+
+    def _port_holds(self, port: int, devid: int) -> bool | None:
+        """Whether vhci-hcd's port still holds our device (None: cannot tell)."""
+        try:
+            ports = {p.port: p for p in self._read_ports()}
+        except (UsbipError, OSError):
+            return None
+        found = ports.get(port)
+        return found is not None and found.in_use and found.devid == devid
+
+    def _forget(self, port: int, devid: int) -> None:
+        """After a loss: the port's record, unless the port went to someone else."""
+        if self._port_holds(port, devid) is not False:
+            return
+        record = vhci.read_record(port)
+        if record is not None and (record.host, record.service, record.busid) == (
+                self.host, str(self.tcp_port), self.busid):
+            vhci.remove_record(port)
+
+    def _release(self, port: int, devid: int) -> None:
+        if self._port_holds(port, devid) is False:
+            self._forget(port, devid)
+            return
+        try:
+            self._detach(port)
+        except UsbipError as exc:
+            log.warning("detaching port %d: %s", port, exc)
