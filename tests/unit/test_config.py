@@ -125,7 +125,8 @@ ERRORS = [
     ("[limits]\naccept_rate = -1\n", "FILE:2: limits.accept_rate: -1 is not a positive number"),
     ("[limits]\nmax_conections = 5\n",
      "FILE:2: limits.max_conections: unknown key (known: accept_burst, accept_rate, "
-     "dead_peer_timeout, idle_timeout, max_connections, max_connections_per_address, request_timeout)"),
+     "dead_peer_timeout, idle_timeout, max_connections, max_connections_per_address, "
+     "request_timeout)"),
     ("[names]\nkey = { product = 'x' }\n",
      "FILE:2: names.key.product: unknown key (known: busid, serial, vid_pid)"),
     ("[names]\nkey = {}\n",

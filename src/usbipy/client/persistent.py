@@ -78,6 +78,8 @@ class KeeperState:
     last_error: str | None = None
     #: Times the device came back after a loss.
     reattached: int = 0
+    #: The keeper process's start time (see :func:`process_start`).
+    started: int | None = None
 
     @property
     def url(self) -> str:
@@ -105,17 +107,39 @@ def remove_state(pid: int) -> None:
         _path(pid).unlink()
 
 
-def _alive(pid: int) -> bool:
+def _stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat from field 3 (the state) on."""
     try:
-        os.kill(pid, 0)
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # (the command name, field 2, is in parentheses and may hold spaces)
+    return stat[stat.rindex(")") + 2:].split()
+
+
+def process_start(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, /proc/PID/stat field 22):
+    with the pid, an identity that a reused pid does not share."""
+    fields = _stat(pid)
+    try:
+        return int(fields[19]) if fields is not None else None
+    except (IndexError, ValueError):
+        return None
+
+
+def _alive(state: KeeperState) -> bool:
+    try:
+        os.kill(state.pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass
+    fields = _stat(state.pid)
+    if fields is None:  # (no /proc: the signal's answer is all there is)
         return True
-    try:  # (a pid reused by another program is no keeper)
-        return b"usbipy" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return True
+    if fields[0] in ("Z", "X"):  # ended, not yet reaped by its parent
+        return False
+    return state.started is None or process_start(state.pid) == state.started
 
 
 def read_states() -> list[KeeperState]:
@@ -131,7 +155,7 @@ def read_states() -> list[KeeperState]:
             state = KeeperState(**data)
         except (OSError, ValueError, TypeError):
             continue
-        if not _alive(state.pid):
+        if not _alive(state):
             with contextlib.suppress(OSError):
                 path.unlink()
             continue
@@ -158,7 +182,7 @@ def stop_keeper(state: KeeperState, timeout: float = 60.0) -> None:
     except ProcessLookupError:
         return
     deadline = time.monotonic() + timeout
-    while _alive(state.pid):
+    while _alive(state):
         if time.monotonic() > deadline:
             raise UsbipError(f"the keeper of {printable(state.url)} (pid {state.pid}) did not "
                              f"stop within {timeout:g} s")
@@ -194,7 +218,8 @@ class Keeper:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self.stopped = False
-        self.state = KeeperState(os.getpid(), host, tcp_port, busid, "connecting")
+        self.state = KeeperState(os.getpid(), host, tcp_port, busid, "connecting",
+                                 started=process_start(os.getpid()))
 
     def stop(self) -> None:
         """Stop for good (from a signal handler too): detach, and do not come back."""
