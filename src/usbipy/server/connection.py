@@ -11,6 +11,7 @@ paused until it is done, so other clients are served meanwhile.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import socket
@@ -214,6 +215,12 @@ class UsbipServerProtocol(asyncio.Protocol):
         self._futures.clear()
         self._pending_out = 0
         device, self.device = self.device, None
+        if device is not None and exc is not None:
+            why = ("the client stopped answering (dead_peer_timeout)"
+                   if getattr(exc, "errno", None) == errno.ETIMEDOUT else
+                   (getattr(exc, "strerror", None) or str(exc) or type(exc).__name__))
+            log.warning("%s: %s lost: %s; the device is released", self.peer,
+                        printable(device.busid), why)
         if device is not None:
             # Released only once detach is done: until then the device stays held,
             # so no other client imports it half released.

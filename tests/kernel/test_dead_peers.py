@@ -1,0 +1,239 @@
+"""Connections that heal, in the real kernel: a server that restarts, a network that
+goes silent, and `usbipy attach --persistent` bringing the device back.
+
+One guest, with a QEMU USB stick for usbip-host. The network that goes silent
+is a veth pair the test makes in the guest: usbipyd listens on 10.77.0.1 in
+the guest's own namespace, the clients attach from the namespace "far"
+(10.77.0.2), and netem drops every packet both ways: no FIN, no RST, nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from usbipy.keepalive import DEFAULT_TIMEOUT
+
+from .conftest import DISK_SIZE, require_vm
+from .guest import ext2_image, vhci_nodes, wait_for
+from .vm import SERVER_ALIAS, Vm
+
+PYTHON = sys.executable  # the host's venv is visible in the guest over 9p
+USBIPY = f"{PYTHON} -m usbipy.cli.usbipy"
+USBIPYD = f"{PYTHON} -m usbipy.cli.usbipyd"
+MODULES = "xhci_pci usb-storage sd_mod usbip-host vhci-hcd ext4 veth sch_netem"
+STICK_ID = "46f4:0001"
+KNOWN_FILE = "hello.txt"
+KNOWN_TEXT = "the stick's own bytes, still there after the network came back\n"
+SERVER_IP = "10.77.0.1"
+FAR = "ip netns exec far"
+NETWORK = f"""
+ip netns add far
+ip link add usbipy0 type veth peer name usbipy1 netns far
+ip addr add {SERVER_IP}/24 dev usbipy0 && ip link set usbipy0 up
+ip -n far addr add 10.77.0.2/24 dev usbipy1 && ip -n far link set usbipy1 up
+ip -n far link set lo up
+"""
+#: A silent network: every packet dropped, both ways.
+CUT = "tc qdisc add dev usbipy0 root netem loss 100% && " \
+      "ip netns exec far tc qdisc add dev usbipy1 root netem loss 100%"
+RESTORE = "tc qdisc del dev usbipy0 root; ip netns exec far tc qdisc del dev usbipy1 root"
+#: The bound on noticing a dead peer: the default timeout, one probe interval of
+#: slack, and the time to look (the waits poll every 0.2 s of guest time).
+BOUND = DEFAULT_TIMEOUT + 10
+
+
+def report(text: str) -> None:
+    """A measured time, in the test's output (pytest -s) and in its log."""
+    print(f"measured: {text}", file=sys.stderr)
+
+
+@pytest.fixture(scope="module")
+def vm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Vm]:
+    require_vm("mke2fs")
+    image = ext2_image(tmp_path_factory.mktemp("stick") / "stick.img", "16M",
+                       {KNOWN_FILE: KNOWN_TEXT})
+    # (the stick on port 4: busid 1-4, apart from the emulated bus's 1-1)
+    stick = ["-device", "qemu-xhci,id=xhci",
+             "-drive", f"if=none,id=stick,format=raw,file={image}",
+             "-device", "usb-storage,bus=xhci.0,port=4,drive=stick"]
+    with Vm(extra_args=stick) as machine:
+        machine.check(f"modprobe -a {MODULES}")
+        wait_for(machine, f"lsusb | grep -q {STICK_ID}")
+        yield machine
+
+
+def guest_clock(vm: Vm) -> float:
+    return float(vm.check("cat /proc/uptime").split()[0])
+
+
+def keepers(vm: Vm) -> list[dict[str, object]]:
+    entries = json.loads(vm.check(f"{USBIPY} port --json"))
+    return [e["persistent"] for e in entries if e.get("persistent")]
+
+
+def _until(condition: Callable[[], bool], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def test_a_server_restart_brings_the_disk_back(vm: Vm, tmp_path: Path) -> None:
+    """The host's usbipyd serves a disk; the guest holds it with --persistent. The
+    server is killed (SIGKILL) and started again: the disk comes back as a new block
+    device, and a file written and synced before reads back whole."""
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(DISK_SIZE)
+    log_path = tmp_path / "usbipyd.log"
+    command = [PYTHON, "-m", "usbipy.cli.usbipyd", "-c", "/dev/null", "--no-usbip-host",
+               "--no-libusb", "--disk", str(image), "-t", str(vm.server_port)]
+
+    def start() -> subprocess.Popen[bytes]:
+        with open(log_path, "ab") as log_file:
+            daemon = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file,
+                                      stderr=log_file)
+        _until(lambda: daemon.poll() is not None
+               or f"listening on 127.0.0.1:{vm.server_port}" in log_path.read_text())
+        assert daemon.poll() is None, log_path.read_text()
+        return daemon
+
+    daemon = start()
+    try:
+        vm.check(f"setsid {USBIPY} attach -r {SERVER_ALIAS} -b 1-1 --persistent "
+                 "</dev/null >/run/keeper.log 2>&1 &")
+        wait_for(vm, f"[ -n \"$({vhci_nodes('block')})\" ]")
+        first = vm.check(vhci_nodes("block")).split()[0]
+        wait_for(vm, f"[ \"$(cat /sys/block/{first}/size)\" != 0 ]")
+        vm.check(f"set -e; mkfs.ext4 -q -F /dev/{first}; mkdir -p /mnt/a; "
+                 f"mount /dev/{first} /mnt/a; head -c 2M /dev/urandom > /mnt/a/data; "
+                 "md5sum /mnt/a/data | cut -d' ' -f1 > /run/data.md5; sync", timeout=300)
+
+        daemon.kill()  # no goodbye: the process is gone
+        daemon.wait()
+        lost_at = guest_clock(vm)
+        wait_for(vm, "grep -q 'connection lost' /run/keeper.log")
+        report(f"server killed: the keeper noticed after {guest_clock(vm) - lost_at:.1f} s "
+               "(guest time)")
+        vm.run("umount -l /mnt/a")
+        # not listening: the keeper waits and retries, and says so in `usbipy port`
+        wait_for(vm, f"{USBIPY} port | grep -q '<waiting>'")
+        waiting = [k for k in keepers(vm) if k["state"] == "waiting"]
+        assert waiting and waiting[0]["last_error"], keepers(vm)
+
+        daemon = start()
+        back_at = guest_clock(vm)
+        wait_for(vm, f"[ -n \"$({vhci_nodes('block')})\" ] && "
+                     f"{USBIPY} port | grep -q 'persistent (pid .*attached'")
+        second = vm.check(vhci_nodes("block")).split()[0]
+        wait_for(vm, f"[ \"$(cat /sys/block/{second}/size)\" != 0 ]")
+        report(f"server restarted: the disk was back after {guest_clock(vm) - back_at:.1f} s "
+               "(guest time)")
+        assert second != first  # a new block device
+        out = vm.check(f"mkdir -p /mnt/b && mount /dev/{second} /mnt/b && "
+                       "md5sum /mnt/b/data | cut -d' ' -f1; umount /mnt/b")
+        assert out.strip() == vm.check("cat /run/data.md5").strip()
+        [keeper] = keepers(vm)
+        assert keeper["state"] == "attached" and keeper["reattached"] == 1, keeper
+
+        # stopped for good: detached, and not back when the server is
+        vm.check(f"{USBIPY} detach -b 1-1")
+        assert keepers(vm) == []
+        assert not vm.check(vhci_nodes("block")).split()
+        # (a pattern this shell's own command line does not match)
+        assert vm.run("pgrep -f '[u]sbipy.cli.usbipy attach'").rc == 1
+        log = vm.check("cat /run/keeper.log")
+        assert "stopped: port" in log, log
+    finally:
+        daemon.kill()
+        daemon.wait()
+        vm.run("pkill -f '[u]sbipy.cli.usbipy attach'; for p in $(usbip port | sed -n "
+               "'s/^Port \\([0-9]*\\):.*/\\1/p'); do usbip detach -p $p; done")
+
+
+def _stub_status(vm: Vm, busid: str) -> str:
+    return vm.check(f"cat /sys/bus/usb/devices/{busid}/usbip_status").strip()
+
+
+def test_a_silent_network_frees_the_devices_and_the_clients_come_back(vm: Vm) -> None:
+    """usbipyd in the guest exports the stick (usbip-host) and an emulated disk
+    (Python); from the other namespace, both are held with --persistent. Then the
+    network goes silent. Within the dead-peer bound the server frees both (the
+    stub "available" again, the emulated disk importable) and the clients let go;
+    when the network is back, both come back, with their data."""
+    local = json.loads(vm.check(f"{USBIPY} list -l --json"))
+    [stick] = [d["busid"] for d in local if f"{d['idVendor']}:{d['idProduct']}" == STICK_ID]
+    assert stick != "1-1"
+    vm.check(NETWORK)
+    vm.check(f"{USBIPY} bind -b {stick} && truncate -s 16M /run/scratch.img")
+    vm.check(f"setsid {USBIPYD} -c /dev/null --no-libusb --disk /run/scratch.img "
+             f"-a {SERVER_IP} -a 127.0.0.1 -P /run/usbipyd.pid </dev/null "
+             ">/run/usbipyd.log 2>&1 &")
+    try:
+        wait_for(vm, f"{USBIPY} list -r 127.0.0.1 2>/dev/null | grep -q ' {stick}: '")
+        for busid in (stick, "1-1"):
+            vm.check(f"{FAR} setsid {USBIPY} attach -r {SERVER_IP} -b {busid} --persistent "
+                     f"</dev/null >/run/keeper-{busid}.log 2>&1 &")
+        wait_for(vm, f"[ $({USBIPY} port | grep -c 'persistent (pid .*attached') = 2 ]")
+        assert _stub_status(vm, stick) == "2"
+        wait_for(vm, f"[ $({vhci_nodes('block')} | wc -l) = 2 ]")
+        stick_disk = _disk_of(vm, STICK_ID)
+        assert vm.check(f"mount -o ro /dev/{stick_disk} /mnt && cat /mnt/{KNOWN_FILE}; "
+                        "umount /mnt") == KNOWN_TEXT
+
+        vm.check(CUT)
+        cut_at = guest_clock(vm)
+        # the server's side: the stub is available again, the emulated disk importable
+        wait_for(vm, f"grep -qx 1 /sys/bus/usb/devices/{stick}/usbip_status", BOUND)
+        stub_free = guest_clock(vm) - cut_at
+        wait_for(vm, f"{USBIPY} list -r 127.0.0.1 | grep -q ' 1-1: '", BOUND)
+        emulated_free = guest_clock(vm) - cut_at
+        # the clients' side: vhci-hcd let go of both
+        wait_for(vm, "! usbip port | grep -q 'Port in Use'", BOUND)
+        ports_free = guest_clock(vm) - cut_at
+        report(f"network silent: usbip-host free after {stub_free:.1f} s, the emulated disk "
+               f"after {emulated_free:.1f} s, the client's ports after {ports_free:.1f} s "
+               f"(dead-peer timeout {DEFAULT_TIMEOUT:g} s, guest time)")
+        log = vm.check("cat /run/usbipyd.log")
+        assert re.search(r"1-1 lost: the client stopped answering \(dead_peer_timeout\)",
+                         log), log
+
+        vm.check(RESTORE)
+        back_at = guest_clock(vm)
+        wait_for(vm, f"[ $({USBIPY} port | grep -c 'persistent (pid .*attached') = 2 ]")
+        wait_for(vm, f"[ $({vhci_nodes('block')} | wc -l) = 2 ]")
+        report(f"network back: both re-attached after {guest_clock(vm) - back_at:.1f} s")
+        assert _stub_status(vm, stick) == "2"
+        stick_disk = _disk_of(vm, STICK_ID)
+        assert vm.check(f"mount -o ro /dev/{stick_disk} /mnt && cat /mnt/{KNOWN_FILE}; "
+                        "umount /mnt") == KNOWN_TEXT
+
+        # a stopped persistent attachment does not come back
+        port = next(k["port"] for k in keepers(vm) if k["busid"] == stick)
+        vm.check(f"{USBIPY} detach -p {port}")
+        wait_for(vm, f"grep -qx 1 /sys/bus/usb/devices/{stick}/usbip_status")
+        assert [k["busid"] for k in keepers(vm)] == ["1-1"]
+    finally:
+        vm.run(f"pkill -f '[u]sbipy.cli.usbipy attach'; {RESTORE}; "
+               "[ -e /run/usbipyd.pid ] && kill $(cat /run/usbipyd.pid); "
+               "for p in $(usbip port | sed -n 's/^Port \\([0-9]*\\):.*/\\1/p'); do "
+               "usbip detach -p $p; done; ip netns del far")
+
+
+def _disk_of(vm: Vm, vid_pid: str) -> str:
+    """The vhci block device of the USB device vid:pid."""
+    vid, pid = vid_pid.split(":")
+    script = (f"for b in $({vhci_nodes('block')}); do d=$(readlink -f /sys/block/$b); "
+              f"while [ \"$d\" != / ]; do [ -r $d/idVendor ] && break; d=${{d%/*}}; done; "
+              f"[ \"$(cat $d/idVendor):$(cat $d/idProduct)\" = {vid}:{pid} ] && echo $b; "
+              "done")
+    wait_for(vm, f"[ -n \"$({script})\" ]")
+    return vm.check(script).split()[0]
