@@ -409,3 +409,28 @@ def test_python_served_devices_over_a_kernel_tls_server(clean: Lab) -> None:
     detach(vm)
     wait_for(vm, "grep -qF 'released 1-3' /run/usbipyd.log || { cat /run/usbipyd.log; false; }")
     wait_for(vm, NO_KTLS_SOCKETS)
+
+
+def test_a_persistent_attachment_comes_back_over_tls(clean: Lab, image: Path) -> None:
+    """`usbipy attach --persistent` over mutual TLS: the server goes away and comes
+    back; the keeper makes a new handshake, and the device is attached again, its
+    session in kernel TLS as before."""
+    vm, certs = clean.vm, clean.certs
+    with tls_server(clean, image):
+        vm.check(f"setsid {USBIPY} {options(certs.client)} attach -r {SERVER_ALIAS} -b 1-1 "
+                 "--persistent </dev/null >/run/keeper-tls.log 2>&1 &")
+        wait_for(vm, f"{USBIPY} port | grep -q 'persistent (pid .*attached'")
+    try:
+        wait_for(vm, "grep -q 'connection lost' /run/keeper-tls.log")
+        with tls_server(clean, image):
+            wait_for(vm, f"{USBIPY} port | grep -q 'persistent (pid .*attached .*re-attached 1 "
+                         "times'")
+            ports = vm.check(f"{USBIPY} port")
+            assert f"-> encrypted (kernel TLS, TLSv1.2) with CN={SERVER_NAME}" in ports, ports
+            stat = tls_stat(vm)
+            assert stat["TlsCurrTxSw"] >= 1 and stat["TlsCurrRxSw"] >= 1, stat
+            vm.check(f"{USBIPY} detach -b 1-1")
+        log = vm.check("cat /run/keeper-tls.log")
+        assert "attached usbip://" in log and "again" in log, log
+    finally:
+        vm.run("pkill -f '[u]sbipy.cli.usbipy .*attach'")

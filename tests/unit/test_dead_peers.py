@@ -431,3 +431,33 @@ def test_dead_keepers_are_not_shown(fake, capsys) -> None:
     keeper_mod.write_state(keeper_mod.KeeperState(proc.pid, "h", 1, "1-1", "waiting"))
     assert keeper_mod.read_states() == []
     assert list(keeper_mod.run_dir().glob("*.json")) == []
+
+
+def test_the_systemd_unit_runs_a_persistent_attach() -> None:
+    from usbipy.cli import usbipy as cli
+
+    unit = (Path(__file__).parents[2] / "systemd/usbipy-attach@.service").read_text()
+    settings = dict(line.split("=", 1) for line in unit.splitlines()
+                    if "=" in line and not line.startswith("#"))
+    command = settings["ExecStart"].split()
+    assert command[0] == "/opt/usbipy/bin/usbipy"
+    env = {"${HOST}": "lab1", "${BUSID}": "1-2", "$OPTIONS": "--max-delay=30"}
+    args = cli.build_parser().parse_args([env.get(word, word) for word in command[1:]])
+    assert (args.command, args.remote, args.busid, args.persistent, args.max_delay) == (
+        "attach", "lab1", "1-2", True, 30.0)
+    assert settings["EnvironmentFile"] == "/etc/usbipy/attach/%i.env"
+
+
+def test_detach_by_port_leaves_a_waiting_keeper_whose_last_port_it_was(
+        fake, capsys, keeper_process) -> None:
+    from .test_cli_usbipy import usbipy
+
+    fake.load_vhci()
+    fake.add_device("3-1", 0x1209, 0x0002, parent="platform/vhci_hcd.0")
+    fake.set_vhci_status({0: (3, 0x10003, "3-1")})  # someone else's device, on port 0
+    keeper_mod.write_state(keeper_mod.KeeperState(
+        keeper_process.pid, "10.0.0.7", 3240, "1-2", "waiting", port=0))
+    rc, out, err = usbipy(capsys, "detach", "-p", "0")
+    assert rc == 0, err
+    assert out == "usbipy: info: port 0 is now detached\n"
+    assert keeper_process.poll() is None  # still waiting to attach its own device

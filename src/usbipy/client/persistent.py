@@ -166,7 +166,8 @@ def read_states() -> list[KeeperState]:
 def find_keeper(port: int | None = None, busid: str | None = None,
                 host: str | None = None) -> KeeperState | None:
     for state in read_states():
-        if port is not None and state.port == port:
+        # (by port only while attached: a waiting keeper's last port may be another's now)
+        if port is not None and state.port == port and state.state == "attached":
             return state
         if busid is not None and state.busid == busid and host in (None, state.host):
             return state
