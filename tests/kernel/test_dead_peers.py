@@ -290,6 +290,6 @@ def _disk_of(vm: Vm, vid_pid: str) -> str:
     script = (f"for b in $({vhci_nodes('block')}); do d=$(readlink -f /sys/block/$b); "
               f"while [ \"$d\" != / ]; do [ -r $d/idVendor ] && break; d=${{d%/*}}; done; "
               f"[ \"$(cat $d/idVendor):$(cat $d/idProduct)\" = {vid}:{pid} ] && echo $b; "
-              "done")
+              "done; true")
     wait_for(vm, f"[ -n \"$({script})\" ]")
     return vm.check(script).split()[0]

@@ -172,9 +172,11 @@ def test_a_reconnecting_device_comes_back_after_a_server_restart() -> None:
         conn._transport.abort()  # ... when the connection is reset
         with pytest.raises(ServerGone):  # whether the device did it is unknown
             await in_flight
-        # the server is there: the device is imported again at once
-        await asyncio.wait_for(dev.wait_connected(), 10)
-        assert len(await dev.control(*GET_DEVICE_DESCRIPTOR)) == 18 and dev.reconnects == 1
+        # the next URB, at once, waits for the device to be imported again (the
+        # server is there: it is at once)
+        # (awaited directly: no loop turn between the failure and the next URB)
+        descriptor = await dev.control(*GET_DEVICE_DESCRIPTOR)
+        assert len(descriptor) == 18 and dev.reconnects == 1
         stop.set()  # the server goes away ...
         await first
         await dev.wait_closed()
@@ -229,6 +231,11 @@ def test_backoff_doubles_to_its_ceiling_with_jitter_and_counts_retries() -> None
         backoff.next_delay()
     backoff.reset()
     assert backoff.next_delay() <= 1
+    # after a success, retries count again from 0 but the delays go on growing
+    backoff = Backoff(initial=1, maximum=60, retries=2, rng=random.Random(7))
+    backoff.next_delay(), backoff.next_delay()
+    backoff.reset_count()
+    assert 2 <= backoff.next_delay() <= 4 and not backoff.exhausted
     with pytest.raises(ValueError, match="first delay"):
         Backoff(initial=5, maximum=1)
 
@@ -461,3 +468,89 @@ def test_detach_by_port_leaves_a_waiting_keeper_whose_last_port_it_was(
     assert rc == 0, err
     assert out == "usbipy: info: port 0 is now detached\n"
     assert keeper_process.poll() is None  # still waiting to attach its own device
+
+
+def test_retries_count_failures_in_a_row_and_giving_up_after_a_loss_fails(
+        fake_vhci: FakeVhci) -> None:
+    # one failure, an attachment, then a loss and failures: with retries=2 the keeper
+    # tries twice after the loss (the failure before the attachment no longer
+    # counts), then gives up with exit status 1
+    fake_vhci.failures = [ClientError("refused")]
+    keeper = keeper_for(fake_vhci, retries=2)
+    result, thread = run_in_thread(keeper)
+    until(lambda: keeper.state.state == "attached")
+    fake_vhci.failures = [ClientError("refused")] * 3
+    fake_vhci.lose(0)
+    thread.join(10)
+    assert result == [1]
+    assert len(fake_vhci.failures) == 1  # two attempts after the loss, then it gave up
+
+
+def test_a_record_removed_means_detached_even_before_vhci_frees_the_port(
+        fake_vhci: FakeVhci) -> None:
+    keeper = keeper_for(fake_vhci)
+    result, thread = run_in_thread(keeper)
+    until(lambda: keeper.state.state == "attached")
+    vhci.remove_record(0)  # `usbip detach`: the record first ...
+    fake_vhci.peers[0].close()  # ... then the socket, while the port still shows USED
+    thread.join(10)
+    assert result == [0] and fake_vhci.attached == 1
+
+
+def test_a_port_still_being_set_up_is_not_taken_for_lost(fake_vhci: FakeVhci) -> None:
+    keeper = keeper_for(fake_vhci)
+    setting_up = [vhci.VhciPort(0, "hs", vhci.PortStatus.NOTASSIGNED, Speed.HIGH, 0, "0-0")]
+    keeper._read_ports = lambda: setting_up
+    assert keeper._port_holds(0, DEVICE.devid) is True
+    keeper._read_ports = lambda: [vhci.VhciPort(0, "hs", vhci.PortStatus.USED, Speed.HIGH,
+                                                0x20005, "3-0")]
+    assert keeper._port_holds(0, DEVICE.devid) is False  # another device there now
+
+
+def test_a_stop_during_an_attach_ends_it_at_once(fake_vhci: FakeVhci) -> None:
+    keeper: keeper_mod.Keeper
+
+    def slow_attach() -> Attached:
+        keeper.interrupt()  # SIGTERM while connecting: no waiting for the timeouts
+        raise AssertionError("not reached")
+
+    keeper = keeper_mod.Keeper(HOST, 3240, "1-1", slow_attach, read_ports=fake_vhci.read_ports,
+                               detach=fake_vhci.detach)
+    assert keeper.run() == 0 and keeper.stopped
+    keeper.interrupt()  # outside an attach: a stop, nothing raised
+
+
+def test_a_state_file_with_wrong_types_is_ignored(keeper_process) -> None:
+    directory = keeper_mod.run_dir()
+    directory.mkdir(parents=True)
+    good = keeper_mod.KeeperState(keeper_process.pid, "h", 1, "1-1", "waiting").as_dict()
+    for n, change in enumerate(({"pid": -1}, {"pid": "x"}, {"port": "0"}, {"extra": 1},
+                                {"pid": True})):
+        (directory / f"{n}.json").write_text(json.dumps({**good, **change}))
+    (directory / "9.json").write_text("[1, 2]")
+    assert keeper_mod.read_states() == []
+    (directory / "ok.json").write_text(json.dumps(good))
+    assert [s.pid for s in keeper_mod.read_states()] == [keeper_process.pid]
+
+
+def test_detach_by_busid_says_which_when_two_servers_have_it(fake, capsys) -> None:
+    from .test_cli_usbipy import usbipy
+
+    procs = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+             for _ in range(2)]
+    try:
+        for proc, host in zip(procs, ("lab1", "lab2"), strict=True):
+            keeper_mod.write_state(keeper_mod.KeeperState(proc.pid, host, 3240, "1-2",
+                                                          "waiting"))
+        rc, _, err = usbipy(capsys, "detach", "-b", "1-2")
+        assert rc == 1 and err == ("usbipy: error: 2 persistent attachments of 1-2 (from "
+                                   "lab1:3240, lab2:3240): say which with -r HOST, or "
+                                   "detach by -p PORT\n")
+        assert all(p.poll() is None for p in procs)
+        rc, _, err = usbipy(capsys, "detach", "-b", "1-2", "-r", "lab2")
+        assert rc == 0, err
+        assert procs[1].wait(10) != 0 and procs[0].poll() is None
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()

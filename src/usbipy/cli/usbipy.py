@@ -593,12 +593,14 @@ def _run(args: argparse.Namespace) -> object:
 def _detach(args: argparse.Namespace) -> object:
     if args.remote is not None and args.busid is None:
         raise UsbipError("detach -r HOST needs -b BUSID")
-    keeper = persistent.find_keeper(port=args.port, busid=args.busid, host=args.remote)
-    if keeper is not None:
+    keepers = persistent.find_keepers(port=args.port, busid=args.busid, host=args.remote)
+    if len(keepers) > 1:
+        servers = ", ".join(sorted({printable(f"{k.host}:{k.tcp_port}") for k in keepers}))
+        raise UsbipError(f"{len(keepers)} persistent attachments of {printable(args.busid)} "
+                         f"(from {servers}): say which with -r HOST, or detach by -p PORT")
+    if keepers:
+        [keeper] = keepers
         persistent.stop_keeper(keeper)  # (it detaches its port on the way out)
-        if args.port is not None and any(p.port == args.port and p.in_use
-                                         for p in vhci.read_ports()):
-            vhci.detach(args.port)  # the keeper was killed before it could
         what = (f"port {keeper.port}" if keeper.state == "attached"
                 else printable(keeper.url))
         if args.json:
@@ -622,9 +624,9 @@ def _attach_persistent(args: argparse.Namespace, tls: TlsFiles | None) -> object
     import logging
     import signal
 
-    running = persistent.find_keeper(busid=args.busid, host=args.remote)
-    if running is not None and running.tcp_port == args.tcp_port:
-        raise UsbipError(f"{printable(running.url)} is already kept attached by pid "
+    for running in persistent.find_keepers(busid=args.busid, host=args.remote):
+        if running.tcp_port == args.tcp_port:
+            raise UsbipError(f"{printable(running.url)} is already kept attached by pid "
                          f"{running.pid} (see 'usbipy port')")
     vhci.require_vhci()  # a usage error: before going to the background
     keepalive = Keepalive(args.dead_peer_timeout)
@@ -660,7 +662,7 @@ def _attach_persistent(args: argparse.Namespace, tls: TlsFiles | None) -> object
                           server_name=args.tls_server_name, keepalive=keepalive,
                           watch=True),
         backoff=backoff)
-    previous = {sig: signal.signal(sig, lambda _s, _f: keeper.stop())
+    previous = {sig: signal.signal(sig, lambda _s, _f: keeper.interrupt())
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
         status = keeper.run()
@@ -668,6 +670,10 @@ def _attach_persistent(args: argparse.Namespace, tls: TlsFiles | None) -> object
         for sig, old in previous.items():
             signal.signal(sig, old)
         logger.removeHandler(handler)
+        handler.close()
+    if keeper_log is not None and status == 0:  # (kept when it gave up: it says why)
+        for path in (keeper_log, keeper_log.with_name(keeper_log.name + ".1")):
+            path.unlink(missing_ok=True)
     if status:
         raise UsbipError(f"{args.busid} from {args.remote}:{args.tcp_port}: gave up after "
                          f"{backoff.attempts} attempts")
@@ -686,15 +692,20 @@ def _background() -> int:
         if not text.isdigit():
             raise UsbipError("the background keeper did not start")
         return int(text)
-    os.close(read_end)
-    os.setsid()
-    if os.fork():
-        os._exit(0)
-    os.write(write_end, f"{os.getpid()}\n".encode())
-    os.close(write_end)
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(devnull, fd)
+    # The child: nothing of it returns into the parent's code on a failure.
+    try:
+        os.close(read_end)
+        os.setsid()
+        if os.fork():
+            os._exit(0)
+        os.chdir("/")
+        os.write(write_end, f"{os.getpid()}\n".encode())
+        os.close(write_end)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+    except BaseException:
+        os._exit(1)
     return 0
 
 

@@ -67,5 +67,17 @@ def attach(host: str, busid: str, tcp_port: int, *, tls: TlsFiles | None = None,
         raise
     finally:
         sock.close()  # vhci-hcd holds its own reference now
-    vhci.write_record(port, vhci.Record(host, str(tcp_port), busid), session, device.devid)
+    try:
+        vhci.write_record(port, vhci.Record(host, str(tcp_port), busid), session,
+                          device.devid)
+    except OSError:
+        # Not attached half: a port with no record would look detached by someone
+        # to a keeper, and no process would own it.
+        if watcher is not None:
+            watcher.close()
+        try:
+            vhci.detach(port)
+        except vhci.VhciError:
+            pass
+        raise
     return Attached(port, host, tcp_port, device, session, watcher)

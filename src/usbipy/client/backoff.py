@@ -23,8 +23,10 @@ class Backoff:
     retries: int | None = None
     #: Draws the jitter: seeded in tests.
     rng: random.Random = field(default_factory=random.Random, repr=False)
-    #: Delays handed out since the last reset.
+    #: Delays handed out since the last reset or reset_count: what ``retries`` counts.
     attempts: int = 0
+    #: The step the next delay is drawn from (0: ``initial``).
+    step: int = 0
 
     def __post_init__(self) -> None:
         if not 0 < self.initial <= self.maximum:
@@ -43,10 +45,17 @@ class Backoff:
         """The next delay, in seconds; StopIteration once ``retries`` are used up."""
         if self.exhausted:
             raise StopIteration
-        step = min(self.maximum, self.initial * self.factor ** min(self.attempts, 64))
+        step = min(self.maximum, self.initial * self.factor ** min(self.step, 64))
         self.attempts += 1
+        self.step += 1
         return step / 2 + self.rng.uniform(0, step / 2)
 
-    def reset(self) -> None:
-        """After a success: the next failure starts again from ``initial``."""
+    def reset_count(self) -> None:
+        """After a success: ``retries`` counts again from 0 (failures in a row), but
+        the delays go on from where they were."""
         self.attempts = 0
+
+    def reset(self) -> None:
+        """After a success that lasted: the next delay is ``initial`` again."""
+        self.attempts = 0
+        self.step = 0

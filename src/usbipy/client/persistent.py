@@ -88,6 +88,28 @@ class KeeperState:
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: object) -> KeeperState:
+        """A state read back from its file; ValueError unless every field has its type
+        (the file is only root's to write, but a pid read from it is signalled)."""
+        if not isinstance(data, dict):
+            raise ValueError("not an object")
+        kinds: dict[str, tuple[type, ...]] = {
+            "pid": (int,), "host": (str,), "tcp_port": (int,), "busid": (str,),
+            "state": (str,), "port": (int, type(None)), "devid": (int, type(None)),
+            "since": (int, float), "retry_at": (int, float, type(None)),
+            "attempts": (int,), "last_error": (str, type(None)), "reattached": (int,),
+            "started": (int, type(None)),
+        }
+        for name, value in data.items():
+            if name not in kinds or isinstance(value, bool) or not isinstance(
+                    value, kinds[name]):
+                raise ValueError(f"{name}: unexpected")
+        state = cls(**data)
+        if state.pid <= 1:
+            raise ValueError(f"pid {state.pid}")
+        return state
+
 
 def _path(pid: int) -> Path:
     return run_dir() / f"{pid}.json"
@@ -151,8 +173,7 @@ def read_states() -> list[KeeperState]:
         return []
     for path in files:
         try:
-            data = json.loads(path.read_text())
-            state = KeeperState(**data)
+            state = KeeperState.from_dict(json.loads(path.read_text()))
         except (OSError, ValueError, TypeError):
             continue
         if not _alive(state):
@@ -163,15 +184,17 @@ def read_states() -> list[KeeperState]:
     return sorted(states, key=lambda s: s.pid)
 
 
-def find_keeper(port: int | None = None, busid: str | None = None,
-                host: str | None = None) -> KeeperState | None:
+def find_keepers(port: int | None = None, busid: str | None = None,
+                 host: str | None = None) -> list[KeeperState]:
+    """The keepers attached on ``port``, or keeping ``busid`` (from ``host``)."""
+    found = []
     for state in read_states():
         # (by port only while attached: a waiting keeper's last port may be another's now)
         if port is not None and state.port == port and state.state == "attached":
-            return state
-        if busid is not None and state.busid == busid and host in (None, state.host):
-            return state
-    return None
+            found.append(state)
+        elif busid is not None and state.busid == busid and host in (None, state.host):
+            found.append(state)
+    return found
 
 
 def stop_keeper(state: KeeperState, timeout: float = 60.0) -> None:
@@ -191,6 +214,10 @@ def stop_keeper(state: KeeperState, timeout: float = 60.0) -> None:
 
 
 AttachFn = Callable[[], Attached]
+
+
+class KeeperStopped(BaseException):
+    """Raised by :meth:`Keeper.interrupt` to end an attach in progress."""
 
 
 class Keeper:
@@ -219,14 +246,24 @@ class Keeper:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self.stopped = False
+        self._attaching = False
+        self._attached_before = False
         self.state = KeeperState(os.getpid(), host, tcp_port, busid, "connecting",
                                  started=process_start(os.getpid()))
 
     def stop(self) -> None:
-        """Stop for good (from a signal handler too): detach, and do not come back."""
+        """Stop for good: detach, and do not come back. Safe from a signal handler;
+        an attach in progress finishes first (see :meth:`interrupt`)."""
         self.stopped = True
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
+
+    def interrupt(self) -> None:
+        """:meth:`stop` from a signal handler, which also ends an attach in progress
+        at once (its connect or import may otherwise take their whole timeouts)."""
+        self.stop()
+        if self._attaching:
+            raise KeeperStopped
 
     def _set(self, **changes: object) -> None:
         self.state = replace(self.state, **changes)  # type: ignore[arg-type]
@@ -243,7 +280,13 @@ class Keeper:
         try:
             while not self.stopped:
                 try:
-                    attached = self._attach()
+                    self._attaching = True
+                    try:
+                        attached = self._attach()
+                    finally:
+                        self._attaching = False
+                except KeeperStopped:
+                    break
                 except (UsbipError, OSError) as exc:
                     if self.stopped:
                         break
@@ -251,10 +294,10 @@ class Keeper:
                             exc, UsbipError) else (exc.strerror or str(exc)))):
                         return 1
                     continue
-                ended = self._keep(attached)
-                if ended is not None:
-                    log.info("%s", ended)
-                    return 0
+                status = self._keep(attached)
+                if status is not None:
+                    return status
+            log.info("%s: stopped", what)
             return 0
         finally:
             remove_state(self.state.pid)
@@ -282,17 +325,20 @@ class Keeper:
         """Sleep, woken at once by :meth:`stop`."""
         select.select([self._wake_r], [], [], max(0.0, seconds))
 
-    def _keep(self, attached: Attached) -> str | None:
-        """Watch an attachment until it ends. None: lost (attach again); a text: the
-        reason to stop for good."""
+    def _keep(self, attached: Attached) -> int | None:
+        """Watch an attachment until it ends. None: lost, attach again; else the exit
+        status (stopped, detached by someone else, or out of retries)."""
         port = attached.port
         devid = attached.device.devid
         started = self._clock()
-        reattached = self.state.reattached + (1 if self.state.last_error is not None else 0)
+        again = self._attached_before
+        self._attached_before = True
         log.info("attached %s on port %d%s", printable(self.state.url), port,
-                 " again" if reattached > self.state.reattached else "")
+                 " again" if again else "")
+        self.backoff.reset_count()  # (retries: failures in a row)
         self._set(state="attached", port=port, devid=devid, since=time.time(),
-                  last_error=None, attempts=0, retry_at=None, reattached=reattached)
+                  last_error=None, attempts=0, retry_at=None,
+                  reattached=self.state.reattached + again)
         try:
             reason = self._watch(attached)
         finally:
@@ -300,22 +346,21 @@ class Keeper:
                 attached.watch.close()
         if reason is None:  # stopped: give the port back ourselves
             self._release(port, devid)
-            return f"stopped: port {port} detached"
-        if vhci.read_record(port) is None and self._port_holds(port, devid) is not True:
-            # `usbip detach` removes the record first: a person detached it
-            return f"port {port} was detached by someone else: no longer kept attached"
+            log.info("stopped: port %d detached", port)
+            return 0
+        if vhci.read_record(port) is None:
+            # `usbip detach` and `usbipy detach` remove the record before they detach
+            log.info("port %d was detached by someone else: %s is no longer kept "
+                     "attached", port, printable(self.state.url))
+            return 0
         if self._clock() - started >= STABLE:
-            self.backoff.reset()
-        self._forget(port, devid)
+            self.backoff.reset()  # (it held: the next delay is the first again)
+        self._forget(port)
         error = f"connection lost: {reason}"
         log.warning("%s on port %d: %s", printable(self.state.url), port, error)
         self._set(state="connecting", last_error=error)
-        if not self.stopped:
-            # A first attempt at once would meet a server that still holds the device:
-            # the backoff's first delay covers the reaping.
-            if not self._wait_to_retry(error):
-                self.stopped = True
-                return f"{printable(self.state.url)}: no longer kept attached"
+        if not self.stopped and not self._wait_to_retry(error):
+            return 1
         return None
 
     def _watch(self, attached: Attached) -> str | None:
@@ -336,12 +381,14 @@ class Keeper:
 
     @staticmethod
     def _socket_error(sock: socket.socket) -> str:
+        # (vhci-hcd's receive thread has often taken the error already)
         code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if code == errno.ETIMEDOUT:
             return "the server stopped answering (dead-peer timeout)"
         if code:
             return os.strerror(code)
-        return "the connection was closed"
+        return ("vhci-hcd ended the connection (the server closed it, reset it, or "
+                "stopped answering)")
 
     def _port_holds(self, port: int, devid: int) -> bool | None:
         """Whether vhci-hcd's port still holds our device (None: cannot tell)."""
@@ -350,12 +397,14 @@ class Keeper:
         except (UsbipError, OSError):
             return None
         found = ports.get(port)
-        return found is not None and found.in_use and found.devid == devid
+        if found is None or found.status is vhci.PortStatus.NULL:
+            return False
+        if found.status is vhci.PortStatus.NOTASSIGNED:
+            return True  # still being set up (vhci shows no devid until it is in use)
+        return found.devid == devid
 
-    def _forget(self, port: int, devid: int) -> None:
-        """After a loss: the port's record, unless the port went to someone else."""
-        if self._port_holds(port, devid) is not False:
-            return
+    def _forget(self, port: int) -> None:
+        """After a loss: the port's record, if it is still ours."""
         record = vhci.read_record(port)
         if record is not None and (record.host, record.service, record.busid) == (
                 self.host, str(self.tcp_port), self.busid):
@@ -363,7 +412,7 @@ class Keeper:
 
     def _release(self, port: int, devid: int) -> None:
         if self._port_holds(port, devid) is False:
-            self._forget(port, devid)
+            self._forget(port)
             return
         try:
             self._detach(port)

@@ -23,10 +23,13 @@ import itertools
 import logging
 import socket
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import cast
 
+from ..errors import UsbipError
+from ..escape import printable
 from ..keepalive import DEFAULT, Keepalive
 from ..protocol import (
     ClientConnection,
@@ -61,6 +64,9 @@ from .errors import (
 
 #: Seconds to connect and finish a TLS handshake.
 CONNECT_TIMEOUT = 30.0
+#: A reconnecting device's connection that lasted this long starts the next backoff
+#: from its first delay.
+STABLE = 30.0
 
 
 log = logging.getLogger("usbipy.client")
@@ -82,6 +88,8 @@ class _ClientProtocol(asyncio.Protocol):
         self.plaintext = True
         #: Why the connection ended, once it has.
         self.error: ClientError | None = None
+        #: Called when an imported device's connection is lost (not closed by us).
+        self.on_lost: Callable[[], None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # (uvloop's transports do not derive from asyncio.Transport)
@@ -111,10 +119,13 @@ class _ClientProtocol(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if isinstance(exc, ssl.SSLError):
+        if self.op_reply.done() and not self.closing:
+            # an imported device's connection (or a reply's) ended under it
+            error: ClientError = ServerGone(self.host, self.port, lost_reason(exc))
+        elif isinstance(exc, ssl.SSLError):
             # TLS 1.3: a server that refuses our certificate says so after the
             # handshake, on the first read.
-            error: ClientError = ClientError(f"connection closed: {handshake_failure(exc)}")
+            error = ClientError(f"connection closed: {handshake_failure(exc)}")
         elif exc is None and not self.op_reply.done() and self.plaintext:
             error = ClientError(PLAINTEXT_REFUSED)
         elif not self.op_reply.done() and not self.plaintext:
@@ -123,11 +134,13 @@ class _ClientProtocol(asyncio.Protocol):
             error = ClientError(
                 "the server closed the TLS connection before it answered: it may not "
                 f"accept our certificate (its log says why){f' ({exc})' if exc else ''}")
-        elif self.op_reply.done() and not self.closing:
-            error = ServerGone(self.host, self.port, lost_reason(exc))
         else:
             error = ClientError(f"connection closed{f': {exc}' if exc else ''}")
         self.error = error
+        if self.on_lost is not None and isinstance(error, ServerGone):
+            # before anything that waits is woken: what it does next (another URB)
+            # must find the reconnect under way
+            self.on_lost()
         self._fail(error)
         if not self.closed.done():
             self.closed.set_result(None)
@@ -148,7 +161,11 @@ async def _connect(host: str, port: int, tls: ssl.SSLContext | None,
     try:
         async with asyncio.timeout(CONNECT_TIMEOUT):
             sock = await _tcp(loop, host, port)
-        keepalive.apply(sock)
+        try:
+            keepalive.apply(sock)
+        except OSError:
+            sock.close()
+            raise
     except TimeoutError:
         raise HostUnreachable(host, port, "connection timed out") from None
     except OSError as exc:
@@ -287,6 +304,7 @@ class RemoteDevice:
         self._reconnecting: asyncio.Task[None] | None = None
         #: Times the device was imported again after a loss.
         self.reconnects = 0
+        self._since = 0.0
         self._use(protocol)
 
     def _use(self, protocol: _ClientProtocol) -> None:
@@ -297,13 +315,16 @@ class RemoteDevice:
         self.tls: TlsSession | None = (
             TlsSession.of(ssl_object, kernel=False) if ssl_object is not None else None)
         self._connected.set()
+        self._since = asyncio.get_running_loop().time()
         if self._backoff is not None:
-            protocol.closed.add_done_callback(self._lost)
+            protocol.on_lost = self._lost
 
-    def _lost(self, _closed: asyncio.Future[None]) -> None:
-        if self._closing or self._reconnecting is not None:
+    def _lost(self) -> None:
+        if self._closing or self._reconnecting is not None or self._backoff is None:
             return
         self._connected.clear()
+        if asyncio.get_running_loop().time() - self._since >= STABLE:
+            self._backoff.reset()  # (a connection that held: start again from 1 s)
         error = self._protocol.error
         log.warning("%s", error)
         self._reconnecting = asyncio.ensure_future(self._reconnect())
@@ -326,15 +347,19 @@ class RemoteDevice:
                     protocol, info = await _import(target.host, target.busid, target.port,
                                                    target.tls, target.server_hostname,
                                                    target.keepalive)
-                except ClientError as exc:
-                    log.warning("%s: %s", target.busid, exc)
+                except (UsbipError, OSError) as exc:  # (a malformed reply, too)
+                    log.warning("%s: %s", printable(target.busid),
+                                exc if isinstance(exc, UsbipError) else exc.strerror or exc)
                     continue
                 if self._closing:
                     await _close(protocol)
                     break
                 self.info = info
                 self.reconnects += 1
-                self._backoff.reset()
+                # "retries" counts failures in a row; the delays keep growing until a
+                # connection holds for STABLE seconds (a server that accepts and drops
+                # at once is not hammered)
+                self._backoff.reset_count()
                 self._reconnecting = None
                 log.info("%s: imported again from %s:%d", target.busid, target.host,
                          target.port)
@@ -381,7 +406,7 @@ class RemoteDevice:
     async def submit(self, ep: int, direction: Direction, length: int = 0, **kw: object
                      ) -> RetSubmit:
         if self._reconnecting is not None:
-            await self.wait_connected()
+            await self.wait_connected()  # (raises ServerGone once there is no hope)
         _seqnum, future = self.submit_nowait(ep, direction, length, **kw)  # type: ignore[arg-type]
         return await future
 

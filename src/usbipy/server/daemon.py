@@ -13,7 +13,6 @@ from typing import Any
 
 from ..backends.base import ExportedDevice, HandOffDevice
 from ..escape import printable
-from ..keepalive import Keepalive
 from ..policy import OPEN, Policy
 from ..protocol import DEFAULT_MAX_TRANSFER, USBIP_PORT, OpStatus
 from ..tls import TlsSession
@@ -151,7 +150,7 @@ class UsbipServer:
             # Before anything else: the socket may end up in usbip-host, and from
             # then on only these options notice that its client is gone.
             try:
-                Keepalive(self.access.limits.dead_peer_timeout).apply(sock)
+                self.access.limits.keepalive.apply(sock)
             except OSError as exc:  # (the client reset it already, say)
                 sock.close()
                 log.debug("%s: %s", printable(address_text(addr)), exc.strerror or exc)

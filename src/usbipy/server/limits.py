@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..keepalive import DEFAULT_TIMEOUT
+from ..keepalive import DEFAULT_TIMEOUT, Keepalive
 
 log = logging.getLogger("usbipy.server")
 
@@ -39,6 +39,14 @@ class Limits:
     #: (those handed to usbip-host too): TCP keepalive and TCP_USER_TIMEOUT, see
     #: :mod:`usbipy.keepalive`.
     dead_peer_timeout: float = DEFAULT_TIMEOUT
+
+    def __post_init__(self) -> None:
+        self.keepalive  # noqa: B018 (checked here, not in the accept loop: ValueError)
+
+    @property
+    def keepalive(self) -> Keepalive:
+        """The socket options for ``dead_peer_timeout``."""
+        return Keepalive(self.dead_peer_timeout)
 
 
 def client_key(addr: object) -> str:
