@@ -524,8 +524,9 @@ def test_a_state_file_with_wrong_types_is_ignored(keeper_process) -> None:
     directory = keeper_mod.run_dir()
     directory.mkdir(parents=True)
     good = keeper_mod.KeeperState(keeper_process.pid, "h", 1, "1-1", "waiting").as_dict()
-    for n, change in enumerate(({"pid": -1}, {"pid": "x"}, {"port": "0"}, {"extra": 1},
-                                {"pid": True})):
+    changes: list[dict[str, object]] = [{"pid": -1}, {"pid": "x"}, {"port": "0"}, {"extra": 1},
+                                        {"pid": True}]
+    for n, change in enumerate(changes):
         (directory / f"{n}.json").write_text(json.dumps({**good, **change}))
     (directory / "9.json").write_text("[1, 2]")
     assert keeper_mod.read_states() == []
