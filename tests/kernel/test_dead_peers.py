@@ -50,6 +50,13 @@ RESTORE = "tc qdisc del dev usbipy0 root; ip netns exec far tc qdisc del dev usb
 BOUND = DEFAULT_TIMEOUT + 10
 
 
+def attached(count: int, also: str = "") -> str:
+    """Shell: ``count`` keepers say they are attached (their state files: cheaper to
+    poll than a Python command in the guest)."""
+    return (f"[ $(grep -l '\"state\": \"attached\"{also}' /run/usbipy/attach/*.json "
+            f"2>/dev/null | wc -l) = {count} ]")
+
+
 def report(text: str) -> None:
     """A measured time, in the test's output (pytest -s) and in its log."""
     print(f"measured: {text}", file=sys.stderr)
@@ -109,7 +116,7 @@ def test_a_server_restart_brings_the_disk_back(vm: Vm, tmp_path: Path) -> None:
     daemon = start()
     try:
         vm.check(f"setsid {USBIPY} attach -r {SERVER_ALIAS} -b 1-1 --persistent "
-                 "</dev/null >/run/keeper.log 2>&1 &")
+                 "--max-delay 5 </dev/null >/run/keeper.log 2>&1 &")
         wait_for(vm, f"[ -n \"$({vhci_nodes('block')})\" ]")
         first = vm.check(vhci_nodes("block")).split()[0]
         wait_for(vm, f"[ \"$(cat /sys/block/{first}/size)\" != 0 ]")
@@ -126,14 +133,14 @@ def test_a_server_restart_brings_the_disk_back(vm: Vm, tmp_path: Path) -> None:
         vm.run("umount -l /mnt/a")
         wait_for(vm, f"[ -z \"$({vhci_nodes('block')})\" ]")  # the disk is gone
         # not listening: the keeper waits and retries, and says so in `usbipy port`
-        wait_for(vm, f"{USBIPY} port | grep -q '<waiting>'")
-        waiting = [k for k in keepers(vm) if k["state"] == "waiting"]
-        assert waiting and waiting[0]["last_error"], keepers(vm)
+        wait_for(vm, "grep -q '\"state\": \"waiting\"' /run/usbipy/attach/*.json")
+        ports = vm.check(f"{USBIPY} port")
+        assert "Persistent attachments waiting" in ports, ports
+        assert f"usbip://{SERVER_ALIAS}:3240/1-1: <" in ports and "last error: " in ports, ports
 
         daemon = start()
         back_at = guest_clock(vm)
-        wait_for(vm, f"[ -n \"$({vhci_nodes('block')})\" ] && "
-                     f"{USBIPY} port | grep -q 'persistent (pid .*attached'")
+        wait_for(vm, f"[ -n \"$({vhci_nodes('block')})\" ] && {attached(1)}")
         second = vm.check(vhci_nodes("block")).split()[0]
         wait_for(vm, f"[ \"$(cat /sys/block/{second}/size)\" != 0 ]")
         report(f"server restarted: the disk was back after {guest_clock(vm) - back_at:.1f} s "
@@ -143,6 +150,7 @@ def test_a_server_restart_brings_the_disk_back(vm: Vm, tmp_path: Path) -> None:
         assert out.strip() == vm.check("cat /run/data.md5").strip()
         [keeper] = keepers(vm)
         assert keeper["state"] == "attached" and keeper["reattached"] == 1, keeper
+        assert "re-attached 1 times)" in vm.check(f"{USBIPY} port")
 
         # stopped for good: detached, and not back when the server is
         vm.check(f"{USBIPY} detach -b 1-1")
@@ -182,7 +190,7 @@ def test_a_silent_network_frees_the_devices_and_the_clients_come_back(vm: Vm) ->
         for busid in (stick, "1-1"):
             vm.check(f"{FAR} setsid {USBIPY} attach -r {SERVER_IP} -b {busid} --persistent "
                      f"</dev/null >/run/keeper-{busid}.log 2>&1 &")
-        wait_for(vm, f"[ $({USBIPY} port | grep -c 'persistent (pid .*attached') = 2 ]")
+        wait_for(vm, attached(2))
         assert _stub_status(vm, stick) == "2"
         wait_for(vm, f"[ $({vhci_nodes('block')} | wc -l) = 2 ]")
         stick_disk = _disk_of(vm, STICK_ID)
@@ -209,7 +217,7 @@ def test_a_silent_network_frees_the_devices_and_the_clients_come_back(vm: Vm) ->
 
         vm.check(RESTORE)
         back_at = guest_clock(vm)
-        wait_for(vm, f"[ $({USBIPY} port | grep -c 'persistent (pid .*attached') = 2 ]")
+        wait_for(vm, attached(2))
         wait_for(vm, f"[ $({vhci_nodes('block')} | wc -l) = 2 ]")
         report(f"network back: both re-attached after {guest_clock(vm) - back_at:.1f} s")
         assert _stub_status(vm, stick) == "2"
@@ -243,7 +251,7 @@ def test_against_the_c_usbipd_the_stub_stays_busy_until_freed(vm: Vm) -> None:
         wait_for(vm, f"usbip list -r 127.0.0.1 2>/dev/null | grep -q ' {stick}: '")
         vm.check(f"{FAR} setsid {USBIPY} attach -r {SERVER_IP} -b {stick} --persistent "
                  "--dead-peer-timeout 5 --max-delay 2 </dev/null >/run/keeper-c.log 2>&1 &")
-        wait_for(vm, f"{USBIPY} port | grep -q 'persistent (pid .*attached'")
+        wait_for(vm, attached(1))
         vm.check(CUT)
         cut_at = guest_clock(vm)
         wait_for(vm, "! usbip port | grep -q 'Port in Use'", 5 + 10)
@@ -256,7 +264,7 @@ def test_against_the_c_usbipd_the_stub_stays_busy_until_freed(vm: Vm) -> None:
         report(f"C usbipd: the stub still in use {guest_clock(vm) - cut_at:.1f} s after the "
                "network went silent")
         vm.check(f"{USBIPY} unbind -b {stick} && {USBIPY} bind -b {stick}")
-        wait_for(vm, f"{USBIPY} port | grep -q 'persistent (pid .*attached'")
+        wait_for(vm, attached(1))
         assert _stub_status(vm, stick) == "2"
         assert "refused: the device is already imported by another client (DEV_BUSY)" in (
             vm.check("cat /run/keeper-c.log"))

@@ -411,6 +411,10 @@ def test_python_served_devices_over_a_kernel_tls_server(clean: Lab) -> None:
     wait_for(vm, NO_KTLS_SOCKETS)
 
 
+#: The state files of persistent attachments (cheaper to poll than `usbipy port`).
+KEEPERS = "/run/usbipy/attach/*.json"
+
+
 def test_a_persistent_attachment_comes_back_over_tls(clean: Lab, image: Path) -> None:
     """`usbipy attach --persistent` over mutual TLS: the server goes away and comes
     back; the keeper makes a new handshake, and the device is attached again, its
@@ -419,13 +423,13 @@ def test_a_persistent_attachment_comes_back_over_tls(clean: Lab, image: Path) ->
     with tls_server(clean, image):
         vm.check(f"setsid {USBIPY} {options(certs.client)} attach -r {SERVER_ALIAS} -b 1-1 "
                  "--persistent </dev/null >/run/keeper-tls.log 2>&1 &")
-        wait_for(vm, f"{USBIPY} port | grep -q 'persistent (pid .*attached'")
+        wait_for(vm, f"grep -qs '\"state\": \"attached\"' {KEEPERS}")
     try:
         wait_for(vm, "grep -q 'connection lost' /run/keeper-tls.log")
         with tls_server(clean, image):
-            wait_for(vm, f"{USBIPY} port | grep -q 'persistent (pid .*attached .*re-attached 1 "
-                         "times'")
+            wait_for(vm, f"grep -qs '\"state\": \"attached\".*\"reattached\": 1' {KEEPERS}")
             ports = vm.check(f"{USBIPY} port")
+            assert "re-attached 1 times)" in ports, ports
             assert f"-> encrypted (kernel TLS, TLSv1.2) with CN={SERVER_NAME}" in ports, ports
             stat = tls_stat(vm)
             assert stat["TlsCurrTxSw"] >= 1 and stat["TlsCurrRxSw"] >= 1, stat
