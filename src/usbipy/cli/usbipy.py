@@ -664,16 +664,26 @@ def _attach_persistent(args: argparse.Namespace, tls: TlsFiles | None) -> object
         backoff=backoff)
     previous = {sig: signal.signal(sig, lambda _s, _f: keeper.interrupt())
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    status = 1
     try:
         status = keeper.run()
+    except BaseException:
+        if keeper_log is not None:
+            logger.exception("the keeper failed")
+            os._exit(1)
+        raise
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
         logger.removeHandler(handler)
         handler.close()
-    if keeper_log is not None and status == 0:  # (kept when it gave up: it says why)
-        for path in (keeper_log, keeper_log.with_name(keeper_log.name + ".1")):
-            path.unlink(missing_ok=True)
+    if keeper_log is not None:
+        # The background keeper: its work is done, and nothing of it may return into
+        # the code that called main() in the parent (a program, a test runner).
+        if status == 0:  # (its log is kept when it gave up: it says why)
+            for path in (keeper_log, keeper_log.with_name(keeper_log.name + ".1")):
+                path.unlink(missing_ok=True)
+        os._exit(status)
     if status:
         raise UsbipError(f"{args.busid} from {args.remote}:{args.tcp_port}: gave up after "
                          f"{backoff.attempts} attempts")
