@@ -41,6 +41,13 @@ ip addr add {SERVER_IP}/24 dev usbipy0 && ip link set usbipy0 up
 ip -n far addr add 10.77.0.2/24 dev usbipy1 && ip -n far link set usbipy1 up
 ip -n far link set lo up
 """
+#: The pair and the namespace gone (ip link del is synchronous; netns del is not).
+NETWORK_DOWN = "ip link del usbipy0; ip netns del far"
+#: Stop every keeper and wait until they are gone (a pattern this shell's own
+#: command line does not match).
+STOP_KEEPERS = ("pkill -f '[u]sbipy.cli.usbipy .*attach'; end=$((SECONDS + 60)); "
+                "while pgrep -f '[u]sbipy.cli.usbipy .*attach' >/dev/null && "
+                "[ $SECONDS -lt $end ]; do sleep 0.2; done")
 #: A silent network: every packet dropped, both ways.
 CUT = "tc qdisc add dev usbipy0 root netem loss 100% && " \
       "ip netns exec far tc qdisc add dev usbipy1 root netem loss 100%"
@@ -176,7 +183,7 @@ def test_a_server_restart_brings_the_disk_back(vm: Vm, tmp_path: Path) -> None:
     finally:
         daemon.kill()
         daemon.wait()
-        vm.run("pkill -f '[u]sbipy.cli.usbipy .*attach'; for p in $(usbip port | sed -n "
+        vm.run(f"{STOP_KEEPERS}; for p in $(usbip port | sed -n "
                "'s/^Port \\([0-9]*\\):.*/\\1/p'); do usbip detach -p $p; done")
 
 
@@ -245,10 +252,11 @@ def test_a_silent_network_frees_the_devices_and_the_clients_come_back(vm: Vm) ->
         assert vm.check(f"grep -h -o '\"busid\": \"[^\"]*\"' {KEEPERS}").split() == [
             '"busid":', '"1-1"']
     finally:
-        vm.run(f"pkill -f '[u]sbipy.cli.usbipy .*attach'; {RESTORE}; "
+        vm.run(f"{STOP_KEEPERS}; {RESTORE}; "
                "[ -e /run/usbipyd.pid ] && kill $(cat /run/usbipyd.pid); "
                "for p in $(usbip port | sed -n 's/^Port \\([0-9]*\\):.*/\\1/p'); do "
-               "usbip detach -p $p; done; ip netns del far")
+               f"usbip detach -p $p; done; {NETWORK_DOWN}; usbip unbind -b {stick}")
+        wait_for(vm, "[ ! -e /run/usbipyd.pid ]")
 
 
 def test_against_the_c_usbipd_the_stub_stays_busy_until_freed(vm: Vm) -> None:
@@ -284,9 +292,10 @@ def test_against_the_c_usbipd_the_stub_stays_busy_until_freed(vm: Vm) -> None:
         assert "refused: the device is already imported by another client (DEV_BUSY)" in (
             vm.check(f"cat {keeper_log}"))
     finally:
-        vm.run(f"pkill -f '[u]sbipy.cli.usbipy .*attach'; {RESTORE}; pkill -x usbipd; "
+        vm.run(f"{STOP_KEEPERS}; {RESTORE}; pkill -x usbipd; "
                "for p in $(usbip port | sed -n 's/^Port \\([0-9]*\\):.*/\\1/p'); do "
-               f"usbip detach -p $p; done; ip netns del far; usbip unbind -b {stick}")
+               f"usbip detach -p $p; done; {NETWORK_DOWN}; usbip unbind -b {stick}")
+        wait_for(vm, "! pgrep -x usbipd")
 
 
 def _first_times(vm: Vm, conditions: dict[str, str], bound: float) -> dict[str, float]:

@@ -256,9 +256,11 @@ class FakeVhci:
         self.attached = 0
         self.detached: list[int] = []
 
-    def attach(self) -> Attached:
+    def attach(self, before_hand_off: Any = None) -> Attached:
         if self.failures:
             raise self.failures.pop(0)
+        if before_hand_off is not None:
+            before_hand_off()
         ours, theirs = socket.socketpair()
         self.peers.append(theirs)
         port = len(self.peers) - 1
@@ -510,7 +512,7 @@ def test_a_port_still_being_set_up_is_not_taken_for_lost(fake_vhci: FakeVhci) ->
 def test_a_stop_during_an_attach_ends_it_at_once(fake_vhci: FakeVhci) -> None:
     keeper: keeper_mod.Keeper
 
-    def slow_attach() -> Attached:
+    def slow_attach(before_hand_off: Any) -> Attached:
         keeper.interrupt()  # SIGTERM while connecting: no waiting for the timeouts
         raise AssertionError("not reached")
 
@@ -518,6 +520,20 @@ def test_a_stop_during_an_attach_ends_it_at_once(fake_vhci: FakeVhci) -> None:
                                detach=fake_vhci.detach)
     assert keeper.run() == 0 and keeper.stopped
     keeper.interrupt()  # outside an attach: a stop, nothing raised
+
+
+def test_a_stop_once_the_kernel_has_the_port_detaches_it(fake_vhci: FakeVhci) -> None:
+    keeper: keeper_mod.Keeper
+
+    def attach_then_signal(before_hand_off: Any) -> Attached:
+        attached = fake_vhci.attach(before_hand_off)
+        keeper.interrupt()  # SIGTERM just after vhci-hcd took the socket
+        return attached
+
+    keeper = keeper_mod.Keeper(HOST, 3240, "1-1", attach_then_signal, backstop=0.05,
+                               read_ports=fake_vhci.read_ports, detach=fake_vhci.detach)
+    assert keeper.run() == 0
+    assert fake_vhci.detached == [0]  # not left attached with no process to own it
 
 
 def test_a_state_file_with_wrong_types_is_ignored(keeper_process) -> None:

@@ -20,7 +20,10 @@ import argparse
 import asyncio
 import functools
 import json
+import logging
+import logging.handlers
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -109,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "server restarts, the network drops), with backoff; stop with "
                            "'usbipy detach', SIGTERM or Ctrl-C, which detach it")
     keep.add_argument("--retries", type=_count, metavar="N",
-                      help="with --persistent: give up after N failed attempts in a row "
+                      help="with --persistent: give up when N retries in a row have failed "
                            "(default: never)")
     keep.add_argument("--max-delay", type=_seconds, default=60.0, metavar="SECONDS",
                       help="with --persistent: the longest wait between attempts "
@@ -559,7 +562,7 @@ def _run(args: argparse.Namespace) -> object:
         if args.persistent:
             return _attach_persistent(args, tls)
         for option in ("retries", "background"):
-            if getattr(args, option):
+            if getattr(args, option) not in (None, False):
                 raise UsbipError(f"--{option} is for --persistent attachments")
         attached = attach(args.remote, args.busid, args.tcp_port, tls=tls,
                           server_name=args.tls_server_name,
@@ -594,6 +597,10 @@ def _detach(args: argparse.Namespace) -> object:
     if args.remote is not None and args.busid is None:
         raise UsbipError("detach -r HOST needs -b BUSID")
     keepers = persistent.find_keepers(port=args.port, busid=args.busid, host=args.remote)
+    if args.port is not None and keepers:
+        # (only a keeper whose device is on the port now: its state may be a moment old)
+        on_port = {p.port: p.devid for p in vhci.read_ports() if p.in_use}
+        keepers = [k for k in keepers if on_port.get(args.port) == k.devid]
     if len(keepers) > 1:
         servers = ", ".join(sorted({printable(f"{k.host}:{k.tcp_port}") for k in keepers}))
         raise UsbipError(f"{len(keepers)} persistent attachments of {printable(args.busid)} "
@@ -621,88 +628,71 @@ def _detach(args: argparse.Namespace) -> object:
 
 
 def _attach_persistent(args: argparse.Namespace, tls: TlsFiles | None) -> object:
-    import logging
-    import signal
-
     for running in persistent.find_keepers(busid=args.busid, host=args.remote):
         if running.tcp_port == args.tcp_port:
             raise UsbipError(f"{printable(running.url)} is already kept attached by pid "
-                         f"{running.pid} (see 'usbipy port')")
+                             f"{running.pid} (see 'usbipy port')")
     vhci.require_vhci()  # a usage error: before going to the background
-    keepalive = Keepalive(args.dead_peer_timeout)
-    backoff = Backoff(maximum=max(1.0, args.max_delay), retries=args.retries)
-    keeper_log = None
-    if args.background:
-        pid = _background()
-        if pid:
-            log_file = persistent.run_dir() / f"{pid}.log"
-            if args.json:
-                return {"persistent": True, "pid": pid, "log": str(log_file)}
-            print(f"usbipy: info: keeping {args.busid} from {args.remote}:{args.tcp_port} "
-                  f"attached in the background (pid {pid}, log {log_file})")
-            return None
-        keeper_log = persistent.run_dir() / f"{os.getpid()}.log"
-    handler: logging.Handler
-    if keeper_log is not None:
-        import logging.handlers
-
-        keeper_log.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.handlers.RotatingFileHandler(keeper_log, maxBytes=1 << 20,
-                                                       backupCount=1)
-        handler.setFormatter(logging.Formatter("%(asctime)s usbipy: %(message)s"))
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("usbipy: %(message)s"))
-    logger = logging.getLogger("usbipy.persistent")
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
     keeper = persistent.Keeper(
         args.remote, args.tcp_port, args.busid,
         functools.partial(attach, args.remote, args.busid, args.tcp_port, tls=tls,
-                          server_name=args.tls_server_name, keepalive=keepalive,
-                          watch=True),
-        backoff=backoff)
-    previous = {sig: signal.signal(sig, lambda _s, _f: keeper.interrupt())
-                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-    status = 1
+                          server_name=args.tls_server_name,
+                          keepalive=Keepalive(args.dead_peer_timeout), watch=True),
+        backoff=Backoff(maximum=max(1.0, args.max_delay), retries=args.retries))
+    if not args.background:
+        status = _keep(keeper, logging.StreamHandler(sys.stderr), "usbipy: %(message)s")
+        if status:
+            raise UsbipError(f"{args.busid} from {args.remote}:{args.tcp_port}: gave up "
+                             f"after {keeper.backoff.attempts} retries")
+        return {"persistent": True, "stopped": True} if args.json else None
+    pid = _background(keeper)
+    log_file = persistent.run_dir() / f"{pid}.log"
+    if args.json:
+        return {"persistent": True, "pid": pid, "log": str(log_file)}
+    print(f"usbipy: info: keeping {args.busid} from {args.remote}:{args.tcp_port} "
+          f"attached in the background (pid {pid}, log {log_file})")
+    return None
+
+
+def _keep(keeper: persistent.Keeper, handler: logging.Handler, form: str) -> int:
+    """Run ``keeper`` with its log going to ``handler``; its exit status."""
+    handler.setFormatter(logging.Formatter(form))
+    logger = logging.getLogger("usbipy.persistent")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    signals = [signal.SIGTERM, signal.SIGINT]
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # (nohup: left ignored)
+        signals.append(signal.SIGHUP)
+    previous = {sig: signal.signal(sig, lambda _s, _f: keeper.interrupt()) for sig in signals}
     try:
-        status = keeper.run()
-    except BaseException:
-        if keeper_log is not None:
-            logger.exception("the keeper failed")
-            os._exit(1)
-        raise
+        return keeper.run()
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
         logger.removeHandler(handler)
         handler.close()
-    if keeper_log is not None:
-        # The background keeper: its work is done, and nothing of it may return into
-        # the code that called main() in the parent (a program, a test runner).
-        if status == 0:  # (its log is kept when it gave up: it says why)
-            for path in (keeper_log, keeper_log.with_name(keeper_log.name + ".1")):
-                path.unlink(missing_ok=True)
-        os._exit(status)
-    if status:
-        raise UsbipError(f"{args.busid} from {args.remote}:{args.tcp_port}: gave up after "
-                         f"{backoff.attempts} attempts")
-    return {"persistent": True, "stopped": True} if args.json else None
 
 
-def _background() -> int:
-    """Fork into the background: the parent gets the keeper's pid, the keeper 0."""
+def _background(keeper: persistent.Keeper) -> int:
+    """Run ``keeper`` in the background; the keeper's pid, once it has started.
+
+    The keeper is a grandchild in its own session. Nothing of it returns into the
+    code that called main() (a program, a test runner): it ends with os._exit.
+    It says "started" through a pipe only once its log is open, so that the
+    parent's success means something.
+    """
     read_end, write_end = os.pipe()
     child = os.fork()
     if child:
         os.close(write_end)
         with os.fdopen(read_end) as pipe:
-            text = pipe.read().strip()
+            lines = pipe.read().split()
         os.waitpid(child, 0)
-        if not text.isdigit():
-            raise UsbipError("the background keeper did not start")
-        return int(text)
-    # The child: nothing of it returns into the parent's code on a failure.
+        if len(lines) != 2 or not lines[0].isdigit() or lines[1] != "started":
+            raise UsbipError("the background keeper did not start"
+                             f"{f' (see {persistent.run_dir()}/{lines[0]}.log)' if lines else ''}")
+        return int(lines[0])
+    status = 1
     try:
         os.close(read_end)
         os.setsid()
@@ -710,13 +700,23 @@ def _background() -> int:
             os._exit(0)
         os.chdir("/")
         os.write(write_end, f"{os.getpid()}\n".encode())
-        os.close(write_end)
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
+        log_file = persistent.run_dir() / f"{os.getpid()}.log"
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.handlers.RotatingFileHandler(log_file, maxBytes=1 << 20,
+                                                       backupCount=1)
+        os.write(write_end, b"started\n")
+        os.close(write_end)
+        status = _keep(keeper, handler, "%(asctime)s usbipy: %(message)s")
+        if status == 0:  # (its log is kept when it gave up: it says why)
+            for path in (log_file, log_file.with_name(log_file.name + ".1")):
+                path.unlink(missing_ok=True)
     except BaseException:
-        os._exit(1)
-    return 0
+        logging.getLogger("usbipy.persistent").exception("the keeper failed")
+    finally:
+        os._exit(status)
 
 
 def _cert(args: argparse.Namespace) -> object:

@@ -8,6 +8,7 @@ connection with no process in between (see :mod:`usbipy.tls.ktls`).
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..keepalive import DEFAULT, Keepalive
@@ -33,13 +34,16 @@ class Attached:
 
 def attach(host: str, busid: str, tcp_port: int, *, tls: TlsFiles | None = None,
            server_name: str | None = None, keepalive: Keepalive = DEFAULT,
-           watch: bool = False) -> Attached:
+           watch: bool = False,
+           before_hand_off: Callable[[], None] | None = None) -> Attached:
     """`usbip attach -r HOST -b BUSID`: import over TCP, then hand the socket to vhci-hcd.
 
     With ``tls``, over mutual TLS carried by kernel TLS; the server's
     certificate must name ``server_name`` (default: ``host``). ``keepalive``
     is set on the socket before vhci-hcd takes it, so that the kernel gives up
     on a server that stopped answering (the C tool sets none).
+    ``before_hand_off`` is called once the import succeeded, right before
+    vhci-hcd takes the socket (a keeper stops being interruptible there).
     """
     vhci.require_vhci()  # fail before the server marks the device as imported
     session = None
@@ -58,6 +62,8 @@ def attach(host: str, busid: str, tcp_port: int, *, tls: TlsFiles | None = None,
             except TlsError as exc:
                 raise TlsRefused(host, tcp_port, str(exc)) from exc
         device = request_import(sock, busid, plaintext=session is None)
+        if before_hand_off is not None:
+            before_hand_off()
         if watch:
             watcher = sock.dup()
         port = vhci.attach_socket(sock, device)

@@ -213,7 +213,9 @@ def stop_keeper(state: KeeperState, timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
-AttachFn = Callable[[], Attached]
+#: Attaches the device; calls ``before_hand_off()`` right before vhci-hcd gets the
+#: socket (see :func:`usbipy.client.attach.attach`).
+AttachFn = Callable[..., Attached]
 
 
 class KeeperStopped(BaseException):
@@ -243,8 +245,8 @@ class Keeper:
         self._read_ports = read_ports
         self._detach = detach
         self._clock = clock
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_w, False)
+        #: Wakes a sleep or a watch at once on stop (made in run: in its own process).
+        self._wake_r = self._wake_w = -1
         self.stopped = False
         self._attaching = False
         self._attached_before = False
@@ -255,8 +257,16 @@ class Keeper:
         """Stop for good: detach, and do not come back. Safe from a signal handler;
         an attach in progress finishes first (see :meth:`interrupt`)."""
         self.stopped = True
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"x")
+        if self._wake_w >= 0:
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"x")
+
+    def _handing_off(self) -> None:
+        # From here the kernel may own the port: a stop must not break off the
+        # attach (no process would own the port), only be noticed once it is done.
+        self._attaching = False
+        if self.stopped:
+            raise KeeperStopped  # (not handed off yet: nothing to undo)
 
     def interrupt(self) -> None:
         """:meth:`stop` from a signal handler, which also ends an attach in progress
@@ -275,6 +285,13 @@ class Keeper:
     def run(self) -> int:
         """Until stopped (0), detached by someone (0), or out of retries (1)."""
         what = printable(self.state.url)
+        # (the process that runs it: after a fork into the background, not the parent)
+        pid = os.getpid()
+        self.state = replace(self.state, pid=pid, started=process_start(pid))
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        if self.stopped:
+            os.write(self._wake_w, b"x")
         log.info("keeping %s attached", what)
         self._set(state="connecting")
         try:
@@ -282,7 +299,7 @@ class Keeper:
                 try:
                     self._attaching = True
                     try:
-                        attached = self._attach()
+                        attached = self._attach(before_hand_off=self._handing_off)
                     finally:
                         self._attaching = False
                 except KeeperStopped:
@@ -301,15 +318,17 @@ class Keeper:
             return 0
         finally:
             remove_state(self.state.pid)
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            wake_r, wake_w = self._wake_r, self._wake_w
+            self._wake_r = self._wake_w = -1  # (a late signal writes nowhere)
+            os.close(wake_r)
+            os.close(wake_w)
 
     def _wait_to_retry(self, error: str) -> bool:
         """Wait for the next attempt; False once the retries have run out."""
         try:
             delay = self.backoff.next_delay()
         except StopIteration:
-            log.error("%s: giving up after %d attempts; the last: %s",
+            log.error("%s: giving up after %d retries; the last error: %s",
                       printable(self.state.url), self.backoff.attempts, error)
             return False
         log.warning("attach %s failed: %s; again in %.1f s (attempt %d%s)",
