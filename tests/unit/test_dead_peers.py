@@ -571,3 +571,23 @@ def test_detach_by_busid_says_which_when_two_servers_have_it(fake, capsys) -> No
         for proc in procs:
             proc.kill()
             proc.wait()
+
+
+def test_a_background_keeper_starts_waits_and_stops_for_good(fake, capsys) -> None:
+    from .test_cli_usbipy import usbipy
+
+    fake.load_vhci()
+    fake.set_vhci_status({})
+    nobody = free_port()  # nothing listens there: the keeper waits and retries
+    rc, out, err = usbipy(capsys, "attach", "-r", HOST, "-t", str(nobody), "-b", "1-1",
+                          "--persistent", "--background", "--max-delay", "1", "--json")
+    assert rc == 0, err
+    started = json.loads(out)
+    pid, log = started["pid"], Path(started["log"])
+    until(lambda: any(s.pid == pid and s.state == "waiting" and s.attempts >= 2
+                      for s in keeper_mod.read_states()))
+    assert "Connection refused" in log.read_text()
+    rc, out, err = usbipy(capsys, "detach", "-b", "1-1")
+    assert rc == 0, err
+    assert f"(pid {pid} stopped)" in out
+    assert keeper_mod.read_states() == [] and not log.exists()
