@@ -51,6 +51,10 @@ from ..policy import Client, DeviceFacts, parse_address
 from ..protocol import USBIP_PORT, DeviceInfo
 from ..tls import TlsError, TlsFiles, certs, client_context
 from ..tls.certs import LEAF_DAYS
+from .types import positive, whole
+
+#: The longest time an option takes, in seconds (as usbipyd's).
+MAX_SECONDS = 3600.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the machine that exports the device")
     att.add_argument("-b", "--busid", "-d", "--device", dest="busid", required=True,
                      help="the device's bus id on HOST")
-    att.add_argument("--dead-peer-timeout", type=_seconds, default=DEFAULT_TIMEOUT,
+    att.add_argument("--dead-peer-timeout", type=positive(MAX_SECONDS), default=DEFAULT_TIMEOUT,
                      metavar="SECONDS",
                      help="give the server up when it has not answered for this long: the "
                           "device goes away (TCP keepalive and user timeout; default: "
@@ -111,10 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="stay and attach the device again whenever it is lost (the "
                            "server restarts, the network drops), with backoff; stop with "
                            "'usbipy detach', SIGTERM or Ctrl-C, which detach it")
-    keep.add_argument("--retries", type=_count, metavar="N",
+    keep.add_argument("--retries", type=whole(0, 1 << 30), metavar="N",
                       help="with --persistent: give up when N retries in a row have failed "
                            "(default: never)")
-    keep.add_argument("--max-delay", type=_seconds, default=60.0, metavar="SECONDS",
+    keep.add_argument("--max-delay", type=positive(MAX_SECONDS), default=60.0, metavar="SECONDS",
                       help="with --persistent: the longest wait between attempts "
                            "(default: 60; the first is 1 s, doubling)")
     keep.add_argument("--background", action="store_true",
@@ -175,26 +179,6 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("-c", "--config", metavar="FILE",
                        help="usbipyd's configuration file (default: usbipyd's)")
     return p
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 < value <= 3600:
-        raise argparse.ArgumentTypeError(f"{text} is out of range (more than 0, at most 3600)")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is below 0")
-    return value
 
 
 def _class_triple(c: int, s: int, p: int) -> str:

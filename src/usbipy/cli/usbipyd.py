@@ -14,7 +14,7 @@ import socket
 import ssl
 import sys
 import threading
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from ..server.limits import Limits
 from ..server.tls import HANDSHAKE_TIMEOUT, ServerTls
 from ..state import state_dir
 from ..tls import TlsError, TlsFiles, ktls, server_context
+from .types import positive, whole
 
 log = logging.getLogger("usbipyd")
 
@@ -65,33 +66,6 @@ LIMIT_OPTIONS = ("max_connections", "max_connections_per_address", "accept_rate"
                  "dead_peer_timeout")
 
 
-def _whole(low: int, high: int) -> Callable[[str], int]:
-    """An argparse type: a whole number from ``low`` to ``high`` (as in the file)."""
-    def convert(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{value} is out of range ({low} to {high})")
-        return value
-    return convert
-
-
-def _positive(high: float) -> Callable[[str], float]:
-    """An argparse type: a number above 0, at most ``high`` (as in the file)."""
-    def convert(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not 0 < value <= high:
-            raise argparse.ArgumentTypeError(
-                f"{text} is out of range (more than 0, at most {high:g})")
-        return value
-    return convert
-
-
 def build_parser() -> argparse.ArgumentParser:
     # (no defaults here: an option not given leaves the configuration file's value)
     p = argparse.ArgumentParser(
@@ -108,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="export a mass-storage device backed by this image file")
     p.add_argument("--read-only", action=argparse.BooleanOptionalAction,
                    help="export --disk write-protected")
-    p.add_argument("--disk-size", type=_whole(*DISK_SIZES), metavar="BYTES",
+    p.add_argument("--disk-size", type=whole(*DISK_SIZES), metavar="BYTES",
                    help="size of the demo's scratch disk when no --disk is given")
     p.add_argument("--serial", choices=("echo", "pty"),
                    help="where the demo serial port's bytes go (default: echo)")
@@ -126,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="listen on IPv4 only")
     p.add_argument("-6", "--ipv6", dest="family", action="store_const", const="ipv6",
                    help="listen on IPv6 only")
-    p.add_argument("-t", "--tcp-port", type=_whole(*PORTS), metavar="PORT",
+    p.add_argument("-t", "--tcp-port", type=whole(*PORTS), metavar="PORT",
                    help=f"TCP port to listen on (default: {USBIP_PORT})")
     tls = p.add_argument_group(
         "mutual TLS", "With all three files, every client on the listen addresses must present "
@@ -139,33 +113,33 @@ def build_parser() -> argparse.ArgumentParser:
     tls.add_argument("--ktls", choices=("auto", "on", "off"),
                      help="hand sessions to kernel TLS: when available (auto, the default), "
                           "always (on: refuse to start without it), or never (off)")
-    tls.add_argument("--tls-handshake-timeout", type=_positive(MAX_SECONDS),
+    tls.add_argument("--tls-handshake-timeout", type=positive(MAX_SECONDS),
                      metavar="SECONDS",
                      help=f"time a client has for its handshake (default: {HANDSHAKE_TIMEOUT:g})")
-    tls.add_argument("--plaintext-port", type=_whole(*PORTS), metavar="PORT",
+    tls.add_argument("--plaintext-port", type=whole(*PORTS), metavar="PORT",
                      help="with TLS, also serve plaintext USB/IP on this port of 127.0.0.1 "
                           "(for local tools such as C usbip); never on other addresses")
     limits = p.add_argument_group(
         "limits", "What one client, or a flood of them, may hold (also [limits] in the "
         "configuration file).")
     base = Limits()
-    limits.add_argument("--max-connections", type=_whole(*COUNTS), metavar="N",
+    limits.add_argument("--max-connections", type=whole(*COUNTS), metavar="N",
                         help=f"connections at once (default: {base.max_connections})")
-    limits.add_argument("--max-connections-per-address", type=_whole(*COUNTS), metavar="N",
+    limits.add_argument("--max-connections-per-address", type=whole(*COUNTS), metavar="N",
                         help="connections at once from one address or IPv6 /64 "
                              f"(default: {base.max_connections_per_address})")
-    limits.add_argument("--accept-rate", type=_positive(MAX_RATE), metavar="PER_SECOND",
+    limits.add_argument("--accept-rate", type=positive(MAX_RATE), metavar="PER_SECOND",
                         help="new connections a second from one address "
                              f"(default: {base.accept_rate:g}, bursts of --accept-burst)")
-    limits.add_argument("--accept-burst", type=_whole(*COUNTS), metavar="N",
+    limits.add_argument("--accept-burst", type=whole(*COUNTS), metavar="N",
                         help=f"(default: {base.accept_burst})")
-    limits.add_argument("--request-timeout", type=_positive(MAX_SECONDS), metavar="SECONDS",
+    limits.add_argument("--request-timeout", type=positive(MAX_SECONDS), metavar="SECONDS",
                         help="time a connection has to send a whole request "
                              f"(default: {base.request_timeout:g})")
-    limits.add_argument("--idle-timeout", type=_positive(MAX_SECONDS), metavar="SECONDS",
+    limits.add_argument("--idle-timeout", type=positive(MAX_SECONDS), metavar="SECONDS",
                         help="time a connection may send nothing before its request "
                              f"(default: {base.idle_timeout:g})")
-    limits.add_argument("--dead-peer-timeout", type=_positive(MAX_SECONDS),
+    limits.add_argument("--dead-peer-timeout", type=positive(MAX_SECONDS),
                         metavar="SECONDS",
                         help="time after which a client that stopped answering is taken "
                              "for dead and its device freed, also for usbip-host (TCP "
