@@ -17,20 +17,17 @@ stdout) with exit status 1.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import functools
 import json
 import logging
-import logging.handlers
 import os
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..backends.libusb.bindings import Binding, BindingStore
-from ..backends.libusb.events import require_usb1
-from ..client import list_devices, persistent
+from ..client import persistent
 from ..client.attach import attach
 from ..client.backoff import Backoff
 from ..errors import UsbipError
@@ -47,11 +44,14 @@ from ..linux.sysfs import (
 )
 from ..linux.usbids import system_ids
 from ..linux.usbip_host import UsbipHostError
-from ..policy import Client, DeviceFacts, parse_address
 from ..protocol import USBIP_PORT, DeviceInfo
-from ..tls import TlsError, TlsFiles, certs, client_context
+from ..tls import TlsError, TlsFiles, client_context
 from ..tls.certs import LEAF_DAYS
 from .types import positive, whole
+
+if TYPE_CHECKING:  # (loaded where used: each command starts with what it needs only)
+    from ..backends.libusb.bindings import Binding
+    from ..policy import Client, DeviceFacts
 
 #: The longest time an option takes, in seconds (as usbipyd's).
 MAX_SECONDS = 3600.0
@@ -364,6 +364,9 @@ def _port_dict(dev: vhci.ImportedDevice) -> dict[str, object]:
 
 def _libusb_binding(args: argparse.Namespace) -> tuple[Binding, bool]:
     """The binding asked for, and whether its device is plugged in now."""
+    from ..backends.libusb.bindings import Binding
+    from ..backends.libusb.events import require_usb1
+
     require_usb1()  # usbipyd could not serve it: say so now, not in its log later
     if args.device:
         binding = Binding.parse_device(args.device)
@@ -414,6 +417,8 @@ def _certificate_names(path: str) -> tuple[str | None, tuple[str, ...], bytes]:
 
 
 def _policy_client(values: list[str], sans: list[str], cert: str | None) -> Client:
+    from ..policy import Client, parse_address
+
     if not values and not sans and cert is None:
         raise UsbipError("policy check: say which client (--client CN|ADDR, --san, --cert)")
     address: str | None = None
@@ -439,6 +444,7 @@ def _policy_client(values: list[str], sans: list[str], cert: str | None) -> Clie
 
 def _policy_device(busid: str, options: argparse.Namespace) -> DeviceFacts:
     """The device ``busid`` as usbipyd would export it: emulated, or from sysfs."""
+    from ..policy import DeviceFacts
     from ..server.access import facts_of  # (the server's modules: only this command)
     from ..server.registry import DeviceRegistry
     from . import usbipyd
@@ -502,6 +508,10 @@ def _run(args: argparse.Namespace) -> object:
         return _policy_check(args)
     if args.command == "list":
         if args.remote is not None:
+            import asyncio
+
+            from ..client import list_devices
+
             context = client_context(tls) if tls is not None else None
             remote = asyncio.run(list_devices(args.remote, args.tcp_port, tls=context,
                                               server_hostname=args.tls_server_name))
@@ -513,7 +523,24 @@ def _run(args: argparse.Namespace) -> object:
             if as_json:
                 return [_local_dict(d) for d in local]
             _print_local(local, args.parsable)
-    elif args.command == "bind":
+    elif args.command in ("bind", "unbind"):
+        return _bind(args)
+    elif args.command == "attach":
+        return _attach(args, tls)
+    elif args.command == "detach":
+        return _detach(args)
+    elif args.command == "cert":
+        return _cert(args)
+    elif args.command == "port":
+        return _port(args)
+    return None
+
+
+def _bind(args: argparse.Namespace) -> object:
+    from ..backends.libusb.bindings import Binding, BindingStore
+
+    as_json: bool = args.json
+    if args.command == "bind":
         if args.libusb or args.device:
             binding, plugged = _libusb_binding(args)
             BindingStore().add(binding)
@@ -542,38 +569,40 @@ def _run(args: argparse.Namespace) -> object:
             if as_json:
                 return {"busid": args.busid, "driver": None}
             print(f"usbipy: info: unbind device on busid {args.busid}: complete")
-    elif args.command == "attach":
-        if args.persistent:
-            return _attach_persistent(args, tls)
-        for option in ("retries", "background"):
-            if getattr(args, option) not in (None, False):
-                raise UsbipError(f"--{option} is for --persistent attachments")
-        attached = attach(args.remote, args.busid, args.tcp_port, tls=tls,
-                          server_name=args.tls_server_name,
-                          keepalive=Keepalive(args.dead_peer_timeout))
-        if as_json:
-            return {"port": attached.port, "host": attached.host,
-                    "tcp_port": attached.tcp_port, "busid": args.busid,
-                    "device": _device_dict(attached.device),
-                    "tls": attached.tls.as_dict() if attached.tls else None}
-        over = f" over TLS with {attached.tls.peer}" if attached.tls else ""
-        print(f"usbipy: info: attached {args.busid} from {args.remote}:{args.tcp_port} "
-              f"on port {attached.port}{over}")
-    elif args.command == "detach":
-        return _detach(args)
-    elif args.command == "cert":
-        return _cert(args)
-    elif args.command == "port":
-        keepers = persistent.read_states()
-        try:
-            imported = vhci.imported_devices()
-        except vhci.VhciError:
-            if not keepers:
-                raise
-            imported = []  # (keepers waiting while vhci-hcd is not loaded: show them)
-        if as_json:
-            return _ports_json(imported, keepers)
-        _print_ports(imported, keepers)
+    return None
+
+
+def _attach(args: argparse.Namespace, tls: TlsFiles | None) -> object:
+    if args.persistent:
+        return _attach_persistent(args, tls)
+    for option in ("retries", "background"):
+        if getattr(args, option) not in (None, False):
+            raise UsbipError(f"--{option} is for --persistent attachments")
+    attached = attach(args.remote, args.busid, args.tcp_port, tls=tls,
+                      server_name=args.tls_server_name,
+                      keepalive=Keepalive(args.dead_peer_timeout))
+    if args.json:
+        return {"port": attached.port, "host": attached.host,
+                "tcp_port": attached.tcp_port, "busid": args.busid,
+                "device": _device_dict(attached.device),
+                "tls": attached.tls.as_dict() if attached.tls else None}
+    over = f" over TLS with {attached.tls.peer}" if attached.tls else ""
+    print(f"usbipy: info: attached {args.busid} from {args.remote}:{args.tcp_port} "
+          f"on port {attached.port}{over}")
+    return None
+
+
+def _port(args: argparse.Namespace) -> object:
+    keepers = persistent.read_states()
+    try:
+        imported = vhci.imported_devices()
+    except vhci.VhciError:
+        if not keepers:
+            raise
+        imported = []  # (keepers waiting while vhci-hcd is not loaded: show them)
+    if args.json:
+        return _ports_json(imported, keepers)
+    _print_ports(imported, keepers)
     return None
 
 
@@ -687,6 +716,8 @@ def _background(keeper: persistent.Keeper) -> int:
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
+        import logging.handlers
+
         log_file = persistent.run_dir() / f"{os.getpid()}.log"
         log_file.parent.mkdir(parents=True, exist_ok=True)
         handler = logging.handlers.RotatingFileHandler(log_file, maxBytes=1 << 20,
@@ -704,6 +735,8 @@ def _background(keeper: persistent.Keeper) -> int:
 
 
 def _cert(args: argparse.Namespace) -> object:
+    from ..tls import certs
+
     base = Path(args.state_dir) if args.state_dir else None
     if args.cert_command == "init":
         made = certs.init_ca(base, force=args.force)
