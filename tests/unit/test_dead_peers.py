@@ -591,3 +591,30 @@ def test_a_background_keeper_starts_waits_and_stops_for_good(fake, capsys) -> No
     assert rc == 0, err
     assert f"(pid {pid} stopped)" in out
     assert keeper_mod.read_states() == [] and not log.exists()
+
+
+def test_a_connection_lost_before_the_device_is_handed_over_is_made_again() -> None:
+    """The import's reply and the end of its connection can arrive together, before
+    the device is handed to its caller: the loss is still caught."""
+    from usbipy.client import userspace
+
+    port = free_port()
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        server = _serve_keyboard(port, stop)
+        await asyncio.sleep(0.1)
+        protocol, info = await userspace._import(HOST, "1-1", port, None, None, DEFAULT)
+        assert protocol.transport is not None
+        protocol.transport.abort()  # lost before RemoteDevice watches it
+        await protocol.closed
+        target = userspace._Target(HOST, "1-1", port, None, None, DEFAULT)
+        dev = userspace.RemoteDevice(protocol, info, target=target,
+                                     reconnect=Backoff(initial=0.01, maximum=0.02))
+        descriptor = await asyncio.wait_for(dev.control(*GET_DEVICE_DESCRIPTOR), 10)
+        assert len(descriptor) == 18 and dev.reconnects == 1
+        await dev.close()
+        stop.set()
+        await server
+
+    asyncio.run(main())

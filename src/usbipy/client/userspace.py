@@ -318,6 +318,8 @@ class RemoteDevice:
         self._since = asyncio.get_running_loop().time()
         if self._backoff is not None:
             protocol.on_lost = self._lost
+            if protocol.closed.done():  # (lost before it was ours to watch)
+                self._lost()
 
     def _lost(self) -> None:
         if self._closing or self._reconnecting is not None or self._backoff is None:
@@ -338,10 +340,10 @@ class RemoteDevice:
                     delay = self._backoff.next_delay()
                 except StopIteration:
                     log.warning("%s: giving up after %d attempts to connect again",
-                                target.busid, self._backoff.attempts)
+                                printable(target.busid), self._backoff.attempts)
                     break
-                log.info("%s: connecting again in %.1f s (attempt %d)", target.busid, delay,
-                         self._backoff.attempts)
+                log.info("%s: connecting again in %.1f s (attempt %d)",
+                         printable(target.busid), delay, self._backoff.attempts)
                 await asyncio.sleep(delay)
                 try:
                     protocol, info = await _import(target.host, target.busid, target.port,
@@ -361,8 +363,8 @@ class RemoteDevice:
                 # at once is not hammered)
                 self._backoff.reset_count()
                 self._reconnecting = None
-                log.info("%s: imported again from %s:%d", target.busid, target.host,
-                         target.port)
+                log.info("%s: imported again from %s:%d", printable(target.busid),
+                         printable(target.host), target.port)
                 self._use(protocol)
                 return
         finally:
