@@ -437,6 +437,8 @@ def test_a_persistent_attachment_comes_back_over_tls(clean: Lab, image: Path) ->
         wait_for(vm, "grep -q 'connection lost' /run/keeper-tls.log")
         with tls_server(clean, image):
             wait_for(vm, f"grep -qs '\"state\": \"attached\".*\"reattached\": 1' {KEEPERS}")
+            # (the port is listed once vhci-hcd has set it up, a moment after the attach)
+            wait_for(vm, "usbip port | grep -q 'Port in Use'")
             ports = vm.check(f"{USBIPY} port")
             assert "re-attached 1 times)" in ports, ports
             assert f"-> encrypted (kernel TLS, TLSv1.2) with CN={SERVER_NAME}" in ports, ports
