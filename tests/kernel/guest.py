@@ -5,9 +5,21 @@ from __future__ import annotations
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 from .vm import SERVER_ALIAS, Vm
+
+PYTHON = sys.executable  # the host's venv is visible in the guest over 9p
+USBIPY = f"{PYTHON} -m usbipy.cli.usbipy"
+USBIPYD = f"{PYTHON} -m usbipy.cli.usbipyd"
+#: The state files of persistent attachments (cheaper to poll than `usbipy port`).
+KEEPERS = "/run/usbipy/attach/*.json"
+#: Stop every persistent attachment and wait until they are gone (a pattern this
+#: shell's own command line does not match).
+STOP_KEEPERS = ("pkill -f '[u]sbipy.cli.usbipy .*attach'; end=$((SECONDS + 60)); "
+                "while pgrep -f '[u]sbipy.cli.usbipy .*attach' >/dev/null && "
+                "[ $SECONDS -lt $end ]; do sleep 0.2; done")
 
 #: Ceiling of a wait in the guest. Generous: a condition that holds after a few
 #: seconds on a fast host may take three times as long on a slow one, and the

@@ -22,12 +22,9 @@ import pytest
 from usbipy.keepalive import DEFAULT_TIMEOUT
 
 from .conftest import require_vm
-from .guest import ext2_image, vhci_nodes, wait_for
+from .guest import KEEPERS, PYTHON, STOP_KEEPERS, USBIPY, USBIPYD, ext2_image, vhci_nodes, wait_for
 from .vm import SERVER_ALIAS, Vm
 
-PYTHON = sys.executable  # the host's venv is visible in the guest over 9p
-USBIPY = f"{PYTHON} -m usbipy.cli.usbipy"
-USBIPYD = f"{PYTHON} -m usbipy.cli.usbipyd"
 MODULES = "xhci_pci usb-storage sd_mod usbip-host vhci-hcd ext4 veth sch_netem"
 STICK_ID = "46f4:0001"
 KNOWN_FILE = "hello.txt"
@@ -43,11 +40,6 @@ ip -n far link set lo up
 """
 #: The pair and the namespace gone (ip link del is synchronous; netns del is not).
 NETWORK_DOWN = "ip link del usbipy0; ip netns del far"
-#: Stop every keeper and wait until they are gone (a pattern this shell's own
-#: command line does not match).
-STOP_KEEPERS = ("pkill -f '[u]sbipy.cli.usbipy .*attach'; end=$((SECONDS + 60)); "
-                "while pgrep -f '[u]sbipy.cli.usbipy .*attach' >/dev/null && "
-                "[ $SECONDS -lt $end ]; do sleep 0.2; done")
 #: A silent network: every packet dropped, both ways.
 CUT = "tc qdisc add dev usbipy0 root netem loss 100% && " \
       "ip netns exec far tc qdisc add dev usbipy1 root netem loss 100%"
@@ -57,8 +49,6 @@ RESTORE = "tc qdisc del dev usbipy0 root; ip netns exec far tc qdisc del dev usb
 BOUND = DEFAULT_TIMEOUT + 10
 
 
-#: The state files of persistent attachments.
-KEEPERS = "/run/usbipy/attach/*.json"
 
 
 def stick_busid(vm: Vm) -> str:

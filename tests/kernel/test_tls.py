@@ -15,7 +15,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from usbipy.tls import TlsFiles, server_context
 from usbipy.tls.certs import Issued, init_ca, issue
 
 from .conftest import qemu_stick, require_vm
-from .guest import ext2_image, vhci_node, wait_for
+from .guest import KEEPERS, STOP_KEEPERS, USBIPY, USBIPYD, ext2_image, vhci_node, wait_for
 from .vm import SERVER_ALIAS, Vm
 
 STICK_ID = "46f4:0001"  # QEMU's usb-storage
@@ -38,9 +37,6 @@ KNOWN_FILE = "hello.txt"
 KNOWN_TEXT = "the stick's own bytes, read through USB/IP over kernel TLS\n"
 STICK_SIZE = 16 << 20
 MODULES = "xhci_pci usb-storage sd_mod usbip-host vhci-hcd ext4 tls cdc_acm"
-PYTHON = sys.executable  # the host's venv is visible in the guest over 9p
-USBIPY = f"{PYTHON} -m usbipy.cli.usbipy"
-USBIPYD = f"{PYTHON} -m usbipy.cli.usbipyd"
 LOOPBACK = "127.0.0.1"
 SERVER_NAME = "usbipy-lab"
 CLIENT_NAME = "alice"
@@ -411,13 +407,6 @@ def test_python_served_devices_over_a_kernel_tls_server(clean: Lab) -> None:
     wait_for(vm, NO_KTLS_SOCKETS)
 
 
-#: The state files of persistent attachments (cheaper to poll than `usbipy port`).
-KEEPERS = "/run/usbipy/attach/*.json"
-#: Stop every keeper and wait until they are gone (a pattern this shell's own
-#: command line does not match).
-STOP_KEEPERS = ("pkill -f '[u]sbipy.cli.usbipy .*attach'; end=$((SECONDS + 60)); "
-                "while pgrep -f '[u]sbipy.cli.usbipy .*attach' >/dev/null && "
-                "[ $SECONDS -lt $end ]; do sleep 0.2; done")
 
 
 def test_a_persistent_attachment_comes_back_over_tls(clean: Lab, image: Path) -> None:
