@@ -8,10 +8,21 @@
           ├── ImportRefused     the server answered OP_REP_IMPORT with an error status
           ├── TlsRefused        no TLS session: a certificate, a name, or no TLS there
           ├── ServerGone        an imported device's connection was lost
-          └── UrbError          a URB completed with a non-zero status
+          ├── TransferTimeout   a transfer did not complete in time (it was unlinked)
+          └── UrbError          a URB completed with a non-zero status (-errno)
+               ├── Stalled      -EPIPE: the endpoint stalled (a refused request)
+               ├── Cancelled    -ENOENT, -ECONNRESET: the URB was unlinked
+               ├── Overflow     -EOVERFLOW: the device sent more than asked (babble)
+               └── DeviceGone   -ENODEV, -ESHUTDOWN: no such device or endpoint now
+
+Each carries ``errno`` (positive, as :mod:`errno` names it), so code written
+for PyUSB's ``USBError.errno`` or for OSError reads the same numbers.
 """
 
 from __future__ import annotations
+
+import errno as _errno
+import os
 
 from ..errors import UsbipError
 from ..escape import printable
@@ -84,7 +95,61 @@ def lost_reason(exc: BaseException | None) -> str:
     return text or type(exc).__name__
 
 
+class TransferTimeout(ClientError, TimeoutError):
+    """A transfer was not complete within its timeout; it was unlinked
+    (USBIP_CMD_UNLINK), so the device no longer works on it."""
+
+    errno = _errno.ETIMEDOUT
+
+    def __init__(self, what: str, timeout: float) -> None:
+        super().__init__(f"{what} timed out after {timeout:g} s")
+        self.timeout = timeout
+
+
 class UrbError(ClientError):
-    def __init__(self, ret: RetSubmit) -> None:
-        super().__init__(f"URB {ret.seqnum} failed with status {ret.status}")
+    """A URB that completed with a non-zero status: the kernel's negative errno
+    (``ret.status``), as usbip-host and usbipyd report it in RET_SUBMIT."""
+
+    def __init__(self, ret: RetSubmit, what: str = "") -> None:
         self.ret = ret
+        self.status = ret.status
+        #: The positive errno: 32 (EPIPE) for a stall.
+        self.errno = -ret.status
+        try:
+            name = f"{_errno.errorcode[self.errno]}: {os.strerror(self.errno)}"
+        except KeyError:
+            name = "unknown status"
+        super().__init__(f"{what or f'URB {ret.seqnum}'} failed with status {ret.status} "
+                         f"({name})")
+
+
+class Stalled(UrbError):
+    """-EPIPE: the endpoint stalled; on endpoint 0, the device refused the request."""
+
+
+class Cancelled(UrbError):
+    """-ENOENT or -ECONNRESET: the URB was unlinked before it completed."""
+
+
+class Overflow(UrbError):
+    """-EOVERFLOW: the device sent more than the transfer's length (babble)."""
+
+
+class DeviceGone(UrbError):
+    """-ENODEV or -ESHUTDOWN: the device (or, before SET_CONFIGURATION, the
+    endpoint) is not there: unplugged, or the server let it go."""
+
+
+_BY_ERRNO: dict[int, type[UrbError]] = {
+    _errno.EPIPE: Stalled,
+    _errno.ENOENT: Cancelled,
+    _errno.ECONNRESET: Cancelled,
+    _errno.EOVERFLOW: Overflow,
+    _errno.ENODEV: DeviceGone,
+    _errno.ESHUTDOWN: DeviceGone,
+}
+
+
+def urb_error(ret: RetSubmit, what: str = "") -> UrbError:
+    """The exception for a RET_SUBMIT with a non-zero status, by its errno."""
+    return _BY_ERRNO.get(-ret.status, UrbError)(ret, what)

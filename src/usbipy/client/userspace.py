@@ -1,10 +1,18 @@
-"""A userspace USB/IP client over asyncio: list and import remote devices, submit URBs.
+"""A userspace USB/IP client over asyncio: list and import remote devices, transfer.
 
-For hosts with no vhci-hcd, for tests and for benchmarks::
+For hosts with no vhci-hcd (any OS, no root), for tests and for benchmarks::
 
     devices = await list_devices("127.0.0.1")
-    async with await import_device("127.0.0.1", "1-1") as dev:
-        descriptor = await dev.control(0x80, 6, 0x0100, 0, 18)
+    async with connect("127.0.0.1", "1-1") as dev:
+        descriptor = await dev.control(0x80, 6, 0x0100, 0, 18, timeout=1)
+        report = await dev.interrupt_read(0x81, 8, timeout=5)
+
+Transfers take a ``timeout`` in seconds (None: wait for ever). A transfer that
+times out, or whose task is cancelled, is unlinked (USBIP_CMD_UNLINK) so that
+the device stops working on it, as the kernel's usb_kill_urb does; a status
+from the device raises the :class:`UrbError` subclass for its errno
+(:class:`Stalled` for -EPIPE, ...). Many transfers may be in flight at once:
+start them as tasks. :mod:`usbipy.client.sync` is the blocking form.
 
 Every connection has TCP keepalive and a user timeout (:mod:`usbipy.keepalive`):
 a server that stops answering ends the connection within the dead-peer
@@ -23,10 +31,10 @@ import itertools
 import logging
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import cast
+from typing import Any, cast
 
 from ..errors import UsbipError
 from ..escape import printable
@@ -49,7 +57,8 @@ from ..protocol import (
 )
 from ..protocol.constants import USBIP_PORT
 from ..tls import TlsSession, handshake_failure
-from ..usb.requests import SETUP
+from ..usb.requests import DIR_IN, SETUP
+from ..usb.urb import UrbFlag
 from .backoff import Backoff
 from .errors import (
     PLAINTEXT_REFUSED,
@@ -58,8 +67,9 @@ from .errors import (
     ImportRefused,
     ServerGone,
     TlsRefused,
-    UrbError,
+    TransferTimeout,
     lost_reason,
+    urb_error,
 )
 
 #: Seconds to connect and finish a TLS handshake.
@@ -67,6 +77,19 @@ CONNECT_TIMEOUT = 30.0
 #: A reconnecting device's connection that lasted this long starts the next backoff
 #: from its first delay.
 STABLE = 30.0
+#: Seconds to wait for RET_UNLINK after a transfer timed out; a server that does
+#: not answer by then has lost track of the URB, and the connection is closed.
+UNLINK_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class IsoResult:
+    """One isochronous packet's outcome: its status (0 or -errno) and its data
+    (IN; empty for OUT), cut from the URB's buffer at the packet's offset."""
+
+    status: int
+    data: bytes
+    actual_length: int
 
 
 log = logging.getLogger("usbipy.client")
@@ -430,24 +453,145 @@ class RemoteDevice:
             pending.cancel()
         return reply
 
-    async def control(self, bmRequestType: int, bRequest: int, wValue: int, wIndex: int,
-                      wLength_or_data: int | bytes) -> bytes:
-        """A control transfer on endpoint 0; returns IN data; raises UrbError on a stall."""
-        if isinstance(wLength_or_data, int):
-            setup = SETUP.pack(bmRequestType, bRequest, wValue, wIndex, wLength_or_data)
-            ret = await self.submit(0, Direction.IN, wLength_or_data, setup=setup)
-        else:
-            data = wLength_or_data
-            setup = SETUP.pack(bmRequestType, bRequest, wValue, wIndex, len(data))
-            ret = await self.submit(0, Direction.OUT, data=data, setup=setup)
+    async def transfer(self, ep: int, direction: Direction, length: int = 0, *,
+                       data: bytes = b"", setup: bytes = bytes(8), transfer_flags: int = 0,
+                       iso_packets: list[IsoPacket] | None = None, interval: int = 0,
+                       timeout: float | None = None) -> RetSubmit:
+        """One URB to its end, within ``timeout`` seconds.
+
+        Raises the :func:`urb_error` for a non-zero status, TransferTimeout
+        when the time ran out; on a timeout or a cancellation the URB is
+        unlinked first. A URB that completed while its unlink was on the way
+        keeps its result: its data is not thrown away.
+        """
+        if self._reconnecting is not None:
+            await self.wait_connected()
+        seqnum, future = self.submit_nowait(
+            ep, direction, length, data=data, setup=setup, transfer_flags=transfer_flags,
+            iso_packets=iso_packets, interval=interval)
+        try:
+            # shielded: a timeout must not cancel the future its RET_SUBMIT completes
+            async with asyncio.timeout(timeout):
+                ret = await asyncio.shield(future)
+        except TimeoutError:
+            raced = await self._unlinked(seqnum, future)
+            if raced is None or -raced.status in _UNLINKED:
+                raise TransferTimeout(_describe(ep, direction, setup, iso_packets),
+                                      cast(float, timeout)) from None
+            ret = raced
+        except asyncio.CancelledError:
+            self._unlink_nowait(seqnum)
+            raise
         if ret.status:
-            raise UrbError(ret)
+            raise urb_error(ret, _describe(ep, direction, setup, iso_packets))
+        return ret
+
+    async def _unlinked(self, seqnum: int, future: asyncio.Future[RetSubmit]
+                        ) -> RetSubmit | None:
+        """Unlink ``seqnum``; its RET_SUBMIT if it came first (then it completed)."""
+        if not future.done():
+            try:
+                async with asyncio.timeout(UNLINK_TIMEOUT):
+                    await self.unlink(seqnum)
+            except TimeoutError:
+                self._protocol.error = ClientError(
+                    f"the server did not answer the unlink of URB {seqnum} within "
+                    f"{UNLINK_TIMEOUT:g} s; the connection was closed")
+                if self._protocol.transport is not None:
+                    self._protocol.transport.abort()
+                return None
+        if future.done() and not future.cancelled() and future.exception() is None:
+            return future.result()
+        return None
+
+    def _unlink_nowait(self, seqnum: int) -> None:
+        """CMD_UNLINK with no one waiting for its reply (a cancelled task's URB)."""
+        protocol = self._protocol
+        if protocol.transport is None or protocol.closed.done():
+            return
+        pending = protocol.waiting.pop(seqnum, None)
+        if pending is None:  # (it completed)
+            return
+        pending.cancel()
+        protocol.transport.write(protocol.conn.send(
+            CmdUnlink(next(self._seqnums), self.info.devid, seqnum)))
+
+    async def control(self, bmRequestType: int, bRequest: int, wValue: int, wIndex: int,
+                      wLength_or_data: int | bytes, *, timeout: float | None = None) -> bytes:
+        """A control transfer on endpoint 0: IN data, or b"" for OUT.
+
+        ``wLength_or_data``: the length to read, or the bytes to write (by the
+        direction bit of ``bmRequestType``). A stall raises :class:`Stalled`.
+        """
+        if bmRequestType & DIR_IN:
+            if not isinstance(wLength_or_data, int):
+                raise TypeError("an IN control transfer takes a length, not data")
+            setup = SETUP.pack(bmRequestType, bRequest, wValue, wIndex, wLength_or_data)
+            ret = await self.transfer(0, Direction.IN, wLength_or_data, setup=setup,
+                                      timeout=timeout)
+            return ret.data
+        if isinstance(wLength_or_data, int):
+            if wLength_or_data:
+                raise TypeError("an OUT control transfer takes data, not a length")
+            wLength_or_data = b""
+        data = bytes(wLength_or_data)
+        setup = SETUP.pack(bmRequestType, bRequest, wValue, wIndex, len(data))
+        await self.transfer(0, Direction.OUT, data=data, setup=setup, timeout=timeout)
+        return b""
+
+    async def bulk_read(self, ep: int, length: int, *, timeout: float | None = None,
+                        short_not_ok: bool = False) -> bytes:
+        """Read up to ``length`` bytes from bulk endpoint ``ep`` (0x81...)."""
+        flags = UrbFlag.SHORT_NOT_OK if short_not_ok else 0
+        ret = await self.transfer(ep & 0x7F, Direction.IN, length, transfer_flags=flags,
+                                  timeout=timeout)
         return ret.data
 
+    async def bulk_write(self, ep: int, data: bytes, *, timeout: float | None = None,
+                         zero_packet: bool = False) -> int:
+        """Write ``data`` to bulk endpoint ``ep``; the bytes the device took."""
+        flags = UrbFlag.ZERO_PACKET if zero_packet else 0
+        ret = await self.transfer(ep & 0x7F, Direction.OUT, data=bytes(data),
+                                  transfer_flags=flags, timeout=timeout)
+        return ret.actual_length
+
+    async def interrupt_read(self, ep: int, length: int, *,
+                             timeout: float | None = None) -> bytes:
+        """Read an interrupt IN report (waits until the device has one)."""
+        ret = await self.transfer(ep & 0x7F, Direction.IN, length, timeout=timeout)
+        return ret.data
+
+    async def interrupt_write(self, ep: int, data: bytes, *,
+                              timeout: float | None = None) -> int:
+        ret = await self.transfer(ep & 0x7F, Direction.OUT, data=bytes(data), timeout=timeout)
+        return ret.actual_length
+
+    async def iso_read(self, ep: int, packet_lengths: Sequence[int], *,
+                       timeout: float | None = None, interval: int = 1) -> list[IsoResult]:
+        """One isochronous IN URB of ``len(packet_lengths)`` packets, started as
+        soon as possible (URB_ISO_ASAP); each packet's status and data."""
+        packets = _iso_layout(packet_lengths)
+        total = sum(packet_lengths)
+        ret = await self.transfer(ep & 0x7F, Direction.IN, total, iso_packets=packets,
+                                  transfer_flags=UrbFlag.ISO_ASAP, interval=interval,
+                                  timeout=timeout)
+        return _iso_results(ret, packets, Direction.IN)
+
+    async def iso_write(self, ep: int, packets: Sequence[bytes], *,
+                        timeout: float | None = None, interval: int = 1) -> list[IsoResult]:
+        """One isochronous OUT URB, a packet per item of ``packets``."""
+        layout = _iso_layout([len(p) for p in packets])
+        ret = await self.transfer(ep & 0x7F, Direction.OUT, data=b"".join(packets),
+                                  iso_packets=layout, transfer_flags=UrbFlag.ISO_ASAP,
+                                  interval=interval, timeout=timeout)
+        return _iso_results(ret, layout, Direction.OUT)
+
     async def bulk_out(self, ep: int, data: bytes) -> RetSubmit:
+        """CMD_SUBMIT and its RET_SUBMIT, status unchecked (see :meth:`bulk_write`)."""
         return await self.submit(ep, Direction.OUT, data=data)
 
     async def bulk_in(self, ep: int, length: int) -> RetSubmit:
+        """CMD_SUBMIT and its RET_SUBMIT, status unchecked (see :meth:`bulk_read`)."""
         return await self.submit(ep, Direction.IN, length)
 
     async def wait_closed(self) -> None:
@@ -472,3 +616,77 @@ class RemoteDevice:
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
                         tb: TracebackType | None) -> None:
         await self.close()
+
+
+#: URB statuses of an unlinked URB (usb_kill_urb: -ENOENT; usb_unlink_urb: -ECONNRESET).
+_UNLINKED = frozenset({2, 104})
+
+
+def _describe(ep: int, direction: Direction, setup: bytes,
+              iso_packets: list[IsoPacket] | None) -> str:
+    """A transfer in words, for its error (built only then: it costs microseconds)."""
+    if ep == 0:
+        bmRequestType, bRequest, wValue, wIndex, wLength = SETUP.unpack(setup)
+        return (f"control request {bmRequestType:#04x} {bRequest:#04x} (wValue {wValue:#06x}, "
+                f"wIndex {wIndex:#06x}, wLength {wLength})")
+    kind = "isochronous transfer" if iso_packets is not None else "transfer"
+    if direction is Direction.IN:
+        return f"{kind} from endpoint {ep | 0x80:#04x}"
+    return f"{kind} to endpoint {ep:#04x}"
+
+
+def _iso_layout(lengths: Sequence[int]) -> list[IsoPacket]:
+    """Packets back to back in the transfer buffer, as usb_fill_iso_packets lays them."""
+    packets = []
+    offset = 0
+    for length in lengths:
+        if length < 0:
+            raise ValueError("an isochronous packet's length cannot be negative")
+        packets.append(IsoPacket(offset, length))
+        offset += length
+    if not packets:
+        raise ValueError("an isochronous transfer needs at least one packet")
+    return packets
+
+
+def _iso_results(ret: RetSubmit, sent: list[IsoPacket], direction: Direction
+                 ) -> list[IsoResult]:
+    # RET_SUBMIT's IN data has the packets' actual bytes back to back (stub_tx.c
+    # sends each packet's actual_length only); the offsets are the ones we sent.
+    got = ret.iso_packets or sent
+    results = []
+    at = 0
+    for packet in got:
+        if direction is Direction.IN:
+            data = ret.data[at:at + packet.actual_length]
+            at += packet.actual_length
+        else:
+            data = b""
+        results.append(IsoResult(packet.status, data, packet.actual_length))
+    return results
+
+
+class connect:  # noqa: N801 (used as a function: ``async with connect(...)``)
+    """Import ``busid`` from ``host``: ``async with connect(...) as dev`` closes it
+    at the end; ``dev = await connect(...)`` leaves that to you.
+
+    The keyword arguments are :func:`import_device`'s: ``port``, ``tls``,
+    ``server_hostname``, ``keepalive``, ``reconnect``.
+    """
+
+    def __init__(self, host: str, busid: str, port: int = USBIP_PORT, **options: Any) -> None:
+        self._args = (host, busid, port)
+        self._options = options
+        self._device: RemoteDevice | None = None
+
+    def __await__(self) -> Generator[Any, None, RemoteDevice]:
+        return import_device(*self._args, **self._options).__await__()
+
+    async def __aenter__(self) -> RemoteDevice:
+        self._device = await import_device(*self._args, **self._options)
+        return self._device
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        assert self._device is not None
+        await self._device.close()

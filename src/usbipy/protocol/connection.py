@@ -223,6 +223,8 @@ class _Connection:
                     self.phase = Phase.ERROR
                     self._error = exc
                     raise
+                if not self._eof:  # (the end of the stream is next_event's to judge)
+                    return
             event = self.next_event()  # EOF, errors, and the OP phase
             if isinstance(event, _Sentinel):
                 return

@@ -1,0 +1,516 @@
+"""The blocking userspace client: the same transfers as the asyncio one, no event loop.
+
+For scripts and for the PyUSB backend (:mod:`usbipy.pyusb`)::
+
+    from usbipy.client import sync
+
+    with sync.connect("127.0.0.1", "1-1") as dev:
+        descriptor = dev.control(0x80, 6, 0x0100, 0, 18, timeout=1)
+
+It runs on the caller's thread over a blocking socket and the sans-IO codec
+(as h11 serves both forms), not through a thread that runs an event loop: a
+hop to another thread and back costs more than a URB to a local server.
+Several threads may use one device at once: each sends its own URBs, and
+whichever is waiting reads the socket for all of them, so a thread that waits
+on an interrupt endpoint does not hold up another's control transfers.
+:meth:`Device.submit` and :meth:`Device.wait` put many URBs in flight from
+one thread.
+
+TLS runs through an :class:`ssl.SSLObject` on memory buffers, so that a read
+and a write from two threads never meet inside one OpenSSL object.
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Sequence
+from types import TracebackType
+from typing import NoReturn
+
+from ..keepalive import DEFAULT, Keepalive
+from ..protocol import (
+    EOF,
+    NEED_DATA,
+    ClientConnection,
+    CmdSubmit,
+    CmdUnlink,
+    DeviceInfo,
+    Direction,
+    IsoPacket,
+    OpRepDevlist,
+    OpRepImport,
+    OpReqDevlist,
+    OpReqImport,
+    OpStatus,
+    RemoteProtocolError,
+    RetSubmit,
+    RetUnlink,
+)
+from ..protocol.constants import USBIP_PORT
+from ..tls import TlsSession, handshake_failure
+from ..usb.requests import DIR_IN, SETUP
+from ..usb.urb import UrbFlag
+from .errors import (
+    PLAINTEXT_REFUSED,
+    ClientError,
+    HostUnreachable,
+    ImportRefused,
+    ServerGone,
+    TlsRefused,
+    TransferTimeout,
+    lost_reason,
+    urb_error,
+)
+from .userspace import (
+    _UNLINKED,
+    CONNECT_TIMEOUT,
+    UNLINK_TIMEOUT,
+    IsoResult,
+    _describe,
+    _iso_layout,
+    _iso_results,
+)
+
+#: Bytes asked of the socket per read: a 64 KiB bulk reply in one or two.
+READ_SIZE = 256 * 1024
+
+
+class _Channel:
+    """A connected socket, with or without TLS: ordered writes, raw reads."""
+
+    def __init__(self, sock: socket.socket, host: str, port: int) -> None:
+        self.sock = sock
+        self.host = host
+        self.port = port
+        self._write_lock = threading.Lock()
+        self.tls: TlsSession | None = None
+        self._ssl: ssl.SSLObject | None = None
+        self._in = ssl.MemoryBIO()
+        self._out = ssl.MemoryBIO()
+        self._ssl_lock = threading.Lock()
+
+    def start_tls(self, context: ssl.SSLContext, server_hostname: str,
+                  deadline: float) -> None:
+        self._ssl = context.wrap_bio(self._in, self._out, server_hostname=server_hostname)
+        try:
+            while True:
+                try:
+                    self._ssl.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    self._flush()
+                    data = self._recv_raw(deadline)
+                    if not data:
+                        raise ssl.SSLEOFError("the server closed the connection") from None
+                    self._in.write(data)
+            self._flush()
+        except (OSError, TimeoutError) as exc:
+            raise TlsRefused(self.host, self.port, handshake_failure(exc)) from exc
+        self.tls = TlsSession.of(self._ssl, kernel=False)
+
+    def _flush(self) -> None:
+        out = self._out.read()
+        if out:
+            self.sock.sendall(out)
+
+    def send(self, data: bytes) -> None:
+        with self._write_lock:
+            if self._ssl is None:
+                self.sock.sendall(data)
+                return
+            with self._ssl_lock:
+                self._ssl.write(data)
+                out = self._out.read()
+            self.sock.sendall(out)
+
+    def readable(self) -> bool:
+        """Whether decrypted bytes wait already (poll would not see them)."""
+        return self._ssl is not None and self._ssl.pending() > 0
+
+    def _recv_raw(self, deadline: float | None) -> bytes:
+        # The socket's own timeout (CPython polls inside recv) costs less than a
+        # select() of ours. It bounds a concurrent sendall too: one that cannot
+        # write for that long means a server that stopped reading, and fails.
+        if deadline is None:
+            self.sock.settimeout(None)
+        else:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            self.sock.settimeout(remaining)
+        return self.sock.recv(READ_SIZE)
+
+    def recv(self, deadline: float | None) -> bytes:
+        """Some bytes from the server (b"" at its end); TimeoutError past ``deadline``."""
+        if self._ssl is None:
+            return self._recv_raw(deadline)
+        while True:
+            with self._ssl_lock:
+                try:
+                    return self._ssl.read(READ_SIZE)
+                except ssl.SSLWantReadError:
+                    pass
+                except ssl.SSLZeroReturnError:
+                    return b""
+            data = self._recv_raw(deadline)
+            with self._ssl_lock:
+                if not data:
+                    self._in.write_eof()
+                else:
+                    self._in.write(data)
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+def _open(host: str, port: int, tls: ssl.SSLContext | None, server_hostname: str | None,
+          keepalive: Keepalive, timeout: float) -> _Channel:
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as exc:
+        reason = "connection timed out" if isinstance(exc, TimeoutError) else (
+            exc.strerror or str(exc))
+        raise HostUnreachable(host, port, reason) from exc
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        keepalive.apply(sock)
+        sock.settimeout(None)  # each read sets its own deadline
+        channel = _Channel(sock, host, port)
+        if tls is not None:
+            channel.start_tls(tls, server_hostname or host, time.monotonic() + timeout)
+    except BaseException:
+        sock.close()
+        raise
+    return channel
+
+
+def _op(channel: _Channel, conn: ClientConnection, request: bytes, timeout: float
+        ) -> OpRepDevlist | OpRepImport:
+    deadline = time.monotonic() + timeout
+    try:
+        channel.send(request)
+        while True:
+            try:
+                event = conn.next_event()
+            except RemoteProtocolError as exc:
+                raise ClientError(f"the server sent a malformed reply: {exc}") from exc
+            if isinstance(event, (OpRepDevlist, OpRepImport)):
+                return event
+            if event is EOF:
+                raise ClientError(PLAINTEXT_REFUSED if channel.tls is None else
+                                  "the server closed the connection without a reply")
+            assert event is NEED_DATA
+            conn.receive_data(channel.recv(deadline))
+    except TimeoutError:
+        raise ClientError("the server did not answer in time") from None
+    except ssl.SSLError as exc:
+        raise ClientError(f"connection closed: {handshake_failure(exc)}") from exc
+    except OSError as exc:
+        raise ClientError(f"connection failed: {exc.strerror or exc}") from exc
+
+
+def list_devices(host: str, port: int = USBIP_PORT, *, tls: ssl.SSLContext | None = None,
+                 server_hostname: str | None = None, keepalive: Keepalive = DEFAULT,
+                 timeout: float = CONNECT_TIMEOUT) -> tuple[DeviceInfo, ...]:
+    """OP_REQ_DEVLIST: the devices ``host`` exports (see the asyncio form)."""
+    channel = _open(host, port, tls, server_hostname, keepalive, timeout)
+    try:
+        conn = ClientConnection()
+        reply = _op(channel, conn, conn.send(OpReqDevlist()), timeout)
+        assert isinstance(reply, OpRepDevlist)
+        return reply.devices
+    finally:
+        channel.close()
+
+
+def connect(host: str, busid: str, port: int = USBIP_PORT, *,
+            tls: ssl.SSLContext | None = None, server_hostname: str | None = None,
+            keepalive: Keepalive = DEFAULT, timeout: float = CONNECT_TIMEOUT) -> Device:
+    """OP_REQ_IMPORT: hold ``busid`` and get a :class:`Device` to transfer with.
+
+    ``tls`` (:func:`usbipy.tls.client_context`) for mutual TLS, checking that
+    the server's certificate names ``server_hostname`` (default ``host``);
+    ``timeout`` bounds the connection, the handshake and the import.
+    """
+    channel = _open(host, port, tls, server_hostname, keepalive, timeout)
+    try:
+        conn = ClientConnection()
+        reply = _op(channel, conn, conn.send(OpReqImport(busid)), timeout)
+        assert isinstance(reply, OpRepImport)
+        if reply.status is not OpStatus.OK or reply.device is None:
+            raise ImportRefused(busid, reply.status)
+    except BaseException:
+        channel.close()
+        raise
+    return Device(channel, conn, reply.device)
+
+
+class Device:
+    """An imported device over a blocking connection (from :func:`connect`).
+
+    The transfer methods are those of the asyncio :class:`RemoteDevice`, with
+    the same errors: :class:`UrbError` subclasses by status,
+    :class:`TransferTimeout` (the URB was unlinked), :class:`ServerGone`.
+    """
+
+    def __init__(self, channel: _Channel, conn: ClientConnection, info: DeviceInfo) -> None:
+        self.info = info
+        #: The TLS session with the server, None for plaintext.
+        self.tls = channel.tls
+        self._channel = channel
+        self._conn = conn
+        self._codec = threading.Lock()  # the codec's send and parse, never held over I/O
+        self._seqnums = itertools.count(1)
+        #: Guards _reading, _done and _waiters (plain Lock: a Condition's Python-level
+        #: methods cost a tenth of a local round trip).
+        self._state = threading.Lock()
+        #: Whether a thread is reading the socket for everyone.
+        self._reading = False
+        #: Threads waiting while another reads, by the seqnum each waits for.
+        self._waiters: dict[int, threading.Event] = {}
+        #: Replies read and not yet collected, by seqnum.
+        self._done: dict[int, RetSubmit | RetUnlink] = {}
+        self._error: ClientError | None = None
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed or self._error is not None
+
+    # --- URBs -------------------------------------------------------------------
+
+    def submit(self, ep: int, direction: Direction, length: int = 0, *, data: bytes = b"",
+               setup: bytes = bytes(8), transfer_flags: int = 0,
+               iso_packets: list[IsoPacket] | None = None, interval: int = 0) -> int:
+        """Send CMD_SUBMIT; its seqnum, for :meth:`wait` (status unchecked there)."""
+        if direction is Direction.OUT:
+            length = len(data)
+        with self._codec:
+            self._check_open()
+            seqnum = next(self._seqnums)
+            wire = self._conn.send(CmdSubmit(
+                seqnum, self.info.devid, direction, ep, transfer_flags, length, setup, data,
+                0, 0, interval, iso_packets))
+        self._send(wire)
+        return seqnum
+
+    def wait(self, seqnum: int, timeout: float | None = None) -> RetSubmit:
+        """The RET_SUBMIT of ``seqnum``; TimeoutError (the URB still in flight)
+        when it did not come within ``timeout`` seconds."""
+        reply = self._wait(seqnum, None if timeout is None else time.monotonic() + timeout)
+        assert isinstance(reply, RetSubmit)
+        return reply
+
+    def unlink(self, seqnum: int, timeout: float = UNLINK_TIMEOUT) -> RetUnlink:
+        """CMD_UNLINK ``seqnum`` and its RET_UNLINK (status -ECONNRESET when the URB
+        was cancelled, 0 when it had completed: its RET_SUBMIT, if any, came first)."""
+        with self._codec:
+            self._check_open()
+            unlink_seqnum = next(self._seqnums)
+            wire = self._conn.send(CmdUnlink(unlink_seqnum, self.info.devid, seqnum))
+        self._send(wire)
+        try:
+            reply = self._wait(unlink_seqnum, time.monotonic() + timeout)
+        except TimeoutError:
+            self._fail(ClientError(f"the server did not answer the unlink of URB {seqnum} "
+                                   f"within {timeout:g} s; the connection was closed"))
+            raise self._error from None  # type: ignore[misc]
+        assert isinstance(reply, RetUnlink)
+        return reply
+
+    def transfer(self, ep: int, direction: Direction, length: int = 0, *, data: bytes = b"",
+                 setup: bytes = bytes(8), transfer_flags: int = 0,
+                 iso_packets: list[IsoPacket] | None = None, interval: int = 0,
+                 timeout: float | None = None) -> RetSubmit:
+        """One URB to its end within ``timeout`` seconds, as the asyncio form's."""
+        seqnum = self.submit(ep, direction, length, data=data, setup=setup,
+                             transfer_flags=transfer_flags, iso_packets=iso_packets,
+                             interval=interval)
+        try:
+            ret = self.wait(seqnum, timeout)
+        except TimeoutError:
+            raced = self._unlinked(seqnum)
+            if raced is None or -raced.status in _UNLINKED:
+                assert timeout is not None
+                raise TransferTimeout(_describe(ep, direction, setup, iso_packets),
+                                      timeout) from None
+            ret = raced
+        if ret.status:
+            raise urb_error(ret, _describe(ep, direction, setup, iso_packets))
+        return ret
+
+    def _unlinked(self, seqnum: int) -> RetSubmit | None:
+        self.unlink(seqnum)
+        with self._state:  # a RET_SUBMIT that came before the RET_UNLINK: it completed
+            ret = self._done.pop(seqnum, None)
+        return ret if isinstance(ret, RetSubmit) else None
+
+    # --- the transfers, as in the asyncio client ---------------------------------
+
+    def control(self, bmRequestType: int, bRequest: int, wValue: int, wIndex: int,
+                wLength_or_data: int | bytes, *, timeout: float | None = None) -> bytes:
+        """A control transfer on endpoint 0: IN data, or b"" for OUT."""
+        if bmRequestType & DIR_IN:
+            if not isinstance(wLength_or_data, int):
+                raise TypeError("an IN control transfer takes a length, not data")
+            setup = SETUP.pack(bmRequestType, bRequest, wValue, wIndex, wLength_or_data)
+            return self.transfer(0, Direction.IN, wLength_or_data, setup=setup,
+                                 timeout=timeout).data
+        if isinstance(wLength_or_data, int):
+            if wLength_or_data:
+                raise TypeError("an OUT control transfer takes data, not a length")
+            wLength_or_data = b""
+        data = bytes(wLength_or_data)
+        setup = SETUP.pack(bmRequestType, bRequest, wValue, wIndex, len(data))
+        self.transfer(0, Direction.OUT, data=data, setup=setup, timeout=timeout)
+        return b""
+
+    def bulk_read(self, ep: int, length: int, *, timeout: float | None = None,
+                  short_not_ok: bool = False) -> bytes:
+        flags = UrbFlag.SHORT_NOT_OK if short_not_ok else 0
+        return self.transfer(ep & 0x7F, Direction.IN, length, transfer_flags=flags,
+                             timeout=timeout).data
+
+    def bulk_write(self, ep: int, data: bytes, *, timeout: float | None = None,
+                   zero_packet: bool = False) -> int:
+        flags = UrbFlag.ZERO_PACKET if zero_packet else 0
+        return self.transfer(ep & 0x7F, Direction.OUT, data=bytes(data), transfer_flags=flags,
+                             timeout=timeout).actual_length
+
+    def interrupt_read(self, ep: int, length: int, *, timeout: float | None = None) -> bytes:
+        return self.transfer(ep & 0x7F, Direction.IN, length, timeout=timeout).data
+
+    def interrupt_write(self, ep: int, data: bytes, *, timeout: float | None = None) -> int:
+        return self.transfer(ep & 0x7F, Direction.OUT, data=bytes(data),
+                             timeout=timeout).actual_length
+
+    def iso_read(self, ep: int, packet_lengths: Sequence[int], *,
+                 timeout: float | None = None, interval: int = 1) -> list[IsoResult]:
+        packets = _iso_layout(packet_lengths)
+        ret = self.transfer(ep & 0x7F, Direction.IN, sum(packet_lengths), iso_packets=packets,
+                            transfer_flags=UrbFlag.ISO_ASAP, interval=interval,
+                            timeout=timeout)
+        return _iso_results(ret, packets, Direction.IN)
+
+    def iso_write(self, ep: int, packets: Sequence[bytes], *, timeout: float | None = None,
+                  interval: int = 1) -> list[IsoResult]:
+        layout = _iso_layout([len(p) for p in packets])
+        ret = self.transfer(ep & 0x7F, Direction.OUT, data=b"".join(packets),
+                            iso_packets=layout, transfer_flags=UrbFlag.ISO_ASAP,
+                            interval=interval, timeout=timeout)
+        return _iso_results(ret, layout, Direction.OUT)
+
+    # --- the connection ---------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClientError("the device is closed")
+        if self._error is not None:
+            raise self._error
+
+    def _send(self, wire: bytes) -> None:
+        try:
+            self._channel.send(wire)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            self._lost(exc)
+
+    def _wait(self, seqnum: int, deadline: float | None) -> RetSubmit | RetUnlink:
+        """The reply to ``seqnum``: read by this thread, or by the one reading now."""
+        while True:
+            with self._state:
+                reply = self._done.pop(seqnum, None)
+                if reply is not None:
+                    return reply
+                self._check_open()
+                if not self._reading:
+                    self._reading = True
+                    event = None
+                else:
+                    event = self._waiters.setdefault(seqnum, threading.Event())
+                    event.clear()
+            if event is None:
+                try:
+                    return self._read_until(seqnum, deadline)
+                finally:
+                    with self._state:
+                        self._reading = False
+                        self._wake_all()  # (one of them reads next)
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0 or not event.wait(remaining):
+                with self._state:
+                    self._waiters.pop(seqnum, None)
+                    reply = self._done.pop(seqnum, None)
+                if reply is not None:
+                    return reply
+                raise TimeoutError
+
+    def _wake_all(self) -> None:
+        for event in self._waiters.values():
+            event.set()
+        self._waiters.clear()
+
+    def _read_until(self, seqnum: int, deadline: float | None) -> RetSubmit | RetUnlink:
+        while True:
+            try:
+                data = self._channel.recv(deadline)
+            except TimeoutError:
+                raise
+            except (OSError, ssl.SSLError, ValueError) as exc:  # (ValueError: closed here)
+                self._lost(exc)
+            if not data:
+                self._lost(None)
+            try:
+                with self._codec:
+                    self._conn.receive_data(data)
+                    replies = list(self._conn.events())
+            except RemoteProtocolError as exc:
+                self._fail(ClientError(f"the server broke the protocol: {exc}"))
+                raise self._error from exc  # type: ignore[misc]
+            mine = None
+            with self._state:
+                for reply in replies:
+                    if not isinstance(reply, (RetSubmit, RetUnlink)):
+                        continue
+                    if reply.seqnum == seqnum:
+                        mine = reply
+                        continue
+                    self._done[reply.seqnum] = reply
+                    event = self._waiters.pop(reply.seqnum, None)
+                    if event is not None:
+                        event.set()
+            if mine is not None:
+                return mine
+
+    def _lost(self, exc: BaseException | None) -> NoReturn:
+        self._check_open()  # closed by us (from another thread): not a loss
+        self._fail(ServerGone(self._channel.host, self._channel.port, lost_reason(exc)))
+        raise self._error from exc  # type: ignore[misc]
+
+    def _fail(self, error: ClientError) -> None:
+        with self._state:
+            if self._error is None:
+                self._error = error
+            self._wake_all()
+        self._channel.close()
+
+    def close(self) -> None:
+        """Close the connection: the server releases the device."""
+        with self._state:
+            self._closed = True
+            self._wake_all()
+        self._channel.close()
+
+    def __enter__(self) -> Device:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
