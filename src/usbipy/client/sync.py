@@ -75,8 +75,10 @@ from .userspace import (
     _iso_results,
 )
 
-#: Bytes asked of the socket per read: a 64 KiB bulk reply in one or two.
-READ_SIZE = 256 * 1024
+#: Bytes asked of the socket per read: a 64 KiB bulk reply and its header in one.
+#: Not more: recv() allocates this much each time, and beyond 128 KiB malloc
+#: maps and unmaps it for every read.
+READ_SIZE = 64 * 1024 + 48
 
 
 class _Channel:
@@ -127,10 +129,6 @@ class _Channel:
                 out = self._out.read()
             self.sock.sendall(out)
 
-    def readable(self) -> bool:
-        """Whether decrypted bytes wait already (poll would not see them)."""
-        return self._ssl is not None and self._ssl.pending() > 0
-
     def _recv_raw(self, deadline: float | None) -> bytes:
         # The socket's own timeout (CPython polls inside recv) costs less than a
         # select() of ours. It bounds a concurrent sendall too: one that cannot
@@ -146,8 +144,15 @@ class _Channel:
 
     def recv(self, deadline: float | None) -> bytes:
         """Some bytes from the server (b"" at its end); TimeoutError past ``deadline``."""
-        if self._ssl is None:
-            return self._recv_raw(deadline)
+        if self._ssl is None:  # (the hot path, inlined)
+            if deadline is None:
+                self.sock.settimeout(None)
+            else:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                self.sock.settimeout(remaining)
+            return self.sock.recv(READ_SIZE)
         while True:
             with self._ssl_lock:
                 try:
@@ -335,7 +340,8 @@ class Device:
                              transfer_flags=transfer_flags, iso_packets=iso_packets,
                              interval=interval)
         try:
-            ret = self.wait(seqnum, timeout)
+            ret = self._wait(seqnum, None if timeout is None else time.monotonic() + timeout)
+            assert isinstance(ret, RetSubmit)
         except TimeoutError:
             raced = self._unlinked(seqnum)
             if raced is None or -raced.status in _UNLINKED:
@@ -442,7 +448,8 @@ class Device:
                 finally:
                     with self._state:
                         self._reading = False
-                        self._wake_all()  # (one of them reads next)
+                        if self._waiters:
+                            self._wake_all()  # (one of them reads next)
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0 or not event.wait(remaining):
                 with self._state:

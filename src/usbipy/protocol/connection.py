@@ -217,7 +217,9 @@ class _Connection:
                 # The hot path: URBs back to back, without the per-message dispatch.
                 parse = self._parse_urb
                 try:
-                    while (urb := parse()) is not NEED_DATA:
+                    # (the length test spares a call that would only say NEED_DATA)
+                    while len(self._buf) - self._pos >= _HDR and (
+                            urb := parse()) is not NEED_DATA:
                         yield urb  # type: ignore[misc]
                 except RemoteProtocolError as exc:
                     self.phase = Phase.ERROR
