@@ -1,17 +1,30 @@
-"""USB/IP clients: the asyncio userspace client, the blocking OP handshake, and
-`usbip attach` into vhci-hcd."""
+"""USB/IP clients: the userspace client (asyncio, and its blocking form in
+:mod:`usbipy.client.sync`), the blocking OP handshake, and `usbip attach` into
+vhci-hcd."""
 
 from typing import TYPE_CHECKING, Any
 
 from .backoff import Backoff
-from .errors import ClientError, HostUnreachable, ImportRefused, ServerGone, UrbError
+from .errors import (
+    Cancelled,
+    ClientError,
+    DeviceGone,
+    HostUnreachable,
+    ImportRefused,
+    Overflow,
+    ServerGone,
+    Stalled,
+    TlsRefused,
+    TransferTimeout,
+    UrbError,
+)
 
 if TYPE_CHECKING:
-    from .userspace import RemoteDevice, import_device, list_devices
+    from .userspace import IsoResult, RemoteDevice, connect, import_device, list_devices
 
 #: Loaded when first used: `usbipy attach` and `port` need no asyncio, and a command
 #: that starts faster is felt on every call (and in a slow guest, a lot).
-_USERSPACE = ("RemoteDevice", "import_device", "list_devices")
+_USERSPACE = ("IsoResult", "RemoteDevice", "connect", "import_device", "list_devices")
 
 
 def __getattr__(name: str) -> Any:
@@ -24,12 +37,20 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "Backoff",
+    "Cancelled",
     "ClientError",
+    "DeviceGone",
     "HostUnreachable",
     "ImportRefused",
+    "IsoResult",
+    "Overflow",
     "RemoteDevice",
     "ServerGone",
+    "Stalled",
+    "TlsRefused",
+    "TransferTimeout",
     "UrbError",
+    "connect",
     "import_device",
     "list_devices",
 ]

@@ -378,6 +378,9 @@ class ServerThread:
         return self
 
     def stop(self) -> None:
+        """Close the server and end its thread; a second call does nothing."""
+        if self._loop.is_closed():
+            return
         if self.server is not None:
             asyncio.run_coroutine_threadsafe(self.server.close(), self._loop).result(timeout=30)
             self.server = None

@@ -1,0 +1,316 @@
+"""The userspace client's API, both forms, against a live usbipyd: transfers with
+timeouts that unlink, errors by errno, many URBs in flight, threads, TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import struct
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+import usbipy
+from usbipy.client import sync
+from usbipy.client.errors import (
+    Cancelled,
+    ClientError,
+    DeviceGone,
+    Overflow,
+    ServerGone,
+    Stalled,
+    TransferTimeout,
+    UrbError,
+    urb_error,
+)
+from usbipy.client.userspace import IsoResult, _iso_layout, _iso_results, connect
+from usbipy.devices import CdcAcm, HidKeyboard, ImageFile, MassStorage
+from usbipy.protocol import Direction, IsoPacket, RetSubmit
+from usbipy.server import ServerThread, UsbipServer
+
+HOST = "127.0.0.1"
+GET_DEVICE = (0x80, 6, 0x0100, 0, 18)
+KEY_A = bytes((0, 0, 0x04, 0, 0, 0, 0, 0))
+
+
+def demo() -> list:
+    return [HidKeyboard(), MassStorage(ImageFile.scratch(1 << 20)), CdcAcm()]
+
+
+@pytest.fixture
+def server() -> Iterator[ServerThread]:
+    with ServerThread(demo(), port=0) as srv:
+        yield srv
+
+
+# --- errors ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("status", "kind"), [
+    (-32, Stalled), (-2, Cancelled), (-104, Cancelled), (-75, Overflow), (-19, DeviceGone),
+    (-108, DeviceGone), (-71, UrbError),
+])
+def test_a_status_becomes_the_error_for_its_errno(status: int, kind: type) -> None:
+    error = urb_error(RetSubmit(7, status), "bulk read")
+    assert type(error) is kind
+    assert error.errno == -status and error.status == status
+    assert str(error).startswith(f"bulk read failed with status {status} (")
+    assert errno.errorcode[-status] in str(error)
+
+
+def test_a_transfer_timeout_is_a_timeout_error_with_etimedout() -> None:
+    error = TransferTimeout("bulk read", 0.5)
+    assert isinstance(error, TimeoutError) and isinstance(error, ClientError)
+    assert error.errno == errno.ETIMEDOUT
+    assert str(error) == "bulk read timed out after 0.5 s"
+
+
+def test_iso_packets_are_laid_back_to_back_and_results_cut_by_actual_length() -> None:
+    packets = _iso_layout([192, 192, 0, 100])
+    assert [(p.offset, p.length) for p in packets] == [(0, 192), (192, 192), (384, 0),
+                                                      (384, 100)]
+    # RET_SUBMIT's data holds only the actual bytes, packet after packet (stub_tx.c)
+    got = [IsoPacket(0, 192, 10, 0), IsoPacket(192, 192, 0, -18), IsoPacket(384, 0, 0, 0),
+           IsoPacket(384, 100, 3, 0)]
+    ret = RetSubmit(1, 0, 13, b"A" * 10 + b"xyz", 0, 4, 1, got, Direction.IN)
+    assert _iso_results(ret, packets, Direction.IN) == [
+        IsoResult(0, b"A" * 10, 10), IsoResult(-18, b"", 0), IsoResult(0, b"", 0),
+        IsoResult(0, b"xyz", 3)]
+    with pytest.raises(ValueError, match="at least one packet"):
+        _iso_layout([])
+    with pytest.raises(ValueError, match="negative"):
+        _iso_layout([-1])
+
+
+# --- the asyncio form --------------------------------------------------------------
+
+
+def test_async_connect_reads_stalls_and_closes(serve) -> None:
+    async def test(server: UsbipServer) -> None:
+        async with connect(HOST, "1-1", server.port) as dev:
+            descriptor = await dev.control(*GET_DEVICE, timeout=5)
+            assert descriptor[:2] == b"\x12\x01" and descriptor[8:12] == b"\x09\x12\x01\x00"
+            with pytest.raises(Stalled) as stall:
+                await dev.control(0xC0, 0x42, 0, 0, 4, timeout=5)  # unknown vendor request
+            assert stall.value.errno == errno.EPIPE
+            assert "control request 0xc0 0x42" in str(stall.value)
+            with pytest.raises(TypeError):
+                await dev.control(0x80, 6, 0x0100, 0, b"data")
+        assert dev.closed
+        # the form that is awaited, and the name at the top of the package
+        dev = await usbipy.connect(HOST, "1-1", server.port)
+        assert (await dev.control(*GET_DEVICE))[:2] == b"\x12\x01"
+        await dev.close()
+
+    serve(test)
+
+
+def test_async_timeout_unlinks_so_the_next_key_press_is_not_eaten(serve) -> None:
+    keyboard = HidKeyboard()
+
+    async def test(server: UsbipServer) -> None:
+        async with connect(HOST, "1-1", server.port) as dev:
+            await dev.control(0x00, 9, 1, 0, b"")
+            started = time.monotonic()
+            with pytest.raises(TransferTimeout, match="from endpoint 0x81 timed out"):
+                await dev.interrupt_read(0x81, 8, timeout=0.2)
+            assert time.monotonic() - started < 5
+            # Had the URB stayed on the server, the key press would complete it
+            # and the reply would go nowhere.
+            keyboard.type_text("a")  # a press and a release
+            assert await dev.interrupt_read(0x81, 8, timeout=5) == KEY_A
+            assert await dev.interrupt_read(0x81, 8, timeout=5) == bytes(8)
+
+    serve(test, [keyboard])
+
+
+def test_async_cancelled_task_unlinks_its_urb(serve) -> None:
+    keyboard = HidKeyboard()
+
+    async def test(server: UsbipServer) -> None:
+        async with connect(HOST, "1-1", server.port) as dev:
+            await dev.control(0x00, 9, 1, 0, b"")
+            task = asyncio.ensure_future(dev.interrupt_read(0x81, 8))
+            await asyncio.sleep(0.1)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await dev.control(*GET_DEVICE, timeout=5)  # (the unlink reached the server)
+            keyboard.press(0x04)
+            assert await dev.interrupt_read(0x81, 8, timeout=5) == KEY_A
+
+    serve(test, [keyboard])
+
+
+def test_async_many_transfers_in_flight(serve) -> None:
+    async def test(server: UsbipServer) -> None:
+        async with connect(HOST, "1-3", server.port) as dev:
+            await dev.control(0x00, 9, 1, 0, b"")
+            strings = await asyncio.gather(*(
+                dev.control(0x80, 6, 0x0300 | (i % 3 + 1), 0x0409, 255, timeout=5)
+                for i in range(48)))
+            assert len({s for s in strings}) == 3
+            # the echo port: 16 reads in flight, then one write feeds them all
+            payload = bytes(range(256)) * 64
+            reads = [asyncio.ensure_future(dev.bulk_read(0x81, 1024, timeout=10))
+                     for _ in range(16)]
+            await asyncio.sleep(0)
+            assert await dev.bulk_write(0x02, payload, timeout=10) == len(payload)
+            assert b"".join(await asyncio.gather(*reads)) == payload
+
+    serve(test)
+
+
+def test_async_bulk_on_an_unconfigured_device_is_device_gone(serve) -> None:
+    async def test(server: UsbipServer) -> None:
+        async with connect(HOST, "1-2", server.port) as dev:
+            with pytest.raises(DeviceGone) as gone:  # no endpoint before SET_CONFIGURATION
+                await dev.bulk_read(0x81, 512, timeout=5)
+            assert gone.value.errno == errno.ESHUTDOWN
+
+    serve(test)
+
+
+# --- the blocking form -------------------------------------------------------------
+
+
+def test_sync_reads_stalls_and_times_out_with_an_unlink(server: ServerThread) -> None:
+    keyboard = server._devices[0]
+    assert isinstance(keyboard, HidKeyboard)
+    with sync.connect(HOST, "1-1", server.port) as dev:
+        assert dev.info.busid == "1-1" and dev.tls is None
+        assert dev.control(*GET_DEVICE, timeout=5)[:2] == b"\x12\x01"
+        with pytest.raises(Stalled) as stall:
+            dev.control(0xC0, 0x42, 0, 0, 4, timeout=5)
+        assert stall.value.errno == errno.EPIPE
+        dev.control(0x00, 9, 1, 0, b"")
+        with pytest.raises(TransferTimeout):
+            dev.interrupt_read(0x81, 8, timeout=0.2)
+        keyboard.press(0x04)
+        assert dev.interrupt_read(0x81, 8, timeout=5) == KEY_A
+    assert dev.closed
+    with pytest.raises(ClientError, match="closed"):
+        dev.control(*GET_DEVICE)
+    assert [d.busid for d in sync.list_devices(HOST, server.port)] == ["1-1", "1-2", "1-3"]
+
+
+def test_sync_threads_share_a_device(server: ServerThread) -> None:
+    """A thread that waits on the keyboard does not hold up another's requests."""
+    keyboard = server._devices[0]
+    assert isinstance(keyboard, HidKeyboard)
+    with sync.connect(HOST, "1-1", server.port) as dev:
+        dev.control(0x00, 9, 1, 0, b"")
+        got: list[bytes] = []
+        reader = threading.Thread(target=lambda: got.append(
+            dev.interrupt_read(0x81, 8, timeout=20)))
+        reader.start()
+        time.sleep(0.1)
+        started = time.monotonic()
+        for _ in range(50):
+            assert dev.control(*GET_DEVICE, timeout=5)[:2] == b"\x12\x01"
+        assert time.monotonic() - started < 10
+        assert reader.is_alive()  # still waiting for a key
+        keyboard.press(0x04)
+        reader.join(10)
+        assert got == [KEY_A]
+
+
+def test_sync_many_in_flight_from_one_thread(server: ServerThread) -> None:
+    with sync.connect(HOST, "1-3", server.port) as dev:
+        dev.control(0x00, 9, 1, 0, b"")
+        reads = [dev.submit(1, Direction.IN, 1024) for _ in range(8)]
+        payload = bytes(range(256)) * 32
+        dev.bulk_write(0x02, payload, timeout=10)
+        assert b"".join(dev.wait(s, timeout=10).data for s in reads) == payload
+        with pytest.raises(TimeoutError):  # nothing more to echo: still in flight
+            dev.wait(dev.submit(1, Direction.IN, 64), timeout=0.1)
+
+
+def test_sync_disk_round_trip_through_bulk_endpoints(server: ServerThread) -> None:
+    with sync.connect(HOST, "1-2", server.port) as dev:
+        dev.control(0x00, 9, 1, 0, b"")
+        block = bytes(range(256)) * 2
+
+        def scsi(tag: int, cdb: bytes, data_in: int = 0, data_out: bytes = b"") -> bytes:
+            flags = 0x80 if data_in else 0
+            cbw = struct.pack("<IIIBBB16s", 0x43425355, tag, data_in or len(data_out), flags,
+                              0, len(cdb), cdb)
+            dev.bulk_write(0x02, cbw, timeout=5)
+            got = dev.bulk_read(0x81, data_in, timeout=5) if data_in else b""
+            if data_out:
+                dev.bulk_write(0x02, data_out, timeout=5)
+            csw = dev.bulk_read(0x81, 13, timeout=5)
+            assert struct.unpack("<IIIB", csw) == (0x53425355, tag, 0, 0)
+            return got
+
+        scsi(1, struct.pack(">BBIBHB", 0x2A, 0, 7, 0, 1, 0), data_out=block)  # WRITE(10)
+        assert scsi(2, struct.pack(">BBIBHB", 0x28, 0, 7, 0, 1, 0), data_in=512) == block
+
+
+def test_sync_server_gone_is_named(server: ServerThread) -> None:
+    dev = sync.connect(HOST, "1-1", server.port)
+    dev.control(0x00, 9, 1, 0, b"")
+    server.stop()
+    with pytest.raises(ServerGone, match=r"127\.0\.0\.1:\d+ was lost"):
+        dev.interrupt_read(0x81, 8, timeout=10)
+    with pytest.raises(ServerGone):  # and it stays gone
+        dev.control(*GET_DEVICE)
+    dev.close()
+
+
+def test_sync_a_server_that_never_answers_an_unlink_closes_the_connection() -> None:
+    """A transfer's timeout bounds the whole call, unlink included."""
+    import socket
+
+    from usbipy.protocol import OpRepImport, OpStatus, ServerConnection
+
+    from ..helpers import KEYBOARD
+
+    listener = socket.create_server((HOST, 0))
+    port = listener.getsockname()[1]
+
+    def silent_server() -> None:
+        sock, _ = listener.accept()
+        conn = ServerConnection()
+        conn.receive_data(sock.recv(40))
+        list(conn.events())
+        sock.sendall(conn.send(OpRepImport(OpStatus.OK, KEYBOARD)))
+        time.sleep(3)  # reads nothing more, answers nothing
+        sock.close()
+
+    thread = threading.Thread(target=silent_server)
+    thread.start()
+    try:
+        with sync.connect(HOST, "3-2", port) as dev:
+            with pytest.raises(ClientError, match="did not answer the unlink"):
+                dev.unlink(dev.submit(1, Direction.IN, 8), timeout=0.3)
+            assert dev.closed
+    finally:
+        thread.join()
+        listener.close()
+
+
+def test_sync_over_mutual_tls(tmp_path) -> None:
+    from usbipy.server.tls import ServerTls
+    from usbipy.tls import TlsFiles, certs, client_context, server_context
+
+    certs.init_ca(tmp_path)
+    issued = certs.issue("usbipy-test", server=True, base=tmp_path, alt_names=("127.0.0.1",))
+    client = certs.issue("alice", server=False, base=tmp_path)
+    tls = ServerTls(server_context(TlsFiles(issued.cert, issued.key, issued.ca), kernel=False),
+                    kernel=False, handshake_timeout=10)
+    context = client_context(TlsFiles(client.cert, client.key, client.ca))
+    with ServerThread(demo(), port=0, tls=tls) as srv:
+        assert [d.busid for d in sync.list_devices(HOST, srv.port, tls=context)] == [
+            "1-1", "1-2", "1-3"]
+        with sync.connect(HOST, "1-3", srv.port, tls=context) as dev:
+            assert dev.tls is not None and dev.tls.version.startswith("TLSv1.")
+            dev.control(0x00, 9, 1, 0, b"")
+            payload = bytes(range(256)) * 300  # many TLS records each way
+            reads = [dev.submit(1, Direction.IN, 16384) for _ in range(5)]
+            dev.bulk_write(0x02, payload, timeout=10)
+            assert b"".join(dev.wait(s, timeout=10).data for s in reads) == payload
+        with pytest.raises(ClientError, match="closed the connection|TLS"):
+            sync.list_devices(HOST, srv.port)  # plaintext to a TLS server: refused, said so
