@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 import usbipy
+from usbipy.backends import ExportedDevice
 from usbipy.client import sync
 from usbipy.client.errors import (
     Cancelled,
@@ -35,7 +36,7 @@ GET_DEVICE = (0x80, 6, 0x0100, 0, 18)
 KEY_A = bytes((0, 0, 0x04, 0, 0, 0, 0, 0))
 
 
-def demo() -> list:
+def demo() -> list[ExportedDevice]:
     return [HidKeyboard(), MassStorage(ImageFile.scratch(1 << 20)), CdcAcm()]
 
 
