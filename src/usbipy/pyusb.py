@@ -11,12 +11,12 @@ An existing PyUSB program changes one line::
     print(usb.util.get_string(dev, dev.iProduct))
 
 ``get_backend`` takes ``"HOST"``, ``"HOST:PORT"``, ``"[V6ADDR]:PORT"`` or a URL
-``usbip://HOST[:PORT][/BUSID]``, and ``busid=`` as a keyword. With a busid,
-that device is imported when PyUSB enumerates, and held until it is disposed
-(``usb.util.dispose_resources``) or the backend is closed. Without one,
-every device the server lists is enumerated: each is imported just long
-enough to read its descriptors, then released, and imported again when the
-program opens it, so a ``find()`` does not keep devices from other clients.
+``usbip://HOST[:PORT][/BUSID]``, and ``busid=`` as a keyword; without a
+busid, PyUSB sees every device the server exports. A device is held (imported)
+while PyUSB has it open: from its first request until
+``usb.util.dispose_resources(dev)``, or until the Device object is collected.
+Enumerating imports each device just long enough to read its descriptors, so
+a ``find()`` keeps no device from other clients.
 
 It implements PyUSB's ``usb.backend.IBackend`` on the blocking client
 (:mod:`usbipy.client.sync`): control, bulk, interrupt and isochronous
@@ -221,8 +221,9 @@ class UsbipBackend(usb.backend.IBackend):  # type: ignore[misc]
         known = self._device_descriptors.get(busid)
         if known is not None and known[0] == identity:
             return
-        keep = busid == self.busid
-        device = self._session(busid) if keep else connect(
+        with self._lock:
+            held = self._sessions.get(busid)
+        device = held if held is not None and not held.closed else connect(
             self.host, busid, self.port, **self._options)
         try:
             descriptor = parse_device(device.control(
@@ -239,12 +240,8 @@ class UsbipBackend(usb.backend.IBackend):  # type: ignore[misc]
                 configurations.append(parse_configuration(device.control(
                     DIR_IN, GET_DESCRIPTOR, DescriptorType.CONFIGURATION << 8 | index, 0,
                     total, timeout=DESCRIPTOR_TIMEOUT)))
-        except BaseException:
-            if keep:
-                self._release(busid)
-            raise
         finally:
-            if not keep:
+            if device is not held:
                 device.close()
         self._device_descriptors[busid] = (identity, descriptor)
         self._configurations[busid] = configurations
