@@ -7,10 +7,14 @@ the servers listen on the guest's loopback, and vhci-hcd attaches from there.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import struct
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -32,6 +36,7 @@ LOOPBACK = "127.0.0.1"
 class Stick:
     vm: Vm
     busid: str
+    image: Path
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +50,7 @@ def stick(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stick]:
         local = json.loads(vm.check(f"{USBIPY} list -l --json"))
         [busid] = [d["busid"] for d in local
                    if f"{d['idVendor']}:{d['idProduct']}" == STICK_ID]
-        stick = Stick(vm, busid)
+        stick = Stick(vm, busid, image)
         wait_for(vm, f"[ -n \"$({_disks('! ')})\" ]")
         yield stick
 
@@ -222,3 +227,72 @@ def test_a_reload_that_revokes_the_client_ends_the_kernel_session(clean: Stick) 
     again = vm.run(f"usbip attach -r {LOOPBACK} -b {busid}")
     assert again.rc != 0 and "Device not found" in again.out, again.out
     assert busid not in vm.check(f"{USBIPY} list -r {LOOPBACK}")
+
+
+def test_pyusb_on_the_host_drives_the_stick_the_c_usbipd_exports(clean: Stick) -> None:
+    """usbipy.pyusb against the kernel's stub: the C usbipd serves usbip-host in the
+    guest, PyUSB on the host reads and writes the stick with SCSI commands, and the
+    guest's own usb-storage then sees what PyUSB wrote."""
+    usb_core = pytest.importorskip("usb.core")
+    import usb.util
+
+    from usbipy import pyusb
+
+    vm, busid = clean.vm, clean.busid
+    vm.check(f"usbip bind -b {busid}")
+    vm.check("usbipd -D")
+    wait_for(vm, f"usbip list -r {LOOPBACK} 2>/dev/null | grep -q {busid}")
+    image = clean.image.read_bytes()
+    known_lba = image.index(KNOWN_TEXT.encode()) // 512
+    spare_lba = len(image) // 512 - 1  # the last block: ext2 leaves it unused
+    assert image[spare_lba * 512:] == bytes(512)
+    pattern = bytes(range(256)) * 2
+
+    backend = pyusb.get_backend(f"usbip://127.0.0.1:{vm.guest_port}/{busid}")
+    dev = usb_core.find(backend=backend)
+    assert dev is not None, f"PyUSB found no {busid} on the guest's usbipd"
+    try:
+        assert f"{dev.idVendor:04x}:{dev.idProduct:04x}" == STICK_ID
+        assert usb.util.get_string(dev, dev.iManufacturer) == "QEMU"
+        assert usb.util.get_string(dev, dev.iProduct) == "QEMU USB HARDDRIVE"
+        assert dev.speed == 4  # libusb's SuperSpeed, from usbip's USB_SPEED_SUPER
+        assert vm.check(f"cat /sys/bus/usb/devices/{busid}/usbip_status").strip() == "2"
+        dev.set_configuration()
+        intf = dev.get_active_configuration()[(0, 0)]
+        assert (intf.bInterfaceClass, intf.bInterfaceSubClass, intf.bInterfaceProtocol) == (
+            8, 6, 0x50)  # mass storage, SCSI, bulk-only
+        out, into = sorted(intf, key=lambda e: e.bEndpointAddress)  # 0x02 OUT, 0x81 IN
+        tag = iter(range(1, 100))
+
+        def scsi(cdb: bytes, data_in: int = 0, data_out: bytes = b"") -> bytes:
+            this = next(tag)
+            out.write(struct.pack("<IIIBBB16s", 0x43425355, this, data_in or len(data_out),
+                                  0x80 if data_in else 0, 0, len(cdb), cdb), timeout=10000)
+            got = bytes(into.read(data_in, timeout=10000)) if data_in else b""
+            if data_out:
+                out.write(data_out, timeout=10000)
+            csw = bytes(into.read(13, timeout=10000))
+            assert struct.unpack("<IIIB", csw) == (0x53425355, this, 0, 0), csw.hex()
+            return got
+
+        def read10(lba: int) -> bytes:
+            return scsi(struct.pack(">BBIBHB", 0x28, 0, lba, 0, 1, 0), data_in=512)
+
+        assert KNOWN_TEXT.encode() in read10(known_lba)
+        scsi(struct.pack(">BBIBHB", 0x2A, 0, spare_lba, 0, 1, 0), data_out=pattern)
+        assert read10(spare_lba) == pattern
+        with pytest.raises(usb_core.USBError) as stall:  # QEMU refuses a vendor request
+            dev.ctrl_transfer(0xC0, 0x42, 0, 0, 4)
+        assert stall.value.errno == errno.EPIPE
+    finally:
+        usb.util.dispose_resources(dev)
+        backend.close()
+    # released: the stub is offered again
+    wait_for(vm, f"grep -qx 1 /sys/bus/usb/devices/{busid}/usbip_status")
+    vm.check(f"usbip unbind -b {busid}")
+    wait_for(vm, f"[ -n \"$({_disks('! ')})\" ]")
+    local = "/dev/" + vm.check(_disks("! ")).split()[0]
+    on_disk = vm.check(f"dd if={local} bs=512 skip={spare_lba} count=1 2>/dev/null | md5sum")
+    assert on_disk.split()[0] == hashlib.md5(pattern).hexdigest()
+    vm.check(f"dd if=/dev/zero of={local} bs=512 seek={spare_lba} count=1 conv=fsync "
+             "2>/dev/null")  # (the image as the other tests know it)

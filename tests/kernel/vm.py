@@ -5,7 +5,8 @@ it has the host's python3, usbip tools and this checkout. A small initramfs
 (busybox and the modules that reach the 9p root) is built once and cached.
 Commands reach the guest through an agent on virtio-serial. Networking is
 QEMU user mode with restrict=on: the guest reaches only 10.0.2.100:3240,
-which QEMU forwards to the host's 127.0.0.1:<server_port>.
+which QEMU forwards to the host's 127.0.0.1:<server_port>; the host's
+127.0.0.1:<guest_port> reaches the guest's port 3240.
 
 Facts this relies on: KVM here is the PVM flavour, which cannot boot a stock
 kernel, so TCG is used; a boot takes about 10 s; Python in the guest is about
@@ -177,6 +178,8 @@ class Vm:
         self.extra_args = extra_args or []
         self.dir = Path(tempfile.mkdtemp(prefix="usbipy-vm-"))
         self.server_port = _free_port()
+        #: The host's 127.0.0.1:guest_port reaches the guest's port 3240 (a server there).
+        self.guest_port = _free_port()
         self._proc: subprocess.Popen[bytes] | None = None
         self._agent: socket.socket | None = None
         self._buf = b""
@@ -196,8 +199,10 @@ class Vm:
         initrd = _initramfs(self.version, self.kernel, agent_python)
         shutil.copy(Path(__file__).with_name("guest_agent.py"), self.dir / "agent.py")
         sock_path = self.dir / "agent.sock"
+        # (restrict=on isolates the guest; explicit forwards, both ways, still work)
         net = (f"user,id=n0,restrict=on,ipv6=off,guestfwd=tcp:{SERVER_ALIAS}:3240-"
-               f"cmd:socat STDIO TCP:127.0.0.1:{self.server_port}")
+               f"cmd:socat STDIO TCP:127.0.0.1:{self.server_port},"
+               f"hostfwd=tcp:127.0.0.1:{self.guest_port}-:3240")
         args = [
             "qemu-system-x86_64", "-nodefaults", "-no-user-config", "-display", "none",
             "-monitor", "none", "-no-reboot", "-machine", "q35",
