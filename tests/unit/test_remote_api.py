@@ -315,3 +315,28 @@ def test_sync_over_mutual_tls(tmp_path) -> None:
             assert b"".join(dev.wait(s, timeout=10).data for s in reads) == payload
         with pytest.raises(ClientError, match="closed the connection|TLS"):
             sync.list_devices(HOST, srv.port)  # plaintext to a TLS server: refused, said so
+
+
+def test_a_timeout_covers_the_wait_for_a_connection_made_again() -> None:
+    from usbipy.client import Backoff
+
+    srv = ServerThread(demo(), port=0).start()
+
+    async def test() -> None:
+        dev = await connect(HOST, "1-1", srv.port, reconnect=Backoff(initial=30, maximum=30))
+        srv.stop()
+        for _ in range(100):  # (bounded: the loss is seen at once, the FIN is local)
+            if dev.closed:
+                break
+            await asyncio.sleep(0.05)
+        assert dev.closed
+        started = time.monotonic()
+        with pytest.raises(TransferTimeout):
+            await dev.control(*GET_DEVICE, timeout=0.3)
+        assert time.monotonic() - started < 5  # not the 15 to 30 s until the next attempt
+        await dev.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(test(), 60))
+    finally:
+        srv.stop()

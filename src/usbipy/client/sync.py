@@ -185,8 +185,11 @@ def _open(host: str, port: int, tls: ssl.SSLContext | None, server_hostname: str
             exc.strerror or str(exc))
         raise HostUnreachable(host, port, reason) from exc
     try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        keepalive.apply(sock)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            keepalive.apply(sock)
+        except OSError as exc:
+            raise HostUnreachable(host, port, exc.strerror or str(exc)) from exc
         sock.settimeout(None)  # each read sets its own deadline
         channel = _Channel(sock, host, port)
         if tls is not None:

@@ -464,23 +464,29 @@ class RemoteDevice:
         unlinked first. A URB that completed while its unlink was on the way
         keeps its result: its data is not thrown away.
         """
-        if self._reconnecting is not None:
-            await self.wait_connected()
-        seqnum, future = self.submit_nowait(
-            ep, direction, length, data=data, setup=setup, transfer_flags=transfer_flags,
-            iso_packets=iso_packets, interval=interval)
+        sent: tuple[int, asyncio.Future[RetSubmit]] | None = None
         try:
-            # shielded: a timeout must not cancel the future its RET_SUBMIT completes
             async with asyncio.timeout(timeout):
+                if self._reconnecting is not None:  # (the timeout covers the wait too)
+                    await self.wait_connected()
+                sent = seqnum, future = self.submit_nowait(
+                    ep, direction, length, data=data, setup=setup,
+                    transfer_flags=transfer_flags, iso_packets=iso_packets, interval=interval)
+                # shielded: a timeout must not cancel the future its RET_SUBMIT completes
                 ret = await asyncio.shield(future)
         except TimeoutError:
+            if sent is None:  # still connecting again: nothing was sent
+                raise TransferTimeout(_describe(ep, direction, setup, iso_packets),
+                                      cast(float, timeout)) from None
+            seqnum, future = sent
             raced = await self._unlinked(seqnum, future)
             if raced is None or -raced.status in _UNLINKED:
                 raise TransferTimeout(_describe(ep, direction, setup, iso_packets),
                                       cast(float, timeout)) from None
             ret = raced
         except asyncio.CancelledError:
-            self._unlink_nowait(seqnum)
+            if sent is not None:
+                self._unlink_nowait(sent[0])
             raise
         if ret.status:
             raise urb_error(ret, _describe(ep, direction, setup, iso_packets))
