@@ -339,9 +339,17 @@ class Device:
                  iso_packets: list[IsoPacket] | None = None, interval: int = 0,
                  timeout: float | None = None) -> RetSubmit:
         """One URB to its end within ``timeout`` seconds, as the asyncio form's."""
-        seqnum = self.submit(ep, direction, length, data=data, setup=setup,
-                             transfer_flags=transfer_flags, iso_packets=iso_packets,
-                             interval=interval)
+        # (submit() inlined: this is the path of every PyUSB call)
+        if direction is Direction.OUT:
+            length = len(data)
+        with self._codec:
+            if self._closed or self._error is not None:
+                self._check_open()
+            seqnum = next(self._seqnums)
+            wire = self._conn.send(CmdSubmit(
+                seqnum, self.info.devid, direction, ep, transfer_flags, length, setup, data,
+                0, 0, interval, iso_packets))
+        self._send(wire)
         try:
             ret = self._wait(seqnum, None if timeout is None else time.monotonic() + timeout)
             assert isinstance(ret, RetSubmit)
@@ -438,7 +446,8 @@ class Device:
                 reply = self._done.pop(seqnum, None)
                 if reply is not None:
                     return reply
-                self._check_open()
+                if self._closed or self._error is not None:
+                    self._check_open()
                 if not self._reading:
                     self._reading = True
                     event = None
@@ -484,6 +493,10 @@ class Device:
             except RemoteProtocolError as exc:
                 self._fail(ClientError(f"the server broke the protocol: {exc}"))
                 raise self._error from exc  # type: ignore[misc]
+            if len(replies) == 1:  # (the usual case: the one reply, ours)
+                first = replies[0]
+                if isinstance(first, (RetSubmit, RetUnlink)) and first.seqnum == seqnum:
+                    return first
             mine = None
             with self._state:
                 for reply in replies:

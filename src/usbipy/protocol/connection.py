@@ -240,7 +240,10 @@ class _Connection:
 
     def _copy(self, start: int, n: int) -> bytes:
         """``n`` buffered bytes at ``start``, copied once (the buffer is reused)."""
-        with memoryview(self._buf) as view:
+        buf = self._buf
+        if type(buf) is bytes:  # a slice of bytes is one copy already, and cheaper
+            return buf[start : start + n]
+        with memoryview(buf) as view:
             return view[start : start + n].tobytes()
 
     def _op_header(self) -> tuple[OpCode, int] | None:
