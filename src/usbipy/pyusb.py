@@ -382,25 +382,42 @@ class UsbipBackend(usb.backend.IBackend):  # type: ignore[misc]
 
     # --- transfers -----------------------------------------------------------------
 
+    # (The transfers are PyUSB's hot path: no helper calls in them that a line can do.)
+
     def ctrl_transfer(self, dev_handle: Device, bmRequestType: int, bRequest: int,
                       wValue: int, wIndex: int, data: array[int], timeout: int) -> int:
-        if bmRequestType & DIR_IN:
-            got = _call(dev_handle.control, bmRequestType, bRequest, wValue, wIndex,
-                        len(data) * data.itemsize, timeout=_seconds(timeout))
-            return _fill(data, got)
-        _call(dev_handle.control, bmRequestType, bRequest, wValue, wIndex,
-              _bytes(data), timeout=_seconds(timeout))
+        try:
+            if bmRequestType & DIR_IN:
+                got = dev_handle.control(bmRequestType, bRequest, wValue, wIndex,
+                                         len(data) * data.itemsize,
+                                         timeout=timeout / 1000 if timeout else None)
+                n = len(got)
+                memoryview(data).cast("B")[:n] = got
+                return n
+            dev_handle.control(bmRequestType, bRequest, wValue, wIndex, data.tobytes(),
+                               timeout=timeout / 1000 if timeout else None)
+        except ClientError as exc:
+            _raise(exc)
         return len(data) * data.itemsize
 
     def bulk_write(self, dev_handle: Device, ep: int, intf: int, data: array[int],
                    timeout: int) -> int:
-        return _call(dev_handle.bulk_write, ep, _bytes(data), timeout=_seconds(timeout))
+        try:
+            return dev_handle.bulk_write(ep, data.tobytes(),
+                                         timeout=timeout / 1000 if timeout else None)
+        except ClientError as exc:
+            _raise(exc)
 
     def bulk_read(self, dev_handle: Device, ep: int, intf: int, buff: array[int],
                   timeout: int) -> int:
-        got = _call(dev_handle.bulk_read, ep, len(buff) * buff.itemsize,
-                    timeout=_seconds(timeout))
-        return _fill(buff, got)
+        try:
+            got = dev_handle.bulk_read(ep, len(buff) * buff.itemsize,
+                                       timeout=timeout / 1000 if timeout else None)
+        except ClientError as exc:
+            _raise(exc)
+        n = len(got)
+        memoryview(buff).cast("B")[:n] = got
+        return n
 
     def intr_write(self, dev_handle: Device, ep: int, intf: int, data: array[int],
                    timeout: int) -> int:

@@ -346,9 +346,9 @@ class Device:
             if self._closed or self._error is not None:
                 self._check_open()
             seqnum = next(self._seqnums)
-            wire = self._conn.send(CmdSubmit(
-                seqnum, self.info.devid, direction, ep, transfer_flags, length, setup, data,
-                0, 0, interval, iso_packets))
+            wire = self._conn.send_submit(seqnum, self.info.devid, direction, ep,
+                                          transfer_flags, length, setup, data, 0, 0, interval,
+                                          iso_packets)
         self._send(wire)
         try:
             ret = self._wait(seqnum, None if timeout is None else time.monotonic() + timeout)

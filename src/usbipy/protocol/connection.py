@@ -578,25 +578,37 @@ class ClientConnection(_Connection):
         return len(self._pending)
 
     def send(self, message: OpReqDevlist | OpReqImport | CmdSubmit | CmdUnlink) -> bytes:
-        self._sending(_kind_of(message))
         if isinstance(message, CmdSubmit):
-            if message.seqnum in self._pending:
-                self._local_error(f"seqnum {message.seqnum} is already in flight")
-            if message.direction is Direction.OUT and len(message.data) != (
-                message.transfer_buffer_length
-            ):
-                self._local_error("OUT data must be transfer_buffer_length bytes")
-            n_iso = len(message.iso_packets) if message.iso_packets is not None else 0
-            self._pending[message.seqnum] = (
-                message.direction, message.transfer_buffer_length, n_iso,
-            )
-            return wire.encode_cmd_submit(message)
+            m = message
+            return self.send_submit(m.seqnum, m.devid, m.direction, m.ep, m.transfer_flags,
+                                    m.transfer_buffer_length, m.setup, m.data, m.start_frame,
+                                    m.number_of_packets, m.interval, m.iso_packets)
+        self._sending(_kind_of(message))
         if isinstance(message, CmdUnlink):
             self._unlinks[message.seqnum] = message.unlink_seqnum
             return wire.encode_cmd_unlink(message)
         if isinstance(message, OpReqDevlist):
             return wire.encode_op_req_devlist()
         return wire.encode_op_req_import(message.busid)
+
+    def send_submit(self, seqnum: int, devid: int, direction: Direction, ep: int,
+                    transfer_flags: int, transfer_buffer_length: int,
+                    setup: bytes = bytes(8), data: bytes = b"", start_frame: int = 0,
+                    number_of_packets: int = 0, interval: int = 0,
+                    iso_packets: list[IsoPacket] | None = None) -> bytes:
+        """CMD_SUBMIT from its fields: ``send(CmdSubmit(...))`` without the message
+        object, for a client's hot path (a URB per call, where building the object
+        is a fifth of the codec's cost)."""
+        self._sending(Kind.CMD_SUBMIT)
+        if seqnum in self._pending:
+            self._local_error(f"seqnum {seqnum} is already in flight")
+        if direction is Direction.OUT and len(data) != transfer_buffer_length:
+            self._local_error("OUT data must be transfer_buffer_length bytes")
+        self._pending[seqnum] = (
+            direction, transfer_buffer_length, len(iso_packets) if iso_packets is not None else 0)
+        return wire.encode_submit_fields(seqnum, devid, direction, ep, transfer_flags,
+                                         transfer_buffer_length, setup, data, start_frame,
+                                         number_of_packets, interval, iso_packets)
 
     def _parse(self) -> Event:
         phase = self.phase

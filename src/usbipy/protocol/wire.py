@@ -158,23 +158,23 @@ def encode_iso_packets(packets: Sequence[IsoPacket]) -> bytes:
 
 
 def encode_cmd_submit(cmd: CmdSubmit) -> bytes:
-    iso = cmd.iso_packets
+    return encode_submit_fields(cmd.seqnum, cmd.devid, cmd.direction, cmd.ep,
+                                cmd.transfer_flags, cmd.transfer_buffer_length, cmd.setup,
+                                cmd.data, cmd.start_frame, cmd.number_of_packets, cmd.interval,
+                                cmd.iso_packets)
+
+
+def encode_submit_fields(seqnum: int, devid: int, direction: int, ep: int,
+                         transfer_flags: int, transfer_buffer_length: int, setup: bytes,
+                         data: bytes, start_frame: int, number_of_packets: int, interval: int,
+                         iso: Sequence[IsoPacket] | None) -> bytes:
+    """CMD_SUBMIT: the header, the OUT data, then the iso packet descriptors."""
     header = CMD_SUBMIT.pack(
-        _CMD_SUBMIT,
-        cmd.seqnum,
-        cmd.devid,
-        cmd.direction,
-        cmd.ep,
-        cmd.transfer_flags,
-        cmd.transfer_buffer_length,
-        cmd.start_frame,
-        len(iso) if iso is not None else cmd.number_of_packets,
-        cmd.interval,
-        cmd.setup,
-    )
+        _CMD_SUBMIT, seqnum, devid, direction, ep, transfer_flags, transfer_buffer_length,
+        start_frame, len(iso) if iso is not None else number_of_packets, interval, setup)
     if iso is None:
-        return header + cmd.data if cmd.data else header
-    return b"".join((header, cmd.data, encode_iso_packets(iso)))
+        return header + data if data else header
+    return b"".join((header, data, encode_iso_packets(iso)))
 
 
 def encode_ret_submit(
