@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+from ..config.daemon import host_port
+
 
 def whole(low: int, high: int) -> Callable[[str], int]:
     """An argparse type: a whole number from ``low`` to ``high`` (as in the file)."""
@@ -31,3 +33,11 @@ def positive(high: float) -> Callable[[str], float]:
                 f"{text} is out of range (more than 0, at most {high:g})")
         return value
     return convert
+
+
+def address_and_port(text: str) -> tuple[str, int]:
+    """An argparse type for :func:`host_port`."""
+    try:
+        return host_port(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

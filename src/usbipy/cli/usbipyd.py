@@ -17,17 +17,27 @@ import threading
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..backends.base import ExportedDevice
 from ..backends.kernel_stub import KernelStubSource
 from ..backends.libusb.bindings import BindingError, BindingStore
 from ..backends.libusb.events import libusb_available
 from ..backends.libusb.source import LibusbSource
+from ..capture import Capture
 from ..config import DEFAULT_PATH as DEFAULT_CONFIG
 from ..config import DaemonConfig
 from ..config import load as load_config
-from ..config.daemon import COUNTS, DISK_SIZES, MAX_RATE, MAX_SECONDS, PORTS, key_of
+from ..config.daemon import (
+    CAPTURE_FILES,
+    CAPTURE_SIZES,
+    COUNTS,
+    DISK_SIZES,
+    MAX_RATE,
+    MAX_SECONDS,
+    PORTS,
+    key_of,
+)
 from ..config.daemon import warnings as policy_warnings
 from ..devices import CdcAcm, ImageFile, MassStorage, PtyBackend, StorageError
 from ..devices.demo import DEMO_DISK_SIZE, demo_devices
@@ -38,10 +48,14 @@ from ..policy import OPEN, Policy
 from ..protocol import USBIP_PORT
 from ..server import UsbipServer, listen_sockets
 from ..server.limits import Limits
+from ..server.stats import ServerStats
 from ..server.tls import HANDSHAKE_TIMEOUT, ServerTls
 from ..state import state_dir
 from ..tls import TlsError, TlsFiles, ktls, server_context
-from .types import positive, whole
+from .types import address_and_port, positive, whole
+
+if TYPE_CHECKING:
+    from ..server.metrics import MetricsEndpoint
 
 log = logging.getLogger("usbipyd")
 
@@ -58,6 +72,7 @@ DEFAULTS: dict[str, Any] = {
     "tls_cert": None, "tls_key": None, "tls_ca": None, "ktls": "auto",
     "tls_handshake_timeout": None, "plaintext_port": None,
     "loop": "auto", "daemon": False, "pid": None, "debug": False,
+    "capture": None, "capture_size": 100, "capture_files": 5, "metrics": None,
 }
 
 #: The options that set [limits] (argparse dest = the Limits field).
@@ -119,6 +134,21 @@ def build_parser() -> argparse.ArgumentParser:
     tls.add_argument("--plaintext-port", type=whole(*PORTS), metavar="PORT",
                      help="with TLS, also serve plaintext USB/IP on this port of 127.0.0.1 "
                           "(for local tools such as C usbip); never on other addresses")
+    diagnostics = p.add_argument_group(
+        "diagnostics", "Captures and metrics (also [diagnostics] in the configuration file).")
+    diagnostics.add_argument(
+        "--capture", metavar="FILE.pcapng",
+        help="record every URB of the devices Python serves (emulated, libusb) for "
+             "Wireshark (pcapng, Linux usbmon); usbip-host's go through the kernel: "
+             "capture those on usbmonN with dumpcap")
+    diagnostics.add_argument("--capture-size", type=whole(*CAPTURE_SIZES), metavar="MB",
+                             help="start a new capture file at this size (default: 100)")
+    diagnostics.add_argument("--capture-files", type=whole(*CAPTURE_FILES), metavar="N",
+                             help="capture files kept, the newest FILE.pcapng, then "
+                                  "FILE.1.pcapng... (default: 5)")
+    diagnostics.add_argument("--metrics", type=address_and_port, metavar="ADDR:PORT",
+                             help="serve Prometheus metrics at http://ADDR:PORT/metrics "
+                                  "(a bare PORT: on 127.0.0.1; needs prometheus_client)")
     limits = p.add_argument_group(
         "limits", "What one client, or a flood of them, may hold (also [limits] in the "
         "configuration file).")
@@ -301,6 +331,19 @@ def _daemonize() -> None:
         os.dup2(devnull, fd)
 
 
+def _metrics_endpoint(args: argparse.Namespace) -> MetricsEndpoint | None:
+    """The endpoint --metrics asks for, bound (before -D forks: a busy port is told)."""
+    if args.metrics is None:
+        return None
+    try:
+        from ..server.metrics import MetricsEndpoint
+    except ImportError:
+        raise UsbipError("--metrics needs prometheus_client: pip install "
+                         "'usbipy[metrics]'") from None
+    host, port = args.metrics
+    return MetricsEndpoint(host, port)
+
+
 async def _watch(source: LibusbSource) -> None:
     # An idle device has no transfer to fail when it is unplugged, and an unbind
     # must reach a device in use: look every second.
@@ -341,8 +384,12 @@ async def _reload(server: UsbipServer, args: argparse.Namespace, running: Settin
 
 
 async def _serve(server: UsbipServer, libusb: LibusbSource | None,
-                 args: argparse.Namespace, settings: Settings) -> None:
+                 args: argparse.Namespace, settings: Settings,
+                 metrics: MetricsEndpoint | None = None) -> None:
     await server.start()
+    if metrics is not None:
+        metrics.start(server, asyncio.get_running_loop())
+        log.info("metrics on %s", metrics.url)
     watcher = asyncio.create_task(_watch(libusb)) if libusb is not None else None
     for device in server.registry:
         info = device.info
@@ -375,7 +422,9 @@ async def _serve(server: UsbipServer, libusb: LibusbSource | None,
         log.info("shutting down")
         if watcher is not None:
             watcher.cancel()
-        await server.close()  # closes the sources too
+        await server.close()  # closes the sources and the capture too
+        if metrics is not None:
+            await asyncio.to_thread(metrics.close)
 
 
 def run_loop(main: Coroutine[Any, Any, None], loop: str) -> None:
@@ -498,11 +547,34 @@ def _main(cli: argparse.Namespace) -> int:
         log.warning("kernel TLS is not available: devices bound to usbip-host cannot be "
                     "exported over TLS ('modprobe tls', then restart usbipyd)")
     _raise_file_limit(settings.limits)
+    problem = None
+    metrics = None
+    try:
+        metrics = _metrics_endpoint(args)
+    except UsbipError as exc:
+        problem = str(exc)
+    except OSError as exc:
+        problem = f"cannot serve metrics on {args.metrics[0]}:{args.metrics[1]}: " \
+                  f"{exc.strerror or exc}"
+    if problem is None and args.capture is not None:
+        try:  # (the capture itself is made after -D forks: its writer is a thread)
+            with open(args.capture, "ab"):
+                pass
+        except OSError as exc:
+            problem = f"cannot write {args.capture}: {exc.strerror or exc}"
+    if problem is not None:
+        print(f"usbipyd: {printable(problem)}", file=sys.stderr)
+        if metrics is not None:
+            metrics.close()
+        for sock in [*sockets, *plain_sockets]:
+            sock.close()
+        return 1
     for line in _describe(settings):
         log.info("%s", line)
     server = UsbipServer(hosts=hosts, port=args.tcp_port, family=family, sockets=sockets,
                          tls=tls, plain_sockets=plain_sockets, policy=settings.policy,
-                         limits=settings.limits)
+                         limits=settings.limits,
+                         stats=ServerStats() if metrics is not None else None)
     for device in devices:
         server.add(device)
     if kernel:
@@ -530,8 +602,17 @@ def _main(cli: argparse.Namespace) -> int:
     if pid_file is not None:
         with pid_file:
             pid_file.write(f"{os.getpid()}\n")
+    if args.capture is not None:
+        try:
+            server.capture = Capture(args.capture, max_bytes=args.capture_size * 1_000_000,
+                                     files=args.capture_files)
+        except OSError as exc:
+            log.error("cannot write %s: %s", printable(args.capture), exc.strerror or exc)
+            return 1
+        log.info("capturing the URBs of emulated and libusb devices to %s (%d MB a file, "
+                 "%d files)", printable(args.capture), args.capture_size, args.capture_files)
     try:
-        run_loop(_serve(server, libusb, cli, settings), args.loop)
+        run_loop(_serve(server, libusb, cli, settings, metrics), args.loop)
     except UsbipError as exc:
         print(f"usbipyd: {exc}", file=sys.stderr)
         return 1

@@ -44,6 +44,9 @@ _BUSID = re.compile(r"[0-9a-z.*?:\[\]!\-]+", re.IGNORECASE)
 PORTS = (0, 65535)
 COUNTS = (1, 1 << 20)
 DISK_SIZES = (512, 1 << 50)
+#: A capture file's size in MB, and how many files the ring keeps.
+CAPTURE_SIZES = (1, 1 << 20)
+CAPTURE_FILES = (1, 1000)
 MAX_SECONDS = 3600.0
 MAX_RATE = 1e6
 
@@ -125,6 +128,33 @@ def _strings(doc: Document, path: KeyPath, value: Any) -> tuple[str, ...]:
     return tuple(_string(doc, path, v) for v in values)
 
 
+def host_port(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    """``ADDR:PORT``, ``[V6ADDR]:PORT`` or ``PORT`` (on ``default_host``); ValueError
+    naming what is wrong (argparse shows it as the option's error)."""
+    host, port_text = default_host, text
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if not rest.startswith(":"):
+            raise ValueError(f"{text!r}: expected [ADDRESS]:PORT")
+        port_text = rest[1:]
+    elif ":" in text:
+        if text.count(":") > 1:
+            raise ValueError(f"{text!r}: write an IPv6 address in brackets: [ADDRESS]:PORT")
+        host, _, port_text = text.partition(":")
+        host = host or default_host
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"{text!r}: the port must be a number from 0 to 65535")
+    return host, int(port_text)
+
+
+def _host_port(doc: Document, path: KeyPath, value: Any) -> tuple[str, int]:
+    text = _string(doc, path, value)
+    try:
+        return host_port(text)
+    except ValueError as exc:
+        raise doc.error(path, str(exc)) from None
+
+
 def _shown(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
@@ -159,6 +189,12 @@ OPTIONS: dict[str, dict[str, _Option]] = {
         "disk_size": _Option("disk_size", _int(*DISK_SIZES)),
         "serial": _Option("serial", _choice("echo", "pty")),
     },
+    "diagnostics": {
+        "capture": _Option("capture", _file),
+        "capture_size": _Option("capture_size", _int(*CAPTURE_SIZES)),
+        "capture_files": _Option("capture_files", _int(*CAPTURE_FILES)),
+        "metrics": _Option("metrics", _host_port),
+    },
     "tls": {
         "cert": _Option("tls_cert", _file),
         "key": _Option("tls_key", _file),
@@ -181,7 +217,7 @@ LIMIT_CHECKS: dict[str, Callable[[Document, KeyPath, Any], Any]] = {
 }
 assert set(LIMIT_CHECKS) == {f.name for f in fields(Limits)}
 
-_TABLES = ("devices", "tls", "limits", "names", "policy")
+_TABLES = ("devices", "diagnostics", "tls", "limits", "names", "policy")
 _DEVICE_KEYS = ("busid", "vid_pid", "serial", "name")
 _CLIENT_KEYS = ("cn", "san", "ca", "network")
 
@@ -366,7 +402,7 @@ def parse(doc: Document) -> DaemonConfig:
         top = OPTIONS[""].get(key)
         if top is not None:
             config.options[top.dest] = top.check(doc, (key,), value)
-        elif key in ("devices", "tls"):
+        elif key in ("devices", "diagnostics", "tls"):
             for path, item in doc.items((key,), _table(doc, (key,), value)):
                 option = OPTIONS[key].get(str(path[-1]))
                 if option is None:

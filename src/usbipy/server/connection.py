@@ -19,11 +19,13 @@ from collections.abc import Awaitable, Coroutine
 from typing import Any, cast
 
 from ..backends.base import AnyDevice, Completion, ExportedDevice, HandOffDevice
+from ..capture import Capture, UrbRecorder
 from ..escape import printable
 from ..policy import Decision
 from ..protocol import (
     CmdSubmit,
     CmdUnlink,
+    Direction,
     OpRepDevlist,
     OpRepImport,
     OpReqDevlist,
@@ -37,6 +39,7 @@ from ..tls import TlsSession
 from .access import Access, HandedOff, client_of
 from .limits import Slot, client_key
 from .registry import DeviceRegistry
+from .stats import ServerStats, status_name
 
 log = logging.getLogger("usbipy.server")
 
@@ -62,8 +65,17 @@ class UsbipServerProtocol(asyncio.Protocol):
 
     def __init__(self, registry: DeviceRegistry, *, max_transfer_length: int,
                  connections: set[UsbipServerProtocol], tls: TlsSession | None = None,
-                 access: Access | None = None) -> None:
+                 access: Access | None = None, capture: Capture | None = None,
+                 stats: ServerStats | None = None) -> None:
         self.registry = registry
+        #: The server's counters, when it serves metrics; and the keys this
+        #: connection's URBs count under (set at the import).
+        self._stats = stats
+        self._key_in = self._key_out = ("", "")
+        #: The server's capture file, if any, and this connection's recorder in it
+        #: (made at the import of a device whose URBs Python handles).
+        self._capture = capture
+        self._recorder: UrbRecorder | None = None
         #: The policy and limits in force (shared by the server's connections).
         self.access = access if access is not None else Access()
         #: Who the policy judges (set when connected).
@@ -103,6 +115,11 @@ class UsbipServerProtocol(asyncio.Protocol):
         #: cost more than the URBs themselves.
         self._batch: list[bytes] | None = None
 
+    @property
+    def in_flight(self) -> int:
+        """URBs the device has not finished yet."""
+        return len(self._futures)
+
     # --- asyncio.Protocol --------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -123,6 +140,8 @@ class UsbipServerProtocol(asyncio.Protocol):
         self.client = client_of(peer[0] if isinstance(peer, tuple) else None, self.tls)
         self._client_key = client_key(peer)
         self._connections.add(self)
+        if self._stats is not None:
+            self._stats.connections += 1
         limits = self.access.limits
         loop = asyncio.get_running_loop()
         self._request_timer = loop.call_later(
@@ -356,6 +375,11 @@ class UsbipServerProtocol(asyncio.Protocol):
             return
         self.device = device
         device.drop_client = self._close
+        if self._capture is not None:
+            self._recorder = self._capture.recorder(info.busnum, info.devnum)
+        if self._stats is not None:
+            self._stats.imports[(device.busid, self.client.name)] += 1
+            self._key_in, self._key_out = (device.busid, "in"), (device.busid, "out")
         self._write(self.conn.send(OpRepImport(OpStatus.OK, info)))
         log.info("%s: imported %s", self.peer, shown)
 
@@ -431,6 +455,15 @@ class UsbipServerProtocol(asyncio.Protocol):
                 return
         device = self.device
         assert device is not None
+        if self._recorder is not None:
+            self._recorder.submitted(urb)
+        stats = self._stats
+        if stats is not None:
+            if urb.direction is Direction.IN:
+                stats.urbs[self._key_in] += 1
+            else:
+                stats.urbs[self._key_out] += 1
+                stats.bytes[self._key_out] += len(urb.data)
         try:
             result = device.submit(urb)
         except Exception:
@@ -469,6 +502,20 @@ class UsbipServerProtocol(asyncio.Protocol):
     def _reply(self, urb: CmdSubmit, result: Completion) -> None:
         if self._closed:
             return
+        if self._recorder is not None:
+            actual = result.actual_length
+            if actual is None:
+                actual = (len(result.data) if urb.direction is Direction.IN
+                          else urb.transfer_buffer_length)
+            self._recorder.completed(urb, result.status, result.data, actual,
+                                     result.iso_packets, result.error_count,
+                                     result.start_frame)
+        stats = self._stats
+        if stats is not None:
+            if urb.direction is Direction.IN and result.data:
+                stats.bytes[self._key_in] += len(result.data)
+            if result.status:
+                stats.errors[(self._key_in[0], status_name(result.status))] += 1
         header, data = self.conn.reply_submit(
             urb, result.status, result.data, result.actual_length, result.start_frame,
             result.error_count, result.iso_packets)
@@ -501,6 +548,10 @@ class UsbipServerProtocol(asyncio.Protocol):
         else:
             pending[1].cancel()
             status = ECONNRESET
+            if self._recorder is not None:  # (usbmon shows an unlinked URB completed so)
+                self._recorder.completed(pending[0], ECONNRESET, b"", 0)
+            if self._stats is not None:
+                self._stats.errors[(self._key_in[0], status_name(ECONNRESET))] += 1
         self._write(self.conn.reply_unlink(cmd, status))
         self._maybe_resume_reading()
 

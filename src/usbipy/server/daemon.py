@@ -12,6 +12,7 @@ from types import TracebackType
 from typing import Any
 
 from ..backends.base import ExportedDevice, HandOffDevice
+from ..capture import Capture
 from ..escape import printable
 from ..policy import OPEN, Policy
 from ..protocol import DEFAULT_MAX_TRANSFER, USBIP_PORT, OpStatus
@@ -20,6 +21,7 @@ from .access import Access, HandedOff
 from .connection import UsbipServerProtocol
 from .limits import Limits, Slot, client_key
 from .registry import DeviceRegistry
+from .stats import ServerStats
 from .tls import ServerTls, address_text, serve_tls_client
 
 log = logging.getLogger("usbipy.server")
@@ -77,8 +79,14 @@ class UsbipServer:
                  sockets: Sequence[socket.socket] = (),
                  tls: ServerTls | None = None,
                  plain_sockets: Sequence[socket.socket] = (),
-                 policy: Policy = OPEN, limits: Limits | None = None) -> None:
+                 policy: Policy = OPEN, limits: Limits | None = None,
+                 capture: Capture | None = None, stats: ServerStats | None = None) -> None:
         self.registry = registry if registry is not None else DeviceRegistry()
+        #: Counters for the metrics endpoint (usbipyd --metrics); None: nothing counted.
+        self.stats = stats
+        #: Where the URBs of Python-served devices are recorded (usbipyd --capture);
+        #: closed by :meth:`close`.
+        self.capture = capture
         self.access = Access(policy, limits if limits is not None else Limits())
         #: Listening sockets made beforehand (see :func:`listen_sockets`); when
         #: empty, :meth:`start` binds ``hosts`` and ``port`` itself.
@@ -122,7 +130,8 @@ class UsbipServer:
 
     def _protocol(self, tls: TlsSession | None = None) -> UsbipServerProtocol:
         return UsbipServerProtocol(self.registry, max_transfer_length=self.max_transfer_length,
-                                   connections=self.connections, tls=tls, access=self.access)
+                                   connections=self.connections, tls=tls, access=self.access,
+                                   capture=self.capture, stats=self.stats)
 
     def _counted_protocol(self, slot: Slot, tls: TlsSession | None = None
                           ) -> UsbipServerProtocol:
@@ -204,13 +213,19 @@ class UsbipServer:
                 return made[-1]
 
             task = asyncio.ensure_future(serve_tls_client(sock, addr, tls, protocol,
-                                                          self.access.log.warning))
+                                                          self._handshake_warning))
             self._tasks.add(task)
             self._handshakes[task] = host
             admission.waiting(slot, task.cancel)  # (until its protocol waits in its place)
             # Owned here, not inside the coroutine: a task cancelled before it ever
             # ran (close() right after an accept) still frees its slot and socket.
             task.add_done_callback(functools.partial(self._handshake_done, sock, slot, made))
+
+    def _handshake_warning(self, kind: str, text: str) -> None:
+        """A refused TLS handshake: counted, and logged (at most once per 10 s per kind)."""
+        if self.stats is not None and kind.startswith("handshake refused"):
+            self.stats.handshake_refused(text)
+        self.access.log.warning(kind, text)
 
     def _handshake_done(self, sock: socket.socket, slot: Slot,
                         made: list[UsbipServerProtocol], task: asyncio.Task[None]) -> None:
@@ -324,6 +339,8 @@ class UsbipServer:
             device.close()
         for source in self.registry.sources:
             source.close()
+        if self.capture is not None:  # (its last records written: off the loop)
+            await asyncio.to_thread(self.capture.close)
 
     async def __aenter__(self) -> UsbipServer:
         await self.start()
@@ -356,6 +373,11 @@ class ServerThread:
     def port(self) -> int:
         assert self.server is not None
         return self.server.port
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop the server runs on (its own thread's)."""
+        return self._loop
 
     def call(self, fn: object, *args: object) -> object:
         """Run ``fn(*args)`` on the server's loop and return its result."""

@@ -83,6 +83,12 @@ class DeviceRegistry:
     def get(self, busid: str) -> ExportedDevice | None:
         return self._devices.get(busid)
 
+    async def exported(self) -> list[AnyDevice]:
+        """Every device this server exports, held or not (emulated, then the sources')."""
+        found = await self._from_sources() if self.sources else {}
+        return [*self._devices.values(),
+                *(d for busid, d in found.items() if busid not in self._devices)]
+
     async def hand_offs(self) -> list[HandOffDevice]:
         """Every device another party (the kernel) serves, in use or not."""
         return [d for d in (await self._from_sources()).values()

@@ -1,0 +1,162 @@
+"""The Prometheus endpoint (usbipyd --metrics ADDR:PORT), with prometheus_client.
+
+The server counts in plain integers on its loop (:class:`ServerStats`); a
+scrape, in the endpoint's HTTP thread, asks the loop for a snapshot and turns
+it into metric families. prometheus_client writes the text format, and its
+WSGI app answers ``/metrics`` (and compressed, when asked).
+
+Exposed (all prefixed ``usbipy_``): ``devices_exported``, ``devices_imported``
+{busid, client}, ``imports_total`` {busid, client}, ``connections_open`` and
+``connections_total``, ``urbs_total`` and ``urb_bytes_total`` {busid,
+direction}, ``urb_errors_total`` {busid, status}, ``urbs_in_flight`` {busid},
+``tls_handshakes_refused_total`` {reason}, and ``capture_dropped_total`` with
+a capture.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from socketserver import ThreadingMixIn
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from .daemon import UsbipServer
+
+#: Seconds a scrape waits for the event loop's snapshot.
+SNAPSHOT_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What a scrape shows, read on the loop in one go."""
+
+    exported: int
+    #: (busid, client) of every device imported now
+    imported: list[tuple[str, str]]
+    connections: int
+    connections_total: int
+    in_flight: dict[str, int]
+    imports: dict[tuple[str, str], int]
+    urbs: dict[tuple[str, str], int]
+    bytes: dict[tuple[str, str], int]
+    errors: dict[tuple[str, str], int]
+    handshakes_refused: dict[str, int]
+    capture_dropped: int | None
+
+
+async def snapshot(server: UsbipServer) -> Snapshot:
+    stats = server.stats
+    assert stats is not None
+    exported = await server.registry.exported()
+    imported: list[tuple[str, str]] = []
+    in_flight: dict[str, int] = {}
+    for conn in list(server.connections):
+        if conn.device is not None:
+            busid = conn.device.busid
+            imported.append((busid, conn.client.name))
+            in_flight[busid] = conn.in_flight
+    for busid, entry in server.access.handed_off.items():
+        if not entry.pending:
+            imported.append((busid, entry.client.name))
+    return Snapshot(
+        len(exported), imported, len(server.connections), stats.connections, in_flight,
+        dict(stats.imports), dict(stats.urbs), dict(stats.bytes), dict(stats.errors),
+        dict(stats.handshakes_refused),
+        server.capture.dropped if server.capture is not None else None)
+
+
+class _ServerCollector(Collector):
+    def __init__(self, server: UsbipServer, loop: asyncio.AbstractEventLoop) -> None:
+        self._server = server
+        self._loop = loop
+
+    def collect(self) -> Iterator[Metric]:
+        s = asyncio.run_coroutine_threadsafe(snapshot(self._server), self._loop).result(
+            SNAPSHOT_TIMEOUT)
+        yield GaugeMetricFamily("usbipy_devices_exported",
+                                "Devices this server exports, held or not", s.exported)
+        imported = GaugeMetricFamily("usbipy_devices_imported",
+                                     "Devices imported now, by device and client",
+                                     labels=["busid", "client"])
+        for busid, client in s.imported:
+            imported.add_metric([busid, client], 1)
+        yield imported
+        yield _counter("usbipy_imports", "Imports since the start, by device and client",
+                       ["busid", "client"], s.imports)
+        yield GaugeMetricFamily("usbipy_connections_open", "Client connections open now",
+                                s.connections)
+        yield CounterMetricFamily("usbipy_connections", "Client connections accepted",
+                                  s.connections_total)
+        yield _counter("usbipy_urbs", "URBs submitted, by device and direction",
+                       ["busid", "direction"], s.urbs)
+        yield _counter("usbipy_urb_bytes", "Bytes moved by URBs, by device and direction",
+                       ["busid", "direction"], s.bytes)
+        yield _counter("usbipy_urb_errors", "URBs that ended with an error status",
+                       ["busid", "status"], s.errors)
+        in_flight = GaugeMetricFamily("usbipy_urbs_in_flight", "URBs the device has not "
+                                      "finished", labels=["busid"])
+        for busid, count in s.in_flight.items():
+            in_flight.add_metric([busid], count)
+        yield in_flight
+        yield _counter("usbipy_tls_handshakes_refused", "TLS handshakes refused, by reason",
+                       ["reason"], {(k,): v for k, v in s.handshakes_refused.items()})
+        if s.capture_dropped is not None:
+            yield CounterMetricFamily("usbipy_capture_dropped",
+                                      "Capture records dropped (the disk was behind)",
+                                      s.capture_dropped)
+
+
+def _counter(name: str, documentation: str, labels: list[str],
+             values: dict[Any, int]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=labels)
+    for key, value in values.items():
+        family.add_metric(list(key), value)
+    return family
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base's name)
+        pass  # (a scrape every 15 s is not news)
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class MetricsEndpoint:
+    """``/metrics`` on ADDR:PORT, served by a thread. Bound when made (so that
+    usbipyd can report a busy port before it daemonizes), served from
+    :meth:`start`, which needs the server's event loop."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        server_class = type("_Server", (_ThreadingServer,), {
+            "address_family": socket.AF_INET6 if ":" in host else socket.AF_INET})
+        self._httpd: WSGIServer = make_server(host, port, make_wsgi_app(self.registry),
+                                  server_class=server_class, handler_class=_QuietHandler)
+        self.port: int = self._httpd.server_address[1]
+        shown = f"[{host}]" if ":" in host else host
+        #: Where to scrape.
+        self.url = f"http://{shown}:{self.port}/metrics"
+        self._thread: threading.Thread | None = None
+
+    def start(self, server: UsbipServer, loop: asyncio.AbstractEventLoop) -> None:
+        self.registry.register(_ServerCollector(server, loop))
+        self._thread = threading.Thread(target=self._httpd.serve_forever,
+                                        name="usbipy-metrics", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._httpd.shutdown()
+            self._thread.join(timeout=10)
+        self._httpd.server_close()

@@ -1,0 +1,51 @@
+"""What the server counts for its metrics: plain integers, kept on the event loop.
+
+A URB adds to a dict entry or two (tens of nanoseconds); the metrics endpoint
+(:mod:`usbipy.server.metrics`) turns these into Prometheus families when it is
+scraped, so nothing of the exporter runs on the URB path.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+def status_name(status: int) -> str:
+    """A URB status as its errno name: -32 is "EPIPE"."""
+    return errno.errorcode.get(-status, str(status))
+
+
+def refusal_kind(why: str) -> str:
+    """A refused TLS handshake's reason (server/tls.py's words) as a label value."""
+    if "certificate" in why:
+        return "certificate"
+    if "does not speak TLS" in why:
+        return "not_tls"
+    if "timed out" in why:
+        return "timeout"
+    if "closed the connection" in why:
+        return "closed"
+    if "refused the TLS handshake" in why:
+        return "refused_by_client"
+    return "other"
+
+
+@dataclass
+class ServerStats:
+    """Counters since the server started, by label values."""
+
+    connections: int = 0
+    #: (busid, client) -> imports
+    imports: Counter[tuple[str, str]] = field(default_factory=Counter)
+    #: (busid, "in" or "out") -> URBs and bytes
+    urbs: Counter[tuple[str, str]] = field(default_factory=Counter)
+    bytes: Counter[tuple[str, str]] = field(default_factory=Counter)
+    #: (busid, errno name) -> URBs completed with that status
+    errors: Counter[tuple[str, str]] = field(default_factory=Counter)
+    #: reason -> TLS handshakes refused
+    handshakes_refused: Counter[str] = field(default_factory=Counter)
+
+    def handshake_refused(self, why: str) -> None:
+        self.handshakes_refused[refusal_kind(why)] += 1
