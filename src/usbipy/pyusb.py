@@ -49,7 +49,6 @@ import usb.backend
 from usb.core import USBError, USBTimeoutError
 
 from .client.errors import (
-    Cancelled,
     ClientError,
     DeviceGone,
     ImportRefused,
@@ -61,16 +60,16 @@ from .client.errors import (
 )
 from .client.sync import Device, connect, list_devices
 from .client.userspace import CONNECT_TIMEOUT
+from .errors import UsbipError
 from .escape import printable
 from .keepalive import DEFAULT, Keepalive
-from .protocol import DeviceInfo, OpStatus, Speed
+from .protocol import DeviceInfo, Direction, OpStatus, Speed
 from .protocol.constants import USBIP_PORT
 from .usb.descriptors import DescriptorType
 from .usb.parse import (
     ConfigurationDescriptor,
     DescriptorError,
     DeviceDescriptor,
-    EndpointDescriptor,
     parse_configuration,
     parse_device,
 )
@@ -87,6 +86,7 @@ from .usb.requests import (
     SET_CONFIGURATION,
     SET_FEATURE,
     SET_INTERFACE,
+    SETUP,
 )
 
 __all__ = ["UsbipBackend", "get_backend", "parse_address"]
@@ -98,11 +98,11 @@ _T = TypeVar("_T")
 # libusb's error codes (libusb.h), which PyUSB's own backends put in USBError
 LIBUSB_ERROR_IO = -1
 LIBUSB_ERROR_NO_DEVICE = -4
+LIBUSB_ERROR_NOT_FOUND = -5
 LIBUSB_ERROR_BUSY = -6
 LIBUSB_ERROR_TIMEOUT = -7
 LIBUSB_ERROR_OVERFLOW = -8
 LIBUSB_ERROR_PIPE = -9
-LIBUSB_ERROR_INTERRUPTED = -10
 
 #: libusb's speed codes (enum libusb_speed), by the kernel's (enum usb_device_speed).
 _SPEEDS = {Speed.LOW: 1, Speed.FULL: 2, Speed.HIGH: 3, Speed.WIRELESS: 3, Speed.SUPER: 4,
@@ -118,17 +118,27 @@ DESCRIPTOR_TIMEOUT = 5.0
 def parse_address(address: str, busid: str | None = None) -> tuple[str, int, str | None]:
     """(host, port, busid) from ``"HOST"``, ``"HOST:PORT"``, ``"[V6]:PORT"`` or
     ``"usbip://HOST[:PORT][/BUSID]"``; ValueError naming what is wrong."""
+    shown = printable(address)
     if "://" in address:
         url = urlsplit(address)
         if url.scheme != "usbip":
-            raise ValueError(f"not a usbip:// URL: {printable(address)}")
-        host = url.hostname
+            raise ValueError(f"not a usbip:// URL: {shown}")
+        if url.username is not None or url.query or url.fragment:
+            raise ValueError(f"a usbip:// URL has a host, a port and a busid only: {shown}")
+        netloc = url.netloc
+        if netloc.startswith("[") and "]" not in netloc:
+            raise ValueError(f"bad address {shown}")
+        # (an IPv6 zone is percent-encoded in a URL, RFC 6874: fe80::1%25eth0)
+        host = unquote(netloc[1:netloc.index("]")] if netloc.startswith("[")
+                       else netloc.rpartition(":")[0] if ":" in netloc else netloc)
         try:
-            port = url.port or USBIP_PORT
+            port = url.port if url.port is not None else USBIP_PORT
         except ValueError:
-            raise ValueError(f"bad port in {printable(address)}") from None
-        path = unquote(url.path.strip("/"))
+            raise ValueError(f"bad port in {shown}") from None
+        path = unquote(url.path[1:] if url.path.startswith("/") else url.path)
         if path:
+            if "/" in path:
+                raise ValueError(f"a busid has no '/': {shown}")
             if busid is not None and busid != path:
                 raise ValueError(f"the URL names busid {printable(path)}, busid= says "
                                  f"{printable(busid)}")
@@ -136,36 +146,65 @@ def parse_address(address: str, busid: str | None = None) -> tuple[str, int, str
     else:
         host, port = address, USBIP_PORT
         if address.startswith("["):
-            host, _, rest = address[1:].partition("]")
+            host, bracket, rest = address[1:].partition("]")
+            if not bracket or rest and (not rest.startswith(":") or not rest[1:].isdigit()):
+                raise ValueError(f"bad address {shown}")
             if rest:
-                if not rest.startswith(":") or not rest[1:].isdigit():
-                    raise ValueError(f"bad address {printable(address)}")
                 port = int(rest[1:])
         elif address.count(":") == 1:
             host, _, text = address.partition(":")
             if not text.isdigit():
-                raise ValueError(f"bad port in {printable(address)}")
+                raise ValueError(f"bad port in {shown}")
             port = int(text)
     if not host:
-        raise ValueError(f"no host in {printable(address)}")
+        raise ValueError(f"no host in {shown}")
     if not 0 < port < 65536:
-        raise ValueError(f"port {port} out of range")
+        raise ValueError(f"port {port} out of range (1 to 65535)")
     return host, port, busid
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _DeviceId:
-    """What PyUSB holds for an enumerated device (its ``dev``)."""
+    """What PyUSB holds for an enumerated device (its ``dev``): the device as it
+    was listed, and its descriptors as they were read then."""
 
     info: DeviceInfo
+    descriptor: DeviceDescriptor
+    configurations: tuple[ConfigurationDescriptor, ...]
 
     @property
     def busid(self) -> str:
         return self.info.busid
 
+    @property
+    def identity(self) -> tuple[str, int, int, int, int, int]:
+        return _identity(self.info)
+
 
 class _Descriptor(SimpleNamespace):
     """A descriptor as PyUSB reads it: fields as attributes."""
+
+
+class _Handle:
+    """What PyUSB holds for an opened device (its ``dev_handle``): the import
+    it shares with the other handles of the same device, and the settings made
+    through it (to size isochronous packets)."""
+
+    def __init__(self, session: _Session, dev: _DeviceId) -> None:
+        self.session = session
+        self.device = session.device
+        self.dev = dev
+        self.configuration: int | None = None
+        self.alternates: dict[int, int] = {}
+
+
+class _Session:
+    """One import (one connection), shared by every open handle of the device."""
+
+    def __init__(self, device: Device, dev: _DeviceId) -> None:
+        self.device = device
+        self.dev = dev
+        self.handles = 0
 
 
 class UsbipBackend(usb.backend.IBackend):  # type: ignore[misc]
@@ -179,13 +218,15 @@ class UsbipBackend(usb.backend.IBackend):  # type: ignore[misc]
         self.busid = busid
         self._options: dict[str, Any] = dict(tls=tls, server_hostname=server_hostname,
                                              keepalive=keepalive, timeout=timeout)
+        #: Guards _sessions, _opening and _known; never held over network I/O.
         self._lock = threading.Lock()
-        #: Imported devices, by busid: the one asked for, and the opened ones.
-        self._sessions: dict[str, Device] = {}
-        #: Descriptors read, by busid, with the identity of the device they were
-        #: read from (another device may be plugged in at the same busid later).
-        self._device_descriptors: dict[str, tuple[tuple[int, ...], DeviceDescriptor]] = {}
-        self._configurations: dict[str, list[ConfigurationDescriptor]] = {}
+        #: The open imports, by busid.
+        self._sessions: dict[str, _Session] = {}
+        #: busid -> set while a thread imports it (others wait instead of colliding).
+        self._opening: dict[str, threading.Event] = {}
+        #: Devices whose descriptors were read, by identity: a device enumerated again
+        #: is not imported again (for usbip-host, each import ends in a reset).
+        self._known: dict[tuple[str, int, int, int, int, int], _DeviceId] = {}
 
     def __repr__(self) -> str:
         return (f"<UsbipBackend usbip://{printable(self.host)}:{self.port}"
@@ -196,36 +237,44 @@ class UsbipBackend(usb.backend.IBackend):  # type: ignore[misc]
     def enumerate_devices(self) -> list[_DeviceId]:
         try:
             listed = list_devices(self.host, self.port, **self._options)
-        except ClientError as exc:
+        except UsbipError as exc:
             _raise(exc)
-        found = []
-        for info in listed:
+        with self._lock:  # ours are held: the server lists them no more
+            held = [s.dev for s in self._sessions.values() if not s.device.closed]
+        found: list[_DeviceId] = []
+        for info in sorted([*listed, *(d.info for d in held)], key=lambda i: _busid_key(
+                i.busid)):
             if self.busid is not None and info.busid != self.busid:
                 continue
+            if any(d.busid == info.busid for d in found):
+                continue
             try:
-                self._read_descriptors(info)
-            except (ClientError, DescriptorError) as exc:
+                found.append(self._described(info))
+            except (UsbipError, DescriptorError) as exc:
                 # (a device another client holds, or one that answers nonsense)
                 log.warning("%s:%d: %s left out: %s", printable(self.host), self.port,
                             printable(info.busid), exc)
-                continue
-            found.append(_DeviceId(info))
         if self.busid is not None and not found:
             log.warning("%s:%d exports no device %s", printable(self.host), self.port,
                         printable(self.busid))
         return found
 
-    def _read_descriptors(self, info: DeviceInfo) -> None:
-        busid = info.busid
+    def _described(self, info: DeviceInfo) -> _DeviceId:
+        """The device with its descriptors: known already, or read through a short
+        import (or the open one)."""
         identity = _identity(info)
-        known = self._device_descriptors.get(busid)
-        if known is not None and known[0] == identity:
-            return
         with self._lock:
-            held = self._sessions.get(busid)
-        device = held if held is not None and not held.closed else connect(
-            self.host, busid, self.port, **self._options)
+            known = self._known.get(identity)
+            session = self._sessions.get(info.busid)
+        if known is not None:
+            return known
+        if session is not None and not session.device.closed and (
+                session.dev.identity == identity):
+            return session.dev
+        device = self._import(info.busid)
         try:
+            if _identity(device.info) != identity:
+                raise ClientError(f"{printable(info.busid)} changed while it was read")
             descriptor = parse_device(device.control(
                 DIR_IN, GET_DESCRIPTOR, DescriptorType.DEVICE << 8, 0, 18,
                 timeout=DESCRIPTOR_TIMEOUT))
@@ -241,26 +290,38 @@ class UsbipBackend(usb.backend.IBackend):  # type: ignore[misc]
                     DIR_IN, GET_DESCRIPTOR, DescriptorType.CONFIGURATION << 8 | index, 0,
                     total, timeout=DESCRIPTOR_TIMEOUT)))
         finally:
-            if device is not held:
-                device.close()
-        self._device_descriptors[busid] = (identity, descriptor)
-        self._configurations[busid] = configurations
+            device.close()
+        dev = _DeviceId(info, descriptor, tuple(configurations))
+        with self._lock:
+            self._known[identity] = dev
+        return dev
+
+    def _import(self, busid: str) -> Device:
+        """Import ``busid``, waiting out DEV_BUSY for a while: usbip-host offers a
+        device again only once the reset after its last connection is done."""
+        deadline = time.monotonic() + REOPEN_WAIT
+        while True:
+            try:
+                return connect(self.host, busid, self.port, **self._options)
+            except ImportRefused as exc:
+                if exc.status is not OpStatus.DEV_BUSY or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.1)
 
     def get_parent(self, dev: _DeviceId) -> None:
         return None
 
     def get_device_descriptor(self, dev: _DeviceId) -> _Descriptor:
         info = dev.info
-        descriptor = asdict(self._device_descriptors[info.busid][1])
-        return _Descriptor(**descriptor, bus=info.busnum, address=info.devnum,
-                           port_number=None, port_numbers=None,
-                           speed=_SPEEDS.get(info.speed))
+        ports = _port_numbers(info.busid)
+        return _Descriptor(**asdict(dev.descriptor), bus=info.busnum, address=info.devnum,
+                           port_number=ports[-1] if ports else None,
+                           port_numbers=ports or None, speed=_SPEEDS.get(info.speed))
 
     def _configuration(self, dev: _DeviceId, config: int) -> ConfigurationDescriptor:
-        try:
-            return self._configurations[dev.busid][config]
-        except IndexError:
-            _raise_code("No such configuration", LIBUSB_ERROR_NO_DEVICE, errno.ENOENT)
+        if not 0 <= config < len(dev.configurations):
+            _raise_code("No such configuration", LIBUSB_ERROR_NOT_FOUND, errno.ENOENT)
+        return dev.configurations[config]
 
     def get_configuration_descriptor(self, dev: _DeviceId, config: int) -> _Descriptor:
         c = self._configuration(dev, config)
@@ -272,10 +333,10 @@ class UsbipBackend(usb.backend.IBackend):  # type: ignore[misc]
 
     def get_interface_descriptor(self, dev: _DeviceId, intf: int, alt: int,
                                  config: int) -> _Descriptor:
-        try:
-            i = self._configuration(dev, config).interfaces[intf][alt]
-        except IndexError:
-            _raise_code("No such interface", LIBUSB_ERROR_NO_DEVICE, errno.ENOENT)
+        interfaces = self._configuration(dev, config).interfaces
+        if not (0 <= intf < len(interfaces) and 0 <= alt < len(interfaces[intf])):
+            raise IndexError("Invalid interface index")  # (as PyUSB's libusb1 backend)
+        i = interfaces[intf][alt]
         return _Descriptor(
             bLength=i.bLength, bDescriptorType=i.bDescriptorType,
             bInterfaceNumber=i.bInterfaceNumber, bAlternateSetting=i.bAlternateSetting,
@@ -285,10 +346,11 @@ class UsbipBackend(usb.backend.IBackend):  # type: ignore[misc]
 
     def get_endpoint_descriptor(self, dev: _DeviceId, ep: int, intf: int, alt: int,
                                 config: int) -> _Descriptor:
-        try:
-            e = self._configuration(dev, config).interfaces[intf][alt].endpoints[ep]
-        except IndexError:
-            _raise_code("No such endpoint", LIBUSB_ERROR_NO_DEVICE, errno.ENOENT)
+        interfaces = self._configuration(dev, config).interfaces
+        if not (0 <= intf < len(interfaces) and 0 <= alt < len(interfaces[intf])
+                and 0 <= ep < len(interfaces[intf][alt].endpoints)):
+            raise IndexError("Invalid endpoint index")  # (as PyUSB's libusb1 backend)
+        e = interfaces[intf][alt].endpoints[ep]
         return _Descriptor(
             bLength=e.bLength, bDescriptorType=e.bDescriptorType,
             bEndpointAddress=e.bEndpointAddress, bmAttributes=e.bmAttributes,
@@ -297,167 +359,192 @@ class UsbipBackend(usb.backend.IBackend):  # type: ignore[misc]
 
     # --- opening and closing -------------------------------------------------------
 
-    def _session(self, busid: str) -> Device:
-        with self._lock:
-            device = self._sessions.get(busid)
-            if device is not None and not device.closed:
-                return device
-            deadline = time.monotonic() + REOPEN_WAIT
-            while True:
-                try:
-                    device = connect(self.host, busid, self.port, **self._options)
+    def open_device(self, dev: _DeviceId) -> _Handle:
+        busid = dev.busid
+        while True:
+            with self._lock:
+                session = self._sessions.get(busid)
+                if session is not None and session.device.closed:
+                    del self._sessions[busid]  # (its connection is gone: import afresh)
+                    session = None
+                if session is not None:
+                    if session.dev.identity != dev.identity:
+                        _raise_code(f"{printable(busid)} is another device now (it was "
+                                    "unplugged): find it again", LIBUSB_ERROR_NO_DEVICE,
+                                    errno.ENODEV)
+                    session.handles += 1
+                    return _Handle(session, dev)
+                opening = self._opening.get(busid)
+                if opening is None:
+                    self._opening[busid] = threading.Event()
                     break
-                except ImportRefused as exc:
-                    if exc.status is not OpStatus.DEV_BUSY or time.monotonic() > deadline:
-                        _raise(exc)
-                    time.sleep(0.1)
-                except ClientError as exc:
-                    _raise(exc)
-            self._sessions[busid] = device
-            return device
-
-    def _release(self, busid: str) -> None:
-        with self._lock:
-            device = self._sessions.pop(busid, None)
-        if device is not None:
+            opening.wait(REOPEN_WAIT + CONNECT_TIMEOUT)  # (another thread imports it)
+        try:
+            device = self._import(busid)
+        except UsbipError as exc:
+            self._opened(busid, None)
+            _raise(exc)
+        if _identity(device.info) != dev.identity:
             device.close()
+            self._opened(busid, None)
+            _raise_code(f"{printable(busid)} is another device now (it was unplugged): "
+                        "find it again", LIBUSB_ERROR_NO_DEVICE, errno.ENODEV)
+        session = _Session(device, dev)
+        session.handles = 1
+        self._opened(busid, session)
+        return _Handle(session, dev)
 
-    def open_device(self, dev: _DeviceId) -> Device:
-        return self._session(dev.busid)
+    def _opened(self, busid: str, session: _Session | None) -> None:
+        with self._lock:
+            if session is not None:
+                self._sessions[busid] = session
+            event = self._opening.pop(busid, None)
+        if event is not None:
+            event.set()
 
-    def close_device(self, dev_handle: Device) -> None:
-        self._release(dev_handle.info.busid)
+    def close_device(self, dev_handle: _Handle) -> None:
+        session = dev_handle.session
+        with self._lock:
+            session.handles -= 1
+            last = session.handles <= 0
+            if last and self._sessions.get(session.dev.busid) is session:
+                del self._sessions[session.dev.busid]
+        if last:
+            session.device.close()
 
     def close(self) -> None:
         """Release every device this backend imported."""
         with self._lock:
-            devices = list(self._sessions.values())
+            sessions = list(self._sessions.values())
             self._sessions.clear()
-        for device in devices:
-            device.close()
+        for session in sessions:
+            session.device.close()
 
     # --- requests ------------------------------------------------------------------
 
-    def set_configuration(self, dev_handle: Device, config_value: int) -> None:
-        _call(dev_handle.control, 0x00, SET_CONFIGURATION, config_value, 0, b"",
+    def set_configuration(self, dev_handle: _Handle, config_value: int) -> None:
+        _call(dev_handle.device.control, 0x00, SET_CONFIGURATION, config_value, 0, b"",
               timeout=DESCRIPTOR_TIMEOUT)
+        dev_handle.configuration = config_value
+        dev_handle.alternates.clear()  # (USB 2.0 9.1.1.5: every interface at setting 0)
 
-    def get_configuration(self, dev_handle: Device) -> int:
-        data = _call(dev_handle.control, DIR_IN, GET_CONFIGURATION, 0, 0, 1,
+    def get_configuration(self, dev_handle: _Handle) -> int:
+        data = _call(dev_handle.device.control, DIR_IN, GET_CONFIGURATION, 0, 0, 1,
                      timeout=DESCRIPTOR_TIMEOUT)
         if len(data) != 1:
             _raise_code("GET_CONFIGURATION answered no byte", LIBUSB_ERROR_IO, errno.EIO)
         return data[0]
 
-    def set_interface_altsetting(self, dev_handle: Device, intf: int, altsetting: int) -> None:
-        _call(dev_handle.control, RECIPIENT_INTERFACE, SET_INTERFACE, altsetting, intf, b"",
-              timeout=DESCRIPTOR_TIMEOUT)
+    def set_interface_altsetting(self, dev_handle: _Handle, intf: int,
+                                 altsetting: int) -> None:
+        _call(dev_handle.device.control, RECIPIENT_INTERFACE, SET_INTERFACE, altsetting,
+              intf, b"", timeout=DESCRIPTOR_TIMEOUT)
+        dev_handle.alternates[intf] = altsetting
 
-    def claim_interface(self, dev_handle: Device, intf: int) -> None:
+    def claim_interface(self, dev_handle: _Handle, intf: int) -> None:
         """Nothing to do: the import made the whole device this client's alone."""
 
-    def release_interface(self, dev_handle: Device, intf: int) -> None:
+    def release_interface(self, dev_handle: _Handle, intf: int) -> None:
         """Nothing to do (see :meth:`claim_interface`)."""
 
-    def clear_halt(self, dev_handle: Device, ep: int) -> None:
+    def clear_halt(self, dev_handle: _Handle, ep: int) -> None:
         # usbip-host sees CLEAR_FEATURE(ENDPOINT_HALT) and calls usb_clear_halt()
         # (stub_rx.c, tweak_clear_halt_cmd), which resets the host side's toggle too.
-        _call(dev_handle.control, RECIPIENT_ENDPOINT, CLEAR_FEATURE, ENDPOINT_HALT, ep, b"",
-              timeout=DESCRIPTOR_TIMEOUT)
+        _call(dev_handle.device.control, RECIPIENT_ENDPOINT, CLEAR_FEATURE, ENDPOINT_HALT,
+              ep, b"", timeout=DESCRIPTOR_TIMEOUT)
 
-    def reset_device(self, dev_handle: Device) -> None:
+    def reset_device(self, dev_handle: _Handle) -> None:
         # The hub request vhci-hcd sends for a port reset: usbip-host answers it with
         # usb_reset_device() (stub_rx.c, tweak_reset_device_cmd); usbipyd the same way.
-        _call(dev_handle.control, PORT_REQUEST_TYPE, SET_FEATURE, PORT_RESET, 0, b"",
+        _call(dev_handle.device.control, PORT_REQUEST_TYPE, SET_FEATURE, PORT_RESET, 0, b"",
               timeout=DESCRIPTOR_TIMEOUT)
+        dev_handle.configuration = None
+        dev_handle.alternates.clear()
 
-    def is_kernel_driver_active(self, dev_handle: Device, intf: int) -> bool:
+    def is_kernel_driver_active(self, dev_handle: _Handle, intf: int) -> bool:
         return False  # no driver of this host has the device
 
-    def detach_kernel_driver(self, dev_handle: Device, intf: int) -> None:
+    def detach_kernel_driver(self, dev_handle: _Handle, intf: int) -> None:
         pass
 
-    def attach_kernel_driver(self, dev_handle: Device, intf: int) -> None:
+    def attach_kernel_driver(self, dev_handle: _Handle, intf: int) -> None:
         pass
 
     # --- transfers -----------------------------------------------------------------
 
     # (The transfers are PyUSB's hot path: no helper calls in them that a line can do.)
 
-    def ctrl_transfer(self, dev_handle: Device, bmRequestType: int, bRequest: int,
+    def ctrl_transfer(self, dev_handle: _Handle, bmRequestType: int, bRequest: int,
                       wValue: int, wIndex: int, data: array[int], timeout: int) -> int:
         try:
             if bmRequestType & DIR_IN:
-                got = dev_handle.control(bmRequestType, bRequest, wValue, wIndex,
-                                         len(data) * data.itemsize,
-                                         timeout=timeout / 1000 if timeout else None)
+                got = dev_handle.device.control(bmRequestType, bRequest, wValue, wIndex,
+                                                len(data) * data.itemsize,
+                                                timeout=timeout / 1000 if timeout else None)
                 n = len(got)
                 memoryview(data).cast("B")[:n] = got
                 return n
-            dev_handle.control(bmRequestType, bRequest, wValue, wIndex, data.tobytes(),
-                               timeout=timeout / 1000 if timeout else None)
-        except ClientError as exc:
+            out = data.tobytes()
+            return dev_handle.device.transfer(
+                0, Direction.OUT, data=out,
+                setup=SETUP.pack(bmRequestType, bRequest, wValue, wIndex, len(out)),
+                timeout=timeout / 1000 if timeout else None).actual_length
+        except UsbipError as exc:
             _raise(exc)
-        return len(data) * data.itemsize
 
-    def bulk_write(self, dev_handle: Device, ep: int, intf: int, data: array[int],
+    def bulk_write(self, dev_handle: _Handle, ep: int, intf: int, data: array[int],
                    timeout: int) -> int:
         try:
-            return dev_handle.bulk_write(ep, data.tobytes(),
-                                         timeout=timeout / 1000 if timeout else None)
-        except ClientError as exc:
+            return dev_handle.device.bulk_write(ep, data.tobytes(),
+                                                timeout=timeout / 1000 if timeout else None)
+        except UsbipError as exc:
             _raise(exc)
 
-    def bulk_read(self, dev_handle: Device, ep: int, intf: int, buff: array[int],
+    def bulk_read(self, dev_handle: _Handle, ep: int, intf: int, buff: array[int],
                   timeout: int) -> int:
         try:
-            got = dev_handle.bulk_read(ep, len(buff) * buff.itemsize,
-                                       timeout=timeout / 1000 if timeout else None)
-        except ClientError as exc:
+            got = dev_handle.device.bulk_read(ep, len(buff) * buff.itemsize,
+                                              timeout=timeout / 1000 if timeout else None)
+        except UsbipError as exc:
             _raise(exc)
         n = len(got)
         memoryview(buff).cast("B")[:n] = got
         return n
 
-    def intr_write(self, dev_handle: Device, ep: int, intf: int, data: array[int],
+    def intr_write(self, dev_handle: _Handle, ep: int, intf: int, data: array[int],
                    timeout: int) -> int:
-        return _call(dev_handle.interrupt_write, ep, _bytes(data), timeout=_seconds(timeout))
+        return _call(dev_handle.device.interrupt_write, ep, data.tobytes(),
+                     timeout=_seconds(timeout))
 
-    def intr_read(self, dev_handle: Device, ep: int, intf: int, buff: array[int],
+    def intr_read(self, dev_handle: _Handle, ep: int, intf: int, buff: array[int],
                   timeout: int) -> int:
-        got = _call(dev_handle.interrupt_read, ep, len(buff) * buff.itemsize,
+        got = _call(dev_handle.device.interrupt_read, ep, len(buff) * buff.itemsize,
                     timeout=_seconds(timeout))
         return _fill(buff, got)
 
-    def iso_write(self, dev_handle: Device, ep: int, intf: int, data: array[int],
+    def iso_write(self, dev_handle: _Handle, ep: int, intf: int, data: array[int],
                   timeout: int) -> int:
-        """One isochronous URB: ``data`` cut into packets of the endpoint's size."""
-        raw = _bytes(data)
-        size = self._packet_size(dev_handle, ep)
-        packets = [raw[i:i + size] for i in range(0, len(raw), size)] or [b""]
-        results = _call(dev_handle.iso_write, ep, packets, timeout=_seconds(timeout))
-        return sum(r.actual_length for r in results)
+        """One isochronous URB: ``data`` cut into packets of the endpoint's size in the
+        alternate setting in force; the bytes the device took."""
+        raw = data.tobytes()
+        if not raw:
+            return 0
+        size = _packet_size(dev_handle, ep)
+        packets = [raw[i:i + size] for i in range(0, len(raw), size)]
+        results = _call(dev_handle.device.iso_write, ep, packets, timeout=_seconds(timeout))
+        return sum(r.actual_length for r in results if r.status == 0)
 
-    def iso_read(self, dev_handle: Device, ep: int, intf: int, buff: array[int],
+    def iso_read(self, dev_handle: _Handle, ep: int, intf: int, buff: array[int],
                  timeout: int) -> int:
         """One isochronous URB of as many packets as fill ``buff``; what came, packet
-        after packet, at the start of ``buff`` (a packet's error leaves it out)."""
+        after packet, at the start of ``buff`` (a packet with an error adds nothing)."""
         length = len(buff) * buff.itemsize
-        size = self._packet_size(dev_handle, ep)
-        count = max(1, -(-length // size))
-        lengths = [size] * count
-        lengths[-1] = length - size * (count - 1) or size
-        results = _call(dev_handle.iso_read, ep, lengths, timeout=_seconds(timeout))
+        if not length:
+            return 0
+        size = _packet_size(dev_handle, ep)
+        lengths = [min(size, length - at) for at in range(0, length, size)]
+        results = _call(dev_handle.device.iso_read, ep, lengths, timeout=_seconds(timeout))
         return _fill(buff, b"".join(r.data for r in results if r.status == 0))
-
-    def _packet_size(self, dev_handle: Device, ep: int) -> int:
-        endpoints: list[EndpointDescriptor] = [
-            e for c in self._configurations.get(dev_handle.info.busid, ())
-            for e in c.all_endpoints if e.bEndpointAddress == ep]
-        size = max((e.max_packet_bytes for e in endpoints), default=0)
-        if not size:
-            _raise_code(f"no isochronous endpoint {ep:#04x}", LIBUSB_ERROR_IO, errno.EINVAL)
-        return size
 
 
 def get_backend(address: str, busid: str | None = None, *,
@@ -479,17 +566,48 @@ def get_backend(address: str, busid: str | None = None, *,
 # --- helpers -------------------------------------------------------------------------
 
 
-def _identity(info: DeviceInfo) -> tuple[int, ...]:
-    return (info.busnum, info.devnum, info.idVendor, info.idProduct, info.bcdDevice)
+def _identity(info: DeviceInfo) -> tuple[str, int, int, int, int, int]:
+    """What tells one device from another plugged in at the same busid later."""
+    return (info.busid, info.busnum, info.devnum, info.idVendor, info.idProduct,
+            info.bcdDevice)
+
+
+def _busid_key(busid: str) -> tuple[int, ...]:
+    """1-2 before 1-10: the order usbip lists busids in (by number, not by text)."""
+    return tuple(int(n) if n.isdigit() else -1 for n in busid.replace("-", ".").split("."))
+
+
+def _port_numbers(busid: str) -> tuple[int, ...]:
+    """The hub ports from the root to the device, from its busid: 1-1.2 is (1, 2)."""
+    _bus, _, path = busid.partition("-")
+    parts = path.split(".")
+    if not path or not all(p.isdigit() for p in parts):
+        return ()
+    return tuple(int(p) for p in parts)
+
+
+def _packet_size(handle: _Handle, ep: int) -> int:
+    """Bytes per (micro)frame of ``ep`` in the configuration and alternate settings
+    that ``handle`` set (the first configuration and setting 0 until it sets any)."""
+    configurations = handle.dev.configurations
+    config = next((c for c in configurations if c.bConfigurationValue == handle.configuration),
+                  configurations[0] if configurations else None)
+    if config is not None:
+        for alternates in config.interfaces:
+            chosen = handle.alternates.get(alternates[0].bInterfaceNumber, 0)
+            for alt in alternates:
+                if alt.bAlternateSetting != chosen:
+                    continue
+                for endpoint in alt.endpoints:
+                    if endpoint.bEndpointAddress == ep and endpoint.bytes_per_interval:
+                        return endpoint.bytes_per_interval
+    _raise_code(f"endpoint {ep:#04x} moves no data in the alternate setting in force "
+                "(set_interface_altsetting first)", LIBUSB_ERROR_IO, errno.EINVAL)
 
 
 def _seconds(timeout_ms: int | None) -> float | None:
     # PyUSB passes milliseconds, and 0 as libusb's "no timeout"
     return timeout_ms / 1000 if timeout_ms else None
-
-
-def _bytes(data: array[int]) -> bytes:
-    return data.tobytes()
 
 
 def _fill(buff: array[int], got: bytes) -> int:
@@ -501,11 +619,11 @@ def _fill(buff: array[int], got: bytes) -> int:
 def _call(fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
     try:
         return fn(*args, **kwargs)
-    except ClientError as exc:
+    except UsbipError as exc:
         _raise(exc)
 
 
-def _raise(exc: ClientError) -> NoReturn:
+def _raise(exc: UsbipError) -> NoReturn:
     """``exc`` as the USBError a libusb backend raises for the same thing."""
     if isinstance(exc, TransferTimeout):
         raise USBTimeoutError(str(exc), LIBUSB_ERROR_TIMEOUT, errno.ETIMEDOUT) from exc
@@ -513,8 +631,6 @@ def _raise(exc: ClientError) -> NoReturn:
         raise USBError(str(exc), LIBUSB_ERROR_PIPE, errno.EPIPE) from exc
     if isinstance(exc, Overflow):
         raise USBError(str(exc), LIBUSB_ERROR_OVERFLOW, errno.EOVERFLOW) from exc
-    if isinstance(exc, Cancelled):
-        raise USBError(str(exc), LIBUSB_ERROR_INTERRUPTED, errno.EINTR) from exc
     if isinstance(exc, (DeviceGone, ServerGone)):
         raise USBError(str(exc), LIBUSB_ERROR_NO_DEVICE, errno.ENODEV) from exc
     if isinstance(exc, ImportRefused) and exc.status is OpStatus.DEV_BUSY:

@@ -18,7 +18,7 @@ AUDIO_CONFIG = bytes.fromhex(
     "09 24 01 0001 0900 01 01"  # class-specific AC header (extra of interface 0)
     "09 04 01 00 00 01 02 00 00"  # interface 1 alt 0: no bandwidth
     "09 04 01 01 01 01 02 00 00"  # interface 1 alt 1
-    "09 05 81 05 c000 01 00 00"  # iso IN, 192 bytes, bRefresh 0, bSynchAddress 0
+    "09 05 81 05 c000 01 02 83"  # iso IN, 192 bytes, bRefresh 2, bSynchAddress 0x83
     "07 25 01 01 00 0000"  # class-specific endpoint (extra of the endpoint)
     .replace(" ", ""))
 
@@ -47,22 +47,29 @@ def test_alternate_settings_group_by_interface_and_extras_stay_with_their_owner(
     assert control.extra == bytes.fromhex("092401000109000101")
     assert (idle.bAlternateSetting, idle.endpoints) == (0, ())
     [iso] = streaming.endpoints
-    assert (iso.bEndpointAddress, iso.bmAttributes, iso.wMaxPacketSize, iso.bLength) == (
-        0x81, 0x05, 192, 9)
+    assert (iso.bEndpointAddress, iso.bmAttributes, iso.wMaxPacketSize, iso.bLength,
+            iso.bRefresh, iso.bSynchAddress) == (0x81, 0x05, 192, 9, 2, 0x83)
     assert iso.extra == bytes.fromhex("07250101000000")
     assert config.all_endpoints == (iso,)
+
+
+def test_superspeed_isochronous_bursts_and_mult() -> None:
+    raw = bytes.fromhex("09021f000101008032" "090400000100000000" "070581010004" "01"
+                        "0630" "03" "02" "000c")  # 1024 bytes, 4 bursts, Mult 2 (3)
+    assert parse_configuration(raw).all_endpoints[0].bytes_per_interval == 1024 * 4 * 3
 
 
 def test_high_bandwidth_packet_size() -> None:
     raw = DescriptorSet(Device(1, 2, (Configuration((Interface(0, 0xFF, endpoints=(
         Endpoint(0x81, 0x01, 0x1400),)),)),))).configuration_descriptors[0]
     # 1024 bytes, 3 transactions per microframe (USB 2.0 table 9-14)
-    assert parse_configuration(raw).all_endpoints[0].max_packet_bytes == 3072
+    assert parse_configuration(raw).all_endpoints[0].bytes_per_interval == 3072
 
 
 @pytest.mark.parametrize(("raw", "error"), [
     (bytes(17), "18 bytes, 17 came"),
     (bytes.fromhex("120200020000004009120100000101020301"), "where a device descriptor"),
+    (bytes.fromhex("110100020000004009120100000101020301"), "bLength says 17"),
 ])
 def test_bad_device_descriptors_are_named(raw: bytes, error: str) -> None:
     with pytest.raises(DescriptorError, match=error):
@@ -78,6 +85,9 @@ def test_bad_device_descriptors_are_named(raw: bytes, error: str) -> None:
     (bytes.fromhex("090210000101008032" "07058102400000"), "before any interface"),
     (bytes.fromhex("090210000101008032" "07040000000000"), "interface descriptor at offset 9"),
     (bytes.fromhex("0902" "0a00" "0101008032" "00"), "1 byte left"),
+    (bytes.fromhex("ff0209000101008032"), "bLength 255"),
+    (bytes.fromhex("090212000101008032" "090400000200000000"),
+     "interface 0 setting 0 says 2 endpoints, 0 follow"),
 ])
 def test_bad_configurations_are_named(raw: bytes, error: str) -> None:
     with pytest.raises(DescriptorError, match=error):

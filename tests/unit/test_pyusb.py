@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import struct
+from array import array
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -13,10 +14,13 @@ import usb.core  # noqa: E402
 import usb.util  # noqa: E402
 
 from usbipy import pyusb  # noqa: E402
-from usbipy.backends import ExportedDevice  # noqa: E402
+from usbipy.backends import Completion, EmulatedDevice, ExportedDevice  # noqa: E402
 from usbipy.client import sync  # noqa: E402
 from usbipy.devices import CdcAcm, HidKeyboard, ImageFile, MassStorage  # noqa: E402
+from usbipy.protocol import CmdSubmit, IsoPacket  # noqa: E402
 from usbipy.server import ServerThread  # noqa: E402
+from usbipy.usb import Configuration, Endpoint, Interface, TransferType  # noqa: E402
+from usbipy.usb import Device as UsbDevice  # noqa: E402
 
 HOST = "127.0.0.1"
 Finder = Callable[[str], usb.core.Device]
@@ -66,6 +70,7 @@ def find(server: ServerThread) -> Iterator[Finder]:
     ("usbip://host.example/1-1.2", None, ("host.example", 3240, "1-1.2")),
     ("usbip://[fe80::1]:3241/2-1", "2-1", ("fe80::1", 3241, "2-1")),
     ("usbip://host.example:3240", "3-1", ("host.example", 3240, "3-1")),
+    ("usbip://[fe80::1%25eth0]:3241/1-1", None, ("fe80::1%eth0", 3241, "1-1")),
 ])
 def test_addresses_in_every_form(address: str, busid: str | None,
                                  expected: tuple[str, int, str | None]) -> None:
@@ -80,6 +85,11 @@ def test_addresses_in_every_form(address: str, busid: str | None,
     ("usbip://host/1-1", "1-2", "the URL names busid 1-1, busid= says 1-2"),
     ("[::1]x", None, "bad address"),
     ("host:0", None, "out of range"),
+    ("usbip://host:0/1-1", None, "out of range"),
+    ("usbip://host/1-1/2-2", None, "no '/'"),
+    ("usbip://me@host/1-1", None, "a host, a port and a busid only"),
+    ("usbip://host/1-1?x=1", None, "a host, a port and a busid only"),
+    ("[::1", None, "bad address"),
 ])
 def test_bad_addresses_are_named(address: str, busid: str | None, error: str) -> None:
     with pytest.raises(ValueError, match=error):
@@ -273,3 +283,123 @@ def test_a_server_that_goes_away_is_enodev(server: ServerThread, find: Finder) -
         dev.read(0x81, 64, timeout=5000)
     assert gone.value.errno == errno.ENODEV
     assert "was lost" in str(gone.value)
+
+
+# --- what the review found -------------------------------------------------------------
+
+
+class Streamer(EmulatedDevice):
+    """An isochronous IN endpoint whose packet size depends on the alternate setting
+    (as an audio interface's), and an interrupt OUT endpoint."""
+
+    descriptor = UsbDevice(
+        idVendor=0x1209, idProduct=0x5A5A, product="Streamer",
+        configurations=(Configuration(interfaces=(
+            Interface(0, 0xFF),
+            Interface(0, 0xFF, bAlternateSetting=1, endpoints=(
+                Endpoint(0x81, TransferType.ISOCHRONOUS, 192, 1),
+                Endpoint(0x02, TransferType.INTERRUPT, 64, 1))),
+            Interface(0, 0xFF, bAlternateSetting=2, endpoints=(
+                Endpoint(0x81, TransferType.ISOCHRONOUS, 288, 1),
+                Endpoint(0x02, TransferType.INTERRUPT, 64, 1))),
+        )),),
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[bytes] = []
+        self.packet_lengths: list[list[int]] = []
+
+    def transfer(self, endpoint: Endpoint, urb: CmdSubmit) -> Completion:
+        if endpoint.bEndpointAddress == 0x02:
+            self.written.append(urb.data)
+            return Completion()
+        assert urb.iso_packets is not None
+        self.packet_lengths.append([p.length for p in urb.iso_packets])
+        # each packet half full, with its index; the second one lost (-EXDEV)
+        packets, data = [], b""
+        for i, p in enumerate(urb.iso_packets):
+            got = bytes([i]) * (p.length // 2) if i != 1 else b""
+            packets.append(IsoPacket(p.offset, p.length, len(got), 0 if i != 1 else -18))
+            data += got
+        return Completion(data=data, iso_packets=packets, error_count=1)
+
+
+def test_isochronous_reads_use_the_alternate_setting_in_force(
+        devices: list[ExportedDevice]) -> None:
+    streamer = Streamer()
+    with ServerThread([streamer], port=0) as srv:
+        dev = usb.core.find(backend=pyusb.get_backend(f"usbip://{HOST}:{srv.port}/1-1"))
+        assert dev is not None
+        try:
+            dev.set_configuration()
+            dev.set_interface_altsetting(0, 1)
+            got = bytes(dev.read(0x81, 500, timeout=2000))
+            assert streamer.packet_lengths[-1] == [192, 192, 116]
+            assert got == bytes([0]) * 96 + bytes([2]) * 58  # (the lost packet adds nothing)
+            dev.set_interface_altsetting(0, 2)
+            dev.read(0x81, 576, timeout=2000)
+            assert streamer.packet_lengths[-1] == [288, 288]
+            assert dev.read(0x81, 0, timeout=2000).tobytes() == b""
+            assert dev.write(0x02, b"led on", timeout=2000) == 6
+            assert streamer.written == [b"led on"]
+            dev.set_interface_altsetting(0, 0)
+            with pytest.raises(usb.core.USBError, match="moves no data"):
+                dev._ctx.backend.iso_read(dev._ctx.handle, 0x81, 0, array("B", bytes(10)), 100)
+        finally:
+            usb.util.dispose_resources(dev)
+
+
+def test_a_device_found_twice_is_one_import_until_both_are_disposed(
+        server: ServerThread) -> None:
+    backend = pyusb.get_backend(f"usbip://{HOST}:{server.port}/1-3")
+    first = usb.core.find(backend=backend)
+    first.set_configuration()
+    second = usb.core.find(backend=backend)  # listed though held: it is ours
+    assert second is not None and second.idProduct == 0x0003
+    second.write(0x02, b"x", timeout=2000)
+    assert "1-3" not in listed(server)
+    usb.util.dispose_resources(first)
+    assert bytes(second.read(0x81, 64, timeout=2000)) == b"x"  # still imported
+    assert "1-3" not in listed(server)
+    usb.util.dispose_resources(second)
+    assert "1-3" in listed(server)
+
+
+def test_another_device_at_the_same_busid_is_not_taken_for_the_old_one() -> None:
+    keyboard = HidKeyboard()
+    with ServerThread([keyboard], port=0) as srv:
+        backend = pyusb.get_backend(f"usbip://{HOST}:{srv.port}/1-1")
+        old = usb.core.find(backend=backend)
+        assert old is not None and old.idProduct == 0x0001
+        # unplugged, and a serial port plugged in at 1-1 (a new device number)
+        serial = CdcAcm()
+
+        def swap() -> None:
+            assert srv.server is not None
+            srv.server.registry.remove("1-1")
+            serial.busid, serial.devnum = "1-1", keyboard.devnum + 1
+            srv.server.registry._devices["1-1"] = serial
+
+        srv.call(swap)
+        with pytest.raises(usb.core.USBError, match="another device now") as gone:
+            old.ctrl_transfer(0x80, 6, 0x0100, 0, 18)
+        assert gone.value.errno == errno.ENODEV
+        new = usb.core.find(backend=backend)
+        assert new is not None and new.idProduct == 0x0003
+        assert new[0][(0, 0)].bInterfaceClass == 2
+        usb.util.dispose_resources(new)
+
+
+def test_ports_speed_and_indexes_as_libusb_gives_them(server: ServerThread,
+                                                       find: Finder) -> None:
+    dev = find("1-2")
+    assert (dev.port_number, dev.port_numbers) == (2, (2,))
+    assert dev.speed == 3  # libusb's high speed
+    with pytest.raises(usb.core.USBError) as missing:
+        dev._ctx.backend.get_configuration_descriptor(dev._ctx.dev, 1)
+    assert missing.value.backend_error_code == -5
+    with pytest.raises(IndexError):
+        dev._ctx.backend.get_interface_descriptor(dev._ctx.dev, -1, 0, 0)
+    assert pyusb._port_numbers("3-1.4.2") == (1, 4, 2)
+    assert pyusb._port_numbers("usbipy") == ()

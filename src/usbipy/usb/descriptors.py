@@ -25,6 +25,8 @@ class DescriptorType(IntEnum):
     HID = 0x21
     HID_REPORT = 0x22
     CS_INTERFACE = 0x24
+    #: After a SuperSpeed endpoint: bursts and streams (USB 3.2 9.6.7).
+    SUPERSPEED_ENDPOINT_COMPANION = 0x30
 
 
 class TransferType(IntEnum):

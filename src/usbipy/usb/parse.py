@@ -57,10 +57,17 @@ class EndpointDescriptor:
     extra: bytes = field(default=b"", kw_only=True)
 
     @property
-    def max_packet_bytes(self) -> int:
-        """Bytes per (micro)frame: wMaxPacketSize bits 10..0 times 1 + bits 12..11
-        (high-bandwidth endpoints, USB 2.0 9.6.6)."""
-        return (self.wMaxPacketSize & 0x7FF) * (1 + ((self.wMaxPacketSize >> 11) & 3))
+    def bytes_per_interval(self) -> int:
+        """Bytes the endpoint moves per service interval: wMaxPacketSize bits 10..0
+        times 1 + bits 12..11 (high-bandwidth, USB 2.0 9.6.6); at SuperSpeed, the
+        companion descriptor's bursts and, for isochronous, Mult (USB 3.2 9.6.7)."""
+        size = (self.wMaxPacketSize & 0x7FF) * (1 + ((self.wMaxPacketSize >> 11) & 3))
+        extra = self.extra
+        if len(extra) >= 6 and extra[1] == DescriptorType.SUPERSPEED_ENDPOINT_COMPANION:
+            bursts = extra[2] + 1
+            mult = (extra[3] & 3) + 1 if self.bmAttributes & 3 == 1 else 1
+            size = (self.wMaxPacketSize & 0x7FF) * bursts * mult
+        return size
 
 
 @dataclass(frozen=True)
@@ -101,6 +108,8 @@ def parse_device(raw: bytes) -> DeviceDescriptor:
     if len(raw) < _DEVICE.size:
         raise DescriptorError(f"a device descriptor is 18 bytes, {len(raw)} came")
     fields = _DEVICE.unpack_from(raw)
+    if fields[0] != _DEVICE.size:
+        raise DescriptorError(f"a device descriptor is 18 bytes, bLength says {fields[0]}")
     if fields[1] != DescriptorType.DEVICE:
         raise DescriptorError(f"descriptor type {fields[1]:#04x} where a device descriptor "
                               "(0x01) belongs")
@@ -137,12 +146,15 @@ def parse_configuration(raw: bytes) -> ConfigurationDescriptor:
         close_endpoint()
         if current is not None:
             values, eps, intf_extra = current
+            if values[4] != len(eps):  # (libusb refuses such a configuration too)
+                raise DescriptorError(f"interface {values[2]} setting {values[3]} says "
+                                      f"{values[4]} endpoints, {len(eps)} follow")
             groups.setdefault(values[2], []).append(
                 InterfaceDescriptor(*values, endpoints=tuple(eps), extra=bytes(intf_extra)))
             current = None
 
     offset = head[0]
-    if head[0] < _CONFIGURATION.size:
+    if not _CONFIGURATION.size <= head[0] <= total:
         raise DescriptorError(f"configuration descriptor bLength {head[0]}")
     while offset < total:
         if total - offset < 2:
