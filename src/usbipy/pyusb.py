@@ -13,10 +13,10 @@ An existing PyUSB program changes one line::
 ``get_backend`` takes ``"HOST"``, ``"HOST:PORT"``, ``"[V6ADDR]:PORT"`` or a URL
 ``usbip://HOST[:PORT][/BUSID]``, and ``busid=`` as a keyword; without a
 busid, PyUSB sees every device the server exports. A device is held (imported)
-while PyUSB has it open: from its first request until
-``usb.util.dispose_resources(dev)``, or until the Device object is collected.
-Enumerating imports each device just long enough to read its descriptors, so
-a ``find()`` keeps no device from other clients.
+while PyUSB has it open: from its first request until every ``Device`` found
+for it is disposed (``usb.util.dispose_resources``) or collected. Reading the
+descriptors of a device not seen before imports it for a moment (usbip-host
+resets a device after such an import): give the busid when you know it.
 
 It implements PyUSB's ``usb.backend.IBackend`` on the blocking client
 (:mod:`usbipy.client.sync`): control, bulk, interrupt and isochronous
