@@ -67,3 +67,63 @@ def test_tshark_decodes_a_session(usbipyd: Usbipyd, tmp_path: Path) -> None:
         [tshark, *decode, "-Y", "_ws.malformed || _ws.expert.severity >= error"],
         capture_output=True, text=True, timeout=60, check=True).stdout
     assert malformed.strip() == "", malformed
+
+
+def test_a_capture_decodes_to_the_scsi_lbas_and_keys_sent(tmp_path: Path) -> None:
+    """usbipyd's own capture (pcapng, Linux usbmon): Wireshark's USB dissectors show
+    the SCSI commands with their LBAs, the key presses and the serial data."""
+    import struct
+
+    from usbipy.capture import Capture
+    from usbipy.client import sync
+    from usbipy.devices import CdcAcm, HidKeyboard, ImageFile, MassStorage
+    from usbipy.server import ServerThread
+
+    tshark = require("tshark")
+    path = tmp_path / "usb.pcapng"
+    keyboard = HidKeyboard()
+    with ServerThread([keyboard, MassStorage(ImageFile.scratch(1 << 20)), CdcAcm()], port=0,
+                      capture=Capture(path)) as srv:
+        with sync.connect("127.0.0.1", "1-2", srv.port) as disk:
+            # as a host enumerates: descriptors first (the capture learns the endpoints)
+            disk.control(0x80, 6, 0x0100, 0, 18, timeout=5)
+            disk.control(0x80, 6, 0x0200, 0, 9, timeout=5)
+            disk.control(0x80, 6, 0x0200, 0, 32, timeout=5)
+            disk.control(0x00, 9, 1, 0, b"", timeout=5)
+            for tag, (opcode, lba) in enumerate([(0x2A, 1234), (0x28, 1234), (0x28, 77)], 1):
+                write = opcode == 0x2A
+                cdb = struct.pack(">BBIBHB", opcode, 0, lba, 0, 1, 0)
+                disk.bulk_write(0x02, struct.pack("<IIIBBB16s", 0x43425355, tag, 512,
+                                                  0 if write else 0x80, 0, 10, cdb), timeout=5)
+                if write:
+                    disk.bulk_write(0x02, b"w" * 512, timeout=5)
+                else:
+                    disk.bulk_read(0x81, 512, timeout=5)
+                disk.bulk_read(0x81, 13, timeout=5)
+        with sync.connect("127.0.0.1", "1-1", srv.port) as keys:
+            keys.control(0x80, 6, 0x0200, 0, 34, timeout=5)
+            keys.control(0x00, 9, 1, 0, b"", timeout=5)
+            keys.control(0x81, 6, 0x2200, 0, 63, timeout=5)  # the report descriptor
+            keyboard.type_text("usb")
+            for _ in range(6):
+                keys.interrupt_read(0x81, 8, timeout=5)
+        with sync.connect("127.0.0.1", "1-3", srv.port) as serial:
+            serial.control(0x00, 9, 1, 0, b"", timeout=5)
+            serial.bulk_write(0x02, b"ping over usbip", timeout=5)
+            serial.bulk_read(0x81, 64, timeout=5)
+
+    def fields(*names: str, where: str) -> list[str]:
+        out = subprocess.run([tshark, "-r", str(path), "-Y", where, "-T", "fields",
+                              *(x for n in names for x in ("-e", n))],
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+        return out.split("\n")[:-1]
+
+    assert fields("frame.number", where="_ws.malformed || _ws.expert.severity >= error") == []
+    commands = fields("scsi_sbc.opcode", "scsi_sbc.rdwr10.lba", where="scsi_sbc.rdwr10.lba")
+    assert commands == ["0x2a\t1234", "0x28\t1234", "0x28\t77"], commands
+    reports = fields("usbhid.data.array", where="usbhid.data.array && usb.urb_type == 'C'")
+    pressed = [r.replace(":", "")[:2] for r in reports if not r.startswith("00")]
+    assert pressed == ["18", "16", "05"], reports  # u, s, b (HID usage ids)
+    data = fields("usb.capdata", where="usb.capdata && usb.transfer_type == 0x03")
+    ping = b"ping over usbip".hex()
+    assert [d.replace(":", "") for d in data].count(ping) == 2, data  # out, and echoed
