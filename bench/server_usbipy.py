@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+from usbipy.capture import Capture
 from usbipy.cli.usbipyd import run_loop
 from usbipy.devices import CdcAcm, HidKeyboard, ImageFile, MassStorage
 from usbipy.server import UsbipServer
@@ -31,8 +32,14 @@ def _tls() -> ServerTls | None:
     return ServerTls(server_context(files, kernel=kernel), kernel=kernel)
 
 
+def _capture() -> Capture | None:
+    """BENCH_CAPTURE=FILE: record every URB there (usbipyd --capture)."""
+    where = os.environ.get("BENCH_CAPTURE")
+    return Capture(where) if where else None
+
+
 async def main(port: int) -> None:
-    server = UsbipServer(port=port, tls=_tls())
+    server = UsbipServer(port=port, tls=_tls(), capture=_capture())
     server.add(MassStorage(ImageFile.scratch(64 << 20)))
     server.add(CdcAcm())
     for _ in range(KEYBOARDS):

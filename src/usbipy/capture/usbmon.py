@@ -21,7 +21,6 @@ from ..protocol import CmdSubmit, Direction, IsoPacket
 from ..usb.descriptors import DescriptorType, TransferType
 from ..usb.parse import DescriptorError, parse_configuration
 from ..usb.requests import GET_DESCRIPTOR
-from .pcapng import EPB_TYPE
 
 #: The enhanced packet block's head (28 bytes), then pcap_usb_header_mmapped (64):
 #: id, event, transfer type, endpoint, device, bus, setup flag, data flag,
@@ -29,7 +28,6 @@ from .pcapng import EPB_TYPE
 #: numdesc for iso), interval, start_frame, xfer_flags, ndesc.
 HEAD: Final = struct.Struct("<IIIIIII" "QBBBBHbbqiiII8siiII")
 USBMON_HEADER_SIZE: Final = 64
-_EPB_OVERHEAD: Final = 28 + 4
 _ISO_DESC: Final = struct.Struct("<iIII")
 _ISO_REC: Final = struct.Struct("<ii")
 _TRAILER: Final = struct.Struct("<I")
@@ -47,8 +45,11 @@ _DATA_OUT_DONE: Final = ord(">")  # an OUT completion: its data went with the su
 EINPROGRESS: Final = -115
 
 
-def _now_us() -> int:
-    return time.time_ns() // 1000
+_IN: Final = Direction.IN
+_ZERO_SETUP: Final = bytes(8)
+#: Bytes of each URB's data a record keeps, unless told otherwise: whole commands,
+#: reports, descriptors and short serial lines; a 64 KiB block's first 1 KiB.
+SNAPLEN: Final = 1024
 
 
 class UrbRecorder:
@@ -58,69 +59,121 @@ class UrbRecorder:
     transfer type of an endpoint is learned from the configuration
     descriptors the client reads (it reads them before it uses an endpoint);
     until then, an endpoint with an interval is taken for an interrupt one.
+    A record keeps ``snaplen`` bytes of the data at most (0: all of it); its
+    usbmon header still gives the URB's whole length, as usbmon's does when
+    its buffer is short (data_len below urb_len).
+
+    Written for speed (it runs for every URB): the common records are packed
+    inline, with one struct call each.
     """
 
     def __init__(self, emit: Callable[[bytes], None], busnum: int, devnum: int,
-                 connection: int) -> None:
+                 connection: int, snaplen: int = SNAPLEN) -> None:
         self._emit = emit
         self._busnum = busnum & 0xFFFF
         self._devnum = devnum & 0xFF
         self._id_base = (connection & 0xFFFFFFFF) << 32
+        self._snaplen = snaplen or (1 << 62)
         #: endpoint address -> usbmon transfer type
         self._types: dict[int, int] = {}
 
-    def _type(self, urb: CmdSubmit, address: int) -> int:
-        if urb.ep == 0:
-            return 2
-        if urb.iso_packets is not None:
-            return 0
-        kind = self._types.get(address)
-        if kind is not None:
-            return kind
-        return 1 if urb.interval else 3
-
     def submitted(self, urb: CmdSubmit) -> None:
-        address = urb.ep | 0x80 if urb.direction is Direction.IN else urb.ep
-        kind = self._type(urb, address)
-        data = urb.data if urb.direction is Direction.OUT else b""
-        if kind == 2:
-            setup_flag, setup = 0, urb.setup
-        else:
-            setup_flag, setup = _NO_SETUP, bytes(8)
-        iso = b""
-        ndesc = 0
         if urb.iso_packets is not None:
-            ndesc = len(urb.iso_packets)
-            setup = _ISO_REC.pack(0, ndesc)
-            iso = b"".join(_ISO_DESC.pack(p.status, p.offset, p.length, 0) for p in urb.iso_packets)
-        self._record(urb.seqnum, EVENT_SUBMIT, kind, address, setup_flag,
-                     0 if data else _DATA_IN_PENDING if urb.direction is Direction.IN
-                     else _DATA_OUT_DONE, EINPROGRESS, urb.transfer_buffer_length, data,
-                     setup, urb.interval, urb.start_frame, urb.transfer_flags, ndesc, iso)
+            self._iso(urb, EVENT_SUBMIT, EINPROGRESS, urb.transfer_buffer_length, b"",
+                      urb.iso_packets, 0, urb.start_frame)
+            return
+        ep = urb.ep
+        direction_in = urb.direction is _IN
+        address = ep | 0x80 if direction_in else ep
+        if ep == 0:
+            kind, setup_flag, setup = 2, 0, urb.setup
+        else:
+            kind = self._types.get(address) or (1 if urb.interval else 3)
+            setup_flag, setup = _NO_SETUP, _ZERO_SETUP
+        if direction_in:
+            data, data_flag = b"", _DATA_IN_PENDING
+        else:
+            data = urb.data
+            if len(data) > self._snaplen:
+                data = data[:self._snaplen]
+            data_flag = 0 if data else _DATA_OUT_DONE
+        ts = time.time_ns() // 1000
+        length = 64 + len(data)
+        pad = -length & 3
+        total = 32 + length + pad
+        self._emit(b"".join((
+            HEAD.pack(6, total, 0, ts >> 32, ts & 0xFFFFFFFF, length, length,
+                      self._id_base | urb.seqnum, EVENT_SUBMIT, kind, address, self._devnum,
+                      self._busnum, setup_flag, data_flag, ts // 1_000_000, ts % 1_000_000,
+                      EINPROGRESS, urb.transfer_buffer_length, len(data), setup,
+                      urb.interval, urb.start_frame, urb.transfer_flags, 0),
+            data, _PADS[pad], _TRAILER.pack(total))))
 
     def completed(self, urb: CmdSubmit, status: int, data: bytes, actual_length: int,
                   iso_packets: list[IsoPacket] | None = None, error_count: int = 0,
                   start_frame: int = 0) -> None:
-        address = urb.ep | 0x80 if urb.direction is Direction.IN else urb.ep
-        kind = self._type(urb, address)
-        if not data or urb.direction is Direction.OUT:
+        if iso_packets is not None or urb.iso_packets is not None:
+            self._iso(urb, EVENT_COMPLETE, status, actual_length,
+                      data if urb.direction is _IN else b"",
+                      iso_packets if iso_packets is not None else urb.iso_packets or [],
+                      error_count, start_frame)
+            return
+        ep = urb.ep
+        direction_in = urb.direction is _IN
+        address = ep | 0x80 if direction_in else ep
+        if ep == 0:
+            kind = 2
+            if status == 0 and data and direction_in:
+                self._learn(urb.setup, data)
+        else:
+            kind = self._types.get(address) or (1 if urb.interval else 3)
+        if direction_in and data:
+            if len(data) > self._snaplen:
+                data = data[:self._snaplen]
+            data_flag = 0
+        else:
             data = b""
-        setup = bytes(8)
-        iso = b""
-        ndesc = 0
-        if iso_packets is not None:
-            ndesc = len(iso_packets)
-            setup = _ISO_REC.pack(error_count, ndesc)
-            iso = b"".join(_ISO_DESC.pack(p.status, p.offset, p.actual_length, 0)
-                           for p in iso_packets)
+            data_flag = _DATA_OUT_DONE if not direction_in else _DATA_IN_PENDING
+        ts = time.time_ns() // 1000
+        length = 64 + len(data)
+        pad = -length & 3
+        total = 32 + length + pad
+        self._emit(b"".join((
+            HEAD.pack(6, total, 0, ts >> 32, ts & 0xFFFFFFFF, length, length,
+                      self._id_base | urb.seqnum, EVENT_COMPLETE, kind, address, self._devnum,
+                      self._busnum, _NO_SETUP, data_flag, ts // 1_000_000, ts % 1_000_000,
+                      status, actual_length, len(data), _ZERO_SETUP, urb.interval,
+                      start_frame, urb.transfer_flags, 0),
+            data, _PADS[pad], _TRAILER.pack(total))))
+
+    def _iso(self, urb: CmdSubmit, event: int, status: int, urb_len: int, data: bytes,
+             packets: list[IsoPacket], error_count: int, start_frame: int) -> None:
+        direction_in = urb.direction is _IN
+        address = urb.ep | 0x80 if direction_in else urb.ep
+        if event == EVENT_SUBMIT:
+            descs = b"".join(_ISO_DESC.pack(p.status, p.offset, p.length, 0) for p in packets)
+            if not direction_in:
+                data = urb.data
+        else:
+            descs = b"".join(_ISO_DESC.pack(p.status, p.offset, p.actual_length, 0)
+                             for p in packets)
             if data:
-                data = _spread(data, iso_packets)
-        elif kind == 2 and status == 0 and data:
-            self._learn(urb.setup, data)
-        self._record(urb.seqnum, EVENT_COMPLETE, kind, address, _NO_SETUP,
-                     0 if data else _DATA_OUT_DONE if urb.direction is Direction.OUT
-                     else _DATA_IN_PENDING, status, actual_length, data, setup, urb.interval,
-                     start_frame, urb.transfer_flags, ndesc, iso)
+                data = _spread(data, packets)
+        if len(data) > self._snaplen:
+            data = data[:self._snaplen]
+        data_flag = 0 if data else (_DATA_IN_PENDING if direction_in else _DATA_OUT_DONE)
+        ts = time.time_ns() // 1000
+        length = 64 + len(descs) + len(data)
+        pad = -length & 3
+        total = 32 + length + pad
+        self._emit(b"".join((
+            HEAD.pack(6, total, 0, ts >> 32, ts & 0xFFFFFFFF, length, length,
+                      self._id_base | urb.seqnum, event, 0, address, self._devnum,
+                      self._busnum, _NO_SETUP, data_flag, ts // 1_000_000, ts % 1_000_000,
+                      status, urb_len, len(descs) + len(data),
+                      _ISO_REC.pack(error_count, len(packets)), urb.interval, start_frame,
+                      urb.transfer_flags, len(packets)),
+            descs, data, _PADS[pad], _TRAILER.pack(total))))
 
     def _learn(self, setup: bytes, data: bytes) -> None:
         # GET_DESCRIPTOR(CONFIGURATION) answered in full: the endpoints' types
@@ -134,22 +187,6 @@ class UrbRecorder:
         for endpoint in config.all_endpoints:
             self._types[endpoint.bEndpointAddress] = _USBMON_TYPE[
                 TransferType(endpoint.bmAttributes & 3)]
-
-    def _record(self, seqnum: int, event: int, kind: int, address: int, setup_flag: int,
-                data_flag: int, status: int, urb_len: int, data: bytes, setup: bytes,
-                interval: int, start_frame: int, xfer_flags: int, ndesc: int,
-                iso: bytes) -> None:
-        ts = _now_us()
-        length = USBMON_HEADER_SIZE + len(iso) + len(data)
-        pad = -length % 4
-        total = _EPB_OVERHEAD + length + pad
-        self._emit(b"".join((
-            HEAD.pack(EPB_TYPE, total, 0, ts >> 32, ts & 0xFFFFFFFF, length, length,
-                      self._id_base | seqnum, event, kind, address, self._devnum,
-                      self._busnum, setup_flag, data_flag, ts // 1_000_000, ts % 1_000_000,
-                      status, urb_len, len(iso) + len(data), setup, interval,
-                      start_frame, xfer_flags, ndesc),
-            iso, data, _PADS[pad], _TRAILER.pack(total))))
 
 
 def _spread(data: bytes, packets: list[IsoPacket]) -> bytes:
