@@ -340,3 +340,236 @@ def test_a_timeout_covers_the_wait_for_a_connection_made_again() -> None:
         asyncio.run(asyncio.wait_for(test(), 60))
     finally:
         srv.stop()
+
+
+# --- what the review found: a scripted server -------------------------------------------
+
+
+class ScriptedServer:
+    """A USB/IP server on a thread that imports KEYBOARD (3-2) and then answers
+    URBs as told: ``on_submit(cmd) -> RetSubmit args or None`` (None: no answer),
+    ``on_unlink(cmd) -> (status, answer_submit_first) or None``; it starts reading
+    URBs only after ``read_delay`` seconds."""
+
+    def __init__(self, *, on_submit=None, on_unlink=None, read_delay: float = 0.0) -> None:
+        import socket as socket_module
+
+        self.on_submit = on_submit or (lambda cmd: None)
+        self.on_unlink = on_unlink or (lambda cmd: (-104, False))
+        self.read_delay = read_delay
+        self.listener = socket_module.create_server((HOST, 0))
+        self.port = self.listener.getsockname()[1]
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        from usbipy.protocol import (
+            CmdSubmit,
+            CmdUnlink,
+            OpRepImport,
+            OpStatus,
+            ServerConnection,
+        )
+
+        from ..helpers import KEYBOARD
+
+        sock, _ = self.listener.accept()
+        conn = ServerConnection()
+        with sock:
+            conn.receive_data(sock.recv(40))
+            list(conn.events())
+            sock.sendall(conn.send(OpRepImport(OpStatus.OK, KEYBOARD)))
+            time.sleep(self.read_delay)
+            pending: dict[int, CmdSubmit] = {}
+            while True:
+                data = sock.recv(1 << 20)
+                if not data:
+                    return
+                conn.receive_data(data)
+                for event in conn.events():
+                    if isinstance(event, CmdSubmit):
+                        answer = self.on_submit(event)
+                        if answer is None:
+                            pending[event.seqnum] = event
+                        else:
+                            sock.sendall(b"".join(conn.reply_submit(event, *answer)))
+                    elif isinstance(event, CmdUnlink):
+                        how = self.on_unlink(event)
+                        if how is None:
+                            continue
+                        status, submit_first = how
+                        target = pending.pop(event.unlink_seqnum, None)
+                        if submit_first and target is not None:
+                            sock.sendall(b"".join(conn.reply_submit(target, 0, b"late")))
+                        sock.sendall(conn.reply_unlink(event, status))
+
+    def close(self) -> None:
+        self.listener.close()
+        self.thread.join(10)
+
+
+def test_sync_a_read_timeout_does_not_bound_a_later_write() -> None:
+    """The socket's timeout was the last read's: a big write to a server slow to read
+    failed after it (the connection lost for nothing)."""
+    server = ScriptedServer(read_delay=0.6, on_submit=lambda cmd: (
+        (0, b"", len(cmd.data)) if cmd.direction is Direction.OUT else None))
+    try:
+        with sync.connect(HOST, "3-2", server.port) as dev:
+            with pytest.raises(TimeoutError):
+                dev.wait(dev.submit(1, Direction.IN, 8), timeout=0.05)
+            assert dev.bulk_write(2, bytes(16 << 20)) == 16 << 20
+    finally:
+        server.close()
+
+
+def test_sync_many_reads_in_flight_and_big_writes_do_not_deadlock(
+        server: ServerThread) -> None:
+    """Replies pile up while one thread writes: it reads them meanwhile."""
+    with sync.connect(HOST, "1-3", server.port) as dev:
+        dev.control(0x00, 9, 1, 0, b"")
+        # 32 MiB echoed: more than the socket buffers both ways hold
+        reads = [dev.submit(1, Direction.IN, 64 << 10) for _ in range(512)]
+        payload = bytes(range(256)) * 4096  # 1 MiB
+        started = time.monotonic()
+        writes = [dev.submit(2, Direction.OUT, data=payload) for _ in range(32)]  # no waits
+        assert time.monotonic() - started < 15  # (the dead-peer timeout is 15 s)
+        assert all(dev.wait(s, timeout=20).actual_length == len(payload) for s in writes)
+        got = b"".join(dev.wait(s, timeout=20).data for s in reads)
+        assert got == payload * 32
+
+
+class Interrupted(BaseException):
+    pass
+
+
+def test_sync_an_interrupted_transfer_is_unlinked(server: ServerThread) -> None:
+    import signal
+
+    keyboard = server._devices[0]
+    assert isinstance(keyboard, HidKeyboard)
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        with sync.connect(HOST, "1-1", server.port) as dev:
+            dev.control(0x00, 9, 1, 0, b"")
+            signal.setitimer(signal.ITIMER_REAL, 0.2)
+            with pytest.raises(Interrupted):
+                dev.interrupt_read(0x81, 8, timeout=10)  # (Ctrl-C, say)
+            # (a round trip: the unlink, sent before it, has reached the server)
+            assert dev.control(*GET_DEVICE, timeout=5)[:2] == b"\x12\x01"
+            keyboard.type_text("a")
+            assert dev.interrupt_read(0x81, 8, timeout=5) == KEY_A  # not eaten
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_sync_timeout_bounds_the_unlink_too() -> None:
+    server = ScriptedServer(on_unlink=lambda cmd: None)  # never answers an unlink
+    try:
+        with sync.connect(HOST, "3-2", server.port) as dev:
+            started = time.monotonic()
+            with pytest.raises(TransferTimeout):
+                dev.interrupt_read(0x81, 8, timeout=0.2)
+            assert time.monotonic() - started < 3  # 0.2 s, and 1 s for the unlink
+            assert dev.closed
+            with pytest.raises(ClientError, match="did not answer the unlink"):
+                dev.control(*GET_DEVICE)
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize(("unlink", "expected"), [
+    ((0, False), "completed"),  # usbip-host: it completed as the unlink came
+    ((-32, False), "stalled"),
+    ((-104, False), "timeout"),
+    ((0, True), "data"),  # its RET_SUBMIT came first: the result is kept
+])
+def test_both_forms_say_how_an_unlinked_urb_ended(unlink: tuple[int, bool],
+                                                  expected: str) -> None:
+    def check(run) -> None:
+        if expected == "data":
+            assert run() == b"late"
+        elif expected == "stalled":
+            with pytest.raises(Stalled):
+                run()
+        else:
+            with pytest.raises(TransferTimeout) as timed_out:
+                run()
+            assert timed_out.value.completed == (expected == "completed")
+
+    server = ScriptedServer(on_unlink=lambda cmd: unlink)
+    try:
+        with sync.connect(HOST, "3-2", server.port) as dev:
+            check(lambda: dev.interrupt_read(0x81, 8, timeout=0.1))
+    finally:
+        server.close()
+    server = ScriptedServer(on_unlink=lambda cmd: unlink)
+    try:
+        async def main() -> None:
+            async with connect(HOST, "3-2", server.port) as dev:
+                try:
+                    result = await dev.interrupt_read(0x81, 8, timeout=0.1)
+                except (TransferTimeout, Stalled) as exc:
+                    error: BaseException = exc
+
+                    def again() -> bytes:
+                        raise error
+                    check(again)
+                else:
+                    check(lambda: result)
+
+        asyncio.run(main())
+    finally:
+        server.close()
+
+
+def test_errors_are_fresh_each_time_and_pickle(server: ServerThread) -> None:
+    import pickle
+
+    dev = sync.connect(HOST, "1-1", server.port)
+    server.stop()
+    errors = []
+    for _ in range(3):
+        with pytest.raises(ClientError) as caught:
+            dev.control(*GET_DEVICE, timeout=5)
+        errors.append(caught.value)
+    assert len({id(e) for e in errors}) == 3
+    assert all(len(list(_frames(e))) < 20 for e in errors)
+    dev.close()
+    for error in [*errors, TransferTimeout("x", 1.0, completed=True),
+                  urb_error(RetSubmit(1, -75), "bulk")]:
+        copy = pickle.loads(pickle.dumps(error))
+        assert type(copy) is type(error) and str(copy) == str(error)
+        assert copy.__dict__ == error.__dict__
+
+
+def _frames(error: BaseException) -> Iterator[object]:
+    tb = error.__traceback__
+    while tb is not None:
+        yield tb
+        tb = tb.tb_next
+
+
+def test_statuses_are_linux_errnos_on_any_host() -> None:
+    from usbipy.protocol.constants import LINUX_ERRNO, LINUX_ERRNO_NAME
+
+    assert (LINUX_ERRNO["EOVERFLOW"], LINUX_ERRNO["ECONNRESET"], LINUX_ERRNO["ESHUTDOWN"]) == (
+        75, 104, 108)
+    error = urb_error(RetSubmit(1, -75))
+    assert type(error) is Overflow and error.errno_name == "EOVERFLOW"
+    assert type(urb_error(RetSubmit(1, -108))) is DeviceGone
+    assert LINUX_ERRNO_NAME[121] == "EREMOTEIO"
+
+
+def test_seqnums_wrap_and_skip_those_in_flight() -> None:
+    from ..helpers import imported_client
+
+    client = imported_client()
+    client.send_submit(1, 0x30002, Direction.IN, 1, 0, 8)
+    client._last_seqnum = 0xFFFFFFFE
+    assert client.next_seqnum() == 0xFFFFFFFF
+    assert client.next_seqnum() == 2  # (1 is in flight)

@@ -15,22 +15,36 @@
                ├── Overflow     -EOVERFLOW: the device sent more than asked (babble)
                └── DeviceGone   -ENODEV, -ESHUTDOWN: no such device or endpoint now
 
-Each carries ``errno`` (positive, as :mod:`errno` names it), so code written
-for PyUSB's ``USBError.errno`` or for OSError reads the same numbers.
+A URB error carries ``errno``, Linux's positive errno (the wire's numbers on
+every OS: 32 for EPIPE), and ``errno_name``. Every error pickles (across
+processes) and copies.
 """
 
 from __future__ import annotations
 
 import errno as _errno
 import os
+from typing import Any
 
 from ..errors import UsbipError
 from ..escape import printable
 from ..protocol import OpStatus, RetSubmit
+from ..protocol.constants import LINUX_ERRNO, LINUX_ERRNO_NAME
+
+
+def _rebuild(cls: type[ClientError], message: str, state: dict[str, Any]) -> ClientError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    error.__dict__.update(state)
+    return error
 
 
 class ClientError(UsbipError):
     """A USB/IP request failed."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # (subclasses take other arguments than the message: rebuilt from their state)
+        return _rebuild, (type(self), str(self), dict(self.__dict__))
 
 
 class HostUnreachable(ClientError):
@@ -97,13 +111,20 @@ def lost_reason(exc: BaseException | None) -> str:
 
 class TransferTimeout(ClientError, TimeoutError):
     """A transfer was not complete within its timeout; it was unlinked
-    (USBIP_CMD_UNLINK), so the device no longer works on it."""
+    (USBIP_CMD_UNLINK), so the device no longer works on it.
+
+    ``completed``: the device had finished it as the unlink came (usbip-host
+    then answers with RET_UNLINK alone, and its data is lost); an OUT transfer
+    did happen then.
+    """
 
     errno = _errno.ETIMEDOUT
 
-    def __init__(self, what: str, timeout: float) -> None:
-        super().__init__(f"{what} timed out after {timeout:g} s")
+    def __init__(self, what: str, timeout: float, *, completed: bool = False) -> None:
+        super().__init__(f"{what} timed out after {timeout:g} s" + (
+            " (the device had just completed it: its data is lost)" if completed else ""))
         self.timeout = timeout
+        self.completed = completed
 
 
 class UrbError(ClientError):
@@ -113,12 +134,13 @@ class UrbError(ClientError):
     def __init__(self, ret: RetSubmit, what: str = "") -> None:
         self.ret = ret
         self.status = ret.status
-        #: The positive errno: 32 (EPIPE) for a stall.
+        #: Linux's positive errno: 32 (EPIPE) for a stall.
         self.errno = -ret.status
-        try:
-            name = f"{_errno.errorcode[self.errno]}: {os.strerror(self.errno)}"
-        except KeyError:
-            name = "unknown status"
+        #: Its name ("EPIPE"), or "" for a number Linux does not use.
+        self.errno_name = LINUX_ERRNO_NAME.get(self.errno, "")
+        host = getattr(_errno, self.errno_name, None) if self.errno_name else None
+        name = (f"{self.errno_name}: {os.strerror(host)}" if host is not None else
+                self.errno_name or "unknown status")
         super().__init__(f"{what or f'URB {ret.seqnum}'} failed with status {ret.status} "
                          f"({name})")
 
@@ -141,12 +163,12 @@ class DeviceGone(UrbError):
 
 
 _BY_ERRNO: dict[int, type[UrbError]] = {
-    _errno.EPIPE: Stalled,
-    _errno.ENOENT: Cancelled,
-    _errno.ECONNRESET: Cancelled,
-    _errno.EOVERFLOW: Overflow,
-    _errno.ENODEV: DeviceGone,
-    _errno.ESHUTDOWN: DeviceGone,
+    LINUX_ERRNO["EPIPE"]: Stalled,
+    LINUX_ERRNO["ENOENT"]: Cancelled,
+    LINUX_ERRNO["ECONNRESET"]: Cancelled,
+    LINUX_ERRNO["EOVERFLOW"]: Overflow,
+    LINUX_ERRNO["ENODEV"]: DeviceGone,
+    LINUX_ERRNO["ESHUTDOWN"]: DeviceGone,
 }
 
 

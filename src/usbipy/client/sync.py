@@ -22,12 +22,13 @@ and a write from two threads never meet inside one OpenSSL object.
 
 from __future__ import annotations
 
-import itertools
+import copy
+import select
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import NoReturn
 
@@ -36,7 +37,6 @@ from ..protocol import (
     EOF,
     NEED_DATA,
     ClientConnection,
-    CmdSubmit,
     CmdUnlink,
     DeviceInfo,
     Direction,
@@ -82,12 +82,22 @@ READ_SIZE = 64 * 1024 + 48
 
 
 class _Channel:
-    """A connected socket, with or without TLS: ordered writes, raw reads."""
+    """A connected socket, with or without TLS.
+
+    The socket stays non-blocking, and every wait is a poll() with its own
+    deadline: a timeout set on the socket would also bound other threads'
+    writes. A writer that cannot write calls ``pump`` while it waits, so
+    that replies keep being read even when no thread is waiting for one (a
+    server whose replies back up stops reading, and both would wait for ever).
+    """
 
     def __init__(self, sock: socket.socket, host: str, port: int) -> None:
+        sock.setblocking(False)
         self.sock = sock
         self.host = host
         self.port = port
+        self._readable = select.poll()
+        self._readable.register(sock, select.POLLIN)
         self._write_lock = threading.Lock()
         self.tls: TlsSession | None = None
         self._ssl: ssl.SSLObject | None = None
@@ -104,55 +114,76 @@ class _Channel:
                     self._ssl.do_handshake()
                     break
                 except ssl.SSLWantReadError:
-                    self._flush()
+                    self._send_raw(self._out.read(), deadline)
                     data = self._recv_raw(deadline)
                     if not data:
                         raise ssl.SSLEOFError("the server closed the connection") from None
                     self._in.write(data)
-            self._flush()
+            self._send_raw(self._out.read(), deadline)
         except (OSError, TimeoutError) as exc:
             raise TlsRefused(self.host, self.port, handshake_failure(exc)) from exc
         self.tls = TlsSession.of(self._ssl, kernel=False)
 
-    def _flush(self) -> None:
-        out = self._out.read()
-        if out:
-            self.sock.sendall(out)
-
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes, deadline: float | None = None,
+             pump: Callable[[], None] | None = None) -> None:
+        """All of ``data``, in order with other threads' sends."""
         with self._write_lock:
-            if self._ssl is None:
-                self.sock.sendall(data)
-                return
-            with self._ssl_lock:
-                self._ssl.write(data)
-                out = self._out.read()
-            self.sock.sendall(out)
+            if self._ssl is not None:
+                with self._ssl_lock:
+                    self._ssl.write(data)
+                    data = self._out.read()
+            self._send_raw(data, deadline, pump)
 
-    def _recv_raw(self, deadline: float | None) -> bytes:
-        # The socket's own timeout (CPython polls inside recv) costs less than a
-        # select() of ours. It bounds a concurrent sendall too: one that cannot
-        # write for that long means a server that stopped reading, and fails.
-        if deadline is None:
-            self.sock.settimeout(None)
-        else:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError
-            self.sock.settimeout(remaining)
-        return self.sock.recv(READ_SIZE)
-
-    def recv(self, deadline: float | None) -> bytes:
-        """Some bytes from the server (b"" at its end); TimeoutError past ``deadline``."""
-        if self._ssl is None:  # (the hot path, inlined)
+    def _send_raw(self, data: bytes, deadline: float | None,
+                  pump: Callable[[], None] | None = None) -> None:
+        sock = self.sock
+        try:
+            sent = sock.send(data)  # (the usual case: all of it, at once)
+        except BlockingIOError:
+            sent = 0
+        if sent == len(data):
+            return
+        view = memoryview(data)[sent:]
+        poller = select.poll()
+        poller.register(sock, select.POLLOUT | (select.POLLIN if pump else 0))
+        while view:
             if deadline is None:
-                self.sock.settimeout(None)
+                timeout = None
             else:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError
-                self.sock.settimeout(remaining)
-            return self.sock.recv(READ_SIZE)
+                timeout = remaining * 1000
+            events = 0
+            for _fd, event in poller.poll(timeout):
+                events |= event
+            if events & (select.POLLIN | select.POLLHUP | select.POLLERR) and pump:
+                pump()
+            if events & (select.POLLOUT | select.POLLHUP | select.POLLERR):
+                try:
+                    view = view[sock.send(view):]
+                except BlockingIOError:
+                    pass
+
+    def _recv_raw(self, deadline: float | None) -> bytes:
+        """Some bytes (b"" at the end); TimeoutError past ``deadline`` (0: now or never)."""
+        while True:
+            if deadline is None:
+                ready = self._readable.poll()
+            else:
+                remaining = deadline - time.monotonic()
+                ready = self._readable.poll(max(0.0, remaining) * 1000)
+            if not ready:
+                raise TimeoutError
+            try:
+                return self.sock.recv(READ_SIZE)
+            except BlockingIOError:
+                continue  # (a spurious wake-up)
+
+    def recv(self, deadline: float | None) -> bytes:
+        """Some bytes from the server (b"" at its end); TimeoutError past ``deadline``."""
+        if self._ssl is None:
+            return self._recv_raw(deadline)
         while True:
             with self._ssl_lock:
                 try:
@@ -190,7 +221,6 @@ def _open(host: str, port: int, tls: ssl.SSLContext | None, server_hostname: str
             keepalive.apply(sock)
         except OSError as exc:
             raise HostUnreachable(host, port, exc.strerror or str(exc)) from exc
-        sock.settimeout(None)  # each read sets its own deadline
         channel = _Channel(sock, host, port)
         if tls is not None:
             channel.start_tls(tls, server_hostname or host, time.monotonic() + timeout)
@@ -204,7 +234,7 @@ def _op(channel: _Channel, conn: ClientConnection, request: bytes, timeout: floa
         ) -> OpRepDevlist | OpRepImport:
     deadline = time.monotonic() + timeout
     try:
-        channel.send(request)
+        channel.send(request, deadline)
         while True:
             try:
                 event = conn.next_event()
@@ -276,9 +306,8 @@ class Device:
         self._channel = channel
         self._conn = conn
         self._codec = threading.Lock()  # the codec's send and parse, never held over I/O
-        self._seqnums = itertools.count(1)
-        #: Guards _reading, _done and _waiters (plain Lock: a Condition's Python-level
-        #: methods cost a tenth of a local round trip).
+        #: Guards _reading, _done, _waiters and _orphans (plain Lock: a Condition's
+        #: Python-level methods cost a tenth of a local round trip).
         self._state = threading.Lock()
         #: Whether a thread is reading the socket for everyone.
         self._reading = False
@@ -286,6 +315,10 @@ class Device:
         self._waiters: dict[int, threading.Event] = {}
         #: Replies read and not yet collected, by seqnum.
         self._done: dict[int, RetSubmit | RetUnlink] = {}
+        #: seqnums whose replies no one will collect (an interrupted transfer's and
+        #: its unlink's), and each such unlink's target.
+        self._orphans: set[int] = set()
+        self._orphan_unlinks: dict[int, int] = {}
         self._error: ClientError | None = None
         self._closed = False
 
@@ -303,26 +336,29 @@ class Device:
             length = len(data)
         with self._codec:
             self._check_open()
-            seqnum = next(self._seqnums)
-            wire = self._conn.send(CmdSubmit(
-                seqnum, self.info.devid, direction, ep, transfer_flags, length, setup, data,
-                0, 0, interval, iso_packets))
+            seqnum = self._conn.next_seqnum()
+            wire = self._conn.send_submit(seqnum, self.info.devid, direction, ep,
+                                          transfer_flags, length, setup, data, 0, 0, interval,
+                                          iso_packets)
         self._send(wire)
         return seqnum
 
     def wait(self, seqnum: int, timeout: float | None = None) -> RetSubmit:
         """The RET_SUBMIT of ``seqnum``; TimeoutError (the URB still in flight)
-        when it did not come within ``timeout`` seconds."""
+        when it did not come within ``timeout`` seconds. (After :meth:`unlink`,
+        only a URB whose RET_SUBMIT came before the RET_UNLINK has one.)"""
         reply = self._wait(seqnum, None if timeout is None else time.monotonic() + timeout)
         assert isinstance(reply, RetSubmit)
         return reply
 
     def unlink(self, seqnum: int, timeout: float = UNLINK_TIMEOUT) -> RetUnlink:
         """CMD_UNLINK ``seqnum`` and its RET_UNLINK (status -ECONNRESET when the URB
-        was cancelled, 0 when it had completed: its RET_SUBMIT, if any, came first)."""
+        was cancelled, 0 when it had completed: its RET_SUBMIT, if any, came first).
+        A server that does not answer within ``timeout`` seconds has lost track of
+        it: the connection is closed (ClientError)."""
         with self._codec:
             self._check_open()
-            unlink_seqnum = next(self._seqnums)
+            unlink_seqnum = self._conn.next_seqnum()
             wire = self._conn.send(CmdUnlink(unlink_seqnum, self.info.devid, seqnum))
         self._send(wire)
         try:
@@ -330,7 +366,8 @@ class Device:
         except TimeoutError:
             self._fail(ClientError(f"the server did not answer the unlink of URB {seqnum} "
                                    f"within {timeout:g} s; the connection was closed"))
-            raise self._error from None  # type: ignore[misc]
+            self._check_open()
+            raise  # (unreachable: _check_open raised)
         assert isinstance(reply, RetUnlink)
         return reply
 
@@ -338,37 +375,72 @@ class Device:
                  setup: bytes = bytes(8), transfer_flags: int = 0,
                  iso_packets: list[IsoPacket] | None = None, interval: int = 0,
                  timeout: float | None = None) -> RetSubmit:
-        """One URB to its end within ``timeout`` seconds, as the asyncio form's."""
+        """One URB to its end within ``timeout`` seconds, as the asyncio form's.
+
+        After the time runs out the URB is unlinked, and the server has up to
+        ``max(1 s, timeout)`` more to answer that; one that does not has lost
+        track of the URB, and the connection is closed. An exception that
+        interrupts the wait (KeyboardInterrupt) unlinks it too, without waiting.
+        """
         # (submit() inlined: this is the path of every PyUSB call)
         if direction is Direction.OUT:
             length = len(data)
         with self._codec:
             if self._closed or self._error is not None:
                 self._check_open()
-            seqnum = next(self._seqnums)
+            seqnum = self._conn.next_seqnum()
             wire = self._conn.send_submit(seqnum, self.info.devid, direction, ep,
                                           transfer_flags, length, setup, data, 0, 0, interval,
                                           iso_packets)
         self._send(wire)
         try:
             ret = self._wait(seqnum, None if timeout is None else time.monotonic() + timeout)
-            assert isinstance(ret, RetSubmit)
         except TimeoutError:
-            raced = self._unlinked(seqnum)
-            if raced is None or -raced.status in _UNLINKED:
-                assert timeout is not None
-                raise TransferTimeout(_describe(ep, direction, setup, iso_packets),
-                                      timeout) from None
-            ret = raced
+            assert timeout is not None
+            ret = self._after_timeout(seqnum, ep, direction, setup, iso_packets, timeout)
+        except BaseException:
+            self._abandon(seqnum)
+            raise
+        assert isinstance(ret, RetSubmit)
         if ret.status:
             raise urb_error(ret, _describe(ep, direction, setup, iso_packets))
         return ret
 
-    def _unlinked(self, seqnum: int) -> RetSubmit | None:
-        self.unlink(seqnum)
+    def _after_timeout(self, seqnum: int, ep: int, direction: Direction, setup: bytes,
+                       iso_packets: list[IsoPacket] | None, timeout: float) -> RetSubmit:
+        """Unlink a URB that timed out: its RET_SUBMIT if it came first, else the
+        error that says how it ended."""
+        what = _describe(ep, direction, setup, iso_packets)
+        try:
+            unlinked = self.unlink(seqnum, min(UNLINK_TIMEOUT, max(1.0, timeout)))
+        except ClientError:
+            raise TransferTimeout(what, timeout) from None  # (and the connection is closed)
         with self._state:  # a RET_SUBMIT that came before the RET_UNLINK: it completed
-            ret = self._done.pop(seqnum, None)
-        return ret if isinstance(ret, RetSubmit) else None
+            raced = self._done.pop(seqnum, None)
+        if isinstance(raced, RetSubmit) and -raced.status not in _UNLINKED:
+            return raced
+        if raced is None and unlinked.status == 0:
+            # usbip-host completed it as the unlink came: RET_UNLINK alone, data lost
+            raise TransferTimeout(what, timeout, completed=True)
+        if raced is None and -unlinked.status not in _UNLINKED:
+            raise urb_error(RetSubmit(seqnum, unlinked.status), what)
+        raise TransferTimeout(what, timeout)
+
+    def _abandon(self, seqnum: int) -> None:
+        """Unlink ``seqnum`` without waiting, and drop its replies when they come."""
+        try:
+            with self._codec:
+                if self.closed:
+                    return
+                unlink_seqnum = self._conn.next_seqnum()
+                wire = self._conn.send(CmdUnlink(unlink_seqnum, self.info.devid, seqnum))
+            with self._state:
+                self._orphans.update((seqnum, unlink_seqnum))
+                self._orphan_unlinks[unlink_seqnum] = seqnum
+                self._done.pop(seqnum, None)
+            self._send(wire)
+        except Exception:  # noqa: BLE001 (best effort, on the way out of an exception)
+            pass
 
     # --- the transfers, as in the asyncio client ---------------------------------
 
@@ -428,16 +500,35 @@ class Device:
     # --- the connection ---------------------------------------------------------
 
     def _check_open(self) -> None:
+        # (a copy each time: one exception object raised in many threads would
+        # gather every traceback and keep every frame alive)
         if self._closed:
             raise ClientError("the device is closed")
         if self._error is not None:
-            raise self._error
+            raise copy.copy(self._error)
 
     def _send(self, wire: bytes) -> None:
         try:
-            self._channel.send(wire)
-        except (OSError, ssl.SSLError, ValueError) as exc:
+            self._channel.send(wire, None, self._pump)
+        except (OSError, ssl.SSLError, ValueError) as exc:  # (ValueError: closed here)
             self._lost(exc)
+
+    def _pump(self) -> None:
+        """Read what has come, for everyone, if no thread reads now: called by a
+        sender whose writes wait for the server, which may wait for us to read."""
+        with self._state:
+            if self._reading:
+                return
+            self._reading = True
+        try:
+            self._read_once(None, 0.0)
+        except TimeoutError:
+            pass
+        finally:
+            with self._state:
+                self._reading = False
+                if self._waiters:
+                    self._wake_all()
 
     def _wait(self, seqnum: int, deadline: float | None) -> RetSubmit | RetUnlink:
         """The reply to ``seqnum``: read by this thread, or by the one reading now."""
@@ -456,7 +547,10 @@ class Device:
                     event.clear()
             if event is None:
                 try:
-                    return self._read_until(seqnum, deadline)
+                    while True:
+                        mine = self._read_once(seqnum, deadline)
+                        if mine is not None:
+                            return mine
                 finally:
                     with self._state:
                         self._reading = False
@@ -476,46 +570,53 @@ class Device:
             event.set()
         self._waiters.clear()
 
-    def _read_until(self, seqnum: int, deadline: float | None) -> RetSubmit | RetUnlink:
-        while True:
-            try:
-                data = self._channel.recv(deadline)
-            except TimeoutError:
-                raise
-            except (OSError, ssl.SSLError, ValueError) as exc:  # (ValueError: closed here)
-                self._lost(exc)
-            if not data:
-                self._lost(None)
-            try:
-                with self._codec:
-                    self._conn.receive_data(data)
-                    replies = list(self._conn.events())
-            except RemoteProtocolError as exc:
-                self._fail(ClientError(f"the server broke the protocol: {exc}"))
-                raise self._error from exc  # type: ignore[misc]
-            if len(replies) == 1:  # (the usual case: the one reply, ours)
-                first = replies[0]
-                if isinstance(first, (RetSubmit, RetUnlink)) and first.seqnum == seqnum:
-                    return first
-            mine = None
-            with self._state:
-                for reply in replies:
-                    if not isinstance(reply, (RetSubmit, RetUnlink)):
-                        continue
-                    if reply.seqnum == seqnum:
-                        mine = reply
-                        continue
-                    self._done[reply.seqnum] = reply
-                    event = self._waiters.pop(reply.seqnum, None)
-                    if event is not None:
-                        event.set()
-            if mine is not None:
-                return mine
+    def _read_once(self, seqnum: int | None, deadline: float | None
+                   ) -> RetSubmit | RetUnlink | None:
+        """Read one chunk and hand out its replies; the one for ``seqnum``, if it
+        came (the reader's own, returned rather than stored)."""
+        try:
+            data = self._channel.recv(deadline)
+        except TimeoutError:
+            raise
+        except (OSError, ssl.SSLError, ValueError) as exc:  # (ValueError: closed here)
+            self._lost(exc)
+        if not data:
+            self._lost(None)
+        try:
+            with self._codec:
+                self._conn.receive_data(data)
+                replies = list(self._conn.events())
+        except RemoteProtocolError as exc:
+            self._fail(ClientError(f"the server broke the protocol: {exc}"))
+            self._check_open()
+        if len(replies) == 1 and not self._orphans:  # (the usual case: the one reply, ours)
+            first = replies[0]
+            if isinstance(first, (RetSubmit, RetUnlink)) and first.seqnum == seqnum:
+                return first
+        mine = None
+        with self._state:
+            for reply in replies:
+                if not isinstance(reply, (RetSubmit, RetUnlink)):
+                    continue
+                if reply.seqnum in self._orphans:
+                    if isinstance(reply, RetUnlink):  # (no RET_SUBMIT comes after it)
+                        self._orphans.discard(reply.seqnum)
+                        self._orphans.discard(self._orphan_unlinks.pop(reply.seqnum, -1))
+                    continue
+                if reply.seqnum == seqnum:
+                    mine = reply
+                    continue
+                self._done[reply.seqnum] = reply
+                event = self._waiters.pop(reply.seqnum, None)
+                if event is not None:
+                    event.set()
+        return mine
 
     def _lost(self, exc: BaseException | None) -> NoReturn:
         self._check_open()  # closed by us (from another thread): not a loss
         self._fail(ServerGone(self._channel.host, self._channel.port, lost_reason(exc)))
-        raise self._error from exc  # type: ignore[misc]
+        self._check_open()
+        raise AssertionError("unreachable")
 
     def _fail(self, error: ClientError) -> None:
         with self._state:

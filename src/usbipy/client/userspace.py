@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
 import logging
 import socket
 import ssl
@@ -41,7 +40,6 @@ from ..escape import printable
 from ..keepalive import DEFAULT, Keepalive
 from ..protocol import (
     ClientConnection,
-    CmdSubmit,
     CmdUnlink,
     DeviceInfo,
     Direction,
@@ -55,7 +53,7 @@ from ..protocol import (
     RetSubmit,
     RetUnlink,
 )
-from ..protocol.constants import USBIP_PORT
+from ..protocol.constants import ECONNRESET, ENOENT, USBIP_PORT
 from ..tls import TlsSession, handshake_failure
 from ..usb.requests import DIR_IN, SETUP
 from ..usb.urb import UrbFlag
@@ -318,7 +316,6 @@ class RemoteDevice:
     def __init__(self, protocol: _ClientProtocol, info: DeviceInfo, *,
                  target: _Target | None = None, reconnect: Backoff | None = None) -> None:
         self.info = info
-        self._seqnums = itertools.count(1)
         self._target = target
         self._backoff = reconnect
         self._closing = False
@@ -414,16 +411,20 @@ class RemoteDevice:
                       iso_packets: list[IsoPacket] | None = None,
                       interval: int = 0) -> tuple[int, asyncio.Future[RetSubmit]]:
         """Send CMD_SUBMIT; returns the seqnum and a future for its RET_SUBMIT."""
-        seqnum = next(self._seqnums)
         if direction is Direction.OUT:
             length = len(data)
-        cmd = CmdSubmit(seqnum, self.info.devid, direction, ep, transfer_flags, length, setup,
-                        data, 0, 0, interval, iso_packets)
         protocol = self._protocol
         if protocol.transport is None or protocol.closed.done():
             raise self._gone()
-        wire = protocol.conn.send(cmd)  # may refuse: then nothing waits for a reply
+        seqnum = protocol.conn.next_seqnum()
+        # (may refuse: then nothing waits for a reply)
+        wire = protocol.conn.send_submit(seqnum, self.info.devid, direction, ep,
+                                         transfer_flags, length, setup, data, 0, 0, interval,
+                                         iso_packets)
         future: asyncio.Future[RetSubmit] = asyncio.get_running_loop().create_future()
+        # a future whose transfer gave up on it (a timeout, a cancellation) may still
+        # get the connection's end as its exception: retrieved here, never logged
+        future.add_done_callback(_retrieve)
         protocol.waiting[seqnum] = future  # type: ignore[assignment]
         protocol.transport.write(wire)
         return seqnum, future
@@ -436,10 +437,10 @@ class RemoteDevice:
         return await future
 
     async def unlink(self, seqnum: int) -> RetUnlink:
-        unlink_seqnum = next(self._seqnums)
         protocol = self._protocol
         if protocol.transport is None or protocol.closed.done():
             raise self._gone()
+        unlink_seqnum = protocol.conn.next_seqnum()
         wire = protocol.conn.send(CmdUnlink(unlink_seqnum, self.info.devid, seqnum))
         future: asyncio.Future[RetUnlink] = asyncio.get_running_loop().create_future()
         protocol.waiting[unlink_seqnum] = future  # type: ignore[assignment]
@@ -479,11 +480,8 @@ class RemoteDevice:
                 raise TransferTimeout(_describe(ep, direction, setup, iso_packets),
                                       cast(float, timeout)) from None
             seqnum, future = sent
-            raced = await self._unlinked(seqnum, future)
-            if raced is None or -raced.status in _UNLINKED:
-                raise TransferTimeout(_describe(ep, direction, setup, iso_packets),
-                                      cast(float, timeout)) from None
-            ret = raced
+            ret = await self._after_timeout(seqnum, future, _describe(
+                ep, direction, setup, iso_packets), cast(float, timeout))
         except asyncio.CancelledError:
             if sent is not None:
                 self._unlink_nowait(sent[0])
@@ -492,23 +490,35 @@ class RemoteDevice:
             raise urb_error(ret, _describe(ep, direction, setup, iso_packets))
         return ret
 
-    async def _unlinked(self, seqnum: int, future: asyncio.Future[RetSubmit]
-                        ) -> RetSubmit | None:
-        """Unlink ``seqnum``; its RET_SUBMIT if it came first (then it completed)."""
+    async def _after_timeout(self, seqnum: int, future: asyncio.Future[RetSubmit],
+                             what: str, timeout: float) -> RetSubmit:
+        """Unlink a URB that timed out: its RET_SUBMIT if it came first, else the
+        error that says how it ended (as the blocking form's)."""
+        unlinked: RetUnlink | None = None
         if not future.done():
+            grace = min(UNLINK_TIMEOUT, max(1.0, timeout))
             try:
-                async with asyncio.timeout(UNLINK_TIMEOUT):
-                    await self.unlink(seqnum)
+                async with asyncio.timeout(grace):
+                    unlinked = await self.unlink(seqnum)
             except TimeoutError:
                 self._protocol.error = ClientError(
                     f"the server did not answer the unlink of URB {seqnum} within "
-                    f"{UNLINK_TIMEOUT:g} s; the connection was closed")
+                    f"{grace:g} s; the connection was closed")
                 if self._protocol.transport is not None:
                     self._protocol.transport.abort()
-                return None
+                raise TransferTimeout(what, timeout) from None
+            except ClientError:  # (the connection went meanwhile)
+                raise TransferTimeout(what, timeout) from None
         if future.done() and not future.cancelled() and future.exception() is None:
-            return future.result()
-        return None
+            raced = future.result()
+            if -raced.status not in _UNLINKED:
+                return raced
+        elif unlinked is not None and unlinked.status == 0:
+            # usbip-host completed it as the unlink came: RET_UNLINK alone, data lost
+            raise TransferTimeout(what, timeout, completed=True)
+        elif unlinked is not None and -unlinked.status not in _UNLINKED:
+            raise urb_error(RetSubmit(seqnum, unlinked.status), what)
+        raise TransferTimeout(what, timeout)
 
     def _unlink_nowait(self, seqnum: int) -> None:
         """CMD_UNLINK with no one waiting for its reply (a cancelled task's URB)."""
@@ -520,7 +530,7 @@ class RemoteDevice:
             return
         pending.cancel()
         protocol.transport.write(protocol.conn.send(
-            CmdUnlink(next(self._seqnums), self.info.devid, seqnum)))
+            CmdUnlink(protocol.conn.next_seqnum(), self.info.devid, seqnum)))
 
     async def control(self, bmRequestType: int, bRequest: int, wValue: int, wIndex: int,
                       wLength_or_data: int | bytes, *, timeout: float | None = None) -> bytes:
@@ -624,8 +634,13 @@ class RemoteDevice:
         await self.close()
 
 
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 #: URB statuses of an unlinked URB (usb_kill_urb: -ENOENT; usb_unlink_urb: -ECONNRESET).
-_UNLINKED = frozenset({2, 104})
+_UNLINKED = frozenset({-ENOENT, -ECONNRESET})
 
 
 def _describe(ep: int, direction: Direction, setup: bytes,

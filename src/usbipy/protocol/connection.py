@@ -571,6 +571,18 @@ class ClientConnection(_Connection):
         #: unlink seqnum -> the seqnum it targets
         self._unlinks: dict[int, int] = {}
         self.device: DeviceInfo | None = None
+        self._last_seqnum = 0
+
+    def next_seqnum(self) -> int:
+        """A seqnum for the next CMD_SUBMIT or CMD_UNLINK: 1 to 2**32 - 1, wrapping
+        around, never one still in flight (seqnum is a u32 on the wire)."""
+        n = self._last_seqnum
+        for _ in range(len(self._pending) + len(self._unlinks) + 1):
+            n = n % 0xFFFFFFFF + 1
+            if n not in self._pending and n not in self._unlinks:
+                self._last_seqnum = n
+                return n
+        raise LocalProtocolError("no seqnum is free")  # (unreachable: 4 billion in flight)
 
     @property
     def pending(self) -> int:
@@ -604,11 +616,13 @@ class ClientConnection(_Connection):
             self._local_error(f"seqnum {seqnum} is already in flight")
         if direction is Direction.OUT and len(data) != transfer_buffer_length:
             self._local_error("OUT data must be transfer_buffer_length bytes")
+        encoded = wire.encode_submit_fields(seqnum, devid, direction, ep, transfer_flags,
+                                            transfer_buffer_length, setup, data, start_frame,
+                                            number_of_packets, interval, iso_packets)
+        # (remembered once encoded: a field out of range leaves nothing in flight)
         self._pending[seqnum] = (
             direction, transfer_buffer_length, len(iso_packets) if iso_packets is not None else 0)
-        return wire.encode_submit_fields(seqnum, devid, direction, ep, transfer_flags,
-                                         transfer_buffer_length, setup, data, start_frame,
-                                         number_of_packets, interval, iso_packets)
+        return encoded
 
     def _parse(self) -> Event:
         phase = self.phase

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import errno
 from enum import IntEnum
+from typing import Final
 
 USBIP_VERSION = 0x0111
 
@@ -67,16 +67,32 @@ class Speed(IntEnum):
     SUPER_PLUS = 6
 
 
+#: Linux's errno numbers (include/uapi/asm-generic/errno*.h), by name: the
+#: statuses RET_SUBMIT and RET_UNLINK carry are these, negated, whatever OS
+#: either end runs (Python's errno module gives the host's, which differ on
+#: macOS and Windows).
+LINUX_ERRNO: Final = {
+    "EPERM": 1, "ENOENT": 2, "EINTR": 4, "EIO": 5, "ENXIO": 6, "E2BIG": 7, "EAGAIN": 11,
+    "ENOMEM": 12, "EFAULT": 14, "EBUSY": 16, "EXDEV": 18, "ENODEV": 19, "EINVAL": 22,
+    "EFBIG": 27, "ENOSPC": 28, "EPIPE": 32, "EDOM": 33, "ERANGE": 34, "ENOSR": 63,
+    "ETIME": 62, "ENOLINK": 67, "ECOMM": 70, "EPROTO": 71, "EOVERFLOW": 75, "EILSEQ": 84,
+    "EMSGSIZE": 90, "EOPNOTSUPP": 95, "ECONNRESET": 104, "ESHUTDOWN": 108,
+    "ETIMEDOUT": 110, "EHOSTUNREACH": 113, "EALREADY": 114, "EINPROGRESS": 115,
+    "EREMOTEIO": 121,
+}
+#: Linux errno number -> its name ("EPIPE" for 32).
+LINUX_ERRNO_NAME: Final = {number: name for name, number in LINUX_ERRNO.items()}
+
 # RET_SUBMIT / RET_UNLINK statuses are negative Linux errno values.
-ECONNRESET = -errno.ECONNRESET  # URB unlinked
-EPIPE = -errno.EPIPE  # endpoint stalled
-ENODEV = -errno.ENODEV  # device gone
-ENOENT = -errno.ENOENT
-EOVERFLOW = -errno.EOVERFLOW  # babble: device sent more than asked
-EINVAL = -errno.EINVAL
-ENOMEM = -errno.ENOMEM
-ESHUTDOWN = -errno.ESHUTDOWN
-EPROTO = -errno.EPROTO
-ETIME = -errno.ETIME
-EREMOTEIO = -errno.EREMOTEIO  # short read with URB_SHORT_NOT_OK (usb/urb.py)
-EXDEV = -errno.EXDEV  # iso: partially completed
+ECONNRESET = -LINUX_ERRNO["ECONNRESET"]  # URB unlinked
+EPIPE = -LINUX_ERRNO["EPIPE"]  # endpoint stalled
+ENODEV = -LINUX_ERRNO["ENODEV"]  # device gone
+ENOENT = -LINUX_ERRNO["ENOENT"]
+EOVERFLOW = -LINUX_ERRNO["EOVERFLOW"]  # babble: device sent more than asked
+EINVAL = -LINUX_ERRNO["EINVAL"]
+ENOMEM = -LINUX_ERRNO["ENOMEM"]
+ESHUTDOWN = -LINUX_ERRNO["ESHUTDOWN"]
+EPROTO = -LINUX_ERRNO["EPROTO"]
+ETIME = -LINUX_ERRNO["ETIME"]
+EREMOTEIO = -LINUX_ERRNO["EREMOTEIO"]  # short read with URB_SHORT_NOT_OK (usb/urb.py)
+EXDEV = -LINUX_ERRNO["EXDEV"]  # iso: partially completed

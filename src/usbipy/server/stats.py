@@ -7,14 +7,15 @@ scraped, so nothing of the exporter runs on the URB path.
 
 from __future__ import annotations
 
-import errno
 from collections import Counter
 from dataclasses import dataclass, field
+
+from ..protocol.constants import LINUX_ERRNO_NAME
 
 
 def status_name(status: int) -> str:
     """A URB status as its errno name: -32 is "EPIPE"."""
-    return errno.errorcode.get(-status, str(status))
+    return LINUX_ERRNO_NAME.get(-status, str(status))
 
 
 def refusal_kind(why: str) -> str:
