@@ -107,9 +107,9 @@ def test_every_option_of_usbipyd_has_a_key() -> None:
 ERRORS = [
     ("port = 3240\nport = 1\n", "FILE:2: cannot overwrite a value (column 9)"),
     ("[tls\n", "FILE:1: expected ']' at the end of a table declaration (column 5)"),
-    ("prot = 3240\n", "FILE:1: prot: unknown key (known: debug, devices, family, libusb, "
-                      "limits, listen, loop, names, pid_file, policy, port, state_dir, tls, "
-                      "usbip_host)"),
+    ("prot = 3240\n", "FILE:1: prot: unknown key (known: debug, devices, diagnostics, family, "
+                      "libusb, limits, listen, loop, names, pid_file, policy, port, state_dir, "
+                      "tls, usbip_host)"),
     ("port = '3240'\n", "FILE:1: port: '3240' is not a whole number"),
     ("port = 70000\n", "FILE:1: port: 70000 is out of range (0 to 65535)"),
     ("port = true\n", "FILE:1: port: True is not a whole number"),

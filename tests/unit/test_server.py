@@ -212,16 +212,19 @@ def test_a_submit_the_codec_refuses_leaves_nothing_waiting(serve) -> None:
         async with await import_device(HOST, "1-1", server.port) as dev:
             protocol = dev._protocol
 
-            def refuse(message: object) -> bytes:
+            def refuse(*message: object) -> bytes:
                 raise LocalProtocolError("refused")
 
-            send, protocol.conn.send = protocol.conn.send, refuse  # type: ignore[method-assign]
+            send, protocol.conn.send = protocol.conn.send, refuse  # type: ignore[method-assign, assignment]
+            send_submit = protocol.conn.send_submit
+            protocol.conn.send_submit = refuse  # type: ignore[method-assign, assignment]
             with pytest.raises(LocalProtocolError):
                 dev.submit_nowait(1, Direction.IN, 8)
             with pytest.raises(LocalProtocolError):
                 await dev.unlink(1)
             assert protocol.waiting == {}  # no future left that nothing will ever resolve
             protocol.conn.send = send  # type: ignore[method-assign]
+            protocol.conn.send_submit = send_submit  # type: ignore[method-assign]
             assert len(await dev.control(*GET_DEVICE_DESCRIPTOR)) == 18
 
     serve(test)
