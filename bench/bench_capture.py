@@ -45,12 +45,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=2.0)
     parser.add_argument("--json", metavar="FILE")
+    parser.add_argument("--only", metavar="TEXT", help="only the workloads whose name has TEXT")
     args = parser.parse_args()
     os.sched_setaffinity(0, {CLIENT_CORE})
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         capture = Path(tmp, "bench.pcapng")
-        for work in WORKLOADS:
+        for work in [w for w in WORKLOADS if args.only is None or args.only in w.name]:
             samples: dict[str, list[dict[str, float]]] = {"plain": [], "captured": []}
             for _ in range(args.rounds):
                 for name in samples:

@@ -136,13 +136,12 @@ def test_files_rotate_at_the_size_cap_and_each_opens_alone(tmp_path: Path) -> No
 
 
 def test_a_writer_that_falls_behind_drops_and_counts(tmp_path: Path) -> None:
-    capture = Capture(tmp_path / "slow.pcapng", max_queued=1000)
-    capture._wake.clear()
+    capture = Capture(tmp_path / "slow.pcapng", max_queued=2)
     recorder = capture.recorder(1, 2)
     urb = CmdSubmit(1, 0, Direction.OUT, 2, 0, 600, data=bytes(600))
-    for _ in range(5):  # 700 bytes a record: the second does not fit before a drain
+    for _ in range(5):  # (the writer drains every 50 ms: not between these)
         recorder.submitted(urb)
-    assert 1 <= capture.dropped <= 4
+    assert 1 <= capture.dropped <= 3
     capture.close()
     assert len(packets((tmp_path / "slow.pcapng").read_bytes())) == 5 - capture.dropped
 

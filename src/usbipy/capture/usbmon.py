@@ -28,6 +28,8 @@ from ..usb.requests import GET_DESCRIPTOR
 #: numdesc for iso), interval, start_frame, xfer_flags, ndesc.
 HEAD: Final = struct.Struct("<IIIIIII" "QBBBBHbbqiiII8siiII")
 USBMON_HEADER_SIZE: Final = 64
+#: One record's trailer, then the next one's head: two records in two pack calls.
+TRAILER_HEAD: Final = struct.Struct("<I" + HEAD.format[1:])
 _ISO_DESC: Final = struct.Struct("<iIII")
 _ISO_REC: Final = struct.Struct("<ii")
 _TRAILER: Final = struct.Struct("<I")
@@ -145,6 +147,55 @@ class UrbRecorder:
                       status, actual_length, len(data), _ZERO_SETUP, urb.interval,
                       start_frame, urb.transfer_flags, 0),
             data, _PADS[pad], _TRAILER.pack(total))))
+
+    def exchanged(self, urb: CmdSubmit, status: int, data: bytes, actual_length: int) -> None:
+        """A URB the device finished at once: its submission and completion, as one
+        write (half the packing of the two apart; most emulated URBs end so)."""
+        if urb.iso_packets is not None:
+            self.submitted(urb)
+            self.completed(urb, status, data, actual_length)
+            return
+        ep = urb.ep
+        direction_in = urb.direction is _IN
+        address = ep | 0x80 if direction_in else ep
+        snaplen = self._snaplen
+        if ep == 0:
+            kind, setup_flag, setup = 2, 0, urb.setup
+            if status == 0 and data and direction_in:
+                self._learn(urb.setup, data)
+        else:
+            kind = self._types.get(address) or (1 if urb.interval else 3)
+            setup_flag, setup = _NO_SETUP, _ZERO_SETUP
+        if direction_in:
+            out, out_flag = b"", _DATA_IN_PENDING
+            back = data[:snaplen] if len(data) > snaplen else data
+            back_flag = 0 if back else _DATA_IN_PENDING
+        else:
+            out = urb.data[:snaplen] if len(urb.data) > snaplen else urb.data
+            out_flag = 0 if out else _DATA_OUT_DONE
+            back, back_flag = b"", _DATA_OUT_DONE
+        ts = time.time_ns() // 1000
+        ts_high, ts_low, ts_sec, ts_usec = ts >> 32, ts & 0xFFFFFFFF, ts // 1_000_000, (
+            ts % 1_000_000)
+        urb_id = self._id_base | urb.seqnum
+        s_length = 64 + len(out)
+        s_pad = -s_length & 3
+        s_total = 32 + s_length + s_pad
+        c_length = 64 + len(back)
+        c_pad = -c_length & 3
+        c_total = 32 + c_length + c_pad
+        self._emit(b"".join((
+            HEAD.pack(6, s_total, 0, ts_high, ts_low, s_length, s_length, urb_id,
+                      EVENT_SUBMIT, kind, address, self._devnum, self._busnum, setup_flag,
+                      out_flag, ts_sec, ts_usec, EINPROGRESS, urb.transfer_buffer_length,
+                      len(out), setup, urb.interval, urb.start_frame, urb.transfer_flags, 0),
+            out, _PADS[s_pad],
+            TRAILER_HEAD.pack(s_total, 6, c_total, 0, ts_high, ts_low, c_length, c_length,
+                              urb_id, EVENT_COMPLETE, kind, address, self._devnum,
+                              self._busnum, _NO_SETUP, back_flag, ts_sec, ts_usec, status,
+                              actual_length, len(back), _ZERO_SETUP, urb.interval, 0,
+                              urb.transfer_flags, 0),
+            back, _PADS[c_pad], _TRAILER.pack(c_total))))
 
     def _iso(self, urb: CmdSubmit, event: int, status: int, urb_len: int, data: bytes,
              packets: list[IsoPacket], error_count: int, start_frame: int) -> None:

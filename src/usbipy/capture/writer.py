@@ -1,10 +1,11 @@
 """The capture file: records queued on the event loop, written by a thread, rotated.
 
 The server never waits for the disk: :meth:`Capture.emit` appends to a deque
-(atomic, no lock) and returns; a thread writes what is queued and flushes it,
-so the file can be read while it grows (``tshark -r``, ``tail -f | wireshark
--k -i -``). What waits in memory is bounded: past ``max_queued`` bytes,
-records are dropped and counted, never the server slowed.
+(atomic, no lock) and returns; a thread writes what is queued every 50 ms,
+many records per writev(), so the file can be read while it grows (``tshark
+-r``, ``tail -f | wireshark -k -i -``). What waits in memory is bounded: past
+``max_queued`` records (each at most the snap length and a header), records
+are dropped and counted, never the server slowed.
 
 A file that reaches ``max_bytes`` is closed and a new one begun, keeping
 ``files`` in all, as dumpcap's ring buffer does: FILE.pcapng is the newest,
@@ -19,7 +20,6 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import BinaryIO
 
 from .. import __version__
 from ..escape import printable
@@ -31,10 +31,22 @@ log = logging.getLogger("usbipy.capture")
 #: Defaults: 100 MB per file, 5 files (FILE.pcapng and FILE.1 to FILE.4).
 MAX_BYTES = 100_000_000
 FILES = 5
-#: Bytes of records waiting for the writer thread before new ones are dropped.
-MAX_QUEUED = 32 << 20
+#: Records waiting for the writer thread before new ones are dropped (about 40 MB
+#: at most with the default snap length).
+MAX_QUEUED = 32768
 #: How often the writer looks for records when it was not woken (seconds).
 POLL = 0.05
+#: Records per writev() (below IOV_MAX, 1024 on Linux).
+BATCH = 512
+
+
+def _write_all(fd: int, parts: list[bytes]) -> None:
+    written = os.writev(fd, parts)
+    total = sum(len(p) for p in parts)
+    if written < total:  # (a short write: rare on a file, but not impossible)
+        rest = b"".join(parts)[written:]
+        while rest:
+            rest = rest[os.write(fd, rest):]
 
 
 def rotated_name(path: Path, index: int) -> Path:
@@ -60,16 +72,12 @@ class Capture:
         self._header = section_header(f"usbipy {__version__}") + interface_description(
             LINKTYPE_USB_LINUX_MMAPPED, "usbipy", "URBs of the devices usbipyd serves")
         self._queue: collections.deque[bytes] = collections.deque()
-        #: Written by the loop thread only, and by the writer thread only: their
-        #: difference is what waits, with no lock between them.
-        self._queued = 0
-        self._written = 0
         #: Records dropped because the writer fell behind.
         self.dropped = 0
         self._connections = 0
         self._wake = threading.Event()
         self._stopping = False
-        self._file: BinaryIO = self._open_new()  # (here: a bad path fails at start-up)
+        self._fd = self._open_new()  # (here: a bad path fails at start-up)
         self._size = len(self._header)
         self._thread = threading.Thread(target=self._run, name="usbipy-capture", daemon=True)
         self._thread.start()
@@ -81,32 +89,27 @@ class Capture:
 
     def emit(self, record: bytes) -> None:
         """Queue one record (a whole pcapng block); from the event loop's thread."""
-        n = len(record)
-        if self._queued - self._written + n > self.max_queued:
-            self.dropped += 1
-            if self.dropped == 1 or self.dropped % 10000 == 0:
-                log.warning("capture %s: the disk is behind, %d records dropped so far",
-                            printable(str(self.path)), self.dropped)
+        if len(self._queue) < self.max_queued:
+            self._queue.append(record)
             return
-        self._queue.append(record)
-        self._queued += n
-        if self._queued - self._written > (1 << 20):
-            self._wake.set()
+        self.dropped += 1
+        if self.dropped == 1 or self.dropped % 10000 == 0:
+            log.warning("capture %s: the disk is behind, %d records dropped so far",
+                        printable(str(self.path)), self.dropped)
 
     # --- the writer thread ---------------------------------------------------------
 
-    def _open_new(self) -> BinaryIO:
-        f = open(self.path, "wb")  # noqa: SIM115 (kept open until rotated or closed)
+    def _open_new(self) -> int:
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
-            f.write(self._header)
-            f.flush()
+            _write_all(fd, [self._header])
         except BaseException:
-            f.close()
+            os.close(fd)
             raise
-        return f
+        return fd
 
     def _rotate(self) -> None:
-        self._file.close()
+        os.close(self._fd)
         oldest = rotated_name(self.path, self.files - 1)
         if self.files > 1:
             oldest.unlink(missing_ok=True)
@@ -114,23 +117,26 @@ class Capture:
                 source = rotated_name(self.path, index)
                 if source.exists():
                     source.rename(rotated_name(self.path, index + 1))
-        self._file = self._open_new()
+        self._fd = self._open_new()
         self._size = len(self._header)
 
     def _drain(self) -> None:
+        """Write what is queued: many records per writev(), no copy in Python."""
         queue = self._queue
-        written = 0
+        popleft = queue.popleft
         while queue:
-            record = queue.popleft()
-            if self._size + len(record) > self.max_bytes and self._size > len(self._header):
-                self._file.flush()
-                self._rotate()
-            self._file.write(record)
-            self._size += len(record)
-            written += len(record)
-        self._written += written
-        if written:
-            self._file.flush()
+            batch = [popleft() for _ in range(min(len(queue), BATCH))]
+            size = sum(map(len, batch))
+            if self._size + size <= self.max_bytes:
+                _write_all(self._fd, batch)
+                self._size += size
+                continue
+            for record in batch:  # (the file is full: one by one, across the rotation)
+                if self._size + len(record) > self.max_bytes and (
+                        self._size > len(self._header)):
+                    self._rotate()
+                _write_all(self._fd, [record])
+                self._size += len(record)
 
     def _run(self) -> None:
         while True:
@@ -139,11 +145,10 @@ class Capture:
             try:
                 self._drain()
             except OSError as exc:
-                # (a full disk: say so once, then keep dropping what cannot be written)
+                # (a full disk: say so, then keep dropping what cannot be written)
                 log.error("capture %s: %s; records are dropped",
                           printable(str(self.path)), exc.strerror or exc)
                 self._queue.clear()
-                self._written = self._queued
             if self._stopping and not self._queue:
                 return
 
@@ -154,4 +159,4 @@ class Capture:
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout=30)
-        self._file.close()
+        os.close(self._fd)

@@ -455,8 +455,6 @@ class UsbipServerProtocol(asyncio.Protocol):
                 return
         device = self.device
         assert device is not None
-        if self._recorder is not None:
-            self._recorder.submitted(urb)
         stats = self._stats
         if stats is not None:
             if urb.direction is Direction.IN:
@@ -471,8 +469,10 @@ class UsbipServerProtocol(asyncio.Protocol):
                           urb.seqnum)
             result = Completion(status=EPROTO)
         if type(result) is Completion:
-            self._reply(urb, result)
+            self._reply(urb, result, at_once=True)
             return
+        if self._recorder is not None:
+            self._recorder.submitted(urb)
         assert isinstance(result, Awaitable)
         future: asyncio.Future[Completion] = asyncio.ensure_future(result)
         self._futures[urb.seqnum] = (urb, future)
@@ -499,7 +499,8 @@ class UsbipServerProtocol(asyncio.Protocol):
             result = future.result()
         self._reply(urb, result)
 
-    def _reply(self, urb: CmdSubmit, result: Completion) -> None:
+    def _reply(self, urb: CmdSubmit, result: Completion, at_once: bool = False) -> None:
+        """RET_SUBMIT for ``urb``; ``at_once``: the device finished it in submit()."""
         if self._closed:
             return
         if self._recorder is not None:
@@ -507,9 +508,14 @@ class UsbipServerProtocol(asyncio.Protocol):
             if actual is None:
                 actual = (len(result.data) if urb.direction is Direction.IN
                           else urb.transfer_buffer_length)
-            self._recorder.completed(urb, result.status, result.data, actual,
-                                     result.iso_packets, result.error_count,
-                                     result.start_frame)
+            if at_once and result.iso_packets is None:
+                self._recorder.exchanged(urb, result.status, result.data, actual)
+            else:
+                if at_once:
+                    self._recorder.submitted(urb)
+                self._recorder.completed(urb, result.status, result.data, actual,
+                                         result.iso_packets, result.error_count,
+                                         result.start_frame)
         stats = self._stats
         if stats is not None:
             if urb.direction is Direction.IN and result.data:
