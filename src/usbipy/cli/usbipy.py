@@ -159,6 +159,21 @@ def build_parser() -> argparse.ArgumentParser:
                             help="where the CA lives (default: $USBIPY_STATE_DIR or "
                                  "/var/lib/usbipy), in its tls/ folder")
 
+    doctor = sub.add_parser(
+        "doctor", parents=[common],
+        help="check this server (or, with -r, the way to HOST) and say what to fix; exit "
+             "status 0 only when every check passed")
+    doctor.add_argument("-r", "--remote", metavar="HOST",
+                        help="check a client's way to HOST: name, TCP, TLS, device list, "
+                             "vhci-hcd")
+    doctor.add_argument("-b", "--busid", help="with -r: also import this device and release it")
+    doctor.add_argument("--attach", action="store_true",
+                        help="with -b: attach it for real, check that the kernel enumerated "
+                             "it, then detach")
+    doctor.add_argument("-c", "--config", metavar="FILE",
+                        help="usbipyd's configuration file, for its port and TLS files "
+                             "(default: usbipyd's, when it exists)")
+
     policy = sub.add_parser("policy", parents=[common],
                             help="what usbipyd's access policy decides, without a server")
     policy_sub = policy.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
@@ -506,6 +521,8 @@ def _run(args: argparse.Namespace) -> object:
         raise TlsError("--tls-server-name needs --tls-cert, --tls-key and --tls-ca")
     if args.command == "policy":
         return _policy_check(args)
+    if args.command == "doctor":
+        return _doctor(args, tls)
     if args.command == "list":
         if args.remote is not None:
             import asyncio
@@ -534,6 +551,47 @@ def _run(args: argparse.Namespace) -> object:
     elif args.command == "port":
         return _port(args)
     return None
+
+
+def _doctor(args: argparse.Namespace, tls: TlsFiles | None) -> dict[str, object]:
+    """`usbipy doctor`: the report as lines (or JSON); what _main's exit status reads."""
+    from ..doctor import check_client, check_server
+
+    if args.remote is None and (args.busid or args.attach):
+        raise UsbipError("-b and --attach go with -r HOST (a client's check)")
+    if args.attach and not args.busid:
+        raise UsbipError("--attach needs -b BUSID")
+    if args.remote is not None:
+        report = check_client(args.remote, args.tcp_port, args.busid, tls=tls,
+                              attach=args.attach)
+    else:
+        port, files = args.tcp_port, tls
+        from ..config import DEFAULT_PATH
+        from ..config import load as load_config
+
+        path = args.config or (str(DEFAULT_PATH) if DEFAULT_PATH.exists() else None)
+        if path is not None:
+            config = load_config(path)
+            options = config.options
+            port = options.get("tcp_port", port) if args.tcp_port == USBIP_PORT else port
+            if files is None:
+                files = TlsFiles.from_options(options.get("tls_cert"), options.get("tls_key"),
+                                              options.get("tls_ca"))
+        report = check_server(port, files, _libusb_binding_names())
+    result = report.as_json()
+    if not args.json:
+        print(report.text())
+        print("all checks passed" if report.passed else "some checks failed")
+    return result
+
+
+def _libusb_binding_names() -> list[str]:
+    from ..backends.libusb.bindings import BindingError, BindingStore
+
+    try:
+        return [str(b) for b in BindingStore().load()]
+    except (BindingError, OSError):
+        return []
 
 
 def _bind(args: argparse.Namespace) -> object:
@@ -793,6 +851,8 @@ def _main(argv: Sequence[str] | None) -> int:
         print(json.dumps(result, indent=2))
     if args.command == "policy" and isinstance(result, dict) and not result["allowed"]:
         return 3  # (a decision, not an error: "denied" for scripts)
+    if args.command == "doctor" and isinstance(result, dict) and not result["passed"]:
+        return 1
     return 0
 
 
