@@ -1,0 +1,274 @@
+"""usbipy doctor: each check's failure on a fake /sys, /proc and module tree, with the
+message a user sees; the client's checks against live (and refusing) servers."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from usbipy.cli.usbipy import main
+from usbipy.doctor import Status, check_client, check_server, system
+from usbipy.doctor.report import Report
+from usbipy.server import ServerThread
+from usbipy.tls import TlsFiles, certs
+
+from .fake_sysfs import FakeSysfs
+
+HOST = "127.0.0.1"
+TCP_HEADER = ("  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt"
+              "   uid  timeout inode\n")
+
+
+class FakeProc:
+    """/proc/net/tcp and a process or two."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        (root / "net").mkdir(parents=True)
+        self.lines: list[str] = []
+        self.write()
+
+    def socket(self, local: str, local_port: int, remote: str, remote_port: int,
+               state: int, inode: int = 1000) -> None:
+        def hex_address(text: str) -> str:
+            return bytes(reversed([int(p) for p in text.split(".")])).hex().upper()
+
+        self.lines.append(
+            f"   {len(self.lines)}: {hex_address(local)}:{local_port:04X} "
+            f"{hex_address(remote)}:{remote_port:04X} {state:02X} 00000000:00000000 "
+            f"00:00000000 00000000     0        0 {inode} 1 0000000000000000 100 0 0 10 0\n")
+        self.write()
+
+    def process(self, pid: int, comm: str, cmdline: str) -> None:
+        base = self.root / str(pid)
+        (base / "fd").mkdir(parents=True)
+        (base / "comm").write_text(comm + "\n")
+        (base / "cmdline").write_bytes(cmdline.replace(" ", "\0").encode() + b"\0")
+
+    def write(self) -> None:
+        (self.root / "net/tcp").write_text(TCP_HEADER + "".join(self.lines))
+
+
+@pytest.fixture
+def machine(fake: FakeSysfs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+            ) -> Iterator[tuple[FakeSysfs, FakeProc, Path]]:
+    """A fake machine: /sys (with /sys/module), /proc, /lib/modules, no firewall."""
+    proc = FakeProc(tmp_path / "proc")
+    modules = tmp_path / "lib/modules"
+    (modules / os.uname().release).mkdir(parents=True)
+    (fake.root / "module").mkdir()
+    monkeypatch.setattr(system, "PROC_ROOT", proc.root)
+    monkeypatch.setattr(system, "MODULES_ROOT", modules)
+    monkeypatch.setattr(system, "firewall_rules", lambda: {"nft": "table inet filter {\n}\n"})
+    yield fake, proc, modules / os.uname().release
+
+
+def find(report: Report, name: str) -> tuple[Status, str, str]:
+    [check] = [c for c in report.checks if c.name == name]
+    return check.status, check.detail, check.fix
+
+
+def test_modules_missing_loadable_and_loaded(machine) -> None:
+    fake, _proc, modules = machine
+    report = check_server()
+    status, detail, fix = find(report, "module usbip-host")
+    assert status is Status.WARN and "not installed for this kernel" in detail
+    assert "linux-modules-extra" in fix
+    (modules / "modules.dep").write_text(
+        "kernel/drivers/usb/usbip/usbip-host.ko: kernel/drivers/usb/usbip/usbip-core.ko\n"
+        "kernel/drivers/usb/usbip/vhci-hcd.ko: kernel/drivers/usb/usbip/usbip-core.ko\n")
+    report = check_server()
+    assert find(report, "module usbip-host") == (
+        Status.WARN, "not loaded (exports devices through the kernel (usbip bind))",
+        "modprobe usbip-host")
+    (fake.root / "module/usbip_host").mkdir()
+    assert find(check_server(), "module usbip-host")[:2] == (Status.OK, "loaded")
+    # TLS configured, no tls module anywhere: that one fails
+    files = TlsFiles(Path("/nonexistent/c.pem"), Path("/nonexistent/k.pem"),
+                     Path("/nonexistent/ca.pem"))
+    assert find(check_server(tls=files), "module tls")[0] is Status.FAIL
+
+
+def test_nothing_listening_fails_and_exits_1(machine, capsys) -> None:
+    assert main(["doctor", "-c", os.devnull]) == 1
+    out = capsys.readouterr().out
+    assert "✘ server: nothing listens on port 3240\n" in out
+    assert "    start it: usbipyd -a 0.0.0.0 (or usbipd -D)" in out
+    assert out.endswith("some checks failed\n")
+    assert main(["doctor", "-c", os.devnull, "--json"]) == 1
+    result = json.loads(capsys.readouterr().out)
+    assert result["passed"] is False
+    assert {"check": "server", "status": "fail", "detail": "nothing listens on port 3240",
+            "fix": "start it: usbipyd -a 0.0.0.0 (or usbipd -D); usbipyd -t PORT for another "
+                   "port"} in result["checks"]
+
+
+def test_a_server_on_loopback_only_with_bindings_is_warned_about(machine) -> None:
+    fake, proc, _ = machine
+    fake.load_usbip_host()
+    fake.add_device("1-1", 0x46F4, 0x0001, driver="usbip-host")
+    proc.process(321, "usbipd", "usbipd -D")
+    proc.socket("127.0.0.1", 3240, "0.0.0.0", 0, system.TCP_LISTEN)
+    status, detail, fix = find(check_server(), "server")
+    assert status is Status.WARN
+    assert detail == ("usbipd (pid 321) listens on 127.0.0.1 port 3240 only: no other host can "
+                      "import the devices bound here")
+    assert "usbipyd -a 0.0.0.0" in fix
+    proc.socket("0.0.0.0", 3240, "0.0.0.0", 0, system.TCP_LISTEN)
+    assert find(check_server(), "server")[0] is Status.OK
+    # and where to capture what the kernel serves
+    assert "dumpcap -i usbmon1" in find(check_server(), "capture")[1]
+
+
+def test_a_binding_stuck_in_use_with_no_connection(machine) -> None:
+    fake, proc, _ = machine
+    fake.load_usbip_host()
+    path = fake.add_device("3-1", 0x46F4, 0x0001, driver="usbip-host")
+    (path / "usbip_status").write_text("2\n")
+    proc.socket("0.0.0.0", 3240, "0.0.0.0", 0, system.TCP_LISTEN)
+    status, detail, fix = find(check_server(), "binding 3-1")
+    assert status is Status.FAIL
+    assert detail == "3-1 (46f4:0001): stuck in use: no connection to port 3240 is open"
+    assert fix.startswith("its client went without a word; free it: usbip unbind -b 3-1 && "
+                          "usbip bind -b 3-1")
+    proc.socket("10.0.0.1", 3240, "10.0.0.9", 50000, system.TCP_ESTABLISHED)
+    assert find(check_server(), "binding 3-1")[:2] == (
+        Status.OK, "3-1 (46f4:0001): in use (10.0.0.9:50000)")
+
+
+@pytest.mark.parametrize(("rules", "hit"), [
+    ({"nft": "table inet filter {\n\tchain input {\n\t\ttcp dport 3240 drop\n\t}\n}\n"},
+     "nft: tcp dport 3240 drop"),
+    ({"nft": "\t\ttcp dport { 22, 3240 } counter packets 0 bytes 0 reject\n"},
+     "nft: tcp dport { 22, 3240 } counter packets 0 bytes 0 reject"),
+    ({"iptables": "-A INPUT -p tcp -m tcp --dport 3240 -j DROP\n"},
+     "iptables: -A INPUT -p tcp -m tcp --dport 3240 -j DROP"),
+    ({"ip6tables": "-A INPUT -p tcp -m multiport --dports 22,3240 -j REJECT\n"},
+     "ip6tables: -A INPUT -p tcp -m multiport --dports 22,3240 -j REJECT"),
+])
+def test_a_firewall_rule_that_drops_the_port(machine, monkeypatch, rules: dict[str, str],
+                                             hit: str) -> None:
+    monkeypatch.setattr(system, "firewall_rules", lambda: rules)
+    status, detail, fix = find(check_server(), "firewall")
+    assert status is Status.FAIL and detail == f"rules drop TCP port 3240: {hit}"
+    assert "tcp dport 3240 accept" in fix
+
+
+def test_rules_for_other_ports_pass(machine, monkeypatch) -> None:
+    monkeypatch.setattr(system, "firewall_rules", lambda: {
+        "nft": "tcp dport 32400 drop\ntcp dport 3240 accept\n",
+        "iptables": "-A INPUT -p tcp --dport 3241 -j DROP\n"})
+    assert find(check_server(), "firewall") == (Status.OK, "no rule drops TCP port 3240", "")
+
+
+def test_tls_files_expired_near_their_end_and_fine(machine, tmp_path: Path) -> None:
+    certs.init_ca(tmp_path)
+    past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=10)
+    old = certs.issue("old", server=True, base=tmp_path, not_before=past, days=1)
+    soon = certs.issue("soon", server=True, base=tmp_path, days=10)
+    fine = certs.issue("fine", server=True, base=tmp_path, days=365)
+    report = check_server(tls=TlsFiles(old.cert, old.key, old.ca))
+    status, detail, fix = find(report, "TLS certificate")
+    ended = (past + datetime.timedelta(days=1)).strftime("%Y-%m-%d")
+    assert status is Status.FAIL and detail == f"{old.cert} expired on {ended}"
+    assert "usbipy cert issue" in fix
+    status, detail, _ = find(check_server(tls=TlsFiles(soon.cert, soon.key, soon.ca)),
+                             "TLS certificate")
+    assert status is Status.WARN and ("in 9 days" in detail or "in 10 days" in detail)
+    assert find(check_server(tls=TlsFiles(fine.cert, fine.key, fine.ca)),
+                "TLS certificate")[0] is Status.OK
+    mismatched = check_server(tls=TlsFiles(fine.cert, old.key, fine.ca))
+    assert find(mismatched, "TLS files")[1].startswith(f"the key {old.key} does not match")
+
+
+# --- the client ---------------------------------------------------------------------------
+
+
+def test_client_nothing_listening(fake: FakeSysfs) -> None:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        port = s.getsockname()[1]
+    report = check_client(HOST, port)
+    assert find(report, "name") == (Status.OK, "127.0.0.1 is 127.0.0.1", "")
+    status, detail, fix = find(report, "TCP")
+    assert status is Status.FAIL
+    assert detail == f"127.0.0.1 port {port}: connection refused: nothing listens there"
+    assert "listens on 127.0.0.1 only by default" in fix
+    status, detail, _ = find(report, "vhci-hcd")
+    assert status is Status.WARN and detail.startswith("not loaded")
+
+
+def test_client_a_firewall_that_drops_and_one_that_resets(fake: FakeSysfs,
+                                                         monkeypatch) -> None:
+    def silent(self: socket.socket, address: object) -> None:
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr(socket.socket, "connect", silent)
+    status, detail, fix = find(check_client(HOST, 3240), "TCP")
+    assert (status, detail) == (Status.FAIL, "127.0.0.1 port 3240: no answer in 5 s: a "
+                                             "firewall drops the packets, or the host is down")
+    assert "usbipy doctor" in fix
+
+    def reset(self: socket.socket, address: object) -> None:
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    monkeypatch.setattr(socket.socket, "connect", reset)
+    assert find(check_client(HOST, 3240), "TCP")[1] == (
+        "127.0.0.1 port 3240: reset: the server refused us")
+
+
+def test_client_a_name_that_does_not_resolve(fake: FakeSysfs) -> None:
+    report = check_client("no-such-host.invalid", 3240)
+    status, detail, _ = find(report, "name")
+    assert status is Status.FAIL and detail.startswith("no-such-host.invalid does not resolve")
+    assert not report.passed
+
+
+def test_client_against_a_server(fake: FakeSysfs, capsys) -> None:
+    from usbipy.devices.demo import demo_devices
+
+    fake.load_vhci()
+    with ServerThread(demo_devices(disk_size=1 << 20), port=0) as srv:
+        report = check_client(HOST, srv.port, "1-2")
+        assert find(report, "device list")[:2] == (Status.OK, "3 offered: 1-1, 1-2, 1-3")
+        assert find(report, "vhci-hcd")[:2] == (
+            Status.OK, "loaded: 2 USB 2 and 2 SuperSpeed ports free")
+        assert find(report, "import")[:2] == (
+            Status.OK, "1-2 imported and released at once (1209:0002)")
+        assert report.passed
+        assert main(["doctor", "-r", HOST, "-t", str(srv.port), "-b", "9-9"]) == 1
+        out = capsys.readouterr().out
+        assert "✘ device: 127.0.0.1 does not offer 9-9" in out
+        fake.set_vhci_status({0: (3, 0x10002, "3-1"), 1: (3, 0x10003, "3-2")})
+        status, detail, _ = find(check_client(HOST, srv.port, "1-2"), "vhci-hcd")
+        assert (status, detail) == (Status.FAIL, "no free USB 2 port for 1-2")
+
+
+def test_client_tls_refusals(fake: FakeSysfs, tmp_path: Path) -> None:
+    from usbipy.devices.demo import demo_devices
+    from usbipy.server.tls import ServerTls
+    from usbipy.tls import server_context
+
+    certs.init_ca(tmp_path / "ours")
+    server = certs.issue("server", server=True, base=tmp_path / "ours", alt_names=(HOST,))
+    client = certs.issue("alice", server=False, base=tmp_path / "ours")
+    certs.init_ca(tmp_path / "theirs", name="another CA")
+    stranger = certs.issue("eve", server=False, base=tmp_path / "theirs")
+    tls = ServerTls(server_context(TlsFiles(server.cert, server.key, server.ca), kernel=False),
+                    kernel=False, handshake_timeout=10)
+    with ServerThread(demo_devices(disk_size=1 << 20), port=0, tls=tls) as srv:
+        plain = check_client(HOST, srv.port)
+        status, _detail, fix = find(plain, "device list")
+        assert status is Status.FAIL and "--tls-cert" in fix
+        good = check_client(HOST, srv.port, tls=TlsFiles(client.cert, client.key, client.ca))
+        assert find(good, "TLS")[1].startswith("TLSv1.") and good.passed
+        wrong_ca = check_client(HOST, srv.port,
+                                tls=TlsFiles(stranger.cert, stranger.key, stranger.ca))
+        status, detail, _ = find(wrong_ca, "TLS")
+        assert status is Status.FAIL and "certificate is not accepted" in detail
