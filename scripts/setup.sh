@@ -11,7 +11,8 @@ if [ "${1:-}" = "--test" ]; then
     # the kernel tests boot this machine's Debian kernel under QEMU; interop
     # tests use Debian's usbip and Wireshark's dissector
     packages="$packages qemu-system-x86 linux-image-amd64 busybox-static kmod cpio udev
-        usbip usbutils libusb-1.0-0 e2fsprogs dosfstools tshark iproute2 procps socat"
+        usbip usbutils libusb-1.0-0 e2fsprogs dosfstools tshark iproute2 procps socat
+        nftables"
 fi
 missing=""
 for p in $packages; do

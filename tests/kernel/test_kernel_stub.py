@@ -296,3 +296,86 @@ def test_pyusb_on_the_host_drives_the_stick_the_c_usbipd_exports(clean: Stick) -
     assert on_disk.split()[0] == hashlib.md5(pattern).hexdigest()
     vm.check(f"dd if=/dev/zero of={local} bs=512 seek={spare_lba} count=1 conv=fsync "
              "2>/dev/null")  # (the image as the other tests know it)
+
+
+def _doctor(vm: Vm, args: str = "") -> tuple[int, dict[str, dict[str, str]]]:
+    """usbipy doctor in the guest: its exit status, and its checks by name."""
+    result = vm.run(f"{USBIPY} doctor {args} --json 2>/dev/null", timeout=180)
+    report = json.loads(result.out)
+    return result.rc, {c["check"]: c for c in report["checks"]}
+
+
+def test_usbipy_doctor_names_what_is_wrong_in_a_real_kernel(
+        clean: Stick, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Each failure the doctor knows, made for real in the guest, and then a full
+    attach it checks: nothing listening, a module not loaded, a firewall rule that
+    drops the port, a server on loopback only, an expired certificate."""
+    import datetime
+
+    from usbipy.tls import certs
+
+    vm, busid = clean.vm, clean.busid
+    vm.check(f"usbip bind -b {busid}")
+    rc, checks = _doctor(vm, "-c /dev/null")
+    assert rc == 1
+    assert checks["server"]["status"] == "fail"
+    assert checks["server"]["detail"] == "nothing listens on port 3240"
+    assert checks[f"binding {busid}"]["status"] == "ok"
+    assert checks["module usbip-host"]["status"] == "ok"
+
+    vm.check("usbipd -D")
+    wait_for(vm, f"usbip list -r {LOOPBACK} 2>/dev/null | grep -q {busid}")
+    rc, checks = _doctor(vm, "-c /dev/null")
+    assert checks["server"]["status"] == "ok", checks["server"]
+    assert "usbipd (pid" in checks["server"]["detail"]
+    assert "dumpcap -i usbmon" in checks["capture"]["detail"]
+
+    # a firewall rule that drops the port, on both sides of the walk
+    vm.check("nft add table inet usbipytest && nft add chain inet usbipytest input "
+             "'{ type filter hook input priority 0; }' && "
+             "nft add rule inet usbipytest input tcp dport 3240 drop")
+    try:
+        rc, checks = _doctor(vm, "-c /dev/null")
+        assert rc == 1 and checks["firewall"]["status"] == "fail"
+        assert "nft: tcp dport 3240 drop" in checks["firewall"]["detail"]
+        rc, checks = _doctor(vm, f"-r {LOOPBACK}")
+        assert rc == 1
+        assert "no answer in 5 s: a firewall drops the packets" in checks["TCP"]["detail"]
+    finally:
+        vm.check("nft delete table inet usbipytest")
+
+    # vhci-hcd not loaded: said, with the command that loads it
+    vm.check("modprobe -r vhci-hcd")
+    try:
+        rc, checks = _doctor(vm, f"-r {LOOPBACK} -b {busid}")
+        assert rc == 1 and checks["vhci-hcd"]["status"] == "fail"
+        assert checks["vhci-hcd"]["fix"] == "modprobe vhci-hcd"
+    finally:
+        vm.check("modprobe vhci-hcd")
+
+    # the whole way: an attach the kernel enumerates (usb-storage, a disk), then detached
+    rc, checks = _doctor(vm, f"-r {LOOPBACK} -b {busid} --attach")
+    assert rc == 0, checks
+    assert checks["TCP"]["status"] == "ok"
+    attach = checks["attach"]["detail"]
+    assert "usb-storage" in attach and "nodes sd" in attach, attach
+    assert "vhci_hcd" in checks["kernel log"]["detail"]
+    assert checks["detach"]["status"] == "ok"
+    wait_for(vm, "! usbip port | grep -q 'Port in Use'")
+    vm.run("pkill -x usbipd")
+    wait_for(vm, "! pgrep -x usbipd")
+
+    # usbipyd on loopback only, with a device bound: no one else can import it; and
+    # its TLS files, one of them expired
+    base = tmp_path_factory.mktemp("doctor-pki")
+    certs.init_ca(base)
+    past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=10)
+    old = certs.issue("old", server=True, base=base, not_before=past, days=1)
+    start_usbipyd(vm, "-a", LOOPBACK)
+    rc, checks = _doctor(vm, f"-c /dev/null --tls-cert {old.cert} --tls-key {old.key} "
+                             f"--tls-ca {old.ca}")
+    assert checks["server"]["status"] == "warning"
+    assert "only: no other host can import" in checks["server"]["detail"]
+    assert checks["TLS certificate"]["status"] == "fail"
+    assert "expired on" in checks["TLS certificate"]["detail"]
+    assert rc == 1
