@@ -136,7 +136,7 @@ def test_files_rotate_at_the_size_cap_and_each_opens_alone(tmp_path: Path) -> No
 
 
 def test_a_writer_that_falls_behind_drops_and_counts(tmp_path: Path) -> None:
-    capture = Capture(tmp_path / "slow.pcapng", max_queued=2)
+    capture = Capture(tmp_path / "slow.pcapng", max_queued=1000)  # bytes: 2 of these
     recorder = capture.recorder(1, 2)
     urb = CmdSubmit(1, 0, Direction.OUT, 2, 0, 600, data=bytes(600))
     for _ in range(5):  # (the writer drains every 50 ms: not between these)
@@ -181,3 +181,84 @@ def test_enhanced_packet_pads_to_four_bytes() -> None:
     assert len(block) % 4 == 0
     assert struct.unpack_from("<IIIII", block, 8) == (0, 1, 2, 5, 5)
     assert time.time() > 0
+
+
+def test_a_failed_rotation_keeps_the_file_and_closes_nothing_else(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from usbipy.capture import writer
+
+    capture = Capture(tmp_path / "r.pcapng", max_bytes=4096, files=2)
+    recorder = capture.recorder(1, 2)
+    opened = capture._open_new
+
+    def refuse() -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(capture, "_open_new", refuse)
+    urb = CmdSubmit(1, 0, Direction.OUT, 2, 0, 900, data=bytes(900))
+    for _ in range(10):  # past the cap: a rotation, which fails
+        recorder.submitted(urb)
+    capture._wake.set()
+    deadline = time.monotonic() + 10
+    while capture.dropped == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert capture.dropped > 0
+    other = os.open(tmp_path / "other", os.O_CREAT | os.O_WRONLY)  # (may reuse a number)
+    monkeypatch.setattr(capture, "_open_new", opened)
+    monkeypatch.setattr(writer, "RETRY", 0.0)
+    capture._failed_at = 0.0
+    for _ in range(10):
+        recorder.submitted(urb)
+    capture.close()
+    os.write(other, b"still mine")  # the writer did not close it
+    os.close(other)
+    assert (tmp_path / "r.1.pcapng").exists()
+
+
+def test_files_are_private_and_a_link_is_refused(tmp_path: Path) -> None:
+    from usbipy.capture.writer import check_writable
+
+    path = tmp_path / "p.pcapng"
+    Capture(path).close()
+    assert path.stat().st_mode & 0o777 == 0o600
+    link = tmp_path / "link.pcapng"
+    link.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(OSError):
+        Capture(link)
+    with pytest.raises(OSError, match="symbolic link"):
+        check_writable(link)
+
+
+def test_a_restart_keeps_the_last_capture(tmp_path: Path) -> None:
+    path = tmp_path / "k.pcapng"
+    first = Capture(path)
+    first.recorder(1, 2).submitted(CmdSubmit(7, 0, Direction.IN, 1, 0, 8))
+    first.close()
+    Capture(path).close()
+    kept = packets((tmp_path / "k.1.pcapng").read_bytes())
+    assert [h[0] & 0xFFFFFFFF for h, _ in kept] == [7]
+    assert packets(path.read_bytes()) == []
+
+
+def test_the_capture_shows_what_the_client_got_not_what_the_device_said(
+        tmp_path: Path) -> None:
+    """A device that babbles (100 bytes for 18): the client gets -EOVERFLOW, and so
+    does the capture; one with a status beyond 32 bits: -EPROTO, connection kept."""
+    from usbipy.backends import Completion, FunctionDevice
+    from usbipy.client.errors import Overflow, UrbError
+
+    answers = iter([Completion(data=bytes(100)), Completion(status=-(1 << 40))])
+    device = FunctionDevice(lambda urb: next(answers))
+    capture = Capture(tmp_path / "b.pcapng")
+    with ServerThread([device], port=0, capture=capture) as srv:
+        with sync.connect("127.0.0.1", "1-1", srv.port) as dev:
+            with pytest.raises(Overflow):
+                dev.control(0x80, 6, 0x0100, 0, 18, timeout=5)
+            with pytest.raises(UrbError) as weird:
+                dev.control(0x80, 6, 0x0100, 0, 18, timeout=5)
+            assert weird.value.errno_name == "EPROTO"
+    completions = [(h[10], h[12]) for h, _ in packets((tmp_path / "b.pcapng").read_bytes())
+                   if h[1] == ord("C")]
+    assert completions == [(-75, 0), (-71, 0)]

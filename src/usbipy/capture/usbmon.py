@@ -49,6 +49,8 @@ EINPROGRESS: Final = -115
 
 _IN: Final = Direction.IN
 _ZERO_SETUP: Final = bytes(8)
+#: Iso descriptors a record keeps at most, as mon_bin.c (ISODESC_MAX).
+ISODESC_MAX: Final = 128
 #: Bytes of each URB's data a record keeps, unless told otherwise: whole commands,
 #: reports, descriptors and short serial lines; a 64 KiB block's first 1 KiB.
 SNAPLEN: Final = 1024
@@ -90,7 +92,7 @@ class UrbRecorder:
         if ep == 0:
             kind, setup_flag, setup = 2, 0, urb.setup
         else:
-            kind = self._types.get(address) or (1 if urb.interval else 3)
+            kind = self._types.get(address, 1 if urb.interval else 3)
             setup_flag, setup = _NO_SETUP, _ZERO_SETUP
         if direction_in:
             data, data_flag = b"", _DATA_IN_PENDING
@@ -98,7 +100,7 @@ class UrbRecorder:
             data = urb.data
             if len(data) > self._snaplen:
                 data = data[:self._snaplen]
-            data_flag = 0 if data else _DATA_OUT_DONE
+            data_flag = 0
         ts = time.time_ns() // 1000
         length = 64 + len(data)
         pad = -length & 3
@@ -128,14 +130,14 @@ class UrbRecorder:
             if status == 0 and data and direction_in:
                 self._learn(urb.setup, data)
         else:
-            kind = self._types.get(address) or (1 if urb.interval else 3)
-        if direction_in and data:
+            kind = self._types.get(address, 1 if urb.interval else 3)
+        if direction_in:
             if len(data) > self._snaplen:
                 data = data[:self._snaplen]
             data_flag = 0
         else:
             data = b""
-            data_flag = _DATA_OUT_DONE if not direction_in else _DATA_IN_PENDING
+            data_flag = _DATA_OUT_DONE
         ts = time.time_ns() // 1000
         length = 64 + len(data)
         pad = -length & 3
@@ -164,15 +166,15 @@ class UrbRecorder:
             if status == 0 and data and direction_in:
                 self._learn(urb.setup, data)
         else:
-            kind = self._types.get(address) or (1 if urb.interval else 3)
+            kind = self._types.get(address, 1 if urb.interval else 3)
             setup_flag, setup = _NO_SETUP, _ZERO_SETUP
         if direction_in:
             out, out_flag = b"", _DATA_IN_PENDING
             back = data[:snaplen] if len(data) > snaplen else data
-            back_flag = 0 if back else _DATA_IN_PENDING
+            back_flag = 0
         else:
             out = urb.data[:snaplen] if len(urb.data) > snaplen else urb.data
-            out_flag = 0 if out else _DATA_OUT_DONE
+            out_flag = 0
             back, back_flag = b"", _DATA_OUT_DONE
         ts = time.time_ns() // 1000
         ts_high, ts_low, ts_sec, ts_usec = ts >> 32, ts & 0xFFFFFFFF, ts // 1_000_000, (
@@ -201,6 +203,7 @@ class UrbRecorder:
              packets: list[IsoPacket], error_count: int, start_frame: int) -> None:
         direction_in = urb.direction is _IN
         address = urb.ep | 0x80 if direction_in else urb.ep
+        packets = packets[:ISODESC_MAX]
         if event == EVENT_SUBMIT:
             descs = b"".join(_ISO_DESC.pack(p.status, p.offset, p.length, 0) for p in packets)
             if not direction_in:
@@ -212,7 +215,8 @@ class UrbRecorder:
                 data = _spread(data, packets)
         if len(data) > self._snaplen:
             data = data[:self._snaplen]
-        data_flag = 0 if data else (_DATA_IN_PENDING if direction_in else _DATA_OUT_DONE)
+        data_flag = (_DATA_IN_PENDING if direction_in and event == EVENT_SUBMIT else
+                     _DATA_OUT_DONE if not direction_in and event == EVENT_COMPLETE else 0)
         ts = time.time_ns() // 1000
         length = 64 + len(descs) + len(data)
         pad = -length & 3

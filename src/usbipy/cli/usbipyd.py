@@ -25,6 +25,7 @@ from ..backends.libusb.bindings import BindingError, BindingStore
 from ..backends.libusb.events import libusb_available
 from ..backends.libusb.source import LibusbSource
 from ..capture import Capture
+from ..capture.writer import check_writable
 from ..config import DEFAULT_PATH as DEFAULT_CONFIG
 from ..config import DaemonConfig
 from ..config import load as load_config
@@ -558,8 +559,7 @@ def _main(cli: argparse.Namespace) -> int:
                   f"{exc.strerror or exc}"
     if problem is None and args.capture is not None:
         try:  # (the capture itself is made after -D forks: its writer is a thread)
-            with open(args.capture, "ab"):
-                pass
+            check_writable(args.capture)
         except OSError as exc:
             problem = f"cannot write {args.capture}: {exc.strerror or exc}"
     if problem is not None:
@@ -599,18 +599,22 @@ def _main(cli: argparse.Namespace) -> int:
             return 1
     if args.daemon:
         _daemonize()
-    if pid_file is not None:
-        with pid_file:
-            pid_file.write(f"{os.getpid()}\n")
     if args.capture is not None:
         try:
             server.capture = Capture(args.capture, max_bytes=args.capture_size * 1_000_000,
                                      files=args.capture_files)
         except OSError as exc:
+            # (after -D, stderr is gone: the log says it, wherever logging goes)
             log.error("cannot write %s: %s", printable(args.capture), exc.strerror or exc)
+            if pid_file is not None:
+                pid_file.close()
+                os.unlink(args.pid)
             return 1
         log.info("capturing the URBs of emulated and libusb devices to %s (%d MB a file, "
                  "%d files)", printable(args.capture), args.capture_size, args.capture_files)
+    if pid_file is not None:
+        with pid_file:
+            pid_file.write(f"{os.getpid()}\n")
     try:
         run_loop(_serve(server, libusb, cli, settings, metrics), args.loop)
     except UsbipError as exc:

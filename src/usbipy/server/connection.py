@@ -26,6 +26,7 @@ from ..protocol import (
     CmdSubmit,
     CmdUnlink,
     Direction,
+    IsoPacket,
     OpRepDevlist,
     OpRepImport,
     OpReqDevlist,
@@ -33,6 +34,7 @@ from ..protocol import (
     OpStatus,
     RemoteProtocolError,
     ServerConnection,
+    wire,
 )
 from ..protocol.constants import ECONNRESET, EPROTO
 from ..tls import TlsSession
@@ -447,21 +449,21 @@ class UsbipServerProtocol(asyncio.Protocol):
 
     def _submit(self, urb: CmdSubmit) -> None:
         conn = self.conn
+        stats = self._stats
+        if stats is not None:
+            stats.urbs[self._key_in if urb.direction is Direction.IN else self._key_out] += 1
         # (the comparison first: admit() decides, but most URBs need not ask it)
         if urb.transfer_buffer_length > conn.max_transfer_length:
             refusal = conn.admit(urb)
             if refusal is not None:
+                if self._recorder is not None or stats is not None:
+                    self._observe(urb, *refusal, at_once=True)
                 self._send_reply(*refusal)
                 return
         device = self.device
         assert device is not None
-        stats = self._stats
-        if stats is not None:
-            if urb.direction is Direction.IN:
-                stats.urbs[self._key_in] += 1
-            else:
-                stats.urbs[self._key_out] += 1
-                stats.bytes[self._key_out] += len(urb.data)
+        if stats is not None and urb.direction is Direction.OUT:
+            stats.bytes[self._key_out] += len(urb.data)
         try:
             result = device.submit(urb)
         except Exception:
@@ -503,29 +505,40 @@ class UsbipServerProtocol(asyncio.Protocol):
         """RET_SUBMIT for ``urb``; ``at_once``: the device finished it in submit()."""
         if self._closed:
             return
-        if self._recorder is not None:
-            actual = result.actual_length
-            if actual is None:
-                actual = (len(result.data) if urb.direction is Direction.IN
-                          else urb.transfer_buffer_length)
-            if at_once and result.iso_packets is None:
-                self._recorder.exchanged(urb, result.status, result.data, actual)
-            else:
-                if at_once:
-                    self._recorder.submitted(urb)
-                self._recorder.completed(urb, result.status, result.data, actual,
-                                         result.iso_packets, result.error_count,
-                                         result.start_frame)
-        stats = self._stats
-        if stats is not None:
-            if urb.direction is Direction.IN and result.data:
-                stats.bytes[self._key_in] += len(result.data)
-            if result.status:
-                stats.errors[(self._key_in[0], status_name(result.status))] += 1
         header, data = self.conn.reply_submit(
             urb, result.status, result.data, result.actual_length, result.start_frame,
             result.error_count, result.iso_packets)
+        if self._recorder is not None or self._stats is not None:
+            # what the client gets (the codec may have made a babble -EOVERFLOW, say),
+            # not what the device answered
+            self._observe(urb, header, data, at_once)
         self._send_reply(header, data)
+
+    def _observe(self, urb: CmdSubmit, header: bytes, data: bytes, at_once: bool) -> None:
+        """The capture's records and the metrics' counts of one RET_SUBMIT."""
+        (_cmd, _seqnum, _devid, _dir, _ep, status, actual, start_frame, _n,
+         error_count) = wire.RET_SUBMIT.unpack_from(header)
+        iso: list[IsoPacket] | None = None
+        if urb.iso_packets is not None:
+            n = len(urb.iso_packets)
+            cut = len(data) - 16 * n
+            iso = [IsoPacket(*wire.ISO_PACKET.unpack_from(data, cut + 16 * i))
+                   for i in range(n)]
+            data = data[:cut]
+        recorder = self._recorder
+        if recorder is not None:
+            if at_once and iso is None:
+                recorder.exchanged(urb, status, data, actual)
+            else:
+                if at_once:
+                    recorder.submitted(urb)
+                recorder.completed(urb, status, data, actual, iso, error_count, start_frame)
+        stats = self._stats
+        if stats is not None:
+            if data:
+                stats.bytes[self._key_in] += len(data)
+            if status:
+                stats.errors[(self._key_in[0], status_name(status))] += 1
 
     def _send_reply(self, header: bytes, data: bytes) -> None:
         conn = self.conn
