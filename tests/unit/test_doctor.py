@@ -134,23 +134,38 @@ def test_a_binding_stuck_in_use_with_no_connection(machine) -> None:
     proc.socket("0.0.0.0", 3240, "0.0.0.0", 0, system.TCP_LISTEN)
     status, detail, fix = find(check_server(), "binding 3-1")
     assert status is Status.FAIL
-    assert detail == "3-1 (46f4:0001): stuck in use: no connection to port 3240 is open"
+    assert detail == "3-1 (46f4:0001): stuck in use: no connection the kernel holds is open"
     assert fix.startswith("its client went without a word; free it: usbip unbind -b 3-1 && "
                           "usbip bind -b 3-1")
-    proc.socket("10.0.0.1", 3240, "10.0.0.9", 50000, system.TCP_ESTABLISHED)
+    # a connection some process has open is not the kernel's (usbipd gave its away)
+    proc.process(400, "sshd", "sshd")
+    proc.socket("10.0.0.1", 22, "10.0.0.9", 40000, system.TCP_ESTABLISHED, inode=4242)
+    os.symlink("socket:[4242]", proc.root / "400/fd/3")
+    assert find(check_server(), "binding 3-1")[0] is Status.FAIL
+    proc.socket("10.0.0.1", 3240, "10.0.0.9", 50000, system.TCP_ESTABLISHED, inode=5000)
     assert find(check_server(), "binding 3-1")[:2] == (
         Status.OK, "3-1 (46f4:0001): in use (10.0.0.9:50000)")
 
 
+NFT_INPUT = ("table inet filter {\n\tchain input {\n\t\ttype filter hook input priority "
+             "filter; policy %s;\n%s\t}\n}\n")
+
+
+def nft(rules: str, policy: str = "accept") -> dict[str, str]:
+    return {"nft": NFT_INPUT % (policy, "".join(f"\t\t{r}\n" for r in rules.split("|")))}
+
+
 @pytest.mark.parametrize(("rules", "hit"), [
-    ({"nft": "table inet filter {\n\tchain input {\n\t\ttcp dport 3240 drop\n\t}\n}\n"},
-     "nft: tcp dport 3240 drop"),
-    ({"nft": "\t\ttcp dport { 22, 3240 } counter packets 0 bytes 0 reject\n"},
+    (nft("tcp dport 3240 drop"), "nft: tcp dport 3240 drop"),
+    (nft("tcp dport { 22, 3240 } counter packets 0 bytes 0 reject"),
      "nft: tcp dport { 22, 3240 } counter packets 0 bytes 0 reject"),
-    ({"iptables": "-A INPUT -p tcp -m tcp --dport 3240 -j DROP\n"},
+    (nft("tcp dport 3000-4000 drop"), "nft: tcp dport 3000-4000 drop"),
+    ({"iptables": "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -p tcp -m tcp --dport 3240 -j DROP\n"},
      "iptables: -A INPUT -p tcp -m tcp --dport 3240 -j DROP"),
     ({"ip6tables": "-A INPUT -p tcp -m multiport --dports 22,3240 -j REJECT\n"},
      "ip6tables: -A INPUT -p tcp -m multiport --dports 22,3240 -j REJECT"),
+    ({"iptables": "-A INPUT -p tcp -m tcp --dport 3000:4000 -j DROP\n"},
+     "iptables: -A INPUT -p tcp -m tcp --dport 3000:4000 -j DROP"),
 ])
 def test_a_firewall_rule_that_drops_the_port(machine, monkeypatch, rules: dict[str, str],
                                              hit: str) -> None:
@@ -160,11 +175,29 @@ def test_a_firewall_rule_that_drops_the_port(machine, monkeypatch, rules: dict[s
     assert "tcp dport 3240 accept" in fix
 
 
-def test_rules_for_other_ports_pass(machine, monkeypatch) -> None:
-    monkeypatch.setattr(system, "firewall_rules", lambda: {
-        "nft": "tcp dport 32400 drop\ntcp dport 3240 accept\n",
-        "iptables": "-A INPUT -p tcp --dport 3241 -j DROP\n"})
-    assert find(check_server(), "firewall") == (Status.OK, "no rule drops TCP port 3240", "")
+@pytest.mark.parametrize(("rules", "expected"), [
+    # other ports, UDP, negations: not ours
+    (nft("tcp dport 32400 drop|udp dport 3240 drop|tcp dport != 3240 drop"), Status.OK),
+    ({"iptables": "-A INPUT -p tcp ! --dport 3240 -j DROP\n-A INPUT -p udp --dport 3240 "
+                  "-j DROP\n"}, Status.OK),
+    # accepted before a drop: fine
+    (nft("tcp dport 3240 accept|tcp dport 3240 drop"), Status.OK),
+    # a default that drops, or a catch-all reject, and no accept: a warning
+    (nft("ct state established accept", policy="drop"), Status.WARN),
+    (nft("reject with icmpx admin-prohibited"), Status.WARN),
+    ({"iptables": ":INPUT DROP [0:0]\n-A INPUT -i lo -j ACCEPT\n"}, Status.WARN),
+    # ... with an accept: fine
+    (nft("tcp dport 3240 accept", policy="drop"), Status.OK),
+    # a chain that is not input
+    ({"nft": "table inet f {\n\tchain out {\n\t\ttype filter hook output priority 0; "
+             "policy accept;\n\t\ttcp dport 3240 drop\n\t}\n}\n"}, Status.OK),
+])
+def test_firewall_rules_read_as_the_kernel_applies_them(machine, monkeypatch,
+                                                       rules: dict[str, str],
+                                                       expected: Status) -> None:
+    monkeypatch.setattr(system, "firewall_rules", lambda: rules)
+    status, detail, _ = find(check_server(), "firewall")
+    assert status is expected, detail
 
 
 def test_tls_files_expired_near_their_end_and_fine(machine, tmp_path: Path) -> None:
@@ -198,7 +231,8 @@ def test_client_nothing_listening(fake: FakeSysfs) -> None:
     assert find(report, "name") == (Status.OK, "127.0.0.1 is 127.0.0.1", "")
     status, detail, fix = find(report, "TCP")
     assert status is Status.FAIL
-    assert detail == f"127.0.0.1 port {port}: connection refused: nothing listens there"
+    assert detail == (f"127.0.0.1 port {port}: connection refused: nothing listens there "
+                      "(or a firewall rejects it)")
     assert "listens on 127.0.0.1 only by default" in fix
     status, detail, _ = find(report, "vhci-hcd")
     assert status is Status.WARN and detail.startswith("not loaded")

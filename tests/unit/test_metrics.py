@@ -39,6 +39,14 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+@pytest.fixture(autouse=True)
+def _fresh(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every scrape reads the server anew (a second's cache would hide the session)."""
+    from usbipy.server import metrics
+
+    monkeypatch.setattr(metrics, "SNAPSHOT_MAX_AGE", 0.0)
+
+
 @pytest.fixture
 def served() -> Iterator[tuple[ServerThread, MetricsEndpoint, HidKeyboard]]:
     keyboard = HidKeyboard()
@@ -152,3 +160,27 @@ def test_a_busy_port_is_an_error_usbipyd_names(tmp_path: Path,
                  str(tmp_path / "no" / "dir" / "x.pcapng")])
     assert code == 1
     assert "usbipyd: cannot write " in capsys.readouterr().err
+
+
+def test_scrapes_within_a_second_share_one_snapshot(monkeypatch: pytest.MonkeyPatch) -> None:
+    from usbipy.server import metrics
+
+    monkeypatch.setattr(metrics, "SNAPSHOT_MAX_AGE", 60.0)
+    endpoint = MetricsEndpoint(HOST, 0)
+    calls = []
+    real = metrics.snapshot
+
+    async def counted(server):
+        calls.append(1)
+        return await real(server)
+
+    monkeypatch.setattr(metrics, "snapshot", counted)
+    with ServerThread([HidKeyboard()], port=0, stats=ServerStats()) as srv:
+        assert srv.server is not None
+        endpoint.start(srv.server, srv.loop)
+        try:
+            for _ in range(5):
+                scrape(endpoint.url)
+        finally:
+            endpoint.close()
+    assert len(calls) == 1

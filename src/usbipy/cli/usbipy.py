@@ -25,7 +25,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..client import persistent
 from ..client.attach import attach
@@ -555,7 +555,7 @@ def _run(args: argparse.Namespace) -> object:
 
 def _doctor(args: argparse.Namespace, tls: TlsFiles | None) -> dict[str, object]:
     """`usbipy doctor`: the report as lines (or JSON); what _main's exit status reads."""
-    from ..doctor import check_client, check_server
+    from ..doctor import Check, Status, check_client, check_server
 
     if args.remote is None and (args.busid or args.attach):
         raise UsbipError("-b and --attach go with -r HOST (a client's check)")
@@ -570,14 +570,22 @@ def _doctor(args: argparse.Namespace, tls: TlsFiles | None) -> dict[str, object]
         from ..config import load as load_config
 
         path = args.config or (str(DEFAULT_PATH) if DEFAULT_PATH.exists() else None)
+        options: dict[str, Any] = {}
+        problem = None
         if path is not None:
-            config = load_config(path)
-            options = config.options
+            try:
+                options = load_config(path).options
+            except UsbipError as exc:  # (a check that fails, not the end of the walk)
+                problem = str(exc)
+        if options:
             port = options.get("tcp_port", port) if args.tcp_port == USBIP_PORT else port
             if files is None:
                 files = TlsFiles.from_options(options.get("tls_cert"), options.get("tls_key"),
                                               options.get("tls_ca"))
         report = check_server(port, files, _libusb_binding_names())
+        if problem is not None:
+            report.checks.insert(0, Check("configuration", Status.FAIL, problem,
+                                          "usbipyd --check-config -c FILE says the same"))
     result = report.as_json()
     if not args.json:
         print(report.text())

@@ -148,6 +148,8 @@ def host_port(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
 
 
 def _host_port(doc: Document, path: KeyPath, value: Any) -> tuple[str, int]:
+    if isinstance(value, int) and not isinstance(value, bool):  # (metrics = 9240)
+        value = str(value)
     text = _string(doc, path, value)
     try:
         return host_port(text)

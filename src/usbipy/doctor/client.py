@@ -10,6 +10,7 @@ node created) and shows what vhci-hcd logged, then a detach.
 from __future__ import annotations
 
 import errno
+import re
 import socket
 import ssl
 import time
@@ -87,9 +88,17 @@ def _connect(report: Report, infos: list[tuple], host: str, port: int  # type: i
         return sock
     where = f"{host} port {port}"
     if isinstance(last, ConnectionRefusedError):
-        report.add("TCP", Status.FAIL, f"{where}: connection refused: nothing listens there",
+        report.add("TCP", Status.FAIL, f"{where}: connection refused: nothing listens there "
+                   "(or a firewall rejects it)",
                    "start usbipyd (or usbipd) on the server, on an address this host "
-                   "reaches (usbipyd -a 0.0.0.0; it listens on 127.0.0.1 only by default)")
+                   "reaches (usbipyd -a 0.0.0.0; it listens on 127.0.0.1 only by default); "
+                   "on the server, usbipy doctor reads the firewall")
+    elif getattr(last, "errno", None) in (errno.EHOSTUNREACH, errno.EACCES, errno.EPERM):
+        report.add("TCP", Status.FAIL,
+                   f"{where}: {last.strerror if last else ''}: a firewall rejects it "
+                   "(admin-prohibited), or there is no route",
+                   f"allow TCP port {port} on the server (usbipy doctor there says which "
+                   "rule); check the route (ip route get)")
     elif isinstance(last, TimeoutError) or getattr(last, "errno", None) == errno.ETIMEDOUT:
         report.add("TCP", Status.FAIL,
                    f"{where}: no answer in {CONNECT_TIMEOUT:g} s: a firewall drops the "
@@ -197,8 +206,9 @@ def _attach(report: Report, host: str, port: int, busid: str, tls: TlsFiles | No
                        f"{busid} on port {attached.port} is {local.busid} here: drivers "
                        f"{', '.join(drivers) or 'none'}; nodes {', '.join(nodes) or 'none'}",
                        "" if drivers else "no driver took it: is its class driver installed?")
+        mine = re.compile(rf"\busb {re.escape(local.busid)}:" if local is not None else "$^")
         lines = [line for line in system.kernel_log_since(marker)
-                 if "vhci_hcd" in line or (local is not None and f"usb {local.busid}" in line)]
+                 if "vhci_hcd" in line or mine.search(line)]
         if lines:
             report.add("kernel log", Status.INFO, "\n".join(lines[-12:]))
     finally:
@@ -232,7 +242,7 @@ def _bound(device: sysfs.UsbDevice) -> tuple[list[str], list[str]]:
                           if (d := sysfs.driver_of(i)) is not None})
         nodes = sorted({p.name for kind in ("block", "tty", "input")
                         for p in device.sys_path.glob(f"**/{kind}/*")})
-        if drivers and nodes:
-            break
+        if drivers and (nodes or time.monotonic() > deadline - ENUMERATE_TIMEOUT + 3):
+            break  # (a driver bound; nodes of these kinds within 3 s, or none to make)
         time.sleep(0.2)
     return drivers, nodes

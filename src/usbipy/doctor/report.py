@@ -30,8 +30,9 @@ class Check:
     fix: str = ""
 
     def lines(self) -> list[str]:
-        first = f"{self.status.mark} {self.name}: {printable(self.detail)}"
-        return [first, *(f"    {printable(line)}" for line in self.fix.splitlines())]
+        head, *more = self.detail.splitlines() or [""]
+        return [f"{self.status.mark} {self.name}: {printable(head)}",
+                *(f"    {printable(line)}" for line in [*more, *self.fix.splitlines()])]
 
     def as_json(self) -> dict[str, Any]:
         return {"check": self.name, "status": self.status.value, "detail": self.detail,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
 import ssl
 from pathlib import Path
 
@@ -20,7 +21,6 @@ from .report import Report, Status
 
 #: A certificate this close to its end is warned about.
 EXPIRY_WARNING = datetime.timedelta(days=30)
-_LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
 
 def check_server(port: int = 3240, tls: TlsFiles | None = None,
@@ -38,8 +38,7 @@ def check_server(port: int = 3240, tls: TlsFiles | None = None,
                "" if devices else "plug one in; 'lsusb' should list it")
     bound = usbip_host.bound_devices()
     sockets = system.tcp_sockets()
-    live = [s for s in sockets if s.state == system.TCP_ESTABLISHED and s.local_port == port]
-    _bindings(report, bound, live, port)
+    _bindings(report, bound, system.kernel_held(sockets))
     if libusb_bindings:
         report.add("libusb bindings", Status.INFO, ", ".join(libusb_bindings))
     _daemon(report, sockets, port, exported=bool(bound or libusb_bindings))
@@ -64,31 +63,41 @@ def _modules(report: Report, tls: bool) -> None:
         if system.module_loaded(name):
             report.add(f"module {name}", Status.OK, "loaded")
         elif system.module_installed(name):
-            report.add(f"module {name}", Status.WARN, f"not loaded ({why})",
-                       f"modprobe {name}")
+            report.add(f"module {name}", Status.INFO if name == "vhci-hcd" else Status.WARN,
+                       f"not loaded ({why})", f"modprobe {name}")
         else:
-            report.add(f"module {name}", Status.FAIL if name == "tls" else Status.WARN,
+            report.add(f"module {name}", Status.FAIL if name == "tls" else
+                       Status.INFO if name == "vhci-hcd" else Status.WARN,
                        f"not installed for this kernel ({why})",
                        "install the kernel's extra modules (Debian: they ship with "
                        "linux-image-*; Ubuntu: linux-modules-extra-$(uname -r))")
 
 
 def _bindings(report: Report, bound: list[sysfs.UsbDevice],
-              live: list[system.TcpSocket], port: int) -> None:
+              held: list[system.TcpSocket]) -> None:
+    """usbip-host's devices; one "in use" needs a connection the kernel holds (usbipd
+    and usbipyd give theirs to usbip-host and keep no copy). Fewer such
+    connections than devices in use: some are stuck (which ones, the kernel does
+    not say)."""
     if not bound:
         report.add("usbip-host bindings", Status.INFO, "no device is bound to usbip-host")
         return
+    in_use = [d for d in bound if usbip_host.stub_status(d) is usbip_host.StubStatus.USED]
+    stuck = len(in_use) > len(held)
+    peers = ", ".join(sorted({f"{s.remote}:{s.remote_port}" for s in held}))
     for device in bound:
         status = usbip_host.stub_status(device)
         name = f"{device.busid} ({device.info.idVendor:04x}:{device.info.idProduct:04x})"
         if status is usbip_host.StubStatus.AVAILABLE:
             report.add(f"binding {device.busid}", Status.OK, f"{name}: available")
-        elif status is usbip_host.StubStatus.USED and live:
-            peers = ", ".join(sorted({f"{s.remote}:{s.remote_port}" for s in live}))
+        elif status is usbip_host.StubStatus.USED and not stuck:
             report.add(f"binding {device.busid}", Status.OK, f"{name}: in use ({peers})")
         elif status is usbip_host.StubStatus.USED:
+            which = ("no connection the kernel holds is open" if not held else
+                     f"{len(in_use)} devices in use, {len(held)} connections: this one "
+                     "may be stuck")
             report.add(f"binding {device.busid}", Status.FAIL,
-                       f"{name}: stuck in use: no connection to port {port} is open",
+                       f"{name}: stuck in use: {which}",
                        f"its client went without a word; free it: usbip unbind -b "
                        f"{device.busid} && usbip bind -b {device.busid} (usbipyd's "
                        "dead-peer timeout prevents this)")
@@ -112,8 +121,7 @@ def _daemon(report: Report, sockets: list[system.TcpSocket], port: int,
     addresses = sorted({s.local for s in listening})
     shown = ", ".join(f"[{a}]" if ":" in a else a for a in addresses)
     everywhere = any(a in ("0.0.0.0", "::") for a in addresses)
-    local_only = not everywhere and all(
-        any(ipaddress.ip_address(a) in net for net in _LOOPBACK) for a in addresses)
+    local_only = not everywhere and all(_loopback(a) for a in addresses)
     if local_only and exported:
         report.add("server", Status.WARN,
                    f"{names or 'a server'} listens on {shown} port {port} only: no other "
@@ -125,12 +133,20 @@ def _daemon(report: Report, sockets: list[system.TcpSocket], port: int,
                    f"{names or 'a server'} listens on {shown} port {port}")
 
 
+def _loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
 def _server_name(process: system.Process) -> str:
     """"usbipd" or "usbipyd" for a USB/IP server's process, else ""."""
     if process.name in ("usbipd", "usbipyd"):
         return process.name
-    args = process.cmdline.split()[:3]  # (python -m usbipy.cli.usbipyd, a script)
-    if any(a == "usbipy.cli.usbipyd" or a.endswith("/usbipyd") for a in args):
+    args = process.cmdline.split()[:3]  # (python -m usbipy.cli.usbipyd, python usbipyd)
+    if args and os.path.basename(args[0]).startswith("python") and any(
+            a == "usbipy.cli.usbipyd" or os.path.basename(a) == "usbipyd" for a in args[1:]):
         return "usbipyd"
     return ""
 
@@ -140,11 +156,19 @@ def _firewall(report: Report, port: int) -> None:
     if rules is None:
         report.add("firewall", Status.INFO, "no nft or iptables here to ask (or no root)")
         return
-    hits = system.dropping_rules(rules, port)
-    if hits:
-        report.add("firewall", Status.FAIL, f"rules drop TCP port {port}: " + "; ".join(hits),
-                   f"allow it, e.g. nft insert rule inet filter input tcp dport {port} "
-                   "accept (or remove the rule)")
+    verdict = system.firewall_verdict(rules, port)
+    allow = (f"allow it, e.g. nft insert rule inet filter input tcp dport {port} accept "
+             f"(or iptables -I INPUT -p tcp --dport {port} -j ACCEPT)")
+    if verdict.drops:
+        report.add("firewall", Status.FAIL,
+                   f"rules drop TCP port {port}: " + "; ".join(verdict.drops), allow)
+    elif verdict.accepts:
+        report.add("firewall", Status.OK, f"TCP port {port} is accepted: "
+                   + "; ".join(verdict.accepts))
+    elif verdict.default_drops:
+        report.add("firewall", Status.WARN,
+                   f"no rule accepts TCP port {port}, and these drop what is not accepted: "
+                   + "; ".join(verdict.default_drops), allow)
     else:
         report.add("firewall", Status.OK, f"no rule drops TCP port {port}")
 
@@ -159,7 +183,13 @@ def _tls(report: Report, files: TlsFiles) -> None:
             return
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
-        context.load_cert_chain(files.cert, files.key)
+        context.load_verify_locations(files.cert)  # (the certificate alone: is it one?)
+    except ssl.SSLError as exc:
+        report.add("TLS files", Status.FAIL, f"{files.cert} is not a PEM certificate "
+                   f"({exc.reason or exc})", "give the certificate 'usbipy cert' wrote")
+        return
+    try:
+        context.load_cert_chain(files.cert, files.key, password=lambda: b"")
     except ssl.SSLError as exc:
         report.add("TLS files", Status.FAIL,
                    f"the key {files.key} does not match the certificate {files.cert} "

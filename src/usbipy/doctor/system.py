@@ -27,15 +27,28 @@ TCP_LISTEN = 0x0A
 
 
 def module_loaded(name: str) -> bool:
-    """Loaded, or built into the kernel: /sys/module/NAME exists either way."""
-    return (sysfs.SYSFS_ROOT / "module" / name.replace("-", "_")).is_dir()
+    """Loaded, or built into the kernel (a built-in one may have no /sys/module
+    entry: modules.builtin names it; TLS shows as an available ULP)."""
+    if (sysfs.SYSFS_ROOT / "module" / name.replace("-", "_")).is_dir():
+        return True
+    if name == "tls":
+        try:
+            if "tls" in (PROC_ROOT / "sys/net/ipv4/tcp_available_ulp").read_text().split():
+                return True
+        except OSError:
+            pass
+    return _listed(name, ("modules.builtin",))
 
 
 def module_installed(name: str) -> bool:
     """In this kernel's module tree (modules.dep or modules.builtin name it)."""
+    return _listed(name, ("modules.dep", "modules.builtin"))
+
+
+def _listed(name: str, indexes: tuple[str, ...]) -> bool:
     base = MODULES_ROOT / os.uname().release
     wanted = {name.replace("-", "_"), name.replace("_", "-")}
-    for index in ("modules.dep", "modules.builtin"):
+    for index in indexes:
         try:
             text = (base / index).read_text()
         except OSError:
@@ -117,6 +130,13 @@ def processes() -> list[Process]:
     return found
 
 
+def kernel_held(sockets: list[TcpSocket]) -> list[TcpSocket]:
+    """Established connections no process has open: ones the kernel holds (a socket
+    handed to usbip-host or vhci-hcd), or, without root, other users' too."""
+    owners = socket_owners()
+    return [s for s in sockets if s.state == TCP_ESTABLISHED and s.inode not in owners]
+
+
 def socket_owners() -> dict[int, int]:
     """Socket inode -> pid, for the processes this user may look into."""
     owners = {}
@@ -157,20 +177,95 @@ def firewall_rules() -> dict[str, str] | None:
     return found or None
 
 
-def dropping_rules(rules: dict[str, str], port: int) -> list[str]:
-    """The rules that drop or reject TCP to ``port``, as their tool prints them."""
-    hits = []
-    ports = re.compile(rf"dport\s+(?:{port}\b|\{{[^}}]*\b{port}\b[^}}]*\}})")
+@dataclass
+class FirewallVerdict:
+    """What the rules say of TCP to one port, in the input path."""
+
+    #: rules that drop or reject it, and come before any that accepts it
+    drops: list[str]
+    #: rules that accept it
+    accepts: list[str]
+    #: what drops everything not accepted: a chain's policy, a catch-all rule
+    default_drops: list[str]
+
+
+def _port_in(spec: str, port: int) -> bool:
+    """Whether ``port`` is in an nft or iptables port expression: 3240, 3000-4000,
+    3000:4000, { 22, 3240 }, 22,3240."""
+    for part in re.split(r"[\s,{}]+", spec):
+        if not part:
+            continue
+        low, sep, high = part.replace(":", "-").partition("-")
+        if low.isdigit() and (high.isdigit() if sep else True):
+            if int(low) <= port <= (int(high) if sep else int(low)):
+                return True
+    return False
+
+
+_NFT_PORT = re.compile(r"\btcp\s+dport\s+(?P<neg>!=\s*)?(?P<spec>\{[^}]*\}|\S+)")
+_IPT_PORT = re.compile(r"(?P<neg>!\s+)?--dports?\s+(?P<spec>\S+)")
+_NFT_MATCH = re.compile(r"\b(ip6?|tcp|udp|th|meta|ct|iif|iifname|oif|oifname|saddr|daddr|"
+                        r"dport|sport|mark|@)\b")
+
+
+def firewall_verdict(rules: dict[str, str], port: int) -> FirewallVerdict:
+    verdict = FirewallVerdict([], [], [])
     for tool, text in rules.items():
-        for line in text.splitlines():
-            stripped = line.strip()
-            if tool == "nft":
-                if ports.search(stripped) and re.search(r"\b(drop|reject)\b", stripped):
-                    hits.append(f"nft: {stripped}")
-            elif re.search(rf"--dports?\s+(?:\S*[,:])?{port}\b", stripped) and re.search(
-                    r"-j\s+(DROP|REJECT)\b", stripped):
-                hits.append(f"{tool}: {stripped}")
-    return hits
+        accepted = False
+        if tool == "nft":
+            chain_is_input = False
+            for line in text.splitlines():
+                rule = line.strip()
+                if rule.startswith("chain "):
+                    chain_is_input = False
+                    continue
+                if "hook input" in rule:
+                    chain_is_input = True
+                    if re.search(r"\bpolicy\s+drop\b", rule):
+                        verdict.default_drops.append(f"nft: {rule}")
+                    continue
+                if not chain_is_input:
+                    continue
+                action = re.search(r"\b(accept|drop|reject)\b", rule)
+                if action is None:
+                    continue
+                match = _NFT_PORT.search(rule)
+                if match is not None:
+                    if "udp " in rule.split("tcp", 1)[0] or not _port_in(match["spec"], port):
+                        continue
+                    if match["neg"]:
+                        continue
+                    if action[1] == "accept":
+                        accepted = True
+                        verdict.accepts.append(f"nft: {rule}")
+                    elif not accepted:
+                        verdict.drops.append(f"nft: {rule}")
+                elif action[1] != "accept" and not _NFT_MATCH.search(
+                        rule.split(action[1], 1)[0]):
+                    verdict.default_drops.append(f"nft: {rule}")  # (drops all that gets here)
+        else:
+            for line in text.splitlines():
+                rule = line.strip()
+                policy = re.match(r":INPUT\s+(DROP|REJECT)\b", rule)
+                if policy:
+                    verdict.default_drops.append(f"{tool}: {rule}")
+                    continue
+                target = re.search(r"-j\s+(ACCEPT|DROP|REJECT)\b", rule)
+                if not rule.startswith("-A ") or target is None:
+                    continue
+                match = _IPT_PORT.search(rule)
+                if match is not None:
+                    if "-p udp" in rule or match["neg"] or not _port_in(match["spec"], port):
+                        continue
+                    if target[1] == "ACCEPT":
+                        accepted = True
+                        verdict.accepts.append(f"{tool}: {rule}")
+                    elif not accepted:
+                        verdict.drops.append(f"{tool}: {rule}")
+                elif target[1] != "ACCEPT" and rule.startswith("-A INPUT") and len(
+                        rule.split()) <= 4:
+                    verdict.default_drops.append(f"{tool}: {rule}")
+    return verdict
 
 
 # --- the kernel log -------------------------------------------------------------------

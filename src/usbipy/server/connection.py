@@ -380,7 +380,7 @@ class UsbipServerProtocol(asyncio.Protocol):
         if self._capture is not None:
             self._recorder = self._capture.recorder(info.busnum, info.devnum)
         if self._stats is not None:
-            self._stats.imports[(device.busid, self.client.name)] += 1
+            self._stats.imported(device.busid, self.client)
             self._key_in, self._key_out = (device.busid, "in"), (device.busid, "out")
         self._write(self.conn.send(OpRepImport(OpStatus.OK, info)))
         log.info("%s: imported %s", self.peer, shown)
@@ -442,6 +442,8 @@ class UsbipServerProtocol(asyncio.Protocol):
             self._close()
             return
         self._write(self.conn.send(OpRepImport(OpStatus.OK, device.info)))
+        if self._stats is not None:
+            self._stats.imported(device.busid, self.client)
         log.info("%s: imported %s (served by the kernel)", self.peer, printable(device.busid))
         self._close()
 

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import socketserver
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from socketserver import ThreadingMixIn
@@ -28,11 +30,14 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from ..policy.rules import Client
+
 if TYPE_CHECKING:
     from .daemon import UsbipServer
 
-#: Seconds a scrape waits for the event loop's snapshot.
+#: Seconds a scrape waits for the event loop's snapshot, and how old one may be.
 SNAPSHOT_TIMEOUT = 5.0
+SNAPSHOT_MAX_AGE = 1.0
 
 
 @dataclass(frozen=True)
@@ -62,11 +67,11 @@ async def snapshot(server: UsbipServer) -> Snapshot:
     for conn in list(server.connections):
         if conn.device is not None:
             busid = conn.device.busid
-            imported.append((busid, conn.client.name))
+            imported.append((busid, _who(conn.client)))
             in_flight[busid] = conn.in_flight
     for busid, entry in server.access.handed_off.items():
         if not entry.pending:
-            imported.append((busid, entry.client.name))
+            imported.append((busid, _who(entry.client)))
     return Snapshot(
         len(exported), imported, len(server.connections), stats.connections, in_flight,
         dict(stats.imports), dict(stats.urbs), dict(stats.bytes), dict(stats.errors),
@@ -74,14 +79,31 @@ async def snapshot(server: UsbipServer) -> Snapshot:
         server.capture.dropped if server.capture is not None else None)
 
 
+def _who(client: Client) -> str:
+    return f"CN={client.cn}" if client.cn is not None else (
+        str(client.address) if client.address is not None else "unknown")
+
+
 class _ServerCollector(Collector):
+    """Reads a snapshot on the loop, at most once a second (a flood of scrapes
+    does not become a flood of device listings on the loop)."""
+
     def __init__(self, server: UsbipServer, loop: asyncio.AbstractEventLoop) -> None:
         self._server = server
         self._loop = loop
+        self._lock = threading.Lock()
+        self._cached: tuple[float, Snapshot] | None = None
+
+    def _snapshot(self) -> Snapshot:
+        with self._lock:
+            now = time.monotonic()
+            if self._cached is None or now - self._cached[0] >= SNAPSHOT_MAX_AGE:
+                self._cached = (now, asyncio.run_coroutine_threadsafe(
+                    snapshot(self._server), self._loop).result(SNAPSHOT_TIMEOUT))
+            return self._cached[1]
 
     def collect(self) -> Iterator[Metric]:
-        s = asyncio.run_coroutine_threadsafe(snapshot(self._server), self._loop).result(
-            SNAPSHOT_TIMEOUT)
+        s = self._snapshot()
         yield GaugeMetricFamily("usbipy_devices_exported",
                                 "Devices this server exports, held or not", s.exported)
         imported = GaugeMetricFamily("usbipy_devices_imported",
@@ -130,6 +152,14 @@ class _QuietHandler(WSGIRequestHandler):
 
 class _ThreadingServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
+
+    def server_bind(self) -> None:
+        # (HTTPServer.server_bind asks the DNS for this host's name: a slow or dead
+        # resolver would hold up usbipyd's start, for a name nothing uses)
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), int(port)
+        self.setup_environ()
 
 
 class MetricsEndpoint:

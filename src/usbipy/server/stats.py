@@ -10,7 +10,11 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from ..policy.rules import Client
 from ..protocol.constants import LINUX_ERRNO_NAME
+
+#: Distinct (device, client) label values kept for imports_total.
+MAX_CLIENTS = 1000
 
 
 def status_name(status: int) -> str:
@@ -20,6 +24,8 @@ def status_name(status: int) -> str:
 
 def refusal_kind(why: str) -> str:
     """A refused TLS handshake's reason (server/tls.py's words) as a label value."""
+    if "refused the TLS handshake" in why:
+        return "refused_by_client"
     if "certificate" in why:
         return "certificate"
     if "does not speak TLS" in why:
@@ -28,8 +34,6 @@ def refusal_kind(why: str) -> str:
         return "timeout"
     if "closed the connection" in why:
         return "closed"
-    if "refused the TLS handshake" in why:
-        return "refused_by_client"
     return "other"
 
 
@@ -50,3 +54,14 @@ class ServerStats:
 
     def handshake_refused(self, why: str) -> None:
         self.handshakes_refused[refusal_kind(why)] += 1
+
+    def imported(self, busid: str, client: Client) -> None:
+        """An import, by device and client: the certificate's CN over TLS, else the
+        address; past MAX_CLIENTS label values, "other" (a scrape stays small however
+        many addresses come and go)."""
+        who = f"CN={client.cn}" if client.cn is not None else (
+            str(client.address) if client.address is not None else "unknown")
+        key = (busid, who)
+        if key not in self.imports and len(self.imports) >= MAX_CLIENTS:
+            key = (busid, "other")
+        self.imports[key] += 1
