@@ -45,8 +45,11 @@ from types import SimpleNamespace
 from typing import Any, NoReturn, ParamSpec, TypeVar
 from urllib.parse import unquote, urlsplit
 
-import usb.backend
-from usb.core import USBError, USBTimeoutError
+try:
+    import usb.backend
+    from usb.core import USBError, USBTimeoutError
+except ImportError as exc:  # (an optional extra: say which)
+    raise ImportError("usbipy.pyusb needs PyUSB: pip install 'usbipy[pyusb]'") from exc
 
 from .client.errors import (
     ClientError,

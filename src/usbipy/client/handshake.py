@@ -9,6 +9,8 @@ OP_REP_IMPORT is read here, because the server sends nothing more until a URB.
 from __future__ import annotations
 
 import socket
+import ssl
+from collections.abc import Callable
 
 from ..protocol import (
     EOF,
@@ -22,6 +24,7 @@ from ..protocol import (
     OpStatus,
     RemoteProtocolError,
 )
+from ..tls.errors import handshake_failure
 from .errors import PLAINTEXT_REFUSED, ClientError, HostUnreachable, ImportRefused
 
 #: Seconds to wait for the server to connect and to answer an OP request.
@@ -39,8 +42,17 @@ def connect(host: str, port: int, timeout: float = OP_TIMEOUT) -> socket.socket:
 
 def _exchange(sock: socket.socket, conn: ClientConnection, request: bytes,
               plaintext: bool) -> OpRepDevlist | OpRepImport:
+    # Small reads: an OP reply is short, and no byte after it may be taken.
+    return exchange(conn, request, sock.sendall, lambda: sock.recv(_recv_size(conn)),
+                    plaintext)
+
+
+def exchange(conn: ClientConnection, request: bytes, send: Callable[[bytes], object],
+             recv: Callable[[], bytes], plaintext: bool) -> OpRepDevlist | OpRepImport:
+    """One OP request and its reply, whatever carries them (a socket, a TLS channel):
+    ClientError saying what went wrong."""
     try:
-        sock.sendall(request)
+        send(request)
         while True:
             try:
                 event = conn.next_event()
@@ -52,10 +64,11 @@ def _exchange(sock: socket.socket, conn: ClientConnection, request: bytes,
                 raise ClientError(PLAINTEXT_REFUSED if plaintext else
                                   "the server closed the connection without a reply")
             assert event is NEED_DATA
-            # Small reads: an OP reply is short, and no byte after it may be taken.
-            conn.receive_data(sock.recv(_recv_size(conn)))
+            conn.receive_data(recv())
     except TimeoutError as exc:
         raise ClientError("the server did not answer in time") from exc
+    except ssl.SSLError as exc:
+        raise ClientError(f"connection closed: {handshake_failure(exc)}") from exc
     except OSError as exc:
         raise ClientError(f"connection failed: {exc.strerror or exc}") from exc
 

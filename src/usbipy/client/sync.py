@@ -34,8 +34,6 @@ from typing import NoReturn
 
 from ..keepalive import DEFAULT, Keepalive
 from ..protocol import (
-    EOF,
-    NEED_DATA,
     ClientConnection,
     CmdUnlink,
     DeviceInfo,
@@ -55,7 +53,6 @@ from ..tls import TlsSession, handshake_failure
 from ..usb.requests import DIR_IN, SETUP
 from ..usb.urb import UrbFlag
 from .errors import (
-    PLAINTEXT_REFUSED,
     ClientError,
     HostUnreachable,
     ImportRefused,
@@ -65,6 +62,7 @@ from .errors import (
     lost_reason,
     urb_error,
 )
+from .handshake import exchange
 from .userspace import (
     _UNLINKED,
     CONNECT_TIMEOUT,
@@ -233,26 +231,8 @@ def _open(host: str, port: int, tls: ssl.SSLContext | None, server_hostname: str
 def _op(channel: _Channel, conn: ClientConnection, request: bytes, timeout: float
         ) -> OpRepDevlist | OpRepImport:
     deadline = time.monotonic() + timeout
-    try:
-        channel.send(request, deadline)
-        while True:
-            try:
-                event = conn.next_event()
-            except RemoteProtocolError as exc:
-                raise ClientError(f"the server sent a malformed reply: {exc}") from exc
-            if isinstance(event, (OpRepDevlist, OpRepImport)):
-                return event
-            if event is EOF:
-                raise ClientError(PLAINTEXT_REFUSED if channel.tls is None else
-                                  "the server closed the connection without a reply")
-            assert event is NEED_DATA
-            conn.receive_data(channel.recv(deadline))
-    except TimeoutError:
-        raise ClientError("the server did not answer in time") from None
-    except ssl.SSLError as exc:
-        raise ClientError(f"connection closed: {handshake_failure(exc)}") from exc
-    except OSError as exc:
-        raise ClientError(f"connection failed: {exc.strerror or exc}") from exc
+    return exchange(conn, request, lambda data: channel.send(data, deadline),
+                    lambda: channel.recv(deadline), channel.tls is None)
 
 
 def list_devices(host: str, port: int = USBIP_PORT, *, tls: ssl.SSLContext | None = None,
