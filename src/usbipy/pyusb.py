@@ -113,7 +113,7 @@ _SPEEDS = {Speed.LOW: 1, Speed.FULL: 2, Speed.HIGH: 3, Speed.WIRELESS: 3, Speed.
 
 #: Seconds a device may answer DEV_BUSY when opened right after it was released
 #: (usbip-host resets a device after its connection ends, then offers it again).
-REOPEN_WAIT = 5.0
+REOPEN_WAIT = 10.0
 #: Seconds for the descriptor requests the backend makes by itself.
 DESCRIPTOR_TIMEOUT = 5.0
 

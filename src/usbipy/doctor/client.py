@@ -26,7 +26,7 @@ from .report import Report, Status
 
 #: Seconds to connect, and for the kernel to enumerate an attached device.
 CONNECT_TIMEOUT = 5.0
-ENUMERATE_TIMEOUT = 20.0
+ENUMERATE_TIMEOUT = 45.0
 
 
 def check_client(host: str, port: int = 3240, busid: str | None = None, *,
@@ -242,7 +242,7 @@ def _bound(device: sysfs.UsbDevice) -> tuple[list[str], list[str]]:
                           if (d := sysfs.driver_of(i)) is not None})
         nodes = sorted({p.name for kind in ("block", "tty", "input")
                         for p in device.sys_path.glob(f"**/{kind}/*")})
-        if drivers and (nodes or time.monotonic() > deadline - ENUMERATE_TIMEOUT + 3):
-            break  # (a driver bound; nodes of these kinds within 3 s, or none to make)
+        if drivers and (nodes or time.monotonic() > deadline - ENUMERATE_TIMEOUT + 10):
+            break  # (a driver bound; nodes of these kinds within 10 s, or none to make)
         time.sleep(0.2)
     return drivers, nodes
