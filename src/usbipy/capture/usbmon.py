@@ -27,7 +27,6 @@ from ..usb.requests import GET_DESCRIPTOR
 #: ts_sec, ts_usec, status, urb_len, data_len, setup (or error_count and
 #: numdesc for iso), interval, start_frame, xfer_flags, ndesc.
 HEAD: Final = struct.Struct("<IIIIIII" "QBBBBHbbqiiII8siiII")
-USBMON_HEADER_SIZE: Final = 64
 #: One record's trailer, then the next one's head: two records in two pack calls.
 TRAILER_HEAD: Final = struct.Struct("<I" + HEAD.format[1:])
 _ISO_DESC: Final = struct.Struct("<iIII")

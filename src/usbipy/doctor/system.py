@@ -6,6 +6,7 @@ fake trees; the firewall's rules come from a function a test can replace.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import shutil
@@ -79,8 +80,6 @@ def _address(hex_address: str) -> str:
         return ".".join(str(b) for b in reversed(raw))
     # IPv6: four little-endian 32-bit words
     words = [raw[i:i + 4][::-1] for i in range(0, 16, 4)]
-    import ipaddress
-
     return str(ipaddress.IPv6Address(b"".join(words)))
 
 
