@@ -44,6 +44,12 @@ class Endpoint:
     bmAttributes: int
     wMaxPacketSize: int
     bInterval: int = 0
+    #: Fields past the standard seven bytes, inside the endpoint descriptor itself:
+    #: an audio endpoint's bRefresh and bSynchAddress (USB Audio 1.0, 4.6.1.1).
+    extra: bytes = b""
+    #: Class-specific descriptors that follow the endpoint descriptor (USB Audio's
+    #: CS_ENDPOINT, a SuperSpeed companion ...).
+    class_descriptors: bytes = b""
 
     @property
     def number(self) -> int:
@@ -72,6 +78,20 @@ class Interface:
 
 
 @dataclass(frozen=True)
+class InterfaceAssociation:
+    """An interface association descriptor (USB 2.0 ECN, "IAD"): interfaces that
+    make one function, such as a webcam's control and streaming interfaces.
+    Written before the first of them."""
+
+    bFirstInterface: int
+    bInterfaceCount: int
+    bFunctionClass: int
+    bFunctionSubClass: int = 0
+    bFunctionProtocol: int = 0
+    name: str | None = None
+
+
+@dataclass(frozen=True)
 class Configuration:
     interfaces: tuple[Interface, ...]
     bConfigurationValue: int = 1
@@ -80,6 +100,7 @@ class Configuration:
     #: In units of 2 mA.
     bMaxPower: int = 50
     name: str | None = None
+    associations: tuple[InterfaceAssociation, ...] = ()
 
     @property
     def bNumInterfaces(self) -> int:
@@ -145,7 +166,15 @@ class DescriptorSet:
 
     def _encode_config(self, config: Configuration) -> bytes:
         body = bytearray()
+        associations = {a.bFirstInterface: a for a in config.associations}
         for intf in config.interfaces:
+            iad = associations.pop(intf.bInterfaceNumber, None)
+            if iad is not None:
+                body += struct.pack(
+                    "<BBBBBBBB", 8, DescriptorType.INTERFACE_ASSOCIATION, iad.bFirstInterface,
+                    iad.bInterfaceCount, iad.bFunctionClass, iad.bFunctionSubClass,
+                    iad.bFunctionProtocol, self._string(iad.name),
+                )
             body += struct.pack(
                 "<BBBBBBBBB", 9, DescriptorType.INTERFACE, intf.bInterfaceNumber,
                 intf.bAlternateSetting, len(intf.endpoints), intf.bInterfaceClass,
@@ -154,9 +183,11 @@ class DescriptorSet:
             body += intf.class_descriptors
             for ep in intf.endpoints:
                 body += struct.pack(
-                    "<BBBBHB", 7, DescriptorType.ENDPOINT, ep.bEndpointAddress,
+                    "<BBBBHB", 7 + len(ep.extra), DescriptorType.ENDPOINT, ep.bEndpointAddress,
                     ep.bmAttributes, ep.wMaxPacketSize, ep.bInterval,
                 )
+                body += ep.extra
+                body += ep.class_descriptors
         header = struct.pack(
             "<BBHBBBBB", 9, DescriptorType.CONFIGURATION, 9 + len(body),
             config.bNumInterfaces, config.bConfigurationValue, self._string(config.name),

@@ -1,0 +1,128 @@
+"""Isochronous endpoints of emulated devices, paced as a host controller's schedule.
+
+A real isochronous endpoint moves one packet per service interval: a frame
+(1 ms) at full speed, a microframe (125 us) at high speed, times 2**(bInterval-1).
+A URB of N packets is done when its N intervals have passed on the bus. An
+emulated device has no bus, so :class:`BusClock` counts (micro)frames from
+``time.monotonic()`` and :class:`IsoSchedule` places each URB on it the way
+Linux's host controller drivers do (ehci-sched.c iso_stream_schedule): a URB
+starts right after the endpoint's previous one while the endpoint is busy,
+and at the next (micro)frame when its queue has run dry. Linux drivers such
+as snd-usb-audio and uvcvideo leave URB_ISO_ASAP clear and rely on exactly
+this; a URB's own start_frame is not honoured, as the HCDs do not honour it
+for an endpoint that is streaming.
+
+The device completes the URB at :attr:`IsoWindow.due` (see :func:`until`): the
+host then sees the nominal rate, with no drift, however fast it resubmits.
+Frame numbers are a 32-bit count from the clock's start (RET_SUBMIT's
+start_frame field), not the bus's 11-bit SOF number.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from ..protocol import CmdSubmit, IsoPacket, Speed
+from ..protocol.constants import EMSGSIZE
+from ..usb.descriptors import Endpoint
+from .base import Completion
+
+_FRAME_MASK = 0xFFFF_FFFF
+
+
+class BusClock:
+    """The (micro)frame count of an emulated device's bus, from a monotonic clock."""
+
+    def __init__(self, speed: Speed) -> None:
+        #: Seconds per frame: 125 us from high speed up, 1 ms below.
+        self.period = 125e-6 if speed >= Speed.HIGH else 1e-3
+        self.origin = time.monotonic()
+
+    def frame(self, now: float | None = None) -> int:
+        """The (micro)frame in progress."""
+        return int(((time.monotonic() if now is None else now) - self.origin) / self.period)
+
+    def time_of(self, frame: int) -> float:
+        """When ``frame`` begins (monotonic seconds)."""
+        return self.origin + frame * self.period
+
+
+@dataclass(slots=True)
+class IsoWindow:
+    """Where one URB's packets fall on the bus."""
+
+    #: The first packet's (micro)frame.
+    start_frame: int
+    #: Each packet's (micro)frame.
+    frames: list[int]
+    #: When the last packet's interval has passed (monotonic seconds).
+    due: float
+    #: Non-zero when the whole URB is refused (-EMSGSIZE).
+    status: int = 0
+
+
+class IsoSchedule:
+    """One isochronous endpoint's place on the bus."""
+
+    def __init__(self, clock: BusClock, endpoint: Endpoint) -> None:
+        self.clock = clock
+        self.endpoint = endpoint
+        # USB 2.0 9.6.6: an isochronous bInterval is an exponent, 1..16.
+        self.interval = 1 << (min(max(endpoint.bInterval, 1), 16) - 1)
+        #: The most bytes one packet may carry: wMaxPacketSize's size times its
+        #: additional transactions per microframe (bits 12..11, high speed only).
+        size = endpoint.wMaxPacketSize
+        self.max_packet = (size & 0x7FF) * (1 + ((size >> 11) & 3))
+        #: The (micro)frame after the last one placed.
+        self._next = 0
+
+    def place(self, urb: CmdSubmit) -> IsoWindow:
+        """Place ``urb``'s packets on the bus, after those already placed."""
+        packets = urb.iso_packets or []
+        if any(p.length > self.max_packet for p in packets):
+            # usb_submit_urb() refuses such a URB (drivers/usb/core/urb.c)
+            return IsoWindow(0, [], 0.0, EMSGSIZE)
+        now = self.clock.frame()
+        # busy: right after the previous URB; idle (all placed have passed): the next frame
+        start = self._next if self._next > now else now + 1
+        frames = [start + i * self.interval for i in range(len(packets))]
+        self._next = start + len(packets) * self.interval
+        return IsoWindow(start & _FRAME_MASK, frames, self.clock.time_of(self._next))
+
+
+async def until(when: float) -> None:
+    """Sleep until the monotonic time ``when``."""
+    delay = when - time.monotonic()
+    if delay > 0:
+        await asyncio.sleep(delay)
+
+
+def in_completion(urb: CmdSubmit, window: IsoWindow, payloads: list[bytes]) -> Completion:
+    """RET_SUBMIT's content for an IN URB whose packets carried ``payloads`` (one
+    per packet; an empty one is a zero-length packet). A payload longer than its
+    packet is cut to it: a device never sends more than the host asked."""
+    if window.status:
+        return Completion(status=window.status)
+    packets: list[IsoPacket] = []
+    data: list[bytes] = []
+    for p, payload in zip(urb.iso_packets or [], payloads, strict=True):
+        payload = payload[: p.length]
+        packets.append(IsoPacket(p.offset, p.length, len(payload), 0))
+        data.append(payload)
+    return Completion(data=b"".join(data), iso_packets=packets, start_frame=window.start_frame)
+
+
+def out_packets(urb: CmdSubmit) -> list[bytes]:
+    """The data of each OUT packet, at its offset in the URB's buffer."""
+    view = memoryview(urb.data)
+    return [bytes(view[p.offset:p.offset + p.length]) for p in urb.iso_packets or []]
+
+
+def out_completion(urb: CmdSubmit, window: IsoWindow) -> Completion:
+    """RET_SUBMIT's content for an OUT URB: every packet taken whole."""
+    if window.status:
+        return Completion(status=window.status)
+    packets = [IsoPacket(p.offset, p.length, p.length, 0) for p in urb.iso_packets or []]
+    return Completion(iso_packets=packets, start_frame=window.start_frame)

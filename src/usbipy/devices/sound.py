@@ -1,0 +1,164 @@
+"""Where an emulated microphone's samples come from and a speaker's go.
+
+Samples are signed 16-bit little-endian PCM (S16_LE), channels interleaved.
+A source is any object with ``read(frames, rate) -> bytes`` (and a ``rates``
+tuple, or None for any rate); a sink is any callable ``(data, rate)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import wave
+from array import array
+from pathlib import Path
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+#: A WAV file a microphone plays is read whole into memory: refuse bigger ones.
+MAX_WAV_BYTES = 256 << 20
+
+
+class AudioSource(Protocol):
+    #: The sample rates this source can give, or None for any.
+    rates: tuple[int, ...] | None
+
+    def read(self, frames: int, rate: int) -> bytes:
+        """The next ``frames`` sample frames at ``rate``; fewer (or none) at the end."""
+        ...
+
+
+class AudioSink(Protocol):
+    def __call__(self, data: bytes, rate: int) -> None:
+        """Samples the host played, in order."""
+        ...
+
+
+class Tone:
+    """A sine tone, mono, sample-exact: sample ``n`` is always the same value, so a
+    recording can be checked against :meth:`samples` for gaps and repeats."""
+
+    rates: tuple[int, ...] | None = None
+
+    def __init__(self, frequency: float = 1000.0, amplitude: float = 0.5) -> None:
+        if not 0 < frequency:
+            raise ValueError(f"a tone's frequency must be positive, not {frequency}")
+        if not 0 <= amplitude <= 1:
+            raise ValueError(f"a tone's amplitude is 0..1, not {amplitude}")
+        self.frequency = frequency
+        self.amplitude = amplitude
+        #: The index of the next sample :meth:`read` gives.
+        self.position = 0
+
+    def samples(self, start: int, count: int, rate: int) -> bytes:
+        """Samples ``start`` .. ``start + count - 1`` at ``rate``."""
+        step = 2 * math.pi * self.frequency / rate
+        scale = 32767 * self.amplitude
+        return array("h", (round(scale * math.sin(step * n))
+                           for n in range(start, start + count))).tobytes()
+
+    def read(self, frames: int, rate: int) -> bytes:
+        data = self.samples(self.position, frames, rate)
+        self.position += frames
+        return data
+
+
+class WavSource:
+    """A mono 16-bit WAV file, played once or in a loop, at the file's own rate."""
+
+    def __init__(self, path: str | Path, *, loop: bool = True) -> None:
+        with wave.open(str(path), "rb") as wav:
+            if wav.getnchannels() != 1 or wav.getsampwidth() != 2:
+                raise ValueError(f"{path}: a microphone plays mono 16-bit WAV files, this one "
+                                 f"has {wav.getnchannels()} channels of "
+                                 f"{8 * wav.getsampwidth()} bits")
+            if wav.getnframes() * 2 > MAX_WAV_BYTES:
+                raise ValueError(f"{path}: above {MAX_WAV_BYTES >> 20} MB")
+            self.rates: tuple[int, ...] | None = (wav.getframerate(),)
+            self._data = wav.readframes(wav.getnframes())
+        self.loop = loop
+        self._offset = 0
+
+    def read(self, frames: int, rate: int) -> bytes:
+        want = 2 * frames
+        data = self._data[self._offset:self._offset + want]
+        self._offset += len(data)
+        while self.loop and len(data) < want and self._data:
+            self._offset = want - len(data)
+            data += self._data[:self._offset]
+        return data
+
+
+class WavSink:
+    """Writes what a speaker plays to a WAV file (S16_LE, the speaker's channels).
+
+    Writing happens on a thread of its own, so the server's event loop never
+    waits on the disk; :meth:`flush` waits until everything given is written.
+    The file is a valid WAV after every write. A change of sample rate starts
+    the file afresh, since a WAV file has one rate.
+    """
+
+    def __init__(self, path: str | Path, channels: int = 2) -> None:
+        self.path = Path(path)
+        self.channels = channels
+        self._queue: queue.Queue[tuple[bytes, int] | None] = queue.Queue()
+        self._wav: wave.Wave_write | None = None
+        self._rate = 0
+        self.frames_written = 0
+        self._thread = threading.Thread(target=self._run, name="usbipy-wav-sink", daemon=True)
+        self._thread.start()
+
+    def __call__(self, data: bytes, rate: int) -> None:
+        self._queue.put((data, rate))
+
+    def flush(self) -> None:
+        self._queue.join()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    if self._wav is not None:
+                        self._wav.close()
+                    return
+                self._write(*item)
+            except OSError as exc:
+                log.error("%s: %s", self.path, exc)
+            finally:
+                self._queue.task_done()
+
+    def _write(self, data: bytes, rate: int) -> None:
+        if self._wav is None or rate != self._rate:
+            if self._wav is not None:
+                log.warning("%s: the sample rate changed from %d to %d Hz; starting afresh",
+                            self.path, self._rate, rate)
+                self._wav.close()
+            self._wav = wave.open(str(self.path), "wb")
+            self._wav.setnchannels(self.channels)
+            self._wav.setsampwidth(2)
+            self._wav.setframerate(rate)
+            self._rate = rate
+            self.frames_written = 0
+        self._wav.writeframes(data)  # (patches the header: the file stays valid)
+        self.frames_written += len(data) // (2 * self.channels)
+
+
+def apply_gain(data: bytes, volume: int, muted: bool) -> bytes:
+    """S16_LE samples through a feature unit: ``volume`` in 1/256 dB (USB Audio
+    1.0, 5.2.2.4.3.2), 0 dB passes them bit for bit."""
+    if muted:
+        return bytes(len(data))
+    if volume == 0:
+        return data
+    factor = 10 ** (volume / 256 / 20)
+    samples = array("h", data)
+    return array("h", (max(-32768, min(32767, round(s * factor))) for s in samples)).tobytes()
