@@ -8,11 +8,12 @@ cd "$(dirname "$0")/.."
 
 packages="python3 python3-venv python3-pip"
 if [ "${1:-}" = "--test" ]; then
-    # the kernel tests boot this machine's Debian kernel under QEMU; interop
+    # the kernel tests boot this machine's Debian kernel under QEMU (its guest
+    # records and plays with alsa-utils, captures video with v4l-utils); interop
     # tests use Debian's usbip and Wireshark's dissector
     packages="$packages qemu-system-x86 linux-image-amd64 busybox-static kmod cpio udev
         usbip usbutils libusb-1.0-0 e2fsprogs dosfstools tshark iproute2 procps socat
-        nftables"
+        nftables alsa-utils v4l-utils"
 fi
 missing=""
 for p in $packages; do

@@ -14,6 +14,7 @@ import socket
 import ssl
 import sys
 import threading
+import wave
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,10 @@ from ..config.daemon import (
 )
 from ..config.daemon import warnings as policy_warnings
 from ..devices import CdcAcm, ImageFile, MassStorage, PtyBackend, StorageError
+from ..devices.audio import UsbAudio
 from ..devices.demo import DEMO_DISK_SIZE, demo_devices
+from ..devices.sound import Tone, WavSink, WavSource
+from ..devices.webcam import Webcam
 from ..errors import UsbipError
 from ..escape import printable
 from ..linux import usbip_host
@@ -74,6 +78,7 @@ DEFAULTS: dict[str, Any] = {
     "tls_handshake_timeout": None, "plaintext_port": None,
     "loop": "auto", "daemon": False, "pid": None, "debug": False,
     "capture": None, "capture_size": 100, "capture_files": 5, "metrics": None,
+    "audio": False, "microphone": None, "speaker": None, "tone": 1000.0, "webcam": None,
 }
 
 #: The options that set [limits] (argparse dest = the Limits field).
@@ -102,6 +107,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="size of the demo's scratch disk when no --disk is given")
     p.add_argument("--serial", choices=("echo", "pty"),
                    help="where the demo serial port's bytes go (default: echo)")
+    media = p.add_argument_group(
+        "streaming devices", "An emulated headset (USB Audio 1.0) and webcam (UVC 1.1), after "
+        "the other emulated devices (also [devices] in the configuration file).")
+    media.add_argument("--audio", action=argparse.BooleanOptionalAction,
+                       help="export a headset: a microphone playing a tone, and a speaker")
+    media.add_argument("--tone", type=positive(20000), metavar="HZ",
+                       help="the microphone's tone (default: 1000)")
+    media.add_argument("--microphone", metavar="FILE.wav",
+                       help="the microphone plays this mono 16-bit WAV file, looped, "
+                            "rather than a tone (implies --audio)")
+    media.add_argument("--speaker", metavar="FILE.wav",
+                       help="write what the host plays to this WAV file (implies --audio)")
+    media.add_argument("--webcam", nargs="?", const="iso", choices=("iso", "bulk"),
+                       help="export a webcam showing a test pattern with the frame number, "
+                            "YUY2 and MJPEG (MJPEG needs Pillow), streaming over iso "
+                            "(the default) or bulk")
     p.add_argument("--usbip-host", action=argparse.BooleanOptionalAction,
                    help="export the devices bound to the kernel's usbip-host driver "
                         "(the default, as usbipd does)")
@@ -256,15 +277,26 @@ def emulated_devices(args: argparse.Namespace, *, look_only: bool = False
     """The emulated devices the settings ask for, in busid order. ``look_only``: the
     same devices with nothing opened for writing and no pty (to learn their ids)."""
     read_only = args.read_only or look_only
-    if args.demo:
-        return demo_devices(disk=args.disk, read_only=read_only,
-                            serial="echo" if look_only else args.serial,
-                            disk_size=args.disk_size)
     devices: list[ExportedDevice] = []
-    if args.disk:
-        devices.append(MassStorage(ImageFile(args.disk, read_only=read_only)))
-    if args.serial == "pty":
-        devices.append(CdcAcm(None if look_only else PtyBackend()))
+    if args.demo:
+        devices += demo_devices(disk=args.disk, read_only=read_only,
+                                serial="echo" if look_only else args.serial,
+                                disk_size=args.disk_size)
+    else:
+        if args.disk:
+            devices.append(MassStorage(ImageFile(args.disk, read_only=read_only)))
+        if args.serial == "pty":
+            devices.append(CdcAcm(None if look_only else PtyBackend()))
+    try:
+        if args.audio or args.microphone or args.speaker:
+            microphone = (WavSource(args.microphone) if args.microphone
+                          else Tone(args.tone))
+            speaker = WavSink(args.speaker) if args.speaker and not look_only else None
+            devices.append(UsbAudio(microphone, speaker))
+        if args.webcam:
+            devices.append(Webcam(transport=args.webcam))
+    except (ValueError, RuntimeError, EOFError, wave.Error) as exc:
+        raise UsbipError(str(exc)) from None
     return devices
 
 
@@ -513,13 +545,13 @@ def _main(cli: argparse.Namespace) -> int:
         log.warning("%s", warning)
     try:
         devices = emulated_devices(args)
-    except (StorageError, OSError) as exc:
+    except (UsbipError, StorageError, OSError) as exc:
         print(f"usbipyd: {exc}", file=sys.stderr)
         return 1
     kernel = args.usbip_host
     if not devices and not (kernel and usbip_host.driver_loaded()):
-        log.warning("no devices to export (try --demo, --disk PATH, or 'usbipy bind -b "
-                    "BUSID' with usbip-host loaded)")
+        log.warning("no devices to export (try --demo, --audio, --webcam, --disk PATH, or "
+                    "'usbipy bind -b BUSID' with usbip-host loaded)")
     try:
         tls = _tls(args)
     except UsbipError as exc:

@@ -104,6 +104,12 @@ def _seconds(high: float) -> Callable[[Document, KeyPath, Any], float]:
     return check
 
 
+def _hertz(doc: Document, path: KeyPath, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 20000:
+        raise doc.error(path, f"{_shown(value)} is not a frequency of 20000 Hz or less")
+    return float(value)
+
+
 def _rate(doc: Document, path: KeyPath, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
         raise doc.error(path, f"{_shown(value)} is not a positive number")
@@ -190,6 +196,11 @@ OPTIONS: dict[str, dict[str, _Option]] = {
         "read_only": _Option("read_only", _bool),
         "disk_size": _Option("disk_size", _int(*DISK_SIZES)),
         "serial": _Option("serial", _choice("echo", "pty")),
+        "audio": _Option("audio", _bool),
+        "tone": _Option("tone", _hertz),
+        "microphone": _Option("microphone", _file),
+        "speaker": _Option("speaker", _file),
+        "webcam": _Option("webcam", _choice("iso", "bulk")),
     },
     "diagnostics": {
         "capture": _Option("capture", _file),
