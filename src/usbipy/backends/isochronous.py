@@ -12,8 +12,10 @@ as snd-usb-audio and uvcvideo leave URB_ISO_ASAP clear and rely on exactly
 this; a URB's own start_frame is not honoured, as the HCDs do not honour it
 for an endpoint that is streaming.
 
-The device completes the URB at :attr:`IsoWindow.due` (see :func:`until`): the
-host then sees the nominal rate, with no drift, however fast it resubmits.
+The device completes the URB at :attr:`IsoWindow.due` (:meth:`IsoSchedule.complete`):
+the host then sees the nominal rate, with no drift, however fast it resubmits.
+URBs of one endpoint complete in the order they were placed, as on a bus,
+even when the event loop runs late and several are overdue at once.
 Frame numbers are a 32-bit count from the clock's start (RET_SUBMIT's
 start_frame field), not the bus's 11-bit SOF number.
 """
@@ -22,6 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..protocol import CmdSubmit, IsoPacket, Speed
@@ -77,6 +81,10 @@ class IsoSchedule:
         self.max_packet = (size & 0x7FF) * (1 + ((size >> 11) & 3))
         #: The (micro)frame after the last one placed.
         self._next = 0
+        #: URBs placed and not yet completed, oldest first: (due, future, result).
+        self._pending: deque[tuple[float, asyncio.Future[Completion],
+                                   Callable[[], Completion]]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
 
     def place(self, urb: CmdSubmit) -> IsoWindow:
         """Place ``urb``'s packets on the bus, after those already placed."""
@@ -91,12 +99,41 @@ class IsoSchedule:
         self._next = start + len(packets) * self.interval
         return IsoWindow(start & _FRAME_MASK, frames, self.clock.time_of(self._next))
 
+    def complete(self, window: IsoWindow, result: Callable[[], Completion]
+                 ) -> asyncio.Future[Completion]:
+        """A future completed with ``result()`` once ``window`` has passed, after every
+        URB placed before it; cancelling it (UNLINK) means ``result`` is never called.
 
-async def until(when: float) -> None:
-    """Sleep until the monotonic time ``when``."""
-    delay = when - time.monotonic()
-    if delay > 0:
-        await asyncio.sleep(delay)
+        One timer per endpoint completes the URBs in order: a task per URB would
+        let an overdue URB finish before an earlier one whose timer is queued, and
+        the host would get the stream out of order.
+        """
+        future: asyncio.Future[Completion] = asyncio.get_running_loop().create_future()
+        self._pending.append((window.due, future, result))
+        if self._timer is None:
+            self._arm()
+        return future
+
+    def _arm(self) -> None:
+        pending = self._pending
+        while pending and pending[0][1].done():  # unlinked
+            pending.popleft()
+        if pending:
+            delay = max(0.0, pending[0][0] - time.monotonic())
+            self._timer = asyncio.get_running_loop().call_later(delay, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        now = time.monotonic()
+        pending = self._pending
+        while pending and pending[0][0] <= now:
+            _due, future, result = pending.popleft()
+            if not future.done():
+                try:
+                    future.set_result(result())
+                except Exception as exc:  # a source that failed: this URB fails, not the loop
+                    future.set_exception(exc)
+        self._arm()
 
 
 def in_completion(urb: CmdSubmit, window: IsoWindow, payloads: list[bytes]) -> Completion:

@@ -23,9 +23,9 @@ nominal rate with no drift.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import struct
-from collections.abc import Awaitable, Callable
 
 from ..backends.base import Completion, SubmitResult
 from ..backends.emulated import EmulatedDevice, Stall
@@ -36,7 +36,6 @@ from ..backends.isochronous import (
     in_completion,
     out_completion,
     out_packets,
-    until,
 )
 from ..protocol import CmdSubmit, Speed
 from ..protocol.constants import EPIPE
@@ -178,26 +177,34 @@ class UsbAudio(EmulatedDevice):
     def transfer(self, endpoint: Endpoint, urb: CmdSubmit) -> SubmitResult:
         if endpoint.transfer_type is not _ISO or urb.iso_packets is None:
             return Completion(status=EPIPE)
-        window = self._schedule(endpoint).place(urb)
+        schedule = self._schedule(endpoint)
+        window = schedule.place(urb)
         if window.status:
             return Completion(status=window.status)
         if endpoint.bEndpointAddress == EP_MICROPHONE:
-            return self._record(urb, window)
-        return self._play(urb, window)
+            return self._record(urb, window, schedule)
+        return self._play(urb, window, schedule)
 
-    def _record(self, urb: CmdSubmit, window: IsoWindow) -> Awaitable[Completion]:
-        rate = self.rates[EP_MICROPHONE]
-        unit = self.units[MIC_UNIT]
-        payloads = []
-        for frame in window.frames:
-            # the frames of this millisecond: 44.1 kHz gives 44 or 45, never drifting
-            count = (frame + 1) * rate // 1000 - frame * rate // 1000
-            payloads.append(unit.apply(self.microphone.read(count, rate)))
-        completion = in_completion(urb, window, payloads)
-        self.frames_recorded += len(completion.data) // (2 * MIC_CHANNELS)
-        return self._at(window.due, lambda: completion)
+    def _record(self, urb: CmdSubmit, window: IsoWindow,
+                schedule: IsoSchedule) -> asyncio.Future[Completion]:
+        def recorded() -> Completion:
+            # read when the URB completes, as a live microphone would be: an
+            # unlinked URB takes no samples
+            rate = self.rates[EP_MICROPHONE]
+            unit = self.units[MIC_UNIT]
+            payloads = []
+            for frame in window.frames:
+                # the frames of this millisecond: 44.1 kHz gives 44 or 45, never drifting
+                count = (frame + 1) * rate // 1000 - frame * rate // 1000
+                payloads.append(unit.apply(self.microphone.read(count, rate)))
+            completion = in_completion(urb, window, payloads)
+            self.frames_recorded += len(completion.data) // (2 * MIC_CHANNELS)
+            return completion
 
-    def _play(self, urb: CmdSubmit, window: IsoWindow) -> Awaitable[Completion]:
+        return schedule.complete(window, recorded)
+
+    def _play(self, urb: CmdSubmit, window: IsoWindow,
+              schedule: IsoSchedule) -> asyncio.Future[Completion]:
         rate = self.rates[EP_SPEAKER]
         packets = out_packets(urb)
         completion = out_completion(urb, window)
@@ -209,12 +216,7 @@ class UsbAudio(EmulatedDevice):
                 self.speaker(data, rate)
             return completion
 
-        return self._at(window.due, played)
-
-    @staticmethod
-    async def _at(when: float, result: Callable[[], Completion]) -> Completion:
-        await until(when)
-        return result()
+        return schedule.complete(window, played)
 
     def on_configuration(self, value: int) -> None:
         self._schedules.clear()

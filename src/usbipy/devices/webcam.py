@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from ..backends.base import Completion, SubmitResult
 from ..backends.emulated import EmulatedDevice, Stall
-from ..backends.isochronous import BusClock, IsoSchedule, in_completion, until
+from ..backends.isochronous import BusClock, IsoSchedule, in_completion
 from ..protocol import CmdSubmit, Speed
 from ..protocol.constants import EPIPE
 from ..usb import video as uvc
@@ -358,15 +358,17 @@ class Webcam(EmulatedDevice):
         window = schedule.place(urb)
         if window.status:
             return Completion(status=window.status)
-        time_of = self._clock.time_of
-        payloads = [stream.payload(time_of(frame), packet.length, frame >> 3)
-                    for frame, packet in zip(window.frames, urb.iso_packets, strict=True)]
-        return self._at(window.due, in_completion(urb, window, payloads))
+        packets = urb.iso_packets
 
-    @staticmethod
-    async def _at(when: float, completion: Completion) -> Completion:
-        await until(when)
-        return completion
+        def sent() -> Completion:
+            # each packet's payload as of its microframe: a frame starts in the
+            # first one at or after its due time
+            time_of = self._clock.time_of
+            payloads = [stream.payload(time_of(frame), packet.length, frame >> 3)
+                        for frame, packet in zip(window.frames, packets, strict=True)]
+            return in_completion(urb, window, payloads)
+
+        return schedule.complete(window, sent)
 
     async def _bulk(self, urb: CmdSubmit) -> Completion:
         if self.stream is None:
