@@ -281,3 +281,54 @@ def test_an_unlink_answered_0_for_a_pending_urb_frees_its_waiter() -> None:
             await dev.close()
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_an_unlink_before_its_submit_cancels_the_urb_that_comes_after() -> None:
+    """vhci_hcd can send a URB's CMD_UNLINK before its CMD_SUBMIT (vhci_tx.c sends
+    the unlink queue after a submit queue it found empty). Answering 0, as for a
+    URB already answered, would have vhci_hcd give the URB back and then drop the
+    device when the RET_SUBMIT finds no URB."""
+    import socket
+
+    from usbipy.backends import Completion
+    from usbipy.backends.function import FunctionDevice
+    from usbipy.protocol import CmdSubmit, CmdUnlink, wire
+    from usbipy.protocol.constants import ECONNRESET
+    from usbipy.server import ServerThread
+
+    device = FunctionDevice(lambda urb: Completion(data=bytes(urb.transfer_buffer_length)))
+
+    def submit(seqnum: int, devid: int) -> bytes:
+        return wire.encode_cmd_submit(CmdSubmit(seqnum, devid, Direction.IN, 1, 0, 8))
+
+    def read(sock: socket.socket, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = sock.recv(n - len(data))
+            assert chunk, "the server closed the connection"
+            data += chunk
+        return data
+
+    with ServerThread([device], port=0) as server, \
+            socket.create_connection((HOST, server.port), timeout=10) as sock:
+        sock.sendall(wire.encode_op_req_import("1-1"))
+        reply = read(sock, 8 + 312)
+        devid = wire.decode_device(reply, 8).devid
+        sock.sendall(submit(5, devid))  # one URB answered, as before
+        assert struct.unpack_from("!II", read(sock, 48 + 8)) == (3, 5)
+        # UNLINK of seqnum 10, which has not come yet
+        sock.sendall(wire.encode_cmd_unlink(CmdUnlink(11, devid, 10, Direction.IN, 1)))
+        ret_unlink = read(sock, 48)
+        assert struct.unpack_from("!IIIIIi", ret_unlink)[::5] == (4, ECONNRESET)
+        # then its CMD_SUBMIT, and another URB: only the other one is served
+        sock.sendall(submit(10, devid) + submit(12, devid))
+        ret_submit = read(sock, 48 + 8)
+        assert struct.unpack_from("!II", ret_submit) == (3, 12)
+        sock.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            sock.recv(1)
+        # and an unlink of a URB answered long ago is answered 0, as usbip-host does
+        sock.settimeout(10)
+        sock.sendall(wire.encode_cmd_unlink(CmdUnlink(13, devid, 5, Direction.IN, 1)))
+        assert struct.unpack_from("!IIIIIi", read(sock, 48))[::5] == (4, 0)
+    assert [urb.seqnum for urb in device.urbs] == [5, 12]

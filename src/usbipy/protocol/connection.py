@@ -22,6 +22,7 @@ from typing import Final
 
 from . import wire
 from .constants import (
+    ECONNRESET,
     ENOMEM,
     EOVERFLOW,
     EPROTO,
@@ -80,6 +81,8 @@ Event = Message | _Sentinel
 DEFAULT_MAX_TRANSFER = 16 * 1024 * 1024
 #: A device list larger than this is hostile (the kernel's devlist is one record per bus port).
 MAX_DEVLIST_DEVICES = 4096
+#: Seqnums a server remembers as unlinked before their CMD_SUBMIT came.
+MAX_EARLY_UNLINKS = 64
 #: Compact the receive buffer once this many consumed bytes sit in front of it.
 _COMPACT_AT = 1 << 16
 
@@ -328,6 +331,10 @@ class ServerConnection(_Connection):
         #: Why the last reply differs from what the device returned, when it does
         #: (a device bug the server should log); the server resets it.
         self.fault: str | None = None
+        #: The newest seqnum a CMD_SUBMIT carried (serial number arithmetic, RFC 1982).
+        self._newest: int | None = None
+        #: Seqnums unlinked before their CMD_SUBMIT came, oldest first (bounded).
+        self._unlinked_early: dict[int, None] = {}
 
     @property
     def in_flight(self) -> int:
@@ -472,6 +479,40 @@ class ServerConnection(_Connection):
             return f"actual_length {actual_length}, iso packets add up to {total}"
         return None
 
+    def unlink_unseen(self, cmd: CmdUnlink) -> int:
+        """RET_UNLINK's status for an UNLINK whose URB the server does not hold.
+
+        Usually the URB was answered already: 0, as usbip-host answers
+        (stub_rx.c). But vhci_hcd can send an UNLINK before the CMD_SUBMIT of
+        its URB: its tx thread sends the unlink queue right after finding the
+        submit queue empty, and a URB submitted and killed in between has its
+        CMD_SUBMIT sent on the next round (vhci_tx.c). An answer of 0 would make
+        vhci_hcd give the URB back, and the RET_SUBMIT that follows would find no
+        URB: vhci_hcd drops the device ("cannot find a urb of seqnum"). So a
+        seqnum beyond every CMD_SUBMIT so far is remembered, answered
+        -ECONNRESET, and its CMD_SUBMIT dropped when it comes
+        (:meth:`submitted_after_unlink`).
+        """
+        target = cmd.unlink_seqnum
+        newest = self._newest
+        if newest is not None and not 0 < (target - newest) & 0xFFFF_FFFF < 0x8000_0000:
+            return 0
+        early = self._unlinked_early
+        early[target] = None
+        if len(early) > MAX_EARLY_UNLINKS:
+            del early[next(iter(early))]
+        return ECONNRESET
+
+    def submitted_after_unlink(self, urb: CmdSubmit) -> bool:
+        """Whether ``urb`` was unlinked before it came (:meth:`unlink_unseen`): then it
+        is no longer in flight, and it must be neither served nor answered."""
+        early = self._unlinked_early
+        if urb.seqnum not in early:
+            return False
+        del early[urb.seqnum]
+        self._in_flight.pop(urb.seqnum, None)
+        return True
+
     def reply_unlink(self, cmd: CmdUnlink, status: int) -> bytes:
         """RET_UNLINK for ``cmd``: -ECONNRESET when the URB was cancelled (its
         RET_SUBMIT never comes), 0 when it had completed (its RET_SUBMIT is sent)."""
@@ -534,6 +575,9 @@ class ServerConnection(_Connection):
                 iso = self._iso_packets(pos + _HDR + payload, n_iso, length)
             data = self._copy(pos + _HDR, payload) if payload else b""
             self._pos = pos + need
+            newest = self._newest
+            if newest is None or 0 < (seqnum - newest) & 0xFFFF_FFFF < 0x8000_0000:
+                self._newest = seqnum
             urb = in_flight[seqnum] = CmdSubmit(
                 seqnum, devid, _IN if direction else _OUT, ep, flags, length, setup, data,
                 start_frame, npackets, interval, iso,

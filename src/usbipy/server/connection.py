@@ -451,6 +451,8 @@ class UsbipServerProtocol(asyncio.Protocol):
 
     def _submit(self, urb: CmdSubmit) -> None:
         conn = self.conn
+        if conn.submitted_after_unlink(urb):
+            return  # its RET_UNLINK(-ECONNRESET) went out already
         stats = self._stats
         if stats is not None:
             stats.urbs[self._key_in if urb.direction is Direction.IN else self._key_out] += 1
@@ -558,8 +560,8 @@ class UsbipServerProtocol(asyncio.Protocol):
     def _unlink(self, cmd: CmdUnlink) -> None:
         pending = self._forget(cmd.unlink_seqnum)
         if pending is None:
-            # Already answered, or never seen: usbip-host answers 0 (stub_rx.c).
-            status = 0
+            # Already answered (usbip-host answers 0, stub_rx.c), or not come yet
+            status = self.conn.unlink_unseen(cmd)
         elif pending[1].done():
             # Finished, but its done-callback has not run yet: usbip-host would have
             # its RET_SUBMIT queued already, and sends that before this RET_UNLINK(0)
