@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 import math
 import queue
+import sys
 import threading
 import wave
 from array import array
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,8 @@ class Tone:
         """Samples ``start`` .. ``start + count - 1`` at ``rate``."""
         step = 2 * math.pi * self.frequency / rate
         scale = 32767 * self.amplitude
-        return array("h", (round(scale * math.sin(step * n))
-                           for n in range(start, start + count))).tobytes()
+        return _le(array("h", (round(scale * math.sin(step * n))
+                               for n in range(start, start + count))))
 
     def read(self, frames: int, rate: int) -> bytes:
         data = self.samples(self.position, frames, rate)
@@ -106,6 +107,7 @@ class WavSink:
         self.channels = channels
         self._queue: queue.Queue[tuple[bytes, int] | None] = queue.Queue()
         self._wav: wave.Wave_write | None = None
+        self._file: BinaryIO | None = None
         self._rate = 0
         self.frames_written = 0
         self._thread = threading.Thread(target=self._run, name="usbipy-wav-sink", daemon=True)
@@ -127,8 +129,7 @@ class WavSink:
             item = self._queue.get()
             try:
                 if item is None:
-                    if self._wav is not None:
-                        self._wav.close()
+                    self._close_file()
                     return
                 self._write(*item)
             except OSError as exc:
@@ -136,19 +137,31 @@ class WavSink:
             finally:
                 self._queue.task_done()
 
+    def _close_file(self) -> None:
+        if self._wav is not None:
+            self._wav.close()
+            self._wav = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
     def _write(self, data: bytes, rate: int) -> None:
         if self._wav is None or rate != self._rate:
             if self._wav is not None:
                 log.warning("%s: the sample rate changed from %d to %d Hz; starting afresh",
                             self.path, self._rate, rate)
-                self._wav.close()
-            self._wav = wave.open(str(self.path), "wb")
+                self._close_file()
+            self._file = open(self.path, "wb")  # (closed in _close_file)
+            self._wav = wave.open(self._file, "wb")
             self._wav.setnchannels(self.channels)
             self._wav.setsampwidth(2)
             self._wav.setframerate(rate)
             self._rate = rate
             self.frames_written = 0
-        self._wav.writeframes(data)  # (patches the header: the file stays valid)
+        assert self._file is not None
+        # writeframes patches the header; the flush makes the file whole on disk
+        self._wav.writeframes(data)
+        self._file.flush()
         self.frames_written += len(data) // (2 * self.channels)
 
 
@@ -161,4 +174,16 @@ def apply_gain(data: bytes, volume: int, muted: bool) -> bytes:
         return data
     factor = 10 ** (volume / 256 / 20)
     samples = array("h", data)
-    return array("h", (max(-32768, min(32767, round(s * factor))) for s in samples)).tobytes()
+    if _BIG_ENDIAN:
+        samples.byteswap()
+    return _le(array("h", (max(-32768, min(32767, round(s * factor))) for s in samples)))
+
+
+_BIG_ENDIAN = sys.byteorder == "big"
+
+
+def _le(samples: array[int]) -> bytes:
+    """The samples as S16_LE, whatever this machine's byte order."""
+    if _BIG_ENDIAN:
+        samples.byteswap()
+    return samples.tobytes()

@@ -1,0 +1,218 @@
+"""The emulated headset (USB Audio 1.0) through the server and the userspace client,
+and its sources and sinks."""
+
+from __future__ import annotations
+
+import struct
+import wave
+from pathlib import Path
+
+import pytest
+
+from usbipy.client import import_device
+from usbipy.client.errors import Stalled
+from usbipy.devices.audio import EP_MICROPHONE, EP_SPEAKER, UsbAudio
+from usbipy.devices.sound import Tone, WavSink, WavSource, apply_gain
+from usbipy.server import UsbipServer
+from usbipy.usb import audio as uac
+from usbipy.usb.parse import parse_configuration
+
+HOST = "127.0.0.1"
+MIC_PACKET = 98  # wMaxPacketSize: 49 mono frames
+
+
+def test_the_descriptors_are_what_snd_usb_audio_reads() -> None:
+    device = UsbAudio()
+    raw = device.descriptors.configuration_descriptors[0]
+    config = parse_configuration(raw)  # strict: every length adds up
+    assert [len(alts) for alts in config.interfaces] == [1, 2, 2]
+    control = config.interfaces[0][0]
+    assert (control.bInterfaceClass, control.bInterfaceSubClass) == (uac.AUDIO,
+                                                                      uac.AUDIOCONTROL)
+    # the AC header's wTotalLength covers it and its units and terminals
+    header = control.extra
+    assert header[2] == uac.HEADER and struct.unpack_from("<H", header, 5)[0] == len(header)
+    assert list(header[8:10]) == [1, 2]  # its streaming interfaces
+    subtypes = []
+    offset = header[0]
+    while offset < len(header):
+        subtypes.append((header[offset + 2], header[offset + 3]))
+        offset += header[offset]
+    assert subtypes == [(uac.INPUT_TERMINAL, 1), (uac.FEATURE_UNIT, 2),
+                        (uac.OUTPUT_TERMINAL, 3), (uac.INPUT_TERMINAL, 4),
+                        (uac.FEATURE_UNIT, 5), (uac.OUTPUT_TERMINAL, 6)]
+    for number, address, attributes, size in ((1, EP_SPEAKER, uac.ISO_ADAPTIVE, 196),
+                                              (2, EP_MICROPHONE, uac.ISO_ASYNC, MIC_PACKET)):
+        idle, streaming = config.interfaces[number]
+        assert idle.bNumEndpoints == 0  # alternate setting 0: no bandwidth
+        (endpoint,) = streaming.endpoints
+        assert (endpoint.bEndpointAddress, endpoint.bmAttributes, endpoint.wMaxPacketSize,
+                endpoint.bInterval, endpoint.bLength) == (address, attributes, size, 1, 9)
+        assert endpoint.extra[1:3] == bytes((uac.CS_ENDPOINT, uac.EP_GENERAL))
+        # AS_GENERAL, then the Type I format with its four rates
+        assert streaming.extra[2] == uac.AS_GENERAL and streaming.extra[9] == uac.FORMAT_TYPE
+        rates = streaming.extra[7 + 8:]
+        assert [int.from_bytes(rates[i:i + 3], "little") for i in range(0, 12, 3)] == [
+            48000, 44100, 32000, 16000]
+
+
+async def open_mic(server: UsbipServer, rate: int = 48000):
+    dev = await import_device(HOST, "1-1", server.port)
+    await dev.control(0x00, 9, 1, 0, b"")  # SET_CONFIGURATION 1
+    await dev.control(0x01, 11, 1, 2, b"")  # SET_INTERFACE 2, alternate 1
+    await dev.control(0x22, uac.SET_CUR, 0x0100, EP_MICROPHONE, rate.to_bytes(3, "little"))
+    return dev
+
+
+def test_the_microphone_sends_its_tone_a_millisecond_a_packet(serve) -> None:
+    tone = Tone(441.0)
+
+    async def test(server: UsbipServer) -> None:
+        dev = await open_mic(server)
+        assert await dev.control(0xA2, uac.GET_CUR, 0x0100, EP_MICROPHONE, 3) == \
+            (48000).to_bytes(3, "little")
+        first = await dev.iso_read(EP_MICROPHONE, [MIC_PACKET] * 10)
+        second = await dev.iso_read(EP_MICROPHONE, [MIC_PACKET] * 10)
+        # 48 frames of 2 bytes in each 98-byte packet: short packets, status 0
+        assert [r.actual_length for r in first + second] == [96] * 20
+        assert all(r.status == 0 for r in first + second)
+        assert b"".join(r.data for r in first + second) == tone.samples(0, 960, 48000)
+        # 44.1 kHz: 44 or 45 frames a millisecond, 441 every 10
+        await dev.control(0x22, uac.SET_CUR, 0x0100, EP_MICROPHONE,
+                          (44100).to_bytes(3, "little"))
+        packets = await dev.iso_read(EP_MICROPHONE, [MIC_PACKET] * 20)
+        assert {r.actual_length for r in packets} == {88, 90}
+        assert sum(r.actual_length for r in packets) == 2 * 882
+        await dev.close()
+
+    serve(test, [UsbAudio(tone)])
+
+
+def test_a_urb_longer_than_the_file_gets_what_there_is(serve, tmp_path: Path) -> None:
+    path = tmp_path / "short.wav"
+    samples = struct.pack("<100h", *range(1, 101))
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(48000)
+        wav.writeframes(samples)
+
+    async def test(server: UsbipServer) -> None:
+        dev = await open_mic(server)
+        ret = await dev.iso_read(EP_MICROPHONE, [MIC_PACKET] * 4)
+        # 48 + 48 + 4 frames, then an empty packet: what the file has, no error
+        assert [(r.actual_length, r.status) for r in ret] == [(96, 0), (96, 0), (8, 0), (0, 0)]
+        assert b"".join(r.data for r in ret) == samples
+        await dev.close()
+
+    serve(test, [UsbAudio(WavSource(path, loop=False))])
+
+
+def test_volume_and_mute_act_on_the_samples(serve) -> None:
+    tone = Tone(1000.0)
+
+    async def test(server: UsbipServer) -> None:
+        dev = await open_mic(server)
+        unit = 5 << 8  # the microphone's feature unit, on interface 0
+        volume, mute = uac.VOLUME_CONTROL << 8, uac.MUTE_CONTROL << 8
+        ranges = [struct.unpack("<h", await dev.control(0xA1, request, volume, unit, 2))[0]
+                  for request in (uac.GET_MIN, uac.GET_MAX, uac.GET_RES, uac.GET_CUR)]
+        assert ranges == [-60 * 256, 0, 256, 0]
+        await dev.control(0x21, uac.SET_CUR, volume, unit, struct.pack("<h", -6 * 256))
+        assert await dev.control(0xA1, uac.GET_CUR, volume, unit, 2) == struct.pack("<h",
+                                                                                   -1536)
+        quieter = b"".join(r.data for r in await dev.iso_read(EP_MICROPHONE, [MIC_PACKET]))
+        expected = struct.unpack("<48h", tone.samples(0, 48, 48000))
+        got = struct.unpack("<48h", quieter)
+        assert all(abs(g - e * 10 ** (-6 / 20)) <= 1 for g, e in zip(got, expected,
+                                                                     strict=True))
+        await dev.control(0x21, uac.SET_CUR, mute, unit, b"\x01")
+        assert await dev.control(0xA1, uac.GET_CUR, mute, unit, 1) == b"\x01"
+        silent = await dev.iso_read(EP_MICROPHONE, [MIC_PACKET])
+        assert silent[0].data == bytes(96)
+        # no control on a single channel; no unit 9; no rate the format does not list
+        with pytest.raises(Stalled):
+            await dev.control(0xA1, uac.GET_CUR, volume | 1, unit, 2)
+        with pytest.raises(Stalled):
+            await dev.control(0xA1, uac.GET_CUR, volume, 9 << 8, 2)
+        with pytest.raises(Stalled):
+            await dev.control(0x22, uac.SET_CUR, 0x0100, EP_MICROPHONE,
+                              (96000).to_bytes(3, "little"))
+        await dev.close()
+
+    serve(test, [UsbAudio(tone)])
+
+
+def test_the_speaker_hands_what_it_plays_to_its_sink(serve) -> None:
+    heard: list[tuple[bytes, int]] = []
+
+    async def test(server: UsbipServer) -> None:
+        dev = await import_device(HOST, "1-1", server.port)
+        await dev.control(0x00, 9, 1, 0, b"")
+        await dev.control(0x01, 11, 1, 1, b"")  # SET_INTERFACE 1, alternate 1
+        packets = [bytes([i]) * 192 for i in range(1, 6)]
+        results = await dev.iso_write(EP_SPEAKER, packets)
+        assert [(r.status, r.actual_length) for r in results] == [(0, 192)] * 5
+        assert b"".join(data for data, _rate in heard) == b"".join(packets)
+        assert {rate for _data, rate in heard} == {48000}
+        await dev.close()
+
+    serve(test, [UsbAudio(speaker=lambda data, rate: heard.append((data, rate)))])
+
+
+def test_a_stream_the_host_stopped_is_not_served() -> None:
+    from tests.helpers import urb
+    from usbipy.backends.base import Completion
+    from usbipy.protocol import Direction, IsoPacket
+    from usbipy.protocol.constants import ESHUTDOWN
+
+    device = UsbAudio()
+    device.submit(urb(1, 0, Direction.OUT, setup=bytes((0, 9, 1, 0, 0, 0, 0, 0))))
+    # alternate setting 0: the streaming endpoint is not there
+    result = device.submit(urb(2, 2, Direction.IN, 98, iso=[IsoPacket(0, 98)]))
+    assert isinstance(result, Completion) and result.status == ESHUTDOWN
+
+
+def test_wav_sink_writes_a_valid_file_and_restarts_on_a_new_rate(tmp_path: Path) -> None:
+    sink = WavSink(tmp_path / "out.wav")
+    sink(b"\x01\x00\x02\x00" * 10, 48000)
+    sink.flush()
+    with wave.open(str(tmp_path / "out.wav")) as wav:  # valid while still open
+        assert (wav.getnchannels(), wav.getframerate(), wav.getnframes()) == (2, 48000, 10)
+    sink(b"\x03\x00\x04\x00" * 4, 44100)
+    sink.close()
+    with wave.open(str(tmp_path / "out.wav")) as wav:
+        assert (wav.getframerate(), wav.readframes(10)) == (44100, b"\x03\x00\x04\x00" * 4)
+
+
+def test_sources_refuse_what_a_microphone_cannot_play(tmp_path: Path) -> None:
+    stereo = tmp_path / "stereo.wav"
+    with wave.open(str(stereo), "wb") as wav:
+        wav.setnchannels(2)
+        wav.setsampwidth(2)
+        wav.setframerate(48000)
+        wav.writeframes(bytes(8))
+    with pytest.raises(ValueError, match="mono 16-bit"):
+        WavSource(stereo)
+    with pytest.raises(ValueError, match="frequency"):
+        Tone(0)
+    with pytest.raises(ValueError, match="amplitude"):
+        Tone(440, amplitude=2)
+
+
+def test_a_looping_source_wraps_and_gain_is_exact_at_0_db(tmp_path: Path) -> None:
+    path = tmp_path / "loop.wav"
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(16000)
+        wav.writeframes(struct.pack("<3h", 7, 8, 9))
+    source = WavSource(path)
+    assert source.rates == (16000,)
+    assert struct.unpack("<8h", source.read(8, 16000)) == (7, 8, 9, 7, 8, 9, 7, 8)
+    assert struct.unpack("<2h", source.read(2, 16000)) == (9, 7)
+    data = struct.pack("<4h", 1, 2, 3, 4)
+    assert apply_gain(data, 0, False) == data
+    assert apply_gain(data, 0, True) == bytes(8)
+    assert struct.unpack("<4h", apply_gain(struct.pack("<4h", 1000, -1000, 32767, -32768),
+                                           -20 * 256, False)) == (100, -100, 3277, -3277)
