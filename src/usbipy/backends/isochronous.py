@@ -81,6 +81,9 @@ class IsoSchedule:
         self.max_packet = (size & 0x7FF) * (1 + ((size >> 11) & 3))
         #: The (micro)frame after the last one placed.
         self._next = 0
+        #: (Micro)frames that passed with no URB of this endpoint queued while it was
+        #: streaming: the host fell behind (an underrun for audio, a gap for video).
+        self.idle_frames = 0
         #: URBs placed and not yet completed, oldest first: (due, future, result).
         self._pending: deque[tuple[float, asyncio.Future[Completion],
                                    Callable[[], Completion]]] = deque()
@@ -94,7 +97,12 @@ class IsoSchedule:
             return IsoWindow(0, [], 0.0, EMSGSIZE)
         now = self.clock.frame()
         # busy: right after the previous URB; idle (all placed have passed): the next frame
-        start = self._next if self._next > now else now + 1
+        if self._next > now:
+            start = self._next
+        else:
+            start = now + 1
+            if self._next:
+                self.idle_frames += start - self._next
         frames = [start + i * self.interval for i in range(len(packets))]
         self._next = start + len(packets) * self.interval
         return IsoWindow(start & _FRAME_MASK, frames, self.clock.time_of(self._next))

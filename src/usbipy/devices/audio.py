@@ -54,6 +54,8 @@ SPEAKER_CHANNELS = 2
 MIC_CHANNELS = 1
 SPEAKER_UNIT = 2
 MIC_UNIT = 5
+#: What the microphone holds for a host that is late: beyond, samples are lost.
+MIC_FIFO_SECONDS = 0.1
 #: The feature units' volume range and step, in 1/256 dB: -60 dB to 0 dB by 1 dB.
 VOLUME_MIN, VOLUME_MAX, VOLUME_RES = -60 * 256, 0, 256
 
@@ -164,6 +166,12 @@ class UsbAudio(EmulatedDevice):
         #: Sample frames the host has played to the speaker and recorded from the microphone.
         self.frames_played = 0
         self.frames_recorded = 0
+        #: Microphone samples lost to an overrun (the host away too long).
+        self.samples_lost = 0
+        #: The (micro)frame the microphone's stream started in, and the sample
+        #: frames sent since.
+        self._mic_start: int | None = None
+        self._mic_sent = 0
 
     # --- streaming ------------------------------------------------------------
 
@@ -190,18 +198,43 @@ class UsbAudio(EmulatedDevice):
         def recorded() -> Completion:
             # read when the URB completes, as a live microphone would be: an
             # unlinked URB takes no samples
-            rate = self.rates[EP_MICROPHONE]
             unit = self.units[MIC_UNIT]
-            payloads = []
-            for frame in window.frames:
-                # the frames of this millisecond: 44.1 kHz gives 44 or 45, never drifting
-                count = (frame + 1) * rate // 1000 - frame * rate // 1000
-                payloads.append(unit.apply(self.microphone.read(count, rate)))
+            room = schedule.endpoint.wMaxPacketSize // (2 * MIC_CHANNELS)
+            payloads = [unit.apply(self._mic_samples(frame, min(room, packet.length // 2)))
+                        for frame, packet in zip(window.frames, urb.iso_packets or [],
+                                                 strict=True)]
             completion = in_completion(urb, window, payloads)
             self.frames_recorded += len(completion.data) // (2 * MIC_CHANNELS)
             return completion
 
         return schedule.complete(window, recorded)
+
+    def _mic_samples(self, frame: int, room: int) -> bytes:
+        """The samples sent in ``frame``: those the microphone's clock made by the
+        frame's end and not yet sent, up to ``room``.
+
+        As an asynchronous endpoint does (USB Audio 1.0, 3.7.2.2), packet sizes
+        follow the device's clock: 48 frames a millisecond at 48 kHz, 44 or 45 at
+        44.1 kHz, and one more while catching up on milliseconds the host left
+        without a URB. So a late host loses no samples and sees no drift, until
+        more than :data:`MIC_FIFO_SECONDS` pile up: then the oldest are lost
+        (an overrun, counted in :attr:`samples_lost`).
+        """
+        rate = self.rates[EP_MICROPHONE]
+        if self._mic_start is None:
+            self._mic_start = frame
+        made = (frame + 1 - self._mic_start) * rate // 1000
+        backlog = made - self._mic_sent
+        fifo = int(rate * MIC_FIFO_SECONDS)
+        if backlog > fifo:
+            lost = backlog - fifo
+            self.microphone.read(lost, rate)
+            self.samples_lost += lost
+            self._mic_sent += lost
+            backlog = fifo
+        data = self.microphone.read(max(0, min(backlog, room)), rate)
+        self._mic_sent += len(data) // (2 * MIC_CHANNELS)
+        return data
 
     def _play(self, urb: CmdSubmit, window: IsoWindow,
               schedule: IsoSchedule) -> asyncio.Future[Completion]:
@@ -218,8 +251,13 @@ class UsbAudio(EmulatedDevice):
 
         return schedule.complete(window, played)
 
+    def on_interface(self, interface: int, alternate: int) -> None:
+        if interface == 2:  # the microphone's stream starts or stops
+            self._mic_start, self._mic_sent = None, 0
+
     def on_configuration(self, value: int) -> None:
         self._schedules.clear()
+        self._mic_start, self._mic_sent = None, 0
 
     # --- class requests ------------------------------------------------------------
 
@@ -243,6 +281,8 @@ class UsbAudio(EmulatedDevice):
                          rate, address, rates)
                 raise Stall
             self.rates[address] = rate
+            if address == EP_MICROPHONE:
+                self._mic_start, self._mic_sent = None, 0  # its clock starts afresh
             return None
         if setup.bRequest == uac.GET_CUR:
             return self.rates[address].to_bytes(3, "little")
