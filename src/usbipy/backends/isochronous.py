@@ -34,6 +34,8 @@ from ..usb.descriptors import Endpoint
 from .base import Completion
 
 _FRAME_MASK = 0xFFFF_FFFF
+#: How early a URB may complete: half of uvloop's timer resolution (1 ms).
+TIMER_SLACK = 0.0005
 
 
 class BusClock:
@@ -132,7 +134,9 @@ class IsoSchedule:
 
     def _fire(self) -> None:
         self._timer = None
-        now = time.monotonic()
+        # uvloop's timers count whole milliseconds: one due within the next half
+        # millisecond is done now, rather than spinning on timers of 0 ms
+        now = time.monotonic() + TIMER_SLACK
         pending = self._pending
         while pending and pending[0][0] <= now:
             _due, future, result = pending.popleft()

@@ -19,6 +19,8 @@ from typing import BinaryIO, Protocol
 
 log = logging.getLogger(__name__)
 
+#: The longest period (in samples) a tone keeps as a table rather than computing.
+MAX_TONE_PERIOD = 1 << 18
 #: A WAV file a microphone plays is read whole into memory: refuse bigger ones.
 MAX_WAV_BYTES = 256 << 20
 
@@ -51,15 +53,43 @@ class Tone:
             raise ValueError(f"a tone's amplitude is 0..1, not {amplitude}")
         self.frequency = frequency
         self.amplitude = amplitude
+        self._whole = float(frequency).is_integer()
+        self._tables: dict[int, bytes] = {}
         #: The index of the next sample :meth:`read` gives.
         self.position = 0
 
     def samples(self, start: int, count: int, rate: int) -> bytes:
         """Samples ``start`` .. ``start + count - 1`` at ``rate``."""
+        table = self._table(rate)
+        if table is None:
+            return self._compute(start, count, rate)
+        period = len(table) // 2
+        offset = 2 * (start % period)
+        out = bytearray()
+        while len(out) < 2 * count:
+            piece = table[offset:offset + 2 * count - len(out)]
+            out += piece
+            offset = 0
+        return bytes(out)
+
+    def _compute(self, start: int, count: int, rate: int) -> bytes:
         step = 2 * math.pi * self.frequency / rate
         scale = 32767 * self.amplitude
-        return _le(array("h", (round(scale * math.sin(step * n))
+        return _le(array("h", (round(scale * math.sin(step * (n % rate if self._whole else n)))
                                for n in range(start, start + count))))
+
+    def _table(self, rate: int) -> bytes | None:
+        """One period of the tone at ``rate``, when it has a short one: a tone of a
+        whole number of hertz repeats every rate / gcd(rate, hz) samples."""
+        if not self._whole:
+            return None
+        table = self._tables.get(rate)
+        if table is None:
+            period = rate // math.gcd(rate, int(self.frequency))
+            if period > MAX_TONE_PERIOD:
+                return None
+            table = self._tables[rate] = self._compute(0, period, rate)
+        return table
 
     def read(self, frames: int, rate: int) -> bytes:
         data = self.samples(self.position, frames, rate)
