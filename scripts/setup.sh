@@ -38,6 +38,7 @@ fi
 if [ "${1:-}" = "--test" ]; then
     .venv/bin/python -m pip install -q -e '.[test]'
 else
-    # (with cryptography, for `usbipy cert`: the README's TLS set-up works from here)
-    .venv/bin/python -m pip install -q -e '.[tls]'
+    # (with cryptography, for `usbipy cert`: the README's TLS set-up works from
+    # here; with Pillow, for the demo webcam's MJPEG)
+    .venv/bin/python -m pip install -q -e '.[tls,webcam]'
 fi

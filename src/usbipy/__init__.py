@@ -32,7 +32,7 @@ if TYPE_CHECKING:
         import_device,
         list_devices,
     )
-    from .devices import CdcAcm, HidKeyboard, ImageFile, MassStorage
+    from .devices import CdcAcm, HidKeyboard, ImageFile, MassStorage, UsbAudio, Webcam
     from .errors import UsbipError
     from .server import DeviceRegistry, ServerThread, UsbipServer
     from .usb import Configuration, Device, Endpoint, Interface, Setup, TransferType
@@ -57,6 +57,8 @@ _LAZY = {
     "ImportRefused": ".client",
     "Interface": ".usb",
     "MassStorage": ".devices",
+    "UsbAudio": ".devices",
+    "Webcam": ".devices",
     "RemoteDevice": ".client",
     "ServerGone": ".client",
     "ServerThread": ".server",
@@ -121,8 +123,10 @@ __all__ = [
     "TransferType",
     "UrbError",
     "UrbQueue",
+    "UsbAudio",
     "UsbipError",
     "UsbipServer",
+    "Webcam",
     "__version__",
     "connect",
     "import_device",

@@ -119,7 +119,8 @@ ERRORS = [
     ("loop = 'trio'\n", "FILE:1: loop: 'trio' is not one of auto, asyncio, uvloop"),
     ("devices = 1\n", "FILE:1: devices: 1 is not a table"),
     ("\n[devices]\ndemo = true\nnoise = 1\n",
-     "FILE:4: devices.noise: unknown key (known: audio, demo, disk, disk_size, microphone, read_only, serial, speaker, tone, webcam)"),
+     "FILE:4: devices.noise: unknown key (known: audio, demo, disk, disk_size, microphone, "
+     "read_only, serial, speaker, tone, webcam)"),
     ("[tls]\nhandshake_timeout = 0\n",
      "FILE:2: tls.handshake_timeout: 0 is out of range (more than 0, at most 3600)"),
     ("[limits]\naccept_rate = -1\n", "FILE:2: limits.accept_rate: -1 is not a positive number"),
