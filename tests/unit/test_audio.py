@@ -259,3 +259,23 @@ def test_a_late_host_gets_the_missed_samples_until_the_fifo_overflows() -> None:
         assert tone.position - before == lost + 10 * 49
 
     asyncio.run(main())
+
+
+def test_the_server_closing_writes_out_what_the_speaker_played(tmp_path: Path) -> None:
+    from tests.helpers import urb
+    from usbipy.protocol import Direction, IsoPacket
+
+    async def play() -> None:
+        device.submit(urb(1, 0, Direction.OUT, setup=bytes((0, 9, 1, 0, 0, 0, 0, 0))))
+        device.submit(urb(1, 0, Direction.OUT, setup=bytes((1, 11, 1, 0, 1, 0, 0, 0))))
+        future = device.submit(urb(2, 1, Direction.OUT, data=b"\x05\x00\x06\x00" * 48,
+                                   iso=[IsoPacket(0, 192)]))
+        await future  # type: ignore[misc]
+
+    import asyncio
+
+    device = UsbAudio(speaker=WavSink(tmp_path / "played.wav"))
+    asyncio.run(play())
+    device.close()  # what the server does when it stops
+    with wave.open(str(tmp_path / "played.wav")) as wav:
+        assert wav.readframes(100) == b"\x05\x00\x06\x00" * 48

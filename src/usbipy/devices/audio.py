@@ -255,6 +255,12 @@ class UsbAudio(EmulatedDevice):
         if interface == 2:  # the microphone's stream starts or stops
             self._mic_start, self._mic_sent = None, 0
 
+    def close(self) -> None:
+        """The server shuts down: what the speaker played is written out."""
+        close = getattr(self.speaker, "close", None)
+        if callable(close):
+            close()
+
     def on_configuration(self, value: int) -> None:
         self._schedules.clear()
         self._mic_start, self._mic_sent = None, 0
