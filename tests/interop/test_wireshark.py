@@ -127,3 +127,51 @@ def test_a_capture_decodes_to_the_scsi_lbas_and_keys_sent(tmp_path: Path) -> Non
     data = fields("usb.capdata", where="usb.capdata && usb.transfer_type == 0x03")
     ping = b"ping over usbip".hex()
     assert [d.replace(":", "") for d in data].count(ping) == 2, data  # out, and echoed
+
+
+def test_a_capture_of_the_headset_shows_its_class_and_iso_packets(tmp_path: Path) -> None:
+    """Isochronous URBs in usbipyd's capture: Wireshark decodes the audio class
+    descriptors and each packet's descriptor (offset, length, status) and data."""
+    from usbipy.capture import Capture
+    from usbipy.client import sync
+    from usbipy.devices import Tone, UsbAudio
+    from usbipy.server import ServerThread
+
+    tshark = require("tshark")
+    path = tmp_path / "audio.pcapng"
+    tone = Tone(441.0)
+    with ServerThread([UsbAudio(tone)], port=0, capture=Capture(path)) as srv, \
+            sync.connect("127.0.0.1", "1-1", srv.port) as dev:
+        dev.control(0x80, 6, 0x0100, 0, 18, timeout=5)
+        total = int.from_bytes(dev.control(0x80, 6, 0x0200, 0, 9, timeout=5)[2:4], "little")
+        dev.control(0x80, 6, 0x0200, 0, total, timeout=5)
+        dev.control(0x00, 9, 1, 0, b"", timeout=5)
+        dev.control(0x01, 11, 1, 2, b"", timeout=5)  # the microphone streams
+        recorded = [dev.iso_read(0x82, [98] * 4, timeout=5) for _ in range(3)]
+        dev.control(0x01, 11, 1, 1, b"", timeout=5)  # the speaker streams
+        dev.iso_write(0x01, [b"\x01\x02\x03\x04" * 48] * 2, timeout=5)
+
+    def fields(*names: str, where: str) -> list[list[str]]:
+        out = subprocess.run([tshark, "-r", str(path), "-Y", where, "-T", "fields",
+                              *(x for n in names for x in ("-e", n))],
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+        return [line.split("\t") for line in out.split("\n")[:-1]]
+
+    assert fields("frame.number", where="_ws.malformed || _ws.expert.severity >= error") == []
+    # the AudioControl units and terminals, the AudioStreaming descriptors
+    assert fields("usbaudio.ac_if_subtype", "usbaudio.as_if_subtype",
+                  where="usbaudio.ac_if_subtype") == [
+        ["0x01,0x02,0x06,0x03,0x02,0x06,0x03", "0x01,0x02,0x01,0x02"]]
+    iso = fields("usb.urb_type", "usb.endpoint_address", "usb.iso.numdesc", "usb.iso.iso_off",
+                 "usb.iso.iso_len", "usb.iso.iso_status", "usb.iso.data",
+                 where="usb.transfer_type == 0x00 && usb.urb_type == 'C'")
+    assert [row[:4] for row in iso] == [["'C'", "0x82", "4,4", "0,98,196,294"]] * 3 + [
+        ["'C'", "0x01", "2,2", "0,192"]]
+    for row, packets in zip(iso, recorded, strict=False):
+        # each packet's length as the client got it, and the tone's samples in it
+        assert row[4] == ",".join(str(p.actual_length) for p in packets)
+        assert row[5] == "0,0,0,0"
+        assert bytes.fromhex(row[6].replace(":", "").replace(",", "")) == b"".join(
+            p.data for p in packets)
+    assert b"".join(p.data for urb in recorded for p in urb) == tone.samples(
+        0, sum(p.actual_length for urb in recorded for p in urb) // 2, 48000)
