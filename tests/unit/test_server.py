@@ -316,14 +316,17 @@ def test_an_unlink_before_its_submit_cancels_the_urb_that_comes_after() -> None:
         devid = wire.decode_device(reply, 8).devid
         sock.sendall(submit(5, devid))  # one URB answered, as before
         assert struct.unpack_from("!II", read(sock, 48 + 8)) == (3, 5)
-        # UNLINK of seqnum 10, which has not come yet
+        # UNLINK of seqnum 10, which has not come yet: its answer waits for it
         sock.sendall(wire.encode_cmd_unlink(CmdUnlink(11, devid, 10, Direction.IN, 1)))
-        ret_unlink = read(sock, 48)
-        assert struct.unpack_from("!IIIIIi", ret_unlink)[::5] == (4, ECONNRESET)
-        # then its CMD_SUBMIT, and another URB: only the other one is served
+        sock.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            sock.recv(1)
+        sock.settimeout(10)
+        # then its CMD_SUBMIT, and another URB: the first is cancelled unserved
+        # (RET_UNLINK -ECONNRESET, no RET_SUBMIT), the other one is served
         sock.sendall(submit(10, devid) + submit(12, devid))
-        ret_submit = read(sock, 48 + 8)
-        assert struct.unpack_from("!II", ret_submit) == (3, 12)
+        assert struct.unpack_from("!IIIIIi", read(sock, 48))[::5] == (4, ECONNRESET)
+        assert struct.unpack_from("!II", read(sock, 48 + 8)) == (3, 12)
         sock.settimeout(0.3)
         with pytest.raises(TimeoutError):
             sock.recv(1)

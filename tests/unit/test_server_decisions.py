@@ -57,7 +57,9 @@ class Session:
         self.protocol.data_received(data)
 
     def replies(self) -> list[object]:
-        self.client.receive_data(self.transport.take())
+        data = self.transport.take()
+        if data:  # (b"" would be the end of the stream)
+            self.client.receive_data(data)
         return list(self.client.events())
 
 
@@ -107,13 +109,55 @@ def test_unlink_of_a_pending_urb_cancels_it_and_sends_no_ret_submit() -> None:
     handler = pending_handler(futures)
 
     async def test(s: Session) -> None:
-        s.send(in_urb(s, 1), unlink(2, 1, s.devid), unlink(3, 99, s.devid))
+        s.send(in_urb(s, 5), unlink(6, 5, s.devid), unlink(7, 2, s.devid))
         await settle()
         assert futures[0].cancelled()
-        assert s.replies() == [RetUnlink(2, -errno.ECONNRESET), RetUnlink(3, 0)]
+        # a URB never seen, before the newest: answered (or never sent), so 0
+        assert s.replies() == [RetUnlink(6, -errno.ECONNRESET), RetUnlink(7, 0)]
         assert s.protocol.conn.in_flight == 0 and s.client.pending == 0
 
     session_test(handler, test)
+
+
+def test_an_unlink_before_its_urb_is_answered_when_the_urb_comes() -> None:
+    """vhci_hcd can send an UNLINK before its URB's CMD_SUBMIT (vhci_tx.c): the
+    answer waits for the URB, which is then cancelled unserved."""
+    futures: list[asyncio.Future[Completion]] = []
+    handler = pending_handler(futures)
+
+    async def test(s: Session) -> None:
+        s.send(in_urb(s, 1), unlink(3, 2, s.devid))
+        await settle()
+        assert s.replies() == []  # URB 2 has not come: the answer waits
+        s.send(in_urb(s, 2), in_urb(s, 4))
+        await settle()
+        assert s.replies() == [RetUnlink(3, -errno.ECONNRESET)]
+        assert len(futures) == 2  # URBs 1 and 4 reached the device, 2 did not
+        assert s.protocol.conn.in_flight == 2
+
+    session_test(handler, test)
+
+
+def test_an_unlink_whose_urb_never_comes_is_answered_0() -> None:
+    futures: list[asyncio.Future[Completion]] = []
+    handler = pending_handler(futures)
+
+    async def test(s: Session) -> None:
+        # a later URB came first: URB 5 will never come (vhci_hcd sends in order)
+        s.send(in_urb(s, 1), unlink(6, 5, s.devid), in_urb(s, 7))
+        await settle()
+        assert s.replies() == [RetUnlink(6, 0)]
+        assert len(futures) == 2
+        # nothing comes after: answered 0 once the hold is over
+        s.send(unlink(9, 8, s.devid))
+        await settle()
+        assert s.replies() == []
+        await asyncio.sleep(0.1)
+        assert s.replies() == [RetUnlink(9, 0)]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(server_connection, "EARLY_UNLINK_HOLD", 0.05)
+        session_test(handler, test)
 
 
 @pytest.mark.parametrize(("completion", "status", "data"), [

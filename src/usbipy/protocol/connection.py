@@ -81,7 +81,7 @@ Event = Message | _Sentinel
 DEFAULT_MAX_TRANSFER = 16 * 1024 * 1024
 #: A device list larger than this is hostile (the kernel's devlist is one record per bus port).
 MAX_DEVLIST_DEVICES = 4096
-#: Seqnums a server remembers as unlinked before their CMD_SUBMIT came.
+#: UNLINKs a server holds for URBs that have not come yet (hold_unlink).
 MAX_EARLY_UNLINKS = 64
 #: Compact the receive buffer once this many consumed bytes sit in front of it.
 _COMPACT_AT = 1 << 16
@@ -333,8 +333,9 @@ class ServerConnection(_Connection):
         self.fault: str | None = None
         #: The newest seqnum a CMD_SUBMIT carried (serial number arithmetic, RFC 1982).
         self._newest: int | None = None
-        #: Seqnums unlinked before their CMD_SUBMIT came, oldest first (bounded).
-        self._unlinked_early: dict[int, None] = {}
+        #: UNLINKs that came before their URB's CMD_SUBMIT, by the URB's seqnum,
+        #: oldest first: their answers wait for it (:meth:`hold_unlink`).
+        self._held: dict[int, CmdUnlink] = {}
 
     @property
     def in_flight(self) -> int:
@@ -479,39 +480,63 @@ class ServerConnection(_Connection):
             return f"actual_length {actual_length}, iso packets add up to {total}"
         return None
 
-    def unlink_unseen(self, cmd: CmdUnlink) -> int:
-        """RET_UNLINK's status for an UNLINK whose URB the server does not hold.
+    def hold_unlink(self, cmd: CmdUnlink) -> bool:
+        """Whether to hold the answer to an UNLINK whose URB the server does not have.
 
-        Usually the URB was answered already: 0, as usbip-host answers
-        (stub_rx.c). But vhci_hcd can send an UNLINK before the CMD_SUBMIT of
-        its URB: its tx thread sends the unlink queue right after finding the
-        submit queue empty, and a URB submitted and killed in between has its
-        CMD_SUBMIT sent on the next round (vhci_tx.c). An answer of 0 would make
-        vhci_hcd give the URB back, and the RET_SUBMIT that follows would find no
-        URB: vhci_hcd drops the device ("cannot find a urb of seqnum"). So a
-        seqnum beyond every CMD_SUBMIT so far is remembered, answered
-        -ECONNRESET, and its CMD_SUBMIT dropped when it comes
-        (:meth:`submitted_after_unlink`).
+        Usually that URB was answered already, and RET_UNLINK(0) is the answer
+        at once, as usbip-host gives it (stub_rx.c): then this returns False.
+
+        But vhci_hcd can send an UNLINK before the CMD_SUBMIT of its URB: its tx
+        thread sends the unlink queue right after finding the submit queue empty,
+        and a URB submitted and killed in between has its CMD_SUBMIT sent on the
+        next round (vhci_tx.c). Answered 0 at once, vhci_hcd gives the URB back,
+        and the RET_SUBMIT that follows finds no URB: vhci_hcd drops the device
+        ("cannot find a urb of seqnum"). Answered at once with any status, the
+        answer can even overtake the URB's move to the list vhci_rx searches, and
+        the URB is never given back. So the answer to an UNLINK of a seqnum
+        beyond every CMD_SUBMIT so far (serial number arithmetic, RFC 1982) waits
+        for :meth:`submit_after_unlinks`: when that URB comes it is cancelled
+        unserved (RET_UNLINK -ECONNRESET, no RET_SUBMIT); when a later URB comes
+        first, vhci_hcd (which sends a device's URBs in seqnum order) will never
+        send it, and the answer is 0. The server answers 0 to any still held
+        after a while (:meth:`release_unlinks`). At most
+        :data:`MAX_EARLY_UNLINKS` are held; beyond, the answer is 0 at once.
         """
         target = cmd.unlink_seqnum
         newest = self._newest
         if newest is not None and not 0 < (target - newest) & 0xFFFF_FFFF < 0x8000_0000:
-            return 0
-        early = self._unlinked_early
-        early[target] = None
-        if len(early) > MAX_EARLY_UNLINKS:
-            del early[next(iter(early))]
-        return ECONNRESET
-
-    def submitted_after_unlink(self, urb: CmdSubmit) -> bool:
-        """Whether ``urb`` was unlinked before it came (:meth:`unlink_unseen`): then it
-        is no longer in flight, and it must be neither served nor answered."""
-        early = self._unlinked_early
-        if urb.seqnum not in early:
             return False
-        del early[urb.seqnum]
-        self._in_flight.pop(urb.seqnum, None)
+        if len(self._held) >= MAX_EARLY_UNLINKS or target in self._held:
+            return False
+        self._held[target] = cmd
         return True
+
+    @property
+    def holding(self) -> bool:
+        """Whether UNLINK answers wait for their URBs (:meth:`hold_unlink`)."""
+        return bool(self._held)
+
+    def submit_after_unlinks(self, urb: CmdSubmit) -> tuple[bytes, bool]:
+        """The held UNLINK answers that ``urb`` settles, and whether ``urb`` itself
+        was unlinked before it came (then it is no longer in flight: it must be
+        neither served nor answered, its RET_UNLINK -ECONNRESET says it all)."""
+        replies = []
+        seqnum = urb.seqnum
+        for target in [t for t in self._held if 0 < (seqnum - t) & 0xFFFF_FFFF < 0x8000_0000]:
+            # a URB beyond it came first: that one will never come
+            replies.append(wire.encode_ret_unlink(self._held.pop(target).seqnum, 0))
+        cmd = self._held.pop(seqnum, None)
+        if cmd is not None:
+            self._in_flight.pop(seqnum, None)
+            replies.append(wire.encode_ret_unlink(cmd.seqnum, ECONNRESET))
+        return b"".join(replies), cmd is not None
+
+    def release_unlinks(self) -> bytes:
+        """RET_UNLINK(0) for every UNLINK still held: their URBs did not come."""
+        replies = b"".join(wire.encode_ret_unlink(cmd.seqnum, 0)
+                           for cmd in self._held.values())
+        self._held.clear()
+        return replies
 
     def reply_unlink(self, cmd: CmdUnlink, status: int) -> bytes:
         """RET_UNLINK for ``cmd``: -ECONNRESET when the URB was cancelled (its

@@ -55,6 +55,10 @@ MAX_PENDING_OUT_BYTES = 64 << 20
 #: Seconds a closing connection has to take its last replies before it is cut.
 CLOSE_TIMEOUT = 30.0
 
+#: Seconds the answer to an UNLINK waits for its URB to come (ServerConnection.
+#: hold_unlink): vhci_hcd sends it within its next round, milliseconds later.
+EARLY_UNLINK_HOLD = 2.0
+
 #: A TLS record of type handshake (22), version 3.x: a ClientHello's first bytes.
 TLS_HANDSHAKE_RECORD = b"\x16\x03"
 
@@ -110,6 +114,7 @@ class UsbipServerProtocol(asyncio.Protocol):
         self._idle_timer: asyncio.TimerHandle | None = None
         #: Set when a close waits for replies to be flushed: the time they have.
         self._close_timer: asyncio.TimerHandle | None = None
+        self._release_timer: asyncio.TimerHandle | None = None
         #: Resolved once the connection is gone and its device released.
         self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         #: Replies made while one batch of input is handled, sent with one write:
@@ -229,6 +234,8 @@ class UsbipServerProtocol(asyncio.Protocol):
             self.slot.release()
         if self._close_timer is not None:
             self._close_timer.cancel()
+        if self._release_timer is not None:
+            self._release_timer.cancel()
         self._closed = True
         self._connections.discard(self)
         for _urb, future in self._futures.values():
@@ -451,8 +458,20 @@ class UsbipServerProtocol(asyncio.Protocol):
 
     def _submit(self, urb: CmdSubmit) -> None:
         conn = self.conn
-        if conn.submitted_after_unlink(urb):
-            return  # its RET_UNLINK(-ECONNRESET) went out already
+        if conn.holding:
+            replies, unlinked = conn.submit_after_unlinks(urb)
+            if replies:
+                self._write(replies)
+            if unlinked:
+                log.debug("%s: seqnum %d was unlinked before it came", self.peer, urb.seqnum)
+                if self._stats is not None:
+                    self._stats.urbs[self._key_in if urb.direction is Direction.IN
+                                     else self._key_out] += 1
+                    self._stats.errors[(self._key_in[0], status_name(ECONNRESET))] += 1
+                return
+            if not conn.holding and self._release_timer is not None:
+                self._release_timer.cancel()
+                self._release_timer = None
         stats = self._stats
         if stats is not None:
             stats.urbs[self._key_in if urb.direction is Direction.IN else self._key_out] += 1
@@ -560,8 +579,14 @@ class UsbipServerProtocol(asyncio.Protocol):
     def _unlink(self, cmd: CmdUnlink) -> None:
         pending = self._forget(cmd.unlink_seqnum)
         if pending is None:
-            # Already answered (usbip-host answers 0, stub_rx.c), or not come yet
-            status = self.conn.unlink_unseen(cmd)
+            if self.conn.hold_unlink(cmd):
+                # its URB has not come yet: the answer waits for it (hold_unlink)
+                if self._release_timer is None:
+                    self._release_timer = asyncio.get_running_loop().call_later(
+                        EARLY_UNLINK_HOLD, self._release_unlinks)
+                return
+            # Already answered, or never seen: usbip-host answers 0 (stub_rx.c).
+            status = 0
         elif pending[1].done():
             # Finished, but its done-callback has not run yet: usbip-host would have
             # its RET_SUBMIT queued already, and sends that before this RET_UNLINK(0)
@@ -577,6 +602,13 @@ class UsbipServerProtocol(asyncio.Protocol):
                 self._stats.errors[(self._key_in[0], status_name(ECONNRESET))] += 1
         self._write(self.conn.reply_unlink(cmd, status))
         self._maybe_resume_reading()
+
+    def _release_unlinks(self) -> None:
+        """UNLINKs held for URBs that never came: answered 0, as for URBs done."""
+        self._release_timer = None
+        replies = self.conn.release_unlinks()
+        if replies:
+            self._write(replies)
 
     def _forget(self, seqnum: int) -> tuple[CmdSubmit, asyncio.Future[Completion]] | None:
         entry = self._futures.pop(seqnum, None)
