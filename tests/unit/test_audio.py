@@ -248,15 +248,17 @@ def test_a_late_host_gets_the_missed_samples_until_the_fifo_overflows() -> None:
         device._clock.origin -= 0.020
         assert await read(100) == [49] * 100
         assert device.samples_lost == 0
-        # away for longer than the FIFO holds: the oldest samples are lost, no more
+        # away for longer than the FIFO holds: the time beyond it is lost, no more;
+        # the tone is not read for it, and goes on where it was
         device._clock.origin -= 0.5
         before, backlog = tone.position, 960 - 100
-        assert await read(10) == [49] * 10
+        got = await read(10)
+        assert got == [49] * 10
         lost = device.samples_lost
         fifo = int(48000 * MIC_FIFO_SECONDS)
         # (the frames from the last URB's end to this one's start: 500 ms and a little)
         assert 500 * 48 + backlog - fifo <= lost <= 520 * 48 + backlog - fifo
-        assert tone.position - before == lost + 10 * 49
+        assert tone.position - before == 10 * 49
 
     asyncio.run(main())
 
@@ -279,3 +281,35 @@ def test_the_server_closing_writes_out_what_the_speaker_played(tmp_path: Path) -
     device.close()  # what the server does when it stops
     with wave.open(str(tmp_path / "played.wav")) as wav:
         assert wav.readframes(100) == b"\x05\x00\x06\x00" * 48
+
+
+def test_odd_bytes_from_a_client_do_not_shift_the_speaker(serve) -> None:
+    heard: list[bytes] = []
+
+    async def test(server: UsbipServer) -> None:
+        dev = await import_device(HOST, "1-1", server.port)
+        await dev.control(0x00, 9, 1, 0, b"")
+        await dev.control(0x01, 11, 1, 1, b"")
+        await dev.iso_write(EP_SPEAKER, [b"\x01\x00\x02\x00" * 47 + b"\x09", b"\x03\x00\x04\x00"])
+        assert b"".join(heard) == b"\x01\x00\x02\x00" * 47 + b"\x03\x00\x04\x00"
+        await dev.close()
+
+    serve(test, [UsbAudio(speaker=lambda data, rate: heard.append(data))])
+
+
+def test_a_wav_sink_made_before_a_fork_writes_in_the_child(tmp_path: Path) -> None:
+    """usbipyd -D makes its devices, then forks: the sink's writer must be the child's."""
+    import os
+
+    sink = WavSink(tmp_path / "forked.wav")
+    pid = os.fork()
+    if pid == 0:  # the child: what the daemon does
+        try:
+            sink(b"\x07\x00\x08\x00" * 10, 48000)
+            sink.close()
+        finally:
+            os._exit(0)
+    _pid, status = os.waitpid(pid, 0)
+    assert status == 0
+    with wave.open(str(tmp_path / "forked.wav")) as wav:
+        assert wav.readframes(20) == b"\x07\x00\x08\x00" * 10

@@ -22,7 +22,7 @@ from usbipy.client.userspace import _iso_results
 from usbipy.devices.audio import UsbAudio
 from usbipy.devices.sound import Tone
 from usbipy.protocol import CmdSubmit, Direction, IsoPacket, RetSubmit, Speed
-from usbipy.protocol.constants import EMSGSIZE, EXDEV
+from usbipy.protocol.constants import EFBIG, EMSGSIZE, EXDEV
 from usbipy.usb.descriptors import Endpoint, TransferType
 from usbipy.usb.urb import UrbFlag
 
@@ -185,3 +185,76 @@ def test_an_unlinked_urb_takes_no_samples() -> None:
 
     asyncio.run(main())
 
+
+
+def test_start_frame_stays_in_its_signed_field_after_days() -> None:
+    """RET_SUBMIT's start_frame is a signed 32-bit field: at high speed a count
+    of microframes passes 2**31 after 74.6 hours of uptime."""
+    clock = BusClock(Speed.HIGH)
+    clock.origin -= 75 * 3600
+    sent = iso_urb(1, [64])
+    window = IsoSchedule(clock, Endpoint(0x81, ISO, 1024, 1)).place(sent)
+    assert 0 <= window.start_frame < 2**31
+    client, server = imported_pair()
+    server.receive_data(client.send_submit(1, DEVID, Direction.IN, 1, 0, 64,
+                                           iso_packets=sent.iso_packets))
+    received = server.next_event()
+    assert isinstance(received, CmdSubmit)
+    done = in_completion(received, window, [b"x" * 64])
+    header, _body = server.reply_submit(received, done.status, done.data,
+                                        start_frame=done.start_frame,
+                                        iso_packets=done.iso_packets)
+    assert server.fault is None
+    assert struct.unpack("!IIIIIiiiii8x", header)[5:8] == (0, 64, window.start_frame)
+
+
+def test_a_urb_far_ahead_is_refused_and_unlinked_urbs_do_not_hold_the_bus() -> None:
+    async def main() -> None:
+        schedule = IsoSchedule(BusClock(Speed.FULL), Endpoint(0x82, ISO, 98, 1))
+        # a client that queues and unlinks again and again: the schedule does not
+        # run ahead, and its queue does not grow
+        for i in range(500):
+            window = schedule.place(iso_urb(i, [98] * 1024))
+            assert window.status == 0
+            schedule.complete(window, lambda: Completion()).cancel()
+            await asyncio.sleep(0)  # (the done-callbacks run)
+        assert len(schedule._pending) <= 64
+        live = schedule.place(iso_urb(600, [98]))
+        assert live.due - time.monotonic() < 0.1  # not 500 seconds away
+        await asyncio.wait_for(schedule.complete(live, lambda: Completion()), 5)
+        # nothing starts more than a second ahead (as ehci-sched.c refuses it)
+        windows = [schedule.place(iso_urb(700 + i, [98] * 400)) for i in range(4)]
+        assert [w.status for w in windows] == [0, 0, 0, EFBIG]
+
+    asyncio.run(main())
+
+
+def test_a_whole_iso_urb_refused_reaches_the_client_with_its_status(serve) -> None:
+    from usbipy.client import import_device
+    from usbipy.client.errors import UrbError
+
+    async def test(server) -> None:
+        dev = await import_device("127.0.0.1", "1-1", server.port)
+        await dev.control(0x00, 9, 1, 0, b"")
+        await dev.control(0x01, 11, 1, 2, b"")
+        # a packet above wMaxPacketSize (98): usb_submit_urb() says -EMSGSIZE, and so
+        # does the reply (not -EPROTO for a device bug)
+        try:
+            await dev.iso_read(0x82, [200])
+        except UrbError as exc:
+            assert exc.errno_name == "EMSGSIZE"
+        else:
+            raise AssertionError("a 200-byte packet was accepted")
+        # another alternate setting: a URB still queued ends -ESHUTDOWN
+        pending = asyncio.ensure_future(dev.iso_read(0x82, [98] * 200))
+        await asyncio.sleep(0.05)
+        await dev.control(0x01, 11, 0, 2, b"")
+        try:
+            await asyncio.wait_for(pending, 5)
+        except UrbError as exc:
+            assert exc.errno_name == "ESHUTDOWN"
+        else:
+            raise AssertionError("the flushed URB completed")
+        await dev.close()
+
+    serve(test, [UsbAudio()])

@@ -242,3 +242,28 @@ def test_a_frame_source_can_be_any_function() -> None:
     pattern = TestPattern()
     frame = pattern(513, "yuyv", 160, 120)
     assert len(frame) == 160 * 120 * 2 and read_number(frame[0::2], 160, 120) == (513, 513)
+
+
+def test_a_new_client_starts_from_the_defaults_and_a_commit_mid_stream_applies(serve) -> None:
+    async def test(server: UsbipServer) -> None:
+        dev = await import_device(HOST, "1-1", server.port)
+        await start(dev, 1, 3, alternate=1)  # 160x120 YUY2, streaming
+        # a commit while streaming: the stream goes on, at the new size
+        await dev.control(0x21, uvc.SET_CUR, COMMIT, VS, probe(1, 2, 333333))
+        frames = Frames()
+        for _ in range(200):
+            for packet in await dev.iso_read(EP_VIDEO, [512] * 32):
+                frames.add(packet.data)
+            if len(frames.frames) >= 2:
+                break
+        assert {len(f) for f in frames.frames[1:]} == {320 * 240 * 2}
+        await dev.close()
+        # the next client finds the defaults, not the last client's settings
+        dev = await import_device(HOST, "1-1", server.port)
+        await dev.control(0x00, 9, 1, 0, b"")
+        committed = uvc.StreamingControl.unpack(
+            await dev.control(0xA1, uvc.GET_CUR, COMMIT, VS, 34))
+        assert (committed.bFormatIndex, committed.bFrameIndex) == (1, 1)
+        await dev.close()
+
+    serve(test, [Webcam()])

@@ -16,8 +16,8 @@ The device completes the URB at :attr:`IsoWindow.due` (:meth:`IsoSchedule.comple
 the host then sees the nominal rate, with no drift, however fast it resubmits.
 URBs of one endpoint complete in the order they were placed, as on a bus,
 even when the event loop runs late and several are overdue at once.
-Frame numbers are a 32-bit count from the clock's start (RET_SUBMIT's
-start_frame field), not the bus's 11-bit SOF number.
+Frame numbers are a count from the clock's start, modulo 2**31 (RET_SUBMIT's
+start_frame field is signed), not the bus's 11-bit SOF number.
 """
 
 from __future__ import annotations
@@ -29,11 +29,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..protocol import CmdSubmit, IsoPacket, Speed
-from ..protocol.constants import EMSGSIZE
+from ..protocol.constants import EFBIG, EMSGSIZE
 from ..usb.descriptors import Endpoint
 from .base import Completion
 
-_FRAME_MASK = 0xFFFF_FFFF
+#: RET_SUBMIT's start_frame is a signed 32-bit field: the count wraps at 2**31.
+_FRAME_MASK = 0x7FFF_FFFF
+#: No URB starts further ahead than this many seconds (-EFBIG).
+MAX_SCHEDULE_AHEAD = 1.0
 #: How early a URB may complete: half of uvloop's timer resolution (1 ms).
 TIMER_SLACK = 0.0005
 
@@ -65,7 +68,7 @@ class IsoWindow:
     frames: list[int]
     #: When the last packet's interval has passed (monotonic seconds).
     due: float
-    #: Non-zero when the whole URB is refused (-EMSGSIZE).
+    #: Non-zero when the whole URB is refused (-EMSGSIZE, -EFBIG).
     status: int = 0
 
 
@@ -90,6 +93,10 @@ class IsoSchedule:
         self._pending: deque[tuple[float, asyncio.Future[Completion],
                                    Callable[[], Completion]]] = deque()
         self._timer: asyncio.TimerHandle | None = None
+        #: URBs of the queue that were unlinked since it was last compacted.
+        self._unlinked = 0
+        #: URBs placed whose futures are not done yet.
+        self._live = 0
 
     def place(self, urb: CmdSubmit) -> IsoWindow:
         """Place ``urb``'s packets on the bus, after those already placed."""
@@ -98,6 +105,9 @@ class IsoSchedule:
             # usb_submit_urb() refuses such a URB (drivers/usb/core/urb.c)
             return IsoWindow(0, [], 0.0, EMSGSIZE)
         now = self.clock.frame()
+        self._drop_unlinked()
+        if not self._live and self._next > now:
+            self._next = 0  # every URB ahead was unlinked: the endpoint is idle
         # busy: right after the previous URB; idle (all placed have passed): the next frame
         if self._next > now:
             start = self._next
@@ -105,9 +115,39 @@ class IsoSchedule:
             start = now + 1
             if self._next:
                 self.idle_frames += start - self._next
+        if (start - now) * self.clock.period > MAX_SCHEDULE_AHEAD:
+            # as ehci-sched.c refuses a URB beyond its schedule: no URB starts
+            # further ahead than a second, whatever a client submits
+            return IsoWindow(0, [], 0.0, EFBIG)
+        end = start + len(packets) * self.interval
         frames = [start + i * self.interval for i in range(len(packets))]
-        self._next = start + len(packets) * self.interval
-        return IsoWindow(start & _FRAME_MASK, frames, self.clock.time_of(self._next))
+        self._next = end
+        self._live += 1  # until its future is done (complete)
+        return IsoWindow(start & _FRAME_MASK, frames, self.clock.time_of(end))
+
+    def shutdown(self, status: int) -> None:
+        """The endpoint went away (another alternate setting, configuration, a
+        reset): its URBs not yet done end with ``status``, as usb_set_interface()
+        flushes them with -ESHUTDOWN."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        pending, self._pending = self._pending, deque()
+        for _due, future, _result in pending:
+            if not future.done():
+                future.set_result(Completion(status=status))
+        self._next = 0
+
+    def _drop_unlinked(self) -> None:
+        """Forget unlinked URBs at the head of the queue; and anywhere in it once
+        they are most of it, so a client that submits and unlinks over and over
+        cannot make it grow."""
+        pending = self._pending
+        while pending and pending[0][1].done():
+            pending.popleft()
+        if self._unlinked > 32 and self._unlinked * 2 > len(pending):
+            self._pending = deque(entry for entry in pending if not entry[1].done())
+            self._unlinked = 0
 
     def complete(self, window: IsoWindow, result: Callable[[], Completion]
                  ) -> asyncio.Future[Completion]:
@@ -119,15 +159,20 @@ class IsoSchedule:
         the host would get the stream out of order.
         """
         future: asyncio.Future[Completion] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(self._done)
         self._pending.append((window.due, future, result))
         if self._timer is None:
             self._arm()
         return future
 
+    def _done(self, future: asyncio.Future[Completion]) -> None:
+        self._live -= 1
+        if future.cancelled():
+            self._unlinked += 1
+
     def _arm(self) -> None:
+        self._drop_unlinked()
         pending = self._pending
-        while pending and pending[0][1].done():  # unlinked
-            pending.popleft()
         if pending:
             delay = max(0.0, pending[0][0] - time.monotonic())
             self._timer = asyncio.get_running_loop().call_later(delay, self._fire)

@@ -38,7 +38,7 @@ from ..backends.isochronous import (
     out_packets,
 )
 from ..protocol import CmdSubmit, Speed
-from ..protocol.constants import EPIPE
+from ..protocol.constants import EPIPE, ESHUTDOWN
 from ..usb import audio as uac
 from ..usb.descriptors import Configuration, Device, Endpoint, Interface, TransferType
 from ..usb.requests import Setup
@@ -166,7 +166,7 @@ class UsbAudio(EmulatedDevice):
         #: Sample frames the host has played to the speaker and recorded from the microphone.
         self.frames_played = 0
         self.frames_recorded = 0
-        #: Microphone samples lost to an overrun (the host away too long).
+        #: Microphone time lost to overruns (the host away too long), in samples.
         self.samples_lost = 0
         #: The (micro)frame the microphone's stream started in, and the sample
         #: frames sent since.
@@ -217,8 +217,9 @@ class UsbAudio(EmulatedDevice):
         follow the device's clock: 48 frames a millisecond at 48 kHz, 44 or 45 at
         44.1 kHz, and one more while catching up on milliseconds the host left
         without a URB. So a late host loses no samples and sees no drift, until
-        more than :data:`MIC_FIFO_SECONDS` pile up: then the oldest are lost
-        (an overrun, counted in :attr:`samples_lost`).
+        more than :data:`MIC_FIFO_SECONDS` pile up: then the time beyond is lost
+        (an overrun, counted in :attr:`samples_lost`). The source is not read for
+        that time, so a tone or a file goes on where it was.
         """
         rate = self.rates[EP_MICROPHONE]
         if self._mic_start is None:
@@ -227,10 +228,8 @@ class UsbAudio(EmulatedDevice):
         backlog = made - self._mic_sent
         fifo = int(rate * MIC_FIFO_SECONDS)
         if backlog > fifo:
-            lost = backlog - fifo
-            self.microphone.read(lost, rate)
-            self.samples_lost += lost
-            self._mic_sent += lost
+            self.samples_lost += backlog - fifo
+            self._mic_sent += backlog - fifo
             backlog = fifo
         data = self.microphone.read(max(0, min(backlog, room)), rate)
         self._mic_sent += len(data) // (2 * MIC_CHANNELS)
@@ -242,6 +241,10 @@ class UsbAudio(EmulatedDevice):
         packets = out_packets(urb)
         completion = out_completion(urb, window)
 
+        frame_size = 2 * SPEAKER_CHANNELS
+        # whole sample frames only: a client's odd bytes would shift every later sample
+        packets = [p[:len(p) - len(p) % frame_size] for p in packets]
+
         def played() -> Completion:
             data = self.units[SPEAKER_UNIT].apply(b"".join(packets))
             self.frames_played += len(data) // (2 * SPEAKER_CHANNELS)
@@ -252,7 +255,12 @@ class UsbAudio(EmulatedDevice):
         return schedule.complete(window, played)
 
     def on_interface(self, interface: int, alternate: int) -> None:
-        if interface == 2:  # the microphone's stream starts or stops
+        # the stream on it starts or stops: URBs still queued end -ESHUTDOWN
+        address = EP_SPEAKER if interface == 1 else EP_MICROPHONE
+        schedule = self._schedules.pop(address, None)
+        if schedule is not None:
+            schedule.shutdown(ESHUTDOWN)
+        if interface == 2:
             self._mic_start, self._mic_sent = None, 0
 
     def close(self) -> None:
@@ -262,6 +270,8 @@ class UsbAudio(EmulatedDevice):
             close()
 
     def on_configuration(self, value: int) -> None:
+        for schedule in self._schedules.values():
+            schedule.shutdown(ESHUTDOWN)
         self._schedules.clear()
         self._mic_start, self._mic_sent = None, 0
 

@@ -115,12 +115,17 @@ class WavSource:
 
     def read(self, frames: int, rate: int) -> bytes:
         want = 2 * frames
-        data = self._data[self._offset:self._offset + want]
-        self._offset += len(data)
-        while self.loop and len(data) < want and self._data:
-            self._offset = want - len(data)
-            data += self._data[:self._offset]
-        return data
+        pieces = []
+        while want and self._data:
+            if self._offset >= len(self._data):
+                if not self.loop:
+                    break
+                self._offset = 0
+            piece = self._data[self._offset:self._offset + want]
+            pieces.append(piece)
+            self._offset += len(piece)
+            want -= len(piece)
+        return b"".join(pieces)
 
 
 class WavSink:
@@ -140,19 +145,29 @@ class WavSink:
         self._file: BinaryIO | None = None
         self._rate = 0
         self.frames_written = 0
-        self._thread = threading.Thread(target=self._run, name="usbipy-wav-sink", daemon=True)
-        self._thread.start()
+        # started with the first samples, not here: usbipyd -D makes its devices
+        # before it forks, and a thread does not survive a fork
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
 
     def __call__(self, data: bytes, rate: int) -> None:
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="usbipy-wav-sink",
+                                                    daemon=True)
+                    self._thread.start()
         self._queue.put((data, rate))
 
     def flush(self) -> None:
+        """Wait until every sample given so far is in the file."""
         self._queue.join()
 
     def close(self) -> None:
-        if self._thread.is_alive():
+        thread = self._thread
+        if thread is not None and thread.is_alive():
             self._queue.put(None)
-            self._thread.join()
+            thread.join()
 
     def _run(self) -> None:
         while True:

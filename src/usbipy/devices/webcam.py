@@ -34,7 +34,7 @@ from ..backends.base import Completion, SubmitResult
 from ..backends.emulated import EmulatedDevice, Stall
 from ..backends.isochronous import BusClock, IsoSchedule, in_completion
 from ..protocol import CmdSubmit, Speed
-from ..protocol.constants import EPIPE
+from ..protocol.constants import EPIPE, ESHUTDOWN
 from ..usb import video as uvc
 from ..usb.descriptors import (
     Configuration,
@@ -306,9 +306,10 @@ class Webcam(EmulatedDevice):
                 self.probe = ctrl
             else:
                 self.committed = ctrl
+                streaming = self.transport == "bulk" or self._schedule is not None
                 self._stop_stream()
-                if self.transport == "bulk":  # no alternate setting to wait for
-                    self._start_stream()
+                if streaming:  # bulk has no alternate setting to wait for; an iso
+                    self._start_stream()  # stream already on goes on at the new mode
             return None
         if request == uvc.GET_CUR:
             return (self.probe if probe else self.committed or self.probe).pack()
@@ -324,11 +325,24 @@ class Webcam(EmulatedDevice):
             return self._negotiate(base).pack()
         raise Stall
 
+    def reset(self) -> None:
+        super().reset()
+        # a new client (or a port reset) starts from the defaults, as a device
+        # powered up does
+        self.probe = self._negotiate(uvc.StreamingControl())
+        self.committed = None
+
+    def _drop_schedule(self) -> None:
+        """The iso endpoint went away: its URBs still queued end -ESHUTDOWN."""
+        if self._schedule is not None:
+            self._schedule.shutdown(ESHUTDOWN)
+            self._schedule = None
+
     def on_interface(self, interface: int, alternate: int) -> None:
         if interface != 1 or self.transport != "iso":
             return
         self._stop_stream()
-        self._schedule = None
+        self._drop_schedule()
         if alternate:
             endpoint = next(e for e in self._interface(1, alternate))
             self._schedule = IsoSchedule(self._clock, endpoint)
@@ -336,7 +350,7 @@ class Webcam(EmulatedDevice):
 
     def on_configuration(self, value: int) -> None:
         self._stop_stream()
-        self._schedule = None
+        self._drop_schedule()
         if value and self.transport == "bulk" and self.committed is not None:
             self._start_stream()
 

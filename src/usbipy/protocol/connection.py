@@ -438,6 +438,11 @@ class ServerConnection(_Connection):
                    start_frame: int, error_count: int, packets: list[IsoPacket] | None,
                    ) -> tuple[bytes, bytes]:
         requested = urb.iso_packets or []
+        if packets is None and urb.iso_packets is not None and status != 0 and not data:
+            # The URB failed as a whole (refused, flushed): its packets go back as
+            # they came, none moved, as usbip-host sends a URB that usb_submit_urb()
+            # refused (stub_rx.c completes it with its own descriptors).
+            packets = [IsoPacket(p.offset, p.length, 0, 0) for p in requested]
         fault = self._iso_fault(urb, data, actual_length, packets)
         if fault is not None:
             self.fault = f"seqnum {urb.seqnum}: {fault}"

@@ -96,4 +96,5 @@ EPROTO = -LINUX_ERRNO["EPROTO"]
 ETIME = -LINUX_ERRNO["ETIME"]
 EREMOTEIO = -LINUX_ERRNO["EREMOTEIO"]  # short read with URB_SHORT_NOT_OK (usb/urb.py)
 EXDEV = -LINUX_ERRNO["EXDEV"]  # iso: partially completed
+EFBIG = -LINUX_ERRNO["EFBIG"]  # iso: a URB too far ahead of the schedule
 EMSGSIZE = -LINUX_ERRNO["EMSGSIZE"]  # a packet above the endpoint's size

@@ -118,10 +118,11 @@ def frame(subtype: int, index: int, width: int, height: int, max_frame_size: int
     intervals in 100 ns units, the first the default."""
     n = len(intervals)
     fps = [10_000_000 // i for i in intervals]
+    top = 0xFFFF_FFFF  # (a 32-bit field: 4K at 60 frames a second is above it)
     return struct.pack(f"<BBBBBHHIIIIB{n}I", 26 + 4 * n, CS_INTERFACE, subtype, index, 0,
-                       width, height, max_frame_size * 8 * min(fps),
-                       max_frame_size * 8 * max(fps), max_frame_size, intervals[0], n,
-                       *intervals)
+                       width, height, min(top, max_frame_size * 8 * min(fps)),
+                       min(top, max_frame_size * 8 * max(fps)), max_frame_size, intervals[0],
+                       n, *intervals)
 
 
 def color_matching() -> bytes:
