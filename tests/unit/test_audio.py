@@ -21,6 +21,15 @@ HOST = "127.0.0.1"
 MIC_PACKET = 98  # wMaxPacketSize: 49 mono frames
 
 
+def write_wav(path: Path, samples: bytes, *, channels: int = 1, rate: int = 48000) -> Path:
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(channels)
+        wav.setsampwidth(2)
+        wav.setframerate(rate)
+        wav.writeframes(samples)
+    return path
+
+
 def test_the_descriptors_are_what_snd_usb_audio_reads() -> None:
     device = UsbAudio()
     raw = device.descriptors.configuration_descriptors[0]
@@ -93,13 +102,8 @@ def test_the_microphone_sends_its_tone_a_millisecond_a_packet(serve) -> None:
 
 
 def test_a_urb_longer_than_the_file_gets_what_there_is(serve, tmp_path: Path) -> None:
-    path = tmp_path / "short.wav"
     samples = struct.pack("<100h", *range(1, 101))
-    with wave.open(str(path), "wb") as wav:
-        wav.setnchannels(1)
-        wav.setsampwidth(2)
-        wav.setframerate(48000)
-        wav.writeframes(samples)
+    path = write_wav(tmp_path / "short.wav", samples)
 
     async def test(server: UsbipServer) -> None:
         dev = await open_mic(server)
@@ -190,12 +194,7 @@ def test_wav_sink_writes_a_valid_file_and_restarts_on_a_new_rate(tmp_path: Path)
 
 
 def test_sources_refuse_what_a_microphone_cannot_play(tmp_path: Path) -> None:
-    stereo = tmp_path / "stereo.wav"
-    with wave.open(str(stereo), "wb") as wav:
-        wav.setnchannels(2)
-        wav.setsampwidth(2)
-        wav.setframerate(48000)
-        wav.writeframes(bytes(8))
+    stereo = write_wav(tmp_path / "stereo.wav", bytes(8), channels=2)
     with pytest.raises(ValueError, match="mono 16-bit"):
         WavSource(stereo)
     with pytest.raises(ValueError, match="frequency"):
@@ -205,12 +204,7 @@ def test_sources_refuse_what_a_microphone_cannot_play(tmp_path: Path) -> None:
 
 
 def test_a_looping_source_wraps_and_gain_is_exact_at_0_db(tmp_path: Path) -> None:
-    path = tmp_path / "loop.wav"
-    with wave.open(str(path), "wb") as wav:
-        wav.setnchannels(1)
-        wav.setsampwidth(2)
-        wav.setframerate(16000)
-        wav.writeframes(struct.pack("<3h", 7, 8, 9))
+    path = write_wav(tmp_path / "loop.wav", struct.pack("<3h", 7, 8, 9), rate=16000)
     source = WavSource(path)
     assert source.rates == (16000,)
     assert struct.unpack("<8h", source.read(8, 16000)) == (7, 8, 9, 7, 8, 9, 7, 8)
