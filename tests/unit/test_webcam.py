@@ -3,9 +3,11 @@ descriptors, probe/commit, and the payloads of its iso and bulk streams."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import struct
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pytest
@@ -222,17 +224,25 @@ def test_a_frame_source_can_be_any_function() -> None:
 
     camera = Webcam(source, formats=("yuyv",), sizes=((128, 64),), fps=(10,))
     assert camera.intervals == (1_000_000,)
-    mode = VideoMode("yuyv", 128, 64, 1_000_000, 512)
-    stream = VideoStream(mode, camera.source, 5, time.monotonic())
-    first = stream.payload(time.monotonic(), 512, 0)
-    assert calls == [(5, "yuyv", 128, 64)]
-    assert first[:2] == bytes((12, uvc.EOH | uvc.PTS | uvc.SCR | uvc.FID))
-    assert len(first) == 512 and first[12:] == bytes(500)
-    # the next frame is not due for 100 ms: nothing to send once this one is out
-    for _ in range(100):  # 16384 bytes, 500 a payload
-        if stream.payload(time.monotonic(), 512, 0)[1] & uvc.EOF:
-            break
-    assert stream.payload(time.monotonic(), 512, 0) == b"" and stream.frames_sent == 1
+
+    async def stream_two_payloads() -> None:
+        mode = VideoMode("yuyv", 128, 64, 1_000_000, 512)
+        with ThreadPoolExecutor(1) as renderer:
+            stream = VideoStream(mode, camera.source, 5, time.monotonic(), renderer)
+            # the frame is made on the renderer's thread; nothing is sent before
+            await asyncio.wait_for(stream.rendered.wait(), 10)
+            first = stream.payload(time.monotonic(), 512, 0)
+            assert calls[0] == (5, "yuyv", 128, 64)
+            assert first[:2] == bytes((12, uvc.EOH | uvc.PTS | uvc.SCR | uvc.FID))
+            assert len(first) == 512 and first[12:] == bytes(500)
+            # the next frame is not due for 100 ms: nothing to send once this one is out
+            for _ in range(100):  # 16384 bytes, 500 a payload
+                if stream.payload(time.monotonic(), 512, 0)[1] & uvc.EOF:
+                    break
+            assert stream.payload(time.monotonic(), 512, 0) == b"" and stream.frames_sent == 1
+            stream.stop()
+
+    asyncio.run(stream_two_payloads())
     with pytest.raises(ValueError, match="formats"):
         Webcam(formats=("h264",))
     with pytest.raises(ValueError, match="iso"):
@@ -267,3 +277,26 @@ def test_a_new_client_starts_from_the_defaults_and_a_commit_mid_stream_applies(s
         await dev.close()
 
     serve(test, [Webcam()])
+
+
+def test_frames_are_made_off_the_event_loop(serve) -> None:
+    """A slow frame source (a JPEG encoder, a file) must not hold the loop: the
+    server's debug mode fails the test if a callback takes 0.5 s."""
+    slow = TestPattern()
+
+    def source(number: int, fmt: str, width: int, height: int) -> bytes:
+        time.sleep(0.6)
+        return slow(number, fmt, width, height)
+
+    async def test(server: UsbipServer) -> None:
+        dev = await import_device(HOST, "1-1", server.port)
+        await start(dev, 1, 3, alternate=None)
+        frames = Frames()
+        for _ in range(100):
+            frames.add(await dev.bulk_read(EP_VIDEO, BULK_PAYLOAD))
+            if frames.frames:
+                break
+        check_numbers(frames.frames, "yuyv", 160, 120)
+        await dev.close()
+
+    serve(test, [Webcam(source, formats=("yuyv",), transport="bulk")])

@@ -28,6 +28,7 @@ import asyncio
 import logging
 import math
 import time
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ..backends.base import Completion, SubmitResult
@@ -87,7 +88,7 @@ class VideoStream:
     """The frames of one stream split into payloads, paced by the frame interval."""
 
     def __init__(self, mode: VideoMode, source: FrameSource, first_number: int,
-                 origin: float) -> None:
+                 origin: float, renderer: Executor) -> None:
         self.mode = mode
         self.source = source
         self.period = mode.interval * 100e-9
@@ -101,25 +102,50 @@ class VideoStream:
         #: When the next frame may start (monotonic seconds).
         self.due = time.monotonic()
         self.frames_sent = 0
+        self._renderer = renderer
+        self._loop = asyncio.get_running_loop()
+        #: The next frame, made on the renderer's thread (a JPEG encoding, or a
+        #: source that reads a file, must not hold the event loop); set when done.
+        self._rendering: Future[bytes] | None = None
+        self.rendered = asyncio.Event()
+        self._render_next()
+
+    def _render_next(self) -> None:
+        mode = self.mode
+        self.rendered = rendered = asyncio.Event()
+        self._rendering = self._renderer.submit(self.source, self.number, mode.fmt,
+                                                mode.width, mode.height)
+        loop = self._loop
+
+        def done(_future: Future[bytes]) -> None:
+            try:
+                loop.call_soon_threadsafe(rendered.set)
+            except RuntimeError:
+                pass  # the loop is closed: nobody waits any more
+
+        self._rendering.add_done_callback(done)
 
     def stc(self, when: float) -> int:
         return int((when - self.origin) * CLOCK_HZ) & 0xFFFF_FFFF
 
     def ready(self, when: float) -> bool:
-        """Whether a payload can be sent at ``when``: a frame in progress or due."""
-        return self._frame is not None or when >= self.due
+        """Whether a payload can be sent at ``when``: a frame in progress, or the
+        next one due and made."""
+        return self._frame is not None or (
+            when >= self.due and self._rendering is not None and self._rendering.done())
 
     def payload(self, when: float, room: int, sof: int) -> bytes:
-        """The payload sent at ``when`` in at most ``room`` bytes, or b"" when the
-        next frame is not due yet."""
+        """The payload sent at ``when`` in at most ``room`` bytes, or b"" while the
+        next frame is not due (or not made) yet."""
         if room <= _HEADER.size:
             return b""
         if self._frame is None:
-            if when < self.due:
+            if not self.ready(when):
                 return b""
             self._start(when)
+            if self._frame is None:
+                return b""  # the source failed on this frame: it is skipped
         frame = self._frame
-        assert frame is not None
         chunk = frame[self._pos:self._pos + room - _HEADER.size]
         self._pos += len(chunk)
         info = uvc.EOH | uvc.PTS | uvc.SCR | self.fid
@@ -131,17 +157,31 @@ class VideoStream:
 
     def _start(self, when: float) -> None:
         mode = self.mode
-        frame = self.source(self.number, mode.fmt, mode.width, mode.height)
-        if len(frame) > mode.max_frame_size:
-            log.error("webcam: frame %d is %d bytes, above the %d negotiated; cut",
-                      self.number, len(frame), mode.max_frame_size)
-            frame = frame[:mode.max_frame_size]
-        self._frame, self._pos = frame, 0
+        rendering = self._rendering
+        assert rendering is not None
+        number = self.number
         self.number += 1
-        self.fid ^= uvc.FID
-        self._pts = self.stc(when)
         # the next frame one interval on; after a stall (a slow host), no burst to catch up
         self.due = max(self.due + self.period, when)
+        try:
+            frame = rendering.result()
+        except Exception:
+            log.exception("webcam: the frame source failed on frame %d", number)
+            self._render_next()
+            return
+        self._render_next()
+        if len(frame) > mode.max_frame_size:
+            log.error("webcam: frame %d is %d bytes, above the %d negotiated; cut",
+                      number, len(frame), mode.max_frame_size)
+            frame = frame[:mode.max_frame_size]
+        self._frame, self._pos = frame, 0
+        self.fid ^= uvc.FID
+        self._pts = self.stc(when)
+
+    def stop(self) -> None:
+        """The stream ended: a frame not yet taken is not made."""
+        if self._rendering is not None:
+            self._rendering.cancel()
 
 
 def _descriptor(formats: tuple[str, ...], sizes: tuple[tuple[int, int], ...],
@@ -233,6 +273,8 @@ class Webcam(EmulatedDevice):
         self._clock = BusClock(Speed.HIGH)
         self._schedule: IsoSchedule | None = None
         self.stream: VideoStream | None = None
+        #: The thread frames are made on (JPEG encoding, a user's source).
+        self._renderer: ThreadPoolExecutor | None = None
         #: Frames sent over all streams; the next frame's number.
         self.frame_number = 0
         self._error_code = 0
@@ -269,13 +311,23 @@ class Webcam(EmulatedDevice):
 
     def _start_stream(self) -> None:
         ctrl = self.committed or self.probe
+        if self._renderer is None:  # (made here, on the loop: after usbipyd -D forks)
+            self._renderer = ThreadPoolExecutor(1, thread_name_prefix="usbipy-webcam")
         self.stream = VideoStream(self._mode(ctrl), self.source, self.frame_number,
-                                  self._clock.origin)
+                                  self._clock.origin, self._renderer)
 
     def _stop_stream(self) -> None:
         if self.stream is not None:
+            self.stream.stop()
             self.frame_number = self.stream.number
             self.stream = None
+
+    def close(self) -> None:
+        """The server shuts down: the renderer's thread ends."""
+        self._stop_stream()
+        if self._renderer is not None:
+            self._renderer.shutdown(wait=False, cancel_futures=True)
+            self._renderer = None
 
     # --- requests ---------------------------------------------------------------------
 
@@ -391,7 +443,9 @@ class Webcam(EmulatedDevice):
         assert stream is not None
         now = time.monotonic()
         if not stream.ready(now):
-            await asyncio.sleep(stream.due - now)
+            if now < stream.due:
+                await asyncio.sleep(stream.due - now)
+            await stream.rendered.wait()
         now = time.monotonic()
         room = min(urb.transfer_buffer_length, stream.mode.max_payload)
         return Completion(data=stream.payload(now, room, self._clock.frame(now) >> 3))
