@@ -418,3 +418,26 @@ def test_a_close_that_cannot_flush_is_cut_after_a_while(monkeypatch) -> None:
         assert session.transport.aborted
 
     asyncio.run(main())
+
+
+def test_each_held_unlink_waits_its_own_time() -> None:
+    """A hold that ended (its URB came) leaves no timer to cut the next one short."""
+    futures: list[asyncio.Future[Completion]] = []
+    handler = pending_handler(futures)
+
+    async def test(s: Session) -> None:
+        s.send(in_urb(s, 1), unlink(3, 2, s.devid))
+        await asyncio.sleep(0.05)
+        s.send(in_urb(s, 2))  # its URB comes: cancelled unserved
+        await settle()
+        assert s.replies() == [RetUnlink(3, -errno.ECONNRESET)]
+        await asyncio.sleep(0.1)  # the first hold would end at 0.2 s
+        s.send(unlink(5, 4, s.devid))
+        await asyncio.sleep(0.1)
+        assert s.replies() == []  # held 0.1 s of its own 0.2
+        await asyncio.sleep(0.2)
+        assert s.replies() == [RetUnlink(5, 0)]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(server_connection, "EARLY_UNLINK_HOLD", 0.2)
+        session_test(handler, test)

@@ -240,7 +240,14 @@ def test_a_frame_source_can_be_any_function() -> None:
                 if stream.payload(time.monotonic(), 512, 0)[1] & uvc.EOF:
                     break
             assert stream.payload(time.monotonic(), 512, 0) == b"" and stream.frames_sent == 1
+            # stopped mid-frame (a commit, another setting): URBs queued for it carry
+            # nothing, and a waiter wakes to see that
+            await asyncio.sleep(0.15)
+            assert stream.ready(time.monotonic())
+            stream.payload(time.monotonic(), 512, 0)
             stream.stop()
+            assert stream.rendered.is_set() and not stream.ready(time.monotonic())
+            assert stream.payload(time.monotonic() + 1, 512, 0) == b""
 
     asyncio.run(stream_two_payloads())
     with pytest.raises(ValueError, match="formats"):

@@ -107,7 +107,12 @@ class IsoSchedule:
         now = self.clock.frame()
         self._drop_unlinked()
         if not self._live and self._next > now:
-            self._next = 0  # every URB ahead was unlinked: the endpoint is idle
+            # every URB ahead was unlinked: the endpoint is idle, and the timer
+            # set for them would hold back the next
+            self._next = 0
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
         # busy: right after the previous URB; idle (all placed have passed): the next frame
         if self._next > now:
             start = self._next

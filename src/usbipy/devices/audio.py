@@ -255,8 +255,10 @@ class UsbAudio(EmulatedDevice):
         return schedule.complete(window, played)
 
     def on_interface(self, interface: int, alternate: int) -> None:
-        # the stream on it starts or stops: URBs still queued end -ESHUTDOWN
-        address = EP_SPEAKER if interface == 1 else EP_MICROPHONE
+        # a stream starts or stops: its URBs still queued end -ESHUTDOWN
+        address = {1: EP_SPEAKER, 2: EP_MICROPHONE}.get(interface)
+        if address is None:
+            return  # (the AudioControl interface has no stream)
         schedule = self._schedules.pop(address, None)
         if schedule is not None:
             schedule.shutdown(ESHUTDOWN)

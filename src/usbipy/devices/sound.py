@@ -134,13 +134,23 @@ class WavSink:
     Writing happens on a thread of its own, so the server's event loop never
     waits on the disk; :meth:`flush` waits until everything given is written.
     The file is a valid WAV after every write. A change of sample rate starts
-    the file afresh, since a WAV file has one rate.
+    the file afresh, since a WAV file has one rate. After a write fails (a
+    full disk), the samples that follow are dropped and counted in
+    :attr:`frames_dropped`, as are those that come while the writer is
+    :data:`MAX_QUEUED` writes behind.
     """
+
+    #: Writes waiting for the thread (about 4 s of 1 ms packets); beyond, samples
+    #: are dropped and counted rather than held without bound.
+    MAX_QUEUED = 4096
 
     def __init__(self, path: str | Path, channels: int = 2) -> None:
         self.path = Path(path)
         self.channels = channels
-        self._queue: queue.Queue[tuple[bytes, int] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[bytes, int] | None] = queue.Queue(self.MAX_QUEUED)
+        #: Sample frames dropped because the writer was behind.
+        self.frames_dropped = 0
+        self._failure: str | None = None
         self._wav: wave.Wave_write | None = None
         self._file: BinaryIO | None = None
         self._rate = 0
@@ -157,7 +167,10 @@ class WavSink:
                     self._thread = threading.Thread(target=self._run, name="usbipy-wav-sink",
                                                     daemon=True)
                     self._thread.start()
-        self._queue.put((data, rate))
+        try:
+            self._queue.put_nowait((data, rate))
+        except queue.Full:  # (never wait: this runs on the server's event loop)
+            self.frames_dropped += len(data) // (2 * self.channels)
 
     def flush(self) -> None:
         """Wait until every sample given so far is in the file."""
@@ -166,7 +179,7 @@ class WavSink:
     def close(self) -> None:
         thread = self._thread
         if thread is not None and thread.is_alive():
-            self._queue.put(None)
+            self._queue.put(None)  # (waits for room: the writer is running)
             thread.join()
 
     def _run(self) -> None:
@@ -176,19 +189,32 @@ class WavSink:
                 if item is None:
                     self._close_file()
                     return
-                self._write(*item)
-            except OSError as exc:
-                log.error("%s: %s", self.path, exc)
+                if self._failure is None:
+                    self._write(*item)
+                else:
+                    self.frames_dropped += len(item[0]) // (2 * self.channels)
+            except Exception as exc:
+                # (a full disk; a file past WAV's 4 GiB: struct.error). The thread
+                # goes on, taking and counting what comes, so nothing piles up; the
+                # file is not opened again, which would truncate what it holds.
+                self._failure = f"{type(exc).__name__}: {exc}"
+                log.error("%s: %s; the speaker's samples from here on are dropped",
+                          self.path, self._failure)
+                self._close_file()
             finally:
                 self._queue.task_done()
 
     def _close_file(self) -> None:
-        if self._wav is not None:
-            self._wav.close()
-            self._wav = None
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        wav, self._wav = self._wav, None
+        file, self._file = self._file, None
+        try:
+            if wav is not None:
+                wav.close()
+        except Exception as exc:  # (its header cannot be written: the file stays as is)
+            log.error("%s: %s", self.path, exc)
+        finally:
+            if file is not None:
+                file.close()
 
     def _write(self, data: bytes, rate: int) -> None:
         if self._wav is None or rate != self._rate:

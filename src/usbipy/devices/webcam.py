@@ -28,7 +28,7 @@ import asyncio
 import logging
 import math
 import time
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ..backends.base import Completion, SubmitResult
@@ -108,13 +108,22 @@ class VideoStream:
         #: source that reads a file, must not hold the event loop); set when done.
         self._rendering: Future[bytes] | None = None
         self.rendered = asyncio.Event()
+        #: Set by :meth:`stop`: URBs still queued for this stream carry nothing.
+        self.stopped = False
         self._render_next()
 
     def _render_next(self) -> None:
+        if self.stopped:
+            return
         mode = self.mode
+        try:
+            rendering = self._renderer.submit(self.source, self.number, mode.fmt,
+                                              mode.width, mode.height)
+        except RuntimeError:  # the renderer was shut down: the server is stopping
+            self.stop()
+            return
+        self._rendering = rendering
         self.rendered = rendered = asyncio.Event()
-        self._rendering = self._renderer.submit(self.source, self.number, mode.fmt,
-                                                mode.width, mode.height)
         loop = self._loop
 
         def done(_future: Future[bytes]) -> None:
@@ -123,7 +132,7 @@ class VideoStream:
             except RuntimeError:
                 pass  # the loop is closed: nobody waits any more
 
-        self._rendering.add_done_callback(done)
+        rendering.add_done_callback(done)
 
     def stc(self, when: float) -> int:
         return int((when - self.origin) * CLOCK_HZ) & 0xFFFF_FFFF
@@ -131,8 +140,8 @@ class VideoStream:
     def ready(self, when: float) -> bool:
         """Whether a payload can be sent at ``when``: a frame in progress, or the
         next one due and made."""
-        return self._frame is not None or (
-            when >= self.due and self._rendering is not None and self._rendering.done())
+        return not self.stopped and (self._frame is not None or (
+            when >= self.due and self._rendering is not None and self._rendering.done()))
 
     def payload(self, when: float, room: int, sof: int) -> bytes:
         """The payload sent at ``when`` in at most ``room`` bytes, or b"" while the
@@ -165,6 +174,8 @@ class VideoStream:
         self.due = max(self.due + self.period, when)
         try:
             frame = rendering.result()
+        except CancelledError:  # (stopped meanwhile)
+            return
         except Exception:
             log.exception("webcam: the frame source failed on frame %d", number)
             self._render_next()
@@ -179,9 +190,14 @@ class VideoStream:
         self._pts = self.stc(when)
 
     def stop(self) -> None:
-        """The stream ended: a frame not yet taken is not made."""
+        """The stream ended (a commit, another alternate setting, the client gone):
+        a frame not yet taken is not made, and URBs still queued for this stream
+        carry nothing. Waiters wake up to see it."""
+        self.stopped = True
+        self._frame = None
         if self._rendering is not None:
             self._rendering.cancel()
+        self.rendered.set()
 
 
 def _descriptor(formats: tuple[str, ...], sizes: tuple[tuple[int, int], ...],
@@ -440,12 +456,19 @@ class Webcam(EmulatedDevice):
         if self.stream is None:
             self._start_stream()  # a host that reads without committing gets the default
         stream = self.stream
+        for _ in range(8):  # (a stream replaced by a commit mid-wait: the new one's turn)
+            stream = self.stream
+            if stream is None:  # stopped meanwhile (CLEAR_FEATURE, another configuration)
+                return Completion()
+            now = time.monotonic()
+            if not stream.ready(now):
+                if now < stream.due:
+                    await asyncio.sleep(stream.due - now)
+                if not stream.ready(time.monotonic()):
+                    await stream.rendered.wait()
+            if stream is self.stream and not stream.stopped:
+                break
         assert stream is not None
-        now = time.monotonic()
-        if not stream.ready(now):
-            if now < stream.due:
-                await asyncio.sleep(stream.due - now)
-            await stream.rendered.wait()
         now = time.monotonic()
         room = min(urb.transfer_buffer_length, stream.mode.max_payload)
         return Completion(data=stream.payload(now, room, self._clock.frame(now) >> 3))

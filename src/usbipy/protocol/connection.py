@@ -504,7 +504,7 @@ class ServerConnection(_Connection):
         unserved (RET_UNLINK -ECONNRESET, no RET_SUBMIT); when a later URB comes
         first, vhci_hcd (which sends a device's URBs in seqnum order) will never
         send it, and the answer is 0. The server answers 0 to any still held
-        after a while (:meth:`release_unlinks`). At most
+        after a while (:meth:`release_unlink`). At most
         :data:`MAX_EARLY_UNLINKS` are held; beyond, the answer is 0 at once.
         """
         target = cmd.unlink_seqnum
@@ -536,12 +536,11 @@ class ServerConnection(_Connection):
             replies.append(wire.encode_ret_unlink(cmd.seqnum, ECONNRESET))
         return b"".join(replies), cmd is not None
 
-    def release_unlinks(self) -> bytes:
-        """RET_UNLINK(0) for every UNLINK still held: their URBs did not come."""
-        replies = b"".join(wire.encode_ret_unlink(cmd.seqnum, 0)
-                           for cmd in self._held.values())
-        self._held.clear()
-        return replies
+    def release_unlink(self, target: int) -> bytes:
+        """RET_UNLINK(0) for the UNLINK held for URB ``target``, which did not come
+        in time; b"" when none is held for it (any more)."""
+        cmd = self._held.pop(target, None)
+        return b"" if cmd is None else wire.encode_ret_unlink(cmd.seqnum, 0)
 
     def reply_unlink(self, cmd: CmdUnlink, status: int) -> bytes:
         """RET_UNLINK for ``cmd``: -ECONNRESET when the URB was cancelled (its

@@ -115,6 +115,9 @@ class UsbipServerProtocol(asyncio.Protocol):
         #: Set when a close waits for replies to be flushed: the time they have.
         self._close_timer: asyncio.TimerHandle | None = None
         self._release_timer: asyncio.TimerHandle | None = None
+        #: The seqnums of held UNLINKs' URBs (ServerConnection.hold_unlink), and
+        #: until when (loop time) each answer waits.
+        self._held_until: dict[int, float] = {}
         #: Resolved once the connection is gone and its device released.
         self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         #: Replies made while one batch of input is handled, sent with one write:
@@ -462,6 +465,11 @@ class UsbipServerProtocol(asyncio.Protocol):
             replies, unlinked = conn.submit_after_unlinks(urb)
             if replies:
                 self._write(replies)
+            if not conn.holding:
+                self._held_until.clear()
+                if self._release_timer is not None:
+                    self._release_timer.cancel()
+                    self._release_timer = None
             if unlinked:
                 log.debug("%s: seqnum %d was unlinked before it came", self.peer, urb.seqnum)
                 if self._stats is not None:
@@ -469,9 +477,6 @@ class UsbipServerProtocol(asyncio.Protocol):
                                      else self._key_out] += 1
                     self._stats.errors[(self._key_in[0], status_name(ECONNRESET))] += 1
                 return
-            if not conn.holding and self._release_timer is not None:
-                self._release_timer.cancel()
-                self._release_timer = None
         stats = self._stats
         if stats is not None:
             stats.urbs[self._key_in if urb.direction is Direction.IN else self._key_out] += 1
@@ -580,10 +585,13 @@ class UsbipServerProtocol(asyncio.Protocol):
         pending = self._forget(cmd.unlink_seqnum)
         if pending is None:
             if self.conn.hold_unlink(cmd):
-                # its URB has not come yet: the answer waits for it (hold_unlink)
+                # its URB has not come yet: the answer waits for it (hold_unlink),
+                # EARLY_UNLINK_HOLD at most, counted for each UNLINK from its own coming
+                loop = asyncio.get_running_loop()
+                self._held_until[cmd.unlink_seqnum] = loop.time() + EARLY_UNLINK_HOLD
                 if self._release_timer is None:
-                    self._release_timer = asyncio.get_running_loop().call_later(
-                        EARLY_UNLINK_HOLD, self._release_unlinks)
+                    self._release_timer = loop.call_later(EARLY_UNLINK_HOLD,
+                                                          self._release_unlinks)
                 return
             # Already answered, or never seen: usbip-host answers 0 (stub_rx.c).
             status = 0
@@ -604,11 +612,22 @@ class UsbipServerProtocol(asyncio.Protocol):
         self._maybe_resume_reading()
 
     def _release_unlinks(self) -> None:
-        """UNLINKs held for URBs that never came: answered 0, as for URBs done."""
+        """UNLINKs held for URBs that did not come in time: answered 0, as for URBs
+        done. The timer then waits for the next one's time."""
         self._release_timer = None
-        replies = self.conn.release_unlinks()
-        if replies:
-            self._write(replies)
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        held = self._held_until
+        for target in [t for t, until in held.items() if until <= now]:
+            del held[target]
+            replies = self.conn.release_unlink(target)
+            if replies:
+                self._write(replies)
+        if held and self.conn.holding:
+            self._release_timer = loop.call_later(max(0.0, min(held.values()) - now),
+                                                  self._release_unlinks)
+        else:
+            held.clear()
 
     def _forget(self, seqnum: int) -> tuple[CmdSubmit, asyncio.Future[Completion]] | None:
         entry = self._futures.pop(seqnum, None)
