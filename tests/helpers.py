@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import wave
+from pathlib import Path
 from typing import Any
 
 from usbipy.protocol import (
@@ -167,3 +169,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def write_wav(path: Path, samples: bytes, *, channels: int = 1, rate: int = 48000) -> Path:
+    """A 16-bit PCM WAV file at ``path`` holding ``samples``."""
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(channels)
+        wav.setsampwidth(2)
+        wav.setframerate(rate)
+        wav.writeframes(samples)
+    return path

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import write_wav
 from usbipy.devices.audio import UsbAudio
 from usbipy.devices.pattern import read_number
 from usbipy.devices.sound import Tone, WavSink
@@ -139,15 +140,10 @@ def test_speaker_plays_a_wav_file_bit_for_bit(clean: Vm, tmp_path: Path) -> None
     frames = 2 * RATE  # 2 s of stereo noise with no silent frame in it
     noise = struct.pack(f"<{2 * frames}h",
                         *(rng.randint(-20000, 20000) or 1 for _ in range(2 * frames)))
-    played = vm.io_dir / "play.wav"
-    with wave.open(str(played), "wb") as wav:
-        wav.setnchannels(2)
-        wav.setsampwidth(2)
-        wav.setframerate(RATE)
-        # then 250 ms of silence: ALSA's drain may end the stream before the
-        # last few milliseconds are sent (snd-usb-audio counts them played once
-        # queued), which must not cut into the noise
-        wav.writeframes(noise + bytes(RATE // 4 * 4))
+    # then 250 ms of silence: ALSA's drain may end the stream before the last few
+    # milliseconds are sent (snd-usb-audio counts them played once queued), which
+    # must not cut into the noise
+    write_wav(vm.io_dir / "play.wav", noise + bytes(RATE // 4 * 4), channels=2, rate=RATE)
     sink = WavSink(tmp_path / "speaker.wav")
     device = UsbAudio(Tone(), sink)
     with ServerThread([device], port=vm.server_port):

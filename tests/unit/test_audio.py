@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import write_wav
 from usbipy.client import import_device
 from usbipy.client.errors import Stalled
 from usbipy.devices.audio import EP_MICROPHONE, EP_SPEAKER, UsbAudio
@@ -19,15 +20,6 @@ from usbipy.usb.parse import parse_configuration
 
 HOST = "127.0.0.1"
 MIC_PACKET = 98  # wMaxPacketSize: 49 mono frames
-
-
-def write_wav(path: Path, samples: bytes, *, channels: int = 1, rate: int = 48000) -> Path:
-    with wave.open(str(path), "wb") as wav:
-        wav.setnchannels(channels)
-        wav.setsampwidth(2)
-        wav.setframerate(rate)
-        wav.writeframes(samples)
-    return path
 
 
 def test_the_descriptors_are_what_snd_usb_audio_reads() -> None:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import wave
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import write_wav
 from usbipy.cli import usbipyd
 from usbipy.devices import Tone, UsbAudio, WavSink, WavSource, Webcam
 
@@ -26,12 +26,7 @@ def test_options_add_the_streamers_after_the_demo(tmp_path: Path) -> None:
     assert audio.microphone.frequency == 440 and audio.speaker is None
     assert isinstance(camera, Webcam) and camera.transport == "bulk"
     # --speaker or --microphone alone imply --audio
-    path = tmp_path / "mic.wav"
-    with wave.open(str(path), "wb") as wav:
-        wav.setnchannels(1)
-        wav.setsampwidth(2)
-        wav.setframerate(16000)
-        wav.writeframes(bytes(64))
+    path = write_wav(tmp_path / "mic.wav", bytes(64), rate=16000)
     (only,) = devices("--microphone", str(path), "--speaker", str(tmp_path / "out.wav"))
     assert isinstance(only, UsbAudio) and isinstance(only.microphone, WavSource)
     assert isinstance(only.speaker, WavSink) and only.mic_rates == (16000,)
@@ -50,12 +45,7 @@ def test_the_configuration_file_sets_them(tmp_path: Path) -> None:
 
 def test_a_file_the_microphone_cannot_play_is_one_line(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    stereo = tmp_path / "stereo.wav"
-    with wave.open(str(stereo), "wb") as wav:
-        wav.setnchannels(2)
-        wav.setsampwidth(2)
-        wav.setframerate(48000)
-        wav.writeframes(bytes(8))
+    stereo = write_wav(tmp_path / "stereo.wav", bytes(8), channels=2)
     for argv in (["--microphone", str(stereo)], ["--microphone", str(tmp_path / "none.wav")]):
         assert usbipyd.main(["-c", "/dev/null", *argv, "--check-config"]) == 1
         err = capsys.readouterr().err
