@@ -40,6 +40,8 @@ from ..protocol.constants import ECONNRESET, EPROTO
 from ..tls import TlsSession
 from .access import Access, HandedOff, client_of
 from .limits import Slot, client_key
+from .memory import give_back
+from .peerwatch import peer_gone
 from .registry import DeviceRegistry
 from .stats import ServerStats, status_name
 
@@ -54,6 +56,10 @@ MAX_PENDING_OUT_BYTES = 64 << 20
 
 #: Seconds a closing connection has to take its last replies before it is cut.
 CLOSE_TIMEOUT = 30.0
+
+#: Seconds between looks at a paused connection's socket for its client's leaving
+#: (see _watch_paused and :mod:`.peerwatch`).
+PAUSED_WATCH_INTERVAL = 1.0
 
 #: Seconds the answer to an UNLINK waits for its URB to come (ServerConnection.
 #: hold_unlink): vhci_hcd sends it within its next round, milliseconds later.
@@ -115,6 +121,15 @@ class UsbipServerProtocol(asyncio.Protocol):
         #: Set when a close waits for replies to be flushed: the time they have.
         self._close_timer: asyncio.TimerHandle | None = None
         self._release_timer: asyncio.TimerHandle | None = None
+        #: While reading is paused: the next look at the socket (_watch_paused),
+        #: what the connection held (URBs in flight, OUT bytes, unsent replies) when
+        #: something last moved, and since when (loop time).
+        self._watch_timer: asyncio.TimerHandle | None = None
+        self._held = (0, 0, 0)
+        self._stall_since: float | None = None
+        #: Whether flow control ever paused this connection: then it may have held
+        #: tens of MiB, given back to the system when it ends (:mod:`.memory`).
+        self._throttled = False
         #: The seqnums of held UNLINKs' URBs (ServerConnection.hold_unlink), and
         #: until when (loop time) each answer waits.
         self._held_until: dict[int, float] = {}
@@ -206,6 +221,7 @@ class UsbipServerProtocol(asyncio.Protocol):
             return
         if (self.conn.in_flight >= MAX_IN_FLIGHT or self._pending_out > MAX_PENDING_OUT_BYTES
                 ) and not self._paused_reading:
+            self._throttled = True
             self._pause_reading()
 
     def eof_received(self) -> bool | None:
@@ -239,6 +255,9 @@ class UsbipServerProtocol(asyncio.Protocol):
             self._close_timer.cancel()
         if self._release_timer is not None:
             self._release_timer.cancel()
+        if self._watch_timer is not None:
+            self._watch_timer.cancel()
+            self._watch_timer = None
         self._closed = True
         self._connections.discard(self)
         for _urb, future in self._futures.values():
@@ -279,10 +298,14 @@ class UsbipServerProtocol(asyncio.Protocol):
     def _finish(self) -> None:
         if not self.finished.done():
             self.finished.set_result(None)
+            if self._throttled:
+                # what it held is garbage now (its URBs, its buffer): return the pages
+                asyncio.get_running_loop().call_soon(give_back)
 
     def pause_writing(self) -> None:
-        # The client does not read its replies: stop taking new URBs from it.
-        self._paused_writing = True
+        # The client does not read its replies: stop taking new URBs from it (if it
+        # takes none of them for dead_peer_timeout, it is dead: _watch_paused).
+        self._paused_writing = self._throttled = True
         self._pause_reading()
 
     def resume_writing(self) -> None:
@@ -672,12 +695,63 @@ class UsbipServerProtocol(asyncio.Protocol):
         if self._transport is not None and not self._paused_reading and not self._closed:
             self._paused_reading = True
             self._transport.pause_reading()
+            if self._watch_timer is None:
+                self._watch_timer = asyncio.get_running_loop().call_later(
+                    PAUSED_WATCH_INTERVAL, self._watch_paused)
+
+    def _watch_paused(self) -> None:
+        """While reading is paused, the loop no longer sees the client's FIN, reset
+        or dead-peer timeout: look for them on the socket once a second (poll(2),
+        reading nothing; :mod:`.peerwatch` says why so).
+
+        A FIN queued behind URBs that the server is not reading never arrives at
+        all, and a client that takes none of its replies looks alive to TCP. So a
+        paused connection on which nothing moves (no URB completes, no reply is
+        taken) for dead_peer_timeout is taken for dead too, whatever it still
+        sends: flow control is no way to hold a device."""
+        self._watch_timer = None
+        transport = self._transport
+        if not self._paused_reading or self._closed or transport is None:
+            return
+        loop = asyncio.get_running_loop()
+        self._watch_timer = loop.call_later(PAUSED_WATCH_INTERVAL, self._watch_paused)
+        if self._op_pending:
+            # An OP request is being answered (the socket may be on its way to
+            # usbip-host): its task decides what becomes of the connection.
+            return
+        sock = transport.get_extra_info("socket")
+        gone = peer_gone(sock) if sock is not None else None
+        if gone is not None:
+            self._lost_while_paused("the client stopped answering (dead_peer_timeout)"
+                                    if gone.errno == errno.ETIMEDOUT else
+                                    gone.strerror or str(gone))
+            return
+        now = loop.time()
+        held = (len(self._futures), self._pending_out, transport.get_write_buffer_size())
+        if self._stall_since is None or any(n < m for n, m in zip(held, self._held, strict=True)):
+            self._held, self._stall_since = held, now
+        elif now - self._stall_since >= self.access.limits.dead_peer_timeout:
+            what = ("it took none of its replies" if self._paused_writing else
+                    "none of its URBs completed")
+            self._lost_while_paused(f"{what} for {now - self._stall_since:.0f} s "
+                                    "(dead_peer_timeout)")
+
+    def _lost_while_paused(self, why: str) -> None:
+        device = self.device
+        log.warning("%s: %s while its reading was paused: %s%s", self.peer,
+                    f"{printable(device.busid)} lost" if device is not None else "connection lost",
+                    why, "; the device is released" if device is not None else "")
+        self._abort()
 
     def _maybe_resume_reading(self) -> None:
         if (self._paused_reading and not self._paused_writing and not self._closed
                 and not self._op_pending and self.conn.in_flight < MAX_IN_FLIGHT // 2
                 and self._pending_out <= MAX_PENDING_OUT_BYTES // 2):
             self._paused_reading = False
+            self._stall_since = None
+            if self._watch_timer is not None:
+                self._watch_timer.cancel()
+                self._watch_timer = None
             assert self._transport is not None
             self._transport.resume_reading()
 
