@@ -57,6 +57,13 @@ def test_a_certificate_is_judged_by_its_issuer(capsys, config: Path, tmp_path: P
     rc, out, _ = usbipy(capsys, "policy", "check", "--cert",
                         str(tmp_path / "other/tls/carol.pem"), *c)
     assert rc == 3 and "denied by the default (deny, usbipyd.toml line 6)" in out
+    # the certificate's own CN given as --client too is the same client
+    rc, out, _ = usbipy(capsys, "policy", "check", "--client", "carol", "--cert",
+                        str(tmp_path / "lab/tls/carol.pem"), *c)
+    assert rc == 0 and "for CN=carol: allowed by rule 1" in out
+    rc, _, err = usbipy(capsys, "policy", "check", "--client", "dave", "--cert",
+                        str(tmp_path / "lab/tls/carol.pem"), *c)
+    assert rc == 1 and err == "usbipy: error: --client dave: one CN only (carol given)\n"
     # a name alone cannot satisfy a CA rule, and the check says why
     rc, out, _ = usbipy(capsys, "policy", "check", "--client", "carol", *c)
     assert rc == 3 and ("usbipy: note: rule 1 names a CA: without --cert it matches no "
@@ -95,3 +102,10 @@ def test_names_addresses_and_json(capsys, config: Path) -> None:
 def test_errors(capsys, config: Path, args: list[str], message: str) -> None:
     rc, _, err = usbipy(capsys, "policy", "check", "-c", str(config), *args)
     assert rc == 1 and err == f"usbipy: error: {message}\n"
+
+
+def test_without_a_configuration_file_the_check_says_so(capsys) -> None:
+    rc, _, err = usbipy(capsys, "policy", "check", "--client", "erin", "--device", "1-2")
+    assert rc == 1 and err == ("usbipy: error: policy check: no configuration file to "
+                               "check: /nonexistent/usbipy/usbipyd.toml does not exist (give "
+                               "one with -c FILE)\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 import ssl
 from pathlib import Path
 
@@ -159,3 +160,64 @@ client = {{ ca = "{lab / 'tls/ca.pem'}", cn = "carol" }}
     assert not policy.decide(client(office_client), DISK).allowed
     assert not policy.decide(Client("10.0.0.1", cn="carol"), DISK).allowed  # no certificate
 
+
+
+def _signed_without_key_id(cn: str, ca: certs.Issued) -> bytes:
+    """A client certificate (DER) that ``ca``'s key signs, with no
+    AuthorityKeyIdentifier: only the signature says who issued it."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    ca_cert = x509.load_pem_x509_certificate(ca.cert.read_bytes())
+    ca_key = serialization.load_pem_private_key(ca.key.read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+            .issuer_name(ca_cert.subject)
+            .public_key(ec.generate_private_key(ec.SECP256R1()).public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(ca_key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def test_a_ca_rule_is_not_fooled_by_another_ca_of_the_same_name(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    ca_a = certs.init_ca(a, name="usbipy CA")
+    ca_b = certs.init_ca(b, name="usbipy CA")
+    policy = _policy(f"""
+[policy]
+default = "deny"
+[[policy.rule]]
+action = "allow"
+client.ca = "{a / 'tls/ca.pem'}"
+""", tmp_path)
+    assert policy.decide(Client("10.0.0.1", cn="carol",
+                                certificate=_signed_without_key_id("carol", ca_a)),
+                         DISK).allowed
+    # B's client, named as A's, with no key identifier to tell them apart
+    assert not policy.decide(Client("10.0.0.1", cn="carol",
+                                    certificate=_signed_without_key_id("carol", ca_b)),
+                             DISK).allowed
+
+
+def test_cert_init_names_each_ca_apart(tmp_path: Path) -> None:
+    from cryptography import x509
+
+    names = set()
+    for base in (tmp_path / "one", tmp_path / "two"):
+        made = certs.init_ca(base)
+        names.add(x509.load_pem_x509_certificate(made.cert.read_bytes()).subject
+                  .rfc4514_string())
+    assert len(names) == 2
+    assert all(n.startswith(f"CN=usbipy CA on {socket.gethostname()} ") for n in names)
+    made = certs.init_ca(tmp_path / "three", name="lab 3")
+    assert x509.load_pem_x509_certificate(made.cert.read_bytes()).subject.rfc4514_string() \
+        == "CN=lab 3"
+    with pytest.raises(certs.TlsError, match="printable"):
+        certs.init_ca(tmp_path / "four", name="lab\n4")

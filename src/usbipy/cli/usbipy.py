@@ -140,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     init = cert_sub.add_parser("init", parents=[common],
                                help="make the CA in the state directory")
     init.add_argument("--force", action="store_true", help="replace an existing CA")
+    init.add_argument("--name", help="the CA's name (default: \"usbipy CA on HOST\" and a "
+                                     "random suffix, unique)")
     issue = cert_sub.add_parser("issue", parents=[common],
                                 help="make a key and a certificate signed by the CA")
     issue.add_argument("name", help="the certificate's name: a server's host name, or a "
@@ -447,8 +449,11 @@ def _policy_client(values: list[str], sans: list[str], cert: str | None) -> Clie
         try:
             parse_address(value)
         except ValueError:
+            if value == name:
+                continue  # the certificate's own CN, said twice
             if name is not None:
-                raise UsbipError(f"--client {value}: one CN only ({name} given)") from None
+                raise UsbipError(f"--client {printable(value)}: one CN only "
+                                 f"({printable(name)} given)") from None
             name = value
         else:
             if address is not None:
@@ -489,6 +494,9 @@ def _policy_check(args: argparse.Namespace) -> dict[str, object]:
     daemon_args = usbipyd.build_parser().parse_args(
         ["--config", args.config] if args.config else [])
     settings = usbipyd.read_settings(daemon_args)
+    if settings.file is None:
+        raise UsbipError(f"policy check: no configuration file to check: "
+                         f"{usbipyd.DEFAULT_CONFIG} does not exist (give one with -c FILE)")
     client = _policy_client(args.client, args.san, args.cert)
     device = _policy_device(args.device, settings.options)
     decision = settings.policy.decide(client, device)
@@ -805,7 +813,7 @@ def _cert(args: argparse.Namespace) -> object:
 
     base = Path(args.state_dir) if args.state_dir else None
     if args.cert_command == "init":
-        made = certs.init_ca(base, force=args.force)
+        made = certs.init_ca(base, name=args.name, force=args.force)
         if args.json:
             return {"ca": str(made.cert), "key": str(made.key)}
         print(f"usbipy: info: CA made: {made.cert} (its key: {made.key}; keep it private)")

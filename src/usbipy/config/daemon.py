@@ -325,12 +325,7 @@ def _ca(doc: Document, path: KeyPath, text: str) -> CertificateAuthority:
         raise doc.error(path, f"{file}: {exc.strerror or exc}") from None
     except ValueError:
         raise doc.error(path, f"{file}: not a PEM certificate") from None
-    try:
-        ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
-        key_id: bytes | None = ski.value.digest
-    except x509.ExtensionNotFound:
-        key_id = None
-    return CertificateAuthority(str(file), cert.subject, key_id)
+    return CertificateAuthority(str(file), cert)
 
 
 def _client_selector(doc: Document, path: KeyPath, value: Any) -> ClientSelector:

@@ -19,6 +19,7 @@ import fnmatch
 import ipaddress
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 from ..escape import printable
 
@@ -70,22 +71,16 @@ class Client:
         return who or where or "a client"
 
     @cached_property
-    def issuer(self) -> tuple[object, bytes | None] | None:
-        """The certificate's issuer name and authority key id (cryptography objects)."""
+    def x509(self) -> Any:
+        """The certificate as a cryptography ``x509.Certificate``, or None."""
         if self.certificate is None:
             return None
         from cryptography import x509  # (only CA rules need it: an optional dependency)
 
         try:  # (OpenSSL verified it; cryptography may still find it malformed)
-            cert = x509.load_der_x509_certificate(self.certificate)
+            return x509.load_der_x509_certificate(self.certificate)
         except ValueError:
             return None
-        try:
-            aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier)
-            key_id = aki.value.key_identifier
-        except x509.ExtensionNotFound:
-            key_id = None
-        return cert.issuer, key_id
 
 
 def parse_address(text: str) -> IPAddress:
@@ -137,21 +132,26 @@ class DeviceSelector:
 
 @dataclass(frozen=True)
 class CertificateAuthority:
-    """A CA a rule names: matched against the issuer of the client's certificate."""
+    """A CA a rule names: it matches a client whose certificate its key signed."""
 
     path: str
-    subject: object
-    key_id: bytes | None
+    #: The CA's certificate (a cryptography ``x509.Certificate``).
+    certificate: Any = field(compare=False)
 
     def issued(self, client: Client) -> bool:
-        issuer = client.issuer
-        if issuer is None:
+        cert = client.x509
+        if cert is None:
             return False
-        name, key_id = issuer
-        # The handshake verified the chain against the trusted CAs: the issuer's
-        # name (and key id, when both have one) tells which of them signed it.
-        return name == self.subject and (
-            key_id is None or self.key_id is None or key_id == self.key_id)
+        # Names prove nothing (two CAs may share one, and a certificate need not
+        # carry an AuthorityKeyIdentifier): only this CA's key verifying the
+        # certificate's signature says that this CA issued it.
+        from cryptography.exceptions import InvalidSignature
+
+        try:
+            cert.verify_directly_issued_by(self.certificate)
+        except (ValueError, TypeError, InvalidSignature):
+            return False
+        return True
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,8 @@ import datetime
 import ipaddress
 import os
 import re
+import secrets
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,10 +102,21 @@ def _cert_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def init_ca(base: Path | None = None, *, name: str = "usbipy CA", days: int = CA_DAYS,
+def default_ca_name() -> str:
+    """A CA name of its own: "usbipy CA on HOST 3f9a1c2e". Two CAs of one name are
+    told apart by their keys alone, which tools and people rarely look at."""
+    return f"usbipy CA on {socket.gethostname()} {secrets.token_hex(4)}"
+
+
+def init_ca(base: Path | None = None, *, name: str | None = None, days: int = CA_DAYS,
             force: bool = False) -> Issued:
-    """Make the CA: ca.pem and ca-key.pem (0600) in STATE_DIR/tls."""
+    """Make the CA: ca.pem and ca-key.pem (0600) in STATE_DIR/tls, named ``name``
+    (by default :func:`default_ca_name`)."""
     _crypto()
+    if name is None:
+        name = default_ca_name()
+    elif not name or not name.isprintable():
+        raise TlsError(f"a CA name must be printable text, not {name!r}")
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
     from cryptography.x509.oid import NameOID
