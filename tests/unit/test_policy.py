@@ -19,7 +19,7 @@ from usbipy.policy import (
     Policy,
     Rule,
 )
-from usbipy.tls import certs
+from usbipy.tls import TlsError, certs
 
 KEY = DeviceFacts("3-1.2", 0x1050, 0x0407, "YK123")
 DISK = DeviceFacts("1-2", 0x1209, 0x0002, "MSC00000001")
@@ -219,5 +219,5 @@ def test_cert_init_names_each_ca_apart(tmp_path: Path) -> None:
     made = certs.init_ca(tmp_path / "three", name="lab 3")
     assert x509.load_pem_x509_certificate(made.cert.read_bytes()).subject.rfc4514_string() \
         == "CN=lab 3"
-    with pytest.raises(certs.TlsError, match="printable"):
+    with pytest.raises(TlsError, match="printable"):
         certs.init_ca(tmp_path / "four", name="lab\n4")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import struct
 
 import pytest
 
 from usbipy.client import ImportRefused, import_device, list_devices
 from usbipy.client.errors import UrbError
-from usbipy.protocol import Direction, LocalProtocolError, OpStatus
+from usbipy.protocol import Direction, IsoPacket, LocalProtocolError, OpStatus
 from usbipy.server import UsbipServer
 
 HOST = "127.0.0.1"
@@ -149,6 +150,33 @@ def test_in_request_above_the_cap_gets_enomem(serve) -> None:
             assert len(await dev.control(*GET_DEVICE_DESCRIPTOR)) == 18
 
     serve(test)
+
+
+def test_a_client_s_bad_urbs_are_warnings_at_most_once_per_interval(serve, caplog) -> None:
+    """A client's bad request is not a server error, and a flood of them writes one
+    line: 2,000 oversized IN URBs and 2,000 isochronous URBs to a bulk endpoint."""
+    async def test(server: UsbipServer) -> None:
+        async with await import_device(HOST, "1-2", server.port) as dev:
+            await dev.control(0x00, 9, 1, 0, b"")
+            caplog.clear()
+            for _ in range(2000):
+                dev.submit_nowait(1, Direction.IN, (16 << 20) + 1)
+            ret = await dev.submit(1, Direction.IN, (16 << 20) + 1)
+            assert ret.status == -12
+            iso = [IsoPacket(0, 512, 0, 0)]
+            for _ in range(2000):
+                dev.submit_nowait(2, Direction.OUT, data=bytes(512), iso_packets=iso)
+            ret = await dev.submit(2, Direction.OUT, data=bytes(512), iso_packets=iso)
+            assert ret.status == -22  # -EINVAL, as usb_submit_urb() refuses it
+            assert len(await dev.control(*GET_DEVICE_DESCRIPTOR)) == 18  # still served
+
+    caplog.set_level(logging.INFO, logger="usbipy")
+    serve(test)
+    lines = [r for r in caplog.records if "refused with" in r.getMessage()]
+    assert [r.levelname for r in lines] == ["WARNING"]
+    assert lines[0].getMessage().endswith(
+        "asks for 16777217 bytes IN, above the cap of 16777216: refused with -ENOMEM")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 def test_standard_requests_and_stalls(serve) -> None:

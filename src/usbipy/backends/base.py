@@ -31,6 +31,10 @@ class Completion:
     iso_packets: list[IsoPacket] | None = None
     error_count: int = 0
     start_frame: int = 0
+    #: Why the URB was refused as the client's mistake (an isochronous URB to a bulk
+    #: endpoint, say): the server logs it as the client's, at WARNING and rate
+    #: limited, not as a fault of the device.
+    refused: str | None = None
 
 
 #: A URB's outcome: known at once (no task needed), or later.

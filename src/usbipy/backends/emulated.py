@@ -17,8 +17,8 @@ import struct
 from collections import deque
 
 from ..protocol import CmdSubmit, DeviceInfo, Direction
-from ..protocol.constants import EPIPE, ESHUTDOWN
-from ..usb.descriptors import DescriptorSet, DescriptorType, Device, Endpoint
+from ..protocol.constants import EINVAL, EPIPE, ESHUTDOWN
+from ..usb.descriptors import DescriptorSet, DescriptorType, Device, Endpoint, TransferType
 from ..usb.requests import (
     CLEAR_FEATURE,
     DEVICE_REMOTE_WAKEUP,
@@ -50,6 +50,7 @@ class Stall(Exception):
 
 
 _STALL = Completion(status=EPIPE)
+_ISOCHRONOUS = int(TransferType.ISOCHRONOUS)
 
 
 class UrbQueue:
@@ -151,6 +152,15 @@ class EmulatedDevice(ExportedDevice):
         if endpoint is None:
             # No such endpoint in the active configuration: the kernel refuses the URB.
             return Completion(status=ESHUTDOWN)
+        if (urb.iso_packets is not None) != (endpoint.bmAttributes & 0x03 == _ISOCHRONOUS):
+            # usb_submit_urb() refuses an isochronous URB without packets (-EINVAL);
+            # packets on another endpoint type are a client's nonsense too.
+            kind = endpoint.transfer_type.name.lower()
+            return Completion(status=EINVAL, refused=(
+                f"seqnum {urb.seqnum}: isochronous packets for {kind} endpoint {address:#04x}"
+                if urb.iso_packets is not None else
+                f"seqnum {urb.seqnum}: no isochronous packets for {kind} endpoint "
+                f"{address:#04x}"))
         if address in self.halted:
             return _STALL
         return self.transfer(endpoint, urb)

@@ -27,8 +27,7 @@ from ..backends.libusb.events import libusb_available
 from ..backends.libusb.source import LibusbSource
 from ..capture import Capture
 from ..capture.writer import check_writable
-from ..config import DEFAULT_PATH as DEFAULT_CONFIG
-from ..config import DaemonConfig
+from ..config import DEFAULT_PATH, DaemonConfig
 from ..config import load as load_config
 from ..config.daemon import (
     CAPTURE_FILES,
@@ -61,6 +60,9 @@ from .types import address_and_port, positive, whole
 
 if TYPE_CHECKING:
     from ..server.metrics import MetricsEndpoint
+
+#: The file read when no -c is given (tests point it elsewhere).
+DEFAULT_CONFIG = DEFAULT_PATH
 
 log = logging.getLogger("usbipyd")
 

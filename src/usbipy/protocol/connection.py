@@ -373,9 +373,11 @@ class ServerConnection(_Connection):
     def admit(self, urb: CmdSubmit) -> tuple[bytes, bytes] | None:
         """None when the device may have ``urb``; otherwise the reply that refuses it.
 
-        An IN buffer above the cap is refused with -ENOMEM, what usbip-host answers
-        when it cannot allocate the buffer (stub_rx.c): never allocate what a peer
-        asks for without a bound.
+        An IN buffer above the cap is refused with -ENOMEM: never allocate what a
+        peer asks for without a bound. usbip-host does otherwise: when it cannot
+        allocate a URB's buffer it drops the whole connection (stub_rx.c,
+        SDEV_EVENT_ERROR_MALLOC). Refusing the one URB keeps a client that merely
+        asked too much (a vhci_hcd URB is far below the cap) attached.
         """
         if urb.direction is _IN and urb.transfer_buffer_length > self.max_transfer_length:
             self.fault = (f"seqnum {urb.seqnum} asks for {urb.transfer_buffer_length} bytes "

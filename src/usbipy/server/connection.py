@@ -507,6 +507,8 @@ class UsbipServerProtocol(asyncio.Protocol):
         if urb.transfer_buffer_length > conn.max_transfer_length:
             refusal = conn.admit(urb)
             if refusal is not None:
+                why, conn.fault = conn.fault, None
+                self._client_fault(f"{why}: refused with -ENOMEM")
                 if self._recorder is not None or stats is not None:
                     self._observe(urb, *refusal, at_once=True)
                 self._send_reply(*refusal)
@@ -556,6 +558,8 @@ class UsbipServerProtocol(asyncio.Protocol):
         """RET_SUBMIT for ``urb``; ``at_once``: the device finished it in submit()."""
         if self._closed:
             return
+        if result.refused is not None:
+            self._client_fault(f"{result.refused}: refused with -{status_name(result.status)}")
         header, data = self.conn.reply_submit(
             urb, result.status, result.data, result.actual_length, result.start_frame,
             result.error_count, result.iso_packets)
@@ -590,6 +594,12 @@ class UsbipServerProtocol(asyncio.Protocol):
                 stats.bytes[self._key_in] += len(data)
             if status:
                 stats.errors[(self._key_in[0], status_name(status))] += 1
+
+    def _client_fault(self, what: str) -> None:
+        """A URB the client should not have sent: its mistake, not the server's, so
+        a WARNING at most once per 10 s per client address, with a count of the
+        rest (a client must not be able to fill the log)."""
+        self.access.log.warning(f"bad URB {self._client_key}", f"{self.peer}: {what}")
 
     def _send_reply(self, header: bytes, data: bytes) -> None:
         conn = self.conn
