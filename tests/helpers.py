@@ -179,3 +179,44 @@ def write_wav(path: Path, samples: bytes, *, channels: int = 1, rate: int = 4800
         wav.setframerate(rate)
         wav.writeframes(samples)
     return path
+
+
+def signed_by(ca: Any, cn: str, key_path: Path | None = None, *, ip: str | None = None
+              ) -> Any:
+    """A client certificate for ``cn`` that the CA ``ca`` (a certs.Issued) signs, as a
+    cryptography certificate; its key is written to ``key_path`` when given. Unlike
+    certs.issue, it takes any CN (a hostile one too) and carries no
+    AuthorityKeyIdentifier: only its signature says who issued it. ``ip``: a
+    subjectAltName, for a server's certificate."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    ca_cert = x509.load_pem_x509_certificate(ca.cert.read_bytes())
+    ca_key = serialization.load_pem_private_key(ca.key.read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+            .issuer_name(ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH,
+                                                  ExtendedKeyUsageOID.SERVER_AUTH]),
+                           critical=False))
+    if ip is not None:
+        builder = builder.add_extension(x509.SubjectAlternativeName(
+            [x509.IPAddress(ipaddress.ip_address(ip))]), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())
+    if key_path is not None:
+        key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                               serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+    return cert

@@ -8,6 +8,7 @@ import ssl
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from usbipy.config import Document, parse
 from usbipy.policy import (
@@ -20,6 +21,8 @@ from usbipy.policy import (
     Rule,
 )
 from usbipy.tls import TlsError, certs
+
+from ..helpers import signed_by
 
 KEY = DeviceFacts("3-1.2", 0x1050, 0x0407, "YK123")
 DISK = DeviceFacts("1-2", 0x1209, 0x0002, "MSC00000001")
@@ -162,30 +165,6 @@ client = {{ ca = "{lab / 'tls/ca.pem'}", cn = "carol" }}
 
 
 
-def _signed_without_key_id(cn: str, ca: certs.Issued) -> bytes:
-    """A client certificate (DER) that ``ca``'s key signs, with no
-    AuthorityKeyIdentifier: only the signature says who issued it."""
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    ca_cert = x509.load_pem_x509_certificate(ca.cert.read_bytes())
-    ca_key = serialization.load_pem_private_key(ca.key.read_bytes(), None)
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-            .issuer_name(ca_cert.subject)
-            .public_key(ec.generate_private_key(ec.SECP256R1()).public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
-            .sign(ca_key, hashes.SHA256()))
-    return cert.public_bytes(serialization.Encoding.DER)
-
-
 def test_a_ca_rule_is_not_fooled_by_another_ca_of_the_same_name(tmp_path: Path) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     ca_a = certs.init_ca(a, name="usbipy CA")
@@ -197,13 +176,14 @@ default = "deny"
 action = "allow"
 client.ca = "{a / 'tls/ca.pem'}"
 """, tmp_path)
-    assert policy.decide(Client("10.0.0.1", cn="carol",
-                                certificate=_signed_without_key_id("carol", ca_a)),
-                         DISK).allowed
-    # B's client, named as A's, with no key identifier to tell them apart
-    assert not policy.decide(Client("10.0.0.1", cn="carol",
-                                    certificate=_signed_without_key_id("carol", ca_b)),
-                             DISK).allowed
+    def carol_of(ca: certs.Issued) -> Client:
+        return Client("10.0.0.1", cn="carol",
+                      certificate=signed_by(ca, "carol").public_bytes(Encoding.DER))
+
+    assert policy.decide(carol_of(ca_a), DISK).allowed
+    # B's client, named as A's, with no key identifier to tell them apart (signed_by
+    # adds no AuthorityKeyIdentifier)
+    assert not policy.decide(carol_of(ca_b), DISK).allowed
 
 
 def test_cert_init_names_each_ca_apart(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import socket
 import ssl
 from collections.abc import Callable
 
+from ..escape import printable
 from ..protocol import (
     EOF,
     NEED_DATA,
@@ -90,7 +91,8 @@ def request_import(sock: socket.socket, busid: str, *, plaintext: bool = True) -
     if reply.status is not OpStatus.OK or reply.device is None:
         raise ImportRefused(busid, reply.status)
     if reply.device.busid != busid:
-        raise ClientError(f"asked for {busid}, the server sent {reply.device.busid}")
+        raise ClientError(f"asked for {printable(busid)}, the server sent "
+                          f"{printable(reply.device.busid)}")
     return reply.device
 
 

@@ -18,9 +18,11 @@ import time
 from ..client.errors import ClientError
 from ..client.handshake import request_devlist, request_import
 from ..errors import UsbipError
+from ..escape import printable
 from ..linux import sysfs, vhci
 from ..protocol import DeviceInfo, Speed
 from ..tls import TlsFiles, client_context, handshake_failure
+from ..tls.context import peer_identity
 from . import system
 from .report import Report, Status
 
@@ -35,11 +37,11 @@ def check_client(host: str, port: int = 3240, busid: str | None = None, *,
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
-        report.add("name", Status.FAIL, f"{host} does not resolve: {exc.strerror}",
+        report.add("name", Status.FAIL, f"{printable(host)} does not resolve: {exc.strerror}",
                    "check the name, or give the address")
         return report
     addresses = sorted({str(info[4][0]) for info in infos})
-    report.add("name", Status.OK, f"{host} is {', '.join(addresses)}")
+    report.add("name", Status.OK, f"{printable(host)} is {', '.join(addresses)}")
     sock = _connect(report, infos, host, port)
     if sock is None:
         _vhci(report, None)
@@ -50,9 +52,10 @@ def check_client(host: str, port: int = 3240, busid: str | None = None, *,
         device = next((d for d in devices if d.busid == busid), None)
         if device is None:
             report.add("device", Status.FAIL,
-                       f"{host} does not offer {busid} (in use by another client, not bound, "
+                       f"{printable(host)} does not offer {printable(busid)} (in use by another "
+                       "client, not bound, "
                        "or no such busid)",
-                       f"on the server: usbipy list -l; usbipy bind -b {busid}")
+                       f"on the server: usbipy list -l; usbipy bind -b {printable(busid)}")
     _vhci(report, device)
     if device is not None and busid is not None:
         if attach:
@@ -86,7 +89,7 @@ def _connect(report: Report, infos: list[tuple], host: str, port: int  # type: i
         took = (time.monotonic() - started) * 1000
         report.add("TCP", Status.OK, f"connected to {address[0]} port {port} in {took:.1f} ms")
         return sock
-    where = f"{host} port {port}"
+    where = f"{printable(host)} port {port}"
     if isinstance(last, ConnectionRefusedError):
         report.add("TCP", Status.FAIL, f"{where}: connection refused: nothing listens there "
                    "(or a firewall rejects it)",
@@ -136,7 +139,7 @@ def _list(report: Report, sock: socket.socket, host: str, port: int,
             return None
     finally:
         sock.close()
-    shown = ", ".join(d.busid for d in devices)
+    shown = ", ".join(printable(d.busid) for d in devices)
     report.add("device list", Status.OK if devices else Status.WARN,
                f"{len(devices)} offered: {shown}" if devices else "no device offered",
                "" if devices else "on the server: usbipy bind -b BUSID (or usbipyd --demo)")
@@ -144,9 +147,7 @@ def _list(report: Report, sock: socket.socket, host: str, port: int,
 
 
 def _peer(sock: socket.socket) -> str:
-    cert = sock.getpeercert() or {}  # type: ignore[attr-defined]
-    cn = next((v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"), "?")
-    return f"CN={cn}"
+    return peer_identity(sock.getpeercert())  # type: ignore[attr-defined]
 
 
 def _vhci(report: Report, device: DeviceInfo | None) -> None:
@@ -166,11 +167,17 @@ def _vhci(report: Report, device: DeviceInfo | None) -> None:
     free = superspeed if needs_ss else high
     if device is not None and free == 0:
         report.add("vhci-hcd", Status.FAIL,
-                   f"no free {'SuperSpeed' if needs_ss else 'USB 2'} port for {device.busid}",
+                   f"no free {'SuperSpeed' if needs_ss else 'USB 2'} port for "
+                   f"{printable(device.busid)}",
                    "detach one: usbipy port; usbipy detach -p N")
     else:
         report.add("vhci-hcd", Status.OK, f"loaded: {high} USB 2 and {superspeed} SuperSpeed "
                    "ports free")
+
+
+def _why(exc: Exception) -> str:
+    """An error as a check shows it: its strerror, else its text; escaped."""
+    return printable(str(getattr(exc, "strerror", None) or exc))
 
 
 def _import(report: Report, host: str, port: int, busid: str, tls: TlsFiles | None) -> None:
@@ -178,9 +185,9 @@ def _import(report: Report, host: str, port: int, busid: str, tls: TlsFiles | No
         with _open(host, port, tls) as sock:
             device = request_import(sock, busid, plaintext=tls is None)
     except (UsbipError, OSError) as exc:
-        report.add("import", Status.FAIL, f"{busid}: {getattr(exc, 'strerror', None) or exc}")
+        report.add("import", Status.FAIL, f"{printable(busid)}: {_why(exc)}")
         return
-    report.add("import", Status.OK, f"{busid} imported and released at once "
+    report.add("import", Status.OK, f"{printable(busid)} imported and released at once "
                f"({device.idVendor:04x}:{device.idProduct:04x})")
 
 
@@ -191,19 +198,20 @@ def _attach(report: Report, host: str, port: int, busid: str, tls: TlsFiles | No
     try:
         attached = attach(host, busid, port, tls=tls)
     except (UsbipError, OSError) as exc:
-        report.add("attach", Status.FAIL, f"{busid}: {getattr(exc, 'strerror', None) or exc}")
+        report.add("attach", Status.FAIL, f"{printable(busid)}: {_why(exc)}")
         return
     try:
         local = _enumerated(attached.port)
         if local is None:
             report.add("attach", Status.FAIL,
-                       f"{busid} on port {attached.port}: the kernel did not enumerate it in "
+                       f"{printable(busid)} on port {attached.port}: the kernel did not "
+                       "enumerate it in "
                        f"{ENUMERATE_TIMEOUT:g} s", "see the kernel log: dmesg | tail")
         else:
             drivers, nodes = _bound(local)
             status = Status.OK if drivers else Status.WARN
             report.add("attach", status,
-                       f"{busid} on port {attached.port} is {local.busid} here: drivers "
+                       f"{printable(busid)} on port {attached.port} is {local.busid} here: drivers "
                        f"{', '.join(drivers) or 'none'}; nodes {', '.join(nodes) or 'none'}",
                        "" if drivers else "no driver took it: is its class driver installed?")
         mine = re.compile(rf"\busb {re.escape(local.busid)}:" if local is not None else "$^")

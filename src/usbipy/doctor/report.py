@@ -30,9 +30,13 @@ class Check:
     fix: str = ""
 
     def lines(self) -> list[str]:
-        head, *more = self.detail.splitlines() or [""]
-        return [f"{self.status.mark} {self.name}: {printable(head)}",
-                *(f"    {printable(line)}" for line in [*more, *self.fix.splitlines()])]
+        """The check as lines of text: only the "\n"s the checks put in break a line;
+        every other control, line or paragraph separator (a peer's busid may hold
+        any) is escaped, so no peer can forge a line of the report."""
+        head, *more = self.detail.split("\n")
+        rest = [*more, *self.fix.split("\n")] if self.fix else more
+        return [f"{self.status.mark} {printable(self.name)}: {printable(head)}",
+                *(f"    {printable(line)}" for line in rest)]
 
     def as_json(self) -> dict[str, Any]:
         return {"check": self.name, "status": self.status.value, "detail": self.detail,

@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ..policy.rules import Client
+from .stats import client_label
 
 if TYPE_CHECKING:
     from .daemon import UsbipServer
@@ -67,21 +67,16 @@ async def snapshot(server: UsbipServer) -> Snapshot:
     for conn in list(server.connections):
         if conn.device is not None:
             busid = conn.device.busid
-            imported.append((busid, _who(conn.client)))
+            imported.append((busid, client_label(conn.client)))
             in_flight[busid] = conn.in_flight
     for busid, entry in server.access.handed_off.items():
         if not entry.pending:
-            imported.append((busid, _who(entry.client)))
+            imported.append((busid, client_label(entry.client)))
     return Snapshot(
         len(exported), imported, len(server.connections), stats.connections, in_flight,
         dict(stats.imports), dict(stats.urbs), dict(stats.bytes), dict(stats.errors),
         dict(stats.handshakes_refused),
         server.capture.dropped if server.capture is not None else None)
-
-
-def _who(client: Client) -> str:
-    return f"CN={client.cn}" if client.cn is not None else (
-        str(client.address) if client.address is not None else "unknown")
 
 
 class _ServerCollector(Collector):

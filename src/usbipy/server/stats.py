@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from ..escape import printable
 from ..policy.rules import Client
 from ..protocol.constants import LINUX_ERRNO_NAME
 
@@ -20,6 +21,13 @@ MAX_CLIENTS = 1000
 def status_name(status: int) -> str:
     """A URB status as its errno name: -32 is "EPIPE"."""
     return LINUX_ERRNO_NAME.get(-status, str(status))
+
+
+def client_label(client: Client) -> str:
+    """How metrics name a client: its certificate's CN (escaped: a label is read on
+    terminals too), else its address."""
+    return f"CN={printable(client.cn)}" if client.cn is not None else (
+        str(client.address) if client.address is not None else "unknown")
 
 
 def refusal_kind(why: str) -> str:
@@ -59,9 +67,7 @@ class ServerStats:
         """An import, by device and client: the certificate's CN over TLS, else the
         address; past MAX_CLIENTS label values, "other" (a scrape stays small however
         many addresses come and go)."""
-        who = f"CN={client.cn}" if client.cn is not None else (
-            str(client.address) if client.address is not None else "unknown")
-        key = (busid, who)
+        key = (busid, client_label(client))
         if key not in self.imports and len(self.imports) >= MAX_CLIENTS:
             key = (busid, "other")
         self.imports[key] += 1
