@@ -7,7 +7,9 @@ here every error path is reachable, and the files usbipy writes are read back.
 from __future__ import annotations
 
 import json
+import os
 import socket
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -420,5 +422,41 @@ def test_usbipyd_reports_a_pid_file_it_cannot_write(tmp_path: Path, capsys) -> N
     rc = usbipyd.main(["-t", "0", "--no-usbip-host", "--no-libusb",
                        "-P", str(tmp_path / "missing-dir" / "usbipyd.pid")])
     err = capsys.readouterr().err
-    assert rc == 1 and "cannot write" in err and "No such file or directory" in err
+    assert rc == 1 and "cannot write" in err and "its folder does not exist" in err
     assert "Traceback" not in err
+
+
+def test_usbipyd_never_writes_its_pid_file_through_a_link(tmp_path: Path, capsys) -> None:
+    from usbipy.cli import usbipyd
+
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    link = tmp_path / "usbipyd.pid"
+    link.symlink_to(victim)
+    rc = usbipyd.main(["-t", "0", "--no-usbip-host", "--no-libusb", "-P", str(link)])
+    err = capsys.readouterr().err
+    assert rc == 1 and err == (f"usbipyd: cannot write {link}: a symbolic link is in its "
+                               "place\n")
+    assert victim.read_text() == "precious\n" and link.is_symlink()
+
+
+def test_a_pid_file_is_written_whole_over_a_link_made_after_the_check(tmp_path: Path) -> None:
+    from usbipy.pidfile import PidFile
+
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    path = tmp_path / "usbipyd.pid"
+    pid_file = PidFile(path)
+    path.symlink_to(victim)  # (a race: the link comes between the check and the write)
+    pid_file.write()
+    assert not path.is_symlink() and path.read_text() == f"{os.getpid()}\n"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert victim.read_text() == "precious\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["usbipyd.pid", "victim"]
+    pid_file.remove()
+    assert not path.exists()
+    # another process's file (or a link put there meanwhile) is left alone
+    pid_file.write()
+    path.write_text("4242\n")
+    pid_file.remove()
+    assert path.read_text() == "4242\n"

@@ -48,6 +48,7 @@ from ..devices.webcam import Webcam
 from ..errors import UsbipError
 from ..escape import printable
 from ..linux import usbip_host
+from ..pidfile import PidFile
 from ..policy import OPEN, Policy
 from ..protocol import USBIP_PORT
 from ..server import UsbipServer, listen_sockets
@@ -624,10 +625,11 @@ def _main(cli: argparse.Namespace) -> int:
             _unservable(store, "python-libusb1 is not installed: pip install 'usbipy[libusb]'")
     pid_file = None
     if args.pid:
-        try:  # opened before -D forks, so that a refusal is reported, not lost
-            pid_file = open(args.pid, "w")  # noqa: SIM115 (written after the fork)
+        try:  # checked before -D forks, so that a refusal is reported, not lost
+            pid_file = PidFile(args.pid)
         except OSError as exc:
-            print(f"usbipyd: cannot write {args.pid}: {exc.strerror or exc}", file=sys.stderr)
+            print(f"usbipyd: cannot write {printable(args.pid)}: {exc.strerror or exc}",
+                  file=sys.stderr)
             for sock in sockets:
                 sock.close()
             return 1
@@ -640,26 +642,22 @@ def _main(cli: argparse.Namespace) -> int:
         except OSError as exc:
             # (after -D, stderr is gone: the log says it, wherever logging goes)
             log.error("cannot write %s: %s", printable(args.capture), exc.strerror or exc)
-            if pid_file is not None:
-                pid_file.close()
-                os.unlink(args.pid)
             return 1
         log.info("capturing the URBs of emulated and libusb devices to %s (%d MB a file, "
                  "%d files)", printable(args.capture), args.capture_size, args.capture_files)
-    if pid_file is not None:
-        with pid_file:
-            pid_file.write(f"{os.getpid()}\n")
     try:
+        if pid_file is not None:
+            pid_file.write()
         run_loop(_serve(server, libusb, cli, settings, metrics), args.loop)
+    except OSError as exc:  # (the pid file's folder changed since the check)
+        log.error("cannot write %s: %s", printable(args.pid), exc.strerror or exc)
+        return 1
     except UsbipError as exc:
         print(f"usbipyd: {exc}", file=sys.stderr)
         return 1
     finally:
-        if args.pid:
-            try:
-                os.unlink(args.pid)
-            except OSError:
-                pass
+        if pid_file is not None:
+            pid_file.remove()
     return 0
 
 
