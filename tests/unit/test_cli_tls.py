@@ -167,7 +167,10 @@ def test_list_over_tls_and_over_the_loopback_plaintext_port(capsys, tls_daemon) 
                           "list", "-r", "127.0.0.1")
     assert rc == 1 and err == (f"usbipy: error: TLS with 127.0.0.1:{port} failed: the peer's "
                                "certificate is not accepted: Hostname mismatch, certificate "
-                               "is not valid for 'elsewhere'.\n")
+                               "is not valid for 'elsewhere'. (connect by a name the "
+                               "certificate carries, or give one with --tls-server-name NAME; "
+                               "or issue the server a certificate that names this host: "
+                               "usbipy cert issue NAME --server --san HOST)\n")
 
 
 def test_the_plaintext_port_is_loopback_only(tls_daemon) -> None:

@@ -306,3 +306,37 @@ def test_client_tls_refusals(fake: FakeSysfs, tmp_path: Path) -> None:
                                 tls=TlsFiles(stranger.cert, stranger.key, stranger.ca))
         status, detail, _ = find(wrong_ca, "TLS")
         assert status is Status.FAIL and "certificate is not accepted" in detail
+
+
+def test_client_checks_the_tls_server_name_it_is_given(fake: FakeSysfs, tmp_path: Path,
+                                                       capsys) -> None:
+    """A server reached by an address its certificate does not name: --tls-server-name,
+    before or after `doctor`, names what to check; without it, the failure says so."""
+    from usbipy.devices.demo import demo_devices
+    from usbipy.server.tls import ServerTls
+    from usbipy.tls import server_context
+
+    certs.init_ca(tmp_path)
+    server = certs.issue("lab.example", server=True, base=tmp_path)  # no address in it
+    client = certs.issue("alice", server=False, base=tmp_path)
+    tls = ServerTls(server_context(TlsFiles(server.cert, server.key, server.ca), kernel=False),
+                    kernel=False, handshake_timeout=10)
+    options = ["--tls-cert", str(client.cert), "--tls-key", str(client.key), "--tls-ca",
+               str(client.ca)]
+    fake.load_vhci()
+    with ServerThread(demo_devices(disk_size=1 << 20), port=0, tls=tls) as srv:
+        port = ["-t", str(srv.port)]
+        assert main([*port, *options, "--tls-server-name", "lab.example", "doctor", "-r", HOST,
+                     "-b", "1-2"]) == 0
+        out = capsys.readouterr().out
+        assert "✔ TLS: TLSv1.3 with CN=lab.example" in out and "✔ import: 1-2" in out
+        assert main([*port, "doctor", "-r", HOST, *options, "--tls-server-name",
+                     "lab.example"]) == 0
+        capsys.readouterr()
+        assert main([*port, "doctor", "-r", HOST, *options]) == 1
+        out = capsys.readouterr().out
+        assert ("✘ TLS: the peer's certificate is not accepted: IP address mismatch, "
+                "certificate is not valid for '127.0.0.1'. (connect by a name the certificate "
+                "carries, or give one with --tls-server-name NAME; or issue the server a "
+                "certificate that names this host: usbipy cert issue NAME --server --san "
+                "HOST)") in out

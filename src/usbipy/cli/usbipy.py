@@ -571,7 +571,7 @@ def _doctor(args: argparse.Namespace, tls: TlsFiles | None) -> dict[str, object]
         raise UsbipError("--attach needs -b BUSID")
     if args.remote is not None:
         report = check_client(args.remote, args.tcp_port, args.busid, tls=tls,
-                              attach=args.attach)
+                              server_name=args.tls_server_name, attach=args.attach)
     else:
         port, files = args.tcp_port, tls
         from ..config import DEFAULT_PATH

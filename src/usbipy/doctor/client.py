@@ -32,8 +32,12 @@ ENUMERATE_TIMEOUT = 45.0
 
 
 def check_client(host: str, port: int = 3240, busid: str | None = None, *,
-                 tls: TlsFiles | None = None, attach: bool = False) -> Report:
+                 tls: TlsFiles | None = None, server_name: str | None = None,
+                 attach: bool = False) -> Report:
+    """The checks of a client of ``host``; ``server_name``: the name the server's
+    certificate must carry (--tls-server-name), by default ``host``."""
     report = Report()
+    name = server_name or host
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
@@ -46,7 +50,7 @@ def check_client(host: str, port: int = 3240, busid: str | None = None, *,
     if sock is None:
         _vhci(report, None)
         return report
-    devices = _list(report, sock, host, port, tls)
+    devices = _list(report, sock, name, tls)
     device = None
     if devices is not None and busid is not None:
         device = next((d for d in devices if d.busid == busid), None)
@@ -59,17 +63,17 @@ def check_client(host: str, port: int = 3240, busid: str | None = None, *,
     _vhci(report, device)
     if device is not None and busid is not None:
         if attach:
-            _attach(report, host, port, busid, tls)
+            _attach(report, host, port, busid, tls, server_name)
         else:
-            _import(report, host, port, busid, tls)
+            _import(report, host, port, busid, tls, name)
     return report
 
 
-def _open(host: str, port: int, tls: TlsFiles | None,
+def _open(host: str, port: int, tls: TlsFiles | None, server_name: str,
           timeout: float = CONNECT_TIMEOUT) -> socket.socket:
     sock = socket.create_connection((host, port), timeout=timeout)
     if tls is not None:
-        sock = client_context(tls).wrap_socket(sock, server_hostname=host)
+        sock = client_context(tls).wrap_socket(sock, server_hostname=server_name)
     return sock
 
 
@@ -117,12 +121,12 @@ def _connect(report: Report, infos: list[tuple], host: str, port: int  # type: i
     return None
 
 
-def _list(report: Report, sock: socket.socket, host: str, port: int,
+def _list(report: Report, sock: socket.socket, server_name: str,
           tls: TlsFiles | None) -> list[DeviceInfo] | None:
     try:
         if tls is not None:
             try:
-                sock = client_context(tls).wrap_socket(sock, server_hostname=host)
+                sock = client_context(tls).wrap_socket(sock, server_hostname=server_name)
             except (ssl.SSLError, OSError) as exc:
                 report.add("TLS", Status.FAIL, handshake_failure(exc),
                            "check the CA (--tls-ca), the name the server's certificate "
@@ -180,9 +184,10 @@ def _why(exc: Exception) -> str:
     return printable(str(getattr(exc, "strerror", None) or exc))
 
 
-def _import(report: Report, host: str, port: int, busid: str, tls: TlsFiles | None) -> None:
+def _import(report: Report, host: str, port: int, busid: str, tls: TlsFiles | None,
+            server_name: str) -> None:
     try:
-        with _open(host, port, tls) as sock:
+        with _open(host, port, tls, server_name) as sock:
             device = request_import(sock, busid, plaintext=tls is None)
     except (UsbipError, OSError) as exc:
         report.add("import", Status.FAIL, f"{printable(busid)}: {_why(exc)}")
@@ -191,12 +196,13 @@ def _import(report: Report, host: str, port: int, busid: str, tls: TlsFiles | No
                f"({device.idVendor:04x}:{device.idProduct:04x})")
 
 
-def _attach(report: Report, host: str, port: int, busid: str, tls: TlsFiles | None) -> None:
+def _attach(report: Report, host: str, port: int, busid: str, tls: TlsFiles | None,
+            server_name: str | None) -> None:
     from ..client.attach import attach
 
     marker = system.kernel_log_length()
     try:
-        attached = attach(host, busid, port, tls=tls)
+        attached = attach(host, busid, port, tls=tls, server_name=server_name)
     except (UsbipError, OSError) as exc:
         report.add("attach", Status.FAIL, f"{printable(busid)}: {_why(exc)}")
         return

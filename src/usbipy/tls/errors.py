@@ -27,10 +27,19 @@ _PEER_REFUSED = {
 }
 
 
+#: X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH (openssl/x509_vfy.h).
+_NAME_MISMATCH = (62, 64)
+
+
 def handshake_failure(exc: BaseException) -> str:
     """Why a TLS handshake failed, in one line (peer-supplied text escaped)."""
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"the peer's certificate is not accepted: {printable(exc.verify_message)}"
+        why = f"the peer's certificate is not accepted: {printable(exc.verify_message)}"
+        if exc.verify_code in _NAME_MISMATCH:
+            why += (" (connect by a name the certificate carries, or give one with "
+                    "--tls-server-name NAME; or issue the server a certificate that names "
+                    "this host: usbipy cert issue NAME --server --san HOST)")
+        return why
     if isinstance(exc, ssl.SSLEOFError) or isinstance(exc, (ConnectionResetError,
                                                             BrokenPipeError, EOFError)):
         return "the peer closed the connection during the TLS handshake"
