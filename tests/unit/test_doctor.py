@@ -45,9 +45,13 @@ class FakeProc:
             f"00:00000000 00000000     0        0 {inode} 1 0000000000000000 100 0 0 10 0\n")
         self.write()
 
-    def process(self, pid: int, comm: str, cmdline: str) -> None:
+    def process(self, pid: int, comm: str, cmdline: str, sockets: tuple[int, ...] = ()
+                ) -> None:
+        """A process, holding the sockets of these inodes."""
         base = self.root / str(pid)
         (base / "fd").mkdir(parents=True)
+        for fd, inode in enumerate(sockets, start=3):
+            (base / "fd" / str(fd)).symlink_to(f"socket:[{inode}]")
         (base / "comm").write_text(comm + "\n")
         (base / "cmdline").write_bytes(cmdline.replace(" ", "\0").encode() + b"\0")
 
@@ -89,10 +93,17 @@ def test_modules_missing_loadable_and_loaded(machine) -> None:
         "modprobe usbip-host")
     (fake.root / "module/usbip_host").mkdir()
     assert find(check_server(), "module usbip-host")[:2] == (Status.OK, "loaded")
-    # TLS configured, no tls module anywhere: that one fails
+    # TLS configured, no tls module anywhere: a warning (userspace TLS serves), which
+    # says what kernel TLS would add
     files = TlsFiles(Path("/nonexistent/c.pem"), Path("/nonexistent/k.pem"),
                      Path("/nonexistent/ca.pem"))
-    assert find(check_server(tls=files), "module tls")[0] is Status.FAIL
+    status, detail, _ = find(check_server(tls=files), "module tls")
+    assert status is Status.WARN and detail == (
+        "not installed for this kernel (kernel TLS: without it TLS is served in userspace, "
+        "but devices bound to usbip-host cannot be exported over TLS)")
+    # no USB device at all is no fault: emulated devices need none
+    assert find(check_server(), "USB devices")[:2] == (
+        Status.INFO, "none seen: only emulated devices can be exported from here")
 
 
 def test_nothing_listening_fails_and_exits_1(machine, capsys) -> None:
@@ -113,8 +124,8 @@ def test_a_server_on_loopback_only_with_bindings_is_warned_about(machine) -> Non
     fake, proc, _ = machine
     fake.load_usbip_host()
     fake.add_device("1-1", 0x46F4, 0x0001, driver="usbip-host")
-    proc.process(321, "usbipd", "usbipd -D")
-    proc.socket("127.0.0.1", 3240, "0.0.0.0", 0, system.TCP_LISTEN)
+    proc.process(321, "usbipd", "usbipd -D", sockets=(1000,))
+    proc.socket("127.0.0.1", 3240, "0.0.0.0", 0, system.TCP_LISTEN, inode=1000)
     status, detail, fix = find(check_server(), "server")
     assert status is Status.WARN
     assert detail == ("usbipd (pid 321) listens on 127.0.0.1 port 3240 only: no other host can "
@@ -124,6 +135,18 @@ def test_a_server_on_loopback_only_with_bindings_is_warned_about(machine) -> Non
     assert find(check_server(), "server")[0] is Status.OK
     # and where to capture what the kernel serves
     assert "dumpcap -i usbmon1" in find(check_server(), "capture")[1]
+
+
+def test_the_listener_is_the_process_that_holds_the_socket(machine) -> None:
+    _fake, proc, _ = machine
+    proc.process(2047, "usbipyd", "/usr/bin/python3 /usr/bin/usbipyd -t 3241", sockets=(7,))
+    proc.process(2186, "python3", "python3 -m usbipy.cli.usbipyd -a 0.0.0.0",
+                 sockets=(1000, 1001))
+    proc.process(2200, "usbipyd", "usbipyd --check-config")
+    proc.socket("0.0.0.0", 3240, "0.0.0.0", 0, system.TCP_LISTEN, inode=1000)
+    proc.socket("127.0.0.1", 3241, "0.0.0.0", 0, system.TCP_LISTEN, inode=7)
+    assert find(check_server(), "server")[:2] == (
+        Status.OK, "usbipyd (pid 2186) listens on 0.0.0.0 port 3240")
 
 
 def test_a_binding_stuck_in_use_with_no_connection(machine) -> None:

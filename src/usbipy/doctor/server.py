@@ -14,6 +14,7 @@ import os
 import ssl
 from pathlib import Path
 
+from ..escape import printable
 from ..linux import sysfs, usbip_host
 from ..tls import TlsFiles
 from . import system
@@ -33,9 +34,10 @@ def check_server(port: int = 3240, tls: TlsFiles | None = None,
     shown = ", ".join(f"{d.busid} ({d.info.idVendor:04x}:{d.info.idProduct:04x})"
                       for d in devices[:8])
     more = f" and {len(devices) - 8} more" if len(devices) > 8 else ""
-    report.add("USB devices", Status.INFO if devices else Status.WARN,
-               f"{len(devices)} seen: {shown}{more}" if devices else "none seen",
-               "" if devices else "plug one in; 'lsusb' should list it")
+    # (none is no fault: a server of emulated devices needs no hardware)
+    report.add("USB devices", Status.INFO,
+               f"{len(devices)} seen: {shown}{more}" if devices else
+               "none seen: only emulated devices can be exported from here")
     bound = usbip_host.bound_devices()
     sockets = system.tcp_sockets()
     _bindings(report, bound, system.kernel_held(sockets))
@@ -58,7 +60,9 @@ def _modules(report: Report, tls: bool) -> None:
     wanted = [("usbip-host", "exports devices through the kernel (usbip bind)"),
               ("vhci-hcd", "attaches remote devices (usbip attach)")]
     if tls:
-        wanted.append(("tls", "kernel TLS, which devices bound to usbip-host need over TLS"))
+        # (TLS is served in userspace without it: only what kernel TLS adds is missing)
+        wanted.append(("tls", "kernel TLS: without it TLS is served in userspace, but "
+                              "devices bound to usbip-host cannot be exported over TLS"))
     for name, why in wanted:
         if system.module_loaded(name):
             report.add(f"module {name}", Status.OK, "loaded")
@@ -66,8 +70,7 @@ def _modules(report: Report, tls: bool) -> None:
             report.add(f"module {name}", Status.INFO if name == "vhci-hcd" else Status.WARN,
                        f"not loaded ({why})", f"modprobe {name}")
         else:
-            report.add(f"module {name}", Status.FAIL if name == "tls" else
-                       Status.INFO if name == "vhci-hcd" else Status.WARN,
+            report.add(f"module {name}", Status.INFO if name == "vhci-hcd" else Status.WARN,
                        f"not installed for this kernel ({why})",
                        "install the kernel's extra modules (Debian: they ship with "
                        "linux-image-*; Ubuntu: linux-modules-extra-$(uname -r))")
@@ -118,6 +121,14 @@ def _daemon(report: Report, sockets: list[system.TcpSocket], port: int,
                    "start it: usbipyd -a 0.0.0.0 (or usbipd -D); usbipyd -t PORT for another "
                    "port")
         return
+    # The listener is the process that holds the listening socket (its inode among
+    # the process's fds), not every usbipyd that runs (a second one may serve another
+    # port, or be starting)
+    owners = system.socket_owners()
+    by_pid = {p.pid: p for p in system.processes()}
+    holders = sorted({owners[s.inode] for s in listening if s.inode in owners})
+    names = ", ".join(f"{_server_name(by_pid[pid]) or printable(by_pid[pid].name)} "
+                      f"(pid {pid})" for pid in holders if pid in by_pid)
     addresses = sorted({s.local for s in listening})
     shown = ", ".join(f"[{a}]" if ":" in a else a for a in addresses)
     everywhere = any(a in ("0.0.0.0", "::") for a in addresses)
