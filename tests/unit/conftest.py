@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from usbipy.cli import usbipy as cli
-from usbipy.linux import sysfs, vhci
+from usbipy.linux import modules, sysfs, vhci
 from usbipy.linux.usbids import UsbIds
 
 from .fake_sysfs import FakeSysfs
@@ -32,6 +32,7 @@ def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeSysfs]
     usbip_sockfd are held open, as the kernel holds them."""
     fs = FakeSysfs(tmp_path / "sys")
     monkeypatch.setattr(sysfs, "SYSFS_ROOT", fs.root)
+    monkeypatch.setattr(modules, "MODULES_ROOT", fs.modules)
     kernel_held: list[int] = []
     fs.held = kernel_held
     write_attr = sysfs.write_attr

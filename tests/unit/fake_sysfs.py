@@ -18,6 +18,8 @@ class FakeSysfs:
         self.root = root
         #: Sockets the fake kernel holds (dup'ed when written to attach/usbip_sockfd).
         self.held: list[int] = []
+        #: The module tree /lib/modules stands for (empty: nothing installed).
+        self.modules = root.parent / "lib-modules"
         self.devices = root / "bus/usb/devices"
         self.drivers = root / "bus/usb/drivers"
         self.devices.mkdir(parents=True)
@@ -63,6 +65,15 @@ class FakeSysfs:
             os.symlink(path, self.drivers / driver / busid)
             (path / "usbip_status").write_text("1\n")
             (path / "usbip_sockfd").write_text("")
+
+    def install_modules(self, *names: str) -> None:
+        """This kernel's module tree (see the ``fake`` fixture) has ``names``."""
+        base = self.modules / os.uname().release
+        base.mkdir(parents=True, exist_ok=True)
+        with open(base / "modules.dep", "a") as dep:
+            for name in names:
+                dep.write(f"kernel/drivers/usb/usbip/{name}.ko: "
+                          "kernel/drivers/usb/usbip/usbip-core.ko\n")
 
     def load_usbip_host(self) -> Path:
         driver = self.drivers / "usbip-host"

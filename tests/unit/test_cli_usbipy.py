@@ -103,11 +103,17 @@ def test_bind_writes_what_usbip_bind_writes(fake: FakeSysfs, capsys) -> None:
     ("1-3", "load", "1-3 is a hub: hubs cannot be exported"),
     ("3-1", "load", "attached through vhci_hcd"),
     ("1-1", "bound", "1-1 is already bound to usbip-host"),
-    ("1-1", "none", "the usbip-host driver is not loaded: run 'modprobe usbip-host'"),
+    ("1-1", "none", "the usbip-host driver is not loaded: it is not installed for this "
+                    "kernel: install the kernel's extra modules (Debian: they ship with "
+                    "linux-image-*; Ubuntu: linux-modules-extra-$(uname -r))"),
+    ("1-1", "installed", "the usbip-host driver is not loaded: run 'modprobe usbip-host' "
+                         "as root"),
 ])
 def test_bind_errors(fake: FakeSysfs, capsys, busid: str, setup: str, message: str) -> None:
     local_devices(fake)
-    if setup != "none":
+    if setup == "installed":
+        fake.install_modules("usbip-host")
+    elif setup != "none":
         fake.load_usbip_host()
     if setup == "bound":
         fake.set_driver("1-1", "usbip-host")
@@ -258,7 +264,11 @@ def _closed_port() -> int:
 
 
 @pytest.mark.parametrize("case, message", [
-    ("no vhci", "vhci-hcd is not loaded: run 'modprobe vhci-hcd'"),
+    ("no vhci", "vhci-hcd is not loaded: it is not installed for this kernel: install the "
+                "kernel's extra modules (Debian: they ship with linux-image-*; Ubuntu: "
+                "linux-modules-extra-$(uname -r)); or use the userspace client "
+                "(usbipy.connect, usbipy.pyusb), which needs no module"),
+    ("vhci installed", "vhci-hcd is not loaded: run 'modprobe vhci-hcd' as root"),
     ("unreachable", "cannot connect to 127.0.0.1:"),
     ("busy", "import of 1-2 refused: the device is already imported by another client "
              "(DEV_BUSY)"),
@@ -267,7 +277,9 @@ def _closed_port() -> int:
 ])
 def test_attach_errors(fake: FakeSysfs, capsys, server: ServerThread, case: str,
                        message: str) -> None:
-    if case != "no vhci":
+    if case == "vhci installed":
+        fake.install_modules("vhci-hcd")
+    elif case != "no vhci":
         fake.load_vhci()
     busid, port = "1-2", server.port
     if case == "unreachable":

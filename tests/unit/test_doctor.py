@@ -15,6 +15,7 @@ import pytest
 from usbipy.cli.usbipy import main
 from usbipy.doctor import Status, check_client, check_server, system
 from usbipy.doctor.report import Report
+from usbipy.linux import modules as linux_modules
 from usbipy.server import ServerThread
 from usbipy.tls import TlsFiles, certs
 
@@ -68,7 +69,7 @@ def machine(fake: FakeSysfs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     (modules / os.uname().release).mkdir(parents=True)
     (fake.root / "module").mkdir()
     monkeypatch.setattr(system, "PROC_ROOT", proc.root)
-    monkeypatch.setattr(system, "MODULES_ROOT", modules)
+    monkeypatch.setattr(linux_modules, "MODULES_ROOT", modules)
     monkeypatch.setattr(system, "firewall_rules", lambda: {"nft": "table inet filter {\n}\n"})
     yield fake, proc, modules / os.uname().release
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..escape import printable
 from ..linux import sysfs, usbip_host
+from ..linux.modules import EXTRA_MODULES
 from ..tls import TlsFiles
 from . import system
 from .report import Report, Status
@@ -72,8 +73,7 @@ def _modules(report: Report, tls: bool) -> None:
         else:
             report.add(f"module {name}", Status.INFO if name == "vhci-hcd" else Status.WARN,
                        f"not installed for this kernel ({why})",
-                       "install the kernel's extra modules (Debian: they ship with "
-                       "linux-image-*; Ubuntu: linux-modules-extra-$(uname -r))")
+                       EXTRA_MODULES)
 
 
 def _bindings(report: Report, bound: list[sysfs.UsbDevice],

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..linux import sysfs
+from ..linux.modules import listed
+from ..linux.modules import module_installed as module_installed  # (re-exported)
 
 PROC_ROOT = Path("/proc")
-MODULES_ROOT = Path("/lib/modules")
 
 #: /proc/net/tcp's st field (include/net/tcp_states.h).
 TCP_ESTABLISHED = 0x01
@@ -38,27 +39,7 @@ def module_loaded(name: str) -> bool:
                 return True
         except OSError:
             pass
-    return _listed(name, ("modules.builtin",))
-
-
-def module_installed(name: str) -> bool:
-    """In this kernel's module tree (modules.dep or modules.builtin name it)."""
-    return _listed(name, ("modules.dep", "modules.builtin"))
-
-
-def _listed(name: str, indexes: tuple[str, ...]) -> bool:
-    base = MODULES_ROOT / os.uname().release
-    wanted = {name.replace("-", "_"), name.replace("_", "-")}
-    for index in indexes:
-        try:
-            text = (base / index).read_text()
-        except OSError:
-            continue
-        for line in text.splitlines():
-            stem = line.split(":", 1)[0].rsplit("/", 1)[-1].split(".ko", 1)[0]
-            if stem in wanted:
-                return True
-    return False
+    return listed(name, ("modules.builtin",))
 
 
 # --- sockets and processes ----------------------------------------------------------

@@ -13,6 +13,7 @@ from enum import IntEnum
 
 from ..errors import UsbipError
 from . import sysfs
+from .modules import load_hint
 
 log = logging.getLogger("usbipy.usbip_host")
 
@@ -37,8 +38,7 @@ def driver_loaded() -> bool:
 
 def _require_driver() -> None:
     if not driver_loaded():
-        raise UsbipHostError(f"the {DRIVER} driver is not loaded: run 'modprobe usbip-host' "
-                             "as root")
+        raise UsbipHostError(f"the {DRIVER} driver is not loaded: {load_hint('usbip-host')}")
 
 
 def _device(busid: str) -> sysfs.UsbDevice:

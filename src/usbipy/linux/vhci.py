@@ -20,6 +20,7 @@ from ..errors import UsbipError
 from ..protocol import DeviceInfo, Speed
 from ..tls import TlsSession
 from . import sysfs
+from .modules import load_hint, module_installed
 
 #: Where `usbip attach` records each port's server (VHCI_STATE_PATH).
 VHCI_STATE_DIR = Path("/var/run/vhci_hcd")
@@ -113,7 +114,11 @@ def controller_dir() -> Path:
 def require_vhci() -> Path:
     hc = controller_dir()
     if not (hc / "attach").exists():
-        raise VhciError("vhci-hcd is not loaded: run 'modprobe vhci-hcd' as root")
+        hint = load_hint("vhci-hcd")
+        if not module_installed("vhci-hcd"):
+            hint += "; or use the userspace client (usbipy.connect, usbipy.pyusb), which "
+            hint += "needs no module"
+        raise VhciError(f"vhci-hcd is not loaded: {hint}")
     return hc
 
 
