@@ -51,6 +51,7 @@ try:
 except ImportError as exc:  # (an optional extra: say which)
     raise ImportError("usbipy.pyusb needs PyUSB: pip install 'usbipy[pyusb]'") from exc
 
+from .client.address import split_address
 from .client.errors import (
     ClientError,
     DeviceGone,
@@ -147,18 +148,8 @@ def parse_address(address: str, busid: str | None = None) -> tuple[str, int, str
                                  f"{printable(busid)}")
             busid = path
     else:
-        host, port = address, USBIP_PORT
-        if address.startswith("["):
-            host, bracket, rest = address[1:].partition("]")
-            if not bracket or rest and (not rest.startswith(":") or not rest[1:].isdigit()):
-                raise ValueError(f"bad address {shown}")
-            if rest:
-                port = int(rest[1:])
-        elif address.count(":") == 1:
-            host, _, text = address.partition(":")
-            if not text.isdigit():
-                raise ValueError(f"bad port in {shown}")
-            port = int(text)
+        host, given = split_address(address)
+        port = given if given is not None else USBIP_PORT
     if not host:
         raise ValueError(f"no host in {shown}")
     if not 0 < port < 65536:

@@ -269,7 +269,7 @@ def _closed_port() -> int:
                 "linux-modules-extra-$(uname -r)); or use the userspace client "
                 "(usbipy.connect, usbipy.pyusb), which needs no module"),
     ("vhci installed", "vhci-hcd is not loaded: run 'modprobe vhci-hcd' as root"),
-    ("unreachable", "cannot connect to 127.0.0.1:"),
+    ("unreachable", "connection refused: nothing listens on 127.0.0.1:"),
     ("busy", "import of 1-2 refused: the device is already imported by another client "
              "(DEV_BUSY)"),
     ("no device", "import of 7-7 refused: no such device (NODEV)"),
@@ -472,3 +472,26 @@ def test_a_pid_file_is_written_whole_over_a_link_made_after_the_check(tmp_path: 
     path.write_text("4242\n")
     pid_file.remove()
     assert path.read_text() == "4242\n"
+
+
+def test_remote_host_port_and_port_errors(capsys, server: ServerThread) -> None:
+    port = server.port
+    rc, out, err = usbipy(capsys, "list", "-r", f"127.0.0.1:{port}", "--json")
+    assert rc == 0 and "1-2" in [d["busid"] for d in json.loads(out)], err
+    # (an IPv4-mapped IPv6 address reaches the IPv4 listener)
+    rc, out, err = usbipy(capsys, "-t", "1", "list", "-r", f"[::ffff:127.0.0.1]:{port}",
+                          "--json")
+    assert rc == 0 and "1-2" in [d["busid"] for d in json.loads(out)], err
+    closed = _closed_port()
+    rc, _, err = usbipy(capsys, "list", "-r", f"127.0.0.1:{closed}")
+    assert rc == 1 and err == (f"usbipy: error: connection refused: nothing listens on "
+                               f"127.0.0.1:{closed} (is usbipyd running? see usbipy doctor -r "
+                               f"127.0.0.1:{closed})\n")
+    rc, _, err = usbipy(capsys, "list", "-r", "127.0.0.1:x")
+    assert rc == 1 and err == "usbipy: error: -r: bad port in 127.0.0.1:x\n"
+    # a port out of range is refused, not wrapped round to another
+    with pytest.raises(SystemExit) as exit_:
+        usbipy(capsys, "-t", "99999", "list", "-r", "127.0.0.1")
+    assert exit_.value.code == 2
+    assert "argument -t/--tcp-port: 99999 is out of range (1 to 65535)" in \
+        capsys.readouterr().err

@@ -170,7 +170,9 @@ def test_an_unreachable_server_is_a_usb_error() -> None:
         s.bind((HOST, 0))
         port = s.getsockname()[1]
     backend = pyusb.get_backend(f"{HOST}:{port}")
-    with pytest.raises(usb.core.USBError, match="cannot connect to 127.0.0.1") as error:
+    with pytest.raises(usb.core.USBError, match=f"connection refused: nothing listens on "
+                       f"127.0.0.1:{port} \\(is usbipyd running\\? see usbipy doctor -r "
+                       f"127.0.0.1:{port}\\)") as error:
         usb.core.find(backend=backend)
     assert error.value.errno == errno.ENODEV
 

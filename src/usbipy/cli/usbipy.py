@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..client import persistent
+from ..client.address import split_address
 from ..client.attach import attach
 from ..client.backoff import Backoff
 from ..errors import UsbipError
@@ -59,14 +60,14 @@ MAX_SECONDS = 3600.0
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="usbipy", description="USB/IP client (protocol 1.1.1).")
-    p.add_argument("-t", "--tcp-port", type=int, default=USBIP_PORT, metavar="PORT",
+    p.add_argument("-t", "--tcp-port", type=whole(1, 65535), default=USBIP_PORT, metavar="PORT",
                    help=f"TCP port of the server (default: {USBIP_PORT})")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     # Also accepted after the subcommand: `usbipy port --json`.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="print JSON for scripts")
-    common.add_argument("-t", "--tcp-port", type=int, default=argparse.SUPPRESS,
+    common.add_argument("-t", "--tcp-port", type=whole(1, 65535), default=argparse.SUPPRESS,
                         metavar="PORT", help="TCP port of the server")
     for parser, default in ((p, None), (common, argparse.SUPPRESS)):
         tls = parser.add_argument_group("mutual TLS (usbipyd --tls-*)")
@@ -83,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     lst = sub.add_parser("list", parents=[common], help="list exportable or local USB devices")
     where = lst.add_mutually_exclusive_group(required=True)
-    where.add_argument("-r", "--remote", metavar="HOST", help="the devices HOST exports")
+    where.add_argument("-r", "--remote", metavar="HOST[:PORT]", help="the devices HOST exports")
     where.add_argument("-l", "--local", action="store_true", help="the local USB devices")
     lst.add_argument("-p", "--parsable", action="store_true",
                      help="parsable format for -l (as usbip, -r ignores it)")
@@ -101,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                              help="export through libusb (usbipyd) rather than usbip-host")
 
     att = sub.add_parser("attach", parents=[common], help="import a remote device into vhci-hcd")
-    att.add_argument("-r", "--remote", metavar="HOST", required=True,
+    att.add_argument("-r", "--remote", metavar="HOST[:PORT]", required=True,
                      help="the machine that exports the device")
     att.add_argument("-b", "--busid", "-d", "--device", dest="busid", required=True,
                      help="the device's bus id on HOST")
@@ -165,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         "doctor", parents=[common],
         help="check this server (or, with -r, the way to HOST) and say what to fix; exit "
              "status 0 only when every check passed")
-    doctor.add_argument("-r", "--remote", metavar="HOST",
+    doctor.add_argument("-r", "--remote", metavar="HOST[:PORT]",
                         help="check a client's way to HOST: name, TCP, TLS, device list, "
                              "vhci-hcd")
     doctor.add_argument("-b", "--busid", help="with -r: also import this device and release it")
@@ -521,9 +522,23 @@ def _policy_check(args: argparse.Namespace) -> dict[str, object]:
             "config": str(settings.file) if settings.file is not None else None}
 
 
+def _remote_port(args: argparse.Namespace) -> None:
+    """-r HOST:PORT and -r [V6ADDR]:PORT, as the PyUSB backend takes them: the port
+    given there is the one dialled (-t gives it otherwise)."""
+    if getattr(args, "remote", None) is None or args.command == "detach":
+        return
+    try:
+        args.remote, port = split_address(args.remote)
+    except ValueError as exc:
+        raise UsbipError(f"-r: {exc}") from None
+    if port is not None:
+        args.tcp_port = port
+
+
 def _run(args: argparse.Namespace) -> object:
     """Do the command; print text and return None, or return what --json prints."""
     as_json: bool = args.json
+    _remote_port(args)
     tls = TlsFiles.from_options(args.tls_cert, args.tls_key, args.tls_ca)
     if tls is None and args.tls_server_name is not None:
         raise TlsError("--tls-server-name needs --tls-cert, --tls-key and --tls-ca")

@@ -28,7 +28,7 @@ from typing import Any
 
 from ..errors import UsbipError
 from ..escape import printable
-from ..protocol import OpStatus, RetSubmit
+from ..protocol import USBIP_PORT, OpStatus, RetSubmit
 from ..protocol.constants import LINUX_ERRNO, LINUX_ERRNO_NAME
 
 
@@ -48,9 +48,23 @@ class ClientError(UsbipError):
 
 
 class HostUnreachable(ClientError):
-    def __init__(self, host: str, port: int, reason: str) -> None:
-        super().__init__(f"cannot connect to {printable(host)}:{port}: {reason} (is usbipd or "
-                         f"usbipyd running there, and port {port} open?)")
+    """The server could not be reached; ``reason``: the error of the connect, or words."""
+
+    def __init__(self, host: str, port: int, reason: str | OSError) -> None:
+        where = f"[{printable(host)}]:{port}" if ":" in host else f"{printable(host)}:{port}"
+        if isinstance(reason, ConnectionRefusedError):
+            doctor = where if port != USBIP_PORT else printable(host)
+            text = (f"connection refused: nothing listens on {where} (is usbipyd running? "
+                    f"see usbipy doctor -r {doctor})")
+        else:
+            if isinstance(reason, TimeoutError):
+                reason = "connection timed out"
+            elif isinstance(reason, OSError):
+                # (asyncio's errors carry "Connect call failed (...)" as their strerror)
+                reason = os.strerror(reason.errno) if reason.errno else str(reason)
+            text = (f"cannot connect to {where}: {reason} (is usbipd or usbipyd running "
+                    f"there, and port {port} open?)")
+        super().__init__(text)
         self.host = host
         self.port = port
 

@@ -36,7 +36,7 @@ def connect(host: str, port: int, timeout: float = OP_TIMEOUT) -> socket.socket:
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
     except OSError as exc:
-        raise HostUnreachable(host, port, exc.strerror or str(exc)) from exc
+        raise HostUnreachable(host, port, exc) from exc
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
 

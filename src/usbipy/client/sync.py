@@ -210,15 +210,13 @@ def _open(host: str, port: int, tls: ssl.SSLContext | None, server_hostname: str
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
     except OSError as exc:
-        reason = "connection timed out" if isinstance(exc, TimeoutError) else (
-            exc.strerror or str(exc))
-        raise HostUnreachable(host, port, reason) from exc
+        raise HostUnreachable(host, port, exc) from exc
     try:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             keepalive.apply(sock)
         except OSError as exc:
-            raise HostUnreachable(host, port, exc.strerror or str(exc)) from exc
+            raise HostUnreachable(host, port, exc) from exc
         channel = _Channel(sock, host, port)
         if tls is not None:
             channel.start_tls(tls, server_hostname or host, time.monotonic() + timeout)

@@ -187,10 +187,8 @@ async def _connect(host: str, port: int, tls: ssl.SSLContext | None,
         except OSError:
             sock.close()
             raise
-    except TimeoutError:
-        raise HostUnreachable(host, port, "connection timed out") from None
     except OSError as exc:
-        raise HostUnreachable(host, port, exc.strerror or str(exc)) from exc
+        raise HostUnreachable(host, port, exc) from exc
     factory = functools.partial(_ClientProtocol, host, port)
     if tls is None:
         _transport, protocol = await loop.create_connection(factory, sock=sock)
