@@ -6,7 +6,7 @@
 set -eu
 cd "$(dirname "$0")/.."
 
-packages="python3 python3-venv python3-pip"
+packages="python3 python3-venv python3-pip man-db"
 if [ "${1:-}" = "--test" ]; then
     # the kernel tests boot this machine's Debian kernel under QEMU (its guest
     # records and plays with alsa-utils, captures video with v4l-utils); interop
@@ -34,11 +34,24 @@ python=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null
-if [ "${1:-}" = "--test" ]; then
-    .venv/bin/python -m pip install -q -e '.[test]'
-else
-    # (with cryptography, for `usbipy cert`: the README's TLS set-up works from
-    # here; with Pillow, for the demo webcam's MJPEG)
-    .venv/bin/python -m pip install -q -e '.[tls,webcam]'
+# What is installed is stamped: a second run with the same pyproject.toml installs
+# nothing (the package is installed editable: a change to the code needs no step).
+# (with cryptography, for `usbipy cert`: the README's TLS set-up works from here;
+# with Pillow, for the demo webcam's MJPEG; the test extra holds them all)
+if [ "${1:-}" = "--test" ]; then extras=test; else extras=tls,webcam,man; fi
+stamp=.venv/.usbipy-installed
+sum=$(cksum < pyproject.toml)
+installed=$(cat "$stamp" 2>/dev/null || true)
+if [ "$installed" != "$extras $sum" ] && [ "$installed" != "test $sum" ]; then
+    .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+    .venv/bin/python -m pip install -q -e ".[$extras]"
+    echo "$extras $sum" > "$stamp"
+fi
+# usbipy(8) and usbipyd(8), from the same parsers as --help: made again when the
+# command-line code changed
+if [ "$(id -u)" = 0 ]; then page=/usr/local/share/man/man8/usbipyd.8; else
+    page=.venv/share/man/man8/usbipyd.8; fi
+if [ ! -f "$page" ] || [ -n "$(find src/usbipy/cli pyproject.toml -newer "$page" | head -n 1)" ]
+then
+    scripts/manpages.sh
 fi

@@ -495,3 +495,25 @@ def test_remote_host_port_and_port_errors(capsys, server: ServerThread) -> None:
     assert exit_.value.code == 2
     assert "argument -t/--tcp-port: 99999 is out of range (1 to 65535)" in \
         capsys.readouterr().err
+
+
+def test_version_debug_and_syslog(capsys, monkeypatch, tmp_path: Path) -> None:
+    from usbipy import __version__
+    from usbipy.cli import usbipy as cli
+    from usbipy.cli import usbipyd
+
+    for main, prog in ((cli.main, "usbipy"), (usbipyd.main, "usbipyd")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--version"])
+        assert exit_.value.code == 0 and capsys.readouterr().out == f"{prog} {__version__}\n"
+    assert usbipy(capsys, "version") == (0, f"usbipy {__version__} (USB/IP protocol 1.1.1)\n",
+                                         "")
+    rc, out, _ = usbipy(capsys, "version", "--json")
+    assert rc == 0 and json.loads(out) == {"version": __version__, "protocol": "1.1.1"}
+    # -d: what the client does, on stderr
+    rc, _, err = usbipy(capsys, "-d", "-t", str(_closed_port()), "list", "-r", "127.0.0.1")
+    assert rc == 1 and "usbipy: DEBUG: connecting to 127.0.0.1:" in err
+    # -l without a system log says so
+    monkeypatch.setattr(cli, "SYSLOG", str(tmp_path / "no-log"))
+    rc, _, err = usbipy(capsys, "-l", "version")
+    assert rc == 1 and err == f"usbipy: error: -l: no syslog here ({tmp_path}/no-log is missing)\n"

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import __version__
 from ..client import persistent
 from ..client.address import split_address
 from ..client.attach import attach
@@ -54,12 +55,20 @@ if TYPE_CHECKING:  # (loaded where used: each command starts with what it needs 
     from ..backends.libusb.bindings import Binding
     from ..policy import Client, DeviceFacts
 
+#: The socket of the system log, for -l.
+SYSLOG = "/dev/log"
+
 #: The longest time an option takes, in seconds (as usbipyd's).
 MAX_SECONDS = 3600.0
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="usbipy", description="USB/IP client (protocol 1.1.1).")
+    p.add_argument("--version", action="version", version=f"usbipy {__version__}")
+    p.add_argument("-d", "--debug", action="store_true",
+                   help="print debugging information (as usbip -d)")
+    p.add_argument("-l", "--log", action="store_true",
+                   help="log to syslog as well (as usbip -l)")
     p.add_argument("-t", "--tcp-port", type=whole(1, 65535), default=USBIP_PORT, metavar="PORT",
                    help=f"TCP port of the server (default: {USBIP_PORT})")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
@@ -134,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     det.add_argument("-r", "--remote", metavar="HOST",
                      help="with -b: the attachment from this server")
     sub.add_parser("port", parents=[common], help="show imported devices")
+    sub.add_parser("version", parents=[common], help="show the version (as usbip version)")
 
     cert = sub.add_parser("cert", parents=[common],
                           help="make a small CA and certificates for mutual TLS")
@@ -542,6 +552,10 @@ def _run(args: argparse.Namespace) -> object:
     tls = TlsFiles.from_options(args.tls_cert, args.tls_key, args.tls_ca)
     if tls is None and args.tls_server_name is not None:
         raise TlsError("--tls-server-name needs --tls-cert, --tls-key and --tls-ca")
+    if args.command == "version":
+        if not as_json:
+            print(f"usbipy {__version__} (USB/IP protocol 1.1.1)")
+        return {"version": __version__, "protocol": "1.1.1"}
     if args.command == "policy":
         return _policy_check(args)
     if args.command == "doctor":
@@ -863,9 +877,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def _logging(debug: bool, syslog: bool) -> list[logging.Handler]:
+    """-d: debugging lines on stderr; -l: every line to syslog too (as usbip's -d, -l).
+    The handlers added (main() removes them when the command is done)."""
+    handlers: list[logging.Handler] = []
+    if debug:
+        stderr = logging.StreamHandler(sys.stderr)
+        stderr.setFormatter(logging.Formatter("usbipy: %(levelname)s: %(message)s"))
+        handlers.append(stderr)
+    if syslog:
+        from logging.handlers import SysLogHandler
+
+        if not Path(SYSLOG).exists():
+            raise UsbipError(f"-l: no syslog here ({SYSLOG} is missing)")
+        system_log = SysLogHandler(address=SYSLOG)
+        system_log.setFormatter(logging.Formatter("usbipy[%(process)d]: %(message)s"))
+        handlers.append(system_log)
+    logger = logging.getLogger("usbipy")
+    if handlers:
+        logger.setLevel(logging.DEBUG if debug else logging.INFO)
+    for handler in handlers:
+        logger.addHandler(handler)
+    return handlers
+
+
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    handlers: list[logging.Handler] = []
     try:
+        handlers = _logging(args.debug, args.log)
         result = _run(args)
     except BrokenPipeError:
         raise  # the reader left: main() ends quietly, this is no error to report
@@ -878,6 +918,10 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.json:
             print(json.dumps({"error": text, "kind": type(exc).__name__}))
         return 1
+    finally:
+        for handler in handlers:
+            logging.getLogger("usbipy").removeHandler(handler)
+            handler.close()
     if args.json:
         print(json.dumps(result, indent=2))
     if args.command == "policy" and isinstance(result, dict) and not result["allowed"]:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import __version__
 from ..backends.base import ExportedDevice
 from ..backends.kernel_stub import KernelStubSource
 from ..backends.libusb.bindings import BindingError, BindingStore
@@ -204,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-D", "--daemon", action="store_true", default=None,
                    help="run in the background")
     p.add_argument("-P", "--pid", metavar="FILE", help="write the process id to FILE")
+    p.add_argument("--version", action="version", version=f"usbipyd {__version__}")
     p.add_argument("-d", "--debug", action=argparse.BooleanOptionalAction,
                    help="log every connection")
     return p

@@ -179,6 +179,7 @@ async def _connect(host: str, port: int, tls: ssl.SSLContext | None,
                    server_hostname: str | None, keepalive: Keepalive = DEFAULT
                    ) -> _ClientProtocol:
     loop = asyncio.get_running_loop()
+    log.debug("connecting to %s:%d%s", printable(host), port, " over TLS" if tls else "")
     try:
         async with asyncio.timeout(CONNECT_TIMEOUT):
             sock = await _tcp(loop, host, port)
@@ -248,8 +249,11 @@ async def list_devices(host: str, port: int = USBIP_PORT, *, tls: ssl.SSLContext
     try:
         assert protocol.transport is not None
         protocol.transport.write(protocol.conn.send(OpReqDevlist()))
+        log.debug("%s:%d: sent OP_REQ_DEVLIST", printable(host), port)
         reply = await protocol.op_reply
         assert isinstance(reply, OpRepDevlist)
+        log.debug("%s:%d: OP_REP_DEVLIST with %d devices", printable(host), port,
+                  len(reply.devices))
         return reply.devices
     finally:
         await _close(protocol)
@@ -290,12 +294,14 @@ async def _import(host: str, busid: str, port: int, tls: ssl.SSLContext | None,
     protocol = await _connect(host, port, tls, server_hostname, keepalive)
     assert protocol.transport is not None
     protocol.transport.write(protocol.conn.send(OpReqImport(busid)))
+    log.debug("%s:%d: sent OP_REQ_IMPORT of %s", printable(host), port, printable(busid))
     try:
         reply = await protocol.op_reply
     except BaseException:
         await _close(protocol)
         raise
     assert isinstance(reply, OpRepImport)
+    log.debug("%s:%d: OP_REP_IMPORT %s", printable(host), port, reply.status.name)
     if reply.status != OpStatus.OK or reply.device is None:
         await _close(protocol)
         raise ImportRefused(busid, reply.status)
