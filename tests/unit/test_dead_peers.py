@@ -13,6 +13,7 @@ import json
 import os
 import random
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -120,7 +121,7 @@ def test_a_server_that_goes_raises_server_gone(serve) -> None:
         conn._transport.abort()  # the server goes: a reset, not a goodbye
         await dev.wait_closed()
         with pytest.raises(ServerGone, match=rf"connection to 127.0.0.1:{server.port} was "
-                                             r"lost: the server (reset|closed) it"):
+                                             r"lost: the server (reset|closed) the connection"):
             await dev.control(*GET_DEVICE_DESCRIPTOR)
         await dev.close()
 
@@ -131,8 +132,16 @@ def test_the_reasons_a_connection_was_lost_read_as_words() -> None:
     from usbipy.client.errors import lost_reason
 
     assert "stopped answering" in lost_reason(TimeoutError(110, "Connection timed out"))
-    assert lost_reason(ConnectionResetError(104, "reset")) == "the server reset it"
-    assert lost_reason(None) == "the server closed it"
+    assert lost_reason(ConnectionResetError(104, "reset")) == "the server reset the connection"
+    assert lost_reason(None) == "the server closed the connection"
+    # usbipyd ends a TLS session with a FIN: OpenSSL's "UNEXPECTED_EOF_WHILE_READING"
+    eof = ssl.SSLEOFError(8, "[SSL: UNEXPECTED_EOF_WHILE_READING] EOF occurred in violation "
+                             "of protocol (_ssl.c:2427)")
+    assert lost_reason(eof) == "the server closed the connection"
+    assert lost_reason(eof, early=True) == (
+        "the server closed the connection right after the handshake or the import: its "
+        "access policy may refuse this identity (its log says why)")
+    assert "stopped answering" in lost_reason(TimeoutError(110, "x"), early=True)
 
 
 SERVERS: list[UsbipServer] = []

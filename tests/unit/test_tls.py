@@ -693,3 +693,34 @@ def test_stalled_handshakes_from_many_addresses_keep_no_real_client_out(
 
     serve(test, tls=tls_server(pki))
     assert "TLS handshakes in progress: the oldest was closed to make room" in caplog.text
+
+
+def test_a_client_the_policy_drops_is_told_so_in_words(serve, pki: Pki) -> None:
+    """Not OpenSSL's "UNEXPECTED_EOF_WHILE_READING": the server closed the connection,
+    and, as it did so right after the import, its policy may refuse this identity."""
+    from usbipy.client import ServerGone, sync
+    from usbipy.policy import Action, ClientSelector, Policy, Rule
+
+    alice = Policy((Rule(Action.ALLOW, client=ClientSelector(cn=("alice",)), number=1),),
+                   Action.DENY, "the default (deny)")
+    nobody = Policy((), Action.DENY, "the default (deny)")
+    context = client_context(pki.client)
+
+    async def test(server: UsbipServer) -> None:
+        hint = ("the server reset the connection right after the handshake or the import: "
+                "its access policy may refuse this identity (its log says why)")
+        keyboard = await import_device("127.0.0.1", "1-1", server.port, tls=context)
+        await server.reconfigure(nobody, limits.Limits())
+        with pytest.raises(ServerGone) as lost:
+            await keyboard.control(0x80, 6, 0x0100, 0, 18)
+        assert str(lost.value) == f"the connection to 127.0.0.1:{server.port} was lost: {hint}"
+        await server.reconfigure(alice, limits.Limits())
+        blocking = await asyncio.to_thread(sync.connect, "127.0.0.1", "1-1", server.port,
+                                           tls=context)
+        await server.reconfigure(nobody, limits.Limits())
+        with pytest.raises(ServerGone) as lost:
+            await asyncio.to_thread(blocking.control, 0x80, 6, 0x0100, 0, 18, timeout=5)
+        assert str(lost.value) == f"the connection to 127.0.0.1:{server.port} was lost: {hint}"
+        blocking.close()
+
+    serve(test, tls=tls_server(pki), policy=alice)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno as _errno
 import os
+import ssl
 from typing import Any
 
 from ..errors import UsbipError
@@ -110,17 +111,31 @@ class ServerGone(ClientError):
         self.reason = reason
 
 
-def lost_reason(exc: BaseException | None) -> str:
-    """Why a connection ended, in words: ``exc`` as connection_lost got it."""
-    if exc is None:
-        return "the server closed it"
+#: A connection that ends within this many seconds of its import was likely ended
+#: by the server's decision about this client (its access policy), not by chance.
+EARLY_CLOSE = 1.0
+
+#: What a client is told of a server that closed its connection at once.
+POLICY_HINT = ("right after the handshake or the import: its access policy may refuse "
+               "this identity (its log says why)")
+
+
+def lost_reason(exc: BaseException | None, *, early: bool = False) -> str:
+    """Why a connection ended, in words: ``exc`` as connection_lost got it; ``early``:
+    within :data:`EARLY_CLOSE` of the import (a close or reset then names the likely
+    cause)."""
     if isinstance(exc, TimeoutError) or getattr(exc, "errno", None) == 110:
         return ("the server stopped answering (no reply within the dead-peer timeout: it "
                 "or the network is gone)")
-    if isinstance(exc, ConnectionResetError):
-        return "the server reset it"
-    text = getattr(exc, "strerror", None) or str(exc)
-    return text or type(exc).__name__
+    if exc is None or isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+        # (usbipyd ends a TLS session with its FIN, never close_notify: OpenSSL then
+        # says "UNEXPECTED_EOF_WHILE_READING", which is no violation here)
+        why = "the server closed the connection"
+    elif isinstance(exc, ConnectionResetError):
+        why = "the server reset the connection"
+    else:
+        return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return f"{why} {POLICY_HINT}" if early else why
 
 
 class TransferTimeout(ClientError, TimeoutError):

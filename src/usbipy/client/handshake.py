@@ -68,6 +68,12 @@ def exchange(conn: ClientConnection, request: bytes, send: Callable[[bytes], obj
             conn.receive_data(recv())
     except TimeoutError as exc:
         raise ClientError("the server did not answer in time") from exc
+    except (ssl.SSLEOFError, ssl.SSLZeroReturnError) as exc:
+        # (TLS 1.3: the handshake is done on our side before the server has judged
+        # our certificate; it refuses by closing)
+        raise ClientError("the server closed the connection before it answered: it may "
+                          "not accept our certificate, or its access policy may refuse this "
+                          "identity (its log says why)") from exc
     except ssl.SSLError as exc:
         raise ClientError(f"connection closed: {handshake_failure(exc)}") from exc
     except OSError as exc:

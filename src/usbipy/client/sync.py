@@ -53,6 +53,7 @@ from ..tls import TlsSession, handshake_failure
 from ..usb.requests import DIR_IN, SETUP
 from ..usb.urb import UrbFlag
 from .errors import (
+    EARLY_CLOSE,
     ClientError,
     HostUnreachable,
     ImportRefused,
@@ -298,6 +299,8 @@ class Device:
         self._orphans: set[int] = set()
         self._orphan_unlinks: dict[int, int] = {}
         self._error: ClientError | None = None
+        #: When the import was answered (time.monotonic()).
+        self._imported_at = time.monotonic()
         self._closed = False
 
     @property
@@ -592,7 +595,9 @@ class Device:
 
     def _lost(self, exc: BaseException | None) -> NoReturn:
         self._check_open()  # closed by us (from another thread): not a loss
-        self._fail(ServerGone(self._channel.host, self._channel.port, lost_reason(exc)))
+        early = time.monotonic() - self._imported_at < EARLY_CLOSE
+        self._fail(ServerGone(self._channel.host, self._channel.port,
+                              lost_reason(exc, early=early)))
         self._check_open()
         raise AssertionError("unreachable")
 

@@ -30,6 +30,7 @@ import functools
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -59,6 +60,7 @@ from ..usb.requests import DIR_IN, SETUP
 from ..usb.urb import UrbFlag
 from .backoff import Backoff
 from .errors import (
+    EARLY_CLOSE,
     PLAINTEXT_REFUSED,
     ClientError,
     HostUnreachable,
@@ -111,6 +113,8 @@ class _ClientProtocol(asyncio.Protocol):
         self.error: ClientError | None = None
         #: Called when an imported device's connection is lost (not closed by us).
         self.on_lost: Callable[[], None] | None = None
+        #: When the OP reply came (time.monotonic()).
+        self.replied_at = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # (uvloop's transports do not derive from asyncio.Transport)
@@ -131,6 +135,7 @@ class _ClientProtocol(asyncio.Protocol):
                 elif isinstance(event, (OpRepDevlist, OpRepImport)):
                     if not self.op_reply.done():
                         self.op_reply.set_result(event)
+                        self.replied_at = time.monotonic()
         except RemoteProtocolError as exc:
             self._fail(exc)
             assert self.transport is not None
@@ -142,7 +147,9 @@ class _ClientProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.op_reply.done() and not self.closing:
             # an imported device's connection (or a reply's) ended under it
-            error: ClientError = ServerGone(self.host, self.port, lost_reason(exc))
+            early = time.monotonic() - self.replied_at < EARLY_CLOSE
+            error: ClientError = ServerGone(self.host, self.port,
+                                            lost_reason(exc, early=early))
         elif isinstance(exc, ssl.SSLError):
             # TLS 1.3: a server that refuses our certificate says so after the
             # handshake, on the first read.
