@@ -415,8 +415,9 @@ def test_a_reload_reads_the_file_it_started_with(tmp_path: Path,
     ("[tls]\ncert = 'a.pem'\nkey = 'k.pem'\n",
      "mutual TLS needs --tls-ca too (a certificate, its key and the CA of the peers; 'usbipy "
      "cert' makes them) ([tls] cert, key and ca in FILE)"),
-    ("[tls]\ncert = 'a.pem'\nkey = 'k.pem'\nca = 'c.pem'\n", "DIR/a.pem: No such file or "
-                                                             "directory"),
+    # a file the configuration names is said at its line and key
+    ("[tls]\ncert = 'a.pem'\nkey = 'k.pem'\nca = 'c.pem'\n",
+     "FILE:2: tls.cert: DIR/a.pem: No such file or directory"),
     ("[devices]\ndisk = 'none.img'\n", "DIR/none.img"),
 ])
 def test_check_config_checks_what_a_start_checks(tmp_path: Path, text: str, message: str,

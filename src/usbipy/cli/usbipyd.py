@@ -220,6 +220,8 @@ class Settings:
     limits: Limits
     policy: Policy
     warnings: list[str]
+    #: argparse dest -> "FILE:LINE: key", for the options whose value is the file's.
+    origins: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def _config_path(args: argparse.Namespace) -> Path | None:
@@ -253,9 +255,11 @@ def read_settings(args: argparse.Namespace, path: Path | None = None) -> Setting
             raise
         raise TlsError(f"{exc} ([tls] cert, key and ca in {path})") from None
     policy = config.policy if config.policy is not None else OPEN
+    origins = {dest: where for dest, where in config.origins.items()
+               if getattr(args, dest, None) is None}
     return Settings(path, argparse.Namespace(**options), _limits(args, config), policy,
                     policy_warnings(policy, tls is not None,
-                                    written=config.policy is not None))
+                                    written=config.policy is not None), origins)
 
 
 def _describe(settings: Settings) -> list[str]:
@@ -315,9 +319,20 @@ def _hosts(args: argparse.Namespace) -> tuple[list[str], socket.AddressFamily]:
     return [DEFAULT_ADDRESS], family
 
 
-def _tls(args: argparse.Namespace) -> ServerTls | None:
-    """The TLS set-up the options ask for; refuses what cannot work, before listening."""
+def _tls(args: argparse.Namespace, origins: dict[str, str] | None = None
+         ) -> ServerTls | None:
+    """The TLS set-up the options ask for; refuses what cannot work, before listening.
+    ``origins``: where the configuration file set an option (Settings.origins), so
+    that a file it names that cannot be read is said at its line."""
     files = TlsFiles.from_options(args.tls_cert, args.tls_key, args.tls_ca)
+    for dest, where in (origins or {}).items():
+        if files is not None and dest in ("tls_cert", "tls_key", "tls_ca"):
+            try:
+                with open(getattr(args, dest), "rb"):
+                    pass
+            except OSError as exc:
+                raise TlsError(f"{where}: {printable(getattr(args, dest))}: "
+                               f"{exc.strerror or exc}") from None
     if files is None:
         lonely = [option for option, given in (
             ("--ktls on", args.ktls == "on"), ("--plaintext-port", args.plaintext_port),
@@ -533,7 +548,7 @@ def _main(cli: argparse.Namespace) -> int:
         # Everything a start would check: the TLS files load (and kTLS, when asked
         # for), the disk image opens.
         try:
-            _tls(args)
+            _tls(args, settings.origins)
             for device in emulated_devices(args, look_only=True):
                 device.close()
         except (UsbipError, StorageError, OSError) as exc:
@@ -558,7 +573,7 @@ def _main(cli: argparse.Namespace) -> int:
         log.warning("no devices to export (try --demo, --audio, --webcam, --disk PATH, or "
                     "'usbipy bind -b BUSID' with usbip-host loaded)")
     try:
-        tls = _tls(args)
+        tls = _tls(args, settings.origins)
     except UsbipError as exc:
         print(f"usbipyd: {exc}", file=sys.stderr)
         return 1

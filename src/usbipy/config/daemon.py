@@ -78,6 +78,7 @@ def _file(doc: Document, path: KeyPath, value: Any) -> str:
     return str(doc.path.parent / _string(doc, path, value))
 
 
+
 def _bool(doc: Document, path: KeyPath, value: Any) -> bool:
     if not isinstance(value, bool):
         raise doc.error(path, f"{_shown(value)} is not true or false")
@@ -245,6 +246,9 @@ class DaemonConfig:
     #: [limits] fields the file sets.
     limits: dict[str, Any] = field(default_factory=dict)
     policy: Policy | None = None
+    #: argparse dest -> "FILE:LINE: key" where the file sets it, for errors found
+    #: later (a certificate file that cannot be read, say).
+    origins: dict[str, str] = field(default_factory=dict)
 
     def limits_over(self, base: Limits) -> Limits:
         return dataclasses.replace(base, **self.limits)
@@ -416,6 +420,7 @@ def parse(doc: Document) -> DaemonConfig:
                 if option is None:
                     raise _unknown(doc, path, OPTIONS[key])
                 config.options[option.dest] = option.check(doc, path, item)
+                config.origins[option.dest] = f"{doc.where(path)}: {dotted(path)}"
         elif key == "limits":
             for path, item in doc.items((key,), _table(doc, (key,), value)):
                 check = LIMIT_CHECKS.get(str(path[-1]))
