@@ -365,6 +365,52 @@ def test_libusb_bind_by_ids_of_a_device_not_plugged_in_says_so(fake: FakeSysfs, 
     assert rc == 0 and out.endswith("complete\n")
 
 
+def test_libusb_bind_where_there_is_no_sysfs_asks_libusb(fake: FakeSysfs, capsys,
+                                                        state: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A container or macOS: no /sys/bus/usb. libusb lists what is plugged in, and an
+    unknown busid is refused as on Linux."""
+    import shutil
+    import types
+
+    from usbipy.backends.libusb import events
+
+    from .fake_usb1 import FakeDevice
+
+    class Hub(FakeDevice):
+        def getPortNumberList(self) -> list[int]:
+            return [4]
+
+        def getDeviceClass(self) -> int:
+            return 9
+
+    class Context:
+        def __enter__(self) -> Context:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def getDeviceIterator(self, skip_on_error: bool) -> Iterator[FakeDevice]:
+            yield from (FakeDevice(), Hub())
+
+    monkeypatch.setattr(FakeDevice, "close", lambda self: None, raising=False)
+    monkeypatch.setattr(events, "usb1", types.SimpleNamespace(USBContext=Context))
+    shutil.rmtree(fake.root / "bus/usb")
+    rc, out, err = usbipy(capsys, "bind", "--libusb", "-b", "9-9")
+    assert rc == 1 and "no USB device with busid 9-9" in err
+    rc, out, err = usbipy(capsys, "bind", "--libusb", "-b", "2-4")
+    assert rc == 1 and "2-4 is a hub: hubs cannot be exported" in err
+    assert not state.exists()
+    rc, out, err = usbipy(capsys, "bind", "--libusb", "-b", "2-3.1")  # (FakeDevice's place)
+    assert rc == 0 and out == "usbipy: info: bind busid 2-3.1 for export through libusb: " \
+        "complete\n", err
+    rc, out, _ = usbipy(capsys, "bind", "--device", "1209:beef", "--json")
+    assert rc == 0 and json.loads(out)["plugged_in"] is True
+    rc, out, _ = usbipy(capsys, "bind", "--device", "1209:0000", "--json")
+    assert rc == 0 and json.loads(out)["plugged_in"] is False
+
+
 def test_libusb_bind_without_python_libusb1(fake: FakeSysfs, capsys, state: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     from usbipy.backends.libusb import events

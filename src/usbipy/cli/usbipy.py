@@ -55,6 +55,9 @@ if TYPE_CHECKING:  # (loaded where used: each command starts with what it needs 
     from ..backends.libusb.bindings import Binding
     from ..policy import Client, DeviceFacts
 
+#: bDeviceClass of a hub (USB 2.0, 11.23.1).
+USB_CLASS_HUB = 0x09
+
 #: The socket of the system log, for -l.
 SYSLOG = "/dev/log"
 
@@ -394,23 +397,36 @@ def _libusb_binding(args: argparse.Namespace) -> tuple[Binding, bool]:
     """The binding asked for, and whether its device is plugged in now."""
     from ..backends.libusb.bindings import Binding
     from ..backends.libusb.events import require_usb1
+    from ..backends.libusb.source import plugged_in
 
     require_usb1()  # usbipyd could not serve it: say so now, not in its log later
+    has_sysfs = usb_devices_dir().is_dir()  # (Linux: sysfs knows every device plugged in)
     if args.device:
         binding = Binding.parse_device(args.device)
-        plugged = any(
-            binding.matches(d.busid, d.info.idVendor, d.info.idProduct,
-                            functools.partial(serial_of, d.busid))
-            for d in usb_devices())
+        if has_sysfs:
+            plugged = any(
+                binding.matches(d.busid, d.info.idVendor, d.info.idProduct,
+                                functools.partial(serial_of, d.busid))
+                for d in usb_devices())
+        else:  # (the serial, libusb reads only from an opened device: left to usbipyd)
+            plugged = any(binding.matches(busid, vid, pid, lambda: None)
+                          for busid, (vid, pid, _class) in plugged_in().items())
         return binding, plugged
+    no_such = UsbipHostError(f"no USB device with busid {printable(args.busid)} (see "
+                             "'usbipy list -l'; to export a device that is not plugged in "
+                             "yet, bind it by --device VID:PID)")
     try:
         device = read_device(args.busid)
     except SysfsError:
-        if usb_devices_dir().is_dir():  # Linux: sysfs knows every device plugged in
-            raise UsbipHostError(f"no USB device with busid {printable(args.busid)} (see "
-                                 "'usbipy list -l'; to export a device that is not plugged "
-                                 "in yet, bind it by --device VID:PID)") from None
-        return Binding(busid=args.busid), True  # no sysfs to ask: libusb will look
+        if has_sysfs:
+            raise no_such from None
+        # no sysfs here (a container, macOS): libusb knows what is plugged in
+        found = plugged_in().get(args.busid)
+        if found is None:
+            raise no_such from None
+        if found[2] == USB_CLASS_HUB:
+            raise UsbipHostError(f"{args.busid} is a hub: hubs cannot be exported") from None
+        return Binding(busid=args.busid), True
     if device.is_hub:
         raise UsbipHostError(f"{args.busid} is a hub: hubs cannot be exported")
     if device.driver == usbip_host.DRIVER:

@@ -199,3 +199,19 @@ class LibusbSource(DeviceSource):
         if self._events is not None:
             self._events.close()
             self._events = None
+
+
+def plugged_in() -> dict[str, tuple[int, int, int]]:
+    """busid -> (idVendor, idProduct, bDeviceClass) of every device libusb sees: what
+    is plugged in where there is no sysfs to read (a container, macOS). Blocking."""
+    from .events import usb1
+
+    found = {}
+    with usb1.USBContext() as context:
+        for device in context.getDeviceIterator(skip_on_error=True):
+            try:
+                found[busid_of(device)] = (device.getVendorID(), device.getProductID(),
+                                           device.getDeviceClass())
+            finally:
+                device.close()
+    return found
