@@ -271,6 +271,11 @@ def test_check_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
         out[1].endswith("names a certificate, but TLS is not configured here: it matches no "
                         "client unless --tls-cert/--tls-key/--tls-ca are given")
     assert "usbipyd: access policy: 2 rules, then the default (deny, usbipyd.toml line 39)" in out
+    one = write(tmp_path, "[policy]\ndefault = 'deny'\n[[policy.rule]]\naction = 'allow'\n"
+                          "device.busid = '1-2'\n")
+    assert usbipyd.main(["-c", str(one), "--check-config"]) == 0
+    assert "usbipyd: access policy: 1 rule, then the default (deny, usbipyd.toml line 2)" in \
+        capsys.readouterr().out
     bad = write(tmp_path, "port = 'x'\n")
     assert usbipyd.main(["-c", str(bad), "--check-config"]) == 1
     assert capsys.readouterr().err == f"usbipyd: {bad}:1: port: 'x' is not a whole number\n"

@@ -55,3 +55,14 @@ def test_the_version_is_written_once() -> None:
 
 def test_the_package_is_typed() -> None:
     assert (ROOT / "src/usbipy/py.typed").exists()
+
+
+def test_a_second_setup_installs_nothing() -> None:
+    """scripts/demo.sh runs setup.sh at every start: once the .venv matches
+    pyproject.toml (the test command ran setup.sh just now), pip is not run again."""
+    stamp = ROOT / ".venv/.usbipy-installed"
+    if not stamp.exists():
+        pytest.fail("run the tests with scripts/test.sh, which sets the .venv up first")
+    trace = subprocess.run(["sh", "-x", str(ROOT / "scripts/setup.sh"), "--test"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300, check=True).stderr
+    assert "pip install" not in trace and "apt-get" not in trace, trace

@@ -269,7 +269,9 @@ def _describe(settings: Settings) -> list[str]:
     if policy.open and policy.default_reason == OPEN.default_reason:
         lines.append("access policy: none: every client may list and import every device")
     else:
-        lines.append(f"access policy: {len(policy.rules)} rules, then {policy.default_reason}")
+        n = len(policy.rules)
+        lines.append(f"access policy: {n} rule{'' if n == 1 else 's'}, then "
+                     f"{policy.default_reason}")
         lines += [f"  {rule}" for rule in policy.rules]
     limits = settings.limits
     lines.append(
