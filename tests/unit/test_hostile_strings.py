@@ -112,3 +112,15 @@ def test_a_doctor_check_breaks_lines_only_where_it_means_to(separator: str) -> N
                   "a fix")
     assert check.lines() == [f"✔ device list: 1 offered: a{separator!r}b".replace("'", ""),
                              "    second line", "    a fix"]
+
+
+def test_a_hostile_certificate_name_is_escaped_in_the_metrics_labels() -> None:
+    from usbipy.policy import Client
+    from usbipy.server.stats import ServerStats, client_label
+
+    label = client_label(Client("10.0.0.1", cn=HOSTILE))
+    assert_clean(label)
+    assert "\n" not in label and label.startswith("CN=1-1\\n")
+    stats = ServerStats()
+    stats.imported("1-1", Client("10.0.0.1", cn=HOSTILE))
+    assert [who for _busid, who in stats.imports] == [label]
