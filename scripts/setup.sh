@@ -31,8 +31,8 @@ if [ -n "$missing" ]; then
 fi
 
 python=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-    "$python" -m venv .venv
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "" 2>/dev/null; then
+    "$python" -m venv --clear .venv  # (a new one: whatever the old stamp said is gone)
 fi
 # What is installed is stamped: a second run with the same pyproject.toml installs
 # nothing (the package is installed editable: a change to the code needs no step).

@@ -533,6 +533,10 @@ def test_remote_host_port_and_port_errors(capsys, server: ServerThread) -> None:
     assert rc == 1 and err == (f"usbipy: error: connection refused: nothing listens on "
                                f"127.0.0.1:{closed} (is usbipyd running? see usbipy doctor -r "
                                f"127.0.0.1:{closed})\n")
+    # a name that does not resolve says so in the resolver's words
+    rc, _, err = usbipy(capsys, "list", "-r", "no-such-host.invalid")
+    assert rc == 1 and err.startswith("usbipy: error: cannot connect to "
+                                      "no-such-host.invalid:3240: ") and "Unknown error" not in err
     rc, _, err = usbipy(capsys, "list", "-r", "127.0.0.1:x")
     assert rc == 1 and err == "usbipy: error: -r: bad port in 127.0.0.1:x\n"
     # a port out of range is refused, not wrapped round to another

@@ -167,7 +167,7 @@ def test_a_client_s_bad_urbs_are_warnings_at_most_once_per_interval(serve, caplo
             for _ in range(2000):
                 dev.submit_nowait(2, Direction.OUT, data=bytes(512), iso_packets=iso)
             ret = await dev.submit(2, Direction.OUT, data=bytes(512), iso_packets=iso)
-            assert ret.status == -22  # -EINVAL, as usb_submit_urb() refuses it
+            assert ret.status == -22  # -EINVAL, this URB alone refused
             assert len(await dev.control(*GET_DEVICE_DESCRIPTOR)) == 18  # still served
 
     caplog.set_level(logging.INFO, logger="usbipy")

@@ -153,8 +153,10 @@ class EmulatedDevice(ExportedDevice):
             # No such endpoint in the active configuration: the kernel refuses the URB.
             return Completion(status=ESHUTDOWN)
         if (urb.iso_packets is not None) != (endpoint.bmAttributes & 0x03 == _ISOCHRONOUS):
-            # usb_submit_urb() refuses an isochronous URB without packets (-EINVAL);
-            # packets on another endpoint type are a client's nonsense too.
+            # The URB is refused alone, -EINVAL as usb_submit_urb() would answer an
+            # isochronous URB without packets. (usbip-host drops the whole connection
+            # when a submit fails: stub_rx.c, SDEV_EVENT_ERROR_SUBMIT; a client's one
+            # bad URB need not cost it its device.)
             kind = endpoint.transfer_type.name.lower()
             return Completion(status=EINVAL, refused=(
                 f"seqnum {urb.seqnum}: isochronous packets for {kind} endpoint {address:#04x}"

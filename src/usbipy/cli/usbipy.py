@@ -393,11 +393,21 @@ def _port_dict(dev: vhci.ImportedDevice) -> dict[str, object]:
     }
 
 
+def _libusb_plugged_in() -> dict[str, tuple[int, int, int]]:
+    """What libusb sees plugged in; its errors as one line."""
+    from ..backends.libusb.events import usb1
+    from ..backends.libusb.source import plugged_in
+
+    try:
+        return plugged_in()
+    except usb1.USBError as exc:
+        raise UsbipError(f"libusb cannot list the USB devices: {exc}") from None
+
+
 def _libusb_binding(args: argparse.Namespace) -> tuple[Binding, bool]:
     """The binding asked for, and whether its device is plugged in now."""
     from ..backends.libusb.bindings import Binding
     from ..backends.libusb.events import require_usb1
-    from ..backends.libusb.source import plugged_in
 
     require_usb1()  # usbipyd could not serve it: say so now, not in its log later
     has_sysfs = usb_devices_dir().is_dir()  # (Linux: sysfs knows every device plugged in)
@@ -408,9 +418,9 @@ def _libusb_binding(args: argparse.Namespace) -> tuple[Binding, bool]:
                 binding.matches(d.busid, d.info.idVendor, d.info.idProduct,
                                 functools.partial(serial_of, d.busid))
                 for d in usb_devices())
-        else:  # (the serial, libusb reads only from an opened device: left to usbipyd)
-            plugged = any(binding.matches(busid, vid, pid, lambda: None)
-                          for busid, (vid, pid, _class) in plugged_in().items())
+        else:  # (a serial libusb reads only from an opened device: taken as given)
+            plugged = any(binding.matches(busid, vid, pid, lambda: binding.serial)
+                          for busid, (vid, pid, _class) in _libusb_plugged_in().items())
         return binding, plugged
     no_such = UsbipHostError(f"no USB device with busid {printable(args.busid)} (see "
                              "'usbipy list -l'; to export a device that is not plugged in "
@@ -421,7 +431,7 @@ def _libusb_binding(args: argparse.Namespace) -> tuple[Binding, bool]:
         if has_sysfs:
             raise no_such from None
         # no sysfs here (a container, macOS): libusb knows what is plugged in
-        found = plugged_in().get(args.busid)
+        found = _libusb_plugged_in().get(args.busid)
         if found is None:
             raise no_such from None
         if found[2] == USB_CLASS_HUB:

@@ -666,11 +666,12 @@ def _main(cli: argparse.Namespace) -> int:
                  "%d files)", printable(args.capture), args.capture_size, args.capture_files)
     try:
         if pid_file is not None:
-            pid_file.write()
+            try:
+                pid_file.write()
+            except OSError as exc:  # (its folder changed since the check)
+                log.error("cannot write %s: %s", printable(args.pid), exc.strerror or exc)
+                return 1
         run_loop(_serve(server, libusb, cli, settings, metrics), args.loop)
-    except OSError as exc:  # (the pid file's folder changed since the check)
-        log.error("cannot write %s: %s", printable(args.pid), exc.strerror or exc)
-        return 1
     except UsbipError as exc:
         print(f"usbipyd: {exc}", file=sys.stderr)
         return 1

@@ -28,7 +28,7 @@ def split_address(text: str) -> tuple[str, int | None]:
         raise ValueError(f"no host in {shown}")
     if not port_text:
         return host, None
-    if not port_text.isdigit():
+    if not (port_text.isascii() and port_text.isdecimal()):
         raise ValueError(f"bad port in {shown}")
     port = int(port_text)
     if not 0 < port < 65536:

@@ -61,8 +61,12 @@ class HostUnreachable(ClientError):
             if isinstance(reason, TimeoutError):
                 reason = "connection timed out"
             elif isinstance(reason, OSError):
-                # (asyncio's errors carry "Connect call failed (...)" as their strerror)
-                reason = os.strerror(reason.errno) if reason.errno else str(reason)
+                # (asyncio's errors carry "Connect call failed (...)" as their strerror;
+                # a name that does not resolve has a negative EAI_* errno, and its own)
+                strerror = reason.strerror or str(reason)
+                if strerror.startswith("Connect call failed") and reason.errno:
+                    strerror = os.strerror(reason.errno)
+                reason = strerror
             text = (f"cannot connect to {where}: {reason} (is usbipd or usbipyd running "
                     f"there, and port {port} open?)")
         super().__init__(text)
@@ -113,7 +117,7 @@ class ServerGone(ClientError):
 
 #: A connection that ends within this many seconds of its import was likely ended
 #: by the server's decision about this client (its access policy), not by chance.
-EARLY_CLOSE = 1.0
+EARLY_CLOSE = 2.0
 
 #: What a client is told of a server that closed its connection at once.
 POLICY_HINT = ("right after the handshake or the import: its access policy may refuse "

@@ -57,8 +57,11 @@ class Client:
         self.cn = cn
         #: subjectAltName values (DNS names, addresses, e-mail addresses, URIs).
         self.sans = sans
-        #: The certificate (DER): a CA rule reads its issuer.
+        #: The certificate (DER): a CA rule checks its signature.
         self.certificate = certificate
+        #: CA rule's file -> whether that CA signed the certificate (each checked once
+        #: per client, not per device of every list).
+        self.issued_by: dict[str, bool] = {}
 
     @property
     def name(self) -> str:
@@ -139,7 +142,12 @@ class CertificateAuthority:
     certificate: Any = field(compare=False)
 
     def issued(self, client: Client) -> bool:
-        cert = client.x509
+        known = client.issued_by.get(self.path)
+        if known is None:
+            known = client.issued_by[self.path] = self._verify(client.x509)
+        return known
+
+    def _verify(self, cert: Any) -> bool:
         if cert is None:
             return False
         # Names prove nothing (two CAs may share one, and a certificate need not

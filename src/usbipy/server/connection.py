@@ -41,7 +41,7 @@ from ..tls import TlsSession
 from .access import Access, HandedOff, client_of
 from .limits import Slot, client_key
 from .memory import give_back
-from .peerwatch import peer_gone
+from .peerwatch import bytes_acked, peer_gone
 from .registry import DeviceRegistry
 from .stats import ServerStats, status_name
 
@@ -122,13 +122,14 @@ class UsbipServerProtocol(asyncio.Protocol):
         self._close_timer: asyncio.TimerHandle | None = None
         self._release_timer: asyncio.TimerHandle | None = None
         #: While reading is paused: the next look at the socket (_watch_paused),
-        #: what the connection held (URBs in flight, OUT bytes, unsent replies) when
-        #: something last moved, and since when (loop time).
+        #: what the connection held (URBs in flight, OUT bytes, and minus the reply
+        #: bytes the client acked) when something last moved, and since when.
         self._watch_timer: asyncio.TimerHandle | None = None
         self._held = (0, 0, 0)
         self._stall_since: float | None = None
-        #: Whether flow control ever paused this connection: then it may have held
-        #: tens of MiB, given back to the system when it ends (:mod:`.memory`).
+        #: Whether the connection ever reached its caps (URBs in flight, OUT bytes):
+        #: then it held tens of MiB, given back to the system when it ends
+        #: (:mod:`.memory`).
         self._throttled = False
         #: The seqnums of held UNLINKs' URBs (ServerConnection.hold_unlink), and
         #: until when (loop time) each answer waits.
@@ -300,12 +301,12 @@ class UsbipServerProtocol(asyncio.Protocol):
             self.finished.set_result(None)
             if self._throttled:
                 # what it held is garbage now (its URBs, its buffer): return the pages
-                asyncio.get_running_loop().call_soon(give_back)
+                give_back()
 
     def pause_writing(self) -> None:
         # The client does not read its replies: stop taking new URBs from it (if it
         # takes none of them for dead_peer_timeout, it is dead: _watch_paused).
-        self._paused_writing = self._throttled = True
+        self._paused_writing = True
         self._pause_reading()
 
     def resume_writing(self) -> None:
@@ -729,15 +730,25 @@ class UsbipServerProtocol(asyncio.Protocol):
             # An OP request is being answered (the socket may be on its way to
             # usbip-host): its task decides what becomes of the connection.
             return
+        if transport.is_closing():
+            return
         sock = transport.get_extra_info("socket")
-        gone = peer_gone(sock) if sock is not None else None
+        try:
+            gone = peer_gone(sock) if sock is not None else None
+        except OSError:  # (the socket went meanwhile: connection_lost will say)
+            return
         if gone is not None:
             self._lost_while_paused("the client stopped answering (dead_peer_timeout)"
                                     if gone.errno == errno.ETIMEDOUT else
                                     gone.strerror or str(gone))
             return
         now = loop.time()
-        held = (len(self._futures), self._pending_out, transport.get_write_buffer_size())
+        # What moves: a URB completes (fewer in flight, fewer OUT bytes held), or the
+        # client's TCP takes more of the replies (bytes acked: what the client reads,
+        # through TLS too); without TCP_INFO, the write buffer shrinking.
+        acked = bytes_acked(sock) if sock is not None else None
+        held = (len(self._futures), self._pending_out,
+                -acked if acked is not None else transport.get_write_buffer_size())
         if self._stall_since is None or any(n < m for n, m in zip(held, self._held, strict=True)):
             self._held, self._stall_since = held, now
         elif now - self._stall_since >= self.access.limits.dead_peer_timeout:

@@ -22,34 +22,65 @@ import errno
 import os
 import select
 import socket
-from typing import Protocol
+import struct
+from typing import Any, Protocol
 
 #: What poll(2) says when the peer is gone (POLLRDHUP is Linux's; elsewhere a FIN
 #: alone is not seen, but a reset and the dead-peer timeout are).
-_GONE = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
+_RDHUP: int = getattr(select, "POLLRDHUP", 0)
+_GONE = select.POLLHUP | select.POLLERR | _RDHUP
 
 
 class _Socket(Protocol):
     def fileno(self) -> int: ...
-    def getsockopt(self, level: int, optname: int) -> int: ...
+    def getsockopt(self, level: int, optname: int, buflen: int = ..., /) -> Any: ...
 
 
 def peer_gone(sock: _Socket) -> OSError | None:
     """How the peer of ``sock`` left (an :class:`OSError` naming it), or None while
-    it is still there."""
+    it is still there (or when nothing certain is seen)."""
     fd = sock.fileno()
     if fd < 0:
-        return ConnectionAbortedError(errno.ECONNABORTED, "the socket is closed")
+        return None
     poller = select.poll()
     poller.register(fd, _GONE)
     ready = poller.poll(0)
     if not ready:
         return None
     events = ready[0][1]
+    if events & select.POLLNVAL:
+        return None  # (not a socket of ours any more: the transport is closing)
     if events & select.POLLERR:
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             return OSError(err, os.strerror(err))
-    if events & select.POLLHUP and not events & getattr(select, "POLLRDHUP", 0):
+    if events & _RDHUP:
+        return ConnectionAbortedError(errno.ECONNABORTED, "the client closed the connection")
+    if events & select.POLLHUP:
         return ConnectionResetError(errno.ECONNRESET, os.strerror(errno.ECONNRESET))
-    return ConnectionAbortedError(errno.ECONNABORTED, "the client closed the connection")
+    return None
+
+
+#: struct tcp_info's tcpi_bytes_acked (include/uapi/linux/tcp.h, Linux 4.1): a u64 at
+#: this offset, which the kernel fills in for getsockopt(TCP_INFO) of at least
+#: _TCP_INFO_SIZE bytes.
+_BYTES_ACKED = struct.Struct("=Q")
+_BYTES_ACKED_OFFSET = 120
+_TCP_INFO_SIZE = 128
+
+
+def bytes_acked(sock: _Socket) -> int | None:
+    """Bytes of ours the peer's TCP has acknowledged so far: it grows while the peer
+    takes what the server sends (into its receive buffer, at least), and stops
+    when the peer reads nothing. None where TCP_INFO does not tell (not Linux,
+    not TCP)."""
+    tcp_info = getattr(socket, "TCP_INFO", None)
+    if tcp_info is None:
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, tcp_info, _TCP_INFO_SIZE)
+    except OSError:
+        return None
+    if not isinstance(info, bytes) or len(info) < _TCP_INFO_SIZE:
+        return None
+    return int(_BYTES_ACKED.unpack_from(info, _BYTES_ACKED_OFFSET)[0])
