@@ -567,3 +567,26 @@ def test_version_debug_and_syslog(capsys, monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setattr(cli, "SYSLOG", str(tmp_path / "no-log"))
     rc, _, err = usbipy(capsys, "-l", "version")
     assert rc == 1 and err == f"usbipy: error: -l: no syslog here ({tmp_path}/no-log is missing)\n"
+
+
+def test_usbipyd_daemon_returns_with_its_pid_file_written(tmp_path: Path) -> None:
+    """As systemd's Type=forking with PIDFile= expects: when `usbipyd -D -P FILE`
+    returns, FILE holds the daemon's id."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "usbipyd.pid"
+    subprocess.run([sys.executable, "-m", "usbipy.cli.usbipyd", "-c", os.devnull, "--demo",
+                    "--disk-size", "1048576", "-t", "0", "--no-usbip-host", "--no-libusb",
+                    "-D", "-P", str(pid_file)], check=True, timeout=60, capture_output=True)
+    pid = int(pid_file.read_text())
+    try:
+        assert Path(f"/proc/{pid}/cmdline").read_bytes().find(b"usbipyd") >= 0
+    finally:
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not pid_file.exists()  # removed at exit

@@ -15,7 +15,7 @@ import ssl
 import sys
 import threading
 import wave
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -375,15 +375,36 @@ def _warn_if_exposed(sockets: Sequence[socket.socket]) -> None:
                         host)
 
 
-def _daemonize() -> None:
+def _in_the_foreground(why: str | None) -> None:
+    """Without -D, nobody waits to hear that usbipyd is ready."""
+
+
+def _daemonize() -> Callable[[str | None], None]:
+    """Detach as daemon(3) does (two forks, a session of its own, stdio on /dev/null).
+    The process that was started waits until the daemon calls the function returned
+    (None: ready, its pid file written; else why it cannot run): so `usbipyd -D`
+    returns with the pid file there, or exits 1 with the reason on stderr."""
+    read_end, write_end = os.pipe()
     if os.fork():
-        os._exit(0)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            why = pipe.read().decode(errors="replace")  # (empty: ready)
+        if why:
+            print(f"usbipyd: {why}", file=sys.stderr)
+        os._exit(1 if why else 0)
+    os.close(read_end)
     os.setsid()
     if os.fork():
         os._exit(0)
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
+
+    def ready(why: str | None) -> None:
+        if why:
+            os.write(write_end, why.encode())
+        os.close(write_end)
+    return ready
 
 
 def _metrics_endpoint(args: argparse.Namespace) -> MetricsEndpoint | None:
@@ -652,15 +673,16 @@ def _main(cli: argparse.Namespace) -> int:
             for sock in sockets:
                 sock.close()
             return 1
-    if args.daemon:
-        _daemonize()
+    ready = _daemonize() if args.daemon else _in_the_foreground
     if args.capture is not None:
         try:
             server.capture = Capture(args.capture, max_bytes=args.capture_size * 1_000_000,
                                      files=args.capture_files)
         except OSError as exc:
-            # (after -D, stderr is gone: the log says it, wherever logging goes)
-            log.error("cannot write %s: %s", printable(args.capture), exc.strerror or exc)
+            # (after -D, stderr is gone: the log says it, and the parent too)
+            why = f"cannot write {printable(args.capture)}: {exc.strerror or exc}"
+            log.error("%s", why)
+            ready(why)
             return 1
         log.info("capturing the URBs of emulated and libusb devices to %s (%d MB a file, "
                  "%d files)", printable(args.capture), args.capture_size, args.capture_files)
@@ -669,8 +691,11 @@ def _main(cli: argparse.Namespace) -> int:
             try:
                 pid_file.write()
             except OSError as exc:  # (its folder changed since the check)
-                log.error("cannot write %s: %s", printable(args.pid), exc.strerror or exc)
+                why = f"cannot write {printable(args.pid)}: {exc.strerror or exc}"
+                log.error("%s", why)
+                ready(why)
                 return 1
+        ready(None)
         run_loop(_serve(server, libusb, cli, settings, metrics), args.loop)
     except UsbipError as exc:
         print(f"usbipyd: {exc}", file=sys.stderr)
