@@ -164,6 +164,18 @@ async def settle(rounds: int = 5) -> None:
         await asyncio.sleep(0)
 
 
+def wait_for_log(proc: Any, log: Path, text: str, within: float = 60) -> None:
+    """Until ``text`` is in the ``log`` a started ``proc`` (subprocess.Popen) writes;
+    AssertionError with the log if it dies or ``within`` seconds pass first."""
+    import time
+
+    deadline = time.monotonic() + within
+    while text not in log.read_text():
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:

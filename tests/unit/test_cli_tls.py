@@ -8,7 +8,6 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from usbipy.cli import usbipy as cli
 from usbipy.cli import usbipyd
 from usbipy.tls import ktls
 
-from ..helpers import free_port
+from ..helpers import free_port, wait_for_log
 from .fake_sysfs import FakeSysfs
 
 
@@ -137,11 +136,7 @@ def tls_daemon(tmp_path: Path, capsys, state: Path) -> Iterator[tuple[int, int, 
              str(tls / "localhost-key.pem"), "--tls-ca", str(tls / "ca.pem")],
             stderr=out, env={**os.environ, "PYTHONPATH": str(Path(cli.__file__).parents[2])})
     try:
-        deadline = time.monotonic() + 60
-        while "exporting 1-3" not in log.read_text():
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
+        wait_for_log(proc, log, "exporting 1-3")
         yield port, plain, tls
     finally:
         proc.send_signal(signal.SIGTERM)

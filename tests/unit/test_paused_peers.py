@@ -35,7 +35,7 @@ from usbipy.protocol import (
 )
 from usbipy.tls import TlsFiles, certs
 
-from ..helpers import free_port
+from ..helpers import free_port, wait_for_log
 
 HOST = "127.0.0.1"
 #: The dead-peer bound usbipyd runs with in these tests (its default)...
@@ -102,11 +102,7 @@ def daemon(request: pytest.FixtureRequest, tmp_path: Path, pki: Pki) -> Iterator
     with open(log, "w") as out:
         proc = subprocess.Popen(args, stderr=out)
     try:
-        deadline = time.monotonic() + 60
-        while "exporting 1-3" not in log.read_text():
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
+        wait_for_log(proc, log, "exporting 1-3")
         yield Daemon(proc, port, log, connect)
     finally:
         proc.send_signal(signal.SIGTERM)
