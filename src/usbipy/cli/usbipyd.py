@@ -375,6 +375,10 @@ def _warn_if_exposed(sockets: Sequence[socket.socket]) -> None:
                         host)
 
 
+#: What a daemon says when it serves (-D): anything else is why it cannot.
+_READY = b"\0ready"
+
+
 def _in_the_foreground(why: str | None) -> None:
     """Without -D, nobody waits to hear that usbipyd is ready."""
 
@@ -382,16 +386,19 @@ def _in_the_foreground(why: str | None) -> None:
 def _daemonize() -> Callable[[str | None], None]:
     """Detach as daemon(3) does (two forks, a session of its own, stdio on /dev/null).
     The process that was started waits until the daemon calls the function returned
-    (None: ready, its pid file written; else why it cannot run): so `usbipyd -D`
-    returns with the pid file there, or exits 1 with the reason on stderr."""
+    (None: serving, its signal handlers set and its pid file written; else why it
+    cannot run): so `usbipyd -D` returns with the daemon serving and its pid file
+    there, or exits 1 with the reason on stderr."""
     read_end, write_end = os.pipe()
     if os.fork():
         os.close(write_end)
         with os.fdopen(read_end, "rb") as pipe:
-            why = pipe.read().decode(errors="replace")  # (empty: ready)
-        if why:
-            print(f"usbipyd: {why}", file=sys.stderr)
-        os._exit(1 if why else 0)
+            said = pipe.read()
+        if said == _READY:
+            os._exit(0)
+        why = said.decode(errors="replace") or "it ended before it was ready (see its log)"
+        print(f"usbipyd: {why}", file=sys.stderr)
+        os._exit(1)
     os.close(read_end)
     os.setsid()
     if os.fork():
@@ -400,10 +407,14 @@ def _daemonize() -> Callable[[str | None], None]:
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
 
+    told = False
+
     def ready(why: str | None) -> None:
-        if why:
-            os.write(write_end, why.encode())
-        os.close(write_end)
+        nonlocal told
+        if not told:
+            told = True
+            os.write(write_end, why.encode() if why else _READY)
+            os.close(write_end)
     return ready
 
 
@@ -461,7 +472,8 @@ async def _reload(server: UsbipServer, args: argparse.Namespace, running: Settin
 
 async def _serve(server: UsbipServer, libusb: LibusbSource | None,
                  args: argparse.Namespace, settings: Settings,
-                 metrics: MetricsEndpoint | None = None) -> None:
+                 metrics: MetricsEndpoint | None = None,
+                 ready: Callable[[str | None], None] = lambda why: None) -> None:
     await server.start()
     if metrics is not None:
         metrics.start(server, asyncio.get_running_loop())
@@ -481,6 +493,7 @@ async def _serve(server: UsbipServer, libusb: LibusbSource | None,
         loop.add_signal_handler(sig, stop.set)
     hangups = asyncio.Queue[None]()
     loop.add_signal_handler(signal.SIGHUP, hangups.put_nowait, None)
+    ready(None)  # (-D: the process that started usbipyd returns now)
 
     async def reloads(settings: Settings) -> None:
         while True:
@@ -695,9 +708,9 @@ def _main(cli: argparse.Namespace) -> int:
                 log.error("%s", why)
                 ready(why)
                 return 1
-        ready(None)
-        run_loop(_serve(server, libusb, cli, settings, metrics), args.loop)
+        run_loop(_serve(server, libusb, cli, settings, metrics, ready), args.loop)
     except UsbipError as exc:
+        ready(str(exc))
         print(f"usbipyd: {exc}", file=sys.stderr)
         return 1
     finally:
