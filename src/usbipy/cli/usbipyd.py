@@ -327,14 +327,16 @@ def _tls(args: argparse.Namespace, origins: dict[str, str] | None = None
     ``origins``: where the configuration file set an option (Settings.origins), so
     that a file it names that cannot be read is said at its line."""
     files = TlsFiles.from_options(args.tls_cert, args.tls_key, args.tls_ca)
-    for dest, where in (origins or {}).items():
-        if files is not None and dest in ("tls_cert", "tls_key", "tls_ca"):
-            try:
-                with open(getattr(args, dest), "rb"):
-                    pass
-            except OSError as exc:
-                raise TlsError(f"{where}: {printable(getattr(args, dest))}: "
-                               f"{exc.strerror or exc}") from None
+    for dest in ("tls_cert", "tls_key", "tls_ca") if files is not None else ():
+        where = (origins or {}).get(dest)
+        if where is None:
+            continue  # (given on the command line: its error needs no line)
+        try:
+            with open(getattr(args, dest), "rb"):
+                pass
+        except OSError as exc:
+            raise TlsError(f"{where}: {printable(getattr(args, dest))}: "
+                           f"{exc.strerror or exc}") from None
     if files is None:
         lonely = [option for option, given in (
             ("--ktls on", args.ktls == "on"), ("--plaintext-port", args.plaintext_port),
