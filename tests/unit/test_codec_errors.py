@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 import pytest
 
@@ -170,3 +171,35 @@ def test_every_error_is_a_remote_protocol_error() -> None:
     for cls in (BadDevid, BadIsoDescriptors, BadLength, TooManyIsoPackets, UnexpectedMessage,
                 UnknownCommand, UnsupportedVersion):
         assert issubclass(cls, RemoteProtocolError)
+
+
+def _broken_server_with_a_urb_and_held_unlinks() -> tuple[ServerConnection, CmdSubmit]:
+    """A server that took URB 1, holds UNLINKs for URBs 2 and 3 (not come yet), then
+    received garbage: it is in phase ERROR."""
+    server = imported_server()
+    server.receive_data(submit_header(seqnum=1, direction=1, length=8))
+    urb = server.next_event()
+    assert isinstance(urb, CmdSubmit)
+    for seqnum, target in ((10, 2), (11, 3)):
+        assert server.hold_unlink(CmdUnlink(seqnum, DEVID, target))
+    server.receive_data(struct.pack("!I44x", 9))
+    with pytest.raises(UnknownCommand):
+        server.next_event()
+    return server, urb
+
+
+@pytest.mark.parametrize("send", ["reply_submit", "reply_unlink", "release_unlink",
+                                  "submit_after_unlinks"])
+def test_error_is_sticky_for_every_reply(send: str) -> None:
+    """Nothing is encoded once the connection is broken: every send consults the
+    state table (states.py: ERROR is sticky), the fast paths too."""
+    server, urb = _broken_server_with_a_urb_and_held_unlinks()
+    later = CmdSubmit(2, DEVID, Direction.IN, 1, 0, 8)
+    calls: dict[str, Callable[[], object]] = {
+        "reply_submit": lambda: server.reply_submit(urb, 0, b"12345678"),
+        "reply_unlink": lambda: server.reply_unlink(CmdUnlink(12, DEVID, 1), -104),
+        "release_unlink": lambda: server.release_unlink(2),
+        "submit_after_unlinks": lambda: server.submit_after_unlinks(later),
+    }
+    with pytest.raises(LocalProtocolError, match="broken by an earlier protocol error"):
+        calls[send]()

@@ -58,7 +58,7 @@ def _ret_stream() -> tuple[ClientConnection, bytes]:
         server.reply_submit(urbs[2], 0, b"x" * 12, None, 0, 0,
                             [IsoPacket(0, 8, 8, 0), IsoPacket(8, 8, 4, 0)]),
     ]
-    return client, b"".join(header + data for header, data in replies)
+    return client, b"".join(bytes(reply) for reply in replies)
 
 
 OP_REQUESTS = h("0111", "8005", "00000000") + h("0111", "8003", "00000000", padded("3-2", 32))

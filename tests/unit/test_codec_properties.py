@@ -85,8 +85,11 @@ def test_ret_submit_round_trip(cmd: CmdSubmit, status: int, cuts: list[int]) -> 
         data = b""
     ret = RetSubmit(cmd.seqnum, status, actual, data, 0,
                     len(iso) if iso else cmd.number_of_packets, 0, iso, cmd.direction)
-    wire = server.send(ret)
-    assert server.fault is None
+    reply = server.reply_submit(cmd, status, data, actual, 0, 0, iso)
+    assert reply.fault is None
+    assert (reply.status, reply.actual_length, reply.data, reply.iso_packets) == (
+        ret.status, ret.actual_length, ret.data, ret.iso_packets)
+    wire = bytes(reply)
     assert split_feed(client, wire, cuts) == [ret]
     assert client.pending == 0 and server.in_flight == 0
 

@@ -50,10 +50,16 @@ def test_ret_submit_packs_iso_in_data_and_describes_every_packet() -> None:
     received = server.next_event()
     assert isinstance(received, CmdSubmit)
     # a full packet, a short one, a missed one (-EXDEV), an empty one
-    header, body = server.reply_submit(
+    sent_reply = server.reply_submit(
         received, 0, b"a" * 100 + b"b" * 40, start_frame=77, error_count=1,
         iso_packets=[IsoPacket(0, 100, 100, 0), IsoPacket(100, 100, 40, 0),
                      IsoPacket(200, 100, 0, EXDEV), IsoPacket(300, 100, 0, 0)])
+    header, body = sent_reply.header, sent_reply.data + sent_reply.iso_descriptors
+    # what the reply says is what its bytes say
+    assert (sent_reply.status, sent_reply.actual_length, sent_reply.start_frame,
+            sent_reply.error_count, sent_reply.fault) == (0, 140, 77, 1, None)
+    assert sent_reply.iso_packets == [IsoPacket(0, 100, 100, 0), IsoPacket(100, 100, 40, 0),
+                                      IsoPacket(200, 100, 0, EXDEV), IsoPacket(300, 100, 0, 0)]
     # usbip_header_ret_submit: status, actual_length, start_frame, number_of_packets,
     # error_count, all network byte order (usbip_common.h)
     assert struct.unpack("!IIIIIiiiii8x", header) == (3, 7, 0, 0, 0, 0, 140, 77, 4, 1)
@@ -80,9 +86,12 @@ def test_an_iso_reply_that_does_not_match_its_urb_fails_every_packet() -> None:
     received = server.next_event()
     assert isinstance(received, CmdSubmit)
     # one packet claims more than the data there is
-    header, body = server.reply_submit(received, 0, b"x" * 5,
-                                       iso_packets=[IsoPacket(0, 10, 10), IsoPacket(10, 10, 0)])
-    assert server.fault is not None and "add up" in server.fault
+    reply = server.reply_submit(received, 0, b"x" * 5,
+                                iso_packets=[IsoPacket(0, 10, 10), IsoPacket(10, 10, 0)])
+    assert reply.fault is not None and "add up" in reply.fault
+    header, body = reply.header, reply.data + reply.iso_descriptors
+    assert reply.status == -71
+    assert reply.iso_packets == [IsoPacket(0, 10, 0, -71), IsoPacket(10, 10, 0, -71)]
     assert struct.unpack("!IIIIIiiiii8x", header)[5:] == (-71, 0, 0, 2, 2)
     assert [struct.unpack_from("!IIIi", body, 16 * i)[3] for i in range(2)] == [-71, -71]
 
@@ -201,10 +210,10 @@ def test_start_frame_stays_in_its_signed_field_after_days() -> None:
     received = server.next_event()
     assert isinstance(received, CmdSubmit)
     done = in_completion(received, window, [b"x" * 64])
-    header, _body = server.reply_submit(received, done.status, done.data,
-                                        start_frame=done.start_frame,
-                                        iso_packets=done.iso_packets)
-    assert server.fault is None
+    reply = server.reply_submit(received, done.status, done.data,
+                                start_frame=done.start_frame, iso_packets=done.iso_packets)
+    assert reply.fault is None
+    header = reply.header
     assert struct.unpack("!IIIIIiiiii8x", header)[5:8] == (0, 64, window.start_frame)
 
 

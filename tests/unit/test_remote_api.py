@@ -392,7 +392,7 @@ class ScriptedServer:
                         if answer is None:
                             pending[event.seqnum] = event
                         else:
-                            sock.sendall(b"".join(conn.reply_submit(event, *answer)))
+                            sock.sendall(bytes(conn.reply_submit(event, *answer)))
                     elif isinstance(event, CmdUnlink):
                         how = self.on_unlink(event)
                         if how is None:
@@ -400,7 +400,7 @@ class ScriptedServer:
                         status, submit_first = how
                         target = pending.pop(event.unlink_seqnum, None)
                         if submit_first and target is not None:
-                            sock.sendall(b"".join(conn.reply_submit(target, 0, b"late")))
+                            sock.sendall(bytes(conn.reply_submit(target, 0, b"late")))
                         sock.sendall(conn.reply_unlink(event, status))
 
     def close(self) -> None:

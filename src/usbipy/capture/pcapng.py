@@ -26,9 +26,17 @@ OPT_IF_DESCRIPTION: Final = 3
 OPT_IF_TSRESOL: Final = 9
 
 #: block type, block total length, interface id, timestamp (high, low), captured
-#: length, original length: what comes before an enhanced packet's data.
-EPB_HEAD: Final = struct.Struct("<IIIIIII")
-_U32: Final = struct.Struct("<I")
+#: length, original length: what comes before an enhanced packet's data (its
+#: fields, for a caller that packs its packet's own header in the same call).
+EPB_HEAD_FIELDS: Final = "IIIIIII"
+EPB_HEAD: Final = struct.Struct("<" + EPB_HEAD_FIELDS)
+#: What ends every block: its total length again.
+BLOCK_TRAILER: Final = struct.Struct("<I")
+#: An enhanced packet block's bytes besides its packet and padding.
+EPB_OVERHEAD: Final = EPB_HEAD.size + BLOCK_TRAILER.size
+#: Padding to 4 bytes, by how many are missing (-length & 3).
+PADS: Final = (b"", b"\0", b"\0\0", b"\0\0\0")
+_U32 = BLOCK_TRAILER
 
 
 def _options(*options: tuple[int, bytes]) -> bytes:
@@ -62,7 +70,8 @@ def interface_description(link_type: int, name: str, description: str) -> bytes:
 def enhanced_packet(packet: bytes, timestamp_us: int, interface: int = 0) -> bytes:
     """An EPB carrying ``packet`` whole (no snap length)."""
     n = len(packet)
-    total = EPB_HEAD.size + n + (-n % 4) + 4
+    pad = -n & 3
+    total = EPB_OVERHEAD + n + pad
     return b"".join((EPB_HEAD.pack(EPB_TYPE, total, interface, timestamp_us >> 32,
                                    timestamp_us & 0xFFFFFFFF, n, n),
-                     packet, bytes(-n % 4), _U32.pack(total)))
+                     packet, PADS[pad], BLOCK_TRAILER.pack(total)))

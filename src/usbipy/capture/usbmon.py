@@ -6,8 +6,9 @@ data: a submission ('S') carries OUT data and the SETUP packet, a completion
 ('C') the IN data and the status. Wireshark's USB dissectors then decode the
 class traffic on top: HID reports, SCSI over the bulk-only transport, CDC.
 
-A record is packed with the enhanced packet block's header in one
-``struct.pack`` call: capture runs on the server's hot path.
+A record is packed with the enhanced packet block's header (:mod:`.pcapng`
+gives its fields and framing) in one ``struct.pack`` call: capture runs on
+the server's hot path.
 """
 
 from __future__ import annotations
@@ -21,19 +22,20 @@ from ..protocol import CmdSubmit, Direction, IsoPacket
 from ..usb.descriptors import DescriptorType, TransferType
 from ..usb.parse import DescriptorError, parse_configuration
 from ..usb.requests import GET_DESCRIPTOR
+from .pcapng import BLOCK_TRAILER, EPB_HEAD_FIELDS, EPB_OVERHEAD, EPB_TYPE, PADS
 
-#: The enhanced packet block's head (28 bytes), then pcap_usb_header_mmapped (64):
-#: id, event, transfer type, endpoint, device, bus, setup flag, data flag,
-#: ts_sec, ts_usec, status, urb_len, data_len, setup (or error_count and
-#: numdesc for iso), interval, start_frame, xfer_flags, ndesc.
-HEAD: Final = struct.Struct("<IIIIIII" "QBBBBHbbqiiII8siiII")
-#: One record's trailer, then the next one's head: two records in two pack calls.
-TRAILER_HEAD: Final = struct.Struct("<I" + HEAD.format[1:])
+#: pcap_usb_header_mmapped (64 bytes): id, event, transfer type, endpoint, device,
+#: bus, setup flag, data flag, ts_sec, ts_usec, status, urb_len, data_len, setup
+#: (or error_count and numdesc for iso), interval, start_frame, xfer_flags, ndesc.
+USBMON_FIELDS: Final = "QBBBBHbbqiiII8siiII"
+USBMON_SIZE: Final = 64
+#: The enhanced packet block's head, then the usbmon header.
+HEAD: Final = struct.Struct("<" + EPB_HEAD_FIELDS + USBMON_FIELDS)
+#: One record's block trailer, then the next one's head: two records in two pack calls.
+TRAILER_HEAD: Final = struct.Struct("<I" + EPB_HEAD_FIELDS + USBMON_FIELDS)
+assert struct.calcsize("<" + USBMON_FIELDS) == USBMON_SIZE
 _ISO_DESC: Final = struct.Struct("<iIII")
 _ISO_REC: Final = struct.Struct("<ii")
-_TRAILER: Final = struct.Struct("<I")
-#: Padding to 4 bytes, by how many are missing.
-_PADS: Final = (b"", b"\0", b"\0\0", b"\0\0\0")
 
 EVENT_SUBMIT: Final = ord("S")
 EVENT_COMPLETE: Final = ord("C")
@@ -101,16 +103,16 @@ class UrbRecorder:
                 data = data[:self._snaplen]
             data_flag = 0
         ts = time.time_ns() // 1000
-        length = 64 + len(data)
+        length = USBMON_SIZE + len(data)
         pad = -length & 3
-        total = 32 + length + pad
+        total = EPB_OVERHEAD + length + pad
         self._emit(b"".join((
-            HEAD.pack(6, total, 0, ts >> 32, ts & 0xFFFFFFFF, length, length,
+            HEAD.pack(EPB_TYPE, total, 0, ts >> 32, ts & 0xFFFFFFFF, length, length,
                       self._id_base | urb.seqnum, EVENT_SUBMIT, kind, address, self._devnum,
                       self._busnum, setup_flag, data_flag, ts // 1_000_000, ts % 1_000_000,
                       EINPROGRESS, urb.transfer_buffer_length, len(data), setup,
                       urb.interval, urb.start_frame, urb.transfer_flags, 0),
-            data, _PADS[pad], _TRAILER.pack(total))))
+            data, PADS[pad], BLOCK_TRAILER.pack(total))))
 
     def completed(self, urb: CmdSubmit, status: int, data: bytes, actual_length: int,
                   iso_packets: list[IsoPacket] | None = None, error_count: int = 0,
@@ -138,16 +140,16 @@ class UrbRecorder:
             data = b""
             data_flag = _DATA_OUT_DONE
         ts = time.time_ns() // 1000
-        length = 64 + len(data)
+        length = USBMON_SIZE + len(data)
         pad = -length & 3
-        total = 32 + length + pad
+        total = EPB_OVERHEAD + length + pad
         self._emit(b"".join((
-            HEAD.pack(6, total, 0, ts >> 32, ts & 0xFFFFFFFF, length, length,
+            HEAD.pack(EPB_TYPE, total, 0, ts >> 32, ts & 0xFFFFFFFF, length, length,
                       self._id_base | urb.seqnum, EVENT_COMPLETE, kind, address, self._devnum,
                       self._busnum, _NO_SETUP, data_flag, ts // 1_000_000, ts % 1_000_000,
                       status, actual_length, len(data), _ZERO_SETUP, urb.interval,
                       start_frame, urb.transfer_flags, 0),
-            data, _PADS[pad], _TRAILER.pack(total))))
+            data, PADS[pad], BLOCK_TRAILER.pack(total))))
 
     def exchanged(self, urb: CmdSubmit, status: int, data: bytes, actual_length: int) -> None:
         """A URB the device finished at once: its submission and completion, as one
@@ -179,24 +181,24 @@ class UrbRecorder:
         ts_high, ts_low, ts_sec, ts_usec = ts >> 32, ts & 0xFFFFFFFF, ts // 1_000_000, (
             ts % 1_000_000)
         urb_id = self._id_base | urb.seqnum
-        s_length = 64 + len(out)
+        s_length = USBMON_SIZE + len(out)
         s_pad = -s_length & 3
-        s_total = 32 + s_length + s_pad
-        c_length = 64 + len(back)
+        s_total = EPB_OVERHEAD + s_length + s_pad
+        c_length = USBMON_SIZE + len(back)
         c_pad = -c_length & 3
-        c_total = 32 + c_length + c_pad
+        c_total = EPB_OVERHEAD + c_length + c_pad
         self._emit(b"".join((
-            HEAD.pack(6, s_total, 0, ts_high, ts_low, s_length, s_length, urb_id,
+            HEAD.pack(EPB_TYPE, s_total, 0, ts_high, ts_low, s_length, s_length, urb_id,
                       EVENT_SUBMIT, kind, address, self._devnum, self._busnum, setup_flag,
                       out_flag, ts_sec, ts_usec, EINPROGRESS, urb.transfer_buffer_length,
                       len(out), setup, urb.interval, urb.start_frame, urb.transfer_flags, 0),
-            out, _PADS[s_pad],
-            TRAILER_HEAD.pack(s_total, 6, c_total, 0, ts_high, ts_low, c_length, c_length,
+            out, PADS[s_pad],
+            TRAILER_HEAD.pack(s_total, EPB_TYPE, c_total, 0, ts_high, ts_low, c_length, c_length,
                               urb_id, EVENT_COMPLETE, kind, address, self._devnum,
                               self._busnum, _NO_SETUP, back_flag, ts_sec, ts_usec, status,
                               actual_length, len(back), _ZERO_SETUP, urb.interval, 0,
                               urb.transfer_flags, 0),
-            back, _PADS[c_pad], _TRAILER.pack(c_total))))
+            back, PADS[c_pad], BLOCK_TRAILER.pack(c_total))))
 
     def _iso(self, urb: CmdSubmit, event: int, status: int, urb_len: int, data: bytes,
              packets: list[IsoPacket], error_count: int, start_frame: int) -> None:
@@ -217,17 +219,17 @@ class UrbRecorder:
         data_flag = (_DATA_IN_PENDING if direction_in and event == EVENT_SUBMIT else
                      _DATA_OUT_DONE if not direction_in and event == EVENT_COMPLETE else 0)
         ts = time.time_ns() // 1000
-        length = 64 + len(descs) + len(data)
+        length = USBMON_SIZE + len(descs) + len(data)
         pad = -length & 3
-        total = 32 + length + pad
+        total = EPB_OVERHEAD + length + pad
         self._emit(b"".join((
-            HEAD.pack(6, total, 0, ts >> 32, ts & 0xFFFFFFFF, length, length,
+            HEAD.pack(EPB_TYPE, total, 0, ts >> 32, ts & 0xFFFFFFFF, length, length,
                       self._id_base | urb.seqnum, event, 0, address, self._devnum,
                       self._busnum, _NO_SETUP, data_flag, ts // 1_000_000, ts % 1_000_000,
                       status, urb_len, len(descs) + len(data),
                       _ISO_REC.pack(error_count, len(packets)), urb.interval, start_frame,
                       urb.transfer_flags, len(packets)),
-            descs, data, _PADS[pad], _TRAILER.pack(total))))
+            descs, data, PADS[pad], BLOCK_TRAILER.pack(total))))
 
     def _learn(self, setup: bytes, data: bytes) -> None:
         # GET_DESCRIPTOR(CONFIGURATION) answered in full: the endpoints' types

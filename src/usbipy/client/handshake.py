@@ -24,6 +24,7 @@ from ..protocol import (
     OpReqImport,
     OpStatus,
     RemoteProtocolError,
+    wire,
 )
 from ..tls.errors import handshake_failure
 from .errors import PLAINTEXT_REFUSED, ClientError, HostUnreachable, ImportRefused
@@ -81,8 +82,11 @@ def exchange(conn: ClientConnection, request: bytes, send: Callable[[bytes], obj
 
 
 def _recv_size(conn: ClientConnection) -> int:
-    # OP_REP_IMPORT is 8 + 312 bytes; never read beyond the end of the reply.
-    return max(1, 320 - conn.buffered) if conn.buffered < 320 else 4096
+    # Never read beyond the end of OP_REP_IMPORT: what follows it is the kernel's
+    # (a socket handed to vhci-hcd) or the URB phase's.
+    if conn.buffered < wire.OP_REP_IMPORT_OK_SIZE:
+        return max(1, wire.OP_REP_IMPORT_OK_SIZE - conn.buffered)
+    return 4096
 
 
 def request_import(sock: socket.socket, busid: str, *, plaintext: bool = True) -> DeviceInfo:

@@ -48,6 +48,7 @@ from .messages import (
     OpReqImport,
     RetSubmit,
     RetUnlink,
+    SubmitReply,
 )
 from .states import Phase, Role
 
@@ -84,6 +85,7 @@ __all__ = [
     "Role",
     "ServerConnection",
     "Speed",
+    "SubmitReply",
     "TooManyIsoPackets",
     "USBIP_PORT",
     "USBIP_VERSION",

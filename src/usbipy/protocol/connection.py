@@ -58,9 +58,9 @@ from .messages import (
     OpReqImport,
     RetSubmit,
     RetUnlink,
+    SubmitReply,
 )
-from .states import SENDER as SENDER_OF
-from .states import Kind, Phase, Role, describe, next_phase
+from .states import SENDER, Kind, Phase, Role, describe, next_phase
 
 
 class _Sentinel(Enum):
@@ -90,8 +90,14 @@ _OP_HEADER = wire.OP_HEADER
 _CMD_SUBMIT_UNPACK = wire.CMD_SUBMIT.unpack_from
 _RET_SUBMIT_UNPACK = wire.RET_SUBMIT.unpack_from
 _ISO_UNPACK = wire.ISO_PACKET.unpack_from
-_U32 = wire.URB_BASIC.unpack_from
+_ISO_SIZE = wire.ISO_PACKET_SIZE
+#: command, seqnum, devid, direction, ep: the five fields every URB header starts with
+_URB_BASIC_UNPACK = wire.URB_BASIC.unpack_from
 _HDR = wire.URB_HEADER_SIZE
+_CMD_SUBMIT = wire.CMD_SUBMIT_CODE
+_CMD_UNLINK = wire.CMD_UNLINK_CODE
+_RET_SUBMIT = wire.RET_SUBMIT_CODE
+_RET_UNLINK = wire.RET_UNLINK_CODE
 _IN = Direction.IN
 _OUT = Direction.OUT
 _RET_SUBMIT_PACK = wire.RET_SUBMIT.pack
@@ -142,7 +148,7 @@ class _Connection:
     def _phase_after(self, kind: Kind) -> Phase:
         """The phase after receiving ``kind``; UnexpectedMessage for an illegal move."""
         after = next_phase(self.role, self.phase, kind)
-        if after is None or SENDER_OF[kind] is self.role:
+        if after is None or SENDER[kind] is self.role:
             raise UnexpectedMessage(describe(self.role, self.phase, kind, sending=False))
         return after
 
@@ -155,7 +161,7 @@ class _Connection:
         if self.phase is Phase.ERROR:
             raise LocalProtocolError("the connection is broken by an earlier protocol error")
         after = next_phase(self.role, self.phase, kind)
-        if after is None or SENDER_OF[kind] is not self.role:
+        if after is None or SENDER[kind] is not self.role:
             self._local_error(describe(self.role, self.phase, kind, sending=True))
         self.phase = after  # type: ignore[assignment]
 
@@ -281,7 +287,7 @@ class _Connection:
         packets = []
         buf = self._buf
         for i in range(count):
-            p_off, p_len, p_actual, p_status = _ISO_UNPACK(buf, offset + 16 * i)
+            p_off, p_len, p_actual, p_status = _ISO_UNPACK(buf, offset + _ISO_SIZE * i)
             if p_off + p_len > buffer_length:
                 raise BadIsoDescriptors(
                     f"iso packet {i}: offset {p_off} + length {p_len} is past the "
@@ -328,9 +334,6 @@ class ServerConnection(_Connection):
         #: seqnum -> the URB, from CMD_SUBMIT until its RET_SUBMIT (or a RET_UNLINK
         #: that cancelled it).
         self._in_flight: dict[int, CmdSubmit] = {}
-        #: Why the last reply differs from what the device returned, when it does
-        #: (a device bug the server should log); the server resets it.
-        self.fault: str | None = None
         #: The newest seqnum a CMD_SUBMIT carried (serial number arithmetic, RFC 1982).
         self._newest: int | None = None
         #: UNLINKs that came before their URB's CMD_SUBMIT, by the URB's seqnum,
@@ -350,12 +353,11 @@ class ServerConnection(_Connection):
                 self._local_error(f"RET_SUBMIT for seqnum {message.seqnum}, which is not "
                                   "in flight")
             assert urb is not None
-            header, data = self.reply_submit(
+            return bytes(self.reply_submit(
                 urb, message.status, message.data,
                 None if urb.direction is _IN and message.iso_packets is None
                 else message.actual_length,
-                message.start_frame, message.error_count, message.iso_packets)
-            return header + data
+                message.start_frame, message.error_count, message.iso_packets))
         if isinstance(message, RetUnlink):
             self._sending(Kind.RET_UNLINK)
             return wire.encode_ret_unlink(message.seqnum, message.status)
@@ -370,8 +372,9 @@ class ServerConnection(_Connection):
 
     # --- the reply fast path ---------------------------------------------------------
 
-    def admit(self, urb: CmdSubmit) -> tuple[bytes, bytes] | None:
-        """None when the device may have ``urb``; otherwise the reply that refuses it.
+    def admit(self, urb: CmdSubmit) -> SubmitReply | None:
+        """None when the device may have ``urb``; otherwise the reply that refuses it,
+        its ``fault`` saying why.
 
         An IN buffer above the cap is refused with -ENOMEM: never allocate what a
         peer asks for without a bound. usbip-host does otherwise: when it cannot
@@ -380,16 +383,17 @@ class ServerConnection(_Connection):
         asked too much (a vhci_hcd URB is far below the cap) attached.
         """
         if urb.direction is _IN and urb.transfer_buffer_length > self.max_transfer_length:
-            self.fault = (f"seqnum {urb.seqnum} asks for {urb.transfer_buffer_length} bytes "
-                          f"IN, above the cap of {self.max_transfer_length}")
-            return self.reply_submit(urb, ENOMEM)
+            reply = self.reply_submit(urb, ENOMEM)
+            reply.fault = (f"seqnum {urb.seqnum} asks for {urb.transfer_buffer_length} bytes "
+                           f"IN, above the cap of {self.max_transfer_length}")
+            return reply
         return None
 
     def reply_submit(self, urb: CmdSubmit, status: int = 0, data: bytes = b"",
                      actual_length: int | None = None, start_frame: int = 0,
                      error_count: int = 0, iso_packets: list[IsoPacket] | None = None,
-                     ) -> tuple[bytes, bytes]:
-        """RET_SUBMIT for ``urb``: the 48-byte header and the bytes that follow it.
+                     ) -> SubmitReply:
+        """RET_SUBMIT for ``urb``, encoded, with what it says.
 
         The reply is always self-consistent, whatever the device returned:
 
@@ -400,45 +404,48 @@ class ServerConnection(_Connection):
           (stub_tx.c copies it); an iso reply must describe the URB's own packets,
           with IN data packed (the packets' actual lengths back to back).
 
-        When the reply differs from the device's answer, :attr:`fault` says why.
+        When the reply differs from the device's answer, its ``fault`` says why.
         """
         seqnum = urb.seqnum
+        if self.phase is not Phase.URB:
+            self._sending(Kind.RET_SUBMIT)  # (ERROR is sticky: raises)
         if self._in_flight.pop(seqnum, None) is None:
-            if self.phase is not Phase.URB:
-                self._sending(Kind.RET_SUBMIT)
             self._local_error(f"RET_SUBMIT for seqnum {seqnum}, which is not in flight")
         if iso_packets is not None or urb.iso_packets is not None:
             return self._iso_reply(urb, status, data, actual_length, start_frame,
                                    error_count, iso_packets)
+        fault = None
         length = urb.transfer_buffer_length
         if urb.direction is _IN:
             actual = len(data)
             if actual > length:
-                self.fault = f"seqnum {seqnum}: {actual} bytes returned for a {length}-byte URB"
+                fault = f"seqnum {seqnum}: {actual} bytes returned for a {length}-byte URB"
                 status, data, actual = EOVERFLOW, b"", 0  # as a babbling device
             elif actual_length is not None and actual_length != actual:
-                self.fault = (f"seqnum {seqnum}: actual_length {actual_length} with "
-                              f"{actual} bytes of data")
+                fault = (f"seqnum {seqnum}: actual_length {actual_length} with "
+                         f"{actual} bytes of data")
                 status, data, actual = EPROTO, b"", 0
         else:
             data = b""
             actual = length if actual_length is None else actual_length
             if not 0 <= actual <= length:
-                self.fault = (f"seqnum {seqnum}: actual_length {actual} for a {length}-byte "
-                              "OUT URB")
+                fault = f"seqnum {seqnum}: actual_length {actual} for a {length}-byte OUT URB"
                 status, actual = EPROTO, 0
         try:
-            return _RET_SUBMIT_PACK(3, seqnum, 0, 0, 0, status, actual, start_frame,
-                                    urb.number_of_packets, error_count), data
+            header = _RET_SUBMIT_PACK(_RET_SUBMIT, seqnum, 0, 0, 0, status, actual,
+                                      start_frame, urb.number_of_packets, error_count)
         except struct.error:  # a status, start_frame or error_count beyond 32 bits
-            self.fault = (f"seqnum {seqnum}: status {status}, start_frame {start_frame} or "
-                          f"error_count {error_count} does not fit its field")
-            return _RET_SUBMIT_PACK(3, seqnum, 0, 0, 0, EPROTO, 0, 0,
-                                    urb.number_of_packets, 0), b""
+            fault = (f"seqnum {seqnum}: status {status}, start_frame {start_frame} or "
+                     f"error_count {error_count} does not fit its field")
+            status, data, actual, start_frame, error_count = EPROTO, b"", 0, 0, 0
+            header = _RET_SUBMIT_PACK(_RET_SUBMIT, seqnum, 0, 0, 0, status, 0, 0,
+                                      urb.number_of_packets, 0)
+        return SubmitReply(header, data, b"", status, actual, start_frame, error_count, None,
+                           fault)
 
     def _iso_reply(self, urb: CmdSubmit, status: int, data: bytes, actual_length: int | None,
                    start_frame: int, error_count: int, packets: list[IsoPacket] | None,
-                   ) -> tuple[bytes, bytes]:
+                   ) -> SubmitReply:
         requested = urb.iso_packets or []
         if packets is None and urb.iso_packets is not None and status != 0 and not data:
             # The URB failed as a whole (refused, flushed): its packets go back as
@@ -447,7 +454,7 @@ class ServerConnection(_Connection):
             packets = [IsoPacket(p.offset, p.length, 0, 0) for p in requested]
         fault = self._iso_fault(urb, data, actual_length, packets)
         if fault is not None:
-            self.fault = f"seqnum {urb.seqnum}: {fault}"
+            fault = f"seqnum {urb.seqnum}: {fault}"
             status, data, error_count = EPROTO, b"", len(requested)
             packets = _failed(requested)
         assert packets is not None
@@ -457,15 +464,18 @@ class ServerConnection(_Connection):
             data = b""
             actual = sum(p.actual_length for p in packets)
         try:
-            header = _RET_SUBMIT_PACK(3, urb.seqnum, 0, 0, 0, status, actual, start_frame,
-                                      len(packets), error_count)
-            return header, data + wire.encode_iso_packets(packets)
+            header = _RET_SUBMIT_PACK(_RET_SUBMIT, urb.seqnum, 0, 0, 0, status, actual,
+                                      start_frame, len(packets), error_count)
+            descriptors = wire.encode_iso_packets(packets)
         except struct.error:  # a status, frame or count beyond 32 bits
-            self.fault = f"seqnum {urb.seqnum}: a field of the iso reply does not fit"
-            failed = _failed(requested)
-            header = _RET_SUBMIT_PACK(3, urb.seqnum, 0, 0, 0, EPROTO, 0, 0, len(failed),
-                                      len(failed))
-            return header, wire.encode_iso_packets(failed)
+            fault = f"seqnum {urb.seqnum}: a field of the iso reply does not fit"
+            packets = _failed(requested)
+            status, data, actual, start_frame, error_count = EPROTO, b"", 0, 0, len(packets)
+            header = _RET_SUBMIT_PACK(_RET_SUBMIT, urb.seqnum, 0, 0, 0, status, 0, 0,
+                                      len(packets), error_count)
+            descriptors = wire.encode_iso_packets(packets)
+        return SubmitReply(header, data, descriptors, status, actual, start_frame,
+                           error_count, packets, fault)
 
     @staticmethod
     def _iso_fault(urb: CmdSubmit, data: bytes, actual_length: int | None,
@@ -531,25 +541,30 @@ class ServerConnection(_Connection):
         seqnum = urb.seqnum
         for target in [t for t in self._held if 0 < (seqnum - t) & 0xFFFF_FFFF < 0x8000_0000]:
             # a URB beyond it came first: that one will never come
-            replies.append(wire.encode_ret_unlink(self._held.pop(target).seqnum, 0))
+            replies.append(self._ret_unlink(self._held.pop(target).seqnum, 0))
         cmd = self._held.pop(seqnum, None)
         if cmd is not None:
             self._in_flight.pop(seqnum, None)
-            replies.append(wire.encode_ret_unlink(cmd.seqnum, ECONNRESET))
+            replies.append(self._ret_unlink(cmd.seqnum, ECONNRESET))
         return b"".join(replies), cmd is not None
 
     def release_unlink(self, target: int) -> bytes:
         """RET_UNLINK(0) for the UNLINK held for URB ``target``, which did not come
         in time; b"" when none is held for it (any more)."""
         cmd = self._held.pop(target, None)
-        return b"" if cmd is None else wire.encode_ret_unlink(cmd.seqnum, 0)
+        return b"" if cmd is None else self._ret_unlink(cmd.seqnum, 0)
 
     def reply_unlink(self, cmd: CmdUnlink, status: int) -> bytes:
         """RET_UNLINK for ``cmd``: -ECONNRESET when the URB was cancelled (its
         RET_SUBMIT never comes), 0 when it had completed (its RET_SUBMIT is sent)."""
+        encoded = self._ret_unlink(cmd.seqnum, status)
         if status != 0:
             self._in_flight.pop(cmd.unlink_seqnum, None)
-        return wire.encode_ret_unlink(cmd.seqnum, status)
+        return encoded
+
+    def _ret_unlink(self, seqnum: int, status: int) -> bytes:
+        self._sending(Kind.RET_UNLINK)
+        return wire.encode_ret_unlink(seqnum, status)
 
     # --- decoding -------------------------------------------------------------------
 
@@ -580,8 +595,8 @@ class ServerConnection(_Connection):
         avail = len(buf) - pos
         if avail < _HDR:
             return NEED_DATA
-        command = _U32(buf, pos)[0]
-        if command == 1:  # CMD_SUBMIT, the hot path
+        command = _URB_BASIC_UNPACK(buf, pos)[0]
+        if command == _CMD_SUBMIT:  # the hot path
             (_, seqnum, devid, direction, ep, flags, length, start_frame, npackets,
              interval, setup) = _CMD_SUBMIT_UNPACK(buf, pos)
             if devid != self.devid or direction > 1 or ep > 15:
@@ -595,7 +610,7 @@ class ServerConnection(_Connection):
                 )
             n_iso = self._check_packets(npackets) if npackets else 0
             payload = length if direction == 0 else 0
-            need = _HDR + payload + 16 * n_iso
+            need = _HDR + payload + _ISO_SIZE * n_iso
             if avail < need:
                 return NEED_DATA
             in_flight = self._in_flight
@@ -614,7 +629,7 @@ class ServerConnection(_Connection):
                 start_frame, npackets, interval, iso,
             )
             return urb
-        if command == 2:  # CMD_UNLINK
+        if command == _CMD_UNLINK:
             _, seqnum, devid, direction, ep, unlink_seqnum = wire.CMD_UNLINK.unpack_from(buf, pos)
             self._check_target(devid, direction, ep)
             self._pos = pos + _HDR
@@ -749,10 +764,10 @@ class ClientConnection(_Connection):
             device = wire.decode_device(self._buf, offset)
             offset += wire.DEVICE.size
             n_if = device.bNumInterfaces
-            if end - offset < 4 * n_if:
+            if end - offset < wire.INTERFACE_SIZE * n_if:
                 return NEED_DATA
             interfaces = wire.decode_interfaces(self._buf, offset, n_if)
-            offset += 4 * n_if
+            offset += wire.INTERFACE_SIZE * n_if
             devices.append(dataclasses.replace(device, interfaces=interfaces))
         self._pos = offset
         self._received(Kind.OP_REP_DEVLIST)
@@ -764,8 +779,8 @@ class ClientConnection(_Connection):
         avail = len(buf) - pos
         if avail < _HDR:
             return NEED_DATA
-        command = _U32(buf, pos)[0]
-        if command == 3:  # RET_SUBMIT
+        command = _URB_BASIC_UNPACK(buf, pos)[0]
+        if command == _RET_SUBMIT:
             (_, seqnum, _devid, _direction, _ep, status, actual, start_frame, npackets,
              error_count) = _RET_SUBMIT_UNPACK(buf, pos)
             expected = self._pending.get(seqnum)
@@ -782,7 +797,7 @@ class ClientConnection(_Connection):
                     f"seqnum {seqnum}: {n_iso} iso packets returned, {sent_iso} submitted"
                 )
             payload = actual if direction is _IN else 0
-            need = _HDR + payload + 16 * n_iso
+            need = _HDR + payload + _ISO_SIZE * n_iso
             if avail < need:
                 return NEED_DATA
             iso = None
@@ -798,7 +813,7 @@ class ClientConnection(_Connection):
             return RetSubmit(
                 seqnum, status, actual, data, start_frame, npackets, error_count, iso, direction
             )
-        if command == 4:  # RET_UNLINK
+        if command == _RET_UNLINK:
             _, seqnum, _devid, _direction, _ep, status = wire.RET_UNLINK.unpack_from(buf, pos)
             target = self._unlinks.pop(seqnum, None)
             if target is None:

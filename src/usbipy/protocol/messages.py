@@ -128,6 +128,31 @@ class RetSubmit:
     direction: Direction = field(default=Direction.OUT, compare=False)
 
 
+@dataclass(slots=True)
+class SubmitReply:
+    """A RET_SUBMIT as the server's codec encoded it (:meth:`ServerConnection.reply_submit`):
+    the bytes to send, and what they say, so that a capture or a counter reads the
+    reply the client gets without decoding it again."""
+
+    #: The 48-byte header.
+    header: bytes
+    #: IN data; for isochronous IN, the packets' data back to back.
+    data: bytes
+    #: The iso packet descriptors that follow the data (b"" for a non-iso URB).
+    iso_descriptors: bytes
+    status: int
+    actual_length: int
+    start_frame: int
+    error_count: int
+    iso_packets: list[IsoPacket] | None
+    #: Why the reply differs from what the device returned, when it does (a device
+    #: bug the server logs), or why the codec refused the URB (admit).
+    fault: str | None = None
+
+    def __bytes__(self) -> bytes:
+        return b"".join((self.header, self.data, self.iso_descriptors))
+
+
 @dataclass(frozen=True, slots=True)
 class CmdUnlink:
     """USBIP_CMD_UNLINK: cancel the URB ``unlink_seqnum``."""

@@ -50,11 +50,17 @@ ISO_PACKET = Struct("!IIIi")
 URB_HEADER_SIZE = 48
 assert CMD_SUBMIT.size == RET_SUBMIT.size == CMD_UNLINK.size == RET_UNLINK.size == 48
 assert DEVICE.size == 312
+ISO_PACKET_SIZE = ISO_PACKET.size
+#: OP_REP_IMPORT when the import succeeded: the OP header and the device record.
+OP_REP_IMPORT_OK_SIZE = OP_HEADER.size + DEVICE.size
+#: A device record's interface records are 4 bytes each.
+INTERFACE_SIZE = INTERFACE.size
 
-_CMD_SUBMIT = int(UrbCommand.CMD_SUBMIT)
-_RET_SUBMIT = int(UrbCommand.RET_SUBMIT)
-_CMD_UNLINK = int(UrbCommand.CMD_UNLINK)
-_RET_UNLINK = int(UrbCommand.RET_UNLINK)
+#: The URB commands as the header's first field carries them.
+CMD_SUBMIT_CODE = int(UrbCommand.CMD_SUBMIT)
+RET_SUBMIT_CODE = int(UrbCommand.RET_SUBMIT)
+CMD_UNLINK_CODE = int(UrbCommand.CMD_UNLINK)
+RET_UNLINK_CODE = int(UrbCommand.RET_UNLINK)
 
 
 def _c_string(raw: bytes) -> str:
@@ -144,9 +150,8 @@ def encode_op_rep_import(status: OpStatus, device: DeviceInfo | None) -> bytes:
 def decode_interfaces(
     buf: bytes | bytearray | memoryview, offset: int, count: int
 ) -> tuple[InterfaceInfo, ...]:
-    return tuple(
-        InterfaceInfo(*INTERFACE.unpack_from(buf, offset + 4 * i)) for i in range(count)
-    )
+    unpack = INTERFACE.unpack_from
+    return tuple(InterfaceInfo(*unpack(buf, offset + INTERFACE_SIZE * i)) for i in range(count))
 
 
 # --- URB phase ------------------------------------------------------------
@@ -170,38 +175,18 @@ def encode_submit_fields(seqnum: int, devid: int, direction: int, ep: int,
                          iso: Sequence[IsoPacket] | None) -> bytes:
     """CMD_SUBMIT: the header, the OUT data, then the iso packet descriptors."""
     header = CMD_SUBMIT.pack(
-        _CMD_SUBMIT, seqnum, devid, direction, ep, transfer_flags, transfer_buffer_length,
+        CMD_SUBMIT_CODE, seqnum, devid, direction, ep, transfer_flags, transfer_buffer_length,
         start_frame, len(iso) if iso is not None else number_of_packets, interval, setup)
     if iso is None:
         return header + data if data else header
     return b"".join((header, data, encode_iso_packets(iso)))
 
 
-def encode_ret_submit(
-    seqnum: int,
-    status: int,
-    actual_length: int,
-    data: bytes,
-    start_frame: int = 0,
-    number_of_packets: int = 0,
-    error_count: int = 0,
-    iso_packets: Sequence[IsoPacket] | None = None,
-) -> bytes:
-    """RET_SUBMIT; devid, direction and ep are 0 as the protocol asks of a server."""
-    header = RET_SUBMIT.pack(
-        _RET_SUBMIT, seqnum, 0, 0, 0,
-        status, actual_length, start_frame, number_of_packets, error_count,
-    )
-    if iso_packets is not None:
-        return b"".join((header, data, encode_iso_packets(iso_packets)))
-    return header + data if data else header
-
-
 def encode_cmd_unlink(cmd: CmdUnlink) -> bytes:
     return CMD_UNLINK.pack(
-        _CMD_UNLINK, cmd.seqnum, cmd.devid, cmd.direction, cmd.ep, cmd.unlink_seqnum
+        CMD_UNLINK_CODE, cmd.seqnum, cmd.devid, cmd.direction, cmd.ep, cmd.unlink_seqnum
     )
 
 
 def encode_ret_unlink(seqnum: int, status: int) -> bytes:
-    return RET_UNLINK.pack(_RET_UNLINK, seqnum, 0, 0, 0, status)
+    return RET_UNLINK.pack(RET_UNLINK_CODE, seqnum, 0, 0, 0, status)

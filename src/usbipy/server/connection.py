@@ -26,7 +26,6 @@ from ..protocol import (
     CmdSubmit,
     CmdUnlink,
     Direction,
-    IsoPacket,
     OpRepDevlist,
     OpRepImport,
     OpReqDevlist,
@@ -34,7 +33,7 @@ from ..protocol import (
     OpStatus,
     RemoteProtocolError,
     ServerConnection,
-    wire,
+    SubmitReply,
 )
 from ..protocol.constants import ECONNRESET, EPROTO
 from ..tls import TlsSession
@@ -508,11 +507,11 @@ class UsbipServerProtocol(asyncio.Protocol):
         if urb.transfer_buffer_length > conn.max_transfer_length:
             refusal = conn.admit(urb)
             if refusal is not None:
-                why, conn.fault = conn.fault, None
-                self._client_fault(f"{why}: refused with -ENOMEM")
+                self._client_fault(f"{refusal.fault}: refused with -ENOMEM")
+                refusal.fault = None  # (the client's mistake, not the device's)
                 if self._recorder is not None or stats is not None:
-                    self._observe(urb, *refusal, at_once=True)
-                self._send_reply(*refusal)
+                    self._observe(urb, refusal, at_once=True)
+                self._send_reply(refusal)
                 return
         device = self.device
         assert device is not None
@@ -561,40 +560,32 @@ class UsbipServerProtocol(asyncio.Protocol):
             return
         if result.refused is not None:
             self._client_fault(f"{result.refused}: refused with -{status_name(result.status)}")
-        header, data = self.conn.reply_submit(
+        reply = self.conn.reply_submit(
             urb, result.status, result.data, result.actual_length, result.start_frame,
             result.error_count, result.iso_packets)
         if self._recorder is not None or self._stats is not None:
             # what the client gets (the codec may have made a babble -EOVERFLOW, say),
             # not what the device answered
-            self._observe(urb, header, data, at_once)
-        self._send_reply(header, data)
+            self._observe(urb, reply, at_once)
+        self._send_reply(reply)
 
-    def _observe(self, urb: CmdSubmit, header: bytes, data: bytes, at_once: bool) -> None:
+    def _observe(self, urb: CmdSubmit, reply: SubmitReply, at_once: bool) -> None:
         """The capture's records and the metrics' counts of one RET_SUBMIT."""
-        (_cmd, _seqnum, _devid, _dir, _ep, status, actual, start_frame, _n,
-         error_count) = wire.RET_SUBMIT.unpack_from(header)
-        iso: list[IsoPacket] | None = None
-        if urb.iso_packets is not None:
-            n = len(urb.iso_packets)
-            cut = len(data) - 16 * n
-            iso = [IsoPacket(*wire.ISO_PACKET.unpack_from(data, cut + 16 * i))
-                   for i in range(n)]
-            data = data[:cut]
         recorder = self._recorder
         if recorder is not None:
-            if at_once and iso is None:
-                recorder.exchanged(urb, status, data, actual)
+            if at_once and reply.iso_packets is None:
+                recorder.exchanged(urb, reply.status, reply.data, reply.actual_length)
             else:
                 if at_once:
                     recorder.submitted(urb)
-                recorder.completed(urb, status, data, actual, iso, error_count, start_frame)
+                recorder.completed(urb, reply.status, reply.data, reply.actual_length,
+                                   reply.iso_packets, reply.error_count, reply.start_frame)
         stats = self._stats
         if stats is not None:
-            if data:
-                stats.bytes[self._key_in] += len(data)
-            if status:
-                stats.errors[(self._key_in[0], status_name(status))] += 1
+            if reply.data:
+                stats.bytes[self._key_in] += len(reply.data)
+            if reply.status:
+                stats.errors[(self._key_in[0], status_name(reply.status))] += 1
 
     def _client_fault(self, what: str) -> None:
         """A URB the client should not have sent: its mistake, not the server's, so
@@ -602,18 +593,18 @@ class UsbipServerProtocol(asyncio.Protocol):
         rest (a client must not be able to fill the log)."""
         self.access.log.warning(f"bad URB {self._client_key}", f"{self.peer}: {what}")
 
-    def _send_reply(self, header: bytes, data: bytes) -> None:
-        conn = self.conn
-        if conn.fault is not None:
-            log.error("%s: %s", self.peer, conn.fault)
-            conn.fault = None
+    def _send_reply(self, reply: SubmitReply) -> None:
+        if reply.fault is not None:
+            log.error("%s: %s", self.peer, reply.fault)
         batch = self._batch
         if batch is not None:
-            batch.append(header)  # header and data joined once, with the whole batch
-            if data:
-                batch.append(data)
+            batch.append(reply.header)  # the pieces joined once, with the whole batch
+            if reply.data:
+                batch.append(reply.data)
+            if reply.iso_descriptors:
+                batch.append(reply.iso_descriptors)
         elif self._transport is not None and not self._closed:
-            self._transport.write(header + data if data else header)
+            self._transport.write(bytes(reply))
 
     def _unlink(self, cmd: CmdUnlink) -> None:
         pending = self._forget(cmd.unlink_seqnum)
