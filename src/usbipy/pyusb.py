@@ -63,7 +63,7 @@ from .client.errors import (
     UrbError,
 )
 from .client.sync import Device, connect, list_devices
-from .client.userspace import CONNECT_TIMEOUT
+from .client.transfers import CONNECT_TIMEOUT
 from .errors import UsbipError
 from .escape import printable
 from .keepalive import DEFAULT, Keepalive

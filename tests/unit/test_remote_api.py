@@ -26,7 +26,8 @@ from usbipy.client.errors import (
     UrbError,
     urb_error,
 )
-from usbipy.client.userspace import IsoResult, _iso_layout, _iso_results, connect
+from usbipy.client.transfers import IsoResult, iso_layout, iso_results
+from usbipy.client.userspace import connect
 from usbipy.devices import CdcAcm, HidKeyboard, ImageFile, MassStorage
 from usbipy.protocol import Direction, IsoPacket, RetSubmit
 from usbipy.server import ServerThread, UsbipServer
@@ -69,20 +70,20 @@ def test_a_transfer_timeout_is_a_timeout_error_with_etimedout() -> None:
 
 
 def test_iso_packets_are_laid_back_to_back_and_results_cut_by_actual_length() -> None:
-    packets = _iso_layout([192, 192, 0, 100])
+    packets = iso_layout([192, 192, 0, 100])
     assert [(p.offset, p.length) for p in packets] == [(0, 192), (192, 192), (384, 0),
                                                       (384, 100)]
     # RET_SUBMIT's data holds only the actual bytes, packet after packet (stub_tx.c)
     got = [IsoPacket(0, 192, 10, 0), IsoPacket(192, 192, 0, -18), IsoPacket(384, 0, 0, 0),
            IsoPacket(384, 100, 3, 0)]
     ret = RetSubmit(1, 0, 13, b"A" * 10 + b"xyz", 0, 4, 1, got, Direction.IN)
-    assert _iso_results(ret, packets, Direction.IN) == [
+    assert iso_results(ret, packets, Direction.IN) == [
         IsoResult(0, b"A" * 10, 10), IsoResult(-18, b"", 0), IsoResult(0, b"", 0),
         IsoResult(0, b"xyz", 3)]
     with pytest.raises(ValueError, match="at least one packet"):
-        _iso_layout([])
+        iso_layout([])
     with pytest.raises(ValueError, match="negative"):
-        _iso_layout([-1])
+        iso_layout([-1])
 
 
 # --- the asyncio form --------------------------------------------------------------

@@ -18,13 +18,14 @@ from .errors import (
     TransferTimeout,
     UrbError,
 )
+from .transfers import IsoResult
 
 if TYPE_CHECKING:
-    from .userspace import IsoResult, RemoteDevice, connect, import_device, list_devices
+    from .userspace import RemoteDevice, connect, import_device, list_devices
 
 #: Loaded when first used: `usbipy attach` and `port` need no asyncio, and a command
 #: that starts faster is felt on every call (and in a slow guest, a lot).
-_USERSPACE = ("IsoResult", "RemoteDevice", "connect", "import_device", "list_devices")
+_USERSPACE = ("RemoteDevice", "connect", "import_device", "list_devices")
 
 
 def __getattr__(name: str) -> Any:

@@ -50,7 +50,6 @@ from ..protocol import (
 )
 from ..protocol.constants import USBIP_PORT
 from ..tls import TlsSession, handshake_failure
-from ..usb.requests import DIR_IN, SETUP
 from ..usb.urb import UrbFlag
 from .errors import (
     EARLY_CLOSE,
@@ -61,17 +60,19 @@ from .errors import (
     TlsRefused,
     TransferTimeout,
     lost_reason,
-    urb_error,
 )
 from .handshake import exchange
-from .userspace import (
-    _UNLINKED,
+from .transfers import (
     CONNECT_TIMEOUT,
     UNLINK_TIMEOUT,
     IsoResult,
-    _describe,
-    _iso_layout,
-    _iso_results,
+    after_unlink,
+    checked,
+    control_request,
+    describe,
+    iso_layout,
+    iso_results,
+    unlink_grace,
 )
 
 #: Bytes asked of the socket per read: a 64 KiB bulk reply and its header in one.
@@ -383,29 +384,21 @@ class Device:
             self._abandon(seqnum)
             raise
         assert isinstance(ret, RetSubmit)
-        if ret.status:
-            raise urb_error(ret, _describe(ep, direction, setup, iso_packets))
-        return ret
+        return checked(ret, ep, direction, setup, iso_packets)
 
     def _after_timeout(self, seqnum: int, ep: int, direction: Direction, setup: bytes,
                        iso_packets: list[IsoPacket] | None, timeout: float) -> RetSubmit:
         """Unlink a URB that timed out: its RET_SUBMIT if it came first, else the
         error that says how it ended."""
-        what = _describe(ep, direction, setup, iso_packets)
+        what = describe(ep, direction, setup, iso_packets)
         try:
-            unlinked = self.unlink(seqnum, min(UNLINK_TIMEOUT, max(1.0, timeout)))
+            unlinked = self.unlink(seqnum, unlink_grace(timeout))
         except ClientError:
             raise TransferTimeout(what, timeout) from None  # (and the connection is closed)
-        with self._state:  # a RET_SUBMIT that came before the RET_UNLINK: it completed
+        with self._state:  # a RET_SUBMIT that came before the RET_UNLINK
             raced = self._done.pop(seqnum, None)
-        if isinstance(raced, RetSubmit) and -raced.status not in _UNLINKED:
-            return raced
-        if raced is None and unlinked.status == 0:
-            # usbip-host completed it as the unlink came: RET_UNLINK alone, data lost
-            raise TransferTimeout(what, timeout, completed=True)
-        if raced is None and -unlinked.status not in _UNLINKED:
-            raise urb_error(RetSubmit(seqnum, unlinked.status), what)
-        raise TransferTimeout(what, timeout)
+        return after_unlink(seqnum, raced if isinstance(raced, RetSubmit) else None,
+                            unlinked, what, timeout)
 
     def _abandon(self, seqnum: int) -> None:
         """Unlink ``seqnum`` without waiting, and drop its replies when they come."""
@@ -428,20 +421,10 @@ class Device:
     def control(self, bmRequestType: int, bRequest: int, wValue: int, wIndex: int,
                 wLength_or_data: int | bytes, *, timeout: float | None = None) -> bytes:
         """A control transfer on endpoint 0: IN data, or b"" for OUT."""
-        if bmRequestType & DIR_IN:
-            if not isinstance(wLength_or_data, int):
-                raise TypeError("an IN control transfer takes a length, not data")
-            setup = SETUP.pack(bmRequestType, bRequest, wValue, wIndex, wLength_or_data)
-            return self.transfer(0, Direction.IN, wLength_or_data, setup=setup,
-                                 timeout=timeout).data
-        if isinstance(wLength_or_data, int):
-            if wLength_or_data:
-                raise TypeError("an OUT control transfer takes data, not a length")
-            wLength_or_data = b""
-        data = bytes(wLength_or_data)
-        setup = SETUP.pack(bmRequestType, bRequest, wValue, wIndex, len(data))
-        self.transfer(0, Direction.OUT, data=data, setup=setup, timeout=timeout)
-        return b""
+        direction, length, setup, data = control_request(bmRequestType, bRequest, wValue,
+                                                          wIndex, wLength_or_data)
+        return self.transfer(0, direction, length, data=data, setup=setup,
+                             timeout=timeout).data
 
     def bulk_read(self, ep: int, length: int, *, timeout: float | None = None,
                   short_not_ok: bool = False) -> bytes:
@@ -464,19 +447,19 @@ class Device:
 
     def iso_read(self, ep: int, packet_lengths: Sequence[int], *,
                  timeout: float | None = None, interval: int = 1) -> list[IsoResult]:
-        packets = _iso_layout(packet_lengths)
+        packets = iso_layout(packet_lengths)
         ret = self.transfer(ep & 0x7F, Direction.IN, sum(packet_lengths), iso_packets=packets,
                             transfer_flags=UrbFlag.ISO_ASAP, interval=interval,
                             timeout=timeout)
-        return _iso_results(ret, packets, Direction.IN)
+        return iso_results(ret, packets, Direction.IN)
 
     def iso_write(self, ep: int, packets: Sequence[bytes], *, timeout: float | None = None,
                   interval: int = 1) -> list[IsoResult]:
-        layout = _iso_layout([len(p) for p in packets])
+        layout = iso_layout([len(p) for p in packets])
         ret = self.transfer(ep & 0x7F, Direction.OUT, data=b"".join(packets),
                             iso_packets=layout, transfer_flags=UrbFlag.ISO_ASAP,
                             interval=interval, timeout=timeout)
-        return _iso_results(ret, layout, Direction.OUT)
+        return iso_results(ret, layout, Direction.OUT)
 
     # --- the connection ---------------------------------------------------------
 

@@ -54,9 +54,8 @@ from ..protocol import (
     RetSubmit,
     RetUnlink,
 )
-from ..protocol.constants import ECONNRESET, ENOENT, USBIP_PORT
+from ..protocol.constants import USBIP_PORT
 from ..tls import TlsSession, handshake_failure
-from ..usb.requests import DIR_IN, SETUP
 from ..usb.urb import UrbFlag
 from .backoff import Backoff
 from .errors import (
@@ -69,27 +68,22 @@ from .errors import (
     TlsRefused,
     TransferTimeout,
     lost_reason,
-    urb_error,
+)
+from .transfers import (
+    CONNECT_TIMEOUT,
+    IsoResult,
+    after_unlink,
+    checked,
+    control_request,
+    describe,
+    iso_layout,
+    iso_results,
+    unlink_grace,
 )
 
-#: Seconds to connect and finish a TLS handshake.
-CONNECT_TIMEOUT = 30.0
 #: A reconnecting device's connection that lasted this long starts the next backoff
 #: from its first delay.
 STABLE = 30.0
-#: Seconds to wait for RET_UNLINK after a transfer timed out; a server that does
-#: not answer by then has lost track of the URB, and the connection is closed.
-UNLINK_TIMEOUT = 10.0
-
-
-@dataclass(frozen=True, slots=True)
-class IsoResult:
-    """One isochronous packet's outcome: its status (0 or -errno) and its data
-    (IN; empty for OUT), cut from the URB's buffer at the packet's offset."""
-
-    status: int
-    data: bytes
-    actual_length: int
 
 
 log = logging.getLogger("usbipy.client")
@@ -488,18 +482,16 @@ class RemoteDevice:
                 ret = await asyncio.shield(future)
         except TimeoutError:
             if sent is None:  # still connecting again: nothing was sent
-                raise TransferTimeout(_describe(ep, direction, setup, iso_packets),
+                raise TransferTimeout(describe(ep, direction, setup, iso_packets),
                                       cast(float, timeout)) from None
             seqnum, future = sent
-            ret = await self._after_timeout(seqnum, future, _describe(
+            ret = await self._after_timeout(seqnum, future, describe(
                 ep, direction, setup, iso_packets), cast(float, timeout))
         except asyncio.CancelledError:
             if sent is not None:
                 self._unlink_nowait(sent[0])
             raise
-        if ret.status:
-            raise urb_error(ret, _describe(ep, direction, setup, iso_packets))
-        return ret
+        return checked(ret, ep, direction, setup, iso_packets)
 
     async def _after_timeout(self, seqnum: int, future: asyncio.Future[RetSubmit],
                              what: str, timeout: float) -> RetSubmit:
@@ -507,7 +499,7 @@ class RemoteDevice:
         error that says how it ended (as the blocking form's)."""
         unlinked: RetUnlink | None = None
         if not future.done():
-            grace = min(UNLINK_TIMEOUT, max(1.0, timeout))
+            grace = unlink_grace(timeout)
             try:
                 async with asyncio.timeout(grace):
                     unlinked = await self.unlink(seqnum)
@@ -520,16 +512,9 @@ class RemoteDevice:
                 raise TransferTimeout(what, timeout) from None
             except ClientError:  # (the connection went meanwhile)
                 raise TransferTimeout(what, timeout) from None
-        if future.done() and not future.cancelled() and future.exception() is None:
-            raced = future.result()
-            if -raced.status not in _UNLINKED:
-                return raced
-        elif unlinked is not None and unlinked.status == 0:
-            # usbip-host completed it as the unlink came: RET_UNLINK alone, data lost
-            raise TransferTimeout(what, timeout, completed=True)
-        elif unlinked is not None and -unlinked.status not in _UNLINKED:
-            raise urb_error(RetSubmit(seqnum, unlinked.status), what)
-        raise TransferTimeout(what, timeout)
+        raced = (future.result() if future.done() and not future.cancelled()
+                 and future.exception() is None else None)
+        return after_unlink(seqnum, raced, unlinked, what, timeout)
 
     def _unlink_nowait(self, seqnum: int) -> None:
         """CMD_UNLINK with no one waiting for its reply (a cancelled task's URB)."""
@@ -550,21 +535,11 @@ class RemoteDevice:
         ``wLength_or_data``: the length to read, or the bytes to write (by the
         direction bit of ``bmRequestType``). A stall raises :class:`Stalled`.
         """
-        if bmRequestType & DIR_IN:
-            if not isinstance(wLength_or_data, int):
-                raise TypeError("an IN control transfer takes a length, not data")
-            setup = SETUP.pack(bmRequestType, bRequest, wValue, wIndex, wLength_or_data)
-            ret = await self.transfer(0, Direction.IN, wLength_or_data, setup=setup,
-                                      timeout=timeout)
-            return ret.data
-        if isinstance(wLength_or_data, int):
-            if wLength_or_data:
-                raise TypeError("an OUT control transfer takes data, not a length")
-            wLength_or_data = b""
-        data = bytes(wLength_or_data)
-        setup = SETUP.pack(bmRequestType, bRequest, wValue, wIndex, len(data))
-        await self.transfer(0, Direction.OUT, data=data, setup=setup, timeout=timeout)
-        return b""
+        direction, length, setup, data = control_request(bmRequestType, bRequest, wValue,
+                                                          wIndex, wLength_or_data)
+        ret = await self.transfer(0, direction, length, data=data, setup=setup,
+                                  timeout=timeout)
+        return ret.data
 
     async def bulk_read(self, ep: int, length: int, *, timeout: float | None = None,
                         short_not_ok: bool = False) -> bytes:
@@ -597,21 +572,21 @@ class RemoteDevice:
                        timeout: float | None = None, interval: int = 1) -> list[IsoResult]:
         """One isochronous IN URB of ``len(packet_lengths)`` packets, started as
         soon as possible (URB_ISO_ASAP); each packet's status and data."""
-        packets = _iso_layout(packet_lengths)
+        packets = iso_layout(packet_lengths)
         total = sum(packet_lengths)
         ret = await self.transfer(ep & 0x7F, Direction.IN, total, iso_packets=packets,
                                   transfer_flags=UrbFlag.ISO_ASAP, interval=interval,
                                   timeout=timeout)
-        return _iso_results(ret, packets, Direction.IN)
+        return iso_results(ret, packets, Direction.IN)
 
     async def iso_write(self, ep: int, packets: Sequence[bytes], *,
                         timeout: float | None = None, interval: int = 1) -> list[IsoResult]:
         """One isochronous OUT URB, a packet per item of ``packets``."""
-        layout = _iso_layout([len(p) for p in packets])
+        layout = iso_layout([len(p) for p in packets])
         ret = await self.transfer(ep & 0x7F, Direction.OUT, data=b"".join(packets),
                                   iso_packets=layout, transfer_flags=UrbFlag.ISO_ASAP,
                                   interval=interval, timeout=timeout)
-        return _iso_results(ret, layout, Direction.OUT)
+        return iso_results(ret, layout, Direction.OUT)
 
     async def bulk_out(self, ep: int, data: bytes) -> RetSubmit:
         """CMD_SUBMIT and its RET_SUBMIT, status unchecked (see :meth:`bulk_write`)."""
@@ -648,54 +623,6 @@ class RemoteDevice:
 def _retrieve(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
-
-
-#: URB statuses of an unlinked URB (usb_kill_urb: -ENOENT; usb_unlink_urb: -ECONNRESET).
-_UNLINKED = frozenset({-ENOENT, -ECONNRESET})
-
-
-def _describe(ep: int, direction: Direction, setup: bytes,
-              iso_packets: list[IsoPacket] | None) -> str:
-    """A transfer in words, for its error (built only then: it costs microseconds)."""
-    if ep == 0:
-        bmRequestType, bRequest, wValue, wIndex, wLength = SETUP.unpack(setup)
-        return (f"control request {bmRequestType:#04x} {bRequest:#04x} (wValue {wValue:#06x}, "
-                f"wIndex {wIndex:#06x}, wLength {wLength})")
-    kind = "isochronous transfer" if iso_packets is not None else "transfer"
-    if direction is Direction.IN:
-        return f"{kind} from endpoint {ep | 0x80:#04x}"
-    return f"{kind} to endpoint {ep:#04x}"
-
-
-def _iso_layout(lengths: Sequence[int]) -> list[IsoPacket]:
-    """Packets back to back in the transfer buffer, as usb_fill_iso_packets lays them."""
-    packets = []
-    offset = 0
-    for length in lengths:
-        if length < 0:
-            raise ValueError("an isochronous packet's length cannot be negative")
-        packets.append(IsoPacket(offset, length))
-        offset += length
-    if not packets:
-        raise ValueError("an isochronous transfer needs at least one packet")
-    return packets
-
-
-def _iso_results(ret: RetSubmit, sent: list[IsoPacket], direction: Direction
-                 ) -> list[IsoResult]:
-    # RET_SUBMIT's IN data has the packets' actual bytes back to back (stub_tx.c
-    # sends each packet's actual_length only); the offsets are the ones we sent.
-    got = ret.iso_packets or sent
-    results = []
-    at = 0
-    for packet in got:
-        if direction is Direction.IN:
-            data = ret.data[at:at + packet.actual_length]
-            at += packet.actual_length
-        else:
-            data = b""
-        results.append(IsoResult(packet.status, data, packet.actual_length))
-    return results
 
 
 class connect:  # noqa: N801 (used as a function: ``async with connect(...)``)
