@@ -16,7 +16,7 @@ import asyncio
 import struct
 from collections import deque
 
-from ..protocol import CmdSubmit, DeviceInfo, Direction
+from ..protocol import CmdSubmit, DeviceInfo, Direction, InterfaceInfo
 from ..protocol.constants import EINVAL, EPIPE, ESHUTDOWN
 from ..usb.descriptors import DescriptorSet, DescriptorType, Device, Endpoint, TransferType
 from ..usb.requests import (
@@ -126,7 +126,10 @@ class EmulatedDevice(ExportedDevice):
                 bConfigurationValue=cfg.bConfigurationValue,
                 bNumConfigurations=len(d.configurations),
                 bNumInterfaces=cfg.bNumInterfaces,
-                interfaces=self.descriptors.interface_infos(),
+                # (class, subclass, protocol) of each interface, alternate setting 0
+                interfaces=tuple(
+                    InterfaceInfo(i.bInterfaceClass, i.bInterfaceSubClass, i.bInterfaceProtocol)
+                    for i in cfg.interfaces if i.bAlternateSetting == 0),
             )
         return self._info
 

@@ -4,6 +4,7 @@ Feed bytes to a :class:`ServerConnection` or :class:`ClientConnection`, take
 typed messages out, and encode messages back into bytes.
 """
 
+from ..usb.speed import Speed
 from .connection import (
     DEFAULT_MAX_TRANSFER,
     EOF,
@@ -19,7 +20,6 @@ from .constants import (
     Direction,
     OpCode,
     OpStatus,
-    Speed,
     UrbCommand,
 )
 from .errors import (

@@ -55,18 +55,6 @@ class Direction(IntEnum):
     IN = 1
 
 
-class Speed(IntEnum):
-    """enum usb_device_speed (include/uapi/linux/usb/ch9.h)."""
-
-    UNKNOWN = 0
-    LOW = 1
-    FULL = 2
-    HIGH = 3
-    WIRELESS = 4
-    SUPER = 5
-    SUPER_PLUS = 6
-
-
 #: Linux's errno numbers (include/uapi/asm-generic/errno*.h), by name: the
 #: statuses RET_SUBMIT and RET_UNLINK carry are these, negated, whatever OS
 #: either end runs (Python's errno module gives the host's, which differ on

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .constants import Direction, OpStatus, Speed
+from ..usb.speed import Speed
+from .constants import Direction, OpStatus
 
 
 @dataclass(frozen=True, slots=True)

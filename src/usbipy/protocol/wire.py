@@ -9,13 +9,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from struct import Struct
 
+from ..usb.speed import Speed
 from .constants import (
     BUSID_SIZE,
     PATH_SIZE,
     USBIP_VERSION,
     OpCode,
     OpStatus,
-    Speed,
     UrbCommand,
 )
 from .errors import LocalProtocolError

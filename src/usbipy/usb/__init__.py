@@ -10,6 +10,7 @@ from .descriptors import (
     TransferType,
 )
 from .requests import SETUP, Setup
+from .speed import Speed
 from .urb import UrbFlag
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "Interface",
     "SETUP",
     "Setup",
+    "Speed",
     "TransferType",
     "UrbFlag",
 ]

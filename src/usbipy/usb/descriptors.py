@@ -10,7 +10,7 @@ import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
 
-from ..protocol import InterfaceInfo, Speed
+from .speed import Speed
 
 
 class DescriptorType(IntEnum):
@@ -203,12 +203,3 @@ class DescriptorSet:
             return None
         text = self.strings[index - 1].encode("utf-16-le")
         return bytes((2 + len(text), DescriptorType.STRING)) + text
-
-    def interface_infos(self, config_index: int = 0) -> tuple[InterfaceInfo, ...]:
-        """The (class, subclass, protocol) of each interface, alternate setting 0."""
-        config = self.device.configurations[config_index]
-        return tuple(
-            InterfaceInfo(i.bInterfaceClass, i.bInterfaceSubClass, i.bInterfaceProtocol)
-            for i in config.interfaces
-            if i.bAlternateSetting == 0
-        )
