@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 from usbipy.capture import Capture
-from usbipy.cli.usbipyd import run_loop
 from usbipy.devices import CdcAcm, HidKeyboard, ImageFile, MassStorage
 from usbipy.server import UsbipServer
+from usbipy.server.service import run_loop
 from usbipy.server.tls import ServerTls
 from usbipy.tls import TlsFiles, server_context
 

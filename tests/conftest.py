@@ -30,9 +30,9 @@ ServeFn = Callable[[Callable[[UsbipServer], Awaitable[Any]]], Any]
 @pytest.fixture(autouse=True)
 def _no_system_config(monkeypatch: pytest.MonkeyPatch) -> None:
     """No test reads this machine's /etc/usbipy/usbipyd.toml."""
-    from usbipy.cli import usbipyd
+    from usbipy.config import file
 
-    monkeypatch.setattr(usbipyd, "DEFAULT_CONFIG", Path("/nonexistent/usbipy/usbipyd.toml"))
+    monkeypatch.setattr(file, "DEFAULT_PATH", Path("/nonexistent/usbipy/usbipyd.toml"))
 
 
 @pytest.fixture(autouse=True)

@@ -11,6 +11,7 @@ import wave
 from pathlib import Path
 from typing import Any
 
+from usbipy.config import Settings, config_path, read_settings
 from usbipy.protocol import (
     ClientConnection,
     CmdSubmit,
@@ -232,3 +233,11 @@ def signed_by(ca: Any, cn: str, key_path: Path | None = None, *, ip: str | None 
                                                serialization.PrivateFormat.PKCS8,
                                                serialization.NoEncryption()))
     return cert
+
+
+def daemon_settings(*argv: str) -> Settings:
+    """The settings usbipyd would run with, given ``argv``."""
+    from usbipy.cli import usbipyd
+
+    cli = usbipyd.build_parser().parse_args(list(argv))
+    return read_settings(config_path(cli.config), vars(cli))

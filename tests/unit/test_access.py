@@ -14,6 +14,7 @@ import pytest
 
 from usbipy.backends.base import DeviceSource, HandOffDevice
 from usbipy.client import ImportRefused, import_device, list_devices
+from usbipy.config import Limits
 from usbipy.devices import HidKeyboard
 from usbipy.policy import Action, ClientSelector, DeviceSelector, Policy, Rule
 from usbipy.protocol import (
@@ -27,7 +28,6 @@ from usbipy.protocol import (
     OpStatus,
 )
 from usbipy.server import UsbipServer
-from usbipy.server.limits import Limits
 
 from ..helpers import KEYBOARD
 

@@ -6,14 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import write_wav
+from tests.helpers import daemon_settings, write_wav
 from usbipy.cli import usbipyd
 from usbipy.devices import Tone, UsbAudio, WavSink, WavSource, Webcam
+from usbipy.server.service import emulated_devices
 
 
 def devices(*argv: str, config: Path | None = None) -> list[object]:
-    args = usbipyd.build_parser().parse_args(["-c", str(config or "/dev/null"), *argv])
-    return list(usbipyd.emulated_devices(usbipyd.read_settings(args).options))
+    settings = daemon_settings("-c", str(config or "/dev/null"), *argv)
+    return list(emulated_devices(settings.options))
 
 
 def test_options_add_the_streamers_after_the_demo(tmp_path: Path) -> None:

@@ -8,12 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import daemon_settings
 from usbipy.cli import usbipyd
-from usbipy.config import ConfigError, Document, load
-from usbipy.config.daemon import OPTIONS
+from usbipy.config import ConfigError, Document, Limits, Settings, load
+from usbipy.config import file as config_file
+from usbipy.config.options import DEFAULTS, SETTINGS, TABLES
 from usbipy.errors import UsbipError
 from usbipy.policy import Action
-from usbipy.server.limits import Limits
+from usbipy.server import service
 
 SAMPLE = """\
 # every key there is
@@ -98,9 +100,25 @@ def test_every_key_of_the_sample(tmp_path: Path) -> None:
 
 def test_every_option_of_usbipyd_has_a_key() -> None:
     # (what the command line sets, the file can set; flags that only act once are apart)
-    keys = {option.dest for table in OPTIONS.values() for option in table.values()}
-    dests = set(usbipyd.DEFAULTS) - {"daemon"}
-    assert dests == keys
+    keys = {setting.dest for table in TABLES.values() for setting in table.values()}
+    options = {action.dest for action in usbipyd.build_parser()._actions
+               if action.dest not in ("help", "version", "config", "check_config")}
+    assert options - keys == {"daemon"}
+    assert keys <= options
+
+
+def test_one_schema_makes_the_options_and_the_keys() -> None:
+    """Each setting's option and key come from the one entry: same dest, same kind."""
+    parser = usbipyd.build_parser()
+    by_flag = {flag: action for action in parser._actions for flag in action.option_strings}
+    for setting in SETTINGS:
+        for flag in setting.flags:
+            action = by_flag[flag]
+            assert action.dest == setting.dest and action.default is None
+            if setting.kind is not None and setting.kind.parse is not None:
+                assert action.type is setting.kind.parse
+            if setting.kind is not None and setting.kind.choices is not None:
+                assert tuple(action.choices or ()) == setting.kind.choices
 
 
 #: (file text, the error: FILE is the file's path)
@@ -228,8 +246,8 @@ device = { busid = "1-1" }
     assert doc.line(("policy", "rule", 1, "nothing")) == 13  # the rule's header
 
 
-def settings(*argv: str) -> usbipyd.Settings:
-    return usbipyd.read_settings(usbipyd.build_parser().parse_args(list(argv)))
+def settings(*argv: str) -> Settings:
+    return daemon_settings(*argv)
 
 
 def test_options_win_over_the_file(tmp_path: Path) -> None:
@@ -250,12 +268,12 @@ def test_options_win_over_the_file(tmp_path: Path) -> None:
 
 def test_no_file_means_no_policy_and_default_limits(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(usbipyd, "DEFAULT_CONFIG", tmp_path / "absent.toml")
+    monkeypatch.setattr(config_file, "DEFAULT_PATH", tmp_path / "absent.toml")
     plain = settings()
     assert plain.file is None and plain.policy.open and plain.limits == Limits()
     # the default file is read when it exists
     default = write(tmp_path, "[policy]\ndefault = 'deny'\n")
-    monkeypatch.setattr(usbipyd, "DEFAULT_CONFIG", default)
+    monkeypatch.setattr(config_file, "DEFAULT_PATH", default)
     assert settings().file == default and not settings().policy.open
 
 
@@ -313,7 +331,7 @@ def test_options_take_the_ranges_of_the_file(capsys: pytest.CaptureFixture[str],
 def test_namespace_keeps_every_default() -> None:
     ns = settings().options
     assert isinstance(ns, argparse.Namespace)
-    assert {k: getattr(ns, k) for k in usbipyd.DEFAULTS} == usbipyd.DEFAULTS
+    assert {k: getattr(ns, k) for k in DEFAULTS} == DEFAULTS
 
 
 ROOT = Path(__file__).parents[2]
@@ -399,9 +417,8 @@ def test_a_reload_reads_the_file_it_started_with(tmp_path: Path,
     import asyncio
 
     path = write(tmp_path, "[policy]\ndefault = 'deny'\n")
-    monkeypatch.setattr(usbipyd, "DEFAULT_CONFIG", path)
-    args = usbipyd.build_parser().parse_args([])
-    running = usbipyd.read_settings(args)
+    monkeypatch.setattr(config_file, "DEFAULT_PATH", path)
+    running = settings()
     assert running.file == path and not running.policy.open
     path.unlink()
 
@@ -409,7 +426,7 @@ def test_a_reload_reads_the_file_it_started_with(tmp_path: Path,
         async def reconfigure(self, *_: object) -> None:
             raise AssertionError("the policy must not change")
 
-    kept = asyncio.run(usbipyd._reload(Server(), args, running))  # type: ignore[arg-type]
+    kept = asyncio.run(service.reload(Server(), running))  # type: ignore[arg-type]
     assert kept is running
 
 

@@ -27,12 +27,12 @@ from usbipy.client import Backoff, ServerGone, import_device
 from usbipy.client import persistent as keeper_mod
 from usbipy.client.attach import Attached
 from usbipy.client.errors import ClientError, HostUnreachable, ImportRefused
+from usbipy.config import Limits
 from usbipy.devices import HidKeyboard
 from usbipy.keepalive import DEFAULT, Keepalive
 from usbipy.linux import vhci
 from usbipy.protocol import DeviceInfo, Direction, OpStatus, Speed
 from usbipy.server import UsbipServer
-from usbipy.server.limits import Limits
 
 from ..helpers import free_port
 
@@ -96,18 +96,17 @@ def test_the_client_sets_them_before_the_import(serve) -> None:
 
 
 def test_usbipyd_takes_the_timeout_from_the_file_and_the_option(tmp_path: Path) -> None:
-    from usbipy.cli import usbipyd
+    from tests.helpers import daemon_settings
 
     config = tmp_path / "usbipyd.toml"
     config.write_text("[limits]\ndead_peer_timeout = 8\n")
-    settings = usbipyd.read_settings(usbipyd.build_parser().parse_args(["-c", str(config)]))
+    settings = daemon_settings("-c", str(config))
     assert settings.limits.dead_peer_timeout == 8.0
-    settings = usbipyd.read_settings(usbipyd.build_parser().parse_args(
-        ["-c", str(config), "--dead-peer-timeout", "20"]))
+    settings = daemon_settings("-c", str(config), "--dead-peer-timeout", "20")
     assert settings.limits.dead_peer_timeout == 20.0
     config.write_text("[limits]\ndead_peer_timeout = 0\n")
     with pytest.raises(Exception, match=r"usbipyd.toml:2: limits.dead_peer_timeout: 0 is out"):
-        usbipyd.read_settings(usbipyd.build_parser().parse_args(["-c", str(config)]))
+        daemon_settings("-c", str(config))
 
 
 # --- the userspace client ------------------------------------------------------------------

@@ -328,13 +328,13 @@ def test_a_plain_error_from_a_device_being_unplugged_is_enodev(fake: object) -> 
 
 def test_usbipyd_names_bindings_it_cannot_serve(tmp_path: Path,
                                                 caplog: pytest.LogCaptureFixture) -> None:
-    from usbipy.cli import usbipyd
+    from usbipy.server import service
 
     store = BindingStore(tmp_path / "libusb-bindings.json")
     store.add(Binding(busid="2-1"))
     store.add(Binding.parse_device("1d6b:0104"))
     with caplog.at_level("WARNING", logger="usbipyd"):
-        usbipyd._unservable(store, "python-libusb1 is not installed: pip install "
+        service._unservable(store, "python-libusb1 is not installed: pip install "
                                    "'usbipy[libusb]'")
     assert [r.getMessage() for r in caplog.records] == [
         "not exporting busid 2-1: python-libusb1 is not installed: pip install "

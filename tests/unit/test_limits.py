@@ -14,9 +14,10 @@ import types
 import pytest
 
 from usbipy.client import import_device, list_devices
+from usbipy.config import Limits
 from usbipy.server import UsbipServer
 from usbipy.server import limits as limits_module
-from usbipy.server.limits import Admission, Limits, Slot
+from usbipy.server.limits import Admission, Slot
 
 
 class Clock:

@@ -22,6 +22,7 @@ import pytest
 from usbipy.backends.base import DeviceSource, HandOffDevice
 from usbipy.client import ClientError, ImportRefused, import_device, list_devices
 from usbipy.client.errors import TlsRefused
+from usbipy.config import Limits
 from usbipy.protocol import DeviceInfo, OpStatus
 from usbipy.server import UsbipServer, daemon, limits
 from usbipy.server.tls import ServerTls
@@ -710,14 +711,14 @@ def test_a_client_the_policy_drops_is_told_so_in_words(serve, pki: Pki) -> None:
         hint = ("the server reset the connection right after the handshake or the import: "
                 "its access policy may refuse this identity (its log says why)")
         keyboard = await import_device("127.0.0.1", "1-1", server.port, tls=context)
-        await server.reconfigure(nobody, limits.Limits())
+        await server.reconfigure(nobody, Limits())
         with pytest.raises(ServerGone) as lost:
             await keyboard.control(0x80, 6, 0x0100, 0, 18)
         assert str(lost.value) == f"the connection to 127.0.0.1:{server.port} was lost: {hint}"
-        await server.reconfigure(alice, limits.Limits())
+        await server.reconfigure(alice, Limits())
         blocking = await asyncio.to_thread(sync.connect, "127.0.0.1", "1-1", server.port,
                                            tls=context)
-        await server.reconfigure(nobody, limits.Limits())
+        await server.reconfigure(nobody, Limits())
         with pytest.raises(ServerGone) as lost:
             await asyncio.to_thread(blocking.control, 0x80, 6, 0x0100, 0, 18, timeout=5)
         assert str(lost.value) == f"the connection to 127.0.0.1:{server.port} was lost: {hint}"

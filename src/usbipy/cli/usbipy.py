@@ -32,6 +32,8 @@ from ..client import persistent
 from ..client.address import split_address
 from ..client.attach import attach
 from ..client.backoff import Backoff
+from ..config.values import MAX_SECONDS, positive, whole
+from ..daemonize import DaemonFailed, daemonize
 from ..errors import UsbipError
 from ..escape import printable
 from ..keepalive import DEFAULT_TIMEOUT, Keepalive
@@ -49,7 +51,6 @@ from ..linux.usbip_host import UsbipHostError
 from ..protocol import USBIP_PORT, DeviceInfo
 from ..tls import TlsError, TlsFiles, client_context
 from ..tls.certs import LEAF_DAYS
-from .types import positive, whole
 
 if TYPE_CHECKING:  # (loaded where used: each command starts with what it needs only)
     from ..backends.libusb.bindings import Binding
@@ -60,10 +61,6 @@ USB_CLASS_HUB = 0x09
 
 #: The socket of the system log, for -l.
 SYSLOG = "/dev/log"
-
-#: The longest time an option takes, in seconds (as usbipyd's).
-MAX_SECONDS = 3600.0
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="usbipy", description="USB/IP client (protocol 1.1.1).")
@@ -504,10 +501,10 @@ def _policy_device(busid: str, options: argparse.Namespace) -> DeviceFacts:
     from ..policy import DeviceFacts
     from ..server.access import facts_of  # (the server's modules: only this command)
     from ..server.registry import DeviceRegistry
-    from . import usbipyd
+    from ..server.service import emulated_devices
 
     registry = DeviceRegistry()
-    devices = usbipyd.emulated_devices(options, look_only=True)
+    devices = emulated_devices(options, look_only=True)
     try:
         for device in devices:
             registry.add(device)
@@ -526,14 +523,12 @@ def _policy_device(busid: str, options: argparse.Namespace) -> DeviceFacts:
 
 
 def _policy_check(args: argparse.Namespace) -> dict[str, object]:
-    from . import usbipyd
+    from .. import config
 
-    daemon_args = usbipyd.build_parser().parse_args(
-        ["--config", args.config] if args.config else [])
-    settings = usbipyd.read_settings(daemon_args)
+    settings = config.read_settings(config.config_path(args.config))
     if settings.file is None:
         raise UsbipError(f"policy check: no configuration file to check: "
-                         f"{usbipyd.DEFAULT_CONFIG} does not exist (give one with -c FILE)")
+                         f"{config.file.DEFAULT_PATH} does not exist (give one with -c FILE)")
     client = _policy_client(args.client, args.san, args.cert)
     device = _policy_device(args.device, settings.options)
     decision = settings.policy.decide(client, device)
@@ -629,10 +624,10 @@ def _doctor(args: argparse.Namespace, tls: TlsFiles | None) -> dict[str, object]
                               server_name=args.tls_server_name, attach=args.attach)
     else:
         port, files = args.tcp_port, tls
-        from ..config import DEFAULT_PATH
+        from ..config import config_path
         from ..config import load as load_config
 
-        path = args.config or (str(DEFAULT_PATH) if DEFAULT_PATH.exists() else None)
+        path = config_path(args.config)
         options: dict[str, Any] = {}
         problem = None
         if path is not None:
@@ -818,41 +813,27 @@ def _keep(keeper: persistent.Keeper, handler: logging.Handler, form: str) -> int
 def _background(keeper: persistent.Keeper) -> int:
     """Run ``keeper`` in the background; the keeper's pid, once it has started.
 
-    The keeper is a grandchild in its own session. Nothing of it returns into the
-    code that called main() (a program, a test runner): it ends with os._exit.
-    It says "started" through a pipe only once its log is open, so that the
+    The keeper is a daemon (:func:`usbipy.daemonize.daemonize`). Nothing of it
+    returns into the code that called main() (a program, a test runner): it ends
+    with os._exit. It says it is ready only once its log is open, so that the
     parent's success means something.
     """
-    read_end, write_end = os.pipe()
-    child = os.fork()
-    if child:
-        os.close(write_end)
-        with os.fdopen(read_end) as pipe:
-            lines = pipe.read().split()
-        os.waitpid(child, 0)
-        if len(lines) != 2 or not lines[0].isdigit() or lines[1] != "started":
-            raise UsbipError("the background keeper did not start"
-                             f"{f' (see {persistent.run_dir()}/{lines[0]}.log)' if lines else ''}")
-        return int(lines[0])
+    try:
+        started = daemonize()
+    except DaemonFailed as exc:
+        where = f" (see {persistent.run_dir()}/{exc.pid}.log)" if exc.pid is not None else ""
+        raise UsbipError(f"the background keeper did not start{where}") from None
+    if isinstance(started, int):
+        return started
     status = 1
     try:
-        os.close(read_end)
-        os.setsid()
-        if os.fork():
-            os._exit(0)
-        os.chdir("/")
-        os.write(write_end, f"{os.getpid()}\n".encode())
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(devnull, fd)
         import logging.handlers
 
         log_file = persistent.run_dir() / f"{os.getpid()}.log"
         log_file.parent.mkdir(parents=True, exist_ok=True)
         handler = logging.handlers.RotatingFileHandler(log_file, maxBytes=1 << 20,
                                                        backupCount=1)
-        os.write(write_end, b"started\n")
-        os.close(write_end)
+        started.ready()
         status = _keep(keeper, handler, "%(asctime)s usbipy: %(message)s")
         if status == 0:  # (its log is kept when it gave up: it says why)
             for path in (log_file, log_file.with_name(log_file.name + ".1")):

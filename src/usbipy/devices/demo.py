@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from ..backends.base import ExportedDevice
+from ..config.options import DEMO_DISK_SIZE
 from .cdc_acm import CdcAcm
 from .hid import HidKeyboard
 from .mass_storage import MassStorage
 from .serial_backends import PtyBackend, SerialBackend
 from .storage import ImageFile
-
-DEMO_DISK_SIZE = 64 * 1024 * 1024
 
 
 def demo_devices(*, disk: str | None = None, read_only: bool = False,

@@ -9,9 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..backends.base import AnyDevice
+from ..config.limits import Limits
 from ..policy import OPEN, Client, Decision, DeviceFacts, Policy
 from ..tls import TlsSession
-from .limits import Admission, Limits, RateLimitedLog
+from .limits import Admission, RateLimitedLog
 
 
 def facts_of(device: AnyDevice) -> DeviceFacts:

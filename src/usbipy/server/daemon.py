@@ -13,13 +13,14 @@ from typing import Any
 
 from ..backends.base import ExportedDevice, HandOffDevice
 from ..capture import Capture
+from ..config.limits import Limits
 from ..escape import printable
 from ..policy import OPEN, Policy
 from ..protocol import DEFAULT_MAX_TRANSFER, USBIP_PORT, OpStatus
 from ..tls import TlsSession
 from .access import Access, HandedOff
 from .connection import UsbipServerProtocol
-from .limits import Limits, Slot, client_key
+from .limits import Slot, client_key
 from .registry import DeviceRegistry
 from .stats import ServerStats
 from .tls import ServerTls, address_text, serve_tls_client

@@ -14,39 +14,10 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 
-from ..keepalive import DEFAULT_TIMEOUT, Keepalive
+from ..config.limits import Limits
 
 log = logging.getLogger("usbipy.server")
-
-
-@dataclass(frozen=True)
-class Limits:
-    #: Connections at once, all clients together (TLS handshakes included).
-    max_connections: int = 1000
-    #: Connections at once from one client address (an IPv6 /64).
-    max_connections_per_address: int = 64
-    #: New connections per second one client address may open, on average...
-    accept_rate: float = 20.0
-    #: ...and in a burst.
-    accept_burst: int = 100
-    #: Seconds a connection has to send its first complete OP request.
-    request_timeout: float = 30.0
-    #: Seconds a connection in the OP phase may send nothing.
-    idle_timeout: float = 10.0
-    #: Seconds of silence after which a peer is taken for dead, on every connection
-    #: (those handed to usbip-host too): TCP keepalive and TCP_USER_TIMEOUT, see
-    #: :mod:`usbipy.keepalive`.
-    dead_peer_timeout: float = DEFAULT_TIMEOUT
-
-    def __post_init__(self) -> None:
-        self.keepalive  # noqa: B018 (checked here, not in the accept loop: ValueError)
-
-    @property
-    def keepalive(self) -> Keepalive:
-        """The socket options for ``dead_peer_timeout``."""
-        return Keepalive(self.dead_peer_timeout)
 
 
 def client_key(addr: object) -> str:

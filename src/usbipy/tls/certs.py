@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..state import state_dir
+from ..statedir import state_dir
 from .errors import TlsError
 
 if TYPE_CHECKING:

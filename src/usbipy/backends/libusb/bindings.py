@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ...errors import UsbipError
-from ...state import state_dir
+from ...statedir import state_dir
 
 
 class BindingError(UsbipError):

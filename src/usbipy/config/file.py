@@ -14,8 +14,7 @@ import dataclasses
 import fnmatch
 import ipaddress
 import re
-from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,210 +27,18 @@ from ..policy import (
     Rule,
 )
 from ..policy.rules import IPNetwork
-from ..server.limits import Limits
+from .limits import Limits
+from .options import TABLES
 from .toml import ConfigError, Document, KeyPath, dotted
+from .values import check_choice, check_strings, shown, vid_pid_valid
 
 #: Where usbipyd looks when --config is not given.
 DEFAULT_PATH = Path("/etc/usbipy/usbipyd.toml")
 
-#: Four hex digits a side (as devices are compared: "046d:c52b"), or a pattern with a
-#: wildcard (* ? [...]); "46d:c52b" would never match anything.
-_HEX4 = re.compile(r"[0-9a-f]{4}", re.IGNORECASE)
-_ID_PATTERN = re.compile(r"[0-9a-f*?\[\]!-]+", re.IGNORECASE)
 _BUSID = re.compile(r"[0-9a-z.*?:\[\]!\-]+", re.IGNORECASE)
 
-#: The ranges a value may take, in the file and as an option.
-PORTS = (0, 65535)
-COUNTS = (1, 1 << 20)
-DISK_SIZES = (512, 1 << 50)
-#: A capture file's size in MB, and how many files the ring keeps.
-CAPTURE_SIZES = (1, 1 << 20)
-CAPTURE_FILES = (1, 1000)
-MAX_SECONDS = 3600.0
-MAX_RATE = 1e6
-
-
-def vid_pid_valid(pattern: str) -> bool:
-    sides = pattern.split(":")
-    return len(sides) == 2 and all(
-        _HEX4.fullmatch(side) or (any(c in side for c in "*?[") and _ID_PATTERN.fullmatch(side))
-        for side in sides)
-
-
-@dataclass(frozen=True)
-class _Option:
-    """A key that sets what a usbipyd option sets (``dest`` in argparse)."""
-
-    dest: str
-    check: Callable[[Document, KeyPath, Any], Any]
-
-
-def _string(doc: Document, path: KeyPath, value: Any) -> str:
-    if not isinstance(value, str):
-        raise doc.error(path, f"{_shown(value)} is not a string")
-    if not value:
-        raise doc.error(path, "empty")
-    return value
-
-
-def _file(doc: Document, path: KeyPath, value: Any) -> str:
-    return str(doc.path.parent / _string(doc, path, value))
-
-
-
-def _bool(doc: Document, path: KeyPath, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise doc.error(path, f"{_shown(value)} is not true or false")
-    return value
-
-
-def _int(low: int, high: int) -> Callable[[Document, KeyPath, Any], int]:
-    def check(doc: Document, path: KeyPath, value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise doc.error(path, f"{_shown(value)} is not a whole number")
-        if not low <= value <= high:
-            raise doc.error(path, f"{value} is out of range ({low} to {high})")
-        return value
-    return check
-
-
-def _seconds(high: float) -> Callable[[Document, KeyPath, Any], float]:
-    def check(doc: Document, path: KeyPath, value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise doc.error(path, f"{_shown(value)} is not a number of seconds")
-        if not 0 < value <= high:
-            raise doc.error(path, f"{value:g} is out of range (more than 0, at most {high:g})")
-        return float(value)
-    return check
-
-
-def _hertz(doc: Document, path: KeyPath, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 20000:
-        raise doc.error(path, f"{_shown(value)} is not a frequency of 20000 Hz or less")
-    return float(value)
-
-
-def _rate(doc: Document, path: KeyPath, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise doc.error(path, f"{_shown(value)} is not a positive number")
-    if not value <= MAX_RATE:
-        raise doc.error(path, f"{value:g} is out of range (at most {MAX_RATE:g})")
-    return float(value)
-
-
-def _choice(*choices: str) -> Callable[[Document, KeyPath, Any], str]:
-    def check(doc: Document, path: KeyPath, value: Any) -> str:
-        if value not in choices:
-            raise doc.error(path, f"{_shown(value)} is not one of {', '.join(choices)}")
-        return str(value)
-    return check
-
-
-def _strings(doc: Document, path: KeyPath, value: Any) -> tuple[str, ...]:
-    """A string or a list of strings, none empty."""
-    values = value if isinstance(value, list) else [value]
-    if not values:
-        raise doc.error(path, "an empty list")
-    return tuple(_string(doc, path, v) for v in values)
-
-
-def host_port(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
-    """``ADDR:PORT``, ``[V6ADDR]:PORT`` or ``PORT`` (on ``default_host``); ValueError
-    naming what is wrong (argparse shows it as the option's error)."""
-    host, port_text = default_host, text
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        if not rest.startswith(":"):
-            raise ValueError(f"{text!r}: expected [ADDRESS]:PORT")
-        port_text = rest[1:]
-    elif ":" in text:
-        if text.count(":") > 1:
-            raise ValueError(f"{text!r}: write an IPv6 address in brackets: [ADDRESS]:PORT")
-        host, _, port_text = text.partition(":")
-        host = host or default_host
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ValueError(f"{text!r}: the port must be a number from 0 to 65535")
-    return host, int(port_text)
-
-
-def _host_port(doc: Document, path: KeyPath, value: Any) -> tuple[str, int]:
-    if isinstance(value, int) and not isinstance(value, bool):  # (metrics = 9240)
-        value = str(value)
-    text = _string(doc, path, value)
-    try:
-        return host_port(text)
-    except ValueError as exc:
-        raise doc.error(path, str(exc)) from None
-
-
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def key_of(dest: str) -> str:
-    """The file's key for an option's ``dest``: "listen" for "address", "tls.cert"..."""
-    for table, options in OPTIONS.items():
-        for key, option in options.items():
-            if option.dest == dest:
-                return f"{table}.{key}" if table else key
-    return dest
-
-
-#: Keys at the top of the file and in [devices] and [tls], and the option each sets.
-OPTIONS: dict[str, dict[str, _Option]] = {
-    "": {
-        "listen": _Option("address", lambda d, p, v: list(_strings(d, p, v))),
-        "port": _Option("tcp_port", _int(*PORTS)),
-        "family": _Option("family", _choice("any", "ipv4", "ipv6")),
-        "state_dir": _Option("state_dir", _file),
-        "usbip_host": _Option("usbip_host", _bool),
-        "libusb": _Option("libusb", _bool),
-        "loop": _Option("loop", _choice("auto", "asyncio", "uvloop")),
-        "debug": _Option("debug", _bool),
-        "pid_file": _Option("pid", _file),
-    },
-    "devices": {
-        "demo": _Option("demo", _bool),
-        "disk": _Option("disk", _file),
-        "read_only": _Option("read_only", _bool),
-        "disk_size": _Option("disk_size", _int(*DISK_SIZES)),
-        "serial": _Option("serial", _choice("echo", "pty")),
-        "audio": _Option("audio", _bool),
-        "tone": _Option("tone", _hertz),
-        "microphone": _Option("microphone", _file),
-        "speaker": _Option("speaker", _file),
-        "webcam": _Option("webcam", _choice("iso", "bulk")),
-    },
-    "diagnostics": {
-        "capture": _Option("capture", _file),
-        "capture_size": _Option("capture_size", _int(*CAPTURE_SIZES)),
-        "capture_files": _Option("capture_files", _int(*CAPTURE_FILES)),
-        "metrics": _Option("metrics", _host_port),
-    },
-    "tls": {
-        "cert": _Option("tls_cert", _file),
-        "key": _Option("tls_key", _file),
-        "ca": _Option("tls_ca", _file),
-        "ktls": _Option("ktls", _choice("auto", "on", "off")),
-        "handshake_timeout": _Option("tls_handshake_timeout", _seconds(MAX_SECONDS)),
-        "plaintext_port": _Option("plaintext_port", _int(*PORTS)),
-    },
-}
-
-#: [limits] keys: Limits fields, and their checks.
-LIMIT_CHECKS: dict[str, Callable[[Document, KeyPath, Any], Any]] = {
-    "max_connections": _int(*COUNTS),
-    "max_connections_per_address": _int(*COUNTS),
-    "accept_rate": _rate,
-    "accept_burst": _int(*COUNTS),
-    "request_timeout": _seconds(MAX_SECONDS),
-    "idle_timeout": _seconds(MAX_SECONDS),
-    "dead_peer_timeout": _seconds(MAX_SECONDS),
-}
-assert set(LIMIT_CHECKS) == {f.name for f in fields(Limits)}
-
-_TABLES = ("devices", "diagnostics", "tls", "limits", "names", "policy")
+#: The tables that are not settings.
+_RULE_TABLES = ("names", "policy")
 _DEVICE_KEYS = ("busid", "vid_pid", "serial", "name")
 _CLIENT_KEYS = ("cn", "san", "ca", "network")
 
@@ -256,7 +63,7 @@ class DaemonConfig:
 
 def _table(doc: Document, path: KeyPath, value: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise doc.error(path, f"{_shown(value)} is not a table")
+        raise doc.error(path, f"{shown(value)} is not a table")
     return value
 
 
@@ -270,7 +77,7 @@ def _selector_fields(doc: Document, path: KeyPath, table: dict[str, Any],
     for key, value in table.items():
         if key not in known:
             raise _unknown(doc, (*path, key), known)
-        found[key] = _strings(doc, (*path, key), value)
+        found[key] = check_strings(doc, (*path, key), value)
     if not found:
         raise doc.error(path, f"names nothing (give one of {', '.join(known)})")
     return found
@@ -359,7 +166,8 @@ def _policy(doc: Document, value: Any, names: dict[str, DeviceSelector]) -> Poli
             where = ("policy", "rule", 0)
         raise ConfigError(f"{doc.where(where)}: policy.default: missing: say \"allow\" or "
                           '"deny" (what a client gets for a device no rule matches)')
-    default = Action(_choice("allow", "deny")(doc, ("policy", "default"), table["default"]))
+    default = Action(check_choice("allow", "deny")(doc, ("policy", "default"),
+                                                  table["default"]))
     rules_value = table.get("rule", [])
     if not isinstance(rules_value, list):
         raise doc.error(("policy", "rule"), "is not a list of rules: write [[policy.rule]]")
@@ -372,7 +180,7 @@ def _policy(doc: Document, value: Any, names: dict[str, DeviceSelector]) -> Poli
                 raise _unknown(doc, (*path, key), ("action", "device", "client"))
         if "action" not in rule:
             raise doc.error(path, 'action: missing: say "allow" or "deny"')
-        action = Action(_choice("allow", "deny")(doc, (*path, "action"), rule["action"]))
+        action = Action(check_choice("allow", "deny")(doc, (*path, "action"), rule["action"]))
         if "device" not in rule and "client" not in rule:
             raise doc.error(path, "names no device and no client (a rule for every client "
                                   "and device is policy.default)")
@@ -410,27 +218,29 @@ def parse(doc: Document) -> DaemonConfig:
     names: dict[str, DeviceSelector] = {}
     if "names" in data:
         names = _names(doc, data["names"])
+    top = TABLES[""]
     for key, value in data.items():
-        top = OPTIONS[""].get(key)
-        if top is not None:
-            config.options[top.dest] = top.check(doc, (key,), value)
-        elif key in ("devices", "diagnostics", "tls"):
+        if key in top:
+            setting = top[key]
+            assert setting.kind is not None
+            config.options[setting.dest] = setting.kind.check(doc, (key,), value)
+            config.origins[setting.dest] = f"{doc.where((key,))}: {key}"
+        elif key in TABLES:
             for path, item in doc.items((key,), _table(doc, (key,), value)):
-                option = OPTIONS[key].get(str(path[-1]))
-                if option is None:
-                    raise _unknown(doc, path, OPTIONS[key])
-                config.options[option.dest] = option.check(doc, path, item)
-                config.origins[option.dest] = f"{doc.where(path)}: {dotted(path)}"
-        elif key == "limits":
-            for path, item in doc.items((key,), _table(doc, (key,), value)):
-                check = LIMIT_CHECKS.get(str(path[-1]))
-                if check is None:
-                    raise _unknown(doc, path, LIMIT_CHECKS)
-                config.limits[str(path[-1])] = check(doc, path, item)
+                setting = TABLES[key].get(str(path[-1]))  # type: ignore[assignment]
+                if setting is None:
+                    raise _unknown(doc, path, TABLES[key])
+                assert setting.kind is not None
+                checked = setting.kind.check(doc, path, item)
+                if key == "limits":
+                    config.limits[setting.dest] = checked
+                else:
+                    config.options[setting.dest] = checked
+                    config.origins[setting.dest] = f"{doc.where(path)}: {dotted(path)}"
         elif key == "policy":
             config.policy = _policy(doc, value, names)
         elif key != "names":
-            raise _unknown(doc, (key,), [*OPTIONS[""], *_TABLES])
+            raise _unknown(doc, (key,), [*top, *(t for t in TABLES if t), *_RULE_TABLES])
     return config
 
 
