@@ -15,13 +15,37 @@ import usbipy
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_importing_the_codec_loads_no_io() -> None:
-    code = ("import sys, usbipy.protocol; "
-            "print(' '.join(m for m in ('asyncio', 'socket', 'selectors', 'ssl', "
-            "'usbipy.server', 'usbipy.client', 'usbipy.backends') if m in sys.modules))")
+#: What importing a module must not load: the layers below do not reach up, and
+#: what needs no event loop (or no network) does not load one.
+FORBIDDEN_LOADS = {
+    # the sans-IO codec: bytes in, messages out
+    "usbipy.protocol": ("asyncio", "socket", "selectors", "ssl", "usbipy.server",
+                        "usbipy.client", "usbipy.backends", "usbipy.config"),
+    # the USB spec's vocabulary is below the codec
+    "usbipy.usb": ("usbipy.protocol", "asyncio", "socket", "ssl"),
+    # the access rules are pure
+    "usbipy.policy": ("asyncio", "socket", "ssl", "usbipy.server"),
+    # the settings are below the server that runs with them
+    "usbipy.config": ("usbipy.server", "usbipy.backends", "usbipy.devices", "usbipy.capture",
+                      "asyncio"),
+    # the blocking client and what is built on it need no event loop
+    "usbipy.client.sync": ("asyncio", "usbipy.client.userspace", "usbipy.server"),
+    "usbipy.client.transfers": ("asyncio", "usbipy.client.userspace"),
+    "usbipy.pyusb": ("asyncio", "usbipy.client.userspace", "usbipy.server"),
+    # the captures' blocks and records are sans-IO too
+    "usbipy.capture.pcapng": ("asyncio", "socket", "usbipy.server"),
+    "usbipy.capture.usbmon": ("asyncio", "socket", "usbipy.server"),
+}
+
+
+@pytest.mark.parametrize("module", sorted(FORBIDDEN_LOADS))
+def test_importing_loads_nothing_above_it(module: str) -> None:
+    forbidden = FORBIDDEN_LOADS[module]
+    code = (f"import sys, {module}; "
+            f"print(' '.join(m for m in {forbidden!r} if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True)
-    assert result.stdout.strip() == ""
+    assert result.stdout.strip() == "", f"importing {module} loads {result.stdout.strip()}"
 
 
 def test_the_top_level_names_load_on_use() -> None:
