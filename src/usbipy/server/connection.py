@@ -13,18 +13,17 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import os
 import socket
 from collections.abc import Awaitable, Coroutine
 from typing import Any, cast
 
-from ..backends.base import AnyDevice, Completion, ExportedDevice, HandOffDevice
+from ..backends.base import Completion, ExportedDevice, HandOffDevice
 from ..capture import Capture, UrbRecorder
 from ..escape import printable
-from ..policy import Decision
 from ..protocol import (
     CmdSubmit,
     CmdUnlink,
+    DeviceInfo,
     Direction,
     OpRepDevlist,
     OpRepImport,
@@ -37,7 +36,8 @@ from ..protocol import (
 )
 from ..protocol.constants import ECONNRESET, EPROTO
 from ..tls import TlsSession
-from .access import Access, HandedOff, client_of
+from .access import Access, client_of
+from .importing import import_device
 from .limits import Slot, client_key
 from .memory import give_back
 from .peerwatch import bytes_acked, peer_gone
@@ -207,7 +207,7 @@ class UsbipServerProtocol(asyncio.Protocol):
                     self._start_op(self._devlist())
                     return  # the rest waits for the reply
                 elif type(event) is OpReqImport:
-                    self._start_op(self._import(event.busid))
+                    self._start_op(import_device(self, event.busid))
                     return
                 if self._closed:
                     return
@@ -348,66 +348,26 @@ class UsbipServerProtocol(asyncio.Protocol):
                  f" ({hidden} not shown by the access policy)" if hidden else "")
         self._close()
 
-    def _revoked_meanwhile(self, generation: int, device: AnyDevice) -> bool:
-        """Whether a reload during this import took the device from this client."""
-        if self.access.generation == generation:
-            return False
-        decision = self.access.decide(self.client, device)
-        if decision.allowed:
-            return False
-        log.warning("%s: import of %s denied by %s (reloaded during the import)", self.peer,
-                    printable(device.busid), decision.reason)
-        return True
+    # --- the import (importing.py decides; these are what it asks of the connection) ---
 
-    async def _import(self, busid: str) -> None:
-        shown = printable(busid)
-        decision: Decision | None = None
-        generation = self.access.generation
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
-        def permitted(device: AnyDevice) -> bool:
-            nonlocal decision
-            decision = self.access.decide(self.client, device)
-            return decision.allowed
+    @property
+    def client_key(self) -> str:
+        return self._client_key
 
-        status, device = await self.registry.claim(busid, self, permitted)
-        if device is None:
-            if decision is not None and not decision.allowed:
-                # Refused as an unknown device is (NODEV), so the reply tells the client
-                # nothing about what it may not use; the log says which rule refused
-                # (once per 10 s per client address: a client cannot flood the log).
-                self.access.log.warning(
-                    f"denied {self._client_key}",
-                    f"{self.peer}: import of {shown} denied by {decision.reason}")
-            else:
-                log.info("%s: import of %s refused: %s", self.peer, shown, status.name)
-            self._refuse(status)
-            return
-        if isinstance(device, HandOffDevice):
-            await self._hand_off(device, generation)
-            return
-        if self._closed:  # the client left while we looked
-            self.registry.release(busid, self)
-            return
-        try:
-            await device.attach()
-            info = device.info
-        except Exception:
-            log.exception("%s: attaching %s failed", self.peer, shown)
-            self.registry.release(busid, self)
-            self._refuse(OpStatus.DEV_ERR)
-            return
-        if self._closed:
-            await self._release(device)
-            return
-        if self._revoked_meanwhile(generation, device):
-            try:
-                await device.detach()
-            except Exception:
-                log.exception("%s: releasing %s failed", self.peer, shown)
-            finally:
-                self.registry.release(busid, self)
-            self._refuse(OpStatus.NODEV)
-            return
+    def client_socket(self) -> socket.socket:
+        assert self._transport is not None
+        sock: socket.socket = self._transport.get_extra_info("socket")
+        return sock
+
+    def refuse(self, status: OpStatus) -> None:
+        self._write(self.conn.send(OpRepImport(status)))
+        self._close()
+
+    def serve(self, device: ExportedDevice, info: DeviceInfo) -> None:
         self.device = device
         device.drop_client = self._close
         if self._capture is not None:
@@ -416,69 +376,18 @@ class UsbipServerProtocol(asyncio.Protocol):
             self._stats.imported(device.busid, self.client)
             self._key_in, self._key_out = (device.busid, "in"), (device.busid, "out")
         self._write(self.conn.send(OpRepImport(OpStatus.OK, info)))
-        log.info("%s: imported %s", self.peer, shown)
 
-    def _refuse(self, status: OpStatus) -> None:
-        self._write(self.conn.send(OpRepImport(status)))
-        self._close()
-
-    async def _hand_off(self, device: HandOffDevice, generation: int) -> None:
-        # As usbipd: give the socket to the kernel, then reply, then close our
-        # copy. The client sends no URB before it has the reply, so the kernel
-        # reads the first one; we must not read anything past this point
-        # (reading is paused since the request came).
-        assert self._transport is not None
-        if self.tls is not None and not self.tls.kernel:
-            # The kernel cannot take over a session whose keys live in this process.
-            log.error("%s: cannot hand %s to usbip-host over TLS: kernel TLS is not "
-                      "available here ('modprobe tls', then restart usbipyd)", self.peer,
-                      printable(device.busid))
-            self.registry.release(device.busid, self)
-            self._refuse(OpStatus.NA)
-            return
-        if self._revoked_meanwhile(generation, device):
-            self._refuse(OpStatus.NODEV)
-            return
-        sock = self._transport.get_extra_info("socket")
-        fd = sock.fileno()
-        # Recorded before the hand-off, as pending: a reload meanwhile leaves it to
-        # _revoked_meanwhile below, and a failed hand-off puts back what was there.
-        handed = self.access.handed_off
-        previous = handed.get(device.busid)
-        entry = HandedOff(device, self.client, self.peer, pending=True)
-        handed[device.busid] = entry
-        try:
-            # The kernel's usbip threads expect a blocking socket, as usbipd gives it.
-            os.set_blocking(fd, True)
-            await asyncio.to_thread(device.hand_off, fd)
-        except OSError as exc:
-            if handed.get(device.busid) is entry:
-                if previous is not None:
-                    handed[device.busid] = previous
-                else:
-                    del handed[device.busid]
-            log.error("%s: handing %s to the kernel failed: %s", self.peer,
-                      printable(device.busid), exc.strerror or exc)
-            os.set_blocking(fd, False)
-            self._refuse(OpStatus.NA)
-            return
-        entry.pending = False
-        if self._revoked_meanwhile(generation, device):
-            # The kernel has the socket: end its session, and say nothing more.
-            if self.access.handed_off.get(device.busid) is entry:
-                del self.access.handed_off[device.busid]
-            try:
-                await asyncio.to_thread(device.take_back)
-            except OSError as exc:
-                log.error("%s: cannot end the session on %s: %s", self.peer,
-                          printable(device.busid), exc.strerror or exc)
-            self._close()
-            return
+    def served_by_kernel(self, device: HandOffDevice) -> None:
         self._write(self.conn.send(OpRepImport(OpStatus.OK, device.info)))
         if self._stats is not None:
             self._stats.imported(device.busid, self.client)
-        log.info("%s: imported %s (served by the kernel)", self.peer, printable(device.busid))
         self._close()
+
+    def hang_up(self) -> None:
+        self._close()
+
+    async def release(self, device: ExportedDevice) -> None:
+        await self._release(device)
 
     # --- URB phase ---------------------------------------------------------------
 
