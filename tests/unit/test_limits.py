@@ -35,6 +35,42 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     return fake
 
 
+def test_every_decision_on_a_new_connection_is_the_admissions(
+        clock: Clock, caplog: pytest.LogCaptureFixture) -> None:
+    """accept(): the handshake cap per address first (a refused newcomer makes no one
+    room), then the rate and the caps; each refusal logged; handshakes capped in all,
+    the oldest ended to make room."""
+    admission = Admission(Limits(accept_burst=10_000, max_connections=10_000,
+                                 max_connections_per_address=10_000))
+    ended: list[int] = []
+    per_address = limits_module.MAX_HANDSHAKES_PER_ADDRESS
+    with caplog.at_level(logging.WARNING, logger="usbipy.server"):
+        for i in range(per_address):
+            slot = admission.accept("10.0.0.1", f"10.0.0.1:{i}", handshake=True)
+            assert isinstance(slot, Slot)
+            admission.handshaking(slot, functools.partial(ended.append, i))
+        assert admission.accept("10.0.0.1", "10.0.0.1:99", handshake=True) is None
+        assert "10.0.0.1: too many TLS handshakes in progress" in caplog.text
+        assert admission.connections == per_address  # (counted nowhere)
+        # a plaintext connection is no handshake; another address has its own count
+        assert admission.accept("10.0.0.1", "10.0.0.1:100") is not None
+        others = 0
+        while admission.handshakes < limits_module.MAX_HANDSHAKES:
+            client = f"10.1.{others // per_address}.1"
+            slot = admission.accept(client, client, handshake=True)
+            assert slot is not None
+            admission.handshaking(slot, lambda: None)
+            others += 1
+        assert ended == []
+        newest = admission.accept("10.9.9.9", "10.9.9.9:1", handshake=True)
+        assert newest is not None
+        admission.handshaking(newest, lambda: None)
+        assert ended == [0] and admission.handshakes == limits_module.MAX_HANDSHAKES
+        assert "TLS handshakes in progress: the oldest was closed to make room" in caplog.text
+        admission.handshake_over(newest)
+        assert admission.handshakes == limits_module.MAX_HANDSHAKES - 1
+
+
 def test_the_accept_rate_is_a_token_bucket_per_address(clock: Clock) -> None:
     admission = Admission(Limits(accept_rate=2, accept_burst=3))
     slots = [admission.admit("10.0.0.1") for _ in range(3)]

@@ -24,7 +24,7 @@ from usbipy.client import ClientError, ImportRefused, import_device, list_device
 from usbipy.client.errors import TlsRefused
 from usbipy.config import Limits
 from usbipy.protocol import DeviceInfo, OpStatus
-from usbipy.server import UsbipServer, daemon, limits
+from usbipy.server import UsbipServer, limits
 from usbipy.server.tls import ServerTls
 from usbipy.tls import TlsError, TlsFiles, certs, client_context, ktls, server_context
 
@@ -450,7 +450,7 @@ def test_kernel_tls_is_recognised_whatever_the_cipher(sock: _KernelTlsSocket,
 def test_a_flood_of_idle_connections_holds_a_bounded_number_of_handshakes(
         serve, pki: Pki, caplog) -> None:
     caplog.set_level(logging.INFO, "usbipy.server")
-    flood = daemon.MAX_HANDSHAKES_PER_ADDRESS + 24
+    flood = limits.MAX_HANDSHAKES_PER_ADDRESS + 24
 
     async def test(server: UsbipServer) -> None:
         loop = asyncio.get_running_loop()
@@ -464,7 +464,7 @@ def test_a_flood_of_idle_connections_holds_a_bounded_number_of_handshakes(
         try:
             async with asyncio.timeout(5):  # those over the cap are closed at once
                 closed = 0
-                while closed < flood - daemon.MAX_HANDSHAKES_PER_ADDRESS:
+                while closed < flood - limits.MAX_HANDSHAKES_PER_ADDRESS:
                     await asyncio.sleep(0.05)
                     closed = 0
                     for sock in idle:
@@ -474,7 +474,7 @@ def test_a_flood_of_idle_connections_holds_a_bounded_number_of_handshakes(
                             pass
                         except ConnectionResetError:
                             closed += 1
-            assert len(server._handshakes) == daemon.MAX_HANDSHAKES_PER_ADDRESS
+            assert server.access.admission.handshakes == limits.MAX_HANDSHAKES_PER_ADDRESS
             await _served(server.port, pki)  # another address is served meanwhile
         finally:
             for sock in idle:
@@ -591,7 +591,7 @@ def test_close_right_after_accepting_frees_every_handshake(pki: Pki) -> None:
                 clients.append(sock)
             await asyncio.sleep(0)
             await server.close()
-            left += len(server._handshakes) + len(server._tasks)
+            left += server.access.admission.handshakes + len(server._tasks)
             for sock in clients:
                 sock.close()
         return left
@@ -683,10 +683,10 @@ def test_stalled_handshakes_from_many_addresses_keep_no_real_client_out(
                 await loop.sock_connect(sock, ("127.0.0.1", server.port))
                 idle.append(sock)
             for _ in range(500):  # until the server has taken them in (10 s at most)
-                if server.access.admission.connections >= daemon.MAX_HANDSHAKES:
+                if server.access.admission.connections >= limits.MAX_HANDSHAKES:
                     break
                 await asyncio.sleep(0.02)
-            assert len(server._handshakes) == daemon.MAX_HANDSHAKES
+            assert server.access.admission.handshakes == limits.MAX_HANDSHAKES
             await _served(server.port, pki)  # (a handshake, then the list, in 5 s)
         finally:
             for sock in idle:

@@ -58,7 +58,7 @@ class Access:
     generation: int = 0
 
     def __post_init__(self) -> None:
-        self.admission = Admission(self.limits)
+        self.admission = Admission(self.limits, self.log)
 
     def reconfigure(self, policy: Policy, limits: Limits) -> None:
         self.policy = policy

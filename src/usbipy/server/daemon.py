@@ -27,11 +27,6 @@ from .tls import ServerTls, address_text, serve_tls_client
 
 log = logging.getLogger("usbipy.server")
 
-#: TLS handshakes in progress at once, in all and from one address (an IPv6 /64);
-#: beyond, new connections are closed at once.
-MAX_HANDSHAKES = 256
-MAX_HANDSHAKES_PER_ADDRESS = 16
-
 
 def listen_sockets(hosts: Sequence[str], port: int,
                    family: socket.AddressFamily = socket.AF_UNSPEC) -> list[socket.socket]:
@@ -102,8 +97,6 @@ class UsbipServer:
         #: Listening sockets, each with the TLS its clients must speak (None: plaintext).
         self._listeners: list[tuple[socket.socket, ServerTls | None]] = []
         self._tasks: set[asyncio.Task[None]] = set()
-        #: Every handshake in progress, oldest first, and its client.
-        self._handshakes: dict[asyncio.Task[None], str] = {}
         #: Resolved by close(): serve_forever() returns.
         self._stopped: asyncio.Future[None] | None = None
 
@@ -165,27 +158,12 @@ class UsbipServer:
                 sock.close()
                 log.debug("%s: %s", printable(address_text(addr)), exc.strerror or exc)
                 continue
-            host = client_key(addr)
-            if tls is not None and (sum(h == host for h in self._handshakes.values())
-                                    >= MAX_HANDSHAKES_PER_ADDRESS):
-                # (before admission: a refused newcomer must not make anyone room)
-                sock.close()
-                self._report_full(host)
-                continue
             admission = self.access.admission
-            evicted = admission.evicted
-            slot = admission.admit(host)
-            if isinstance(slot, str):
+            slot = admission.accept(client_key(addr), printable(address_text(addr)),
+                                    handshake=tls is not None)
+            if slot is None:
                 sock.close()
-                self.access.log.warning(
-                    "admission", f"{printable(address_text(addr))}: connection refused: "
-                                 f"{slot}")
                 continue
-            if admission.evicted != evicted:
-                self.access.log.warning(
-                    "eviction", f"{admission.connections} connections in all "
-                                "(max_connections): the one that waited longest for its "
-                                "request was closed to make room")
             if tls is None:
                 try:
                     await loop.connect_accepted_socket(
@@ -196,16 +174,6 @@ class UsbipServer:
                     log.warning("%s: cannot serve the connection: %s",
                                 printable(address_text(addr)), exc)
                 continue
-            # Each pending handshake holds a socket for up to the handshake timeout:
-            # capped per address (above: beyond, refused) and in all (beyond, the
-            # oldest makes room: stalled handshakes never keep a real client out).
-            if len(self._handshakes) >= MAX_HANDSHAKES:
-                oldest = next(iter(self._handshakes))
-                del self._handshakes[oldest]
-                oldest.cancel()
-                self.access.log.warning(
-                    "handshake eviction", f"{MAX_HANDSHAKES} TLS handshakes in progress: "
-                                          "the oldest was closed to make room")
             made: list[UsbipServerProtocol] = []
 
             def protocol(session: TlsSession | None, slot: Slot = slot,
@@ -216,7 +184,7 @@ class UsbipServer:
             task = asyncio.ensure_future(serve_tls_client(sock, addr, tls, protocol,
                                                           self._handshake_warning))
             self._tasks.add(task)
-            self._handshakes[task] = host
+            admission.handshaking(slot, task.cancel)  # (counted until it is over)
             admission.waiting(slot, task.cancel)  # (until its protocol waits in its place)
             # Owned here, not inside the coroutine: a task cancelled before it ever
             # ran (close() right after an accept) still frees its slot and socket.
@@ -231,17 +199,11 @@ class UsbipServer:
     def _handshake_done(self, sock: socket.socket, slot: Slot,
                         made: list[UsbipServerProtocol], task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        self._handshakes.pop(task, None)
+        self.access.admission.handshake_over(slot)
         if not made:  # (no protocol to count the connection until it goes)
             slot.release()
         if task.cancelled():
             sock.close()  # (taken over by then on every other path: closing is harmless)
-
-    def _report_full(self, host: str) -> None:
-        self.access.log.warning(
-            "handshakes", f"{printable(host)}: too many TLS handshakes in progress from "
-                          f"this address (at most {MAX_HANDSHAKES_PER_ADDRESS}): connection "
-                          "closed")
 
     def _addresses(self) -> list[tuple[tuple[str, int], ServerTls | None]]:
         return [(s.getsockname()[:2], tls) for s, tls in self._listeners]

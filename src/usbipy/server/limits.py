@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from ..config.limits import Limits
+from ..escape import printable
 
 log = logging.getLogger("usbipy.server")
 
@@ -86,20 +87,32 @@ class Slot:
             self._admission._leave(self)
 
 
+#: TLS handshakes in progress at most, in all and from one address (an IPv6 /64):
+#: each holds a socket for up to the handshake timeout.
+MAX_HANDSHAKES = 256
+MAX_HANDSHAKES_PER_ADDRESS = 16
+
+
 class Admission:
-    """Which new connections are taken, and how many each client holds.
+    """Which new connections are taken, and how many each client holds: every
+    decision on a new connection is made here (:meth:`accept`).
 
     At the total cap, a new connection takes the place of the one that has
     waited longest without sending its request: connections that send
-    nothing can fill the table, but never keep a real client out.
+    nothing can fill the table, but never keep a real client out. TLS
+    handshakes in progress are capped per address (beyond, refused) and in all
+    (beyond, the oldest makes room: stalled handshakes never keep a real
+    client out).
     """
 
     #: Buckets kept at most (a flood from many addresses must not grow them
     #: without bound); full buckets of idle clients are dropped first.
     MAX_BUCKETS = 65536
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, limits: Limits, log: RateLimitedLog | None = None) -> None:
         self.limits = limits
+        #: Where refusals and evictions are told, at most once per 10 s per kind.
+        self.log = log if log is not None else RateLimitedLog()
         self.connections = 0
         #: Connections closed to make room for new ones, since the start.
         self.evicted = 0
@@ -108,6 +121,53 @@ class Admission:
         #: Connections still waiting for their request, oldest first, and how to
         #: close each.
         self._waiting: dict[Slot, Callable[[], object]] = {}
+        #: Connections in their TLS handshake, oldest first, and how to end each.
+        self._handshakes: dict[Slot, Callable[[], object]] = {}
+
+    def accept(self, client: str, shown: str, *, handshake: bool = False) -> Slot | None:
+        """The decision on a new connection from ``client`` (its :func:`client_key`;
+        ``shown``: its address for the log): its slot, or None when it is refused
+        (the log says why). ``handshake``: it begins with a TLS handshake."""
+        if handshake and self.handshakes_from(client) >= MAX_HANDSHAKES_PER_ADDRESS:
+            # (before admission: a refused newcomer must not make anyone room)
+            self.log.warning(
+                "handshakes", f"{printable(client)}: too many TLS handshakes in progress from "
+                              f"this address (at most {MAX_HANDSHAKES_PER_ADDRESS}): "
+                              "connection closed")
+            return None
+        evicted = self.evicted
+        slot = self.admit(client)
+        if isinstance(slot, str):
+            self.log.warning("admission", f"{shown}: connection refused: {slot}")
+            return None
+        if self.evicted != evicted:
+            self.log.warning("eviction", f"{self.connections} connections in all "
+                                         "(max_connections): the one that waited longest "
+                                         "for its request was closed to make room")
+        return slot
+
+    def handshaking(self, slot: Slot, end: Callable[[], object]) -> None:
+        """``slot``'s connection is in its TLS handshake; ``end`` ends it. At the cap,
+        the oldest handshake is ended to make room."""
+        if len(self._handshakes) >= MAX_HANDSHAKES:
+            oldest = next(iter(self._handshakes))
+            self._handshakes.pop(oldest)()
+            self.log.warning("handshake eviction", f"{MAX_HANDSHAKES} TLS handshakes in "
+                                                   "progress: the oldest was closed to make "
+                                                   "room")
+        self._handshakes[slot] = end
+
+    def handshake_over(self, slot: Slot) -> None:
+        """``slot``'s handshake ended, whichever way."""
+        self._handshakes.pop(slot, None)
+
+    @property
+    def handshakes(self) -> int:
+        """TLS handshakes in progress."""
+        return len(self._handshakes)
+
+    def handshakes_from(self, client: str) -> int:
+        return sum(slot.client == client for slot in self._handshakes)
 
     def admit(self, client: str) -> Slot | str:
         """Count a new connection from ``client``; or say why it is refused."""
@@ -150,6 +210,7 @@ class Admission:
 
     def _leave(self, slot: Slot) -> None:
         self._waiting.pop(slot, None)
+        self._handshakes.pop(slot, None)
         client = slot.client
         self.connections -= 1
         self._per_client[client] -= 1
