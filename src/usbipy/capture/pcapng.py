@@ -30,13 +30,14 @@ OPT_IF_TSRESOL: Final = 9
 #: fields, for a caller that packs its packet's own header in the same call).
 EPB_HEAD_FIELDS: Final = "IIIIIII"
 EPB_HEAD: Final = struct.Struct("<" + EPB_HEAD_FIELDS)
+#: What starts every block: its type and total length.
+BLOCK_HEAD: Final = struct.Struct("<II")
 #: What ends every block: its total length again.
 BLOCK_TRAILER: Final = struct.Struct("<I")
 #: An enhanced packet block's bytes besides its packet and padding.
 EPB_OVERHEAD: Final = EPB_HEAD.size + BLOCK_TRAILER.size
 #: Padding to 4 bytes, by how many are missing (-length & 3).
 PADS: Final = (b"", b"\0", b"\0\0", b"\0\0\0")
-_U32 = BLOCK_TRAILER
 
 
 def _options(*options: tuple[int, bytes]) -> bytes:
@@ -48,8 +49,8 @@ def _options(*options: tuple[int, bytes]) -> bytes:
 
 
 def _block(block_type: int, body: bytes) -> bytes:
-    total = 12 + len(body)
-    return _U32.pack(block_type) + _U32.pack(total) + body + _U32.pack(total)
+    total = BLOCK_HEAD.size + len(body) + BLOCK_TRAILER.size
+    return BLOCK_HEAD.pack(block_type, total) + body + BLOCK_TRAILER.pack(total)
 
 
 def section_header(application: str) -> bytes:

@@ -102,17 +102,8 @@ class UrbRecorder:
             if len(data) > self._snaplen:
                 data = data[:self._snaplen]
             data_flag = 0
-        ts = time.time_ns() // 1000
-        length = USBMON_SIZE + len(data)
-        pad = -length & 3
-        total = EPB_OVERHEAD + length + pad
-        self._emit(b"".join((
-            HEAD.pack(EPB_TYPE, total, 0, ts >> 32, ts & 0xFFFFFFFF, length, length,
-                      self._id_base | urb.seqnum, EVENT_SUBMIT, kind, address, self._devnum,
-                      self._busnum, setup_flag, data_flag, ts // 1_000_000, ts % 1_000_000,
-                      EINPROGRESS, urb.transfer_buffer_length, len(data), setup,
-                      urb.interval, urb.start_frame, urb.transfer_flags, 0),
-            data, PADS[pad], BLOCK_TRAILER.pack(total))))
+        self._record(urb, EVENT_SUBMIT, kind, address, setup_flag, data_flag, EINPROGRESS,
+                     urb.transfer_buffer_length, data, setup, urb.start_frame)
 
     def completed(self, urb: CmdSubmit, status: int, data: bytes, actual_length: int,
                   iso_packets: list[IsoPacket] | None = None, error_count: int = 0,
@@ -139,16 +130,23 @@ class UrbRecorder:
         else:
             data = b""
             data_flag = _DATA_OUT_DONE
+        self._record(urb, EVENT_COMPLETE, kind, address, _NO_SETUP, data_flag, status,
+                     actual_length, data, _ZERO_SETUP, start_frame)
+
+    def _record(self, urb: CmdSubmit, event: int, kind: int, address: int, setup_flag: int,
+                data_flag: int, status: int, urb_len: int, data: bytes, setup: bytes,
+                start_frame: int) -> None:
+        """One non-isochronous record, in its enhanced packet block."""
         ts = time.time_ns() // 1000
         length = USBMON_SIZE + len(data)
         pad = -length & 3
         total = EPB_OVERHEAD + length + pad
         self._emit(b"".join((
             HEAD.pack(EPB_TYPE, total, 0, ts >> 32, ts & 0xFFFFFFFF, length, length,
-                      self._id_base | urb.seqnum, EVENT_COMPLETE, kind, address, self._devnum,
-                      self._busnum, _NO_SETUP, data_flag, ts // 1_000_000, ts % 1_000_000,
-                      status, actual_length, len(data), _ZERO_SETUP, urb.interval,
-                      start_frame, urb.transfer_flags, 0),
+                      self._id_base | urb.seqnum, event, kind, address, self._devnum,
+                      self._busnum, setup_flag, data_flag, ts // 1_000_000, ts % 1_000_000,
+                      status, urb_len, len(data), setup, urb.interval, start_frame,
+                      urb.transfer_flags, 0),
             data, PADS[pad], BLOCK_TRAILER.pack(total))))
 
     def exchanged(self, urb: CmdSubmit, status: int, data: bytes, actual_length: int) -> None:

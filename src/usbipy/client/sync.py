@@ -314,10 +314,17 @@ class Device:
                setup: bytes = bytes(8), transfer_flags: int = 0,
                iso_packets: list[IsoPacket] | None = None, interval: int = 0) -> int:
         """Send CMD_SUBMIT; its seqnum, for :meth:`wait` (status unchecked there)."""
+        return self._submit(ep, direction, length, data, setup, transfer_flags, iso_packets,
+                            interval)
+
+    def _submit(self, ep: int, direction: Direction, length: int, data: bytes, setup: bytes,
+                transfer_flags: int, iso_packets: list[IsoPacket] | None, interval: int
+                ) -> int:
         if direction is Direction.OUT:
             length = len(data)
         with self._codec:
-            self._check_open()
+            if self._closed or self._error is not None:
+                self._check_open()
             seqnum = self._conn.next_seqnum()
             wire = self._conn.send_submit(seqnum, self.info.devid, direction, ep,
                                           transfer_flags, length, setup, data, 0, 0, interval,
@@ -364,17 +371,8 @@ class Device:
         track of the URB, and the connection is closed. An exception that
         interrupts the wait (KeyboardInterrupt) unlinks it too, without waiting.
         """
-        # (submit() inlined: this is the path of every PyUSB call)
-        if direction is Direction.OUT:
-            length = len(data)
-        with self._codec:
-            if self._closed or self._error is not None:
-                self._check_open()
-            seqnum = self._conn.next_seqnum()
-            wire = self._conn.send_submit(seqnum, self.info.devid, direction, ep,
-                                          transfer_flags, length, setup, data, 0, 0, interval,
-                                          iso_packets)
-        self._send(wire)
+        seqnum = self._submit(ep, direction, length, data, setup, transfer_flags, iso_packets,
+                              interval)
         try:
             ret = self._wait(seqnum, None if timeout is None else time.monotonic() + timeout)
         except TimeoutError:

@@ -242,6 +242,17 @@ class _Connection:
             yield event
 
     def _parse(self) -> Event:
+        if self.phase is Phase.URB:
+            return self._parse_urb()
+        if not self.buffered:
+            return NEED_DATA
+        head = self._op_header()
+        if head is None:
+            return NEED_DATA
+        return self._parse_op(*head)
+
+    def _parse_op(self, op: OpCode, status: int) -> Event:
+        """The OP message whose header (``op``, ``status``) is in front."""
         raise NotImplementedError
 
     def _parse_urb(self) -> Event:
@@ -568,16 +579,7 @@ class ServerConnection(_Connection):
 
     # --- decoding -------------------------------------------------------------------
 
-    def _parse(self) -> Event:
-        phase = self.phase
-        if phase is Phase.URB:
-            return self._parse_urb()
-        if not self.buffered:
-            return NEED_DATA
-        head = self._op_header()
-        if head is None:
-            return NEED_DATA
-        op, _status = head
+    def _parse_op(self, op: OpCode, status: int) -> Event:
         if op is OpCode.REQ_DEVLIST:
             self._pos += _OP_HEADER.size
             self._received(Kind.OP_REQ_DEVLIST)
@@ -714,16 +716,7 @@ class ClientConnection(_Connection):
             direction, transfer_buffer_length, len(iso_packets) if iso_packets is not None else 0)
         return encoded
 
-    def _parse(self) -> Event:
-        phase = self.phase
-        if phase is Phase.URB:
-            return self._parse_urb()
-        if not self.buffered:
-            return NEED_DATA
-        head = self._op_header()
-        if head is None:
-            return NEED_DATA
-        op, status = head
+    def _parse_op(self, op: OpCode, status: int) -> Event:
         if op is OpCode.REP_IMPORT:
             return self._parse_rep_import(status)
         return self._parse_rep_devlist(status)
