@@ -49,7 +49,7 @@ def test_importing_loads_nothing_above_it(module: str) -> None:
 
 
 def test_the_top_level_names_load_on_use() -> None:
-    assert usbipy.UsbipServer.__module__ == "usbipy.server.daemon"
+    assert usbipy.UsbipServer.__module__ == "usbipy.server.server"
     assert set(dir(usbipy)) == set(usbipy.__all__)
 
 

@@ -86,7 +86,8 @@ MAX_EARLY_UNLINKS = 64
 #: Compact the receive buffer once this many consumed bytes sit in front of it.
 _COMPACT_AT = 1 << 16
 
-_OP_HEADER = wire.OP_HEADER
+# The hot path's names, bound once: a module global is cheaper to read than a
+# module's attribute, and a URB reads several.
 _CMD_SUBMIT_UNPACK = wire.CMD_SUBMIT.unpack_from
 _RET_SUBMIT_UNPACK = wire.RET_SUBMIT.unpack_from
 _ISO_UNPACK = wire.ISO_PACKET.unpack_from
@@ -268,9 +269,9 @@ class _Connection:
 
     def _op_header(self) -> tuple[OpCode, int] | None:
         """The OP header in front, moved past in the state machine; None if incomplete."""
-        if self.buffered < _OP_HEADER.size:
+        if self.buffered < wire.OP_HEADER.size:
             return None
-        version, code, status = _OP_HEADER.unpack_from(self._buf, self._pos)
+        version, code, status = wire.OP_HEADER.unpack_from(self._buf, self._pos)
         if version == 0 and code in _URB_KINDS:
             # A URB header where an OP message belongs: its command's high half is
             # where the version would be. Name the message, not a "version 0x0000".
@@ -581,13 +582,13 @@ class ServerConnection(_Connection):
 
     def _parse_op(self, op: OpCode, status: int) -> Event:
         if op is OpCode.REQ_DEVLIST:
-            self._pos += _OP_HEADER.size
+            self._pos += wire.OP_HEADER.size
             self._received(Kind.OP_REQ_DEVLIST)
             return OpReqDevlist()
-        if self.buffered < _OP_HEADER.size + wire.BUSID.size:
+        if self.buffered < wire.OP_HEADER.size + wire.BUSID.size:
             return NEED_DATA
-        (raw,) = wire.BUSID.unpack_from(self._buf, self._pos + _OP_HEADER.size)
-        self._pos += _OP_HEADER.size + wire.BUSID.size
+        (raw,) = wire.BUSID.unpack_from(self._buf, self._pos + wire.OP_HEADER.size)
+        self._pos += wire.OP_HEADER.size + wire.BUSID.size
         self._received(Kind.OP_REQ_IMPORT)
         return OpReqImport(wire._c_string(raw))
 
@@ -730,13 +731,13 @@ class ClientConnection(_Connection):
     def _parse_rep_import(self, status: int) -> Event:
         op_status = self._op_status(status)
         if op_status != OpStatus.OK:
-            self._pos += _OP_HEADER.size
+            self._pos += wire.OP_HEADER.size
             self._received(Kind.OP_REP_IMPORT_ERROR)
             return OpRepImport(op_status)
-        if self.buffered < _OP_HEADER.size + wire.DEVICE.size:
+        if self.buffered < wire.OP_HEADER.size + wire.DEVICE.size:
             return NEED_DATA
-        device = wire.decode_device(self._buf, self._pos + _OP_HEADER.size)
-        self._pos += _OP_HEADER.size + wire.DEVICE.size
+        device = wire.decode_device(self._buf, self._pos + wire.OP_HEADER.size)
+        self._pos += wire.OP_HEADER.size + wire.DEVICE.size
         self.device = device
         self._received(Kind.OP_REP_IMPORT_OK)
         return OpRepImport(op_status, device)

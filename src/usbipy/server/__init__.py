@@ -1,8 +1,8 @@
 """The asyncio USB/IP server: a thin layer around the codec."""
 
 from .connection import UsbipServerProtocol
-from .daemon import ServerThread, UsbipServer, listen_sockets
 from .registry import DeviceRegistry
+from .server import ServerThread, UsbipServer, listen_sockets
 
 __all__ = [
     "DeviceRegistry",

@@ -33,7 +33,7 @@ from prometheus_client.registry import Collector
 from .stats import client_label
 
 if TYPE_CHECKING:
-    from .daemon import UsbipServer
+    from .server import UsbipServer
 
 #: Seconds a scrape waits for the event loop's snapshot, and how old one may be.
 SNAPSHOT_TIMEOUT = 5.0

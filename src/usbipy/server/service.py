@@ -43,7 +43,7 @@ from ..linux import usbip_host
 from ..pidfile import PidFile
 from ..statedir import state_dir
 from ..tls import TlsError, TlsFiles, ktls, server_context
-from .daemon import UsbipServer, listen_sockets
+from .server import UsbipServer, listen_sockets
 from .stats import ServerStats
 from .tls import ServerTls
 
