@@ -61,7 +61,10 @@ def daemonize(*, chdir: bool = True) -> Daemon | int:
         os.close(write_end)
         with os.fdopen(read_end, "rb") as pipe:
             said = pipe.read()
-        os.waitpid(child, 0)
+        try:
+            os.waitpid(child, 0)
+        except ChildProcessError:  # (SIGCHLD ignored, as a supervisor may leave it)
+            pass
         pid_text, _, rest = said.partition(b"\n")
         pid = int(pid_text) if pid_text.isdigit() else None
         if rest == _READY and pid is not None:

@@ -129,6 +129,10 @@ ERRORS = [
                       "libusb, limits, listen, loop, names, pid_file, policy, port, state_dir, "
                       "tls, usbip_host)"),
     ("port = '3240'\n", "FILE:1: port: '3240' is not a whole number"),
+    # "" names no table: the top's keys are not set through it
+    ("[\"\"]\nport = 5\n", "FILE:1: : unknown key (known: debug, devices, diagnostics, "
+                          "family, libusb, limits, listen, loop, names, pid_file, policy, "
+                          "port, state_dir, tls, usbip_host)"),
     ("port = 70000\n", "FILE:1: port: 70000 is out of range (0 to 65535)"),
     ("port = true\n", "FILE:1: port: True is not a whole number"),
     ("debug = 1\n", "FILE:1: debug: 1 is not true or false"),
@@ -497,3 +501,22 @@ def test_main_gives_sighup_back_as_it_found_it() -> None:
     before = signal.getsignal(signal.SIGHUP)
     assert usbipyd.main(["-c", "/dev/null", "--check-config"]) == 0
     assert signal.getsignal(signal.SIGHUP) is before
+
+
+def test_an_error_after_the_start_is_said_once(monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str],
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """In the foreground, a start that fails once prepared (no uvloop, a capture file
+    that cannot be opened) is one line on stderr, not a log line and the line again."""
+    def no_loop(main: object, loop: str) -> None:
+        main.close()  # type: ignore[attr-defined]
+        raise UsbipError("uvloop is not installed: pip install 'usbipy[fast]'")
+
+    monkeypatch.setattr(service, "run_loop", no_loop)
+    with caplog.at_level("ERROR", logger="usbipyd"):
+        status = usbipyd.main(["-c", "/dev/null", "-t", "0", "--no-usbip-host", "--no-libusb",
+                               "--demo"])
+    assert status == 1
+    err = capsys.readouterr().err
+    assert err.count("uvloop is not installed") == 1, err
+    assert "uvloop is not installed" not in caplog.text

@@ -287,3 +287,15 @@ def test_a_urb_after_every_queued_one_was_unlinked_is_not_held_back() -> None:
         assert schedule.idle_frames == 0
 
     asyncio.run(main())
+
+
+def test_an_iso_answer_to_a_non_iso_urb_is_a_fault_and_not_iso() -> None:
+    """What capture and metrics read of the reply is what the client gets: a non-iso
+    URB's reply carries no iso packets, even when the device answered with some."""
+    client, server = imported_pair()
+    server.receive_data(client.send_submit(9, DEVID, Direction.IN, 1, 0, 8))
+    received = server.next_event()
+    assert isinstance(received, CmdSubmit)
+    reply = server.reply_submit(received, 0, b"x" * 8, iso_packets=[IsoPacket(0, 8, 8)])
+    assert reply.fault is not None and reply.status == -71
+    assert reply.iso_packets is None and reply.iso_descriptors == b""

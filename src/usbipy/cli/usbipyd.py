@@ -48,12 +48,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(cli: argparse.Namespace) -> int:
-    # (the server's modules load only when it serves: --check-config of a bad file,
-    # and --help, stay quick)
+    try:
+        settings = read_settings(config_path(cli.config), vars(cli))
+    except UsbipError as exc:
+        print(f"usbipyd: {printable(str(exc))}", file=sys.stderr)
+        return 1
+    # (loaded once the settings are read: --help, and a file with an error, stay quick)
     from ..server import service
 
     try:
-        settings = read_settings(config_path(cli.config), vars(cli))
         if cli.check_config:
             service.check(settings)
     except (UsbipError, OSError) as exc:

@@ -125,9 +125,10 @@ def after_unlink(seqnum: int, raced: RetSubmit | None, unlinked: RetUnlink | Non
     """How a URB that timed out ended, once unlinked: its RET_SUBMIT when one came
     before the RET_UNLINK (``raced``) and says it completed, else the error.
 
-    A RET_UNLINK of status 0 with no RET_SUBMIT is a URB usbip-host completed as
-    the unlink came (stub_rx.c answers it with the RET_UNLINK alone): its data is
-    lost. Any other status than an unlinked one is the URB's own error.
+    A RET_UNLINK of status 0 with no RET_SUBMIT is a URB usbip-host completed while
+    it was being unlinked (stub_complete() in stub_tx.c answers it with the
+    RET_UNLINK alone): its data is lost. Any other status than an unlinked one is
+    the URB's own error.
     """
     if raced is not None:
         if raced.status not in UNLINKED:

@@ -225,7 +225,7 @@ def parse(doc: Document) -> DaemonConfig:
             assert setting.kind is not None
             config.options[setting.dest] = setting.kind.check(doc, (key,), value)
             config.origins[setting.dest] = f"{doc.where((key,))}: {key}"
-        elif key in TABLES:
+        elif key and key in TABLES:  # (not "": that is the top, with its own keys)
             for path, item in doc.items((key,), _table(doc, (key,), value)):
                 setting = TABLES[key].get(str(path[-1]))  # type: ignore[assignment]
                 if setting is None:

@@ -486,8 +486,9 @@ class ServerConnection(_Connection):
             header = _RET_SUBMIT_PACK(_RET_SUBMIT, urb.seqnum, 0, 0, 0, status, 0, 0,
                                       len(packets), error_count)
             descriptors = wire.encode_iso_packets(packets)
+        # (a non-iso URB answered as iso is a fault, its reply non-iso: no packets)
         return SubmitReply(header, data, descriptors, status, actual, start_frame,
-                           error_count, packets, fault)
+                           error_count, packets if urb.iso_packets is not None else None, fault)
 
     @staticmethod
     def _iso_fault(urb: CmdSubmit, data: bytes, actual_length: int | None,

@@ -290,6 +290,8 @@ class UsbipServer:
         listeners, self._listeners = self._listeners, []
         for sock, _tls in listeners:
             sock.close()
+        for sock in [*self._sockets, *self._plain_sockets]:  # (given, never listened on)
+            sock.close()
         if self._stopped is not None and not self._stopped.done():
             self._stopped.set_result(None)
         connections = list(self.connections)

@@ -262,6 +262,8 @@ class Service:
         self._libusb = libusb
         self._metrics = metrics
         self._pid_file = pid_file
+        #: Whether the loop began serving (then it closes everything as it ends).
+        self._serving = False
 
     @classmethod
     def prepare(cls, settings: Settings) -> Service:
@@ -348,7 +350,8 @@ class Service:
 
     def run(self, daemon: Daemon | None = None) -> None:
         """Serve until SIGINT or SIGTERM. ``daemon``: told once serving, or why not.
-        UsbipError when it cannot (said to ``daemon`` too)."""
+        UsbipError when it cannot (told to ``daemon`` and logged too, when there is one:
+        its stderr is gone)."""
         options = self.settings.options
         try:
             if options.capture is not None:
@@ -374,14 +377,20 @@ class Service:
                 if self._pid_file is not None:
                     self._pid_file.remove()
         except UsbipError as exc:
-            # (after -D, stderr is gone: the log says it, and the process that waits)
-            log.error("%s", exc)
             if daemon is not None:
+                # (after -D, stderr is gone: the log says it, and the process that waits)
+                log.error("%s", exc)
                 daemon.failed(str(exc))
             raise
+        finally:
+            if not self._serving:  # (what prepare() opened, closed: sockets, devices)
+                asyncio.run(self.server.close())
+                if self._metrics is not None:
+                    self._metrics.close()
 
     async def _serve(self, daemon: Daemon | None) -> None:
         server, metrics = self.server, self._metrics
+        self._serving = True
         await server.start()
         if metrics is not None:
             metrics.start(server, asyncio.get_running_loop())
