@@ -5,7 +5,8 @@ device finishes at once is answered without creating a task at all. Every
 reply's bytes come from the codec (:class:`ServerConnection`); this layer
 only decides when to send them. Whatever may block (listing devices,
 opening a libusb device, writing usbip_sockfd) runs as a task, with reading
-paused until it is done, so other clients are served meanwhile.
+paused until it is done, so other clients are served meanwhile. What an import
+does, and what it checks after each wait, is :mod:`.importing`'s.
 """
 
 from __future__ import annotations
@@ -247,6 +248,8 @@ class UsbipServerProtocol(asyncio.Protocol):
             self.access.log.warning("timeout", f"{self.peer}: closing the connection: {why}")
             self._abort()
 
+    # --- the end: the device released once the client is gone -----------------------
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_timers()
         if self.slot is not None:  # (the socket is closed: it counts no more)
@@ -302,6 +305,8 @@ class UsbipServerProtocol(asyncio.Protocol):
                 # what it held is garbage now (its URBs, its buffer): return the pages
                 give_back()
 
+    # --- flow control: reading paused while the client or the device lags ------------
+
     def pause_writing(self) -> None:
         # The client does not read its replies: stop taking new URBs from it (if it
         # takes none of them for dead_peer_timeout, it is dead: _watch_paused).
@@ -311,6 +316,80 @@ class UsbipServerProtocol(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._paused_writing = False
         self._maybe_resume_reading()
+
+    def _pause_reading(self) -> None:
+        if self._transport is not None and not self._paused_reading and not self._closed:
+            self._paused_reading = True
+            self._transport.pause_reading()
+            if self._watch_timer is None:
+                self._watch_timer = asyncio.get_running_loop().call_later(
+                    PAUSED_WATCH_INTERVAL, self._watch_paused)
+
+    def _watch_paused(self) -> None:
+        """While reading is paused, the loop no longer sees the client's FIN, reset
+        or dead-peer timeout: look for them on the socket once a second (poll(2),
+        reading nothing; :mod:`.peerwatch` says why so).
+
+        A FIN queued behind URBs that the server is not reading never arrives at
+        all, and a client that takes none of its replies looks alive to TCP. So a
+        paused connection on which nothing moves (no URB completes, no reply is
+        taken) for dead_peer_timeout is taken for dead too, whatever it still
+        sends: flow control is no way to hold a device."""
+        self._watch_timer = None
+        transport = self._transport
+        if not self._paused_reading or self._closed or transport is None:
+            return
+        loop = asyncio.get_running_loop()
+        self._watch_timer = loop.call_later(PAUSED_WATCH_INTERVAL, self._watch_paused)
+        if self._op_pending:
+            # An OP request is being answered (the socket may be on its way to
+            # usbip-host): its task decides what becomes of the connection.
+            return
+        if transport.is_closing():
+            return
+        sock = transport.get_extra_info("socket")
+        try:
+            gone = peer_gone(sock) if sock is not None else None
+        except OSError:  # (the socket went meanwhile: connection_lost will say)
+            return
+        if gone is not None:
+            self._lost_while_paused("the client stopped answering (dead_peer_timeout)"
+                                    if gone.errno == errno.ETIMEDOUT else
+                                    gone.strerror or str(gone))
+            return
+        now = loop.time()
+        # What moves: a URB completes (fewer in flight, fewer OUT bytes held), or the
+        # client's TCP takes more of the replies (bytes acked: what the client reads,
+        # through TLS too); without TCP_INFO, the write buffer shrinking.
+        acked = bytes_acked(sock) if sock is not None else None
+        held = (len(self._futures), self._pending_out,
+                -acked if acked is not None else transport.get_write_buffer_size())
+        if self._stall_since is None or any(n < m for n, m in zip(held, self._held, strict=True)):
+            self._held, self._stall_since = held, now
+        elif now - self._stall_since >= self.access.limits.dead_peer_timeout:
+            what = ("it took none of its replies" if self._paused_writing else
+                    "none of its URBs completed")
+            self._lost_while_paused(f"{what} for {now - self._stall_since:.0f} s "
+                                    "(dead_peer_timeout)")
+
+    def _lost_while_paused(self, why: str) -> None:
+        device = self.device
+        log.warning("%s: %s while its reading was paused: %s%s", self.peer,
+                    f"{printable(device.busid)} lost" if device is not None else "connection lost",
+                    why, "; the device is released" if device is not None else "")
+        self._abort()
+
+    def _maybe_resume_reading(self) -> None:
+        if (self._paused_reading and not self._paused_writing and not self._closed
+                and not self._op_pending and self.conn.in_flight < MAX_IN_FLIGHT // 2
+                and self._pending_out <= MAX_PENDING_OUT_BYTES // 2):
+            self._paused_reading = False
+            self._stall_since = None
+            if self._watch_timer is not None:
+                self._watch_timer.cancel()
+                self._watch_timer = None
+            assert self._transport is not None
+            self._transport.resume_reading()
 
     # --- OP phase: answered by a task, reading paused meanwhile ----------------------
 
@@ -601,80 +680,6 @@ class UsbipServerProtocol(asyncio.Protocol):
         self._closed = True
         if self._transport is not None:
             self._transport.abort()
-
-    def _pause_reading(self) -> None:
-        if self._transport is not None and not self._paused_reading and not self._closed:
-            self._paused_reading = True
-            self._transport.pause_reading()
-            if self._watch_timer is None:
-                self._watch_timer = asyncio.get_running_loop().call_later(
-                    PAUSED_WATCH_INTERVAL, self._watch_paused)
-
-    def _watch_paused(self) -> None:
-        """While reading is paused, the loop no longer sees the client's FIN, reset
-        or dead-peer timeout: look for them on the socket once a second (poll(2),
-        reading nothing; :mod:`.peerwatch` says why so).
-
-        A FIN queued behind URBs that the server is not reading never arrives at
-        all, and a client that takes none of its replies looks alive to TCP. So a
-        paused connection on which nothing moves (no URB completes, no reply is
-        taken) for dead_peer_timeout is taken for dead too, whatever it still
-        sends: flow control is no way to hold a device."""
-        self._watch_timer = None
-        transport = self._transport
-        if not self._paused_reading or self._closed or transport is None:
-            return
-        loop = asyncio.get_running_loop()
-        self._watch_timer = loop.call_later(PAUSED_WATCH_INTERVAL, self._watch_paused)
-        if self._op_pending:
-            # An OP request is being answered (the socket may be on its way to
-            # usbip-host): its task decides what becomes of the connection.
-            return
-        if transport.is_closing():
-            return
-        sock = transport.get_extra_info("socket")
-        try:
-            gone = peer_gone(sock) if sock is not None else None
-        except OSError:  # (the socket went meanwhile: connection_lost will say)
-            return
-        if gone is not None:
-            self._lost_while_paused("the client stopped answering (dead_peer_timeout)"
-                                    if gone.errno == errno.ETIMEDOUT else
-                                    gone.strerror or str(gone))
-            return
-        now = loop.time()
-        # What moves: a URB completes (fewer in flight, fewer OUT bytes held), or the
-        # client's TCP takes more of the replies (bytes acked: what the client reads,
-        # through TLS too); without TCP_INFO, the write buffer shrinking.
-        acked = bytes_acked(sock) if sock is not None else None
-        held = (len(self._futures), self._pending_out,
-                -acked if acked is not None else transport.get_write_buffer_size())
-        if self._stall_since is None or any(n < m for n, m in zip(held, self._held, strict=True)):
-            self._held, self._stall_since = held, now
-        elif now - self._stall_since >= self.access.limits.dead_peer_timeout:
-            what = ("it took none of its replies" if self._paused_writing else
-                    "none of its URBs completed")
-            self._lost_while_paused(f"{what} for {now - self._stall_since:.0f} s "
-                                    "(dead_peer_timeout)")
-
-    def _lost_while_paused(self, why: str) -> None:
-        device = self.device
-        log.warning("%s: %s while its reading was paused: %s%s", self.peer,
-                    f"{printable(device.busid)} lost" if device is not None else "connection lost",
-                    why, "; the device is released" if device is not None else "")
-        self._abort()
-
-    def _maybe_resume_reading(self) -> None:
-        if (self._paused_reading and not self._paused_writing and not self._closed
-                and not self._op_pending and self.conn.in_flight < MAX_IN_FLIGHT // 2
-                and self._pending_out <= MAX_PENDING_OUT_BYTES // 2):
-            self._paused_reading = False
-            self._stall_since = None
-            if self._watch_timer is not None:
-                self._watch_timer.cancel()
-                self._watch_timer = None
-            assert self._transport is not None
-            self._transport.resume_reading()
 
     def close(self) -> None:
         """Drop this client (server shutdown)."""
