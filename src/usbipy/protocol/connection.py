@@ -101,6 +101,7 @@ _RET_SUBMIT = wire.RET_SUBMIT_CODE
 _RET_UNLINK = wire.RET_UNLINK_CODE
 _IN = Direction.IN
 _OUT = Direction.OUT
+_URB_PHASE = Phase.URB
 _RET_SUBMIT_PACK = wire.RET_SUBMIT.pack
 _URB_KINDS = {int(c): Kind[c.name] for c in UrbCommand}
 _OP_KINDS = {OpCode.REQ_DEVLIST: Kind.OP_REQ_DEVLIST, OpCode.REQ_IMPORT: Kind.OP_REQ_IMPORT,
@@ -419,7 +420,7 @@ class ServerConnection(_Connection):
         When the reply differs from the device's answer, its ``fault`` says why.
         """
         seqnum = urb.seqnum
-        if self.phase is not Phase.URB:
+        if self.phase is not _URB_PHASE:
             self._sending(Kind.RET_SUBMIT)  # (ERROR is sticky: raises)
         if self._in_flight.pop(seqnum, None) is None:
             self._local_error(f"RET_SUBMIT for seqnum {seqnum}, which is not in flight")

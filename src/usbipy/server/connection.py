@@ -592,7 +592,11 @@ class UsbipServerProtocol(asyncio.Protocol):
             if reply.iso_descriptors:
                 batch.append(reply.iso_descriptors)
         elif self._transport is not None and not self._closed:
-            self._transport.write(bytes(reply))
+            if reply.data or reply.iso_descriptors:
+                # (uvloop sends the pieces with one writev: no copy of the data)
+                self._transport.writelines((reply.header, reply.data, reply.iso_descriptors))
+            else:
+                self._transport.write(reply.header)
 
     def _unlink(self, cmd: CmdUnlink) -> None:
         pending = self._forget(cmd.unlink_seqnum)
