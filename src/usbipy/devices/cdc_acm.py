@@ -94,12 +94,25 @@ class CdcAcm(EmulatedDevice):
 
     async def detach(self) -> None:
         self.backend.stop()
-        self._in_urbs.fail_all(ESHUTDOWN)
-        self._notify_urbs.fail_all(ESHUTDOWN)
-        self._rx.clear()
+        self._flush()
         if self._drained is not None and not self._drained.done():
             self._drained.cancel()
         await super().detach()
+
+    def on_configuration(self, value: int) -> None:
+        if value == 0:
+            # Deconfigured: a port reset, or SET_CONFIGURATION again (USB 2.0,
+            # 9.1.1.5): the endpoints' buffers are emptied, as a USB serial
+            # adapter's FIFOs are, and URBs still waiting end as on a disabled
+            # endpoint. A writer held back by a full buffer goes on.
+            self._flush()
+            if self._drained is not None and not self._drained.done():
+                self._drained.set_result(None)
+
+    def _flush(self) -> None:
+        self._in_urbs.fail_all(ESHUTDOWN)
+        self._notify_urbs.fail_all(ESHUTDOWN)
+        self._rx.clear()
 
     def close(self) -> None:
         close = getattr(self.backend, "close", None)

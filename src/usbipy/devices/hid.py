@@ -116,6 +116,17 @@ class HidKeyboard(EmulatedDevice):
         self._loop = asyncio.get_running_loop()
         self._pump()  # reports typed before the import
 
+    def on_configuration(self, value: int) -> None:
+        if value == 0:
+            # Deconfigured: a port reset, or SET_CONFIGURATION again (USB 2.0,
+            # 9.1.1.5): URBs still waiting end as on a disabled endpoint, and the
+            # class state is the power-on one (HID 1.11, 7.2.6: report protocol).
+            # The reports typed and not yet read stay: they are input, not answers.
+            self._urbs.fail_all(ESHUTDOWN)
+            self.protocol = 1
+            self.idle = 0
+            self._last = _RELEASED
+
     async def detach(self) -> None:
         self._urbs.fail_all(ESHUTDOWN)  # the client is gone
         self._reports.clear()

@@ -91,6 +91,8 @@ class MassStorage(EmulatedDevice):
         self._out: _OutData | None = None
         self._urbs = UrbQueue()
         self._busy = False  # a flush is running; the CSW comes after it
+        #: Counts resets: a flush that began before one queues no CSW after it.
+        self._epoch = 0
 
     async def detach(self) -> None:
         self._urbs.fail_all(ESHUTDOWN)
@@ -112,9 +114,21 @@ class MassStorage(EmulatedDevice):
         raise Stall
 
     def _bot_reset(self) -> None:
-        """Bulk-Only Mass Storage Reset: ready for a CBW; halts stay until cleared."""
+        """Bulk-Only Mass Storage Reset: ready for a CBW; halts stay until cleared.
+        Nothing of the commands before it is sent any more: no data phase, no CSW
+        (a CSW of an earlier command would answer the next CBW with the wrong tag)."""
         self._in_queue.clear()
         self._out = None
+        self._busy = False
+        self._epoch += 1
+
+    def on_configuration(self, value: int) -> None:
+        if value == 0:
+            # Deconfigured: a port reset, or SET_CONFIGURATION again. The endpoints'
+            # state is gone with it (USB 2.0, 9.1.1.5): URBs still waiting end as
+            # on a disabled endpoint, and the transport starts afresh.
+            self._urbs.fail_all(ESHUTDOWN)
+            self._bot_reset()
 
     def on_clear_halt(self, endpoint: Endpoint) -> None:
         if endpoint.bEndpointAddress == EP_IN:
@@ -210,9 +224,13 @@ class MassStorage(EmulatedDevice):
 
     def _flush_then_csw(self, tag: int, length: int) -> None:
         self._busy = True
+        epoch = self._epoch
         future = asyncio.get_running_loop().run_in_executor(None, self.storage.flush)
 
         def done(f: asyncio.Future[None]) -> None:
+            if self._epoch != epoch:  # (reset meanwhile: its CSW answers nothing now)
+                f.exception()  # (retrieved: never logged as unhandled)
+                return
             self._busy = False
             status = CSW_PASSED if f.exception() is None else CSW_FAILED
             self._queue_csw(tag, length, status)
