@@ -378,6 +378,97 @@ def test_access_policy_by_network(vm: Vm, tmp_path: Path) -> None:
     assert "shutting down" in log(), log()
 
 
+class StallingRelay:
+    """Between the guest and the server: forwards both ways until told to stall, and
+    then reads nothing from either side, the sockets left open, as a network that
+    goes silent (a SIGSTOP of the server would not do: TCP's buffers absorb it)."""
+
+    def __init__(self, listen_port: int, server_port: int) -> None:
+        self._listener = socket.create_server(("127.0.0.1", listen_port))
+        self._server_port = server_port
+        self.flowing = threading.Event()
+        self.flowing.set()
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # (closed)
+            server = socket.create_connection(("127.0.0.1", self._server_port))
+            self._sockets += [client, server]
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
+        while True:
+            self.flowing.wait()
+            try:
+                data = source.recv(1 << 16)
+                self.flowing.wait()  # (a chunk read as the stall began waits too)
+                if not data:
+                    sink.shutdown(socket.SHUT_WR)
+                    return
+                sink.sendall(data)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.flowing.set()
+        # (shutdown wakes the accept() blocked in the other thread; close alone would
+        # leave the port listening until it returned)
+        self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        for sock in self._sockets:
+            sock.close()
+
+
+#: Longer than the SCSI command timeout (30 s): the kernel aborts the write in
+#: flight, unlinks its URBs and resets the device.
+STALL = 45
+RECORDS = 160
+
+
+def test_a_disk_survives_a_stall_longer_than_the_scsi_timeout(vm: Vm, image: Path) -> None:
+    """O_DIRECT|O_SYNC records are written while the network stalls for 45 s. The
+    kernel resets the disk and writes again: no write fails, every record reads back,
+    and one reset does it (a disk that answered the new CBW with the CSW queued before
+    the reset got the wrong tag, and was reset again and again until its writes
+    failed with EIO)."""
+    with ServerThread([MassStorage(ImageFile(image))], port=0) as server:
+        assert server.server is not None
+        relay = StallingRelay(vm.server_port, server.server.port)
+        try:
+            attach(vm, "1-1")
+            disk = device_node(vm, "1209:0002", "sd*")
+            vm.check(f"dmesg -C; head -c $((64 * 1024 * {RECORDS})) /dev/urandom > "
+                     "/tmp/records; rm -f /tmp/progress /tmp/writer.rc")
+            # one record at a time, each acknowledged before the next
+            vm.check(f"(for i in $(seq 0 {RECORDS - 1}); do dd if=/tmp/records of={disk} "
+                     "bs=64k skip=$i seek=$i count=1 oflag=direct,dsync 2>/tmp/writer.err "
+                     "|| { echo $? > /tmp/writer.rc; exit; }; echo $i > /tmp/progress; done; "
+                     "echo 0 > /tmp/writer.rc) >/dev/null 2>&1 &")
+            wait_for(vm, "[ -s /tmp/progress ] && [ $(cat /tmp/progress) -ge 8 ]")
+            relay.flowing.clear()
+            time.sleep(STALL)  # (the stall itself: what the test is about)
+            relay.flowing.set()
+            wait_for(vm, "[ -s /tmp/writer.rc ]", timeout=600)
+            rc = vm.check("cat /tmp/writer.rc; cat /tmp/writer.err").split("\n", 1)
+            log = vm.check("dmesg")
+            assert rc[0].strip() == "0", f"a write failed: {rc}\n{log[-3000:]}"
+            resets = len(re.findall(r"reset high-speed USB device", log))
+            # (none: the stall was too short to be one; many: the bug)
+            assert 1 <= resets <= 3, f"{resets} resets\n{log[-3000:]}"
+            same = vm.check(f"cmp -n $((64 * 1024 * {RECORDS})) /tmp/records {disk} "
+                            "&& echo same")
+            assert "same" in same
+            detach_all(vm)
+        finally:
+            relay.close()
+
+
 def test_vanished_client_frees_the_device(vm: Vm, image: Path) -> None:
     """Last in the module: it powers the guest off."""
     with demo(vm, image) as srv:
@@ -394,3 +485,4 @@ def test_vanished_client_frees_the_device(vm: Vm, image: Path) -> None:
                 return len(await dev.control(0x80, 6, 0x0100, 0, 18))
 
         assert asyncio.run(reimport()) == 18
+
