@@ -54,8 +54,10 @@ from .messages import (
     Message,
     OpRepDevlist,
     OpRepImport,
+    OpRepResume,
     OpReqDevlist,
     OpReqImport,
+    OpReqResume,
     RetSubmit,
     RetUnlink,
     SubmitReply,
@@ -105,19 +107,24 @@ _URB_PHASE = Phase.URB
 _RET_SUBMIT_PACK = wire.RET_SUBMIT.pack
 _URB_KINDS = {int(c): Kind[c.name] for c in UrbCommand}
 _OP_KINDS = {OpCode.REQ_DEVLIST: Kind.OP_REQ_DEVLIST, OpCode.REQ_IMPORT: Kind.OP_REQ_IMPORT,
-             OpCode.REP_DEVLIST: Kind.OP_REP_DEVLIST}
+             OpCode.REP_DEVLIST: Kind.OP_REP_DEVLIST, OpCode.REQ_RESUME: Kind.OP_REQ_RESUME}
+#: The replies whose kind depends on their status: (OK, error).
+_REPLY_KINDS = {OpCode.REP_IMPORT: (Kind.OP_REP_IMPORT_OK, Kind.OP_REP_IMPORT_ERROR),
+                OpCode.REP_RESUME: (Kind.OP_REP_RESUME_OK, Kind.OP_REP_RESUME_ERROR)}
 
 
 def _kind_of(message: Message) -> Kind:
-    if isinstance(message, OpRepImport):
-        return Kind.OP_REP_IMPORT_OK if message.status == OpStatus.OK else (
-            Kind.OP_REP_IMPORT_ERROR)
+    if isinstance(message, OpRepImport | OpRepResume):
+        ok, error = _REPLY_KINDS[OpCode.REP_IMPORT if isinstance(message, OpRepImport)
+                                 else OpCode.REP_RESUME]
+        return ok if message.status == OpStatus.OK else error
     return _MESSAGE_KINDS[type(message)]
 
 
 _MESSAGE_KINDS: dict[type, Kind] = {
     OpReqDevlist: Kind.OP_REQ_DEVLIST, OpRepDevlist: Kind.OP_REP_DEVLIST,
     OpReqImport: Kind.OP_REQ_IMPORT, CmdSubmit: Kind.CMD_SUBMIT, CmdUnlink: Kind.CMD_UNLINK,
+    OpReqResume: Kind.OP_REQ_RESUME,
     RetSubmit: Kind.RET_SUBMIT, RetUnlink: Kind.RET_UNLINK,
 }
 
@@ -286,8 +293,9 @@ class _Connection:
             op = OpCode(code)
         except ValueError:
             raise UnknownCommand(f"unknown OP code {code:#06x}") from None
-        if op is OpCode.REP_IMPORT:
-            kind = Kind.OP_REP_IMPORT_OK if status == OpStatus.OK else Kind.OP_REP_IMPORT_ERROR
+        if op in _REPLY_KINDS:
+            ok, error = _REPLY_KINDS[op]
+            kind = ok if status == OpStatus.OK else error
         else:
             kind = _OP_KINDS[op]
         self._phase_after(kind)  # refused at its header, before the rest arrives
@@ -358,7 +366,8 @@ class ServerConnection(_Connection):
         """URBs received and not yet answered."""
         return len(self._in_flight)
 
-    def send(self, message: OpRepDevlist | OpRepImport | RetSubmit | RetUnlink) -> bytes:
+    def send(self, message: OpRepDevlist | OpRepImport | OpRepResume | RetSubmit | RetUnlink
+             ) -> bytes:
         if isinstance(message, RetSubmit):
             urb = self._in_flight.get(message.seqnum)
             if urb is None:
@@ -377,7 +386,9 @@ class ServerConnection(_Connection):
         self._sending(_kind_of(message))
         if isinstance(message, OpRepDevlist):
             return wire.encode_op_rep_devlist(message.devices, message.status)
-        data = wire.encode_op_rep_import(message.status, message.device)
+        if isinstance(message, OpRepResume):
+            return wire.encode_op_rep_resume(message.status, message.received)
+        data = wire.encode_op_rep_import(message.status, message.device, message.resume)
         if message.status == OpStatus.OK:
             assert message.device is not None
             self.devid = message.device.devid
@@ -587,12 +598,19 @@ class ServerConnection(_Connection):
             self._pos += wire.OP_HEADER.size
             self._received(Kind.OP_REQ_DEVLIST)
             return OpReqDevlist()
+        if op is OpCode.REQ_RESUME:
+            if self.buffered < wire.OP_REQ_RESUME.size:
+                return NEED_DATA
+            token, received = wire.OP_REQ_RESUME.unpack_from(self._buf, self._pos)[3:]
+            self._pos += wire.OP_REQ_RESUME.size
+            self._received(Kind.OP_REQ_RESUME)
+            return OpReqResume(token, received)
         if self.buffered < wire.OP_HEADER.size + wire.BUSID.size:
             return NEED_DATA
         (raw,) = wire.BUSID.unpack_from(self._buf, self._pos + wire.OP_HEADER.size)
         self._pos += wire.OP_HEADER.size + wire.BUSID.size
         self._received(Kind.OP_REQ_IMPORT)
-        return OpReqImport(wire._c_string(raw))
+        return OpReqImport(wire._c_string(raw), wire.offers_resume(raw))
 
     def _parse_urb(self) -> Event:
         buf = self._buf
@@ -684,7 +702,8 @@ class ClientConnection(_Connection):
         """Submitted URBs with no RET_SUBMIT yet."""
         return len(self._pending)
 
-    def send(self, message: OpReqDevlist | OpReqImport | CmdSubmit | CmdUnlink) -> bytes:
+    def send(self, message: OpReqDevlist | OpReqImport | OpReqResume | CmdSubmit | CmdUnlink
+             ) -> bytes:
         if isinstance(message, CmdSubmit):
             m = message
             return self.send_submit(m.seqnum, m.devid, m.direction, m.ep, m.transfer_flags,
@@ -696,7 +715,9 @@ class ClientConnection(_Connection):
             return wire.encode_cmd_unlink(message)
         if isinstance(message, OpReqDevlist):
             return wire.encode_op_req_devlist()
-        return wire.encode_op_req_import(message.busid)
+        if isinstance(message, OpReqResume):
+            return wire.encode_op_req_resume(message.token, message.received)
+        return wire.encode_op_req_import(message.busid, message.resume)
 
     def send_submit(self, seqnum: int, devid: int, direction: Direction, ep: int,
                     transfer_flags: int, transfer_buffer_length: int,
@@ -722,7 +743,19 @@ class ClientConnection(_Connection):
     def _parse_op(self, op: OpCode, status: int) -> Event:
         if op is OpCode.REP_IMPORT:
             return self._parse_rep_import(status)
+        if op is OpCode.REP_RESUME:
+            return self._parse_rep_resume(status)
         return self._parse_rep_devlist(status)
+
+    def _parse_rep_resume(self, status: int) -> Event:
+        op_status = self._op_status(status)
+        if self.buffered < wire.OP_REP_RESUME.size:
+            return NEED_DATA
+        received = wire.OP_REP_RESUME.unpack_from(self._buf, self._pos)[3]
+        self._pos += wire.OP_REP_RESUME.size
+        self._received(Kind.OP_REP_RESUME_OK if op_status == OpStatus.OK
+                       else Kind.OP_REP_RESUME_ERROR)
+        return OpRepResume(op_status, received)
 
     def _op_status(self, status: int) -> OpStatus:
         try:
@@ -739,10 +772,11 @@ class ClientConnection(_Connection):
         if self.buffered < wire.OP_HEADER.size + wire.DEVICE.size:
             return NEED_DATA
         device = wire.decode_device(self._buf, self._pos + wire.OP_HEADER.size)
+        grant = wire.decode_grant(self._buf, self._pos + wire.OP_HEADER.size)
         self._pos += wire.OP_HEADER.size + wire.DEVICE.size
         self.device = device
         self._received(Kind.OP_REP_IMPORT_OK)
-        return OpRepImport(op_status, device)
+        return OpRepImport(op_status, device, grant)
 
     def _parse_rep_devlist(self, status: int) -> Event:
         op_status = self._op_status(status)

@@ -28,6 +28,10 @@ class OpCode(IntEnum):
     REP_DEVLIST = 0x0005
     REQ_IMPORT = 0x8003
     REP_IMPORT = 0x0003
+    #: usbipy's own: carry on a resumable attachment over a new connection
+    #: (:mod:`usbipy.protocol.resume`). Only sent to a server that granted it.
+    REQ_RESUME = 0x80F1
+    REP_RESUME = 0x00F1
 
 
 class OpStatus(IntEnum):

@@ -13,7 +13,8 @@
                ├── BadDevid
                ├── BadLength           negative, oversized or impossible lengths
                ├── TooManyIsoPackets
-               └── BadIsoDescriptors
+               ├── BadIsoDescriptors
+               └── BadFrame            a resumable stream's frame that cannot be
 
 Once a connection object has raised a RemoteProtocolError, it stays broken:
 every later call raises the same error again. A LocalProtocolError from
@@ -67,3 +68,8 @@ class TooManyIsoPackets(RemoteProtocolError):
 
 class BadIsoDescriptors(RemoteProtocolError):
     """Isochronous packet descriptors whose offsets or lengths do not add up."""
+
+
+class BadFrame(RemoteProtocolError):
+    """A frame of the resumable stream (:mod:`.resume`) of an unknown kind, of an
+    impossible length, or at an offset that loses or invents bytes."""

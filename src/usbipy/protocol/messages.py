@@ -62,9 +62,22 @@ class OpRepDevlist:
 
 @dataclass(frozen=True, slots=True)
 class OpReqImport:
-    """OP_REQ_IMPORT: the client asks to import the device at ``busid``."""
+    """OP_REQ_IMPORT: the client asks to import the device at ``busid``.
+
+    ``resume``: the client also offers a resumable stream (usbipy's extension,
+    hidden where usbipd and usbipd-win never look: see :mod:`.resume`)."""
 
     busid: str
+    resume: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeGrant:
+    """What a server that takes the offer says in OP_REP_IMPORT: the token that
+    resumes the attachment, and how long (seconds) it keeps it after a loss."""
+
+    token: bytes
+    window: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +86,26 @@ class OpRepImport:
 
     status: OpStatus
     device: DeviceInfo | None = None
+    #: The server took the client's offer of a resumable stream.
+    resume: ResumeGrant | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OpReqResume:
+    """usbipy's OP_REQ_RESUME: carry on the attachment of ``token`` on this new
+    connection; the client has ``received`` bytes of the server's stream."""
+
+    token: bytes
+    received: int
+
+
+@dataclass(frozen=True, slots=True)
+class OpRepResume:
+    """usbipy's OP_REP_RESUME: OK and the bytes of the client's stream the server
+    has; any other status: the attachment is gone (attach again)."""
+
+    status: OpStatus
+    received: int = 0
 
 
 # --- URB phase ------------------------------------------------------------
@@ -173,6 +206,7 @@ class RetUnlink:
     status: int
 
 
-OpMessage = OpReqDevlist | OpRepDevlist | OpReqImport | OpRepImport
+OpMessage = (OpReqDevlist | OpRepDevlist | OpReqImport | OpRepImport | OpReqResume
+             | OpRepResume)
 UrbMessage = CmdSubmit | RetSubmit | CmdUnlink | RetUnlink
 Message = OpMessage | UrbMessage

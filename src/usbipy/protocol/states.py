@@ -9,6 +9,13 @@ role, the phase and the message::
     OP --OP_REQ_IMPORT---> IMPORT  --OP_REP_IMPORT(OK)--> URB
                                    --OP_REP_IMPORT(error)--> CLOSED
     URB --CMD_SUBMIT, CMD_UNLINK, RET_SUBMIT, RET_UNLINK--> URB
+    OP --OP_REQ_RESUME---> RESUME  --OP_REP_RESUME(OK)--> RESUMED
+                                   --OP_REP_RESUME(error)--> CLOSED
+
+OP_REQ/REP_RESUME are usbipy's (:mod:`.resume`): after OP_REP_RESUME(OK) the
+connection carries the frames of a resumable stream, whose payload continues
+the USB/IP stream of an earlier connection; this connection has no messages
+of its own any more (RESUMED).
 
 Both roles walk the same graph: the client sends the requests and receives
 the replies, the server the other way round.
@@ -39,6 +46,8 @@ class Phase(_FastHash):
     DEVLIST = auto()  # OP_REQ_DEVLIST is sent, its reply is not
     IMPORT = auto()  # OP_REQ_IMPORT is sent, its reply is not
     URB = auto()
+    RESUME = auto()  # OP_REQ_RESUME is sent, its reply is not
+    RESUMED = auto()  # the stream of an earlier connection carries on here
     CLOSED = auto()  # the OP exchange is over and the connection ends here
     ERROR = auto()
 
@@ -55,13 +64,17 @@ class Kind(_FastHash):
     CMD_UNLINK = auto()
     RET_SUBMIT = auto()
     RET_UNLINK = auto()
+    OP_REQ_RESUME = auto()
+    OP_REP_RESUME_OK = auto()
+    OP_REP_RESUME_ERROR = auto()
 
     @property
     def label(self) -> str:
-        if self is Kind.OP_REP_IMPORT_OK:
-            return "OP_REP_IMPORT(OK)"
-        if self is Kind.OP_REP_IMPORT_ERROR:
-            return "OP_REP_IMPORT(error)"
+        name, _, outcome = self.name.rpartition("_")
+        if outcome == "OK":
+            return f"{name}(OK)"
+        if outcome == "ERROR":
+            return f"{name}(error)"
         return self.name
 
 
@@ -72,6 +85,7 @@ SENDER: Final = {
     Kind.OP_REQ_DEVLIST: _C, Kind.OP_REQ_IMPORT: _C, Kind.CMD_SUBMIT: _C, Kind.CMD_UNLINK: _C,
     Kind.OP_REP_DEVLIST: _S, Kind.OP_REP_IMPORT_OK: _S, Kind.OP_REP_IMPORT_ERROR: _S,
     Kind.RET_SUBMIT: _S, Kind.RET_UNLINK: _S,
+    Kind.OP_REQ_RESUME: _C, Kind.OP_REP_RESUME_OK: _S, Kind.OP_REP_RESUME_ERROR: _S,
 }
 
 _GRAPH: Final = {
@@ -84,6 +98,9 @@ _GRAPH: Final = {
     (Phase.URB, Kind.CMD_UNLINK): Phase.URB,
     (Phase.URB, Kind.RET_SUBMIT): Phase.URB,
     (Phase.URB, Kind.RET_UNLINK): Phase.URB,
+    (Phase.OP, Kind.OP_REQ_RESUME): Phase.RESUME,
+    (Phase.RESUME, Kind.OP_REP_RESUME_OK): Phase.RESUMED,
+    (Phase.RESUME, Kind.OP_REP_RESUME_ERROR): Phase.CLOSED,
 }
 
 #: (role, phase, message kind) -> the phase after it, whether sent or received.

@@ -19,7 +19,7 @@ from .constants import (
     UrbCommand,
 )
 from .errors import LocalProtocolError
-from .messages import CmdSubmit, CmdUnlink, DeviceInfo, InterfaceInfo, IsoPacket
+from .messages import CmdSubmit, CmdUnlink, DeviceInfo, InterfaceInfo, IsoPacket, ResumeGrant
 
 #: version, code, status
 OP_HEADER = Struct("!HHI")
@@ -56,6 +56,24 @@ OP_REP_IMPORT_OK_SIZE = OP_HEADER.size + DEVICE.size
 #: A device record's interface records are 4 bytes each.
 INTERFACE_SIZE = INTERFACE.size
 
+#: usbipy's resumable stream is offered and granted inside the standard import
+#: messages, in their NUL-padded string fields after the string's NUL: usbipd
+#: compares busids with strncmp (usbipd.c, recv_request_import), usbipd-win
+#: reads up to the first NUL, usbip reads the path with "%s". So a server that
+#: does not know the offer imports as ever, and a client sees no grant.
+RESUME_MAGIC = b"usbipyR1"
+#: The offer: the magic in the busid field's last 8 bytes (a busid of up to 23).
+RESUME_OFFER_AT = BUSID_SIZE - len(RESUME_MAGIC)
+#: The grant: magic, token, window (seconds), from byte 192 of the device's path
+#: field (a path of up to 191).
+RESUME_GRANT = Struct("!8s16sI")
+RESUME_GRANT_AT = PATH_SIZE - 64
+RESUME_TOKEN_SIZE = 16
+#: OP_REQ_RESUME: the OP header, the token, the bytes of the server's stream received.
+OP_REQ_RESUME = Struct("!HHI16sQ")
+#: OP_REP_RESUME: the OP header, the bytes of the client's stream received.
+OP_REP_RESUME = Struct("!HHIQ")
+
 #: The URB commands as the header's first field carries them.
 CMD_SUBMIT_CODE = int(UrbCommand.CMD_SUBMIT)
 RET_SUBMIT_CODE = int(UrbCommand.RET_SUBMIT)
@@ -78,9 +96,16 @@ def _c_field(text: str, size: int) -> bytes:
 # --- OP phase -------------------------------------------------------------
 
 
-def encode_device(dev: DeviceInfo) -> bytes:
+def encode_device(dev: DeviceInfo, grant: ResumeGrant | None = None) -> bytes:
+    path = _c_field(dev.path, PATH_SIZE)
+    if grant is not None:
+        if len(path) >= RESUME_GRANT_AT:
+            raise LocalProtocolError(f"a path of {len(path)} bytes leaves no room for a "
+                                     "resume grant")
+        path = path.ljust(RESUME_GRANT_AT, b"\0") + RESUME_GRANT.pack(
+            RESUME_MAGIC, grant.token, grant.window)
     return DEVICE.pack(
-        _c_field(dev.path, PATH_SIZE),
+        path,
         _c_field(dev.busid, BUSID_SIZE),
         dev.busnum,
         dev.devnum,
@@ -111,6 +136,15 @@ def decode_device(buf: bytes | bytearray | memoryview, offset: int) -> DeviceInf
     )
 
 
+def decode_grant(buf: bytes | bytearray | memoryview, offset: int) -> ResumeGrant | None:
+    """The resume grant in the path field of the device record at ``offset``, if any."""
+    end = offset + RESUME_GRANT_AT
+    magic, token, window = RESUME_GRANT.unpack_from(buf, end)
+    if magic != RESUME_MAGIC or 0 not in bytes(buf[offset:end]):
+        return None
+    return ResumeGrant(token, window)
+
+
 def encode_op_req_devlist() -> bytes:
     return OP_HEADER.pack(USBIP_VERSION, OpCode.REQ_DEVLIST, 0)
 
@@ -131,20 +165,42 @@ def encode_op_rep_devlist(devices: Sequence[DeviceInfo], status: OpStatus = OpSt
     return b"".join(parts)
 
 
-def encode_op_req_import(busid: str) -> bytes:
-    return OP_HEADER.pack(USBIP_VERSION, OpCode.REQ_IMPORT, 0) + BUSID.pack(
-        _c_field(busid, BUSID_SIZE)
-    )
+def encode_op_req_import(busid: str, resume: bool = False) -> bytes:
+    raw = _c_field(busid, BUSID_SIZE)
+    if resume:
+        if len(raw) >= RESUME_OFFER_AT:
+            raise LocalProtocolError(f"a busid of {len(raw)} bytes leaves no room for the "
+                                     "offer of a resumable stream")
+        raw = raw.ljust(RESUME_OFFER_AT, b"\0") + RESUME_MAGIC
+    return OP_HEADER.pack(USBIP_VERSION, OpCode.REQ_IMPORT, 0) + BUSID.pack(raw)
 
 
-def encode_op_rep_import(status: OpStatus, device: DeviceInfo | None) -> bytes:
+def offers_resume(raw_busid: bytes) -> bool:
+    """Whether an OP_REQ_IMPORT's busid field carries the offer."""
+    return raw_busid.endswith(RESUME_MAGIC) and 0 in raw_busid[:RESUME_OFFER_AT]
+
+
+def encode_op_rep_import(status: OpStatus, device: DeviceInfo | None,
+                         grant: ResumeGrant | None = None) -> bytes:
     header = OP_HEADER.pack(USBIP_VERSION, OpCode.REP_IMPORT, status)
     if status != OpStatus.OK:
         # usbipd sends only the 8-byte header when the import failed.
         return header
     if device is None:
         raise LocalProtocolError("OP_REP_IMPORT with status OK needs the device record")
-    return header + encode_device(device)
+    return header + encode_device(device, grant)
+
+
+def encode_op_req_resume(token: bytes, received: int) -> bytes:
+    if len(token) != RESUME_TOKEN_SIZE:
+        raise LocalProtocolError(f"a resume token is {RESUME_TOKEN_SIZE} bytes, not "
+                                 f"{len(token)}")
+    return OP_REQ_RESUME.pack(USBIP_VERSION, OpCode.REQ_RESUME, 0, token, received)
+
+
+def encode_op_rep_resume(status: OpStatus, received: int) -> bytes:
+    return OP_REP_RESUME.pack(USBIP_VERSION, OpCode.REP_RESUME, status,
+                              received if status == OpStatus.OK else 0)
 
 
 def decode_interfaces(
