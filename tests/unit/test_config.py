@@ -149,7 +149,11 @@ ERRORS = [
     ("[limits]\nmax_conections = 5\n",
      "FILE:2: limits.max_conections: unknown key (known: accept_burst, accept_rate, "
      "dead_peer_timeout, idle_timeout, max_connections, max_connections_per_address, "
-     "request_timeout)"),
+     "request_timeout, resume_buffer, resume_buffers, resume_window)"),
+    ("[limits]\nresume_window = -1\n",
+     "FILE:2: limits.resume_window: -1 is out of range (0 or more, at most 3600)"),
+    ("[limits]\nresume_buffer = 1024\n",
+     "FILE:2: limits.resume_buffer: 1024 is out of range (4194304 to 1099511627776)"),
     ("[names]\nkey = { product = 'x' }\n",
      "FILE:2: names.key.product: unknown key (known: busid, serial, vid_pid)"),
     ("[names]\nkey = {}\n",

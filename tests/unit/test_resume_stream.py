@@ -205,7 +205,7 @@ def test_resume_request_and_reply_walk_the_state_machine() -> None:
     assert server.phase is Phase.RESUME
     client.receive_data(server.send(OpRepResume(OpStatus.OK, 42)))
     assert client.next_event() == OpRepResume(OpStatus.OK, 42)
-    assert client.phase is server.phase is Phase.RESUMED
+    assert (client.phase, server.phase) == (Phase.RESUMED, Phase.RESUMED)
     refused_c, refused_s = ClientConnection(), ServerConnection()
     refused_s.receive_data(refused_c.send(OpReqResume(token, 0)))
     refused_s.next_event()
@@ -220,4 +220,4 @@ def test_a_resume_reply_out_of_turn_is_refused() -> None:
     client.receive_data(wire.encode_op_rep_resume(OpStatus.OK, 0))
     with pytest.raises(UnexpectedMessage, match="OP_REP_RESUME"):
         client.next_event()
-    assert OpCode.REQ_RESUME == 0x80F1
+    assert int(OpCode.REQ_RESUME) == 0x80F1

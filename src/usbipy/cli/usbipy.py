@@ -134,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     keep.add_argument("--background", action="store_true",
                       help="with --persistent: run in the background (the log goes to "
                            "/run/usbipy/attach/PID.log)")
+    keep.add_argument("--no-resume", dest="resume", action="store_false",
+                      help="with --persistent: do not resume the connection in place when "
+                           "the network drops (usbipyd offers it; then the keeper relays "
+                           "every byte): attach again instead, and hand the socket itself "
+                           "to vhci-hcd (kernel TLS with no process in between)")
     det = sub.add_parser("detach", parents=[common],
                          help="detach a device from vhci-hcd (and stop keeping it attached)")
     which_port = det.add_mutually_exclusive_group(required=True)
@@ -329,6 +334,12 @@ def _keeper_text(keeper: persistent.KeeperState) -> str:
     text = f"persistent (pid {keeper.pid}"
     if keeper.state == "attached":
         text += f", attached {_ago(time.time() - keeper.since)} ago"
+        if keeper.down_since is not None:
+            text += f", resuming, down {_ago(time.time() - keeper.down_since)}"
+        elif keeper.resumable:
+            text += ", resumable"
+        if keeper.resumed:
+            text += f", resumed {keeper.resumed} times"
         if keeper.reattached:
             text += f", re-attached {keeper.reattached} times"
     elif keeper.state == "waiting" and keeper.retry_at is not None:
@@ -702,6 +713,9 @@ def _attach(args: argparse.Namespace, tls: TlsFiles | None) -> object:
     for option in ("retries", "background"):
         if getattr(args, option) not in (None, False):
             raise UsbipError(f"--{option} is for --persistent attachments")
+    if not args.resume:
+        raise UsbipError("--no-resume is for --persistent attachments (a single attach "
+                         "never resumes)")
     attached = attach(args.remote, args.busid, args.tcp_port, tls=tls,
                       server_name=args.tls_server_name,
                       keepalive=Keepalive(args.dead_peer_timeout))
@@ -774,7 +788,8 @@ def _attach_persistent(args: argparse.Namespace, tls: TlsFiles | None) -> object
         args.remote, args.tcp_port, args.busid,
         functools.partial(attach, args.remote, args.busid, args.tcp_port, tls=tls,
                           server_name=args.tls_server_name,
-                          keepalive=Keepalive(args.dead_peer_timeout), watch=True),
+                          keepalive=Keepalive(args.dead_peer_timeout), watch=True,
+                          resume=args.resume),
         backoff=Backoff(maximum=max(1.0, args.max_delay), retries=args.retries))
     if not args.background:
         status = _keep(keeper, logging.StreamHandler(sys.stderr), "usbipy: %(message)s")

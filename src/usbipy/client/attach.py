@@ -8,6 +8,7 @@ connection with no process in between (see :mod:`usbipy.tls.ktls`).
 from __future__ import annotations
 
 import socket
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -16,7 +17,8 @@ from ..linux import vhci
 from ..protocol import DeviceInfo
 from ..tls import TlsError, TlsFiles, TlsSession, client_context, ktls
 from .errors import TlsRefused
-from .handshake import OP_TIMEOUT, connect, request_import
+from .handshake import OP_TIMEOUT, connect, import_offering_resume
+from .relay import Relay
 
 
 @dataclass(frozen=True)
@@ -30,11 +32,33 @@ class Attached:
     #: written, only polled: it reports POLLHUP/POLLERR the moment the kernel's
     #: side of the connection fails (vhci_shutdown_connection shuts it down).
     watch: socket.socket | None = field(default=None, compare=False)
+    #: A resumable attachment: vhci-hcd holds one end of a socketpair, and this
+    #: relay the other and the connection to the server (run it: see
+    #: :mod:`usbipy.client.relay`).
+    relay: Relay | None = field(default=None, compare=False)
+
+
+def dial(host: str, tcp_port: int, context: ssl.SSLContext | None, server_name: str | None,
+         keepalive: Keepalive) -> tuple[socket.socket, TlsSession | None]:
+    """A connection to the server, with keepalive, and over TLS (kernel TLS) with
+    ``context``."""
+    sock = connect(host, tcp_port)
+    try:
+        keepalive.apply(sock)
+        if context is None:
+            return sock, None
+        try:
+            return ktls.client_handshake(sock, context, server_name or host, OP_TIMEOUT)
+        except TlsError as exc:
+            raise TlsRefused(host, tcp_port, str(exc)) from exc
+    except BaseException:
+        sock.close()
+        raise
 
 
 def attach(host: str, busid: str, tcp_port: int, *, tls: TlsFiles | None = None,
            server_name: str | None = None, keepalive: Keepalive = DEFAULT,
-           watch: bool = False,
+           watch: bool = False, resume: bool = False,
            before_hand_off: Callable[[], None] | None = None) -> Attached:
     """`usbip attach -r HOST -b BUSID`: import over TCP, then hand the socket to vhci-hcd.
 
@@ -44,6 +68,10 @@ def attach(host: str, busid: str, tcp_port: int, *, tls: TlsFiles | None = None,
     on a server that stopped answering (the C tool sets none).
     ``before_hand_off`` is called once the import succeeded, right before
     vhci-hcd takes the socket (a keeper stops being interruptible there).
+
+    With ``resume``, the import offers a resumable stream; a server that grants
+    it (usbipyd) gets a relay in between (``Attached.relay``, for the caller to
+    run), one that does not (usbipd) the socket itself, as without.
     """
     vhci.require_vhci()  # fail before the server marks the device as imported
     session = None
@@ -51,27 +79,36 @@ def attach(host: str, busid: str, tcp_port: int, *, tls: TlsFiles | None = None,
     if tls is not None:
         context = client_context(tls, kernel=True)
         ktls.prepare()  # kTLS missing: say so before dialing; and warm it up
-    sock = connect(host, tcp_port)
+    sock, session = dial(host, tcp_port, context, server_name, keepalive)
     watcher = None
+    relay = None
     try:
-        keepalive.apply(sock)
-        if context is not None:
-            try:
-                sock, session = ktls.client_handshake(sock, context, server_name or host,
-                                                      OP_TIMEOUT)
-            except TlsError as exc:
-                raise TlsRefused(host, tcp_port, str(exc)) from exc
-        device = request_import(sock, busid, plaintext=session is None)
+        device, grant = import_offering_resume(sock, busid, plaintext=session is None,
+                                               resume=resume)
         if before_hand_off is not None:
             before_hand_off()
-        if watch:
+        handed = sock
+        if grant is not None:
+            # vhci-hcd takes any stream socket (attach_store checks only its type)
+            handed, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            relay = Relay(ours, sock, grant,
+                          lambda: dial(host, tcp_port, context, server_name, keepalive)[0],
+                          what=f"{host}:{tcp_port}/{busid}")
+        if watch and relay is None:
             watcher = sock.dup()
-        port = vhci.attach_socket(sock, device)
+        try:
+            port = vhci.attach_socket(handed, device)
+        finally:
+            if handed is not sock:
+                handed.close()
     except BaseException:
         if watcher is not None:
             watcher.close()
+        if relay is not None:
+            relay.local.close()
+        sock.close()
         raise
-    finally:
+    if relay is None:
         sock.close()  # vhci-hcd holds its own reference now
     try:
         vhci.write_record(port, vhci.Record(host, str(tcp_port), busid), session,
@@ -81,9 +118,11 @@ def attach(host: str, busid: str, tcp_port: int, *, tls: TlsFiles | None = None,
         # to a keeper, and no process would own it.
         if watcher is not None:
             watcher.close()
+        if relay is not None:
+            relay.finish()
         try:
             vhci.detach(port)
         except vhci.VhciError:
             pass
         raise
-    return Attached(port, host, tcp_port, device, session, watcher)
+    return Attached(port, host, tcp_port, device, session, watcher, relay)

@@ -26,6 +26,7 @@ from ..protocol import (
     RemoteProtocolError,
     wire,
 )
+from ..protocol.messages import OpRepResume, OpReqResume, ResumeGrant
 from ..tls.errors import handshake_failure
 from .errors import PLAINTEXT_REFUSED, ClientError, HostUnreachable, ImportRefused
 
@@ -43,14 +44,15 @@ def connect(host: str, port: int, timeout: float = OP_TIMEOUT) -> socket.socket:
 
 
 def _exchange(sock: socket.socket, conn: ClientConnection, request: bytes,
-              plaintext: bool) -> OpRepDevlist | OpRepImport:
+              plaintext: bool) -> OpRepDevlist | OpRepImport | OpRepResume:
     # Small reads: an OP reply is short, and no byte after it may be taken.
     return exchange(conn, request, sock.sendall, lambda: sock.recv(_recv_size(conn)),
                     plaintext)
 
 
 def exchange(conn: ClientConnection, request: bytes, send: Callable[[bytes], object],
-             recv: Callable[[], bytes], plaintext: bool) -> OpRepDevlist | OpRepImport:
+             recv: Callable[[], bytes], plaintext: bool
+             ) -> OpRepDevlist | OpRepImport | OpRepResume:
     """One OP request and its reply, whatever carries them (a socket, a TLS channel):
     ClientError saying what went wrong."""
     try:
@@ -60,7 +62,7 @@ def exchange(conn: ClientConnection, request: bytes, send: Callable[[bytes], obj
                 event = conn.next_event()
             except RemoteProtocolError as exc:
                 raise ClientError(f"the server sent a malformed reply: {exc}") from exc
-            if isinstance(event, (OpRepDevlist, OpRepImport)):
+            if isinstance(event, (OpRepDevlist, OpRepImport, OpRepResume)):
                 return event
             if event is EOF:
                 raise ClientError(PLAINTEXT_REFUSED if plaintext else
@@ -95,15 +97,52 @@ def request_import(sock: socket.socket, busid: str, *, plaintext: bool = True) -
     ``plaintext``: whether the connection is (then an immediate close is
     explained as a server that requires TLS).
     """
+    return import_offering_resume(sock, busid, plaintext=plaintext, resume=False)[0]
+
+
+def can_offer_resume(busid: str) -> bool:
+    """Whether the busid leaves room in its field for the offer (up to 23 bytes)."""
+    return len(busid.encode()) < wire.RESUME_OFFER_AT
+
+
+def import_offering_resume(sock: socket.socket, busid: str, *, plaintext: bool = True,
+                           resume: bool = True) -> tuple[DeviceInfo, ResumeGrant | None]:
+    """OP_REQ_IMPORT, offering a resumable stream (:mod:`usbipy.protocol.resume`);
+    the device and the server's grant, None from a server that does not resume
+    (usbipd, usbipd-win: the offer is invisible to them, and the connection is
+    plain USB/IP as ever)."""
     conn = ClientConnection()
-    reply = _exchange(sock, conn, conn.send(OpReqImport(busid)), plaintext)
+    offer = resume and can_offer_resume(busid)
+    reply = _exchange(sock, conn, conn.send(OpReqImport(busid, offer)), plaintext)
     assert isinstance(reply, OpRepImport)
     if reply.status is not OpStatus.OK or reply.device is None:
         raise ImportRefused(busid, reply.status)
     if reply.device.busid != busid:
         raise ClientError(f"asked for {printable(busid)}, the server sent "
                           f"{printable(reply.device.busid)}")
-    return reply.device
+    return reply.device, reply.resume if offer else None
+
+
+class ResumeRefused(ClientError):
+    """The server no longer has the attachment (restarted, the window passed, or not
+    ours): attach again."""
+
+
+def request_resume(sock: socket.socket, token: bytes, received: int) -> int:
+    """OP_REQ_RESUME on a new connection: the bytes of our stream the server has.
+    Nothing past the reply is read: the frames that follow are the relay's."""
+    conn = ClientConnection()
+    size = wire.OP_REP_RESUME.size
+
+    def recv() -> bytes:
+        return sock.recv(max(1, size - conn.buffered))
+
+    reply = exchange(conn, conn.send(OpReqResume(token, received)), sock.sendall, recv, False)
+    assert isinstance(reply, OpRepResume)
+    if reply.status is not OpStatus.OK:
+        raise ResumeRefused(f"the server refused to resume ({reply.status.name}): it no "
+                            "longer has the attachment")
+    return reply.received
 
 
 def request_devlist(sock: socket.socket) -> tuple[DeviceInfo, ...]:

@@ -80,6 +80,13 @@ class KeeperState:
     reattached: int = 0
     #: The keeper process's start time (see :func:`process_start`).
     started: int | None = None
+    #: A resumable attachment (the server granted it): a loss of the network is
+    #: resumed in place, the device staying on its port.
+    resumable: bool = False
+    #: While the connection is down and being resumed: since when (wall clock).
+    down_since: float | None = None
+    #: Times the connection was resumed.
+    resumed: int = 0
 
     @property
     def url(self) -> str:
@@ -99,11 +106,12 @@ class KeeperState:
             "state": (str,), "port": (int, type(None)), "devid": (int, type(None)),
             "since": (int, float), "retry_at": (int, float, type(None)),
             "attempts": (int,), "last_error": (str, type(None)), "reattached": (int,),
-            "started": (int, type(None)),
+            "started": (int, type(None)), "resumable": (bool,),
+            "down_since": (int, float, type(None)), "resumed": (int,),
         }
         for name, value in data.items():
-            if name not in kinds or isinstance(value, bool) or not isinstance(
-                    value, kinds[name]):
+            if name not in kinds or (isinstance(value, bool) and bool not in kinds[name]) or (
+                    not isinstance(value, kinds[name])):
                 raise ValueError(f"{name}: unexpected")
         state = cls(**data)
         if state.pid <= 1:
@@ -355,18 +363,32 @@ class Keeper:
         log.info("attached %s on port %d%s", printable(self.state.url), port,
                  " again" if again else "")
         self.backoff.reset_count()  # (retries: failures in a row)
+        relay = attached.relay
         self._set(state="attached", port=port, devid=devid, since=time.time(),
                   last_error=None, attempts=0, retry_at=None,
-                  reattached=self.state.reattached + again)
+                  reattached=self.state.reattached + again, resumable=relay is not None,
+                  down_since=None)
         try:
-            reason = self._watch(attached)
+            if relay is not None:
+                relay.on_change = lambda state: self._set(down_since=state.down_since,
+                                                           resumed=self.state.resumed + 1
+                                                           if state.down_since is None
+                                                           else self.state.resumed)
+                reason = relay.run(self._wake_r)
+            else:
+                reason = self._watch(attached)
         finally:
             if attached.watch is not None:
                 attached.watch.close()
         if reason is None:  # stopped: give the port back ourselves
             self._release(port, devid)
+            if relay is not None:
+                relay.finish()  # (the server releases the device now)
             log.info("stopped: port %d detached", port)
             return 0
+        if relay is not None:
+            relay.finish()  # (vhci-hcd sees its connection end, and frees the port)
+            self._set(down_since=None)
         if vhci.read_record(port) is None:
             # `usbip detach` and `usbipy detach` remove the record before they detach
             log.info("port %d was detached by someone else: %s is no longer kept "

@@ -49,6 +49,7 @@ from ..protocol import (
     RetUnlink,
 )
 from ..protocol.constants import USBIP_PORT
+from ..protocol.messages import OpRepResume
 from ..tls import TlsSession, handshake_failure
 from ..usb.urb import UrbFlag
 from .errors import (
@@ -231,8 +232,10 @@ def _open(host: str, port: int, tls: ssl.SSLContext | None, server_hostname: str
 def _op(channel: _Channel, conn: ClientConnection, request: bytes, timeout: float
         ) -> OpRepDevlist | OpRepImport:
     deadline = time.monotonic() + timeout
-    return exchange(conn, request, lambda data: channel.send(data, deadline),
-                    lambda: channel.recv(deadline), channel.tls is None)
+    reply = exchange(conn, request, lambda data: channel.send(data, deadline),
+                     lambda: channel.recv(deadline), channel.tls is None)
+    assert not isinstance(reply, OpRepResume)  # (never asked for here)
+    return reply
 
 
 def list_devices(host: str, port: int = USBIP_PORT, *, tls: ssl.SSLContext | None = None,

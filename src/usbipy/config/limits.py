@@ -26,6 +26,15 @@ class Limits:
     #: (those handed to usbip-host too): TCP keepalive and TCP_USER_TIMEOUT, see
     #: :mod:`usbipy.keepalive`.
     dead_peer_timeout: float = DEFAULT_TIMEOUT
+    #: Seconds a resumable attachment (usbipy's client) outlives its lost
+    #: connection, its device held, waiting for the client to resume; 0: none is
+    #: offered.
+    resume_window: float = 60.0
+    #: Bytes one resumable attachment keeps until its client has them (what a
+    #: resume sends again): while connected, more waits; while away, more ends it.
+    resume_buffer: int = 8 << 20
+    #: ...and all of them together.
+    resume_buffers: int = 256 << 20
 
     def __post_init__(self) -> None:
         self.keepalive  # noqa: B018 (checked here, not in the accept loop: ValueError)

@@ -24,6 +24,7 @@ from .values import (
     FILE,
     HOST_PORT,
     PORTS,
+    RESUME_BUFFERS,
     SWITCH,
     Kind,
     choice,
@@ -191,6 +192,17 @@ SETTINGS: tuple[Setting, ...] = (
             seconds(), "time after which a client that stopped answering is taken for dead "
             "and its device freed, also for usbip-host (TCP keepalive and user timeout; "
             f"default: {_BASE.dead_peer_timeout:g})", metavar="SECONDS", group=LIMITS),
+    Setting("resume_window", "limits.resume_window", ("--resume-window",),
+            seconds(zero=True),
+            "time a resumable attachment (usbipy's client) outlives a lost connection, its "
+            f"device held for the client to resume; 0: none (default: "
+            f"{_BASE.resume_window:g})", metavar="SECONDS", group=LIMITS),
+    Setting("resume_buffer", "limits.resume_buffer", ("--resume-buffer",),
+            whole_number(*RESUME_BUFFERS), "bytes one resumable attachment keeps for a resend "
+            f"(default: {_BASE.resume_buffer})", metavar="BYTES", group=LIMITS),
+    Setting("resume_buffers", "limits.resume_buffers", ("--resume-buffers",),
+            whole_number(*RESUME_BUFFERS), "...and all of them together (default: "
+            f"{_BASE.resume_buffers})", metavar="BYTES", group=LIMITS),
     Setting("loop", "loop", ("--loop",), choice("auto", "asyncio", "uvloop"),
             "event loop: uvloop when installed (auto, the default), or asyncio's", "auto"),
     Setting("daemon", None, ("-D", "--daemon"), None, "run in the background", False),

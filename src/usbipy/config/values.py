@@ -23,6 +23,8 @@ Check = Callable[[Document, KeyPath, Any], Any]
 #: The ranges a value may take, in the file and as an option.
 PORTS = (0, 65535)
 COUNTS = (1, 1 << 20)
+#: A resume buffer holds at least a few frames (protocol.resume.MAX_FRAME).
+RESUME_BUFFERS = (4 << 20, 1 << 40)
 DISK_SIZES = (512, 1 << 50)
 #: A capture file's size in MB, and how many files the ring keeps.
 CAPTURE_SIZES = (1, 1 << 20)
@@ -119,18 +121,23 @@ def whole(low: int, high: int) -> Callable[[str], int]:
     return convert
 
 
-def positive(high: float) -> Callable[[str], float]:
-    """An argparse type: a number above 0, at most ``high`` (as in the file)."""
+def positive(high: float, zero: bool = False) -> Callable[[str], float]:
+    """An argparse type: a number above 0 (or 0 too, with ``zero``), at most ``high``
+    (as in the file)."""
     def convert(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not 0 < value <= high:
+        if not (0 <= value if zero else 0 < value) or not value <= high:
             raise argparse.ArgumentTypeError(
-                f"{text} is out of range (more than 0, at most {high:g})")
+                f"{text} is out of range ({_low(zero)}, at most {high:g})")
         return value
     return convert
+
+
+def _low(zero: bool) -> str:
+    return "0 or more" if zero else "more than 0"
 
 
 def host_port(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
@@ -173,14 +180,15 @@ def whole_number(low: int, high: int) -> Kind:
     return Kind(check, whole(low, high))
 
 
-def seconds(high: float = MAX_SECONDS) -> Kind:
+def seconds(high: float = MAX_SECONDS, zero: bool = False) -> Kind:
+    """Seconds above 0 (or 0 too, with ``zero``: "none"), at most ``high``."""
     def check(doc: Document, path: KeyPath, value: Any) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise doc.error(path, f"{shown(value)} is not a number of seconds")
-        if not 0 < value <= high:
-            raise doc.error(path, f"{value:g} is out of range (more than 0, at most {high:g})")
+        if not (0 <= value if zero else 0 < value) or not value <= high:
+            raise doc.error(path, f"{value:g} is out of range ({_low(zero)}, at most {high:g})")
         return float(value)
-    return Kind(check, positive(high))
+    return Kind(check, positive(high, zero))
 
 
 def rate(high: float = MAX_RATE) -> Kind:

@@ -183,6 +183,14 @@ class _Connection:
         """Bytes received and not yet turned into messages."""
         return len(self._buf) - self._pos
 
+    def take_buffered(self) -> bytes:
+        """The bytes received and not parsed, taken out: what follows a message that
+        gives the connection to another layer (OP_REQ_RESUME's frames)."""
+        data = bytes(self._buf[self._pos:])
+        self._buf = bytearray()
+        self._pos = 0
+        return data
+
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Feed received bytes; ``b""`` means the peer closed its side."""
         if not data:

@@ -13,6 +13,7 @@ from ..config.limits import Limits
 from ..policy import OPEN, Client, Decision, DeviceFacts, Policy
 from ..tls import TlsSession
 from .limits import Admission, RateLimitedLog
+from .resume import Resumables
 
 
 def facts_of(device: AnyDevice) -> DeviceFacts:
@@ -52,6 +53,8 @@ class Access:
     handed_off: dict[str, HandedOff] = field(default_factory=dict)
     #: For what a flood would otherwise write once per connection.
     log: RateLimitedLog = field(default_factory=RateLimitedLog)
+    #: The attachments a client may resume on a new connection.
+    resumables: Resumables = field(default_factory=Resumables)
 
     #: Changed by every reconfigure: an import begun under an older policy is
     #: decided again before it is answered.

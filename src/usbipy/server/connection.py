@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import math
 import socket
 from collections.abc import Awaitable, Coroutine
 from typing import Any, cast
@@ -36,6 +37,8 @@ from ..protocol import (
     SubmitReply,
 )
 from ..protocol.constants import ECONNRESET, EPROTO
+from ..protocol.messages import OpRepResume, OpReqResume, ResumeGrant
+from ..protocol.wire import RESUME_GRANT_AT
 from ..tls import TlsSession
 from .access import Access, client_of
 from .importing import import_device
@@ -43,6 +46,7 @@ from .limits import Slot, client_key
 from .memory import give_back
 from .peerwatch import bytes_acked, peer_gone
 from .registry import DeviceRegistry
+from .resume import Resumable, may_resume
 from .stats import ServerStats, status_name
 
 log = logging.getLogger("usbipy.server")
@@ -101,6 +105,12 @@ class UsbipServerProtocol(asyncio.Protocol):
         self.conn = ServerConnection(max_transfer_length=max_transfer_length)
         self.device: ExportedDevice | None = None
         self.peer = "?"
+        #: The client's address (None: not an IP connection).
+        self._address: str | None = None
+        #: The client offered a resumable stream with its import; and the
+        #: attachment that is this protocol's transport when it was granted.
+        self._resume_offered = False
+        self._resumable: Resumable | None = None
         self._connections = connections
         self._transport: asyncio.Transport | None = None
         #: seqnum -> a URB the device did not finish at once, and its pending outcome
@@ -163,7 +173,8 @@ class UsbipServerProtocol(asyncio.Protocol):
         if self.tls is not None:
             # the verified identity, in every line about this client
             self.peer = f"{self.peer} {self.tls.peer}"
-        self.client = client_of(peer[0] if isinstance(peer, tuple) else None, self.tls)
+        self._address = peer[0] if isinstance(peer, tuple) else None
+        self.client = client_of(self._address, self.tls)
         self._client_key = client_key(peer)
         self._connections.add(self)
         if self._stats is not None:
@@ -208,7 +219,11 @@ class UsbipServerProtocol(asyncio.Protocol):
                     self._start_op(self._devlist())
                     return  # the rest waits for the reply
                 elif type(event) is OpReqImport:
+                    self._resume_offered = event.resume
                     self._start_op(import_device(self, event.busid))
+                    return
+                elif type(event) is OpReqResume:
+                    self._resume(event)
                     return
                 if self._closed:
                     return
@@ -345,6 +360,8 @@ class UsbipServerProtocol(asyncio.Protocol):
             # An OP request is being answered (the socket may be on its way to
             # usbip-host): its task decides what becomes of the connection.
             return
+        if self._resumable is not None and not self._resumable.connected:
+            return  # (the client is away: the resume window decides, not this)
         if transport.is_closing():
             return
         sock = transport.get_extra_info("socket")
@@ -454,7 +471,57 @@ class UsbipServerProtocol(asyncio.Protocol):
         if self._stats is not None:
             self._stats.imported(device.busid, self.client)
             self._key_in, self._key_out = (device.busid, "in"), (device.busid, "out")
+        window = self.access.limits.resume_window
+        grant = None
+        if (self._resume_offered and window > 0 and not self.conn.buffered
+                and len(info.path.encode()) < RESUME_GRANT_AT and self._transport is not None):
+            resumable = Resumable(self, self._transport, self.access.resumables,
+                                  window=window, buffer=self.access.limits.resume_buffer,
+                                  buffers=self.access.limits.resume_buffers,
+                                  address=self._address, tls=self.tls)
+            self._resumable = resumable
+            grant = ResumeGrant(resumable.token, math.ceil(window))
+            # the reply on the TCP connection itself; from then on, frames
+            self._transport.write(self.conn.send(OpRepImport(OpStatus.OK, info, grant)))
+            self._transport = cast(asyncio.Transport, resumable)
+            return
         self._write(self.conn.send(OpRepImport(OpStatus.OK, info)))
+
+    def _resume(self, request: OpReqResume) -> None:
+        """OP_REQ_RESUME: give this connection to the attachment of the token, or
+        refuse (NODEV: unknown, expired, or not this client's)."""
+        self._stop_timers()
+        target = self.access.resumables.get(request.token)
+        why: str | None
+        if target is None:
+            status, why = OpStatus.NODEV, "unknown or expired token"
+        else:
+            device = target.protocol.device
+            status, why = may_resume(
+                target, self._address, self.tls,
+                lambda: device is not None and self.access.decide(self.client, device).allowed)
+            if why is None and not target.can_resend(request.received):
+                status, why = OpStatus.ERROR, (
+                    f"it says it has {request.received} bytes of the stream, which cannot be")
+        if why is not None or target is None:
+            self.access.log.warning(f"resume {self._client_key}",
+                                    f"{self.peer}: resume refused: {why}")
+            self._write(self.conn.send(OpRepResume(status)))
+            self._close()
+            return
+        transport = self._transport
+        assert transport is not None
+        leftover = self.conn.take_buffered()
+        # (past the batch: the frames the attachment sends again come after it)
+        transport.write(self.conn.send(OpRepResume(OpStatus.OK, target.stream.received)))
+        # This connection is the attachment's now: this protocol is done, unheard.
+        self._closed = True
+        self._transport = None
+        self._connections.discard(self)
+        if self.slot is not None:  # (the attachment's own connection holds one)
+            self.slot.release()
+        self._finish()
+        target.resume(transport, request.received, leftover, self.peer)
 
     def served_by_kernel(self, device: HandOffDevice) -> None:
         self._write(self.conn.send(OpRepImport(OpStatus.OK, device.info)))

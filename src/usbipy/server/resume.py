@@ -1,0 +1,376 @@
+"""Resumable attachments: a connection whose TCP connection may be lost and
+replaced, under one :class:`~.connection.UsbipServerProtocol`.
+
+A :class:`Resumable` is both sides of an adapter. To the connection's
+protocol it is its transport, one that lives as long as the attachment; to
+each TCP (or TLS) transport in turn it is the protocol, speaking the framed
+stream of :mod:`usbipy.protocol.resume`. When the TCP connection is lost
+without the client's FIN, the attachment waits ``resume_window`` seconds: the
+device stays held, and URBs in flight complete into the stream's buffer. A
+client that comes back with the token (OP_REQ_RESUME) on a new connection gets
+what it missed, and the protocol never knew.
+
+Who may resume: the token is 128 random bits, issued at the import. Over TLS
+it is bound to the client certificate's SHA-256 fingerprint and the access
+policy is asked again; in plaintext only the same address may resume.
+
+What it may hold: ``resume_buffer`` bytes per attachment and ``resume_buffers``
+for all. While connected, reaching the bound stops the protocol's writes
+until the client acknowledges (flow control); while away, it ends the
+attachment, with a log line that says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import secrets
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from ..escape import printable
+from ..protocol import OpStatus, RemoteProtocolError
+from ..protocol.resume import ResumableStream
+from ..tls import TlsSession
+
+if TYPE_CHECKING:
+    from .connection import UsbipServerProtocol
+
+log = logging.getLogger("usbipy.server")
+
+#: Seconds between ACKs sent for what came since the last one (a trickle never
+#: reaches ACK_EVERY, and the client's buffer would keep it).
+ACK_INTERVAL = 0.5
+
+
+def fingerprint(tls: TlsSession | None) -> bytes | None:
+    """The SHA-256 of the client's certificate, which a token is bound to."""
+    if tls is None or tls.certificate is None:
+        return None
+    return hashlib.sha256(tls.certificate).digest()
+
+
+class Resumables:
+    """The server's resumable attachments, by token; their buffers in total."""
+
+    def __init__(self) -> None:
+        self._by_token: dict[bytes, Resumable] = {}
+        #: Counters for the metrics: resumptions, and their lengths (seconds down).
+        self.resumed = 0
+        self.expired = 0
+        self.down_seconds: list[float] = []
+
+    def __len__(self) -> int:
+        return len(self._by_token)
+
+    def __iter__(self) -> Any:
+        return iter(list(self._by_token.values()))
+
+    @property
+    def buffered(self) -> int:
+        return sum(r.stream.unacked for r in self._by_token.values())
+
+    def new_token(self, resumable: Resumable) -> bytes:
+        token = secrets.token_bytes(16)
+        self._by_token[token] = resumable
+        return token
+
+    def get(self, token: bytes) -> Resumable | None:
+        return self._by_token.get(token)
+
+    def forget(self, token: bytes) -> None:
+        self._by_token.pop(token, None)
+
+
+class Resumable(asyncio.Protocol):
+    """One resumable attachment: the protocol's transport, each TCP transport's
+    protocol."""
+
+    def __init__(self, protocol: UsbipServerProtocol, transport: asyncio.Transport,
+                 resumables: Resumables, *, window: float, buffer: int, buffers: int,
+                 address: str | None, tls: TlsSession | None) -> None:
+        self.protocol = protocol
+        self.stream = ResumableStream()
+        self._resumables = resumables
+        self.window = window
+        self._buffer = buffer
+        self._buffers = buffers
+        #: Who may resume: the address (plaintext) or the certificate (TLS).
+        self.address = address
+        self.fingerprint = fingerprint(tls)
+        self.token = resumables.new_token(self)
+        self._raw: asyncio.Transport | None = None
+        self._raw_paused = False  # the TCP transport asked us to stop writing
+        self._full = False  # our buffer is at its bound
+        self._protocol_paused = False
+        self._reading_paused = False
+        self._closing = False
+        self._ended = False
+        #: When the TCP connection was lost (loop time), while it is.
+        self.down_since: float | None = None
+        self.down_wall: float | None = None
+        self._window_timer: asyncio.TimerHandle | None = None
+        self._ack_timer: asyncio.TimerHandle | None = None
+        self._extra: dict[str, Any] = {}
+        self._attach(transport)
+
+    # --- the TCP transport, replaced on each resume ------------------------------
+
+    def _attach(self, transport: asyncio.Transport) -> None:
+        self._raw = transport
+        self._raw_paused = False
+        self._extra = {name: transport.get_extra_info(name)
+                       for name in ("socket", "peername", "sockname", "ssl_object")}
+        transport.set_protocol(self)
+        if self._reading_paused:
+            transport.pause_reading()
+        loop = asyncio.get_running_loop()
+        if self._ack_timer is None:
+            self._ack_timer = loop.call_later(ACK_INTERVAL, self._tick)
+
+    @property
+    def connected(self) -> bool:
+        return self._raw is not None
+
+    def can_resend(self, peer_has: int) -> bool:
+        """Whether a client may have ``peer_has`` bytes of our stream."""
+        return self.stream.acked <= peer_has <= self.stream.sent
+
+    def resume(self, transport: asyncio.Transport, peer_has: int, leftover: bytes,
+               by: str) -> None:
+        """The client (``by``, in the log's words) is back on ``transport``, with
+        ``peer_has`` bytes of our stream (checked by :meth:`can_resend`); the
+        reply is sent already."""
+        frames = self.stream.resend_from(peer_has)
+        old = self._raw
+        if old is not None:  # (the old connection looked alive to us: a NAT rebinding)
+            self._raw = None
+            old.set_protocol(asyncio.Protocol())  # (its end is not ours to hear)
+            old.abort()
+        down = (asyncio.get_running_loop().time() - self.down_since
+                if self.down_since is not None else 0.0)
+        self.down_since = self.down_wall = None
+        if self._window_timer is not None:
+            self._window_timer.cancel()
+            self._window_timer = None
+        self._resumables.resumed += 1
+        self._resumables.down_seconds.append(down)
+        self.stream.restart()
+        self._attach(transport)
+        if frames:
+            transport.writelines(frames)
+        transport.write(self.stream.ack())
+        log.info("%s: resumed %s of %s after %.1f s down (%d bytes sent again)", by,
+                 printable(self.protocol.device.busid) if self.protocol.device else "?",
+                 self.protocol.peer, down, self.stream.sent - peer_has)
+        self._check_pause()
+        if leftover:
+            self.data_received(leftover)
+
+    # --- asyncio.Protocol, for the TCP transport ----------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            payload = self.stream.receive(data)
+        except RemoteProtocolError as exc:
+            log.warning("%s: closing the connection: %s: %s", self.protocol.peer,
+                        type(exc).__name__, printable(str(exc)))
+            self.abort()
+            return
+        deliver = self.protocol.data_received
+        for piece in payload:
+            if self._ended:
+                return
+            deliver(piece)  # type: ignore[arg-type]
+        if self.stream.ack_due and self._raw is not None:
+            self._raw.write(self.stream.ack())
+        self._check_pause()
+        if self.stream.finished and not self._ended:
+            # The client detached: the attachment ends now, not after a window.
+            log.debug("%s: the client ended the resumable stream", self.protocol.peer)
+            self.close()
+
+    def eof_received(self) -> bool | None:
+        return None  # (a FIN without the stream's FIN: a loss, see connection_lost)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._raw = None
+        self._extra = {}
+        if self._ended:
+            return
+        if self._closing:
+            self._end(exc)
+            return
+        # Lost without the client's FIN: keep the attachment for the window.
+        loop = asyncio.get_running_loop()
+        self.down_since = loop.time()
+        self.down_wall = time.time()
+        why = (getattr(exc, "strerror", None) or str(exc)) if exc is not None else "closed"
+        log.warning("%s: connection lost (%s); %s kept for %g s for the client to resume",
+                    self.protocol.peer, printable(why),
+                    printable(self.protocol.device.busid) if self.protocol.device else "?",
+                    self.window)
+        self._window_timer = loop.call_later(self.window, self._expired)
+        self._check_bounds()
+
+    def pause_writing(self) -> None:
+        self._raw_paused = True
+        self._check_pause()
+
+    def resume_writing(self) -> None:
+        self._raw_paused = False
+        self._check_pause()
+
+    def _expired(self) -> None:
+        self._window_timer = None
+        self._resumables.expired += 1
+        log.warning("%s: not resumed within %g s (resume_window): %s released",
+                    self.protocol.peer, self.window,
+                    printable(self.protocol.device.busid) if self.protocol.device else "?")
+        self._end(TimeoutError("not resumed within the resume window"))
+
+    def _tick(self) -> None:
+        self._ack_timer = None
+        if self._ended:
+            return
+        if self._raw is not None and self.stream.ack_pending:
+            self._raw.write(self.stream.ack())
+        self._ack_timer = asyncio.get_running_loop().call_later(ACK_INTERVAL, self._tick)
+
+    # --- bounds and flow control ---------------------------------------------------
+
+    def _check_bounds(self) -> bool:
+        """While away: the buffer past a bound ends the attachment. True if it did."""
+        if self._raw is not None or self._ended:
+            return False
+        unacked = self.stream.unacked
+        if unacked > self._buffer:
+            why = f"its resume buffer is full ({unacked} bytes, resume_buffer)"
+        elif self._resumables.buffered > self._buffers:
+            why = (f"the resume buffers are full ({self._resumables.buffered} bytes, "
+                   "resume_buffers)")
+        else:
+            return False
+        log.warning("%s: %s while the client was away: %s released", self.protocol.peer, why,
+                    printable(self.protocol.device.busid) if self.protocol.device else "?")
+        self._end(MemoryError(why))
+        return True
+
+    def _check_pause(self) -> None:
+        """While connected: stop the protocol's writes at the bound, go on at half."""
+        unacked = self.stream.unacked
+        if unacked > self._buffer or (unacked > self._buffer // 2
+                                      and self._resumables.buffered > self._buffers):
+            self._full = True
+        elif unacked <= self._buffer // 2:
+            self._full = False
+        paused = self._full or self._raw_paused or self._raw is None
+        if paused != self._protocol_paused and not self._ended:
+            self._protocol_paused = paused
+            if paused:
+                self.protocol.pause_writing()
+            else:
+                self.protocol.resume_writing()
+
+    # --- asyncio.Transport, for the protocol ----------------------------------------
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.writelines((data,))
+
+    def writelines(self, pieces: Iterable[bytes | bytearray | memoryview]) -> None:
+        if self._ended or self._closing:
+            return
+        frames = self.stream.send(pieces)
+        if self._raw is not None:
+            self._raw.writelines(frames)
+            if self._full or self.stream.unacked > self._buffer // 2:
+                self._check_pause()
+        elif not self._check_bounds():
+            self._check_pause()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if self._raw is not None and name not in self._extra:
+            return self._raw.get_extra_info(name, default)
+        value = self._extra.get(name)
+        return default if value is None else value
+
+    def get_write_buffer_size(self) -> int:
+        return self._raw.get_write_buffer_size() if self._raw is not None else self.stream.unacked
+
+    def is_closing(self) -> bool:
+        return self._closing or self._ended
+
+    def pause_reading(self) -> None:
+        self._reading_paused = True
+        if self._raw is not None:
+            self._raw.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._reading_paused = False
+        if self._raw is not None:
+            self._raw.resume_reading()
+
+    def is_reading(self) -> bool:
+        return not self._reading_paused
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        raise NotImplementedError("a resumable attachment keeps its protocol")
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self.protocol
+
+    def close(self) -> None:
+        """The protocol is done (a detach, a device gone): FIN, then close."""
+        if self._closing or self._ended:
+            return
+        self._closing = True
+        raw = self._raw
+        if raw is None:
+            self._end(None)
+            return
+        raw.write(self.stream.fin())
+        raw.close()  # (connection_lost ends it)
+
+    def abort(self) -> None:
+        """A protocol error or a dead peer: no resume."""
+        if self._ended:
+            return
+        self._closing = True
+        raw = self._raw
+        if raw is None:
+            self._end(None)
+            return
+        raw.abort()
+
+    def _end(self, exc: Exception | None) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        self._resumables.forget(self.token)
+        for timer in (self._window_timer, self._ack_timer):
+            if timer is not None:
+                timer.cancel()
+        self._window_timer = self._ack_timer = None
+        raw, self._raw = self._raw, None
+        if raw is not None:
+            raw.abort()
+        self.protocol.connection_lost(exc)
+
+
+def may_resume(resumable: Resumable, address: str | None, tls: TlsSession | None,
+               allowed: Callable[[], bool]) -> tuple[OpStatus, str | None]:
+    """Whether a client at ``address`` with ``tls`` may take ``resumable`` over:
+    (OK, None) or (the status to answer, the reason to log)."""
+    if resumable.fingerprint is not None:
+        if fingerprint(tls) != resumable.fingerprint:
+            return OpStatus.NODEV, "the token was issued to another certificate"
+    elif tls is not None:
+        return OpStatus.NODEV, "the token was issued to a plaintext connection"
+    elif address != resumable.address:
+        return OpStatus.NODEV, (f"the token was issued to {resumable.address}: in plaintext "
+                                "only the same address may resume")
+    if not allowed():
+        return OpStatus.NODEV, "the access policy now refuses this client the device"
+    return OpStatus.OK, None
