@@ -329,7 +329,8 @@ def test_the_keeper_attaches_again_after_a_loss_and_detaches_when_stopped(
         fake_vhci: FakeVhci) -> None:
     keeper = keeper_for(fake_vhci)
     result, thread = run_in_thread(keeper)
-    until(lambda: keeper.state.state == "attached")
+    # (the file, not the attribute: the keeper sets that a moment before it writes it)
+    until(lambda: [s.state for s in keeper_mod.read_states()] == ["attached"])
     [state] = keeper_mod.read_states()
     assert (state.state, state.port, state.pid) == ("attached", 0, os.getpid())
     fake_vhci.lose(0)  # the server restarted, or the network dropped

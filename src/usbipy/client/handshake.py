@@ -106,12 +106,13 @@ def can_offer_resume(busid: str) -> bool:
 
 
 def import_offering_resume(sock: socket.socket, busid: str, *, plaintext: bool = True,
-                           resume: bool = True) -> tuple[DeviceInfo, ResumeGrant | None]:
+                           resume: bool = True, conn: ClientConnection | None = None
+                           ) -> tuple[DeviceInfo, ResumeGrant | None]:
     """OP_REQ_IMPORT, offering a resumable stream (:mod:`usbipy.protocol.resume`);
     the device and the server's grant, None from a server that does not resume
     (usbipd, usbipd-win: the offer is invisible to them, and the connection is
-    plain USB/IP as ever)."""
-    conn = ClientConnection()
+    plain USB/IP as ever). ``conn``: the codec that goes on with the URBs."""
+    conn = conn if conn is not None else ClientConnection()
     offer = resume and can_offer_resume(busid)
     reply = _exchange(sock, conn, conn.send(OpReqImport(busid, offer)), plaintext)
     assert isinstance(reply, OpRepImport)

@@ -70,9 +70,13 @@ class Relay:
 
     ``connect()`` dials the server again (TCP, TLS, keepalive: as the first
     connection) and returns the socket, or raises OSError/UsbipError.
+
+    With no ``grant`` (a server that does not resume) it copies the bytes as they
+    are, and ends with the connection: for a userspace TLS connection, which
+    the other end cannot read itself.
     """
 
-    def __init__(self, local: socket.socket, remote: socket.socket, grant: ResumeGrant,
+    def __init__(self, local: socket.socket, remote: socket.socket, grant: ResumeGrant | None,
                  connect: Callable[[], socket.socket], *, what: str = "the device",
                  buffer: int = BUFFER,
                  on_change: Callable[[RelayState], None] | None = None,
@@ -130,12 +134,14 @@ class Relay:
         now = self._clock()
         if self.remote is None:
             return max(0.0, min(self._retry_at, self._deadline()) - now)
+        if self.grant is None:
+            return 60.0
         if self.stream.ack_pending:
             return max(0.0, self._last_ack + ACK_INTERVAL - now)
         return 60.0
 
     def _deadline(self) -> float:
-        assert self._down_at is not None
+        assert self._down_at is not None and self.grant is not None
         return self._down_at + self.grant.window + WINDOW_SLACK
 
     def _may_read_local(self) -> bool:
@@ -146,6 +152,8 @@ class Relay:
         if self.remote is not None:
             remote = events.get(self.remote.fileno(), 0)
             if remote and self._remote_io(remote) is not None:
+                if self.grant is None:
+                    return self._remote_error
                 self._lost(self._remote_error)
         if local & select.POLLOUT and self._to_local:
             ended = self._write_local()
@@ -156,6 +164,8 @@ class Relay:
             if ended is not None:
                 return ended
         now = self._clock()
+        if self.grant is None:
+            return None
         if self.remote is None:
             if now >= self._deadline():
                 return (f"not resumed within the server's {self.grant.window} s "
@@ -180,7 +190,8 @@ class Relay:
             return f"vhci-hcd's side failed: {exc.strerror or exc}"
         if not data:
             return "vhci-hcd closed the connection"
-        frames = self.stream.send((data,))
+        frames: list[bytes | memoryview] = (
+            [data] if self.grant is None else self.stream.send((data,)))
         if self.remote is not None:  # (while down, the resume sends them)
             self._queue_remote(frames)
         return None
@@ -230,6 +241,12 @@ class Relay:
                     return self._failed(exc)
                 if not data:
                     return self._failed(None)
+                if self.grant is None:
+                    self._to_local.append(memoryview(data))
+                    self._to_local_size += len(data)
+                    if not (isinstance(remote, ssl.SSLSocket) and remote.pending()):
+                        break
+                    continue
                 try:
                     payload = self.stream.receive(data)
                 except RemoteProtocolError as exc:
@@ -269,6 +286,7 @@ class Relay:
         self._retry_at = self._down_at  # (at once: a reset is often over already)
         self._retry_delay = RETRY_FIRST
         self.state.down_since = time.time()
+        assert self.grant is not None
         log.warning("%s: connection lost (%s); resuming (the server keeps it %d s)",
                     printable(self._what), printable(why), self.grant.window)
         self._changed()
@@ -279,6 +297,7 @@ class Relay:
         except (OSError, UsbipError) as exc:
             self._schedule_retry(printable(str(exc)))
             return
+        assert self.grant is not None
         try:
             peer_has = request_resume(sock, self.grant.token, self.stream.received)
             frames = self.stream.resend_from(peer_has)
@@ -327,7 +346,8 @@ class Relay:
                 remote.settimeout(2.0)
                 for piece in self._to_remote:
                     remote.sendall(piece)
-                remote.sendall(self.stream.fin())
+                if self.grant is not None:
+                    remote.sendall(self.stream.fin())
             with contextlib.suppress(OSError):
                 remote.close()
         with contextlib.suppress(OSError):

@@ -23,6 +23,8 @@ and a write from two threads never meet inside one OpenSSL object.
 from __future__ import annotations
 
 import copy
+import logging
+import os
 import select
 import socket
 import ssl
@@ -32,6 +34,7 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import NoReturn
 
+from ..escape import printable
 from ..keepalive import DEFAULT, Keepalive
 from ..protocol import (
     ClientConnection,
@@ -62,7 +65,8 @@ from .errors import (
     TransferTimeout,
     lost_reason,
 )
-from .handshake import exchange
+from .handshake import exchange, import_offering_resume
+from .relay import Relay
 from .transfers import (
     CONNECT_TIMEOUT,
     UNLINK_TIMEOUT,
@@ -75,6 +79,8 @@ from .transfers import (
     iso_results,
     unlink_grace,
 )
+
+log = logging.getLogger("usbipy.client")
 
 #: Bytes asked of the socket per read: a 64 KiB bulk reply and its header in one.
 #: Not more: recv() allocates this much each time, and beyond 128 KiB malloc
@@ -254,13 +260,20 @@ def list_devices(host: str, port: int = USBIP_PORT, *, tls: ssl.SSLContext | Non
 
 def connect(host: str, busid: str, port: int = USBIP_PORT, *,
             tls: ssl.SSLContext | None = None, server_hostname: str | None = None,
-            keepalive: Keepalive = DEFAULT, timeout: float = CONNECT_TIMEOUT) -> Device:
+            keepalive: Keepalive = DEFAULT, timeout: float = CONNECT_TIMEOUT,
+            resume: bool = False) -> Device:
     """OP_REQ_IMPORT: hold ``busid`` and get a :class:`Device` to transfer with.
 
     ``tls`` (:func:`usbipy.tls.client_context`) for mutual TLS, checking that
     the server's certificate names ``server_hostname`` (default ``host``);
     ``timeout`` bounds the connection, the handshake and the import.
+
+    With ``resume``, a lost connection is resumed in place where the server
+    offers it (usbipyd): transfers in flight wait, and go on (see
+    :mod:`usbipy.client.relay`, which runs in a thread of its own).
     """
+    if resume:
+        return _connect_resumable(host, busid, port, tls, server_hostname, keepalive, timeout)
     channel = _open(host, port, tls, server_hostname, keepalive, timeout)
     try:
         conn = ClientConnection()
@@ -272,6 +285,72 @@ def connect(host: str, busid: str, port: int = USBIP_PORT, *,
         channel.close()
         raise
     return Device(channel, conn, reply.device)
+
+
+def _dial(host: str, port: int, tls: ssl.SSLContext | None, server_hostname: str | None,
+          keepalive: Keepalive, timeout: float) -> socket.socket:
+    """A connection for a relay: TCP with keepalive, and TLS as an SSLSocket."""
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as exc:
+        raise HostUnreachable(host, port, exc) from exc
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        keepalive.apply(sock)
+        if tls is not None:
+            try:
+                sock = tls.wrap_socket(sock, server_hostname=server_hostname or host)
+            except OSError as exc:
+                raise TlsRefused(host, port, handshake_failure(exc)) from exc
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _connect_resumable(host: str, busid: str, port: int, tls: ssl.SSLContext | None,
+                       server_hostname: str | None, keepalive: Keepalive, timeout: float
+                       ) -> Device:
+    sock = _dial(host, port, tls, server_hostname, keepalive, timeout)
+    conn = ClientConnection()
+    try:
+        info, grant = import_offering_resume(sock, busid, plaintext=tls is None, conn=conn)
+    except BaseException:
+        sock.close()
+        raise
+    if grant is None and tls is None:  # (usbipd: the socket as it is)
+        return Device(_Channel(sock, host, port), conn, info)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    relay = Relay(ours, sock, grant,
+                  lambda: _dial(host, port, tls, server_hostname, keepalive, timeout),
+                  what=f"{host}:{port}/{busid}")
+    device = Device(_Channel(theirs, host, port), conn, info)
+    device.tls = TlsSession.of(sock, kernel=False) if isinstance(sock, ssl.SSLSocket) else None
+    device._relay = _RelayThread(relay)
+    return device
+
+
+class _RelayThread:
+    """A relay run by a thread of its own, until the device is closed."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self._wake_r, self._wake_w = os.pipe()
+        self._thread = threading.Thread(target=self._run, name="usbipy-relay", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        reason = self.relay.run(self._wake_r)
+        if reason is not None:
+            log.warning("%s", printable(reason))
+            self.relay.finish()  # (the device sees its connection end: ServerGone)
+
+    def stop(self) -> None:
+        os.write(self._wake_w, b"x")
+        self._thread.join(10)
+        self.relay.finish()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
 
 
 class Device:
@@ -303,6 +382,8 @@ class Device:
         self._orphans: set[int] = set()
         self._orphan_unlinks: dict[int, int] = {}
         self._error: ClientError | None = None
+        #: The relay of a resumable connection (connect(resume=True)).
+        self._relay: _RelayThread | None = None
         #: When the import was answered (time.monotonic()).
         self._imported_at = time.monotonic()
         self._closed = False
@@ -597,6 +678,9 @@ class Device:
         with self._state:
             self._closed = True
             self._wake_all()
+        relay, self._relay = self._relay, None
+        if relay is not None:
+            relay.stop()  # (its FIN first: the server releases the device at once)
         self._channel.close()
 
     def __enter__(self) -> Device:

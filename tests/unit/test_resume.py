@@ -1,0 +1,281 @@
+"""Resumable attachments end to end: usbipyd and the client's relay, with a proxy
+between them that cuts the TCP connection (a reset both ways, as a network that
+drops the flow). Transfers in flight go on after the cut with every byte; a
+token that is not the client's is refused and logged; the window and the
+buffer bound end the attachment cleanly."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from usbipy.client import sync
+from usbipy.client.errors import ServerGone
+from usbipy.client.handshake import ResumeRefused, import_offering_resume, request_resume
+from usbipy.config.limits import Limits
+from usbipy.devices import CdcAcm, HidKeyboard, ImageFile, MassStorage
+from usbipy.protocol import ClientConnection, Direction
+from usbipy.protocol.resume import ResumableStream
+from usbipy.server import ServerThread
+
+HOST = "127.0.0.1"
+WINDOW = 8.0
+
+
+class Cutter:
+    """A TCP proxy to the server whose connections can be cut (RST both ways), or
+    refused for a while (the network still down)."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.listener = socket.create_server((HOST, 0))
+        self.port = self.listener.getsockname()[1]
+        self.pairs: list[tuple[socket.socket, socket.socket]] = []
+        self.refusing = False
+        self.accepted = 0
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.refusing:
+                _reset(client)
+                continue
+            server = socket.create_connection((HOST, self.target))
+            with self._lock:
+                self.pairs.append((client, server))
+                self.accepted += 1
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=_pump, args=(a, b), daemon=True).start()
+
+    def cut(self) -> None:
+        with self._lock:
+            pairs, self.pairs = self.pairs, []
+        for client, server in pairs:
+            _reset(client)
+            _reset(server)
+
+    def close(self) -> None:
+        self.listener.close()
+        self.cut()
+
+
+def _reset(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+
+
+def _pump(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while True:
+            data = src.recv(65536)
+            if not data:
+                dst.shutdown(socket.SHUT_WR)
+                return
+            dst.sendall(data)
+    except OSError:
+        return
+
+
+@pytest.fixture
+def server() -> Iterator[ServerThread]:
+    devices = [HidKeyboard(), MassStorage(ImageFile.scratch(1 << 20)), CdcAcm()]
+    with ServerThread(devices, port=0, limits=Limits(resume_window=WINDOW)) as srv:
+        yield srv
+
+
+@pytest.fixture
+def cutter(server: ServerThread) -> Iterator[Cutter]:
+    proxy = Cutter(server.port)
+    yield proxy
+    proxy.close()
+
+
+def wait_for(condition: object, seconds: float = 20.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def attachments(server: ServerThread) -> int:
+    assert server.server is not None
+    return len(server.server.access.resumables)
+
+
+def test_transfers_in_flight_go_on_after_a_cut(server: ServerThread, cutter: Cutter,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """The serial port echoes; reads wait on the server while the connection is cut
+    twice; every byte comes back, in order, on the same Device."""
+    caplog.set_level(logging.INFO)
+    with sync.connect(HOST, "1-3", cutter.port, resume=True) as dev:
+        dev.control(0x00, 9, 1, 0, b"")
+        assert attachments(server) == 1
+        payload = bytes(range(256)) * 512  # 128 KiB
+        reads = [dev.submit(1, Direction.IN, 4096) for _ in range(32)]
+        cutter.cut()  # before the write: the URBs wait on the server
+        dev.bulk_write(0x02, payload[:65536], timeout=20)
+        cutter.cut()  # while the echoes come back
+        dev.bulk_write(0x02, payload[65536:], timeout=20)
+        got = b"".join(dev.wait(s, timeout=20).data for s in reads)
+        assert got == payload
+        assert cutter.accepted >= 3
+    assert "resumed 1-3" in caplog.text
+    wait_for(lambda: attachments(server) == 0)  # closed: the FIN released it at once
+
+
+def test_a_disk_written_across_cuts_reads_back(server: ServerThread, cutter: Cutter) -> None:
+    with sync.connect(HOST, "1-2", cutter.port, resume=True) as dev:
+        dev.control(0x00, 9, 1, 0, b"")
+
+        def scsi(tag: int, cdb: bytes, data_in: int = 0, data_out: bytes = b"") -> bytes:
+            flags = 0x80 if data_in else 0
+            cbw = struct.pack("<IIIBBB16s", 0x43425355, tag, data_in or len(data_out), flags,
+                              0, len(cdb), cdb)
+            dev.bulk_write(0x02, cbw, timeout=20)
+            got = dev.bulk_read(0x81, data_in, timeout=20) if data_in else b""
+            if data_out:
+                dev.bulk_write(0x02, data_out, timeout=20)
+            csw = dev.bulk_read(0x81, 13, timeout=20)
+            assert struct.unpack("<IIIB", csw) == (0x53425355, tag, 0, 0)
+            return got
+
+        records = {}
+        for n in range(24):
+            block = bytes([n]) * 512 * 16
+            scsi(n * 2 + 1, struct.pack(">BBIBHB", 0x2A, 0, n * 16, 0, 16, 0), data_out=block)
+            records[n] = block
+            if n % 5 == 2:
+                cutter.cut()
+        for n, block in records.items():
+            assert scsi(100 + n, struct.pack(">BBIBHB", 0x28, 0, n * 16, 0, 16, 0),
+                        data_in=len(block)) == block
+
+
+def test_a_server_that_does_not_resume_gets_plain_usbip(server: ServerThread) -> None:
+    """resume_window 0: no grant; the device works as ever, and a cut ends it."""
+    assert server.server is not None
+    server.server.access.limits = Limits(resume_window=0)
+    cutter = Cutter(server.port)
+    try:
+        with sync.connect(HOST, "1-1", cutter.port, resume=True) as dev:
+            assert dev._relay is None
+            dev.control(0x00, 9, 1, 0, b"")
+            assert attachments(server) == 0
+            cutter.cut()
+            with pytest.raises(ServerGone):
+                dev.control(0x80, 6, 0x100, 0, 18, timeout=10)
+    finally:
+        cutter.close()
+
+
+def test_the_window_passes_and_the_device_is_released(
+        server: ServerThread, cutter: Cutter, caplog: pytest.LogCaptureFixture) -> None:
+    with sync.connect(HOST, "1-1", cutter.port, resume=True) as dev:
+        dev.control(0x00, 9, 1, 0, b"")
+        cutter.refusing = True  # (the network stays down)
+        cutter.cut()
+        started = time.monotonic()
+        wait_for(lambda: attachments(server) == 0, WINDOW + 20)
+        assert time.monotonic() - started >= WINDOW - 1
+        assert "not resumed within 8 s (resume_window): 1-1 released" in caplog.text
+        with pytest.raises(ServerGone):
+            dev.control(0x80, 6, 0x100, 0, 18, timeout=WINDOW + 20)
+    # and the device is free again for anyone
+    with sync.connect(HOST, "1-1", server.port) as again:
+        again.control(0x00, 9, 1, 0, b"")
+
+
+def _granted(port: int, busid: str = "1-1"
+             ) -> tuple[socket.socket, bytes, ClientConnection, int]:
+    """An import that was granted a resumable stream: the socket, the token, the
+    codec (in the URB phase) and the devid."""
+    sock = socket.create_connection((HOST, port))
+    conn = ClientConnection()
+    info, grant = import_offering_resume(sock, busid, conn=conn)
+    assert grant is not None and len(grant.token) == 16 and grant.window == WINDOW
+    return sock, grant.token, conn, info.devid
+
+
+def test_a_resume_with_an_unknown_token_is_refused_and_logged(
+        server: ServerThread, caplog: pytest.LogCaptureFixture) -> None:
+    held = _granted(server.port)[0]
+    try:
+        stranger = socket.create_connection((HOST, server.port))
+        with pytest.raises(ResumeRefused, match="NODEV"):
+            request_resume(stranger, b"\x01" * 16, 0)
+        stranger.close()
+        assert "resume refused: unknown or expired token" in caplog.text
+    finally:
+        held.close()
+
+
+def test_a_token_from_another_address_is_refused_in_plaintext(
+        server: ServerThread, caplog: pytest.LogCaptureFixture) -> None:
+    """127.0.0.2 is another address of loopback: the token's thief, in plaintext."""
+    held, token, _conn, _devid = _granted(server.port)
+    _reset(held)  # lost: the attachment waits for its client
+    wait_for(lambda: "kept for 8 s" in caplog.text)
+    thief = socket.socket()
+    thief.bind(("127.0.0.2", 0))
+    thief.connect((HOST, server.port))
+    with pytest.raises(ResumeRefused, match="NODEV"):
+        request_resume(thief, token, 0)
+    thief.close()
+    assert "the token was issued to 127.0.0.1" in caplog.text
+    owner = socket.create_connection((HOST, server.port))
+    assert request_resume(owner, token, 0) == 0  # (and its owner may)
+    owner.close()
+
+
+def test_an_impossible_resume_point_is_refused(server: ServerThread,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    held, token, _conn, _devid = _granted(server.port)
+    try:
+        again = socket.create_connection((HOST, server.port))
+        with pytest.raises(ResumeRefused, match="ERROR"):
+            request_resume(again, token, 1 << 40)  # more than the server ever sent
+        again.close()
+        assert "which cannot be" in caplog.text
+    finally:
+        held.close()
+
+
+def test_a_full_buffer_while_away_ends_the_attachment(caplog: pytest.LogCaptureFixture
+                                                      ) -> None:
+    """Replies complete into the buffer while the client is away (keys pressed on
+    the server); past resume_buffer, the attachment ends with a line that says
+    why, and the device is free again."""
+    keyboard = HidKeyboard()
+    with ServerThread([keyboard], port=0,
+                      limits=Limits(resume_window=WINDOW, resume_buffer=600)) as srv:
+        held, _token, conn, devid = _granted(srv.port)
+        stream = ResumableStream()
+        urbs = [conn.send_submit(1, devid, Direction.OUT, 0, 0, 0,
+                                 bytes.fromhex("0009010000000000"))]
+        urbs += [conn.send_submit(2 + n, devid, Direction.IN, 1, 0, 8) for n in range(40)]
+        held.sendall(b"".join(bytes(p) for p in stream.send(urbs)))
+        wait_for(lambda: held.recv(4096, socket.MSG_PEEK))  # SET_CONFIGURATION's reply
+        _reset(held)
+        wait_for(lambda: "kept for 8 s" in caplog.text)
+        for n in range(20):  # 20 presses and releases: 40 replies of 56 bytes
+            keyboard.press(4 + n, timeout=5)
+            keyboard.release(timeout=5)
+        wait_for(lambda: attachments(srv) == 0)
+        assert "its resume buffer is full" in caplog.text
+        assert "while the client was away: 1-1 released" in caplog.text
+        with sync.connect(HOST, "1-1", srv.port) as again:
+            again.control(0x00, 9, 1, 0, b"")
