@@ -279,3 +279,18 @@ def test_a_full_buffer_while_away_ends_the_attachment(caplog: pytest.LogCaptureF
         assert "while the client was away: 1-1 released" in caplog.text
         with sync.connect(HOST, "1-1", srv.port) as again:
             again.control(0x00, 9, 1, 0, b"")
+
+
+def test_a_server_that_stopped_is_not_waited_for(server: ServerThread,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """Connection refused is a server gone (its attachments were in its memory), not
+    a network down: the client ends at once, and does not wait out the window."""
+    dev = sync.connect(HOST, "1-1", server.port, resume=True)
+    dev.control(0x00, 9, 1, 0, b"")
+    started = time.monotonic()
+    server.stop()
+    with pytest.raises(ServerGone):
+        dev.control(0x80, 6, 0x100, 0, 18, timeout=WINDOW + 20)
+    assert time.monotonic() - started < WINDOW / 2
+    assert "nothing listens on the server's port any more" in caplog.text
+    dev.close()

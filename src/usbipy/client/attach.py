@@ -18,7 +18,7 @@ from ..protocol import DeviceInfo
 from ..tls import TlsError, TlsFiles, TlsSession, client_context, ktls
 from .errors import TlsRefused
 from .handshake import OP_TIMEOUT, connect, import_offering_resume
-from .relay import Relay
+from .relay import CONNECT_TIMEOUT, Relay
 
 
 @dataclass(frozen=True)
@@ -39,16 +39,17 @@ class Attached:
 
 
 def dial(host: str, tcp_port: int, context: ssl.SSLContext | None, server_name: str | None,
-         keepalive: Keepalive) -> tuple[socket.socket, TlsSession | None]:
+         keepalive: Keepalive, timeout: float = OP_TIMEOUT
+         ) -> tuple[socket.socket, TlsSession | None]:
     """A connection to the server, with keepalive, and over TLS (kernel TLS) with
-    ``context``."""
-    sock = connect(host, tcp_port)
+    ``context``; ``timeout`` bounds the connect and the handshake."""
+    sock = connect(host, tcp_port, timeout)
     try:
         keepalive.apply(sock)
         if context is None:
             return sock, None
         try:
-            return ktls.client_handshake(sock, context, server_name or host, OP_TIMEOUT)
+            return ktls.client_handshake(sock, context, server_name or host, timeout)
         except TlsError as exc:
             raise TlsRefused(host, tcp_port, str(exc)) from exc
     except BaseException:
@@ -92,7 +93,8 @@ def attach(host: str, busid: str, tcp_port: int, *, tls: TlsFiles | None = None,
             # vhci-hcd takes any stream socket (attach_store checks only its type)
             handed, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             relay = Relay(ours, sock, grant,
-                          lambda: dial(host, tcp_port, context, server_name, keepalive)[0],
+                          lambda: dial(host, tcp_port, context, server_name, keepalive,
+                                       CONNECT_TIMEOUT)[0],
                           what=f"{host}:{tcp_port}/{busid}")
         if watch and relay is None:
             watcher = sock.dup()

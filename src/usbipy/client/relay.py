@@ -45,6 +45,8 @@ BUFFER = 8 << 20
 QUEUED = 1 << 20
 #: Seconds between ACKs of a trickle (below ACK_EVERY).
 ACK_INTERVAL = 0.5
+#: Seconds an attempt to reconnect may take (then the next one, with backoff).
+CONNECT_TIMEOUT = 5.0
 #: Seconds between attempts to reconnect: the first, and the longest.
 RETRY_FIRST = 0.5
 RETRY_MAX = 5.0
@@ -295,6 +297,14 @@ class Relay:
         try:
             sock = self._connect()
         except (OSError, UsbipError) as exc:
+            cause = exc.__cause__ if isinstance(exc, UsbipError) else exc
+            if isinstance(cause, ConnectionRefusedError):
+                # A network that drops packets does not refuse: this is a host that
+                # answers, with nothing on the port. The server stopped or restarted,
+                # and its attachments (in its memory) went with it.
+                raise ResumeRefused("nothing listens on the server's port any more: it "
+                                    "stopped or restarted, and the attachment with it"
+                                    ) from exc
             self._schedule_retry(printable(str(exc)))
             return
         assert self.grant is not None

@@ -66,6 +66,7 @@ from .errors import (
     lost_reason,
 )
 from .handshake import exchange, import_offering_resume
+from .relay import CONNECT_TIMEOUT as RECONNECT_TIMEOUT
 from .relay import Relay
 from .transfers import (
     CONNECT_TIMEOUT,
@@ -322,7 +323,8 @@ def _connect_resumable(host: str, busid: str, port: int, tls: ssl.SSLContext | N
         return Device(_Channel(sock, host, port), conn, info)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     relay = Relay(ours, sock, grant,
-                  lambda: _dial(host, port, tls, server_hostname, keepalive, timeout),
+                  lambda: _dial(host, port, tls, server_hostname, keepalive,
+                                min(timeout, RECONNECT_TIMEOUT)),
                   what=f"{host}:{port}/{busid}")
     device = Device(_Channel(theirs, host, port), conn, info)
     device.tls = TlsSession.of(sock, kernel=False) if isinstance(sock, ssl.SSLSocket) else None
