@@ -130,6 +130,8 @@ def test_a_server_restart_brings_the_disk_back(vm: Vm, tmp_path: Path) -> None:
         wait_for(vm, f"[ -n \"$({vhci_nodes('block')})\" ]")
         first = vm.check(vhci_nodes("block")).split()[0]
         wait_for(vm, f"[ \"$(cat /sys/block/{first}/size)\" != 0 ]")
+        # resumable: a lost network would be resumed; a killed server is not, as before
+        assert [k["resumable"] for k in keepers(vm)] == [True]
         vm.check(f"set -e; mkfs.ext4 -q -F /dev/{first}; mkdir -p /mnt/a; "
                  f"mount /dev/{first} /mnt/a; head -c 2M /dev/urandom > /mnt/a/data; "
                  "md5sum /mnt/a/data | cut -d' ' -f1 > /run/data.md5; sync", timeout=300)
@@ -170,6 +172,7 @@ def test_a_server_restart_brings_the_disk_back(vm: Vm, tmp_path: Path) -> None:
         assert vm.run("pgrep -f '[u]sbipy.cli.usbipy .*attach'").rc == 1
         log = vm.check("cat /run/keeper.log")
         assert "stopped: port" in log, log
+        assert "nothing listens on the server's port any more" in log, log
     finally:
         daemon.kill()
         daemon.wait()
@@ -198,8 +201,9 @@ def test_a_silent_network_frees_the_devices_and_the_clients_come_back(vm: Vm) ->
     try:
         wait_for(vm, f"usbip list -r 127.0.0.1 2>/dev/null | grep -q ' {stick}: '")
         for busid in (stick, "1-1"):
+            # (--no-resume: today's loss and re-attach; resumption has its own test)
             vm.check(f"{FAR} setsid {USBIPY} attach -r {SERVER_IP} -b {busid} --persistent "
-                     f"</dev/null >/run/keeper-{busid}.log 2>&1 &")
+                     f"--no-resume </dev/null >/run/keeper-{busid}.log 2>&1 &")
         wait_for(vm, attached(2))
         assert _stub_status(vm, stick) == "2"
         wait_for(vm, f"[ $({vhci_nodes('block')} | wc -l) = 2 ]")
@@ -279,8 +283,12 @@ def test_against_the_c_usbipd_the_stub_stays_busy_until_freed(vm: Vm) -> None:
         vm.check(f"usbip unbind -b {stick} && usbip bind -b {stick}")
         wait_for(vm, attached(1))
         assert _stub_status(vm, stick) == "2"
+        keeper_text = vm.check(f"cat {keeper_log}")
         assert "refused: the device is already imported by another client (DEV_BUSY)" in (
-            vm.check(f"cat {keeper_log}"))
+            keeper_text)
+        # usbipd never saw the offer of a resumable stream, nor did the keeper try one
+        assert "resum" not in keeper_text, keeper_text
+        assert [k["resumable"] for k in keepers(vm)] == [False]
     finally:
         vm.run(f"{STOP_KEEPERS}; {RESTORE}; pkill -x usbipd; "
                "for p in $(usbip port | sed -n 's/^Port \\([0-9]*\\):.*/\\1/p'); do "
@@ -315,3 +323,117 @@ def _disk_of(vm: Vm, vid_pid: str) -> str:
               "done; true")
     wait_for(vm, f"[ -n \"$({script})\" ]")
     return vm.check(script).split()[0]
+
+
+#: 64 KiB records written one at a time, each O_DIRECT|O_SYNC (acknowledged by the
+#: disk before the next), while the network is cut.
+RECORDS = 200
+WRITER = (f"(for i in $(seq 0 {RECORDS - 1}); do dd if=/tmp/records of=DISK bs=64k skip=$i "
+          "seek=$i count=1 oflag=direct,dsync 2>/tmp/writer.err "
+          "|| { echo $? > /tmp/writer.rc; exit; }; echo $i > /tmp/progress; done; "
+          "echo 0 > /tmp/writer.rc) >/dev/null 2>&1 &")
+
+
+def _progress(vm: Vm) -> int:
+    out = vm.check("cat /tmp/progress 2>/dev/null || echo -1")
+    return int(out.strip() or -1)
+
+
+def _start_resumable(vm: Vm, server_options: str = "") -> str:
+    """usbipyd in the guest with an emulated disk; the client in the other namespace
+    with --persistent; the records' writer started. The disk's block device."""
+    vm.check(NETWORK)
+    vm.check("truncate -s 16M /run/resume.img")
+    vm.check(f"setsid {USBIPYD} -c /dev/null --no-libusb --no-usbip-host --disk "
+             f"/run/resume.img -a {SERVER_IP} -P /run/usbipyd.pid {server_options} "
+             "</dev/null >/run/usbipyd.log 2>&1 &")
+    wait_for(vm, f"grep -q 'listening on {SERVER_IP}' /run/usbipyd.log")
+    vm.check(f"{FAR} setsid {USBIPY} attach -r {SERVER_IP} -b 1-1 --persistent "
+             "--max-delay 2 </dev/null >/run/keeper.log 2>&1 &")
+    wait_for(vm, attached(1))
+    wait_for(vm, f"[ -n \"$({vhci_nodes('block')})\" ]")
+    [disk] = vm.check(vhci_nodes("block")).split()
+    wait_for(vm, f"[ \"$(cat /sys/block/{disk}/size)\" != 0 ]")
+    assert [k["resumable"] for k in keepers(vm)] == [True]
+    vm.check(f"dmesg -C; head -c $((64 * 1024 * {RECORDS})) /dev/urandom > /tmp/records; "
+             "rm -f /tmp/progress /tmp/writer.rc")
+    vm.check(WRITER.replace("DISK", f"/dev/{disk}"))
+    return disk
+
+
+def _stop_resumable(vm: Vm) -> None:
+    vm.run(f"pkill -f 'dd if=/tmp/records'; {STOP_KEEPERS}; {RESTORE}; "
+           "[ -e /run/usbipyd.pid ] && kill $(cat /run/usbipyd.pid); "
+           "for p in $(usbip port | sed -n 's/^Port \\([0-9]*\\):.*/\\1/p'); do "
+           f"usbip detach -p $p; done; {NETWORK_DOWN}")
+    wait_for(vm, "[ ! -e /run/usbipyd.pid ]")
+
+
+def _cut_for(vm: Vm, seconds: float) -> None:
+    """Cut the network for ``seconds`` of guest time (the cut itself is what the test
+    is about), making sure the client noticed and said so in `usbipy port`."""
+    before = _progress(vm)
+    vm.check(CUT)
+    cut_at = guest_clock(vm)
+    wait_for(vm, f"grep -qs '\"down_since\": [0-9]' {KEEPERS}", BOUND + 30)
+    ports = vm.check(f"{USBIPY} port")
+    assert re.search(r"resuming, down \d+ s", ports), ports
+    report(f"cut of {seconds:g} s: the client noticed after {guest_clock(vm) - cut_at:.1f} s")
+    left = seconds - (guest_clock(vm) - cut_at)
+    if left > 0:
+        vm.check(f"sleep {left:.1f}", timeout=left + 60)
+    vm.check(RESTORE)
+    back_at = guest_clock(vm)
+    wait_for(vm, f"! grep -qs '\"down_since\": [0-9]' {KEEPERS}")
+    report(f"cut of {seconds:g} s: resumed {guest_clock(vm) - back_at:.1f} s after the "
+           "network came back")
+    # the writes go on
+    wait_for(vm, f"[ -s /tmp/writer.rc ] || [ $(cat /tmp/progress) -ge {before + 8} ]")
+
+
+def test_a_cut_network_is_resumed_in_place(vm: Vm) -> None:
+    """O_DIRECT|O_SYNC records go to usbipyd's emulated disk while the network is cut
+    for 25 s, then 45 s (longer than the SCSI command timeout). The connection is
+    resumed in place each time: the same block device throughout, no write fails,
+    no disconnect, and every record reads back."""
+    try:
+        disk = _start_resumable(vm)
+        wait_for(vm, "[ -s /tmp/progress ] && [ $(cat /tmp/progress) -ge 8 ]")
+        _cut_for(vm, 25)
+        _cut_for(vm, 45)
+        wait_for(vm, "[ -s /tmp/writer.rc ]", timeout=600)
+        rc = vm.check("cat /tmp/writer.rc; cat /tmp/writer.err").split("\n", 1)
+        log = vm.check("dmesg")
+        assert rc[0].strip() == "0", f"a write failed: {rc}\n{log[-3000:]}"
+        assert "USB disconnect" not in log, log[-3000:]
+        assert vm.check(vhci_nodes("block")).split() == [disk]
+        same = vm.check(f"cmp -n $((64 * 1024 * {RECORDS})) /tmp/records /dev/{disk} "
+                        "&& echo same")
+        assert "same" in same
+        [keeper] = keepers(vm)
+        assert (keeper["resumed"], keeper["reattached"]) == (2, 0), keeper
+        server_log = vm.check("cat /run/usbipyd.log")
+        assert len(re.findall(r"resumed 1-1 of ", server_log)) == 2, server_log
+        assert "resumed 2 times" in vm.check(f"{USBIPY} port")
+    finally:
+        _stop_resumable(vm)
+
+
+def test_a_cut_longer_than_the_window_falls_back_to_attaching_again(vm: Vm) -> None:
+    """With a resume window of 5 s, a cut of 40 s ends the attachment on both sides,
+    as before resumption: the disk goes, and comes back once the network does."""
+    try:
+        _start_resumable(vm, "--resume-window 5")
+        vm.check("pkill -f 'dd if=/tmp/records'; true")
+        vm.check(CUT)
+        wait_for(vm, "grep -q 'not resumed within 5 s (resume_window): 1-1 released' "
+                     "/run/usbipyd.log", BOUND + 30)
+        wait_for(vm, "grep -q \"not resumed within the server's 5 s\" /run/keeper.log",
+                 BOUND + 30)
+        wait_for(vm, f"[ -z \"$({vhci_nodes('block')})\" ]")  # the disk went
+        vm.check(RESTORE)
+        wait_for(vm, f"[ -n \"$({vhci_nodes('block')})\" ] && {attached(1)}")
+        [keeper] = keepers(vm)
+        assert keeper["reattached"] == 1 and keeper["resumed"] == 0, keeper
+    finally:
+        _stop_resumable(vm)
