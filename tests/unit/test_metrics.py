@@ -184,3 +184,24 @@ def test_scrapes_within_a_second_share_one_snapshot(monkeypatch: pytest.MonkeyPa
         finally:
             endpoint.close()
     assert len(calls) == 1
+
+
+def test_resumptions_are_counted_with_how_long_they_were_down(
+        served: tuple[ServerThread, MetricsEndpoint, HidKeyboard]) -> None:
+    srv, endpoint, _keyboard = served
+    with sync.connect(HOST, "1-3", srv.port, resume=True) as serial:
+        serial.control(0x00, 9, 1, 0, b"", timeout=5)
+        samples = scrape(endpoint.url)
+        assert value(samples, "usbipy_resumed_down_seconds_count") == 0
+        assert value(samples, "usbipy_resume_waiting") == 0
+        relay = serial._relay
+        assert relay is not None
+        remote = relay.relay.remote
+        assert remote is not None
+        remote.shutdown(socket.SHUT_RDWR)  # the connection drops under the relay
+        serial.bulk_write(0x02, b"y" * 100, timeout=20)
+        assert serial.bulk_read(0x81, 4096, timeout=20) == b"y" * 100
+        samples = scrape(endpoint.url)
+        assert value(samples, "usbipy_resumed_down_seconds_count") == 1
+        assert value(samples, "usbipy_resumed_down_seconds_bucket", le="+Inf") == 1
+        assert value(samples, "usbipy_resume_expired_total") == 0

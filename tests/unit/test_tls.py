@@ -565,7 +565,7 @@ def test_a_batch_of_replies_reaches_the_client_whole_and_in_order(pki: Pki) -> N
             return False
 
     raw = Raw()
-    transport = _TlsTransport(raw, server)  # type: ignore[arg-type]
+    transport = _TlsTransport(raw, server, None)  # type: ignore[arg-type]
     pieces: list[bytes | memoryview] = [b"h" * 48, os.urandom(65536), b"c" * 13,
                                         memoryview(os.urandom(20000)), b"t" * 48]
     transport.writelines(pieces)
@@ -732,3 +732,44 @@ def test_a_client_the_policy_drops_is_told_so_in_words(serve, pki: Pki) -> None:
         blocking.close()
 
     serve(test, tls=tls_server(pki), policy=alice)
+
+
+def test_a_resumable_tls_attachment_is_bound_to_its_certificate(
+        pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    """Over TLS the token is the certificate's: bob cannot take alice's attachment;
+    alice may, from another address (a laptop that changed networks); and a
+    connection of hers that drops is resumed with every byte."""
+    from usbipy.client import sync
+    from usbipy.client.handshake import ResumeRefused, request_resume
+    from usbipy.devices import CdcAcm
+    from usbipy.server import ServerThread
+
+    caplog.set_level(logging.INFO)
+    bob = _files(certs.issue("bob", server=False, base=pki.base))
+    with ServerThread([CdcAcm()], port=0, tls=tls_server(pki)) as srv:
+        with sync.connect("127.0.0.1", "1-1", srv.port, tls=client_context(pki.client),
+                          resume=True) as dev:
+            dev.control(0x00, 9, 1, 0, b"")
+            assert dev.tls is not None and dev._relay is not None
+            relay = dev._relay.relay
+            assert relay.grant is not None
+            token = relay.grant.token
+
+            def dial(context: ssl.SSLContext, source: str) -> ssl.SSLSocket:
+                sock = socket.socket()
+                sock.bind((source, 0))
+                sock.connect(("127.0.0.1", srv.port))
+                return context.wrap_socket(sock, server_hostname="127.0.0.1")
+
+            with dial(client_context(bob), "127.0.0.1") as thief, pytest.raises(
+                    ResumeRefused, match="NODEV"):
+                request_resume(thief, token, relay.stream.received)
+            assert "the token was issued to another certificate" in caplog.text
+            # alice from 127.0.0.2 takes it over (and leaves without a FIN: lost again)
+            with dial(client_context(pki.client), "127.0.0.2") as moved:
+                assert request_resume(moved, token, relay.stream.received) >= 0
+            # her relay's connection was replaced: it resumes again, and goes on
+            dev.bulk_write(0x02, b"z" * 3000, timeout=20)
+            assert dev.bulk_read(0x81, 4096, timeout=20) == b"z" * 3000
+        assert re.search(r"127\.0\.0\.2:\d+ CN=alice: resumed 1-1 of 127\.0\.0\.1:\d+ CN=alice",
+                         caplog.text), caplog.text

@@ -16,11 +16,12 @@ import ssl
 import time
 
 from ..client.errors import ClientError
-from ..client.handshake import request_devlist, request_import
+from ..client.handshake import import_offering_resume, request_devlist
 from ..errors import UsbipError
 from ..escape import printable
 from ..linux import sysfs, vhci
 from ..protocol import DeviceInfo, Speed
+from ..protocol.resume import ResumableStream
 from ..tls import TlsFiles, client_context, handshake_failure
 from ..tls.context import peer_identity
 from . import system
@@ -188,12 +189,24 @@ def _import(report: Report, host: str, port: int, busid: str, tls: TlsFiles | No
             server_name: str) -> None:
     try:
         with _open(host, port, tls, server_name) as sock:
-            device = request_import(sock, busid, plaintext=tls is None)
+            device, grant = import_offering_resume(sock, busid, plaintext=tls is None)
+            if grant is not None:
+                # (said so, the server lets the device go at once, not after its window)
+                sock.sendall(ResumableStream().fin())
     except (UsbipError, OSError) as exc:
         report.add("import", Status.FAIL, f"{printable(busid)}: {_why(exc)}")
         return
     report.add("import", Status.OK, f"{printable(busid)} imported and released at once "
                f"({device.idVendor:04x}:{device.idProduct:04x})")
+    if grant is not None:
+        report.add("resumption", Status.OK,
+                   f"the server resumes a lost connection within {grant.window} s "
+                   "('usbipy attach --persistent' does, in place)")
+    else:
+        report.add("resumption", Status.INFO,
+                   "the server does not resume lost connections (usbipd, or usbipyd with "
+                   "resume_window 0): 'usbipy attach --persistent' attaches again after a "
+                   "loss")
 
 
 def _attach(report: Report, host: str, port: int, busid: str, tls: TlsFiles | None,

@@ -27,9 +27,15 @@ from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
+from .resume import DOWN_BUCKETS
 from .stats import client_label
 
 if TYPE_CHECKING:
@@ -56,11 +62,20 @@ class Snapshot:
     errors: dict[tuple[str, str], int]
     handshakes_refused: dict[str, int]
     capture_dropped: int | None
+    #: Resumable attachments: whose client is away now, the bytes they keep, the
+    #: resumptions (and how long each was down), and the windows that passed.
+    resume_waiting: int = 0
+    resume_buffered: int = 0
+    resumed: int = 0
+    resume_down_buckets: tuple[int, ...] = ()
+    resume_down_sum: float = 0.0
+    resume_expired: int = 0
 
 
 async def snapshot(server: UsbipServer) -> Snapshot:
     stats = server.stats
     assert stats is not None
+    resumables = server.access.resumables
     exported = await server.registry.exported()
     imported: list[tuple[str, str]] = []
     in_flight: dict[str, int] = {}
@@ -76,7 +91,9 @@ async def snapshot(server: UsbipServer) -> Snapshot:
         len(exported), imported, len(server.connections), stats.connections, in_flight,
         dict(stats.imports), dict(stats.urbs), dict(stats.bytes), dict(stats.errors),
         dict(stats.handshakes_refused),
-        server.capture.dropped if server.capture is not None else None)
+        server.capture.dropped if server.capture is not None else None,
+        resumables.waiting, resumables.buffered, resumables.resumed,
+        tuple(resumables.down_buckets), resumables.down_sum, resumables.expired)
 
 
 class _ServerCollector(Collector):
@@ -126,6 +143,20 @@ class _ServerCollector(Collector):
         yield in_flight
         yield _counter("usbipy_tls_handshakes_refused", "TLS handshakes refused, by reason",
                        ["reason"], {(k,): v for k, v in s.handshakes_refused.items()})
+        yield GaugeMetricFamily("usbipy_resume_waiting", "Resumable attachments whose client "
+                                "is away now, kept for their resume window", s.resume_waiting)
+        yield GaugeMetricFamily("usbipy_resume_buffer_bytes", "Bytes the resumable "
+                                "attachments keep until their clients have them",
+                                s.resume_buffered)
+        yield CounterMetricFamily("usbipy_resume_expired", "Resumable attachments released "
+                                  "because their window passed", s.resume_expired)
+        down = HistogramMetricFamily(
+            "usbipy_resumed_down_seconds", "Connections resumed, by how long they were down",
+            buckets=[(("+Inf" if bound == float("inf") else f"{bound:g}"), count)
+                     for bound, count in zip(DOWN_BUCKETS, s.resume_down_buckets,
+                                             strict=True)] or [("+Inf", 0)],
+            sum_value=s.resume_down_sum)
+        yield down
         if s.capture_dropped is not None:
             yield CounterMetricFamily("usbipy_capture_dropped",
                                       "Capture records dropped (the disk was behind)",

@@ -40,6 +40,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("usbipy.server")
 
+#: The metrics' histogram of how long resumed connections were down (seconds).
+DOWN_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, float("inf"))
+
 #: Seconds between ACKs sent for what came since the last one (a trickle never
 #: reaches ACK_EVERY, and the client's buffer would keep it).
 ACK_INTERVAL = 0.5
@@ -57,10 +60,13 @@ class Resumables:
 
     def __init__(self) -> None:
         self._by_token: dict[bytes, Resumable] = {}
-        #: Counters for the metrics: resumptions, and their lengths (seconds down).
+        #: Counters for the metrics: resumptions, how long each was down (a
+        #: histogram: counts at or below each of DOWN_BUCKETS, and the sum), and
+        #: attachments whose window passed.
         self.resumed = 0
         self.expired = 0
-        self.down_seconds: list[float] = []
+        self.down_buckets = [0] * len(DOWN_BUCKETS)
+        self.down_sum = 0.0
 
     def __len__(self) -> int:
         return len(self._by_token)
@@ -71,6 +77,18 @@ class Resumables:
     @property
     def buffered(self) -> int:
         return sum(r.stream.unacked for r in self._by_token.values())
+
+    @property
+    def waiting(self) -> int:
+        """Attachments whose client is away now."""
+        return sum(not r.connected for r in self._by_token.values())
+
+    def count_resumption(self, down: float) -> None:
+        self.resumed += 1
+        self.down_sum += down
+        for i, bound in enumerate(DOWN_BUCKETS):
+            if down <= bound:
+                self.down_buckets[i] += 1
 
     def new_token(self, resumable: Resumable) -> bytes:
         token = secrets.token_bytes(16)
@@ -155,8 +173,7 @@ class Resumable(asyncio.Protocol):
         if self._window_timer is not None:
             self._window_timer.cancel()
             self._window_timer = None
-        self._resumables.resumed += 1
-        self._resumables.down_seconds.append(down)
+        self._resumables.count_resumption(down)
         self.stream.restart()
         self._attach(transport)
         if frames:

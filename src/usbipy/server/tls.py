@@ -124,10 +124,21 @@ def address_text(addr: object) -> str:
 class _TlsTransport(asyncio.Transport):
     """What the USB/IP protocol writes to: plaintext in, records out to the socket."""
 
-    def __init__(self, raw: asyncio.Transport, layer: TlsLayer) -> None:
+    def __init__(self, raw: asyncio.Transport, layer: TlsLayer,
+                 owner: TlsServerProtocol) -> None:
         super().__init__()
         self._raw = raw
         self._layer = layer
+        self._owner = owner
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        """What the plaintext goes to from now on (a resumable attachment takes a
+        resumed connection over)."""
+        self._owner._inner = cast(asyncio.Protocol, protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        assert self._owner._inner is not None
+        return self._owner._inner
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._raw.is_closing():
@@ -258,7 +269,7 @@ class TlsServerProtocol(asyncio.Protocol):
         assert self._raw is not None
         self._settle()
         self._inner = self._make_inner()
-        self._inner.connection_made(_TlsTransport(self._raw, self._layer))
+        self._inner.connection_made(_TlsTransport(self._raw, self._layer, self))
 
     def _refuse(self, exc: BaseException) -> None:
         if self._inner is not None or self._raw is None or self._raw.is_closing():
