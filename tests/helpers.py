@@ -6,7 +6,10 @@ Test modules import from here, never from one another.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import struct
+import threading
 import wave
 from pathlib import Path
 from typing import Any
@@ -241,3 +244,65 @@ def daemon_settings(*argv: str) -> Settings:
 
     cli = usbipyd.build_parser().parse_args(list(argv))
     return read_settings(config_path(cli.config), vars(cli))
+
+
+class Cutter:
+    """A TCP proxy to the server whose connections can be cut (RST both ways), or
+    refused for a while (the network still down)."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.pairs: list[tuple[socket.socket, socket.socket]] = []
+        self.refusing = False
+        self.accepted = 0
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.refusing:
+                reset(client)
+                continue
+            server = socket.create_connection(("127.0.0.1", self.target))
+            with self._lock:
+                self.pairs.append((client, server))
+                self.accepted += 1
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=_pump, args=(a, b), daemon=True).start()
+
+    def cut(self) -> None:
+        with self._lock:
+            pairs, self.pairs = self.pairs, []
+        for client, server in pairs:
+            reset(client)
+            reset(server)
+
+    def close(self) -> None:
+        self.listener.close()
+        self.cut()
+
+
+def reset(sock: socket.socket) -> None:
+    """Close with a reset (SO_LINGER 0): a network that dropped the flow."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+
+
+def _pump(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while True:
+            data = src.recv(65536)
+            if not data:
+                dst.shutdown(socket.SHUT_WR)
+                return
+            dst.sendall(data)
+    except OSError:
+        return

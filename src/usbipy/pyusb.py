@@ -206,12 +206,15 @@ class UsbipBackend(usb.backend.IBackend):  # type: ignore[misc]
 
     def __init__(self, host: str, port: int = USBIP_PORT, busid: str | None = None, *,
                  tls: ssl.SSLContext | None = None, server_hostname: str | None = None,
-                 keepalive: Keepalive = DEFAULT, timeout: float = CONNECT_TIMEOUT) -> None:
+                 keepalive: Keepalive = DEFAULT, timeout: float = CONNECT_TIMEOUT,
+                 resume: bool = False) -> None:
         self.host = host
         self.port = port
         self.busid = busid
         self._options: dict[str, Any] = dict(tls=tls, server_hostname=server_hostname,
                                              keepalive=keepalive, timeout=timeout)
+        #: Whether an open device resumes a lost connection (where the server offers it).
+        self._resume = resume
         #: Guards _sessions, _opening and _known; never held over network I/O.
         self._lock = threading.Lock()
         #: The open imports, by busid.
@@ -296,7 +299,8 @@ class UsbipBackend(usb.backend.IBackend):  # type: ignore[misc]
         deadline = time.monotonic() + REOPEN_WAIT
         while True:
             try:
-                return connect(self.host, busid, self.port, **self._options)
+                return connect(self.host, busid, self.port, resume=self._resume,
+                               **self._options)
             except ImportRefused as exc:
                 if exc.status is not OpStatus.DEV_BUSY or time.monotonic() > deadline:
                     raise
@@ -544,17 +548,18 @@ class UsbipBackend(usb.backend.IBackend):  # type: ignore[misc]
 def get_backend(address: str, busid: str | None = None, *,
                 tls: ssl.SSLContext | None = None, server_hostname: str | None = None,
                 keepalive: Keepalive = DEFAULT,
-                timeout: float = CONNECT_TIMEOUT) -> UsbipBackend:
+                timeout: float = CONNECT_TIMEOUT, resume: bool = False) -> UsbipBackend:
     """A PyUSB backend for the devices of the USB/IP server at ``address``.
 
     ``address``: ``"HOST"``, ``"HOST:PORT"``, ``"[V6ADDR]:PORT"`` or
     ``"usbip://HOST[:PORT][/BUSID]"``; ``busid`` picks one device. ``tls``
     (:func:`usbipy.tls.client_context`) for mutual TLS, ``keepalive`` for the
-    dead-peer timeout, ``timeout`` (seconds) to connect and import.
+    dead-peer timeout, ``timeout`` (seconds) to connect and import; ``resume``:
+    a lost connection is resumed in place where the server offers it (usbipyd).
     """
     host, port, busid = parse_address(address, busid)
     return UsbipBackend(host, port, busid, tls=tls, server_hostname=server_hostname,
-                        keepalive=keepalive, timeout=timeout)
+                        keepalive=keepalive, timeout=timeout, resume=resume)
 
 
 # --- helpers -------------------------------------------------------------------------

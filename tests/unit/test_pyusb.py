@@ -22,6 +22,8 @@ from usbipy.server import ServerThread  # noqa: E402
 from usbipy.usb import Configuration, Endpoint, Interface, TransferType  # noqa: E402
 from usbipy.usb import Device as UsbDevice  # noqa: E402
 
+from ..helpers import Cutter  # noqa: E402
+
 HOST = "127.0.0.1"
 Finder = Callable[[str], usb.core.Device]
 KEYBOARD_ID = (0x1209, 0x0001)
@@ -405,3 +407,22 @@ def test_ports_speed_and_indexes_as_libusb_gives_them(server: ServerThread,
         dev._ctx.backend.get_interface_descriptor(dev._ctx.dev, -1, 0, 0)
     assert pyusb._port_numbers("3-1.4.2") == (1, 4, 2)
     assert pyusb._port_numbers("usbipy") == ()
+
+
+def test_a_pyusb_device_resumes_a_cut_connection(server: ServerThread) -> None:
+    """get_backend(..., resume=True): the serial port's echo read after the cut
+    comes back whole, on the same PyUSB device."""
+    cutter = Cutter(server.port)
+    try:
+        backend = pyusb.get_backend(f"usbip://{HOST}:{cutter.port}/1-3", resume=True)
+        dev = usb.core.find(backend=backend)
+        assert dev is not None
+        dev.set_configuration()
+        assert dev.write(0x02, b"through the cut") == 15
+        cutter.cut()
+        assert bytes(dev.read(0x81, 64, timeout=20000)) == b"through the cut"
+        assert cutter.accepted >= 2  # (it did reconnect)
+        usb.util.dispose_resources(dev)
+        backend.close()
+    finally:
+        cutter.close()

@@ -6,11 +6,9 @@ buffer bound end the attachment cleanly."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import socket
 import struct
-import threading
 import time
 from collections.abc import Iterator
 
@@ -25,69 +23,10 @@ from usbipy.protocol import ClientConnection, Direction
 from usbipy.protocol.resume import ResumableStream
 from usbipy.server import ServerThread
 
+from ..helpers import Cutter, reset
+
 HOST = "127.0.0.1"
 WINDOW = 8.0
-
-
-class Cutter:
-    """A TCP proxy to the server whose connections can be cut (RST both ways), or
-    refused for a while (the network still down)."""
-
-    def __init__(self, port: int) -> None:
-        self.target = port
-        self.listener = socket.create_server((HOST, 0))
-        self.port = self.listener.getsockname()[1]
-        self.pairs: list[tuple[socket.socket, socket.socket]] = []
-        self.refusing = False
-        self.accepted = 0
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            if self.refusing:
-                _reset(client)
-                continue
-            server = socket.create_connection((HOST, self.target))
-            with self._lock:
-                self.pairs.append((client, server))
-                self.accepted += 1
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=_pump, args=(a, b), daemon=True).start()
-
-    def cut(self) -> None:
-        with self._lock:
-            pairs, self.pairs = self.pairs, []
-        for client, server in pairs:
-            _reset(client)
-            _reset(server)
-
-    def close(self) -> None:
-        self.listener.close()
-        self.cut()
-
-
-def _reset(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        sock.close()
-
-
-def _pump(src: socket.socket, dst: socket.socket) -> None:
-    try:
-        while True:
-            data = src.recv(65536)
-            if not data:
-                dst.shutdown(socket.SHUT_WR)
-                return
-            dst.sendall(data)
-    except OSError:
-        return
 
 
 @pytest.fixture
@@ -227,7 +166,7 @@ def test_a_token_from_another_address_is_refused_in_plaintext(
         server: ServerThread, caplog: pytest.LogCaptureFixture) -> None:
     """127.0.0.2 is another address of loopback: the token's thief, in plaintext."""
     held, token, _conn, _devid = _granted(server.port)
-    _reset(held)  # lost: the attachment waits for its client
+    reset(held)  # lost: the attachment waits for its client
     wait_for(lambda: "kept for 8 s" in caplog.text)
     thief = socket.socket()
     thief.bind(("127.0.0.2", 0))
@@ -269,7 +208,7 @@ def test_a_full_buffer_while_away_ends_the_attachment(caplog: pytest.LogCaptureF
         urbs += [conn.send_submit(2 + n, devid, Direction.IN, 1, 0, 8) for n in range(40)]
         held.sendall(b"".join(bytes(p) for p in stream.send(urbs)))
         wait_for(lambda: held.recv(4096, socket.MSG_PEEK))  # SET_CONFIGURATION's reply
-        _reset(held)
+        reset(held)
         wait_for(lambda: "kept for 8 s" in caplog.text)
         for n in range(20):  # 20 presses and releases: 40 replies of 56 bytes
             keyboard.press(4 + n, timeout=5)
