@@ -590,3 +590,13 @@ def test_usbipyd_daemon_returns_with_its_pid_file_written(tmp_path: Path) -> Non
     while pid_file.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not pid_file.exists()  # removed at exit
+
+
+@pytest.mark.parametrize("option", ["--no-resume", "--background", "--retries=3"])
+def test_keeper_options_without_persistent_are_one_line_errors(fake: FakeSysfs, capsys,
+                                                               option: str) -> None:
+    fake.load_vhci()
+    rc, out, err = usbipy(capsys, "attach", "-r", "127.0.0.1", "-b", "1-1", option)
+    name = option.split("=")[0]
+    assert (rc, out) == (1, "")
+    assert err.count("\n") == 1 and f"{name} is for --persistent attachments" in err, err

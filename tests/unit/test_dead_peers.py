@@ -9,6 +9,7 @@ each loss is handled as it should be.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import random
@@ -627,3 +628,25 @@ def test_a_connection_lost_before_the_device_is_handed_over_is_made_again() -> N
         await server
 
     asyncio.run(main())
+
+
+def test_port_shows_a_resuming_attachment_on_its_port(fake, capsys, keeper_process) -> None:
+    """A resumable attachment whose network is down keeps its port; `usbipy port`
+    says since when it is down, and how often it was resumed."""
+    from .test_cli_usbipy import usbipy
+
+    fake.load_vhci()
+    fake.set_vhci_status({0: (3, 0x10002, "3-1")})
+    keeper_mod.write_state(keeper_mod.KeeperState(
+        keeper_process.pid, "10.0.0.7", 3240, "1-2", "attached", port=0, devid=0x10002,
+        since=time.time() - 600, resumable=True, down_since=time.time() - 12, resumed=2))
+    rc, out, _ = usbipy(capsys, "port")
+    assert rc == 0
+    assert (f"-> persistent (pid {keeper_process.pid}, attached 10 min ago, resuming, down "
+            "12 s, resumed 2 times)") in out, out
+    keeper_mod.write_state(dataclasses.replace(keeper_mod.read_states()[0], down_since=None))
+    rc, out, _ = usbipy(capsys, "port")
+    assert "attached 10 min ago, resumable, resumed 2 times)" in out, out
+    rc, out, _ = usbipy(capsys, "port", "--json")
+    [entry] = json.loads(out)
+    assert entry["persistent"]["resumable"] is True and entry["persistent"]["resumed"] == 2

@@ -3,10 +3,12 @@ message a user sees; the client's checks against live (and refusing) servers."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -102,6 +104,10 @@ def test_modules_missing_loadable_and_loaded(machine) -> None:
     assert status is Status.WARN and detail == (
         "not installed for this kernel (kernel TLS: without it TLS is served in userspace, "
         "but devices bound to usbip-host cannot be exported over TLS)")
+    # the resume window, as configured
+    assert find(check_server(), "resumption")[1].startswith(
+        "a usbipy client's lost connection is kept 60 s for it to resume")
+    assert find(check_server(resume_window=0), "resumption")[1].startswith("off")
     # no USB device at all is no fault: emulated devices need none
     assert find(check_server(), "USB devices")[:2] == (
         Status.INFO, "none seen: only emulated devices can be exported from here")
@@ -300,6 +306,20 @@ def test_client_against_a_server(fake: FakeSysfs, capsys) -> None:
         assert find(report, "import")[:2] == (
             Status.OK, "1-2 imported and released at once (1209:0002)")
         assert report.passed
+        assert find(report, "resumption")[:2] == (
+            Status.OK, "the server resumes a lost connection within 60 s ('usbipy attach "
+            "--persistent' does, in place)")
+        # the doctor's import said FIN: the device is free again at once, not in 60 s
+        assert srv.server is not None
+        deadline = time.monotonic() + 10
+        while len(srv.server.access.resumables) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(srv.server.access.resumables) == 0
+        srv.server.access.limits = dataclasses.replace(srv.server.access.limits,
+                                                       resume_window=0)
+        status, detail, _ = find(check_client(HOST, srv.port, "1-2"), "resumption")
+        assert status is Status.INFO and detail.startswith(
+            "the server does not resume lost connections")
         assert main(["doctor", "-r", HOST, "-t", str(srv.port), "-b", "9-9"]) == 1
         out = capsys.readouterr().out
         assert "✘ device: 127.0.0.1 does not offer 9-9" in out

@@ -233,3 +233,18 @@ def test_a_server_that_stopped_is_not_waited_for(server: ServerThread,
     assert time.monotonic() - started < WINDOW / 2
     assert "nothing listens on the server's port any more" in caplog.text
     dev.close()
+
+
+def test_a_stale_token_is_refused_once_its_window_passed(caplog: pytest.LogCaptureFixture
+                                                         ) -> None:
+    with ServerThread([HidKeyboard()], port=0, limits=Limits(resume_window=1)) as srv:
+        sock = socket.create_connection((HOST, srv.port))
+        _info, grant = import_offering_resume(sock, "1-1")
+        assert grant is not None and grant.window == 1
+        reset(sock)
+        wait_for(lambda: "not resumed within 1 s (resume_window): 1-1 released" in caplog.text)
+        late = socket.create_connection((HOST, srv.port))
+        with pytest.raises(ResumeRefused, match="NODEV"):
+            request_resume(late, grant.token, 0)
+        late.close()
+        assert "resume refused: unknown or expired token" in caplog.text

@@ -640,10 +640,12 @@ def _doctor(args: argparse.Namespace, tls: TlsFiles | None) -> dict[str, object]
 
         path = config_path(args.config)
         options: dict[str, Any] = {}
+        limits: dict[str, Any] = {}
         problem = None
         if path is not None:
             try:
-                options = load_config(path).options
+                loaded = load_config(path)
+                options, limits = loaded.options, loaded.limits
             except UsbipError as exc:  # (a check that fails, not the end of the walk)
                 problem = str(exc)
         if options:
@@ -651,7 +653,9 @@ def _doctor(args: argparse.Namespace, tls: TlsFiles | None) -> dict[str, object]
             if files is None:
                 files = TlsFiles.from_options(options.get("tls_cert"), options.get("tls_key"),
                                               options.get("tls_ca"))
-        report = check_server(port, files, _libusb_binding_names())
+        report = check_server(port, files, _libusb_binding_names(),
+                              **({"resume_window": limits["resume_window"]}
+                                 if "resume_window" in limits else {}))
         if problem is not None:
             report.checks.insert(0, Check("configuration", Status.FAIL, problem,
                                           "usbipyd --check-config -c FILE says the same"))

@@ -14,6 +14,7 @@ import os
 import ssl
 from pathlib import Path
 
+from ..config.limits import Limits
 from ..escape import printable
 from ..linux import sysfs, usbip_host
 from ..linux.modules import EXTRA_MODULES
@@ -26,9 +27,11 @@ EXPIRY_WARNING = datetime.timedelta(days=30)
 
 
 def check_server(port: int = 3240, tls: TlsFiles | None = None,
-                 libusb_bindings: list[str] | None = None) -> Report:
+                 libusb_bindings: list[str] | None = None,
+                 resume_window: float = Limits().resume_window) -> Report:
     """Every server-side check; ``libusb_bindings``: the devices bound with
-    ``usbipy bind --libusb`` (their specs), if any."""
+    ``usbipy bind --libusb`` (their specs), if any; ``resume_window``: as the
+    configuration sets it."""
     report = Report()
     _modules(report, tls is not None)
     devices = sysfs.usb_devices()
@@ -45,6 +48,14 @@ def check_server(port: int = 3240, tls: TlsFiles | None = None,
     if libusb_bindings:
         report.add("libusb bindings", Status.INFO, ", ".join(libusb_bindings))
     _daemon(report, sockets, port, exported=bool(bound or libusb_bindings))
+    if resume_window > 0:
+        report.add("resumption", Status.INFO,
+                   f"a usbipy client's lost connection is kept {resume_window:g} s for it to "
+                   "resume (limits.resume_window); devices usbip-host serves are attached "
+                   "again instead")
+    else:
+        report.add("resumption", Status.INFO,
+                   "off (limits.resume_window = 0): clients attach again after a loss")
     _firewall(report, port)
     if tls is not None:
         _tls(report, tls)

@@ -1,0 +1,167 @@
+"""What a resumable attachment costs: disk reads through the relay against direct ones,
+in one run.
+
+    python bench/bench_resume.py [--rounds N] [--duration S] [--json results.json]
+
+Two usbipy servers (bench/server_usbipy.py, the same code) export the demo
+disk. The lean client (bench/fastclient.py) reads 64 KiB blocks from one
+directly over TCP, as vhci-hcd does with --no-resume, and from the other
+through a resumable attachment: a relay process (bench/relay_peer.py, the
+relay `usbipy attach --persistent` runs) holds one end of a socketpair and
+the TCP connection, and the client the other end, as vhci-hcd does. The relay
+runs on the client's core, as the keeper runs on the client's host.
+
+The table gives each path's throughput and their ratio (the goal: at least
+0.8), the server's CPU time per MB (unchanged: framing and acknowledgements are
+all it adds) and the relay's. The two alternate within each round, and the
+ratios are the median of the rounds' ratios: both saw the same moment of a
+noisy machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script
+
+from bench.bench import (  # noqa: E402
+    BLOCK,
+    CLIENT_CORE,
+    ROOT,
+    Server,
+    bulk_endpoints,
+    cpu_seconds,
+    pipelined,
+)
+from bench.fastclient import IN, OUT, FastClient  # noqa: E402
+
+
+class RelayedClient(FastClient):
+    """The lean client over a socketpair whose other end a relay process holds."""
+
+    def __init__(self, server: Server, busid: str) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.relay = subprocess.Popen(
+            [sys.executable, str(ROOT / "relay_peer.py"), str(server.port), busid,
+             str(theirs.fileno())],
+            pass_fds=[theirs.fileno()], stdout=subprocess.PIPE, text=True,
+            preexec_fn=lambda: os.sched_setaffinity(0, {CLIENT_CORE}))
+        theirs.close()
+        assert self.relay.stdout is not None
+        said = self.relay.stdout.readline().strip()
+        if said != "resumable":
+            raise RuntimeError(f"the relay says {said!r}, not resumable")
+        self.sock = ours
+        self._imported(next(d for d in server.devices if d.busid == busid))
+        self.sock.settimeout(60)
+
+    def close(self) -> None:
+        super().close()
+        self.relay.wait(timeout=30)
+
+
+def _direct(server: Server) -> FastClient:
+    return server.client(0x08)
+
+
+def _relayed(server: Server) -> FastClient:
+    return RelayedClient(server, server.busid(0x08))
+
+
+def reads(server: Server, connect: Callable[[Server], FastClient], depth: int,
+          duration: float) -> dict[str, float]:
+    """READ(10) of 64 KiB at ``depth`` for ``duration``: MB/s and CPU per MB."""
+    client = connect(server)
+    try:
+        ep_in, ep_out = bulk_endpoints(client)
+        tag = 0
+
+        def op() -> list[bytes]:
+            nonlocal tag
+            tag += 1
+            lba = (tag * 128) % ((64 << 20) // 512 - 128)
+            cdb = struct.pack(">BBIBHB", 0x28, 0, lba, 0, BLOCK // 512, 0)
+            cbw = struct.pack("<IIIBBB16s", 0x43425355, tag, BLOCK, 0x80, 0, 10, cdb)
+            return [client.request(OUT, ep_out, len(cbw), data=cbw),
+                    client.request(IN, ep_in, BLOCK), client.request(IN, ep_in, 13)]
+
+        pipelined(client, op, depth, 0.3)  # warm up
+        relay = client.relay.pid if isinstance(client, RelayedClient) else None
+        server0 = cpu_seconds(server.proc.pid)
+        relay0 = cpu_seconds(relay) if relay is not None else 0.0
+        t0 = time.perf_counter()
+        ops, _urbs = pipelined(client, op, depth, duration)
+        elapsed = time.perf_counter() - t0
+        mb = ops * BLOCK / 1e6
+        return {"mb_s": mb / elapsed,
+                "server_cpu_ms_per_mb": (cpu_seconds(server.proc.pid) - server0) / mb * 1e3,
+                "relay_cpu_ms_per_mb": ((cpu_seconds(relay) - relay0) / mb * 1e3
+                                        if relay is not None else 0.0)}
+    finally:
+        client.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=2.0, help="seconds per measurement")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="measurements per path and depth, alternating order")
+    parser.add_argument("--json", type=Path, help="write the results here too")
+    args = parser.parse_args()
+    os.sched_setaffinity(0, {CLIENT_CORE})
+    script = [sys.executable, str(ROOT / "server_usbipy.py")]
+    direct, resumable = Server("direct", script), Server("resumable", script)
+    paths = [(direct, _direct), (resumable, _relayed)]
+    results: list[dict[str, object]] = []
+    try:
+        for depth in (1, 4):
+            samples: dict[str, list[dict[str, float]]] = {"direct": [], "resumable": []}
+            for n in range(max(1, args.rounds)):
+                for server, connect in paths if n % 2 == 0 else paths[::-1]:
+                    samples[server.name].append(reads(server, connect, depth, args.duration))
+            pairs = list(zip(samples["resumable"], samples["direct"], strict=True))
+            results.append({
+                "workload": f"READ(10) 64 KiB depth {depth}",
+                "direct": {k: statistics.median(s[k] for s in samples["direct"])
+                           for k in samples["direct"][0]},
+                "resumable": {k: statistics.median(s[k] for s in samples["resumable"])
+                              for k in samples["resumable"][0]},
+                "throughput_ratio": statistics.median(r["mb_s"] / d["mb_s"] for r, d in pairs),
+                "server_cpu_ratio": statistics.median(
+                    r["server_cpu_ms_per_mb"] / d["server_cpu_ms_per_mb"] for r, d in pairs),
+            })
+    finally:
+        direct.stop()
+        resumable.stop()
+    print(f"{'workload':<26} {'direct MB/s':>11} {'resumable':>10} {'ratio':>6}   "
+          f"{'server ms/MB':>12} {'resumable':>10} {'ratio':>6}   {'relay ms/MB':>11}")
+    for row in results:
+        d, r = row["direct"], row["resumable"]
+        assert isinstance(d, dict) and isinstance(r, dict)
+        print(f"{row['workload']:<26} {d['mb_s']:>11.1f} {r['mb_s']:>10.1f} "
+              f"{row['throughput_ratio']:>5.2f}x   {d['server_cpu_ms_per_mb']:>12.2f} "
+              f"{r['server_cpu_ms_per_mb']:>10.2f} {row['server_cpu_ratio']:>6.2f}   "
+              f"{r['relay_cpu_ms_per_mb']:>11.2f}")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "time": time.time(), "python": platform.python_version(),
+            "machine": platform.machine(), "cpus": os.cpu_count(),
+            "duration_s": args.duration, "rounds": args.rounds, "results": results},
+            indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
