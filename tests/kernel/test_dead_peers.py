@@ -362,7 +362,7 @@ def _start_resumable(vm: Vm, server_options: str = "") -> str:
 
 
 def _stop_resumable(vm: Vm) -> None:
-    vm.run(f"pkill -f 'dd if=/tmp/records'; {STOP_KEEPERS}; {RESTORE}; "
+    vm.run(f"pkill -f '[d]d if=/tmp/records'; {STOP_KEEPERS}; {RESTORE}; "
            "[ -e /run/usbipyd.pid ] && kill $(cat /run/usbipyd.pid); "
            "for p in $(usbip port | sed -n 's/^Port \\([0-9]*\\):.*/\\1/p'); do "
            f"usbip detach -p $p; done; {NETWORK_DOWN}")
@@ -424,7 +424,7 @@ def test_a_cut_longer_than_the_window_falls_back_to_attaching_again(vm: Vm) -> N
     as before resumption: the disk goes, and comes back once the network does."""
     try:
         _start_resumable(vm, "--resume-window 5")
-        vm.check("pkill -f 'dd if=/tmp/records'; true")
+        vm.check("pkill -f '[d]d if=/tmp/records'; true")
         vm.check(CUT)
         wait_for(vm, "grep -q 'not resumed within 5 s (resume_window): 1-1 released' "
                      "/run/usbipyd.log", BOUND + 30)
