@@ -319,6 +319,15 @@ def measure(server: Server, work: Workload, duration: float) -> dict[str, float]
             "server_cpu_s": cpu, "elapsed_s": elapsed}
 
 
+def write_results(path: Path, duration: float, rounds: int,
+                  results: list[dict[str, object]]) -> None:
+    """The results as JSON, with the machine and the run's settings."""
+    path.write_text(json.dumps({
+        "time": time.time(), "python": platform.python_version(),
+        "machine": platform.machine(), "cpus": os.cpu_count(), "duration_s": duration,
+        "rounds": rounds, "results": results}, indent=2))
+
+
 def median_sample(samples: list[dict[str, float]]) -> dict[str, float]:
     """Per key, the median of the rounds (the rate and the CPU time separately)."""
     return {key: statistics.median(s[key] for s in samples) for key in samples[0]}
@@ -424,11 +433,7 @@ def main() -> int:
         print()
         print_table(results, a, servers[2].name)
     if args.json:
-        args.json.write_text(json.dumps({
-            "time": time.time(), "python": platform.python_version(),
-            "machine": platform.machine(), "cpus": os.cpu_count(), "duration_s": duration,
-            "rounds": rounds,
-            "results": results}, indent=2))
+        write_results(args.json, duration, rounds, results)
     if args.compare:
         compare(args.compare, results, a, b)
     return 0

@@ -21,9 +21,7 @@ noisy machine.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import socket
 import statistics
 import struct
@@ -43,6 +41,7 @@ from bench.bench import (  # noqa: E402
     bulk_endpoints,
     cpu_seconds,
     pipelined,
+    write_results,
 )
 from bench.fastclient import IN, OUT, FastClient  # noqa: E402
 
@@ -155,11 +154,7 @@ def main() -> int:
               f"{r['server_cpu_ms_per_mb']:>10.2f} {row['server_cpu_ratio']:>6.2f}   "
               f"{r['relay_cpu_ms_per_mb']:>11.2f}")
     if args.json:
-        args.json.write_text(json.dumps({
-            "time": time.time(), "python": platform.python_version(),
-            "machine": platform.machine(), "cpus": os.cpu_count(),
-            "duration_s": args.duration, "rounds": args.rounds, "results": results},
-            indent=2))
+        write_results(args.json, args.duration, args.rounds, results)
     return 0
 
 

@@ -16,14 +16,11 @@ hold under 1.3 on the Python-served path.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import struct
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,6 +36,7 @@ from bench.bench import (  # noqa: E402
     bulk_endpoints,
     measure,
     median_sample,
+    write_results,
 )
 from bench.fastclient import IN, FastClient  # noqa: E402
 from bench.tlsclient import SealedClient, counted_pipeline  # noqa: E402
@@ -159,11 +157,7 @@ def main() -> int:
               f"{t['rate'] / p['rate']:>5.2f}x   {p['cpu_us_per_urb']:>15.1f} us "
               f"{t['cpu_us_per_urb']:>11.1f} us {row['cpu_ratio']:>6.2f}")
     if args.json:
-        args.json.write_text(json.dumps({
-            "time": time.time(), "python": platform.python_version(),
-            "machine": platform.machine(), "cpus": os.cpu_count(),
-            "duration_s": args.duration, "rounds": args.rounds, "results": results},
-            indent=2))
+        write_results(args.json, args.duration, args.rounds, results)
     return 0
 
 
