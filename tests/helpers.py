@@ -248,7 +248,8 @@ def daemon_settings(*argv: str) -> Settings:
 
 class Cutter:
     """A TCP proxy to the server whose connections can be cut (RST both ways), or
-    refused for a while (the network still down)."""
+    refused for a while (the network still down), or accepted and closed (a port
+    forward to a server that is gone)."""
 
     def __init__(self, port: int) -> None:
         self.target = port
@@ -256,6 +257,7 @@ class Cutter:
         self.port = self.listener.getsockname()[1]
         self.pairs: list[tuple[socket.socket, socket.socket]] = []
         self.refusing = False
+        self.closing = False
         self.accepted = 0
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._accept, daemon=True)
@@ -269,6 +271,9 @@ class Cutter:
                 return
             if self.refusing:
                 reset(client)
+                continue
+            if self.closing:  # (a port forward whose server is gone)
+                client.close()
                 continue
             server = socket.create_connection(("127.0.0.1", self.target))
             with self._lock:

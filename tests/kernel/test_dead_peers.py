@@ -172,7 +172,10 @@ def test_a_server_restart_brings_the_disk_back(vm: Vm, tmp_path: Path) -> None:
         assert vm.run("pgrep -f '[u]sbipy.cli.usbipy .*attach'").rc == 1
         log = vm.check("cat /run/keeper.log")
         assert "stopped: port" in log, log
-        assert "nothing listens on the server's port any more" in log, log
+        # (through QEMU's forward a server that is gone is a connection accepted and
+        # closed, not one refused: the keeper gives resuming up either way)
+        assert re.search(r"nothing listens on the server's port any more|3 connections in a "
+                         r"row closed with no answer to the resume", log), log
     finally:
         daemon.kill()
         daemon.wait()

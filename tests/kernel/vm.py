@@ -199,9 +199,11 @@ class Vm:
         initrd = _initramfs(self.version, self.kernel, agent_python)
         shutil.copy(Path(__file__).with_name("guest_agent.py"), self.dir / "agent.py")
         sock_path = self.dir / "agent.sock"
-        # (restrict=on isolates the guest; explicit forwards, both ways, still work)
+        # (restrict=on isolates the guest; explicit forwards, both ways, still work;
+        # socat's own messages go to /dev/null, not into the guest's connection, where
+        # a server that is down would look like one that answers its error text)
         net = (f"user,id=n0,restrict=on,ipv6=off,guestfwd=tcp:{SERVER_ALIAS}:3240-"
-               f"cmd:socat STDIO TCP:127.0.0.1:{self.server_port},"
+               f"cmd:socat -lf /dev/null STDIO TCP:127.0.0.1:{self.server_port},"
                f"hostfwd=tcp:127.0.0.1:{self.guest_port}-:3240")
         args = [
             "qemu-system-x86_64", "-nodefaults", "-no-user-config", "-display", "none",

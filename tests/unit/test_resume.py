@@ -248,3 +248,20 @@ def test_a_stale_token_is_refused_once_its_window_passed(caplog: pytest.LogCaptu
             request_resume(late, grant.token, 0)
         late.close()
         assert "resume refused: unknown or expired token" in caplog.text
+
+
+def test_a_port_forward_to_a_server_gone_is_not_waited_for(server: ServerThread,
+                                                           cutter: Cutter) -> None:
+    """Through a port forward, a server that is gone does not refuse: the forward
+    accepts and closes. Three of those in a row, and the client stops resuming."""
+    dev = sync.connect(HOST, "1-1", cutter.port, resume=True)
+    try:
+        dev.control(0x00, 9, 1, 0, b"")
+        cutter.closing = True
+        started = time.monotonic()
+        cutter.cut()
+        with pytest.raises(ServerGone):
+            dev.control(0x80, 6, 0x100, 0, 18, timeout=WINDOW + 20)
+        assert time.monotonic() - started < WINDOW
+    finally:
+        dev.close()

@@ -33,6 +33,7 @@ from ..escape import printable
 from ..protocol import RemoteProtocolError
 from ..protocol.messages import ResumeGrant
 from ..protocol.resume import ResumableStream
+from .errors import ClientError
 from .handshake import ResumeRefused, request_resume
 
 log = logging.getLogger("usbipy.persistent.relay")
@@ -47,6 +48,10 @@ QUEUED = 1 << 20
 ACK_INTERVAL = 0.5
 #: Seconds an attempt to reconnect may take (then the next one, with backoff).
 CONNECT_TIMEOUT = 5.0
+#: Connections in a row that close with no answer to OP_REQ_RESUME before the relay
+#: gives up: what a port forward (ssh -L, a container's) does once the server
+#: behind it is gone, where no connection is refused.
+UNANSWERED = 3
 #: Seconds between attempts to reconnect: the first, and the longest.
 RETRY_FIRST = 0.5
 RETRY_MAX = 5.0
@@ -98,6 +103,7 @@ class Relay:
         self._to_local: deque[memoryview] = deque()
         self._to_local_size = 0
         self._down_at: float | None = None
+        self._unanswered = 0
         self._retry_at = 0.0
         self._retry_delay = RETRY_FIRST
         self._last_ack = clock()
@@ -317,10 +323,26 @@ class Relay:
         except RemoteProtocolError as exc:
             sock.close()
             raise ResumeRefused(f"the server's resume point cannot be: {exc}") from exc
+        except ClientError as exc:
+            sock.close()
+            if isinstance(exc.__cause__, RemoteProtocolError):
+                raise ResumeRefused(f"what answers on the server's port is not the server "
+                                    f"that granted the attachment: {exc}") from exc
+            # closed, or reset, with no answer: counted; a time-out is not (a network
+            # still half down), and starts the count again
+            closed = exc.__cause__ is None or isinstance(exc.__cause__, ConnectionError)
+            self._unanswered = self._unanswered + 1 if closed else 0
+            if self._unanswered >= UNANSWERED:
+                raise ResumeRefused(f"{self._unanswered} connections in a row closed with no "
+                                    f"answer to the resume ({exc}): the server is gone"
+                                    ) from exc
+            self._schedule_retry(printable(str(exc)))
+            return
         except (OSError, UsbipError) as exc:
             sock.close()
             self._schedule_retry(printable(str(exc)))
             return
+        self._unanswered = 0
         sock.setblocking(False)
         self.remote = sock
         self.stream.restart()
