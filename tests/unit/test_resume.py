@@ -7,8 +7,10 @@ buffer bound end the attachment cleanly."""
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import struct
+import threading
 import time
 from collections.abc import Iterator
 
@@ -265,3 +267,118 @@ def test_a_port_forward_to_a_server_gone_is_not_waited_for(server: ServerThread,
         assert time.monotonic() - started < WINDOW
     finally:
         dev.close()
+
+
+def _scsi(dev: sync.Device, tag: int, cdb: bytes, data_in: int) -> bytes:
+    cbw = struct.pack("<IIIBBB16s", 0x43425355, tag, data_in, 0x80, 0, len(cdb), cdb)
+    dev.bulk_write(0x02, cbw, timeout=20)
+    got = dev.bulk_read(0x81, data_in, timeout=20)
+    csw = dev.bulk_read(0x81, 13, timeout=20)
+    assert struct.unpack("<IIIB", csw) == (0x53425355, tag, 0, 0)
+    return got
+
+
+def _disk_server(limits: Limits) -> tuple[ServerThread, bytes]:
+    image = ImageFile.scratch(8 << 20)
+    content = bytes(range(256)) * (8 << 12)  # 8 MiB
+    image.write(0, content)
+    return ServerThread([MassStorage(image)], port=0, limits=limits), content
+
+
+def test_reads_larger_than_the_resume_buffer_flow(caplog: pytest.LogCaptureFixture) -> None:
+    """1 MiB replies through a 256 KiB resume buffer: the server waits for the
+    client's ACKs, and reads them while it waits (a server that stopped reading
+    with its writes would never see them, and took the client for dead)."""
+    server, content = _disk_server(Limits(resume_window=WINDOW, resume_buffer=256 << 10,
+                                          dead_peer_timeout=3))
+    with server, sync.connect(HOST, "1-1", server.port, resume=True) as dev:
+        dev.control(0x00, 9, 1, 0, b"")
+        for n in range(6):
+            lba = n * 2048
+            got = _scsi(dev, n + 1, struct.pack(">BBIBHB", 0x28, 0, lba, 0, 2048, 0), 1 << 20)
+            assert got == content[lba * 512:lba * 512 + (1 << 20)]
+    assert "lost" not in caplog.text
+
+
+def test_a_cut_longer_than_the_dead_peer_timeout_during_large_reads(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The connection drops while the server is held back by its buffer, and stays
+    down for longer than the dead-peer timeout: the attachment waits (its window,
+    not the dead-peer rule of a paused connection), and the reads go on whole."""
+    caplog.set_level(logging.INFO)
+    server, content = _disk_server(Limits(resume_window=WINDOW, resume_buffer=256 << 10,
+                                          dead_peer_timeout=1))
+    with server:
+        proxy = Cutter(server.port)
+        try:
+            with sync.connect(HOST, "1-1", proxy.port, resume=True) as dev:
+                dev.control(0x00, 9, 1, 0, b"")
+
+                def cut() -> None:
+                    time.sleep(0.05)
+                    proxy.refusing = True
+                    proxy.cut()
+                    time.sleep(3)  # (longer than dead_peer_timeout)
+                    proxy.refusing = False
+
+                cutting = threading.Thread(target=cut)
+                cutting.start()
+                for n in range(6):
+                    lba = n * 2048
+                    got = _scsi(dev, n + 1, struct.pack(">BBIBHB", 0x28, 0, lba, 0, 2048, 0),
+                                1 << 20)
+                    assert got == content[lba * 512:lba * 512 + (1 << 20)]
+                cutting.join()
+        finally:
+            proxy.close()
+    assert "resumed 1-1" in caplog.text and proxy.accepted >= 2
+    assert "released" not in caplog.text
+
+
+def test_a_failed_attach_after_a_grant_releases_the_device_at_once(
+        server: ServerThread, monkeypatch: pytest.MonkeyPatch) -> None:
+    """vhci-hcd refuses the socket after the server granted a resumable stream: the
+    client says FIN, and the device is free at once (not held for the window)."""
+    from usbipy.client import attach as attach_mod
+    from usbipy.linux import vhci
+
+    def refuse(_sock: socket.socket, _device: object) -> int:
+        raise vhci.VhciError("no free port")
+
+    monkeypatch.setattr(vhci, "require_vhci", lambda: None)
+    monkeypatch.setattr(vhci, "attach_socket", refuse)
+    with pytest.raises(vhci.VhciError):
+        attach_mod.attach(HOST, "1-1", server.port, resume=True)
+    wait_for(lambda: attachments(server) == 0, 5)
+    with sync.connect(HOST, "1-1", server.port) as again:
+        again.control(0x00, 9, 1, 0, b"")
+
+
+def test_the_relay_hands_on_the_servers_last_replies_before_its_fin() -> None:
+    """The server's last frames and its FIN come in one read: the local side (vhci-hcd)
+    gets every byte before the relay ends."""
+    from usbipy.client.relay import Relay
+    from usbipy.protocol.messages import ResumeGrant
+
+    local, vhci_end = socket.socketpair()
+    remote, server_end = socket.socketpair()
+    relay = Relay(local, remote, ResumeGrant(b"\0" * 16, 60),
+                  lambda: socket.socket())  # (never dialled: nothing is lost)
+    server = ResumableStream()
+    last = bytes(range(256)) * 16  # 4 KiB
+    server_end.sendall(b"".join(bytes(p) for p in server.send([last])) + server.fin())
+    wake_r, wake_w = os.pipe()
+    ended: list[str | None] = []
+    runner = threading.Thread(target=lambda: ended.append(relay.run(wake_r)))
+    runner.start()
+    got = b""
+    vhci_end.settimeout(10)
+    while len(got) < len(last):
+        got += vhci_end.recv(65536)
+    runner.join(10)
+    assert got == last and ended == ["the server ended the attachment"]
+    relay.finish()
+    for fd in (wake_r, wake_w):
+        os.close(fd)
+    for sock in (vhci_end, server_end):
+        sock.close()

@@ -221,3 +221,15 @@ def test_a_resume_reply_out_of_turn_is_refused() -> None:
     with pytest.raises(UnexpectedMessage, match="OP_REP_RESUME"):
         client.next_event()
     assert int(OpCode.REQ_RESUME) == 0x80F1
+
+
+def test_a_bad_frame_breaks_the_stream_for_good_and_delivers_nothing_of_its_read() -> None:
+    """What came in the same read as a bad frame is not delivered, nor counted: a
+    resume from that count would skip it."""
+    a, b = ResumableStream(), ResumableStream()
+    good = joined(a.send([b"A" * 100]))
+    with pytest.raises(BadFrame, match="unknown frame kind 0x58"):
+        b.receive(good + FRAME.pack(0x58, 0, 0))
+    assert b.received == 0
+    with pytest.raises(BadFrame, match="unknown frame kind 0x58"):
+        b.receive(joined(a.send([b"more"])))
