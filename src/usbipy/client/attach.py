@@ -7,6 +7,7 @@ connection with no process in between (see :mod:`usbipy.tls.ktls`).
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from ..keepalive import DEFAULT, Keepalive
 from ..linux import vhci
 from ..protocol import DeviceInfo
+from ..protocol.resume import ResumableStream
 from ..tls import TlsError, TlsFiles, TlsSession, client_context, ktls
 from .errors import TlsRefused
 from .handshake import OP_TIMEOUT, connect, import_offering_resume
@@ -83,6 +85,7 @@ def attach(host: str, busid: str, tcp_port: int, *, tls: TlsFiles | None = None,
     sock, session = dial(host, tcp_port, context, server_name, keepalive)
     watcher = None
     relay = None
+    grant = None
     try:
         device, grant = import_offering_resume(sock, busid, plaintext=session is None,
                                                resume=resume)
@@ -107,7 +110,10 @@ def attach(host: str, busid: str, tcp_port: int, *, tls: TlsFiles | None = None,
         if watcher is not None:
             watcher.close()
         if relay is not None:
-            relay.local.close()
+            relay.finish()  # (FIN: the server releases the device now, not after its window)
+        elif grant is not None:
+            with contextlib.suppress(OSError):
+                sock.sendall(ResumableStream().fin())
         sock.close()
         raise
     if relay is None:

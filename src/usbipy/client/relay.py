@@ -46,6 +46,8 @@ BUFFER = 8 << 20
 QUEUED = 1 << 20
 #: Seconds between ACKs of a trickle (below ACK_EVERY).
 ACK_INTERVAL = 0.5
+#: Seconds the server's last replies have to reach the local side after its FIN.
+DRAIN_TIMEOUT = 5.0
 #: Seconds an attempt to reconnect may take (then the next one, with backoff).
 CONNECT_TIMEOUT = 5.0
 #: Connections in a row that close with no answer to OP_REQ_RESUME before the relay
@@ -103,6 +105,7 @@ class Relay:
         self._to_local: deque[memoryview] = deque()
         self._to_local_size = 0
         self._down_at: float | None = None
+        self._finished_at: float | None = None
         self._unanswered = 0
         self._retry_at = 0.0
         self._retry_delay = RETRY_FIRST
@@ -123,7 +126,7 @@ class Relay:
                 local_events |= select.POLLOUT
             poller.register(self.local, local_events | _LOST)
             remote = self.remote
-            if remote is not None:
+            if remote is not None and not self.stream.finished:
                 remote_events = select.POLLIN if self._to_local_size < QUEUED else 0
                 if self._to_remote:
                     remote_events |= select.POLLOUT
@@ -184,7 +187,11 @@ class Relay:
             self._queue_remote([self.stream.ack()])
             self._last_ack = now
         if self.stream.finished:
-            return "the server ended the attachment"
+            # its last replies (a device gone: -ENODEV) go to vhci-hcd first
+            if self._finished_at is None:
+                self._finished_at = now
+            if not self._to_local or now - self._finished_at > DRAIN_TIMEOUT:
+                return "the server ended the attachment"
         return None
 
     # --- the local side (vhci-hcd) ---------------------------------------------------
@@ -258,7 +265,8 @@ class Relay:
                 try:
                     payload = self.stream.receive(data)
                 except RemoteProtocolError as exc:
-                    return self._failed(exc)
+                    # (not a loss to resume from: a stream that cannot be trusted)
+                    raise ResumeRefused(f"the server sent a bad frame: {exc}") from exc
                 for piece in payload:
                     self._to_local.append(piece)
                     self._to_local_size += len(piece)

@@ -65,6 +65,9 @@ class ResumableStream:
         self._partial = bytearray()
         self._left = 0
         self._skip = 0
+        #: A bad frame breaks the stream for good (as the codec's ERROR): what came
+        #: with it is not delivered, and no count after it can be trusted.
+        self._error: BadFrame | None = None
 
     @property
     def unacked(self) -> int:
@@ -172,6 +175,17 @@ class ResumableStream:
         """The payload in ``data``, in order, as views of it (use them before
         ``data`` is reused); ACKs and FIN are taken in. BadFrame for a frame that
         cannot be."""
+        if self._error is not None:
+            raise self._error
+        received = self.received
+        try:
+            return self._receive(data)
+        except BadFrame as exc:
+            self.received = received  # (nothing of this call was delivered)
+            self._error = exc
+            raise
+
+    def _receive(self, data: Bytes) -> list[memoryview]:
         out: list[memoryview] = []
         view = memoryview(data)
         end = len(view)

@@ -277,6 +277,7 @@ class UsbipServerProtocol(asyncio.Protocol):
             self._watch_timer.cancel()
             self._watch_timer = None
         self._closed = True
+        self._resumable = None
         self._connections.discard(self)
         for _urb, future in self._futures.values():
             future.cancel()
@@ -361,6 +362,7 @@ class UsbipServerProtocol(asyncio.Protocol):
             # usbip-host): its task decides what becomes of the connection.
             return
         if self._resumable is not None and not self._resumable.connected:
+            self._stall_since = None  # (what the old connection held says nothing now)
             return  # (the client is away: the resume window decides, not this)
         if transport.is_closing():
             return
@@ -389,7 +391,17 @@ class UsbipServerProtocol(asyncio.Protocol):
             self._lost_while_paused(f"{what} for {now - self._stall_since:.0f} s "
                                     "(dead_peer_timeout)")
 
+    def transport_replaced(self) -> None:
+        """A resumable attachment's new connection: the paused watch starts afresh
+        (the bytes the old socket acked say nothing of the new one)."""
+        self._stall_since = None
+
     def _lost_while_paused(self, why: str) -> None:
+        if self._resumable is not None:
+            # the connection is dead, not the attachment: its window starts
+            log.warning("%s: connection lost while its reading was paused: %s", self.peer, why)
+            self._resumable.drop()
+            return
         device = self.device
         log.warning("%s: %s while its reading was paused: %s%s", self.peer,
                     f"{printable(device.busid)} lost" if device is not None else "connection lost",
@@ -478,7 +490,8 @@ class UsbipServerProtocol(asyncio.Protocol):
             resumable = Resumable(self, self._transport, self.access.resumables,
                                   window=window, buffer=self.access.limits.resume_buffer,
                                   buffers=self.access.limits.resume_buffers,
-                                  address=self._address, tls=self.tls)
+                                  address=self._address, tls=self.tls,
+                                  reading_paused=self._paused_reading)
             self._resumable = resumable
             grant = ResumeGrant(resumable.token, math.ceil(window))
             # the reply on the TCP connection itself; from then on, frames
@@ -492,6 +505,8 @@ class UsbipServerProtocol(asyncio.Protocol):
         refuse (NODEV: unknown, expired, or not this client's)."""
         self._stop_timers()
         target = self.access.resumables.get(request.token)
+        if target is not None and target.is_closing():
+            target = None  # (ending already: nothing to resume)
         why: str | None
         if target is None:
             status, why = OpStatus.NODEV, "unknown or expired token"

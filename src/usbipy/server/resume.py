@@ -27,6 +27,7 @@ import hashlib
 import logging
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +43,14 @@ log = logging.getLogger("usbipy.server")
 
 #: The metrics' histogram of how long resumed connections were down (seconds).
 DOWN_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, float("inf"))
+
+#: Payload bytes held for a protocol that paused its reading, before the TCP
+#: connection is paused too (the ACKs and the FIN behind them are read meanwhile:
+#: pausing the connection at once would hold the ACKs that let the protocol go on).
+HOLD = 1 << 20
+#: Seconds a closing attachment has for its last bytes (a client that sent FIN
+#: and reads no more must not hold the device).
+CLOSE_TIMEOUT = 30.0
 
 #: Seconds between ACKs sent for what came since the last one (a trickle never
 #: reaches ACK_EVERY, and the client's buffer would keep it).
@@ -108,7 +117,8 @@ class Resumable(asyncio.Protocol):
 
     def __init__(self, protocol: UsbipServerProtocol, transport: asyncio.Transport,
                  resumables: Resumables, *, window: float, buffer: int, buffers: int,
-                 address: str | None, tls: TlsSession | None) -> None:
+                 address: str | None, tls: TlsSession | None,
+                 reading_paused: bool = False) -> None:
         self.protocol = protocol
         self.stream = ResumableStream()
         self._resumables = resumables
@@ -121,14 +131,22 @@ class Resumable(asyncio.Protocol):
         self.token = resumables.new_token(self)
         self._raw: asyncio.Transport | None = None
         self._raw_paused = False  # the TCP transport asked us to stop writing
+        #: Payload for the protocol while its reading is paused; whether the TCP
+        #: transport's reading is paused (only for a full hold).
+        self._held: deque[memoryview] = deque()
+        self._held_size = 0
+        self._raw_reading_paused = False
+        self._close_timer: asyncio.TimerHandle | None = None
         self._full = False  # our buffer is at its bound
         self._protocol_paused = False
-        self._reading_paused = False
+        self._reading_paused = reading_paused
         self._closing = False
         self._ended = False
         #: When the TCP connection was lost (loop time), while it is.
         self.down_since: float | None = None
         self.down_wall: float | None = None
+        #: The bytes it kept when the connection was lost.
+        self._at_loss = 0
         self._window_timer: asyncio.TimerHandle | None = None
         self._ack_timer: asyncio.TimerHandle | None = None
         self._extra: dict[str, Any] = {}
@@ -139,11 +157,17 @@ class Resumable(asyncio.Protocol):
     def _attach(self, transport: asyncio.Transport) -> None:
         self._raw = transport
         self._raw_paused = False
+        self._raw_reading_paused = False
         self._extra = {name: transport.get_extra_info(name)
                        for name in ("socket", "peername", "sockname", "ssl_object")}
         transport.set_protocol(self)
-        if self._reading_paused:
+        if self._held_size > HOLD:
+            self._raw_reading_paused = True
             transport.pause_reading()
+        else:
+            # (the first one comes paused by the import's OP phase: from now on the
+            # protocol's pauses hold payload here, and the connection is read on)
+            transport.resume_reading()
         loop = asyncio.get_running_loop()
         if self._ack_timer is None:
             self._ack_timer = loop.call_later(ACK_INTERVAL, self._tick)
@@ -176,6 +200,7 @@ class Resumable(asyncio.Protocol):
         self._resumables.count_resumption(down)
         self.stream.restart()
         self._attach(transport)
+        self.protocol.transport_replaced()
         if frames:
             transport.writelines(frames)
         transport.write(self.stream.ack())
@@ -196,11 +221,25 @@ class Resumable(asyncio.Protocol):
                         type(exc).__name__, printable(str(exc)))
             self.abort()
             return
-        deliver = self.protocol.data_received
-        for piece in payload:
-            if self._ended:
-                return
-            deliver(piece)  # type: ignore[arg-type]
+        if self._reading_paused or self._held:
+            for piece in payload:
+                self._held.append(piece)
+                self._held_size += len(piece)
+            if self._held_size > HOLD and self._raw is not None and (
+                    not self._raw_reading_paused):
+                self._raw_reading_paused = True
+                self._raw.pause_reading()
+        else:
+            deliver = self.protocol.data_received
+            for n, piece in enumerate(payload):
+                if self._ended:
+                    return
+                deliver(piece)  # type: ignore[arg-type]
+                if self._reading_paused:  # (the rest waits for resume_reading)
+                    for rest in payload[n + 1:]:
+                        self._held.append(rest)
+                        self._held_size += len(rest)
+                    break
         if self.stream.ack_due and self._raw is not None:
             self._raw.write(self.stream.ack())
         self._check_pause()
@@ -230,6 +269,9 @@ class Resumable(asyncio.Protocol):
                     printable(self.protocol.device.busid) if self.protocol.device else "?",
                     self.window)
         self._window_timer = loop.call_later(self.window, self._expired)
+        # What it holds already was let in while connected (a reply larger than the
+        # bound, the replies of URBs under way when it paused): only growth counts.
+        self._at_loss = self.stream.unacked
         self._check_bounds()
 
     def pause_writing(self) -> None:
@@ -263,7 +305,9 @@ class Resumable(asyncio.Protocol):
         if self._raw is not None or self._ended:
             return False
         unacked = self.stream.unacked
-        if unacked > self._buffer:
+        if unacked <= self._at_loss:
+            return False
+        if unacked > max(self._buffer, self._at_loss):
             why = f"its resume buffer is full ({unacked} bytes, resume_buffer)"
         elif self._resumables.buffered > self._buffers:
             why = (f"the resume buffers are full ({self._resumables.buffered} bytes, "
@@ -276,12 +320,14 @@ class Resumable(asyncio.Protocol):
         return True
 
     def _check_pause(self) -> None:
-        """While connected: stop the protocol's writes at the bound, go on at half."""
+        """While connected: stop the protocol's writes at half the bound, go on at a
+        quarter. (Half: the replies of URBs in flight still come after the pause, and a
+        loss then must find them within the bound, not end the attachment.)"""
         unacked = self.stream.unacked
-        if unacked > self._buffer or (unacked > self._buffer // 2
-                                      and self._resumables.buffered > self._buffers):
+        if unacked > self._buffer // 2 or (unacked > self._buffer // 4
+                                           and self._resumables.buffered > self._buffers):
             self._full = True
-        elif unacked <= self._buffer // 2:
+        elif unacked <= self._buffer // 4:
             self._full = False
         paused = self._full or self._raw_paused or self._raw is None
         if paused != self._protocol_paused and not self._ended:
@@ -302,7 +348,7 @@ class Resumable(asyncio.Protocol):
         frames = self.stream.send(pieces)
         if self._raw is not None:
             self._raw.writelines(frames)
-            if self._full or self.stream.unacked > self._buffer // 2:
+            if self._full or self.stream.unacked > self._buffer // 4:
                 self._check_pause()
         elif not self._check_bounds():
             self._check_pause()
@@ -320,13 +366,20 @@ class Resumable(asyncio.Protocol):
         return self._closing or self._ended
 
     def pause_reading(self) -> None:
+        # (the TCP connection is read on: its ACKs may be what the protocol waits for;
+        # the payload is held, up to HOLD)
         self._reading_paused = True
-        if self._raw is not None:
-            self._raw.pause_reading()
 
     def resume_reading(self) -> None:
         self._reading_paused = False
-        if self._raw is not None:
+        held = self._held
+        while held and not self._reading_paused and not self._ended:
+            piece = held.popleft()
+            self._held_size -= len(piece)
+            self.protocol.data_received(piece)  # type: ignore[arg-type]
+        if (self._raw_reading_paused and self._held_size <= HOLD // 2
+                and self._raw is not None):
+            self._raw_reading_paused = False
             self._raw.resume_reading()
 
     def is_reading(self) -> bool:
@@ -349,9 +402,17 @@ class Resumable(asyncio.Protocol):
             return
         raw.write(self.stream.fin())
         raw.close()  # (connection_lost ends it)
+        self._close_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self.abort)
+
+    def drop(self) -> None:
+        """The TCP connection is dead (seen by the protocol's watch): the window
+        starts, as for a loss the transport reports."""
+        raw = self._raw
+        if raw is not None and not self._closing and not self._ended:
+            raw.abort()  # (connection_lost: away)
 
     def abort(self) -> None:
-        """A protocol error or a dead peer: no resume."""
+        """A protocol error, or the server's end: no resume."""
         if self._ended:
             return
         self._closing = True
@@ -366,10 +427,14 @@ class Resumable(asyncio.Protocol):
             return
         self._ended = True
         self._resumables.forget(self.token)
-        for timer in (self._window_timer, self._ack_timer):
+        for timer in (self._window_timer, self._ack_timer, self._close_timer):
             if timer is not None:
                 timer.cancel()
-        self._window_timer = self._ack_timer = None
+        self._window_timer = self._ack_timer = self._close_timer = None
+        self._held.clear()
+        self._held_size = 0
+        # what it kept goes now, not when a cycle collection finds this and its protocol
+        self.stream = ResumableStream()
         raw, self._raw = self._raw, None
         if raw is not None:
             raw.abort()

@@ -21,6 +21,7 @@ import asyncio
 import logging
 import socket
 import ssl
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -129,16 +130,21 @@ class _TlsTransport(asyncio.Transport):
         super().__init__()
         self._raw = raw
         self._layer = layer
-        self._owner = owner
+        # (weak: the owner holds the protocol, which holds this; a cycle would keep a
+        # connection's buffers until the cycle collector ran, not until it ended)
+        self._owner = weakref.ref(owner)
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         """What the plaintext goes to from now on (a resumable attachment takes a
         resumed connection over)."""
-        self._owner._inner = cast(asyncio.Protocol, protocol)
+        owner = self._owner()
+        if owner is not None:
+            owner._inner = cast(asyncio.Protocol, protocol)
 
     def get_protocol(self) -> asyncio.BaseProtocol:
-        assert self._owner._inner is not None
-        return self._owner._inner
+        owner = self._owner()
+        assert owner is not None and owner._inner is not None
+        return owner._inner
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._raw.is_closing():
