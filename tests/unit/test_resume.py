@@ -6,6 +6,7 @@ buffer bound end the attachment cleanly."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -383,3 +384,20 @@ def test_the_relay_hands_on_the_servers_last_replies_before_its_fin() -> None:
         os.close(fd)
     for sock in (vhci_end, server_end):
         sock.close()
+
+
+def test_the_asyncio_client_resumes_too(server: ServerThread, cutter: Cutter) -> None:
+    from usbipy.client import import_device
+
+    async def main() -> bytes:
+        async with await import_device(HOST, "1-3", cutter.port, resume=True) as dev:
+            await dev.control(0x00, 9, 1, 0, b"")
+            reading = asyncio.ensure_future(dev.bulk_read(0x81, 64, timeout=20))
+            await asyncio.sleep(0.1)  # (the read is on the server)
+            cutter.cut()
+            await dev.bulk_write(0x02, b"asyncio, through the cut", timeout=20)
+            return await reading
+
+    assert asyncio.run(main()) == b"asyncio, through the cut"
+    assert cutter.accepted >= 2
+    wait_for(lambda: attachments(server) == 0, 5)  # (its close said FIN)

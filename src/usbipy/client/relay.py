@@ -20,9 +20,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
 import select
 import socket
 import ssl
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -30,11 +32,13 @@ from dataclasses import dataclass
 
 from ..errors import UsbipError
 from ..escape import printable
-from ..protocol import RemoteProtocolError
+from ..keepalive import Keepalive
+from ..protocol import ClientConnection, DeviceInfo, RemoteProtocolError
 from ..protocol.messages import ResumeGrant
 from ..protocol.resume import ResumableStream
-from .errors import ClientError
-from .handshake import ResumeRefused, request_resume
+from ..tls import TlsSession, handshake_failure
+from .errors import ClientError, HostUnreachable, TlsRefused
+from .handshake import ResumeRefused, import_offering_resume, request_resume
 
 log = logging.getLogger("usbipy.persistent.relay")
 
@@ -403,3 +407,80 @@ def _consume(queue: deque[memoryview], count: int) -> None:
         else:
             queue[0] = head[count:]
             count = 0
+
+
+# --- the userspace clients' relay: a thread, over a blocking connection -----------------
+
+
+def dial(host: str, port: int, tls: ssl.SSLContext | None, server_hostname: str | None,
+         keepalive: Keepalive, timeout: float) -> socket.socket:
+    """A connection for a relay: TCP with keepalive, and TLS as an SSLSocket."""
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as exc:
+        raise HostUnreachable(host, port, exc) from exc
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        keepalive.apply(sock)
+        if tls is not None:
+            try:
+                sock = tls.wrap_socket(sock, server_hostname=server_hostname or host)
+            except OSError as exc:
+                raise TlsRefused(host, port, handshake_failure(exc)) from exc
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class RelayThread:
+    """A relay run by a thread of its own, until :meth:`stop`."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self._wake_r, self._wake_w = os.pipe()
+        self._thread = threading.Thread(target=self._run, name="usbipy-relay", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        reason = self.relay.run(self._wake_r)
+        if reason is not None:
+            log.warning("%s", printable(reason))
+            self.relay.finish()  # (the client sees its connection end: ServerGone)
+
+    def stop(self) -> None:
+        """FIN to the server (it releases the device at once), and both sides closed."""
+        if self._wake_w < 0:
+            return
+        os.write(self._wake_w, b"x")
+        self._thread.join(10)
+        self.relay.finish()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        self._wake_r = self._wake_w = -1
+
+
+def import_resumable(host: str, busid: str, port: int, tls: ssl.SSLContext | None,
+                     server_hostname: str | None, keepalive: Keepalive, timeout: float,
+                     conn: ClientConnection
+                     ) -> tuple[socket.socket, DeviceInfo, RelayThread | None, TlsSession | None]:
+    """Import ``busid`` offering resumption (blocking), for a userspace client whose
+    codec ``conn`` goes on with the URBs: the socket it is to use (one end of a
+    socketpair, with a relay thread at the other, or the connection itself from a
+    plaintext server that does not resume), the device, the relay and the TLS
+    session."""
+    sock = dial(host, port, tls, server_hostname, keepalive, timeout)
+    try:
+        info, grant = import_offering_resume(sock, busid, plaintext=tls is None, conn=conn)
+    except BaseException:
+        sock.close()
+        raise
+    session = TlsSession.of(sock, kernel=False) if isinstance(sock, ssl.SSLSocket) else None
+    if grant is None and tls is None:  # (usbipd: the socket as it is)
+        return sock, info, None, None
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    relay = Relay(ours, sock, grant,
+                  lambda: dial(host, port, tls, server_hostname, keepalive,
+                               min(timeout, CONNECT_TIMEOUT)),
+                  what=f"{host}:{port}/{busid}")
+    return theirs, info, RelayThread(relay), session

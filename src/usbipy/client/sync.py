@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import select
 import socket
 import ssl
@@ -34,7 +33,6 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import NoReturn
 
-from ..escape import printable
 from ..keepalive import DEFAULT, Keepalive
 from ..protocol import (
     ClientConnection,
@@ -65,9 +63,8 @@ from .errors import (
     TransferTimeout,
     lost_reason,
 )
-from .handshake import exchange, import_offering_resume
-from .relay import CONNECT_TIMEOUT as RECONNECT_TIMEOUT
-from .relay import Relay
+from .handshake import exchange
+from .relay import RelayThread, import_resumable
 from .transfers import (
     CONNECT_TIMEOUT,
     UNLINK_TIMEOUT,
@@ -288,71 +285,16 @@ def connect(host: str, busid: str, port: int = USBIP_PORT, *,
     return Device(channel, conn, reply.device)
 
 
-def _dial(host: str, port: int, tls: ssl.SSLContext | None, server_hostname: str | None,
-          keepalive: Keepalive, timeout: float) -> socket.socket:
-    """A connection for a relay: TCP with keepalive, and TLS as an SSLSocket."""
-    try:
-        sock = socket.create_connection((host, port), timeout=timeout)
-    except OSError as exc:
-        raise HostUnreachable(host, port, exc) from exc
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        keepalive.apply(sock)
-        if tls is not None:
-            try:
-                sock = tls.wrap_socket(sock, server_hostname=server_hostname or host)
-            except OSError as exc:
-                raise TlsRefused(host, port, handshake_failure(exc)) from exc
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
 def _connect_resumable(host: str, busid: str, port: int, tls: ssl.SSLContext | None,
                        server_hostname: str | None, keepalive: Keepalive, timeout: float
                        ) -> Device:
-    sock = _dial(host, port, tls, server_hostname, keepalive, timeout)
     conn = ClientConnection()
-    try:
-        info, grant = import_offering_resume(sock, busid, plaintext=tls is None, conn=conn)
-    except BaseException:
-        sock.close()
-        raise
-    if grant is None and tls is None:  # (usbipd: the socket as it is)
-        return Device(_Channel(sock, host, port), conn, info)
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    relay = Relay(ours, sock, grant,
-                  lambda: _dial(host, port, tls, server_hostname, keepalive,
-                                min(timeout, RECONNECT_TIMEOUT)),
-                  what=f"{host}:{port}/{busid}")
-    device = Device(_Channel(theirs, host, port), conn, info)
-    device.tls = TlsSession.of(sock, kernel=False) if isinstance(sock, ssl.SSLSocket) else None
-    device._relay = _RelayThread(relay)
+    sock, info, relay, session = import_resumable(host, busid, port, tls, server_hostname,
+                                                  keepalive, timeout, conn)
+    device = Device(_Channel(sock, host, port), conn, info)
+    device.tls = session
+    device._relay = relay
     return device
-
-
-class _RelayThread:
-    """A relay run by a thread of its own, until the device is closed."""
-
-    def __init__(self, relay: Relay) -> None:
-        self.relay = relay
-        self._wake_r, self._wake_w = os.pipe()
-        self._thread = threading.Thread(target=self._run, name="usbipy-relay", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        reason = self.relay.run(self._wake_r)
-        if reason is not None:
-            log.warning("%s", printable(reason))
-            self.relay.finish()  # (the device sees its connection end: ServerGone)
-
-    def stop(self) -> None:
-        os.write(self._wake_w, b"x")
-        self._thread.join(10)
-        self.relay.finish()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
 
 
 class Device:
@@ -385,7 +327,7 @@ class Device:
         self._orphan_unlinks: dict[int, int] = {}
         self._error: ClientError | None = None
         #: The relay of a resumable connection (connect(resume=True)).
-        self._relay: _RelayThread | None = None
+        self._relay: RelayThread | None = None
         #: When the import was answered (time.monotonic()).
         self._imported_at = time.monotonic()
         self._closed = False

@@ -69,6 +69,7 @@ from .errors import (
     TransferTimeout,
     lost_reason,
 )
+from .relay import RelayThread, import_resumable
 from .transfers import (
     CONNECT_TIMEOUT,
     IsoResult,
@@ -109,6 +110,8 @@ class _ClientProtocol(asyncio.Protocol):
         self.on_lost: Callable[[], None] | None = None
         #: When the OP reply came (time.monotonic()).
         self.replied_at = 0.0
+        #: The TLS session of a connection a relay holds (this one is a socketpair's).
+        self.session: TlsSession | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # (uvloop's transports do not derive from asyncio.Transport)
@@ -264,17 +267,21 @@ async def import_device(host: str, busid: str, port: int = USBIP_PORT, *,
                         tls: ssl.SSLContext | None = None,
                         server_hostname: str | None = None,
                         keepalive: Keepalive = DEFAULT,
-                        reconnect: Backoff | None = None) -> RemoteDevice:
+                        reconnect: Backoff | None = None,
+                        resume: bool = False) -> RemoteDevice:
     """OP_REQ_IMPORT: hold ``busid`` and get a handle to submit URBs to it.
 
     ``tls``, ``server_hostname`` and ``keepalive`` as for :func:`list_devices`.
-    With ``reconnect``, a lost connection is made again (and the device
-    imported again) after the delays ``reconnect`` gives, until it succeeds
-    or they run out; see :class:`RemoteDevice`.
+    With ``resume``, a lost connection is resumed in place where the server
+    offers it (usbipyd): what is in flight waits, and goes on (a relay thread
+    stands between, see :mod:`usbipy.client.relay`). With ``reconnect``, a
+    connection lost for good is made again (and the device imported again)
+    after the delays ``reconnect`` gives, until it succeeds or they run out;
+    see :class:`RemoteDevice`.
     """
-    protocol, info = await _import(host, busid, port, tls, server_hostname, keepalive)
-    target = _Target(host, busid, port, tls, server_hostname, keepalive)
-    return RemoteDevice(protocol, info, target=target, reconnect=reconnect)
+    target = _Target(host, busid, port, tls, server_hostname, keepalive, resume)
+    protocol, info, relay = await _import_target(target)
+    return RemoteDevice(protocol, info, target=target, reconnect=reconnect, relay=relay)
 
 
 @dataclass(frozen=True)
@@ -287,6 +294,35 @@ class _Target:
     tls: ssl.SSLContext | None
     server_hostname: str | None
     keepalive: Keepalive
+    resume: bool = False
+
+
+async def _import_target(target: _Target
+                         ) -> tuple[_ClientProtocol, DeviceInfo, RelayThread | None]:
+    if not target.resume:
+        protocol, info = await _import(target.host, target.busid, target.port, target.tls,
+                                       target.server_hostname, target.keepalive)
+        return protocol, info, None
+    conn = ClientConnection()
+    sock, info, relay, session = await asyncio.to_thread(
+        import_resumable, target.host, target.busid, target.port, target.tls,
+        target.server_hostname, target.keepalive, CONNECT_TIMEOUT, conn)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    try:
+        _transport, protocol = await loop.create_connection(
+            functools.partial(_ClientProtocol, target.host, target.port), sock=sock)
+    except BaseException:
+        sock.close()
+        if relay is not None:
+            await asyncio.to_thread(relay.stop)
+        raise
+    # the import was answered on the blocking socket: this protocol goes on from there
+    protocol.conn = conn
+    protocol.session = session
+    protocol.op_reply.set_result(OpRepImport(OpStatus.OK, info))
+    protocol.replied_at = time.monotonic()
+    return protocol, info, relay
 
 
 async def _import(host: str, busid: str, port: int, tls: ssl.SSLContext | None,
@@ -319,8 +355,11 @@ class RemoteDevice:
     """
 
     def __init__(self, protocol: _ClientProtocol, info: DeviceInfo, *,
-                 target: _Target | None = None, reconnect: Backoff | None = None) -> None:
+                 target: _Target | None = None, reconnect: Backoff | None = None,
+                 relay: RelayThread | None = None) -> None:
         self.info = info
+        #: The relay of a resumable connection (import_device(resume=True)).
+        self._relay = relay
         self._target = target
         self._backoff = reconnect
         self._closing = False
@@ -338,7 +377,8 @@ class RemoteDevice:
             protocol.transport is not None) else None
         #: The TLS session with the server, None for plaintext.
         self.tls: TlsSession | None = (
-            TlsSession.of(ssl_object, kernel=False) if ssl_object is not None else None)
+            TlsSession.of(ssl_object, kernel=False) if ssl_object is not None
+            else protocol.session)
         self._connected.set()
         self._since = asyncio.get_running_loop().time()
         if self._backoff is not None:
@@ -370,16 +410,20 @@ class RemoteDevice:
                 log.info("%s: connecting again in %.1f s (attempt %d)",
                          printable(target.busid), delay, self._backoff.attempts)
                 await asyncio.sleep(delay)
+                relay, self._relay = self._relay, None
+                if relay is not None:  # (it ended: the server no longer had the attachment)
+                    await asyncio.to_thread(relay.stop)
                 try:
-                    protocol, info = await _import(target.host, target.busid, target.port,
-                                                   target.tls, target.server_hostname,
-                                                   target.keepalive)
+                    protocol, info, self._relay = await _import_target(target)
                 except (UsbipError, OSError) as exc:  # (a malformed reply, too)
                     log.warning("%s: %s", printable(target.busid),
                                 exc if isinstance(exc, UsbipError) else exc.strerror or exc)
                     continue
                 if self._closing:
                     await _close(protocol)
+                    relay, self._relay = self._relay, None
+                    if relay is not None:
+                        await asyncio.to_thread(relay.stop)
                     break
                 self.info = info
                 self.reconnects += 1
@@ -608,6 +652,9 @@ class RemoteDevice:
         self._connected.set()
         self._protocol.closing = True
         transport = self._protocol.transport
+        relay, self._relay = self._relay, None
+        if relay is not None:  # (its FIN first: the server releases the device at once)
+            await asyncio.to_thread(relay.stop)
         if transport is not None:
             transport.close()
         await self._protocol.closed
