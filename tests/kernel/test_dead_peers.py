@@ -44,6 +44,10 @@ NETWORK_DOWN = "ip link del usbipy0; ip netns del far"
 CUT = "tc qdisc add dev usbipy0 root netem loss 100% && " \
       "ip netns exec far tc qdisc add dev usbipy1 root netem loss 100%"
 RESTORE = "tc qdisc del dev usbipy0 root; ip netns exec far tc qdisc del dev usbipy1 root"
+#: nft: the namespace sends no TCP reset (gone with it when the namespace goes).
+QUIET_RESETS = """table inet quiet {
+    chain out { type filter hook output priority 0; tcp flags rst drop; }
+}"""
 #: The bound on noticing a dead peer: the default timeout, one probe interval of
 #: slack, and the time to look (the waits poll every 0.2 s of guest time).
 BOUND = DEFAULT_TIMEOUT + 10
@@ -277,9 +281,17 @@ def test_against_the_c_usbipd_the_stub_stays_busy_until_freed(vm: Vm) -> None:
         wait_for(vm, "! usbip port | grep -q 'Port in Use'", 5 + 10)
         report(f"C usbipd, network silent: the client's port free after "
                f"{guest_clock(vm) - cut_at:.1f} s")
+        # The client's kernel would answer a segment of the stub's old connection (a
+        # reply it retransmits after the silence) with a reset, and free the stub:
+        # what a client that is gone for good (rebooted, moved) never sends.
+        vm.check(f"{FAR} nft -f - <<'EOF'\n{QUIET_RESETS}\nEOF")
         vm.check(RESTORE)
         # the keeper is back in touch with the server, which still holds the stub
-        wait_for(vm, f"grep -q DEV_BUSY {keeper_log}")
+        try:
+            wait_for(vm, f"grep -q DEV_BUSY {keeper_log}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- the keeper's log ---\n"
+                                 f"{vm.run(f'cat {keeper_log}').out}") from None
         assert _stub_status(vm, stick) == "2"
         report(f"C usbipd: the stub still in use {guest_clock(vm) - cut_at:.1f} s after the "
                "network went silent")
@@ -291,7 +303,7 @@ def test_against_the_c_usbipd_the_stub_stays_busy_until_freed(vm: Vm) -> None:
             keeper_text)
         # usbipd never saw the offer of a resumable stream, nor did the keeper try one
         assert "resum" not in keeper_text, keeper_text
-        assert [k["resumable"] for k in keepers(vm)] == [False]
+        assert '"resumable": false' in vm.check(f"cat {KEEPERS}")
     finally:
         vm.run(f"{STOP_KEEPERS}; {RESTORE}; pkill -x usbipd; "
                "for p in $(usbip port | sed -n 's/^Port \\([0-9]*\\):.*/\\1/p'); do "
