@@ -248,8 +248,8 @@ def daemon_settings(*argv: str) -> Settings:
 
 class Cutter:
     """A TCP proxy to the server whose connections can be cut (RST both ways), or
-    refused for a while (the network still down), or accepted and closed (a port
-    forward to a server that is gone)."""
+    refused for a while, or accepted and never answered (the network still down),
+    or accepted and closed (a port forward to a server that is gone)."""
 
     def __init__(self, port: int) -> None:
         self.target = port
@@ -258,6 +258,9 @@ class Cutter:
         self.pairs: list[tuple[socket.socket, socket.socket]] = []
         self.refusing = False
         self.closing = False
+        self.silent = False
+        self.held: list[socket.socket] = []
+        self._cut: set[socket.socket] = set()
         self.accepted = 0
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._accept, daemon=True)
@@ -275,23 +278,49 @@ class Cutter:
             if self.closing:  # (a port forward whose server is gone)
                 client.close()
                 continue
+            if self.silent:  # (a network down: nothing comes back)
+                self.held.append(client)
+                continue
             server = socket.create_connection(("127.0.0.1", self.target))
             with self._lock:
                 self.pairs.append((client, server))
                 self.accepted += 1
             for a, b in ((client, server), (server, client)):
-                threading.Thread(target=_pump, args=(a, b), daemon=True).start()
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
     def cut(self) -> None:
         with self._lock:
             pairs, self.pairs = self.pairs, []
-        for client, server in pairs:
-            reset(client)
-            reset(server)
+            self._cut.update(sock for pair in pairs for sock in pair)
+        for pair in pairs:
+            for sock in pair:
+                # (SHUT_RD first: a pump blocked in recv() on it holds the socket, and a
+                # close alone would send the reset only once that recv returned)
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                    struct.pack("ii", 1, 0))
+                    sock.shutdown(socket.SHUT_RD)
+        for pair in pairs:
+            for sock in pair:
+                reset(sock)
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    if src not in self._cut:  # (a cut is a reset, not a FIN)
+                        dst.shutdown(socket.SHUT_WR)
+                    return
+                dst.sendall(data)
+        except OSError:
+            return
 
     def close(self) -> None:
         self.listener.close()
         self.cut()
+        for sock in self.held:
+            sock.close()
 
 
 def reset(sock: socket.socket) -> None:
@@ -301,13 +330,3 @@ def reset(sock: socket.socket) -> None:
         sock.close()
 
 
-def _pump(src: socket.socket, dst: socket.socket) -> None:
-    try:
-        while True:
-            data = src.recv(65536)
-            if not data:
-                dst.shutdown(socket.SHUT_WR)
-                return
-            dst.sendall(data)
-    except OSError:
-        return

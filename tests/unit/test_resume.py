@@ -317,10 +317,10 @@ def test_a_cut_longer_than_the_dead_peer_timeout_during_large_reads(
 
                 def cut() -> None:
                     time.sleep(0.05)
-                    proxy.refusing = True
+                    proxy.silent = True
                     proxy.cut()
                     time.sleep(3)  # (longer than dead_peer_timeout)
-                    proxy.refusing = False
+                    proxy.silent = False
 
                 cutting = threading.Thread(target=cut)
                 cutting.start()

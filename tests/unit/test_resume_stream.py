@@ -233,3 +233,11 @@ def test_a_bad_frame_breaks_the_stream_for_good_and_delivers_nothing_of_its_read
     assert b.received == 0
     with pytest.raises(BadFrame, match="unknown frame kind 0x58"):
         b.receive(joined(a.send([b"more"])))
+
+
+def test_an_empty_piece_is_never_a_frame_of_its_own_not_even_resent() -> None:
+    a, b = ResumableStream(), ResumableStream()
+    sent = joined(a.send([b"head", b"", b"tail"]))
+    assert joined(b.receive(sent)) == b"headtail"
+    c = ResumableStream()
+    assert joined(c.receive(joined(a.resend_from(0)))) == b"headtail"

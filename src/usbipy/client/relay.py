@@ -122,19 +122,29 @@ class Relay:
     def run(self, wake: int) -> str | None:
         """Relay until the attachment ends (the reason) or ``wake`` is readable (None:
         stopped; then :meth:`finish`)."""
+        poller = select.poll()
+        poller.register(wake, select.POLLIN)
+        #: fd -> the events it is registered for (changed only when they change)
+        masks: dict[int, int] = {}
+
+        def want(fd: int, mask: int) -> None:
+            if masks.get(fd) != mask:
+                poller.register(fd, mask)  # (registers, or modifies)
+                masks[fd] = mask
+
         while True:
-            poller = select.poll()
-            poller.register(wake, select.POLLIN)
-            local_events = select.POLLIN if self._may_read_local() else 0
-            if self._to_local:
-                local_events |= select.POLLOUT
-            poller.register(self.local, local_events | _LOST)
+            local_fd = self.local.fileno()
+            want(local_fd, (select.POLLIN if self._may_read_local() else 0)
+                 | (select.POLLOUT if self._to_local else 0) | _LOST)
             remote = self.remote
+            remote_fd = -1
             if remote is not None and not self.stream.finished:
-                remote_events = select.POLLIN if self._to_local_size < QUEUED else 0
-                if self._to_remote:
-                    remote_events |= select.POLLOUT
-                poller.register(remote, remote_events)
+                remote_fd = remote.fileno()
+                want(remote_fd, (select.POLLIN if self._to_local_size < QUEUED else 0)
+                     | (select.POLLOUT if self._to_remote else 0))
+            for fd in [fd for fd in masks if fd not in (local_fd, remote_fd)]:
+                poller.unregister(fd)  # (a connection lost: its fd may be closed)
+                del masks[fd]
             events = dict(poller.poll(self._timeout() * 1000))
             if wake in events:
                 return None
@@ -163,6 +173,8 @@ class Relay:
         return (self.stream.unacked < self._buffer and self._to_remote_size < QUEUED)
 
     def _service(self, events: dict[int, int]) -> str | None:
+        # What is read is written on at once, in the same round (the other side can
+        # almost always take it): a round of poll() per hop would be the relay's cost.
         local = events.get(self.local.fileno(), 0)
         if self.remote is not None:
             remote = events.get(self.remote.fileno(), 0)
@@ -170,7 +182,7 @@ class Relay:
                 if self.grant is None:
                     return self._remote_error
                 self._lost(self._remote_error)
-        if local & select.POLLOUT and self._to_local:
+        if self._to_local:
             ended = self._write_local()
             if ended is not None:
                 return ended
@@ -178,6 +190,11 @@ class Relay:
             ended = self._read_local()
             if ended is not None:
                 return ended
+            if self._to_remote and self.remote is not None and (
+                    self._remote_io(select.POLLOUT) is not None):
+                if self.grant is None:
+                    return self._remote_error
+                self._lost(self._remote_error)
         now = self._clock()
         if self.grant is None:
             return None
@@ -212,6 +229,9 @@ class Relay:
         frames: list[bytes | memoryview] = (
             [data] if self.grant is None else self.stream.send((data,)))
         if self.remote is not None:  # (while down, the resume sends them)
+            if self.grant is not None and self.stream.ack_pending:
+                frames.append(self.stream.ack())  # (with the data: no wake-up of its own)
+                self._last_ack = self._clock()
             self._queue_remote(frames)
         return None
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 from struct import Struct
+from typing import cast
 
 from .errors import BadFrame
 
@@ -36,9 +37,10 @@ DATA, ACK, FIN = 0x44, 0x41, 0x46
 _KIND_NAMES = {DATA: "DATA", ACK: "ACK", FIN: "FIN"}
 #: A DATA frame carries at most this much (a sender splits); more is refused.
 MAX_FRAME = 1 << 20
-#: The receiver acknowledges at least every this many bytes (and when idle: the
-#: I/O layers send :meth:`ResumableStream.ack` on a timer).
-ACK_EVERY = 128 << 10
+#: The receiver acknowledges at least every this many bytes, with the data it sends
+#: anyway when it can (and when idle: the I/O layers send :meth:`ResumableStream.ack`
+#: on a timer). An ACK alone costs the sender a wake-up: not one per reply.
+ACK_EVERY = 512 << 10
 
 Bytes = bytes | bytearray | memoryview
 
@@ -80,6 +82,18 @@ class ResumableStream:
         """Frame ``pieces`` (consecutive bytes of our stream) and keep them; returns
         what to write, headers and payload (the payload is not copied when it is
         bytes; other buffers are copied once, since they may be reused)."""
+        pieces = pieces if isinstance(pieces, list | tuple) else list(pieces)
+        total = 0
+        for piece in pieces:
+            if type(piece) is not bytes:
+                break
+            total += len(piece)
+        else:  # the usual case: bytes, one frame's worth; no copy, one header
+            if 0 < total <= MAX_FRAME:
+                whole = [cast(bytes, p) for p in pieces if p]  # (none empty: each is resent)
+                self._kept.extend(whole)
+                self.sent += total
+                return [FRAME.pack(DATA, total, self.sent - total), *whole]
         out: list[bytes | memoryview] = []
         frame: list[bytes | memoryview] = []
         size = 0
