@@ -2,6 +2,7 @@
 in one run.
 
     python bench/bench_resume.py [--rounds N] [--duration S] [--json results.json]
+    python bench/bench_resume.py --vhci [--rounds N] [--size-mib M] [--json results.json]
 
 Two usbipy servers (bench/server_usbipy.py, the same code) export the demo
 disk. The lean client (bench/fastclient.py) reads 64 KiB blocks from one
@@ -16,12 +17,19 @@ The table gives each path's throughput and their ratio (the goal: at least
 all it adds) and the relay's. The two alternate within each round, and the
 ratios are the median of the rounds' ratios: both saw the same moment of a
 noisy machine.
+
+With --vhci, the client is the kernel's: a guest of this machine's kernel
+under QEMU (the kernel tests' harness) runs usbipyd with a disk image and
+`usbipy attach --persistent` to it, with and without --no-resume, and reads
+the disk with dd (O_DIRECT, 1 MiB); usbipyd's CPU time comes from the guest's
+/proc. Figures are for a TCG guest: compare the ratios, not the MB/s.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import socket
 import statistics
 import struct
@@ -45,6 +53,9 @@ from bench.bench import (  # noqa: E402
 )
 from bench.fastclient import IN, OUT, FastClient  # noqa: E402
 
+#: Where the relay runs (BENCH_RELAY_CORES, comma-separated; default: the client's core).
+RELAY_CORES = {int(c) for c in os.environ.get("BENCH_RELAY_CORES", str(CLIENT_CORE)).split(",")}
+
 
 class RelayedClient(FastClient):
     """The lean client over a socketpair whose other end a relay process holds."""
@@ -55,7 +66,7 @@ class RelayedClient(FastClient):
             [sys.executable, str(ROOT / "relay_peer.py"), str(server.port), busid,
              str(theirs.fileno())],
             pass_fds=[theirs.fileno()], stdout=subprocess.PIPE, text=True,
-            preexec_fn=lambda: os.sched_setaffinity(0, {CLIENT_CORE}))
+            preexec_fn=lambda: os.sched_setaffinity(0, RELAY_CORES))
         theirs.close()
         assert self.relay.stdout is not None
         said = self.relay.stdout.readline().strip()
@@ -111,14 +122,83 @@ def reads(server: Server, connect: Callable[[Server], FastClient], depth: int,
         client.close()
 
 
+def vhci_reads(rounds: int, size_mib: int) -> list[dict[str, object]]:
+    """The disk read through vhci-hcd in a guest, resumable and direct, alternating."""
+    sys.path.insert(0, str(ROOT.parent))
+    from tests.kernel.guest import KEEPERS, STOP_KEEPERS, vhci_nodes, wait_for
+    from tests.kernel.vm import Vm
+
+    usbipy = f"{sys.executable} -m usbipy.cli.usbipy"
+    usbipyd = f"{sys.executable} -m usbipy.cli.usbipyd"
+    samples: dict[str, list[dict[str, float]]] = {"direct": [], "resumable": []}
+    with Vm(memory_mb=1536) as vm:
+        vm.check("modprobe -a vhci-hcd usb-storage sd_mod")
+        vm.check(f"truncate -s {size_mib + 16}M /run/disk.img")
+        vm.check(f"setsid {usbipyd} -c /dev/null --no-usbip-host --no-libusb --disk "
+                 "/run/disk.img -P /run/usbipyd.pid </dev/null >/run/usbipyd.log 2>&1 &")
+        wait_for(vm, "grep -q 'listening on' /run/usbipyd.log")
+        pid = vm.check("cat /run/usbipyd.pid").strip()
+        clk = int(vm.check("getconf CLK_TCK"))
+
+        def cpu() -> float:
+            fields = vm.check(f"cat /proc/{pid}/stat").rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / clk
+
+        for n in range(max(1, rounds)):
+            for name in (("direct", "resumable") if n % 2 == 0 else ("resumable", "direct")):
+                option = "--no-resume" if name == "direct" else ""
+                vm.check(f"{usbipy} attach -r 127.0.0.1 -b 1-1 --persistent --background "
+                         f"{option}")
+                wait_for(vm, f"grep -qs '\"state\": \"attached\"' {KEEPERS}")
+                wait_for(vm, f"[ -n \"$({vhci_nodes('block')})\" ]")
+                disk = vm.check(vhci_nodes("block")).split()[0]
+                wait_for(vm, f"[ \"$(cat /sys/block/{disk}/size)\" != 0 ]")
+                resumable = '"resumable": true' in vm.check(f"cat {KEEPERS}")
+                assert resumable == (name == "resumable"), name
+                before = cpu()
+                out = vm.check(f"dd if=/dev/{disk} of=/dev/null bs=1M count={size_mib} "
+                               "iflag=direct 2>&1", timeout=600)
+                used = cpu() - before
+                match = re.search(r"(\d+) bytes .* copied, ([\d.]+) s", out)
+                if match is None:
+                    raise RuntimeError(f"unexpected dd output: {out}")
+                mb = int(match.group(1)) / 1e6
+                samples[name].append({"mb_s": mb / float(match.group(2)),
+                                      "server_cpu_ms_per_mb": used / mb * 1e3})
+                vm.check(f"{usbipy} detach -b 1-1")
+                vm.check(STOP_KEEPERS)
+                wait_for(vm, f"[ -z \"$({vhci_nodes('block')})\" ]")
+                wait_for(vm, f"{usbipy} list -r 127.0.0.1 2>/dev/null | grep -q ' 1-1: '")
+    pairs = list(zip(samples["resumable"], samples["direct"], strict=True))
+    return [{
+        "workload": f"vhci dd {size_mib} MiB, 1 MiB O_DIRECT",
+        "direct": {k: statistics.median(s[k] for s in samples["direct"])
+                   for k in samples["direct"][0]},
+        "resumable": {k: statistics.median(s[k] for s in samples["resumable"])
+                      for k in samples["resumable"][0]},
+        "throughput_ratio": statistics.median(r["mb_s"] / d["mb_s"] for r, d in pairs),
+        "server_cpu_ratio": statistics.median(
+            r["server_cpu_ms_per_mb"] / d["server_cpu_ms_per_mb"] for r, d in pairs),
+    }]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=2.0, help="seconds per measurement")
     parser.add_argument("--rounds", type=int, default=5,
                         help="measurements per path and depth, alternating order")
+    parser.add_argument("--vhci", action="store_true",
+                        help="the kernel's vhci-hcd as the client, in a guest under QEMU")
+    parser.add_argument("--size-mib", type=int, default=64, help="with --vhci: MiB read")
     parser.add_argument("--json", type=Path, help="write the results here too")
     args = parser.parse_args()
+    if args.vhci:
+        measured = vhci_reads(args.rounds, args.size_mib)
+        _print(measured)
+        if args.json:
+            write_results(args.json, 0.0, args.rounds, measured)
+        return 0
     os.sched_setaffinity(0, {CLIENT_CORE})
     script = [sys.executable, str(ROOT / "server_usbipy.py")]
     direct, resumable = Server("direct", script), Server("resumable", script)
@@ -144,18 +224,22 @@ def main() -> int:
     finally:
         direct.stop()
         resumable.stop()
-    print(f"{'workload':<26} {'direct MB/s':>11} {'resumable':>10} {'ratio':>6}   "
+    _print(results)
+    if args.json:
+        write_results(args.json, args.duration, args.rounds, results)
+    return 0
+
+
+def _print(results: list[dict[str, object]]) -> None:
+    print(f"{'workload':<34} {'direct MB/s':>11} {'resumable':>10} {'ratio':>6}   "
           f"{'server ms/MB':>12} {'resumable':>10} {'ratio':>6}   {'relay ms/MB':>11}")
     for row in results:
         d, r = row["direct"], row["resumable"]
         assert isinstance(d, dict) and isinstance(r, dict)
-        print(f"{row['workload']:<26} {d['mb_s']:>11.1f} {r['mb_s']:>10.1f} "
+        print(f"{row['workload']:<34} {d['mb_s']:>11.1f} {r['mb_s']:>10.1f} "
               f"{row['throughput_ratio']:>5.2f}x   {d['server_cpu_ms_per_mb']:>12.2f} "
               f"{r['server_cpu_ms_per_mb']:>10.2f} {row['server_cpu_ratio']:>6.2f}   "
-              f"{r['relay_cpu_ms_per_mb']:>11.2f}")
-    if args.json:
-        write_results(args.json, args.duration, args.rounds, results)
-    return 0
+              f"{r.get('relay_cpu_ms_per_mb', float('nan')):>11.2f}")
 
 
 if __name__ == "__main__":
