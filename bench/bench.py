@@ -130,6 +130,24 @@ def bulk_endpoints(client: FastClient) -> tuple[int, int]:
     return ep_in, ep_out
 
 
+def read10(client: FastClient) -> Callable[[], list[bytes]]:
+    """The URBs of one 64 KiB READ(10) (CBW, data, CSW), a new tag and block each
+    time; configures the disk first."""
+    ep_in, ep_out = bulk_endpoints(client)
+    tag = 0
+
+    def op() -> list[bytes]:
+        nonlocal tag
+        tag += 1
+        lba = (tag * 128) % ((64 << 20) // 512 - 128)
+        cdb = struct.pack(">BBIBHB", 0x28, 0, lba, 0, BLOCK // 512, 0)
+        cbw = struct.pack("<IIIBBB16s", 0x43425355, tag, BLOCK, 0x80, 0, 10, cdb)
+        return [client.request(OUT, ep_out, len(cbw), data=cbw),
+                client.request(IN, ep_in, BLOCK), client.request(IN, ep_in, 13)]
+
+    return op
+
+
 def pipelined(client: FastClient, make_op: Callable[[], list[bytes]], depth: int,
               duration: float) -> tuple[int, int]:
     """Keep ``depth`` operations (groups of URBs) in flight for ``duration`` seconds."""

@@ -32,7 +32,6 @@ import os
 import re
 import socket
 import statistics
-import struct
 import subprocess
 import sys
 import time
@@ -46,12 +45,13 @@ from bench.bench import (  # noqa: E402
     CLIENT_CORE,
     ROOT,
     Server,
-    bulk_endpoints,
     cpu_seconds,
+    median_sample,
     pipelined,
+    read10,
     write_results,
 )
-from bench.fastclient import IN, OUT, FastClient  # noqa: E402
+from bench.fastclient import FastClient  # noqa: E402
 
 #: Where the relay runs (BENCH_RELAY_CORES, comma-separated; default: the client's core).
 RELAY_CORES = {int(c) for c in os.environ.get("BENCH_RELAY_CORES", str(CLIENT_CORE)).split(",")}
@@ -94,18 +94,7 @@ def reads(server: Server, connect: Callable[[Server], FastClient], depth: int,
     """READ(10) of 64 KiB at ``depth`` for ``duration``: MB/s and CPU per MB."""
     client = connect(server)
     try:
-        ep_in, ep_out = bulk_endpoints(client)
-        tag = 0
-
-        def op() -> list[bytes]:
-            nonlocal tag
-            tag += 1
-            lba = (tag * 128) % ((64 << 20) // 512 - 128)
-            cdb = struct.pack(">BBIBHB", 0x28, 0, lba, 0, BLOCK // 512, 0)
-            cbw = struct.pack("<IIIBBB16s", 0x43425355, tag, BLOCK, 0x80, 0, 10, cdb)
-            return [client.request(OUT, ep_out, len(cbw), data=cbw),
-                    client.request(IN, ep_in, BLOCK), client.request(IN, ep_in, 13)]
-
+        op = read10(client)
         pipelined(client, op, depth, 0.3)  # warm up
         relay = client.relay.pid if isinstance(client, RelayedClient) else None
         server0 = cpu_seconds(server.proc.pid)
@@ -169,17 +158,20 @@ def vhci_reads(rounds: int, size_mib: int) -> list[dict[str, object]]:
                 vm.check(STOP_KEEPERS)
                 wait_for(vm, f"[ -z \"$({vhci_nodes('block')})\" ]")
                 wait_for(vm, f"{usbipy} list -r 127.0.0.1 2>/dev/null | grep -q ' 1-1: '")
+    return [_row(f"vhci dd {size_mib} MiB, 1 MiB O_DIRECT", samples)]
+
+
+def _row(workload: str, samples: dict[str, list[dict[str, float]]]) -> dict[str, object]:
+    """Each path's medians, and the ratios of each round's pair, their median."""
     pairs = list(zip(samples["resumable"], samples["direct"], strict=True))
-    return [{
-        "workload": f"vhci dd {size_mib} MiB, 1 MiB O_DIRECT",
-        "direct": {k: statistics.median(s[k] for s in samples["direct"])
-                   for k in samples["direct"][0]},
-        "resumable": {k: statistics.median(s[k] for s in samples["resumable"])
-                      for k in samples["resumable"][0]},
+    return {
+        "workload": workload,
+        "direct": median_sample(samples["direct"]),
+        "resumable": median_sample(samples["resumable"]),
         "throughput_ratio": statistics.median(r["mb_s"] / d["mb_s"] for r, d in pairs),
         "server_cpu_ratio": statistics.median(
             r["server_cpu_ms_per_mb"] / d["server_cpu_ms_per_mb"] for r, d in pairs),
-    }]
+    }
 
 
 def main() -> int:
@@ -210,17 +202,7 @@ def main() -> int:
             for n in range(max(1, args.rounds)):
                 for server, connect in paths if n % 2 == 0 else paths[::-1]:
                     samples[server.name].append(reads(server, connect, depth, args.duration))
-            pairs = list(zip(samples["resumable"], samples["direct"], strict=True))
-            results.append({
-                "workload": f"READ(10) 64 KiB depth {depth}",
-                "direct": {k: statistics.median(s[k] for s in samples["direct"])
-                           for k in samples["direct"][0]},
-                "resumable": {k: statistics.median(s[k] for s in samples["resumable"])
-                              for k in samples["resumable"][0]},
-                "throughput_ratio": statistics.median(r["mb_s"] / d["mb_s"] for r, d in pairs),
-                "server_cpu_ratio": statistics.median(
-                    r["server_cpu_ms_per_mb"] / d["server_cpu_ms_per_mb"] for r, d in pairs),
-            })
+            results.append(_row(f"READ(10) 64 KiB depth {depth}", samples))
     finally:
         direct.stop()
         resumable.stop()

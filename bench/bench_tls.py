@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import struct
 import sys
 import tempfile
 from collections.abc import Callable
@@ -33,9 +32,9 @@ from bench.bench import (  # noqa: E402
     ROOT,
     Server,
     Workload,
-    bulk_endpoints,
     measure,
     median_sample,
+    read10,
     write_results,
 )
 from bench.fastclient import IN, FastClient  # noqa: E402
@@ -78,18 +77,7 @@ def control(server: Server, depth: int, duration: float) -> tuple[int, int]:
 def read(server: Server, duration: float) -> tuple[int, int]:
     client = _client(server, 0x08)
     try:
-        ep_in, ep_out = bulk_endpoints(client)
-        tag = 0
-
-        def op() -> list[bytes]:
-            nonlocal tag
-            tag += 1
-            lba = (tag * 128) % ((64 << 20) // 512 - 128)
-            cdb = struct.pack(">BBIBHB", 0x28, 0, lba, 0, BLOCK // 512, 0)
-            cbw = struct.pack("<IIIBBB16s", 0x43425355, tag, BLOCK, 0x80, 0, 10, cdb)
-            return [client.request(0, ep_out, len(cbw), data=cbw),
-                    client.request(IN, ep_in, BLOCK), client.request(IN, ep_in, 13)]
-
+        op = read10(client)
         # replies: the CBW's (a header), the block's, the CSW's
         return _run(client, op, 48 + (48 + BLOCK) + (48 + 13), 1, duration, "read")
     finally:
