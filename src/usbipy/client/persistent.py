@@ -370,10 +370,9 @@ class Keeper:
                   down_since=None)
         try:
             if relay is not None:
+                before = self.state.resumed  # (of earlier attachments)
                 relay.on_change = lambda state: self._set(down_since=state.down_since,
-                                                           resumed=self.state.resumed + 1
-                                                           if state.down_since is None
-                                                           else self.state.resumed)
+                                                           resumed=before + state.resumed)
                 reason = relay.run(self._wake_r)
             else:
                 reason = self._watch(attached)

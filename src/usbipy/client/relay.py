@@ -178,10 +178,11 @@ class Relay:
         local = events.get(self.local.fileno(), 0)
         if self.remote is not None:
             remote = events.get(self.remote.fileno(), 0)
-            if remote and self._remote_io(remote) is not None:
+            failed = self._remote_io(remote) if remote else None
+            if failed is not None:
                 if self.grant is None:
-                    return self._remote_error
-                self._lost(self._remote_error)
+                    return failed
+                self._lost(failed)
         if self._to_local:
             ended = self._write_local()
             if ended is not None:
@@ -190,11 +191,12 @@ class Relay:
             ended = self._read_local()
             if ended is not None:
                 return ended
-            if self._to_remote and self.remote is not None and (
-                    self._remote_io(select.POLLOUT) is not None):
+            failed = (self._remote_io(select.POLLOUT)
+                      if self._to_remote and self.remote is not None else None)
+            if failed is not None:
                 if self.grant is None:
-                    return self._remote_error
-                self._lost(self._remote_error)
+                    return failed
+                self._lost(failed)
         now = self._clock()
         if self.grant is None:
             return None
@@ -310,10 +312,7 @@ class Relay:
             why = "the server stopped answering (dead-peer timeout)"
         else:
             why = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-        self._remote_error = why
         return why
-
-    _remote_error = ""
 
     def _lost(self, why: str) -> None:
         remote, self.remote = self.remote, None

@@ -26,7 +26,6 @@ import asyncio
 import hashlib
 import logging
 import secrets
-import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -79,9 +78,6 @@ class Resumables:
 
     def __len__(self) -> int:
         return len(self._by_token)
-
-    def __iter__(self) -> Any:
-        return iter(list(self._by_token.values()))
 
     @property
     def buffered(self) -> int:
@@ -144,7 +140,6 @@ class Resumable(asyncio.Protocol):
         self._ended = False
         #: When the TCP connection was lost (loop time), while it is.
         self.down_since: float | None = None
-        self.down_wall: float | None = None
         #: The bytes it kept when the connection was lost.
         self._at_loss = 0
         self._window_timer: asyncio.TimerHandle | None = None
@@ -193,7 +188,7 @@ class Resumable(asyncio.Protocol):
             old.abort()
         down = (asyncio.get_running_loop().time() - self.down_since
                 if self.down_since is not None else 0.0)
-        self.down_since = self.down_wall = None
+        self.down_since = None
         if self._window_timer is not None:
             self._window_timer.cancel()
             self._window_timer = None
@@ -262,7 +257,6 @@ class Resumable(asyncio.Protocol):
         # Lost without the client's FIN: keep the attachment for the window.
         loop = asyncio.get_running_loop()
         self.down_since = loop.time()
-        self.down_wall = time.time()
         why = (getattr(exc, "strerror", None) or str(exc)) if exc is not None else "closed"
         log.warning("%s: connection lost (%s); %s kept for %g s for the client to resume",
                     self.protocol.peer, printable(why),
