@@ -330,3 +330,17 @@ def reset(sock: socket.socket) -> None:
         sock.close()
 
 
+def scsi(dev: Any, tag: int, cdb: bytes, data_in: int = 0, data_out: bytes = b"",
+         timeout: float = 5) -> bytes:
+    """One Bulk-Only command on a sync.Device of a mass-storage device: the CBW, the
+    data either way, and a CSW that must say the command passed."""
+    flags = 0x80 if data_in else 0
+    cbw = struct.pack("<IIIBBB16s", 0x43425355, tag, data_in or len(data_out), flags, 0,
+                       len(cdb), cdb)
+    dev.bulk_write(0x02, cbw, timeout=timeout)
+    got = dev.bulk_read(0x81, data_in, timeout=timeout) if data_in else b""
+    if data_out:
+        dev.bulk_write(0x02, data_out, timeout=timeout)
+    csw = dev.bulk_read(0x81, 13, timeout=timeout)
+    assert struct.unpack("<IIIB", csw) == (0x53425355, tag, 0, 0)
+    return bytes(got)

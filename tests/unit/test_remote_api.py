@@ -32,6 +32,8 @@ from usbipy.devices import CdcAcm, HidKeyboard, ImageFile, MassStorage
 from usbipy.protocol import Direction, IsoPacket, RetSubmit
 from usbipy.server import ServerThread, UsbipServer
 
+from ..helpers import scsi
+
 HOST = "127.0.0.1"
 GET_DEVICE = (0x80, 6, 0x0100, 0, 18)
 KEY_A = bytes((0, 0, 0x04, 0, 0, 0, 0, 0))
@@ -234,21 +236,8 @@ def test_sync_disk_round_trip_through_bulk_endpoints(server: ServerThread) -> No
     with sync.connect(HOST, "1-2", server.port) as dev:
         dev.control(0x00, 9, 1, 0, b"")
         block = bytes(range(256)) * 2
-
-        def scsi(tag: int, cdb: bytes, data_in: int = 0, data_out: bytes = b"") -> bytes:
-            flags = 0x80 if data_in else 0
-            cbw = struct.pack("<IIIBBB16s", 0x43425355, tag, data_in or len(data_out), flags,
-                              0, len(cdb), cdb)
-            dev.bulk_write(0x02, cbw, timeout=5)
-            got = dev.bulk_read(0x81, data_in, timeout=5) if data_in else b""
-            if data_out:
-                dev.bulk_write(0x02, data_out, timeout=5)
-            csw = dev.bulk_read(0x81, 13, timeout=5)
-            assert struct.unpack("<IIIB", csw) == (0x53425355, tag, 0, 0)
-            return got
-
-        scsi(1, struct.pack(">BBIBHB", 0x2A, 0, 7, 0, 1, 0), data_out=block)  # WRITE(10)
-        assert scsi(2, struct.pack(">BBIBHB", 0x28, 0, 7, 0, 1, 0), data_in=512) == block
+        scsi(dev, 1, struct.pack(">BBIBHB", 0x2A, 0, 7, 0, 1, 0), data_out=block)  # WRITE(10)
+        assert scsi(dev, 2, struct.pack(">BBIBHB", 0x28, 0, 7, 0, 1, 0), data_in=512) == block
 
 
 def test_sync_server_gone_is_named(server: ServerThread) -> None:

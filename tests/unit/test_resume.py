@@ -26,7 +26,7 @@ from usbipy.protocol import ClientConnection, Direction
 from usbipy.protocol.resume import ResumableStream
 from usbipy.server import ServerThread
 
-from ..helpers import Cutter, reset
+from ..helpers import Cutter, reset, scsi
 
 HOST = "127.0.0.1"
 WINDOW = 8.0
@@ -83,28 +83,17 @@ def test_a_disk_written_across_cuts_reads_back(server: ServerThread, cutter: Cut
     with sync.connect(HOST, "1-2", cutter.port, resume=True) as dev:
         dev.control(0x00, 9, 1, 0, b"")
 
-        def scsi(tag: int, cdb: bytes, data_in: int = 0, data_out: bytes = b"") -> bytes:
-            flags = 0x80 if data_in else 0
-            cbw = struct.pack("<IIIBBB16s", 0x43425355, tag, data_in or len(data_out), flags,
-                              0, len(cdb), cdb)
-            dev.bulk_write(0x02, cbw, timeout=20)
-            got = dev.bulk_read(0x81, data_in, timeout=20) if data_in else b""
-            if data_out:
-                dev.bulk_write(0x02, data_out, timeout=20)
-            csw = dev.bulk_read(0x81, 13, timeout=20)
-            assert struct.unpack("<IIIB", csw) == (0x53425355, tag, 0, 0)
-            return got
-
         records = {}
         for n in range(24):
             block = bytes([n]) * 512 * 16
-            scsi(n * 2 + 1, struct.pack(">BBIBHB", 0x2A, 0, n * 16, 0, 16, 0), data_out=block)
+            scsi(dev, n * 2 + 1, struct.pack(">BBIBHB", 0x2A, 0, n * 16, 0, 16, 0),
+                 data_out=block, timeout=20)
             records[n] = block
             if n % 5 == 2:
                 cutter.cut()
         for n, block in records.items():
-            assert scsi(100 + n, struct.pack(">BBIBHB", 0x28, 0, n * 16, 0, 16, 0),
-                        data_in=len(block)) == block
+            assert scsi(dev, 100 + n, struct.pack(">BBIBHB", 0x28, 0, n * 16, 0, 16, 0),
+                        data_in=len(block), timeout=20) == block
 
 
 def test_a_server_that_does_not_resume_gets_plain_usbip(server: ServerThread) -> None:
@@ -270,15 +259,6 @@ def test_a_port_forward_to_a_server_gone_is_not_waited_for(server: ServerThread,
         dev.close()
 
 
-def _scsi(dev: sync.Device, tag: int, cdb: bytes, data_in: int) -> bytes:
-    cbw = struct.pack("<IIIBBB16s", 0x43425355, tag, data_in, 0x80, 0, len(cdb), cdb)
-    dev.bulk_write(0x02, cbw, timeout=20)
-    got = dev.bulk_read(0x81, data_in, timeout=20)
-    csw = dev.bulk_read(0x81, 13, timeout=20)
-    assert struct.unpack("<IIIB", csw) == (0x53425355, tag, 0, 0)
-    return got
-
-
 def _disk_server(limits: Limits) -> tuple[ServerThread, bytes]:
     image = ImageFile.scratch(8 << 20)
     content = bytes(range(256)) * (8 << 12)  # 8 MiB
@@ -296,7 +276,8 @@ def test_reads_larger_than_the_resume_buffer_flow(caplog: pytest.LogCaptureFixtu
         dev.control(0x00, 9, 1, 0, b"")
         for n in range(6):
             lba = n * 2048
-            got = _scsi(dev, n + 1, struct.pack(">BBIBHB", 0x28, 0, lba, 0, 2048, 0), 1 << 20)
+            got = scsi(dev, n + 1, struct.pack(">BBIBHB", 0x28, 0, lba, 0, 2048, 0), 1 << 20,
+                       timeout=20)
             assert got == content[lba * 512:lba * 512 + (1 << 20)]
     assert "lost" not in caplog.text
 
@@ -326,8 +307,8 @@ def test_a_cut_longer_than_the_dead_peer_timeout_during_large_reads(
                 cutting.start()
                 for n in range(6):
                     lba = n * 2048
-                    got = _scsi(dev, n + 1, struct.pack(">BBIBHB", 0x28, 0, lba, 0, 2048, 0),
-                                1 << 20)
+                    got = scsi(dev, n + 1, struct.pack(">BBIBHB", 0x28, 0, lba, 0, 2048, 0),
+                               1 << 20, timeout=20)
                     assert got == content[lba * 512:lba * 512 + (1 << 20)]
                 cutting.join()
         finally:

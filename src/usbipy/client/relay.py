@@ -37,8 +37,8 @@ from ..protocol import ClientConnection, DeviceInfo, RemoteProtocolError
 from ..protocol.messages import ResumeGrant
 from ..protocol.resume import ResumableStream
 from ..tls import TlsSession, handshake_failure
-from .errors import ClientError, HostUnreachable, TlsRefused
-from .handshake import ResumeRefused, import_offering_resume, request_resume
+from .errors import ClientError, TlsRefused
+from .handshake import ResumeRefused, connect, import_offering_resume, request_resume
 
 log = logging.getLogger("usbipy.persistent.relay")
 
@@ -434,12 +434,8 @@ def _consume(queue: deque[memoryview], count: int) -> None:
 def dial(host: str, port: int, tls: ssl.SSLContext | None, server_hostname: str | None,
          keepalive: Keepalive, timeout: float) -> socket.socket:
     """A connection for a relay: TCP with keepalive, and TLS as an SSLSocket."""
+    sock = connect(host, port, timeout)
     try:
-        sock = socket.create_connection((host, port), timeout=timeout)
-    except OSError as exc:
-        raise HostUnreachable(host, port, exc) from exc
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         keepalive.apply(sock)
         if tls is not None:
             try:

@@ -389,10 +389,8 @@ class Resumable(asyncio.Protocol):
         """The protocol is done (a detach, a device gone): FIN, then close."""
         if self._closing or self._ended:
             return
-        self._closing = True
-        raw = self._raw
+        raw = self._closing_connection()
         if raw is None:
-            self._end(None)
             return
         raw.write(self.stream.fin())
         raw.close()  # (connection_lost ends it)
@@ -409,12 +407,18 @@ class Resumable(asyncio.Protocol):
         """A protocol error, or the server's end: no resume."""
         if self._ended:
             return
+        raw = self._closing_connection()
+        if raw is not None:
+            raw.abort()
+
+    def _closing_connection(self) -> asyncio.Transport | None:
+        """Ending from now on, with no resume: the TCP connection to end, or None
+        when the client is away (and then it has ended already)."""
         self._closing = True
         raw = self._raw
         if raw is None:
             self._end(None)
-            return
-        raw.abort()
+        return raw
 
     def _end(self, exc: Exception | None) -> None:
         if self._ended:
