@@ -2,6 +2,7 @@
 in one run.
 
     python bench/bench_resume.py [--rounds N] [--duration S] [--json results.json]
+    python bench/bench_resume.py --link 1gbit [--rounds N] [--duration S] [--json results.json]
     python bench/bench_resume.py --vhci [--rounds N] [--size-mib M] [--json results.json]
 
 Two usbipy servers (bench/server_usbipy.py, the same code) export the demo
@@ -17,6 +18,12 @@ The table gives each path's throughput and their ratio (the goal: at least
 all it adds) and the relay's. The two alternate within each round, and the
 ratios are the median of the rounds' ratios: both saw the same moment of a
 noisy machine.
+
+On loopback the CPU is the limit, and the relay (another process on the
+client's core) costs what it costs in CPU: the worst case. With --link RATE
+(root), the same runs in a network namespace of its own whose loopback is
+shaped to RATE by a token bucket (tc tbf): a LAN, where the link is the limit,
+as it is for a device used across one.
 
 With --vhci, the client is the kernel's: a guest of this machine's kernel
 under QEMU (the kernel tests' harness) runs usbipyd with a disk image and
@@ -174,6 +181,30 @@ def _row(workload: str, samples: dict[str, list[dict[str, float]]]) -> dict[str,
     }
 
 
+#: The network namespace --link makes (and removes), and its token bucket's depth.
+LINK_NAMESPACE = f"usbipy-bench-{os.getpid()}"
+LINK_BURST = "128kb"
+
+
+def on_a_link(rate: str, argv: list[str]) -> int:
+    """Runs this benchmark again in a namespace of its own whose loopback is shaped
+    to ``rate``; its exit status."""
+    if os.geteuid() != 0:
+        print("bench_resume.py: --link needs root (a network namespace and tc)",
+              file=sys.stderr)
+        return 1
+    ns = LINK_NAMESPACE
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        subprocess.run(["tc", "-n", ns, "qdisc", "add", "dev", "lo", "root", "tbf", "rate",
+                        rate, "burst", LINK_BURST, "latency", "10ms"], check=True)
+        return subprocess.run(["ip", "netns", "exec", ns, sys.executable, __file__,
+                               "--shaped", rate, *argv]).returncode
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -183,8 +214,15 @@ def main() -> int:
     parser.add_argument("--vhci", action="store_true",
                         help="the kernel's vhci-hcd as the client, in a guest under QEMU")
     parser.add_argument("--size-mib", type=int, default=64, help="with --vhci: MiB read")
+    parser.add_argument("--link", metavar="RATE",
+                        help="over a link of RATE (tc's units: 1gbit, 100mbit), not loopback")
+    parser.add_argument("--shaped", metavar="RATE", help=argparse.SUPPRESS)  # (inside it)
     parser.add_argument("--json", type=Path, help="write the results here too")
     args = parser.parse_args()
+    if args.link:
+        return on_a_link(args.link, ["--rounds", str(args.rounds), "--duration",
+                                     str(args.duration),
+                                     *(["--json", str(args.json.resolve())] if args.json else [])])
     if args.vhci:
         measured = vhci_reads(args.rounds, args.size_mib)
         _print(measured)
@@ -202,7 +240,8 @@ def main() -> int:
             for n in range(max(1, args.rounds)):
                 for server, connect in paths if n % 2 == 0 else paths[::-1]:
                     samples[server.name].append(reads(server, connect, depth, args.duration))
-            results.append(_row(f"READ(10) 64 KiB depth {depth}", samples))
+            where = f", {args.shaped} link" if args.shaped else ", loopback"
+            results.append(_row(f"READ(10) 64 KiB depth {depth}{where}", samples))
     finally:
         direct.stop()
         resumable.stop()
@@ -213,12 +252,12 @@ def main() -> int:
 
 
 def _print(results: list[dict[str, object]]) -> None:
-    print(f"{'workload':<34} {'direct MB/s':>11} {'resumable':>10} {'ratio':>6}   "
+    print(f"{'workload':<44} {'direct MB/s':>11} {'resumable':>10} {'ratio':>6}   "
           f"{'server ms/MB':>12} {'resumable':>10} {'ratio':>6}   {'relay ms/MB':>11}")
     for row in results:
         d, r = row["direct"], row["resumable"]
         assert isinstance(d, dict) and isinstance(r, dict)
-        print(f"{row['workload']:<34} {d['mb_s']:>11.1f} {r['mb_s']:>10.1f} "
+        print(f"{row['workload']:<44} {d['mb_s']:>11.1f} {r['mb_s']:>10.1f} "
               f"{row['throughput_ratio']:>5.2f}x   {d['server_cpu_ms_per_mb']:>12.2f} "
               f"{r['server_cpu_ms_per_mb']:>10.2f} {row['server_cpu_ratio']:>6.2f}   "
               f"{r.get('relay_cpu_ms_per_mb', float('nan')):>11.2f}")

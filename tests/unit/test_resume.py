@@ -185,6 +185,30 @@ def test_an_impossible_resume_point_is_refused(server: ServerThread,
         held.close()
 
 
+def test_the_frames_of_one_read_are_answered_in_one_write(server: ServerThread) -> None:
+    """Four requests, each in a DATA frame of its own (the relay frames each read
+    of vhci-hcd's), sent at once: the server handles them as a plain connection
+    handles one read, and its four replies come back in one DATA frame (one
+    write), not one a frame: a system call each would be a cost of resuming."""
+    sock, _token, conn, devid = _granted(server.port)
+    try:
+        stream = ResumableStream()
+        frames: list[bytes | memoryview] = []
+        for n in range(4):
+            urb = conn.send_submit(1 + n, devid, Direction.IN, 0, 0, 18,
+                                   bytes.fromhex("8006000100001200"))
+            frames += stream.send([urb])
+        sock.sendall(b"".join(bytes(f) for f in frames))
+        header = b""
+        while len(header) < 13:
+            header += sock.recv(13 - len(header))
+        kind, length, offset = struct.unpack("!BIQ", header)
+        assert (kind, offset) == (ord("D"), 0)
+        assert length == 4 * (48 + 18)
+    finally:
+        sock.close()
+
+
 def test_a_full_buffer_while_away_ends_the_attachment(caplog: pytest.LogCaptureFixture
                                                       ) -> None:
     """Replies complete into the buffer while the client is away (keys pressed on

@@ -16,7 +16,7 @@ import errno
 import logging
 import math
 import socket
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Coroutine, Sequence
 from typing import Any, cast
 
 from ..backends.base import Completion, ExportedDevice, HandOffDevice
@@ -197,6 +197,14 @@ class UsbipServerProtocol(asyncio.Protocol):
         if len(self._first_bytes) < 2:
             self._first_bytes += data[:2 - len(self._first_bytes)]
         self.conn.receive_data(data)
+        self._process()
+
+    def pieces_received(self, pieces: Sequence[memoryview]) -> None:
+        """Consecutive pieces of the stream, handled as one read, their replies in one
+        write: a resumable stream's payload of several frames (server/resume.py). Only
+        after the import, where no idle clock runs."""
+        for piece in pieces:
+            self.conn.receive_data(piece)
         self._process()
 
     def _process(self) -> None:

@@ -224,17 +224,12 @@ class Resumable(asyncio.Protocol):
                     not self._raw_reading_paused):
                 self._raw_reading_paused = True
                 self._raw.pause_reading()
-        else:
-            deliver = self.protocol.data_received
-            for n, piece in enumerate(payload):
-                if self._ended:
-                    return
-                deliver(piece)  # type: ignore[arg-type]
-                if self._reading_paused:  # (the rest waits for resume_reading)
-                    for rest in payload[n + 1:]:
-                        self._held.append(rest)
-                        self._held_size += len(rest)
-                    break
+        elif payload:
+            # All of one read at once, as a plain connection's read: one round of
+            # replies, in one write (a write per frame would be a system call each).
+            self.protocol.pieces_received(payload)
+            if self._ended:
+                return
         if self.stream.ack_due and self._raw is not None:
             self._raw.write(self.stream.ack())
         self._check_pause()
