@@ -58,10 +58,10 @@ class ResumableStream:
         self._ack_said = 0
         #: The peer said FIN: it is done.
         self.finished = False
-        #: Our bytes [acked, sent), as the pieces they were sent in; the first
-        #: piece's first _head bytes are acked already.
-        self._kept: deque[bytes | memoryview] = deque()
-        self._head = 0
+        #: Our bytes [acked, sent), as the frames they were sent in: each frame's
+        #: offset and payload pieces (the first frame's bytes before ``acked`` are
+        #: acked already). Whole frames: an ACK drops a reply batch at once.
+        self._kept: deque[tuple[int, tuple[bytes | memoryview, ...]]] = deque()
         #: A frame header cut by a read, and the payload bytes of the current DATA
         #: frame still to come, of which the first _skip are ones we have already.
         self._partial = bytearray()
@@ -82,22 +82,23 @@ class ResumableStream:
         """Frame ``pieces`` (consecutive bytes of our stream) and keep them; returns
         what to write, headers and payload (the payload is not copied when it is
         bytes; other buffers are copied once, since they may be reused)."""
-        pieces = pieces if isinstance(pieces, list | tuple) else list(pieces)
+        kept = tuple(pieces)
         total = 0
-        for piece in pieces:
+        for piece in kept:
             if type(piece) is not bytes:
                 break
             total += len(piece)
         else:  # the usual case: bytes, one frame's worth; no copy, one header
             if 0 < total <= MAX_FRAME:
-                whole = [cast(bytes, p) for p in pieces if p]  # (none empty: each is resent)
-                self._kept.extend(whole)
-                self.sent += total
-                return [FRAME.pack(DATA, total, self.sent - total), *whole]
+                at = self.sent
+                whole = cast(tuple[bytes, ...], kept)
+                self._kept.append((at, whole))
+                self.sent = at + total
+                return [FRAME.pack(DATA, total, at), *whole]
         out: list[bytes | memoryview] = []
         frame: list[bytes | memoryview] = []
         size = 0
-        for piece in pieces:
+        for piece in kept:
             if not piece:
                 continue
             data = piece if type(piece) is bytes else bytes(piece)
@@ -120,7 +121,7 @@ class ResumableStream:
                out: list[bytes | memoryview]) -> None:
         out.append(FRAME.pack(DATA, size, self.sent))
         out.extend(pieces)
-        self._kept.extend(pieces)
+        self._kept.append((self.sent, tuple(pieces)))
         self.sent += size
 
     def ack(self) -> bytes:
@@ -151,29 +152,28 @@ class ResumableStream:
                               else f"only {self.sent} were sent"))
         self._drop_to(peer_has)
         out: list[bytes | memoryview] = []
-        at = self.acked
-        first = True
-        for piece in self._kept:
-            chunk = memoryview(piece)[self._head:] if first and self._head else piece
-            first = False
-            out.append(FRAME.pack(DATA, len(chunk), at))
-            out.append(chunk)
-            at += len(chunk)
-        assert at == self.sent
+        for start, pieces in self._kept:
+            skip = max(0, peer_has - start)  # (the first frame's bytes the peer has)
+            chunks: list[bytes | memoryview] = []
+            for piece in pieces:
+                if skip >= len(piece):
+                    skip -= len(piece)
+                    continue
+                chunks.append(memoryview(piece)[skip:] if skip else piece)
+                skip = 0
+            size = sum(len(c) for c in chunks)
+            out.append(FRAME.pack(DATA, size, max(start, peer_has)))
+            out.extend(chunks)
         return out
 
     def _drop_to(self, count: int) -> None:
-        """Forget our bytes before ``count``: the peer has them."""
-        drop = count - self.acked
+        """Forget our frames that end at or before ``count``: the peer has them."""
         kept = self._kept
-        while drop:
-            first = len(kept[0]) - self._head
-            if drop < first:
-                self._head += drop
+        while kept:
+            end = kept[1][0] if len(kept) > 1 else self.sent
+            if end > count:
                 break
             kept.popleft()
-            self._head = 0
-            drop -= first
         self.acked = count
 
     # --- receiving ----------------------------------------------------------------
