@@ -125,14 +125,14 @@ def test_one_schema_makes_the_options_and_the_keys() -> None:
 ERRORS = [
     ("port = 3240\nport = 1\n", "FILE:2: cannot overwrite a value (column 9)"),
     ("[tls\n", "FILE:1: expected ']' at the end of a table declaration (column 5)"),
-    ("prot = 3240\n", "FILE:1: prot: unknown key (known: debug, devices, diagnostics, family, "
-                      "libusb, limits, listen, loop, names, pid_file, policy, port, state_dir, "
-                      "tls, usbip_host)"),
+    ("prot = 3240\n", "FILE:1: prot: unknown key (known: debug, devices, diagnostics, export, "
+                      "family, libusb, limits, listen, loop, names, pid_file, policy, port, "
+                      "rules_only, state_dir, tls, usbip_host)"),
     ("port = '3240'\n", "FILE:1: port: '3240' is not a whole number"),
     # "" names no table: the top's keys are not set through it
     ("[\"\"]\nport = 5\n", "FILE:1: : unknown key (known: debug, devices, diagnostics, "
-                          "family, libusb, limits, listen, loop, names, pid_file, policy, "
-                          "port, state_dir, tls, usbip_host)"),
+                          "export, family, libusb, limits, listen, loop, names, pid_file, "
+                          "policy, port, rules_only, state_dir, tls, usbip_host)"),
     ("port = 70000\n", "FILE:1: port: 70000 is out of range (0 to 65535)"),
     ("port = true\n", "FILE:1: port: True is not a whole number"),
     ("debug = 1\n", "FILE:1: debug: 1 is not true or false"),
@@ -203,6 +203,26 @@ ERRORS = [
      "FILE:5: policy.rule[1].client.cn: 5 is not a string"),
     ("[policy]\ndefault = 'deny'\nrule = 5\n",
      "FILE:3: policy.rule: is not a list of rules: write [[policy.rule]]"),
+    ("[[export]]\nvid_pid = '0483:df11'\n[[export]]\nvid_pid = '483:df11'\n",
+     "FILE:4: export[2].vid_pid: '483:df11' is not VID:PID, four hex digits each (wildcards * "
+     "and ?)"),
+    ("[[export]]\nvid_pid = '0483:df11'\nvia = 'usbfs'\n",
+     "FILE:3: export[1].via: 'usbfs' is not one of usbip-host, libusb"),
+    ("[[export]]\ninterface_class = 9\n",
+     "FILE:2: export[1].interface_class: 0x09 is the hub class: a hub cannot be exported (its "
+     "devices can)"),
+    ("[[export]]\ninterface_class = ['storage']\n",
+     "FILE:2: export[1].interface_class: 'storage' is not a class code, 0 to 255 (0x08: mass "
+     "storage, 0xff: vendor specific)"),
+    ("[[export]]\nvia = 'libusb'\n",
+     "FILE:1: export[1]: names no device (give busid, vid_pid, serial, name or "
+     "interface_class)"),
+    ("[[export]]\nproduct = '0001'\n",
+     "FILE:2: export[1].product: unknown key (known: busid, interface_class, name, serial, via, "
+     "vid_pid)"),
+    ("[[export]]\nname = 'probe'\n",
+     "FILE:2: export[1].name: 'probe' matches no name in [names] (known: none)"),
+    ("export = 5\n", "FILE:1: export: is not a list of rules: write [[export]]"),
 ]
 
 

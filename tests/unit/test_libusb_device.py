@@ -6,17 +6,17 @@ import asyncio
 import errno
 import types
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from usbipy.backends.base import Completion
 from usbipy.backends.libusb import events
-from usbipy.backends.libusb.bindings import Binding, BindingError, BindingStore
 from usbipy.backends.libusb.device import LibusbDevice
 from usbipy.backends.libusb.status import transfer_errno
 from usbipy.backends.libusb.unplug import still_plugged
+from usbipy.exports.rules import ExportRule, ExportRules, Via
+from usbipy.policy import DeviceSelector
 from usbipy.protocol import CmdSubmit, Direction, IsoPacket, Speed
 
 from .fake_usb1 import FakeDevice, FakeHandle, FakeUsbError
@@ -244,34 +244,6 @@ def test_a_submit_that_finds_the_device_gone() -> None:
     with_device(test)
 
 
-# --- bindings -----------------------------------------------------------------------------
-
-
-def test_bindings_persist_and_match(tmp_path: Path) -> None:
-    store = BindingStore(tmp_path / "state" / "b.json")
-    assert store.load() == []
-    store.add(Binding(busid="2-1"))
-    store.add(Binding.parse_device("1d6b:0104:SER1"))
-    with pytest.raises(BindingError, match="already bound"):
-        store.add(Binding(busid="2-1"))
-    again = BindingStore(tmp_path / "state" / "b.json").load()
-    assert again == [Binding(busid="2-1"), Binding(vid=0x1D6B, pid=0x0104, serial="SER1")]
-    by_ids = again[1]
-    assert by_ids.matches("9-9", 0x1D6B, 0x0104, lambda: "SER1")
-    assert not by_ids.matches("9-9", 0x1D6B, 0x0104, lambda: "SER2")
-    assert Binding.parse_device("1d6b:0104").matches("5-1", 0x1D6B, 0x0104, lambda: None)
-    store.remove(Binding(busid="2-1"))
-    assert store.load() == [by_ids]
-    with pytest.raises(BindingError, match="not bound"):
-        store.remove(Binding(busid="2-1"))
-
-
-@pytest.mark.parametrize("spec", ["1d6b", "xyz:0104", "1d6b:10000", ""])
-def test_bad_device_specs(spec: str) -> None:
-    with pytest.raises(BindingError, match="VID:PID"):
-        Binding.parse_device(spec)
-
-
 def test_an_idle_unplug_found_by_the_check_fails_pending_urbs() -> None:
     async def test(device: LibusbDevice, handle: FakeHandle) -> None:
         dropped: list[bool] = []
@@ -326,34 +298,32 @@ def test_a_plain_error_from_a_device_being_unplugged_is_enodev(fake: object) -> 
     with_device(test)
 
 
-def test_usbipyd_names_bindings_it_cannot_serve(tmp_path: Path,
-                                                caplog: pytest.LogCaptureFixture) -> None:
+def test_usbipyd_names_libusb_rules_it_cannot_serve(caplog: pytest.LogCaptureFixture) -> None:
     from usbipy.server import service
 
-    store = BindingStore(tmp_path / "libusb-bindings.json")
-    store.add(Binding(busid="2-1"))
-    store.add(Binding.parse_device("1d6b:0104"))
+    rules = ExportRules([ExportRule(DeviceSelector(busid=("2-1",)), Via.LIBUSB),
+                         ExportRule.for_device("1d6b:0104", Via.LIBUSB)])
     with caplog.at_level("WARNING", logger="usbipyd"):
-        service._unservable(store, "python-libusb1 is not installed: pip install "
+        service._unservable(rules, "python-libusb1 is not installed: pip install "
                                    "'usbipy[libusb]'")
     assert [r.getMessage() for r in caplog.records] == [
-        "not exporting busid 2-1: python-libusb1 is not installed: pip install "
-        "'usbipy[libusb]'",
-        "not exporting device 1d6b:0104: python-libusb1 is not installed: pip install "
+        "not exporting export busid=2-1 via libusb: python-libusb1 is not installed: pip "
+        "install 'usbipy[libusb]'",
+        "not exporting 1d6b:0104: python-libusb1 is not installed: pip install "
         "'usbipy[libusb]'",
     ]
 
 
-def test_a_binding_that_matches_nothing_is_named_once(caplog: pytest.LogCaptureFixture,
-                                                      tmp_path: Path) -> None:
+def test_a_rule_that_matches_nothing_is_named_once(caplog: pytest.LogCaptureFixture) -> None:
     from usbipy.backends.libusb.source import LibusbSource
 
-    store = BindingStore(tmp_path / "libusb-bindings.json")
-    store.add(Binding(busid="9-9"))
-    source = LibusbSource(store)
+    rules = ExportRules([ExportRule(DeviceSelector(busid=("9-9",)), Via.LIBUSB),
+                         ExportRule(DeviceSelector(busid=("9-*",)), Via.LIBUSB)])
+    source = LibusbSource(lambda: rules)
     with caplog.at_level("WARNING", logger="usbipy.libusb"):
-        source._warn_unmatched(store.load(), {})
-        source._warn_unmatched(store.load(), {})
+        source._warn_unmatched(rules, {})
+        source._warn_unmatched(rules, {})
+    # (a pattern names no one device: its matching nothing now is no news)
     assert [r.getMessage() for r in caplog.records] == [
         "not exporting busid 9-9: no such device is plugged in"]
     source.close()

@@ -14,10 +14,12 @@ import dataclasses
 import fnmatch
 import ipaddress
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..exports.rules import ExportRule, ExportRules, PluggedDevice, Via
 from ..policy import (
     Action,
     CertificateAuthority,
@@ -27,6 +29,7 @@ from ..policy import (
     Rule,
 )
 from ..policy.rules import IPNetwork
+from ..usb.classes import UsbClass
 from .limits import Limits
 from .options import TABLES
 from .toml import ConfigError, Document, KeyPath, dotted
@@ -38,7 +41,8 @@ DEFAULT_PATH = Path("/etc/usbipy/usbipyd.toml")
 _BUSID = re.compile(r"[0-9a-z.*?:\[\]!\-]+", re.IGNORECASE)
 
 #: The tables that are not settings.
-_RULE_TABLES = ("names", "policy")
+_RULE_TABLES = ("names", "policy", "export")
+_EXPORT_KEYS = ("busid", "vid_pid", "serial", "name", "interface_class", "via")
 _DEVICE_KEYS = ("busid", "vid_pid", "serial", "name")
 _CLIENT_KEYS = ("cn", "san", "ca", "network")
 
@@ -53,6 +57,8 @@ class DaemonConfig:
     #: [limits] fields the file sets.
     limits: dict[str, Any] = field(default_factory=dict)
     policy: Policy | None = None
+    #: The [[export]] rules, in order.
+    exports: ExportRules = field(default_factory=ExportRules)
     #: argparse dest -> "FILE:LINE: key" where the file sets it, for errors found
     #: later (a certificate file that cannot be read, say).
     origins: dict[str, str] = field(default_factory=dict)
@@ -195,6 +201,67 @@ def _policy(doc: Document, value: Any, names: dict[str, DeviceSelector]) -> Poli
     return Policy(tuple(rules), default, f"the default ({default.value}, {default_where})")
 
 
+def _interface_classes(doc: Document, path: KeyPath, value: Any) -> tuple[int, ...]:
+    values = value if isinstance(value, list) else [value]
+    classes = []
+    for item in values:
+        if isinstance(item, bool) or not isinstance(item, int) or not 0 <= item <= 0xFF:
+            raise doc.error(path, f"{shown(item)} is not a class code, 0 to 255 (0x08: mass "
+                                  "storage, 0xff: vendor specific)")
+        if item == UsbClass.HUB:
+            raise doc.error(path, "0x09 is the hub class: a hub cannot be exported (its "
+                                  "devices can)")
+        classes.append(item)
+    if not classes:
+        raise doc.error(path, "is empty")
+    return tuple(classes)
+
+
+def _exports(doc: Document, value: Any, names: dict[str, DeviceSelector],
+             present: Sequence[PluggedDevice], protected: set[str]) -> ExportRules:
+    if not isinstance(value, list):
+        raise doc.error(("export",), "is not a list of rules: write [[export]]")
+    rules = []
+    for index, item in enumerate(value):
+        path: KeyPath = ("export", index)
+        table = _table(doc, path, item)
+        for key in table:
+            if key not in _EXPORT_KEYS:
+                raise _unknown(doc, (*path, key), _EXPORT_KEYS)
+        device_fields = {k: v for k, v in table.items() if k in _DEVICE_KEYS}
+        classes = (_interface_classes(doc, (*path, "interface_class"), table["interface_class"])
+                   if "interface_class" in table else ())
+        if not device_fields and not classes:
+            raise doc.error(path, "names no device (give busid, vid_pid, serial, name or "
+                                  "interface_class)")
+        device = (_device_selector(doc, path, device_fields, names) if device_fields
+                  else DeviceSelector())
+        via = Via(check_choice(*(v.value for v in Via))(
+            doc, (*path, "via"), table.get("via", Via.USBIP_HOST.value)))
+        rule = ExportRule(device, via, classes,
+                          where=doc.where(path).replace(f"{doc.path}:", f"{doc.path.name} line "))
+        for device_now in present:
+            if not rule.matches(device_now):
+                continue
+            if device_now.is_hub:
+                raise doc.error(path, f"would export the hub at {device_now}: a hub cannot "
+                                      "be exported (name its devices, not the hub)")
+            if device_now.busid in protected:
+                raise doc.error(path, f"would export {device_now}, which holds this "
+                                      "machine's root file system")
+        rules.append(rule)
+    return ExportRules(rules)
+
+
+def present_devices() -> tuple[list[PluggedDevice], set[str]]:
+    """What is plugged in here (every USB device, hubs too), and the devices that hold
+    the root file system: what [[export]] rules are checked against."""
+    from ..linux import rootdev, sysfs
+
+    return ([PluggedDevice.of(d) for d in sysfs.usb_devices() if not d.on_vhci],
+            rootdev.root_busids())
+
+
 def warnings(policy: Policy, tls: bool, *, written: bool) -> list[str]:
     """What a policy (``written`` in a file, or none) lets through or can never match."""
     found = []
@@ -239,6 +306,8 @@ def parse(doc: Document) -> DaemonConfig:
                     config.origins[setting.dest] = f"{doc.where(path)}: {dotted(path)}"
         elif key == "policy":
             config.policy = _policy(doc, value, names)
+        elif key == "export":
+            config.exports = _exports(doc, value, names, *present_devices())
         elif key != "names":
             raise _unknown(doc, (key,), [*top, *(t for t in TABLES if t), *_RULE_TABLES])
     return config

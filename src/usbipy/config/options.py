@@ -130,10 +130,13 @@ SETTINGS: tuple[Setting, ...] = (
             "export the devices bound to the kernel's usbip-host driver (the default, as "
             "usbipd does)", True),
     Setting("libusb", "libusb", ("--libusb",), SWITCH,
-            "export the devices bound with 'usbipy bind --libusb' (the default)", True),
+            "export through libusb the devices export rules say so (the default)", True),
     Setting("state_dir", "state_dir", ("--state-dir",), FILE,
-            "where the libusb bindings live (default: $USBIPY_STATE_DIR or /var/lib/usbipy)",
-            metavar="DIR"),
+            "where the export rules 'usbipy bind' records live (default: $USBIPY_STATE_DIR "
+            "or /var/lib/usbipy)", metavar="DIR"),
+    Setting("rules_only", "rules_only", ("--rules-only",), SWITCH,
+            "apply the export rules as devices come and go (bind them to usbip-host), and "
+            "serve nothing: next to the C usbipd, which serves them", False),
     Setting("address", "listen", ("-a", "--address"), ADDRESSES,
             f"listen address, may repeat (default: {DEFAULT_ADDRESS})", metavar="ADDR"),
     Setting("family", "family", (), choice("any", "ipv4", "ipv6"),

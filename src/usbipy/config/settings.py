@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..exports.rules import ExportRules
 from ..policy import OPEN, Policy
 from ..tls import TlsError, TlsFiles
 from . import file as config_file
@@ -32,6 +33,8 @@ class Settings:
     #: What the command line gave (dest -> value; None: not given), kept for a
     #: reload, where it wins over the file again.
     given: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: The file's [[export]] rules.
+    exports: ExportRules = dataclasses.field(default_factory=ExportRules)
 
 
 def config_path(named: str | None) -> Path | None:
@@ -64,7 +67,7 @@ def read_settings(path: Path | None, given: Mapping[str, Any] | None = None) -> 
     origins = {dest: where for dest, where in config.origins.items() if dest not in given}
     return Settings(path, argparse.Namespace(**options), limits, policy,
                     warnings(policy, tls is not None, written=config.policy is not None),
-                    origins, given)
+                    origins, given, config.exports)
 
 
 def describe(settings: Settings) -> list[str]:
@@ -79,6 +82,11 @@ def describe(settings: Settings) -> list[str]:
         lines.append(f"access policy: {n} rule{'' if n == 1 else 's'}, then "
                      f"{policy.default_reason}")
         lines += [f"  {rule}" for rule in policy.rules]
+    if len(settings.exports):
+        n = len(settings.exports)
+        lines.append(f"export rules: {n} in the configuration file (and what 'usbipy bind' "
+                     "recorded)")
+        lines += [f"  {rule}" for rule in settings.exports]
     limits = settings.limits
     lines.append(
         f"limits: {limits.max_connections} connections, {limits.max_connections_per_address} "

@@ -21,7 +21,7 @@ import socketserver
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -70,6 +70,8 @@ class Snapshot:
     resume_down_buckets: tuple[int, ...] = ()
     resume_down_sum: float = 0.0
     resume_expired: int = 0
+    rule_binds: int = 0
+    unplugged: dict[str, int] = field(default_factory=dict)
 
 
 async def snapshot(server: UsbipServer) -> Snapshot:
@@ -93,7 +95,8 @@ async def snapshot(server: UsbipServer) -> Snapshot:
         dict(stats.handshakes_refused),
         server.capture.dropped if server.capture is not None else None,
         resumables.waiting, resumables.buffered, resumables.resumed,
-        tuple(resumables.down_buckets), resumables.down_sum, resumables.expired)
+        tuple(resumables.down_buckets), resumables.down_sum, resumables.expired,
+        stats.rule_binds, dict(stats.unplugged))
 
 
 class _ServerCollector(Collector):
@@ -157,6 +160,11 @@ class _ServerCollector(Collector):
                                              strict=True)] or [("+Inf", 0)],
             sum_value=s.resume_down_sum)
         yield down
+        yield CounterMetricFamily("usbipy_rule_binds", "Devices bound to usbip-host by an "
+                                  "export rule as they appeared", s.rule_binds)
+        yield _counter("usbipy_devices_unplugged", "Exported devices unplugged (their "
+                       "sessions ended), by device", ["busid"],
+                       {(k,): v for k, v in s.unplugged.items()})
         if s.capture_dropped is not None:
             yield CounterMetricFamily("usbipy_capture_dropped",
                                       "Capture records dropped (the disk was behind)",

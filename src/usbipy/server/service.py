@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 
 from ..backends.base import ExportedDevice
 from ..backends.kernel_stub import KernelStubSource
-from ..backends.libusb.bindings import BindingError, BindingStore
 from ..backends.libusb.events import libusb_available
 from ..backends.libusb.source import LibusbSource
 from ..capture import Capture
@@ -39,7 +38,12 @@ from ..devices.sound import Tone, WavSink, WavSource
 from ..devices.webcam import Webcam
 from ..errors import UsbipError
 from ..escape import printable
-from ..linux import usbip_host
+from ..exports import hotplug
+from ..exports.engine import ExportEngine, HotplugEvent, RuleSources
+from ..exports.rules import ExportRules, Via
+from ..exports.store import NAME as STORE_NAME
+from ..exports.store import RuleStore
+from ..linux import sysfs, usbip_host
 from ..pidfile import PidFile
 from ..statedir import state_dir
 from ..tls import TlsError, TlsFiles, ktls, server_context
@@ -188,15 +192,10 @@ def raise_file_limit(limits: Limits) -> None:
                         limits.max_connections, soft)
 
 
-def _unservable(store: BindingStore, why: str) -> None:
-    """Name each libusb binding this server cannot serve, and why."""
-    try:
-        bindings = store.load()
-    except BindingError as exc:
-        log.warning("%s", exc)
-        return
-    for binding in bindings:
-        log.warning("not exporting %s: %s", printable(str(binding)), why)
+def _unservable(rules: ExportRules, why: str) -> None:
+    """Name each libusb rule this server cannot serve, and why."""
+    for rule in rules:
+        log.warning("not exporting %s: %s", printable(rule.spec or str(rule)), why)
 
 
 def run_loop(main: Coroutine[Any, Any, None], loop: str) -> None:
@@ -242,8 +241,9 @@ async def reload(server: UsbipServer, running: Settings) -> Settings:
 
 
 async def _watch(source: LibusbSource) -> None:
-    # An idle device has no transfer to fail when it is unplugged, and an unbind
-    # must reach a device in use: look every second.
+    # With neither hotplug events nor inotify to say so (no pyudev, not Linux): an
+    # idle device has no transfer to fail when it is unplugged, and an unbind must
+    # reach a device in use: look every second.
     while True:
         await asyncio.sleep(1.0)
         try:
@@ -256,12 +256,18 @@ class Service:
     """usbipyd's server, its sockets bound and its checks done; :meth:`run` serves."""
 
     def __init__(self, settings: Settings, server: UsbipServer, libusb: LibusbSource | None,
-                 metrics: MetricsEndpoint | None, pid_file: PidFile | None) -> None:
+                 metrics: MetricsEndpoint | None, pid_file: PidFile | None,
+                 rules: RuleSources | None = None, state: Path | None = None) -> None:
         self.settings = settings
         self.server = server
         self._libusb = libusb
         self._metrics = metrics
         self._pid_file = pid_file
+        #: The export rules in force, and where `usbipy bind` records its own.
+        self.rules = rules if rules is not None else RuleSources(settings.exports)
+        self._state = state
+        self.engine: ExportEngine | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         #: Whether the loop began serving (then it closes everything as it ends).
         self._serving = False
 
@@ -277,7 +283,11 @@ class Service:
         except (StorageError, OSError) as exc:
             raise UsbipError(str(exc)) from None
         kernel = options.usbip_host
-        if not devices and not (kernel and usbip_host.driver_loaded()):
+        state = Path(options.state_dir) if options.state_dir else state_dir()
+        rules = RuleSources(settings.exports, RuleStore(state))
+        if options.rules_only:
+            devices = []
+        elif not devices and not (kernel and usbip_host.driver_loaded()) and not len(rules()):
             log.warning("no devices to export (try --demo, --audio, --webcam, --disk PATH, "
                         "or 'usbipy bind -b BUSID' with usbip-host loaded)")
         tls = server_tls(options, settings.origins)
@@ -286,13 +296,15 @@ class Service:
         metrics = None
         try:
             try:
-                opened += listen_sockets(hosts, options.tcp_port, family)
+                if not options.rules_only:
+                    opened += listen_sockets(hosts, options.tcp_port, family)
             except OSError as exc:
                 raise UsbipError(f"cannot listen on {', '.join(hosts)} port "
                                  f"{options.tcp_port}: {exc.strerror or exc}") from None
             sockets = list(opened)
             plain_sockets: list[socket.socket] = []
-            if tls is not None and options.plaintext_port is not None:
+            if (tls is not None and options.plaintext_port is not None
+                    and not options.rules_only):
                 try:
                     plain_sockets = listen_sockets([DEFAULT_ADDRESS], options.plaintext_port)
                 except OSError as exc:
@@ -337,16 +349,14 @@ class Service:
         if kernel:
             server.registry.add_source(KernelStubSource())
         libusb: LibusbSource | None = None
-        if options.libusb:
-            state = Path(options.state_dir) if options.state_dir else state_dir()
-            store = BindingStore(state / "libusb-bindings.json")
+        if options.libusb and not options.rules_only:
             if libusb_available():
-                libusb = LibusbSource(store)
+                libusb = LibusbSource(rules, rules.unbound)
                 server.registry.add_source(libusb)
             else:
-                _unservable(store, "python-libusb1 is not installed: pip install "
-                                   "'usbipy[libusb]'")
-        return cls(settings, server, libusb, metrics, pid_file)
+                _unservable(rules().via(Via.LIBUSB), "python-libusb1 is not installed: pip "
+                                                     "install 'usbipy[libusb]'")
+        return cls(settings, server, libusb, metrics, pid_file, rules, state)
 
     def run(self, daemon: Daemon | None = None) -> None:
         """Serve until SIGINT or SIGTERM. ``daemon``: told once serving, or why not.
@@ -391,12 +401,15 @@ class Service:
     async def _serve(self, daemon: Daemon | None) -> None:
         server, metrics = self.server, self._metrics
         self._serving = True
-        await server.start()
+        if not self.settings.options.rules_only:
+            await server.start()
         if metrics is not None:
             metrics.start(server, asyncio.get_running_loop())
             log.info("metrics on %s", metrics.url)
-        watcher = (asyncio.create_task(_watch(self._libusb)) if self._libusb is not None
-                   else None)
+        watchers = await self._watch_devices()
+        polling = self._libusb is not None and len(watchers) < 2
+        watcher = asyncio.create_task(_watch(self._libusb)) if (
+            polling and self._libusb is not None) else None
         for device in server.registry:
             info = device.info
             extra = ""
@@ -414,15 +427,17 @@ class Service:
         if daemon is not None:
             daemon.ready()  # (-D: the process that started usbipyd returns now)
 
-        async def reloads(settings: Settings) -> None:
+        async def reloads() -> None:
             while True:
                 await hangups.get()
                 try:
-                    settings = await reload(server, settings)
+                    self.settings = await reload(server, self.settings)
+                    self.rules.configured = self.settings.exports
+                    await self._rules_changed()
                 except Exception:  # (a reload that fails must not end the next ones)
                     log.exception("reload failed: the running configuration stays in force")
 
-        reloader = asyncio.create_task(reloads(self.settings))
+        reloader = asyncio.create_task(reloads())
         try:
             await stop.wait()
         finally:
@@ -430,6 +445,100 @@ class Service:
             log.info("shutting down")
             if watcher is not None:
                 watcher.cancel()
+            for each in watchers:
+                each.close()
+            if self.engine is not None:
+                await asyncio.to_thread(self.engine.close)
             await server.close()  # closes the sources and the capture too
             if metrics is not None:
                 await asyncio.to_thread(metrics.close)
+
+
+    # --- devices that come and go -------------------------------------------------------
+
+    async def _watch_devices(self) -> list[hotplug.UdevWatcher | hotplug.LibusbWatcher
+                                          | hotplug.StoreWatcher]:
+        """The rule engine started, and what tells it of changes: hotplug events (udev's,
+        else libusb's) and `usbipy bind` writing its rules (inotify). The watchers
+        started; none polls."""
+        options = self.settings.options
+        watchers: list[hotplug.UdevWatcher | hotplug.LibusbWatcher | hotplug.StoreWatcher] = []
+        linux = sysfs.usb_devices_dir().is_dir()
+        stats = self.server.stats
+        if linux:
+            self.engine = ExportEngine(
+                self.rules, store=self.rules.store, gone=self._gone,
+                on_bind=(lambda _busid: setattr(stats, "rule_binds", stats.rule_binds + 1))
+                if stats is not None else None,
+                usbip_host_rules=options.usbip_host)
+            await self.engine.start()
+        events: hotplug.UdevWatcher | hotplug.LibusbWatcher | None = None
+        if linux and hotplug.udev_available():
+            try:
+                events = hotplug.UdevWatcher(self._hotplug)
+                events.start()
+            except Exception as exc:  # (no netlink: a container without it)
+                log.warning("hotplug: udev's events cannot be read (%s)", exc)
+                events = None
+        if events is None and self._libusb is not None:
+            try:
+                events = hotplug.LibusbWatcher(self._libusb.events.context, self._hotplug)
+                events.start()
+            except Exception as exc:
+                log.warning("hotplug: libusb's callbacks are not available (%s)", exc)
+                events = None
+        if events is not None:
+            watchers.append(events)
+        elif linux:
+            log.warning("hotplug: no events to watch (pip install 'usbipy[hotplug]' for "
+                        "udev's): export rules apply at start and on SIGHUP only")
+        if self._state is not None:
+            store = hotplug.StoreWatcher(self._state, STORE_NAME, self._store_changed)
+            if store.start():
+                watchers.append(store)
+        return watchers
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _hotplug(self, event: HotplugEvent) -> None:
+        async def handle() -> None:
+            try:
+                if self.engine is not None:
+                    await self.engine.event(event)
+                if event.action == "remove" and self._libusb is not None:
+                    await self._libusb.check()
+            except Exception:
+                log.exception("hotplug: handling %s of %s failed", event.action,
+                              printable(event.busid))
+        self._spawn(handle())
+
+    def _store_changed(self) -> None:
+        async def handle() -> None:
+            try:
+                await self._rules_changed()
+            except Exception:
+                log.exception("applying the rules 'usbipy bind' recorded failed")
+        self._spawn(handle())
+
+    async def _rules_changed(self) -> None:
+        if self.engine is not None:
+            await self.engine.reload()
+        if self._libusb is not None:
+            await self._libusb.check()
+
+    def _gone(self, busid: str) -> None:
+        """A device left: if a client held it, its session ends; the log and the
+        metrics say so."""
+        access = self.server.access
+        holder = access.handed_off.get(busid)
+        owner = self.server.registry.owner(busid)
+        if holder is None and owner is None:
+            return
+        who = holder.client.name if holder is not None else getattr(
+            getattr(owner, "client", None), "name", "a client")
+        log.warning("%s: unplugged while %s used it: its session ends", printable(busid), who)
+        if self.server.stats is not None:
+            self.server.stats.unplugged[busid] += 1

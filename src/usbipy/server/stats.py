@@ -59,6 +59,10 @@ class ServerStats:
     errors: Counter[tuple[str, str]] = field(default_factory=Counter)
     #: reason -> TLS handshakes refused
     handshakes_refused: Counter[str] = field(default_factory=Counter)
+    #: Devices bound to usbip-host by an export rule, and exported devices unplugged
+    #: (their sessions ended), by busid.
+    rule_binds: int = 0
+    unplugged: Counter[str] = field(default_factory=Counter)
 
     def handshake_refused(self, why: str) -> None:
         self.handshakes_refused[refusal_kind(why)] += 1

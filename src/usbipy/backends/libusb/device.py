@@ -16,7 +16,7 @@ import errno
 import logging
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ...linux import sysfs
 from ...protocol import CmdSubmit, DeviceInfo, Direction, InterfaceInfo, Speed
@@ -40,6 +40,9 @@ from .events import LibusbEvents
 from .status import LIBUSB_ERROR_NO_DEVICE, TRANSFER_NO_DEVICE, error_errno
 from .unplug import UNPLUG_SETTLE, handle_gone, still_plugged
 from .urbs import completion_of, fill_transfer
+
+if TYPE_CHECKING:
+    from ...exports.rules import ExportRule
 
 log = logging.getLogger("usbipy.libusb")
 
@@ -69,6 +72,8 @@ class LibusbDevice(ExportedDevice):
         self._info = self._read_info()
         # (made in the source's worker thread: a sysfs read is fine here)
         self.serial = sysfs.serial_of(self.busid)
+        #: The export rule that exports it (set by the source).
+        self.rule: ExportRule | None = None
         self._handle: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._transfers: dict[Any, asyncio.Future[Completion]] = {}

@@ -1,4 +1,5 @@
-"""Which devices are exported through libusb: the bindings matched against libusb's list.
+"""Which devices are exported through libusb: the export rules that say libusb,
+matched against libusb's list.
 
 Asked afresh on every DEVLIST and IMPORT, as usbipd reads sysfs. Scans,
 libusb contexts and the periodic unplug check are blocking calls: they run
@@ -10,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ...escape import printable
+from ...exports.rules import ExportRule, ExportRules, PluggedDevice, Via
 from ...linux import sysfs
 from ..base import DeviceSource
-from .bindings import Binding, BindingStore
 from .device import LibusbDevice, busid_of
 from .events import LibusbEvents
 from .unplug import still_plugged
@@ -35,21 +37,46 @@ def device_serial(busid: str, device: Any) -> str | None:
         return None
 
 
-class LibusbSource(DeviceSource):
-    """The devices bound for export through libusb.
+def _interface_classes(device: Any) -> tuple[int, ...]:
+    """Its interfaces' classes, from the descriptors libusb cached (nothing opened)."""
+    try:
+        return tuple(sorted({setting.getClass() for setting in device.iterSettings()}))
+    except Exception:
+        return ()
 
-    A device keeps its :class:`LibusbDevice` while it stays plugged in at the
-    same address, and while a client holds it open.
+
+def rule_for(rules: ExportRules, device: PluggedDevice,
+             serial: Callable[[], str | None]) -> ExportRule | None:
+    """The rule that exports ``device`` (whose serial is read only if a rule asks)."""
+    if any(rule.device.serial for rule in rules):
+        known = device.serial if device.serial is not None else serial()
+        device = PluggedDevice(device.busid, device.vendor, device.product, known,
+                               device.device_class, device.interface_classes, device.devnum)
+    return rules.rule_for(device)
+
+
+class LibusbSource(DeviceSource):
+    """The devices the export rules say to export through libusb.
+
+    ``rules`` gives the rules now (the configuration's [[export]] and what `usbipy
+    bind` recorded), ``unbound`` the devices unbound by hand (busid -> devnum). A
+    device keeps its :class:`LibusbDevice` while it stays plugged in at the same
+    address, and while a client holds it open.
     """
 
-    def __init__(self, store: BindingStore | None = None,
+    def __init__(self, rules: Callable[[], ExportRules],
+                 unbound: Callable[[], dict[str, int]] = dict,
                  events: LibusbEvents | None = None) -> None:
-        self.store = store if store is not None else BindingStore()
+        self._rules = rules
+        self._unbound = unbound
         self._events = events
         self._devices: dict[str, LibusbDevice] = {}
         self._unseen_warned: set[str] = set()
-        self._unmatched_warned: set[Binding] = set()
+        self._unmatched_warned: set[ExportRule] = set()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="libusb-source")
+
+    def rules(self) -> ExportRules:
+        return self._rules().via(Via.LIBUSB)
 
     @property
     def events(self) -> LibusbEvents:
@@ -65,12 +92,12 @@ class LibusbSource(DeviceSource):
         return result
 
     def scan(self) -> list[LibusbDevice]:
-        """The bound devices now (blocking: libusb's device list, sysfs)."""
-        bindings = self.store.load()
-        if not bindings:
+        """The devices to export now (blocking: libusb's device list, sysfs)."""
+        rules = self.rules()
+        if not len(rules):
             return [d for d in self._devices.values() if d.is_open]
-        found = self._scan(bindings)
-        unseen = self._unseen(bindings, found)
+        found = self._scan(rules)
+        unseen = self._unseen(rules, found)
         if unseen and not any(d.is_open for d in self._devices.values()):
             # libusb keeps its device list up to date from udev's events; with no udev
             # daemon it never sees a device plugged in later. With nothing open, a new
@@ -80,14 +107,14 @@ class LibusbSource(DeviceSource):
             if events is not None:
                 events.close()
             self._devices = {}
-            found = self._scan(bindings)
-            unseen = self._unseen(bindings, found)
+            found = self._scan(rules)
+            unseen = self._unseen(rules, found)
         for busid in unseen:
             if busid not in self._unseen_warned:
                 self._unseen_warned.add(busid)
                 log.warning("%s is plugged in but not in libusb's device list: libusb learns "
                             "of new devices from udev; is the udev daemon running?", busid)
-        self._warn_unmatched(bindings, found)
+        self._warn_unmatched(rules, found)
         # An imported device stays ours until its client lets go, plugged in or not.
         for busid, device in self._devices.items():
             if busid not in found and device.is_open:
@@ -95,32 +122,35 @@ class LibusbSource(DeviceSource):
         self._devices = found
         return list(found.values())
 
-    def _warn_unmatched(self, bindings: list[Binding], found: dict[str, LibusbDevice]) -> None:
-        for binding in bindings:
-            matched = any(
-                binding.matches(d.busid, d.info.idVendor, d.info.idProduct,
-                                functools.partial(device_serial, d.busid, d.usb_device))
-                for d in found.values())
+    def _warn_unmatched(self, rules: ExportRules, found: dict[str, LibusbDevice]) -> None:
+        for rule in rules:
+            matched = any(device.rule is rule for device in found.values())
             if matched:
-                self._unmatched_warned.discard(binding)
-            elif binding not in self._unmatched_warned:
-                self._unmatched_warned.add(binding)
+                self._unmatched_warned.discard(rule)
+            elif rule not in self._unmatched_warned and not _has_wildcards(rule):
+                self._unmatched_warned.add(rule)
                 log.warning("not exporting %s: no such device is plugged in",
-                            printable(str(binding)))
+                            printable(_named(rule)))
 
-    def _scan(self, bindings: list[Binding]) -> dict[str, LibusbDevice]:
+    def _scan(self, rules: ExportRules) -> dict[str, LibusbDevice]:
         found: dict[str, LibusbDevice] = {}
+        unbound = self._unbound()
         for device in self.events.context.getDeviceList(skip_on_error=True):
             try:
                 busid = busid_of(device)
-                vid, pid = device.getVendorID(), device.getProductID()
+                plugged = PluggedDevice(busid, device.getVendorID(), device.getProductID(),
+                                        None, device.getDeviceClass(),
+                                        _interface_classes(device),
+                                        device.getDeviceAddress())
             except Exception:
                 continue
             if (sysfs.is_device_busid(busid)
                     and sysfs.driver_of(sysfs.usb_devices_dir() / busid) == "usbip-host"):
                 continue  # the kernel stub has it
-            serial = functools.partial(device_serial, busid, device)
-            if not any(b.matches(busid, vid, pid, serial) for b in bindings):
+            if unbound.get(busid) == plugged.devnum:
+                continue  # unbound by hand, until it is plugged in again
+            rule = rule_for(rules, plugged, functools.partial(device_serial, busid, device))
+            if rule is None:
                 continue
             known = self._devices.get(busid)
             if known is not None and known.identity == (device.getBusNumber(),
@@ -131,35 +161,41 @@ class LibusbSource(DeviceSource):
                     found[busid] = LibusbDevice(self.events, device, busid)
                 except Exception as exc:
                     log.warning("cannot read %s through libusb: %s", busid, exc)
+                    continue
+            found[busid].rule = rule
         return found
 
     @staticmethod
-    def _unseen(bindings: list[Binding], found: dict[str, LibusbDevice]) -> list[str]:
-        """Bound devices that sysfs shows (Linux) and libusb's list lacks, or whose
-        address there is out of date (replugged)."""
+    def _unseen(rules: ExportRules, found: dict[str, LibusbDevice]) -> list[str]:
+        """Devices the rules export that sysfs shows (Linux) and libusb's list lacks,
+        or whose address there is out of date (replugged)."""
         unseen = []
         for device in sysfs.usb_devices():
-            info = device.info
-            if device.driver == "usbip-host":
+            if device.driver == "usbip-host" or device.on_vhci:
                 continue
-            if not any(b.matches(device.busid, info.idVendor, info.idProduct,
-                                 functools.partial(sysfs.serial_of, device.busid))
-                       for b in bindings):
+            if rules.rule_for(PluggedDevice.of(device)) is None:
                 continue
             known = found.get(device.busid)
-            if known is None or known.devnum != info.devnum:
+            if known is None or known.devnum != device.info.devnum:
                 unseen.append(device.busid)
         return unseen
 
     def unbound(self) -> list[LibusbDevice]:
-        """Open devices whose binding was removed (blocking: reads the bindings file)."""
-        bindings = self.store.load()
+        """Open devices no rule exports now, or unbound by hand (blocking: reads the
+        rules)."""
+        rules = self.rules()
+        unbound = self._unbound()
         result = []
         for busid, device in list(self._devices.items()):
+            if not device.is_open:
+                continue
             info = device.info
+            plugged = PluggedDevice(busid, info.idVendor, info.idProduct, None,
+                                    info.bDeviceClass,
+                                    tuple(i.bInterfaceClass for i in info.interfaces),
+                                    info.devnum)
             serial = functools.partial(device_serial, busid, device.usb_device)
-            if device.is_open and not any(
-                    b.matches(busid, info.idVendor, info.idProduct, serial) for b in bindings):
+            if unbound.get(busid) == info.devnum or rule_for(rules, plugged, serial) is None:
                 result.append(device)
         return result
 
@@ -184,12 +220,14 @@ class LibusbSource(DeviceSource):
     async def check(self) -> None:
         """Drop the clients of devices that were unplugged or unbound meanwhile.
 
-        Called periodically: an idle device has no transfer that would fail."""
+        Called on hotplug events and rule changes (or, with neither to tell it,
+        periodically): an idle device has no transfer that would fail."""
         unplugged, unbound = await self._in_worker(self._find_lost)
         for device in unplugged:
             device.unplugged()
         for device in unbound:
-            log.info("%s was unbound: dropping its client", device.busid)
+            log.info("%s is no longer exported (unbound, or its rule removed): dropping its "
+                     "client", device.busid)
             device.drop()
 
     def close(self) -> None:
@@ -215,3 +253,18 @@ def plugged_in() -> dict[str, tuple[int, int, int]]:
             finally:
                 device.close()
     return found
+
+
+def _has_wildcards(rule: ExportRule) -> bool:
+    d = rule.device
+    return bool(rule.interface_class or d.name) or any(
+        c in p for p in (*d.busid, *d.vid_pid, *d.serial) for c in "*?[")
+
+
+def _named(rule: ExportRule) -> str:
+    """How a warning names a rule: "busid 2-1", "device 1d6b:0104"."""
+    if rule.spec is not None:
+        return f"device {rule.spec}"
+    if rule.device.busid and len(rule.device.busid) == 1 and not rule.device.vid_pid:
+        return f"busid {rule.device.busid[0]}"
+    return str(rule)
