@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from usbipy.cli import usbipy as cli
+from usbipy.config import file as config_file
 from usbipy.linux import modules, sysfs, vhci
 from usbipy.linux.usbids import UsbIds
 
@@ -32,6 +33,9 @@ def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeSysfs]
     usbip_sockfd are held open, as the kernel holds them."""
     fs = FakeSysfs(tmp_path / "sys")
     monkeypatch.setattr(sysfs, "SYSFS_ROOT", fs.root)
+    # (nor this machine's usbipyd configuration and rules: the test's own, if any)
+    monkeypatch.setattr(config_file, "DEFAULT_PATH", tmp_path / "etc/usbipyd.toml")
+    monkeypatch.setenv("USBIPY_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setattr(modules, "MODULES_ROOT", fs.modules)
     kernel_held: list[int] = []
     fs.held = kernel_held

@@ -60,6 +60,8 @@ class FakeSysfs:
         link = path / "driver"
         if link.is_symlink():
             link.unlink()
+        for bound in self.drivers.glob(f"*/{busid}"):  # (its old driver lets it go)
+            bound.unlink()
         os.symlink(self.drivers / driver, link)
         if driver == "usbip-host":
             os.symlink(path, self.drivers / driver / busid)

@@ -68,8 +68,10 @@ def test_list_local_text_parsable_and_json(fake: FakeSysfs, capsys) -> None:
     rc, out, _ = usbipy(capsys, "list", "-l")
     # hubs and devices attached through vhci_hcd are left out, as `usbip list -l` does
     assert rc == 0 and out == (
-        " - busid 1-1 (46f4:0001)\n   QEMU : unknown product (46f4:0001)\n\n"
-        " - busid 1-2 (1209:0002)\n   Generic : pid.codes Test PID 2 (1209:0002)\n\n")
+        " - busid 1-1 (46f4:0001)\n   QEMU : unknown product (46f4:0001)\n"
+        "   not exported (no rule)\n\n"
+        " - busid 1-2 (1209:0002)\n   Generic : pid.codes Test PID 2 (1209:0002)\n"
+        "   not exported (no rule)\n\n")
     rc, out, _ = usbipy(capsys, "list", "-l", "-p")
     assert out == "busid=1-1#usbid=46f4:0001#\n\nbusid=1-2#usbid=1209:0002#\n\n"
     rc, out, _ = usbipy(capsys, "list", "-l", "--json")
@@ -92,7 +94,8 @@ def test_bind_writes_what_usbip_bind_writes(fake: FakeSysfs, capsys) -> None:
     assert (host / "bind").read_text() == "1-1"
     fake.set_driver("1-1", "usbip-host")
     rc, out, _ = usbipy(capsys, "--json", "unbind", "-b", "1-1")
-    assert rc == 0 and json.loads(out) == {"busid": "1-1", "driver": None}
+    assert rc == 0 and json.loads(out) == {"busid": "1-1", "driver": None,
+                                           "held_until_replugged": False}
     assert (host / "unbind").read_text() == "1-1"
     assert (host / "match_busid").read_text() == "del 1-1"
     assert (host / "rebind").read_text() == "1-1"
@@ -305,32 +308,34 @@ def test_attach_errors(fake: FakeSysfs, capsys, server: ServerThread, case: str,
 @pytest.fixture
 def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("USBIPY_STATE_DIR", str(tmp_path / "state"))
-    return tmp_path / "state" / "libusb-bindings.json"
+    return tmp_path / "state" / "exports.json"
 
 
 def test_bind_and_unbind_for_libusb(fake: FakeSysfs, capsys, state: Path) -> None:
     local_devices(fake)
     rc, out, _ = usbipy(capsys, "bind", "--libusb", "-b", "1-1")
     assert rc == 0 and out == "usbipy: info: bind busid 1-1 for export through libusb: complete\n"
-    rc, out, _ = usbipy(capsys, "bind", "--device", "1209:0002:SN", "--json")
-    assert rc == 0 and json.loads(out) == {"binding": "device 1209:0002:SN", "export": "libusb",
-                                     "plugged_in": False}
-    assert json.loads(state.read_text()) == {"libusb": [
-        {"busid": "1-1"}, {"vid": 0x1209, "pid": 0x0002, "serial": "SN"}]}
+    rc, out, _ = usbipy(capsys, "bind", "--libusb", "--device", "1209:0002:SN", "--json")
+    assert rc == 0 and json.loads(out) == {"rule": "1209:0002:SN", "export": "libusb",
+                                           "plugged_in": False, "busids": [], "bound": []}
+    assert json.loads(state.read_text()) == {"export": [
+        {"busid": "1-1", "via": "libusb"},
+        {"vid_pid": "1209:0002", "serial": "SN", "via": "libusb"}], "unbound": []}
     # the kernel's drivers were not touched: usbipyd detaches them only while imported
     assert (fake.drivers / "usb/unbind").read_text() == ""
+    rc, out, _ = usbipy(capsys, "list", "-l")
+    assert "   exported through libusb by rule: usbipy bind\n" in out
     rc, out, _ = usbipy(capsys, "unbind", "-b", "1-1")
     assert rc == 0 and "unbind busid 1-1 from export through libusb: complete" in out
     rc, out, _ = usbipy(capsys, "unbind", "--device", "1209:0002:SN")
     assert rc == 0
-    assert json.loads(state.read_text()) == {"libusb": []}
+    assert json.loads(state.read_text()) == {"export": [], "unbound": []}
 
 
 @pytest.mark.parametrize("args, message", [
     (["bind", "--libusb", "-b", "1-3"], "1-3 is a hub"),
     (["bind", "--device", "12:zz"], "bad device '12:zz': expected VID:PID[:SERIAL]"),
-    (["unbind", "--device", "1209:0002"], "device 1209:0002 is not bound for export through "
-                                          "libusb"),
+    (["unbind", "--device", "1209:0002"], "1209:0002 is not a rule 'usbipy bind' recorded"),
 ])
 def test_libusb_binding_errors(fake: FakeSysfs, capsys, state: Path, args: list[str],
                                message: str) -> None:
@@ -359,9 +364,9 @@ def test_libusb_bind_refuses_a_busid_that_does_not_exist(fake: FakeSysfs, capsys
 def test_libusb_bind_by_ids_of_a_device_not_plugged_in_says_so(fake: FakeSysfs, capsys,
                                                               state: Path) -> None:
     local_devices(fake)
-    rc, out, _ = usbipy(capsys, "bind", "--device", "abcd:1234")
+    rc, out, _ = usbipy(capsys, "bind", "--libusb", "--device", "abcd:1234")
     assert rc == 0 and "(not plugged in now: usbipyd exports it once it is)" in out
-    rc, out, _ = usbipy(capsys, "bind", "--device", "46f4:0001")
+    rc, out, _ = usbipy(capsys, "bind", "--libusb", "--device", "46f4:0001")
     assert rc == 0 and out.endswith("complete\n")
 
 
@@ -405,9 +410,9 @@ def test_libusb_bind_where_there_is_no_sysfs_asks_libusb(fake: FakeSysfs, capsys
     rc, out, err = usbipy(capsys, "bind", "--libusb", "-b", "2-3.1")  # (FakeDevice's place)
     assert rc == 0 and out == "usbipy: info: bind busid 2-3.1 for export through libusb: " \
         "complete\n", err
-    rc, out, _ = usbipy(capsys, "bind", "--device", "1209:beef", "--json")
+    rc, out, _ = usbipy(capsys, "bind", "--libusb", "--device", "1209:beef", "--json")
     assert rc == 0 and json.loads(out)["plugged_in"] is True
-    rc, out, _ = usbipy(capsys, "bind", "--device", "1209:0000", "--json")
+    rc, out, _ = usbipy(capsys, "bind", "--libusb", "--device", "1209:0000", "--json")
     assert rc == 0 and json.loads(out)["plugged_in"] is False
 
 
@@ -600,3 +605,56 @@ def test_keeper_options_without_persistent_are_one_line_errors(fake: FakeSysfs, 
     name = option.split("=")[0]
     assert (rc, out) == (1, "")
     assert err.count("\n") == 1 and f"{name} is for --persistent attachments" in err, err
+
+
+# --- bind --device: export rules ----------------------------------------------------------
+
+
+def test_bind_by_ids_records_a_rule_and_binds_what_it_matches_now(
+        fake: FakeSysfs, capsys, state: Path) -> None:
+    local_devices(fake)
+    host = fake.load_usbip_host()
+    rc, out, err = usbipy(capsys, "bind", "--device", "46f4:0001")
+    assert (rc, err) == (0, "")
+    assert out == ("usbipy: info: bind device on busid 1-1: complete\n"
+                   "usbipy: info: bind 46f4:0001 for export through usbip-host: complete\n")
+    assert (host / "bind").read_text() == "1-1"
+    assert json.loads(state.read_text())["export"] == [
+        {"vid_pid": "46f4:0001", "via": "usbip-host"}]
+    fake.set_driver("1-1", "usbip-host")
+    rc, out, _ = usbipy(capsys, "list", "-l", "--json")
+    rule = {d["busid"]: d["rule"] for d in json.loads(out)}["1-1"]
+    assert rule["where"] == "usbipy bind" and rule["export"] == "usbip-host"
+    # by hand: stays unbound (usbipyd does not take it back) until it is replugged
+    rc, out, _ = usbipy(capsys, "unbind", "-b", "1-1")
+    assert rc == 0 and "1-1 stays unbound until it is plugged in again (usbipy bind)" in out
+    devnum = int((fake.devices / "1-1" / "devnum").read_text())
+    assert json.loads(state.read_text())["unbound"] == [{"busid": "1-1", "devnum": devnum}]
+    fake.set_driver("1-1", "usb")
+    rc, out, _ = usbipy(capsys, "list", "-l")
+    assert "not exported: unbound by hand until replugged (usbipy bind)" in out
+    rc, out, _ = usbipy(capsys, "bind", "-b", "1-1")  # (bound by hand again: released)
+    assert json.loads(state.read_text())["unbound"] == []
+    fake.set_driver("1-1", "usbip-host")
+    (host / "unbind").write_text("")
+    rc, out, _ = usbipy(capsys, "--json", "unbind", "--device", "46f4:0001")
+    assert rc == 0 and json.loads(out) == {"rule": "46f4:0001", "export": None,
+                                           "given_back": ["1-1"]}
+    assert (host / "unbind").read_text() == "1-1"
+    assert json.loads(state.read_text())["export"] == []
+
+
+def test_a_configured_rule_shows_in_list_and_is_not_removed_by_unbind(
+        fake: FakeSysfs, capsys, state: Path, tmp_path: Path) -> None:
+    local_devices(fake)
+    config = tmp_path / "usbipyd.toml"
+    config.write_text('port = 3240\n\n[[export]]\nvid_pid = "1209:*"\nvia = "libusb"\n')
+    rc, out, _ = usbipy(capsys, "list", "-l", "-c", str(config))
+    assert rc == 0 and ("Test PID 2 (1209:0002)\n   exported through libusb by rule: "
+                        "usbipyd.toml line 3\n") in out
+    rc, _, err = usbipy(capsys, "unbind", "--device", "1209:*", "-c", str(config))
+    assert rc == 1 and err == ("usbipy: error: 1209:* is exported by usbipyd.toml line 3: "
+                               "remove that rule there (then 'kill -HUP' usbipyd)\n")
+    config.write_text('[[export]]\nvid_pid = "1209"\n')
+    rc, _, err = usbipy(capsys, "list", "-l", "-c", str(config))
+    assert rc == 1 and err.count("\n") == 1 and f"{config}:2: export[1].vid_pid" in err

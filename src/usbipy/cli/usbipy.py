@@ -36,28 +36,35 @@ from ..config.values import MAX_SECONDS, positive, whole
 from ..daemonize import DaemonFailed, daemonize
 from ..errors import UsbipError
 from ..escape import printable
+from ..exports.admin import (
+    LocalRules,
+    bind_matching,
+    find_recorded,
+    find_recorded_spec,
+    give_back,
+    present,
+)
+from ..exports.rules import ExportRule, PluggedDevice, Via
+from ..exports.store import WHERE as STORE_WHERE
 from ..keepalive import DEFAULT_TIMEOUT, Keepalive
 from ..linux import usbip_host, vhci
 from ..linux.sysfs import (
     SysfsError,
     UsbDevice,
     read_device,
-    serial_of,
     usb_devices,
     usb_devices_dir,
 )
 from ..linux.usbids import system_ids
 from ..linux.usbip_host import UsbipHostError
+from ..policy import DeviceSelector
 from ..protocol import USBIP_PORT, DeviceInfo
 from ..tls import TlsError, TlsFiles, client_context
 from ..tls.certs import LEAF_DAYS
+from ..usb.classes import UsbClass
 
 if TYPE_CHECKING:  # (loaded where used: each command starts with what it needs only)
-    from ..backends.libusb.bindings import Binding
     from ..policy import Client, DeviceFacts
-
-#: bDeviceClass of a hub (USB 2.0, 11.23.1).
-USB_CLASS_HUB = 0x09
 
 #: The socket of the system log, for -l.
 SYSLOG = "/dev/log"
@@ -98,17 +105,31 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("-p", "--parsable", action="store_true",
                      help="parsable format for -l (as usbip, -r ignores it)")
 
-    for name, text in (("bind", "export a device: bind it to usbip-host, or with --libusb "
-                                "mark it for usbipyd's libusb export"),
-                       ("unbind", "stop exporting a device and give it back to its driver")):
+    def rules_options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("-c", "--config", metavar="FILE",
+                            help="usbipyd's configuration file, for its [[export]] rules "
+                                 "(default: usbipyd's, when it exists)")
+        parser.add_argument("--state-dir", metavar="DIR",
+                            help="where the rules 'usbipy bind' records live (default: "
+                                 "$USBIPY_STATE_DIR or /var/lib/usbipy)")
+
+    rules_options(lst)
+    for name, text in (("bind", "export a device: bind it to usbip-host (or with --libusb, "
+                                "through usbipyd's libusb), now by busid, or by its ids "
+                                "wherever and whenever it is plugged in (a rule)"),
+                       ("unbind", "stop exporting a device and give it back to its driver "
+                                  "(by busid: until it is plugged in again; by --device: "
+                                  "the rule removed)")):
         cmd = sub.add_parser(name, parents=[common], help=text)
         which = cmd.add_mutually_exclusive_group(required=True)
         which.add_argument("-b", "--busid", help="the device's bus id")
         which.add_argument("--device", metavar="VID:PID[:SERIAL]",
-                           help="the device by its ids, wherever it is plugged in (libusb)")
+                           help="the device by its ids, wherever it is plugged in: an export "
+                                "rule that usbipyd applies as it appears")
         if name == "bind":
             cmd.add_argument("--libusb", action="store_true",
                              help="export through libusb (usbipyd) rather than usbip-host")
+        rules_options(cmd)
 
     att = sub.add_parser("attach", parents=[common], help="import a remote device into vhci-hcd")
     att.add_argument("-r", "--remote", metavar="HOST[:PORT]", required=True,
@@ -264,7 +285,7 @@ def _exportable_local() -> list[UsbDevice]:
     return [d for d in usb_devices() if not d.is_hub and not d.on_vhci]
 
 
-def _print_local(devices: Sequence[UsbDevice], parsable: bool) -> None:
+def _print_local(devices: Sequence[UsbDevice], parsable: bool, rules: LocalRules) -> None:
     ids = system_ids()
     for dev in devices:
         d = dev.info
@@ -274,13 +295,34 @@ def _print_local(devices: Sequence[UsbDevice], parsable: bool) -> None:
         else:
             print(f" - busid {dev.busid} ({usbid})")
             print(f"   {ids.product_name(d.idVendor, d.idProduct)}")
+            print(f"   {_exported_by(dev, rules)}")
         print()
 
 
-def _local_dict(dev: UsbDevice) -> dict[str, object]:
+def _exported_by(dev: UsbDevice, rules: LocalRules) -> str:
+    """How `list -l` says what exports a device: the rule, usbip-host bound by hand, or
+    nothing."""
+    rule = rules.rule_for(PluggedDevice.of(dev))
+    held = rules.store.load().unbound.get(dev.busid) == dev.info.devnum
+    if rule is not None and held:
+        return f"not exported: unbound by hand until replugged ({rule.where})"
+    if rule is not None:
+        return f"exported through {rule.via.value} by rule: {rule.where}"
+    if dev.driver == usbip_host.DRIVER:
+        return "exported through usbip-host (bound by busid: no rule)"
+    return "not exported (no rule)"
+
+
+def _local_dict(dev: UsbDevice, rules: LocalRules) -> dict[str, object]:
     result = _device_dict(dev.info)
     result["driver"] = dev.driver
-    result["exported"] = dev.driver == usbip_host.DRIVER
+    rule = rules.rule_for(PluggedDevice.of(dev))
+    held = rules.store.load().unbound.get(dev.busid) == dev.info.devnum
+    result["exported"] = dev.driver == usbip_host.DRIVER or (
+        rule is not None and rule.via is Via.LIBUSB and not held)
+    result["rule"] = None if rule is None else {
+        "where": rule.where, "export": rule.via.value, "text": str(rule),
+        "held_until_replugged": held}
     return result
 
 
@@ -412,45 +454,31 @@ def _libusb_plugged_in() -> dict[str, tuple[int, int, int]]:
         raise UsbipError(f"libusb cannot list the USB devices: {exc}") from None
 
 
-def _libusb_binding(args: argparse.Namespace) -> tuple[Binding, bool]:
-    """The binding asked for, and whether its device is plugged in now."""
-    from ..backends.libusb.bindings import Binding
+def _libusb_busid(busid: str) -> None:
+    """--libusb -b BUSID: a device that is plugged in, and may be exported."""
     from ..backends.libusb.events import require_usb1
 
     require_usb1()  # usbipyd could not serve it: say so now, not in its log later
-    has_sysfs = usb_devices_dir().is_dir()  # (Linux: sysfs knows every device plugged in)
-    if args.device:
-        binding = Binding.parse_device(args.device)
-        if has_sysfs:
-            plugged = any(
-                binding.matches(d.busid, d.info.idVendor, d.info.idProduct,
-                                functools.partial(serial_of, d.busid))
-                for d in usb_devices())
-        else:  # (a serial libusb reads only from an opened device: taken as given)
-            plugged = any(binding.matches(busid, vid, pid, lambda: binding.serial)
-                          for busid, (vid, pid, _class) in _libusb_plugged_in().items())
-        return binding, plugged
-    no_such = UsbipHostError(f"no USB device with busid {printable(args.busid)} (see "
+    no_such = UsbipHostError(f"no USB device with busid {printable(busid)} (see "
                              "'usbipy list -l'; to export a device that is not plugged in "
                              "yet, bind it by --device VID:PID)")
     try:
-        device = read_device(args.busid)
+        device = read_device(busid)
     except SysfsError:
-        if has_sysfs:
+        if usb_devices_dir().is_dir():
             raise no_such from None
         # no sysfs here (a container, macOS): libusb knows what is plugged in
-        found = _libusb_plugged_in().get(args.busid)
+        found = _libusb_plugged_in().get(busid)
         if found is None:
             raise no_such from None
-        if found[2] == USB_CLASS_HUB:
-            raise UsbipHostError(f"{args.busid} is a hub: hubs cannot be exported") from None
-        return Binding(busid=args.busid), True
+        if found[2] == UsbClass.HUB:
+            raise UsbipHostError(f"{busid} is a hub: hubs cannot be exported") from None
+        return
     if device.is_hub:
-        raise UsbipHostError(f"{args.busid} is a hub: hubs cannot be exported")
+        raise UsbipHostError(f"{busid} is a hub: hubs cannot be exported")
     if device.driver == usbip_host.DRIVER:
-        raise UsbipHostError(f"{args.busid} is bound to {usbip_host.DRIVER}: "
-                             f"'usbipy unbind -b {args.busid}' first")
-    return Binding(busid=args.busid), True
+        raise UsbipHostError(f"{busid} is bound to {usbip_host.DRIVER}: "
+                             f"'usbipy unbind -b {busid}' first")
 
 
 # --- main ------------------------------------------------------------------------------
@@ -606,9 +634,10 @@ def _run(args: argparse.Namespace) -> object:
             _print_remote(args.remote, remote)
         else:
             local = _exportable_local()
+            rules = _local_rules(args)
             if as_json:
-                return [_local_dict(d) for d in local]
-            _print_local(local, args.parsable)
+                return [_local_dict(d, rules) for d in local]
+            _print_local(local, args.parsable, rules)
     elif args.command in ("bind", "unbind"):
         return _bind(args)
     elif args.command == "attach":
@@ -653,7 +682,7 @@ def _doctor(args: argparse.Namespace, tls: TlsFiles | None) -> dict[str, object]
             if files is None:
                 files = TlsFiles.from_options(options.get("tls_cert"), options.get("tls_key"),
                                               options.get("tls_ca"))
-        report = check_server(port, files, _libusb_binding_names(),
+        report = check_server(port, files, _libusb_rule_names(args),
                               **({"resume_window": limits["resume_window"]}
                                  if "resume_window" in limits else {}))
         if problem is not None:
@@ -666,48 +695,130 @@ def _doctor(args: argparse.Namespace, tls: TlsFiles | None) -> dict[str, object]
     return result
 
 
-def _libusb_binding_names() -> list[str]:
-    from ..backends.libusb.bindings import BindingError, BindingStore
-
+def _libusb_rule_names(args: argparse.Namespace) -> list[str]:
+    """The libusb rules in force here, for doctor: each as `usbipy list -l` names it."""
     try:
-        return [str(b) for b in BindingStore().load()]
-    except (BindingError, OSError):
+        rules = LocalRules.read(getattr(args, "config", None), None).all()
+    except UsbipError:
         return []
+    return [rule.spec or str(rule.device) for rule in rules.via(Via.LIBUSB)]
+
+
+def _local_rules(args: argparse.Namespace) -> LocalRules:
+    return LocalRules.read(args.config, args.state_dir)
 
 
 def _bind(args: argparse.Namespace) -> object:
-    from ..backends.libusb.bindings import Binding, BindingStore
-
-    as_json: bool = args.json
+    """bind and unbind: by busid as `usbip bind`, or as a rule (--device, --libusb)."""
+    rules = _local_rules(args)
+    via = Via.LIBUSB if getattr(args, "libusb", False) else Via.USBIP_HOST
     if args.command == "bind":
-        if args.libusb or args.device:
-            binding, plugged = _libusb_binding(args)
-            BindingStore().add(binding)
-            if as_json:
-                return {"binding": str(binding), "export": "libusb", "plugged_in": plugged}
-            later = "" if plugged else (" (not plugged in now: usbipyd exports it once it "
-                                        "is)")
-            print(f"usbipy: info: bind {binding} for export through libusb: complete{later}")
-        else:
-            usbip_host.bind(args.busid)
-            if as_json:
-                return {"busid": args.busid, "driver": usbip_host.DRIVER}
-            print(f"usbipy: info: bind device on busid {args.busid}: complete")
-    elif args.command == "unbind":
-        store = BindingStore()
-        binding = (Binding.parse_device(args.device) if args.device
-                   else Binding(busid=args.busid))
-        if args.device or binding in store.load():
-            # a running usbipyd drops the device's client and gives it back to its driver
-            store.remove(binding)
-            if as_json:
-                return {"binding": str(binding), "export": None}
-            print(f"usbipy: info: unbind {binding} from export through libusb: complete")
-        else:
+        if args.device:
+            try:
+                rule = ExportRule.for_device(args.device, via, where=STORE_WHERE)
+            except ValueError as exc:
+                raise UsbipError(str(exc)) from None
+            return _bind_rule(args, rules, rule)
+        if via is Via.LIBUSB:
+            _libusb_busid(args.busid)
+            rule = ExportRule(DeviceSelector(busid=(args.busid,)), Via.LIBUSB,
+                              where=STORE_WHERE)
+            rules.store.release(args.busid)
+            rules.store.add(rule)
+            if args.json:
+                return {"busid": args.busid, "rule": f"busid {args.busid}",
+                        "export": "libusb", "plugged_in": True}
+            print(f"usbipy: info: bind busid {args.busid} for export through libusb: complete")
+            return None
+        usbip_host.bind(args.busid)
+        rules.store.release(args.busid)  # (bound by hand again: the rules apply again)
+        if args.json:
+            return {"busid": args.busid, "driver": usbip_host.DRIVER}
+        print(f"usbipy: info: bind device on busid {args.busid}: complete")
+        return None
+    if args.device:
+        return _unbind_rule(args, rules)
+    recorded = find_recorded(rules, None, args.busid, Via.LIBUSB)
+    if recorded is not None:
+        # a running usbipyd drops the device's client and gives it back to its driver
+        rules.store.remove(recorded)
+        if args.json:
+            return {"busid": args.busid, "rule": None, "export": None}
+        print(f"usbipy: info: unbind busid {args.busid} from export through libusb: complete")
+        return None
+    return _unbind_busid(args, rules)
+
+
+def _bind_rule(args: argparse.Namespace, rules: LocalRules, rule: ExportRule) -> object:
+    if rule.via is Via.LIBUSB:
+        from ..backends.libusb.events import require_usb1
+
+        require_usb1()
+    rules.store.add(rule)
+    if usb_devices_dir().is_dir():
+        plugged = [d.busid for d in present() if rule.matches(d)]
+    else:  # (no sysfs: a container, macOS; a serial libusb reads only from an opened
+        # device: taken as given)
+        serial = rule.device.serial[0] if rule.device.serial else None
+        plugged = [busid for busid, (vid, pid, cls) in _libusb_plugged_in().items()
+                   if rule.matches(PluggedDevice(busid, vid, pid, serial, cls))]
+    bound = bind_matching(rule, rules) if rule.via is Via.USBIP_HOST else []
+    if args.json:
+        return {"rule": rule.spec, "export": rule.via.value, "plugged_in": bool(plugged),
+                "busids": plugged, "bound": bound}
+    for busid in bound:
+        print(f"usbipy: info: bind device on busid {busid}: complete")
+    later = "" if plugged else " (not plugged in now: usbipyd exports it once it is)"
+    print(f"usbipy: info: bind {rule.spec} for export through {rule.via.value}: complete"
+          f"{later}")
+    return None
+
+
+def _unbind_rule(args: argparse.Namespace, rules: LocalRules) -> object:
+    recorded = find_recorded(rules, args.device, None)
+    if recorded is None:
+        configured = next((r for r in rules.configured
+                           if r.spec is not None and find_recorded_spec(r, args.device)), None)
+        if configured is not None:
+            raise UsbipError(f"{args.device} is exported by {configured.where}: remove that "
+                             "rule there (then 'kill -HUP' usbipyd)")
+        raise UsbipError(f"{args.device} is not a rule 'usbipy bind' recorded (see 'usbipy "
+                         "list -l')")
+    rules.store.remove(recorded)
+    given = give_back(recorded) if recorded.via is Via.USBIP_HOST else []
+    if args.json:
+        return {"rule": recorded.spec, "export": None, "given_back": given}
+    for busid in given:
+        print(f"usbipy: info: unbind device on busid {busid}: complete")
+    print(f"usbipy: info: unbind {recorded.spec} from export through {recorded.via.value}: "
+          "complete")
+    return None
+
+
+def _unbind_busid(args: argparse.Namespace, rules: LocalRules) -> object:
+    try:
+        device: PluggedDevice | None = PluggedDevice.of(read_device(args.busid))
+    except SysfsError:
+        device = None
+    rule = rules.rule_for(device) if device is not None else None
+    if device is not None and rule is not None:
+        # usbipyd must not take it back at once: left alone until it is plugged in again
+        rules.store.hold(device.busid, device.devnum)
+    if rule is None or rule.via is Via.USBIP_HOST or (
+            device is not None and device.driver == usbip_host.DRIVER):
+        try:
             usbip_host.unbind(args.busid)
-            if as_json:
-                return {"busid": args.busid, "driver": None}
-            print(f"usbipy: info: unbind device on busid {args.busid}: complete")
+        except UsbipError:
+            if device is not None and rule is not None:
+                rules.store.release(device.busid)
+            raise
+    if args.json:
+        return {"busid": args.busid, "driver": None,
+                "held_until_replugged": rule is not None}
+    print(f"usbipy: info: unbind device on busid {args.busid}: complete")
+    if rule is not None:
+        print(f"usbipy: info: {args.busid} stays unbound until it is plugged in again "
+              f"({rule.where or rule})")
     return None
 
 
