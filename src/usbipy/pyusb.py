@@ -12,7 +12,9 @@ An existing PyUSB program changes one line::
 
 ``get_backend`` takes ``"HOST"``, ``"HOST:PORT"``, ``"[V6ADDR]:PORT"`` or a URL
 ``usbip://HOST[:PORT][/BUSID]``, and ``busid=`` as a keyword; without a
-busid, PyUSB sees every device the server exports. A device is held (imported)
+busid, PyUSB sees every device the server exports. ``usbip://HOST/VID:PID``
+(or ``VID:PID:SERIAL``) shows the devices with those ids, at whatever busid
+they have (a serial is read by a short import of each candidate). A device is held (imported)
 while PyUSB has it open: from its first request until every ``Device`` found
 for it is disposed (``usb.util.dispose_resources``) or collected. Reading the
 descriptors of a device not seen before imports it for a moment (usbip-host
@@ -34,6 +36,7 @@ PyUSB is an optional dependency: ``pip install usbipy[pyusb]``.
 from __future__ import annotations
 
 import errno
+import fnmatch
 import logging
 import ssl
 import threading
@@ -62,6 +65,7 @@ from .client.errors import (
     TransferTimeout,
     UrbError,
 )
+from .client.identity import DeviceSpec, serial_of
 from .client.sync import Device, connect, list_devices
 from .client.transfers import CONNECT_TIMEOUT
 from .errors import UsbipError
@@ -207,10 +211,14 @@ class UsbipBackend(usb.backend.IBackend):  # type: ignore[misc]
     def __init__(self, host: str, port: int = USBIP_PORT, busid: str | None = None, *,
                  tls: ssl.SSLContext | None = None, server_hostname: str | None = None,
                  keepalive: Keepalive = DEFAULT, timeout: float = CONNECT_TIMEOUT,
-                 resume: bool = False) -> None:
+                 resume: bool = False, device: DeviceSpec | None = None) -> None:
         self.host = host
         self.port = port
         self.busid = busid
+        #: By identity: only the devices with these ids (and serial), wherever they are.
+        self.device = device
+        #: Serials read (by a short import), by device identity.
+        self._serials: dict[tuple[str, int, int, int, int, int], str | None] = {}
         self._options: dict[str, Any] = dict(tls=tls, server_hostname=server_hostname,
                                              keepalive=keepalive, timeout=timeout)
         #: Whether an open device resumes a lost connection (where the server offers it).
@@ -226,8 +234,9 @@ class UsbipBackend(usb.backend.IBackend):  # type: ignore[misc]
         self._known: dict[tuple[str, int, int, int, int, int], _DeviceId] = {}
 
     def __repr__(self) -> str:
+        which = self.busid or (str(self.device) if self.device is not None else None)
         return (f"<UsbipBackend usbip://{printable(self.host)}:{self.port}"
-                f"{'/' + printable(self.busid) if self.busid else ''}>")
+                f"{'/' + printable(which) if which else ''}>")
 
     # --- enumeration and descriptors ---------------------------------------------
 
@@ -245,6 +254,8 @@ class UsbipBackend(usb.backend.IBackend):  # type: ignore[misc]
                 continue
             if any(d.busid == info.busid for d in found):
                 continue
+            if self.device is not None and not self._is_device(info):
+                continue
             try:
                 found.append(self._described(info))
             except (UsbipError, DescriptorError) as exc:
@@ -255,6 +266,32 @@ class UsbipBackend(usb.backend.IBackend):  # type: ignore[misc]
             log.warning("%s:%d exports no device %s", printable(self.host), self.port,
                         printable(self.busid))
         return found
+
+    def _is_device(self, info: DeviceInfo) -> bool:
+        """Whether ``info`` has the ids (and serial) asked for; a serial is read once
+        per device, by a short import."""
+        spec = self.device
+        assert spec is not None
+        if not spec.matches_ids(info):
+            return False
+        if spec.serial is None:
+            return True
+        key = _identity(info)
+        with self._lock:
+            held = any(s.dev.busid == info.busid for s in self._sessions.values())
+        if key not in self._serials and not held:
+            try:
+                device = self._import(info.busid)
+            except UsbipError as exc:
+                log.warning("%s:%d: %s left out: %s", printable(self.host), self.port,
+                            printable(info.busid), exc)
+                return False
+            with device:
+                self._serials[key] = serial_of(
+                    lambda t, r, v, i, n: device.control(t, r, v, i, n,
+                                                         timeout=DESCRIPTOR_TIMEOUT))
+        serial = self._serials.get(key)
+        return serial is not None and fnmatch.fnmatchcase(serial, spec.serial)
 
     def _described(self, info: DeviceInfo) -> _DeviceId:
         """The device with its descriptors: known already, or read through a short
@@ -558,8 +595,15 @@ def get_backend(address: str, busid: str | None = None, *,
     a lost connection is resumed in place where the server offers it (usbipyd).
     """
     host, port, busid = parse_address(address, busid)
+    device = None
+    if busid is not None and ":" in busid:  # usbip://HOST/VID:PID[:SERIAL]
+        try:
+            device = DeviceSpec.parse(busid)
+        except ClientError as exc:
+            raise ValueError(str(exc)) from None
+        busid = None
     return UsbipBackend(host, port, busid, tls=tls, server_hostname=server_hostname,
-                        keepalive=keepalive, timeout=timeout, resume=resume)
+                        keepalive=keepalive, timeout=timeout, resume=resume, device=device)
 
 
 # --- helpers -------------------------------------------------------------------------

@@ -463,7 +463,7 @@ def test_the_systemd_unit_runs_a_persistent_attach() -> None:
     env = {"${HOST}": "lab1", "${BUSID}": "1-2", "$OPTIONS": "--max-delay=30"}
     args = cli.build_parser().parse_args([env.get(word, word) for word in command[1:]])
     assert (args.command, args.remote, args.busid, args.persistent, args.max_delay) == (
-        "attach", "lab1", "1-2", True, 30.0)
+        "attach", ["lab1"], "1-2", True, 30.0)
     assert settings["EnvironmentFile"] == "/etc/usbipy/attach/%i.env"
 
 
@@ -650,3 +650,36 @@ def test_port_shows_a_resuming_attachment_on_its_port(fake, capsys, keeper_proce
     rc, out, _ = usbipy(capsys, "port", "--json")
     [entry] = json.loads(out)
     assert entry["persistent"]["resumable"] is True and entry["persistent"]["resumed"] == 2
+
+
+def test_port_shows_how_an_attachment_by_identity_is_matched(fake, capsys, keeper_process
+                                                             ) -> None:
+    from .test_cli_usbipy import usbipy
+
+    fake.load_vhci()
+    fake.set_vhci_status({})
+    match = "device 0483:df11:SER on 10.0.0.7:3240, 10.0.0.8:3240"
+    keeper_mod.write_state(keeper_mod.KeeperState(
+        keeper_process.pid, "10.0.0.7", 3240, "0483:df11:SER", "waiting", match=match,
+        retry_at=time.time() + 30, attempts=2, last_error="no device 0483:df11:SER on ..."))
+    rc, out, _ = usbipy(capsys, "port")
+    assert rc == 0
+    assert (f"-> persistent (pid {keeper_process.pid}, by {match}, retry in 30 s, attempt 2"
+            ")") in out, out
+    rc, out, _ = usbipy(capsys, "port", "--json")
+    assert json.loads(out)[0]["persistent"]["match"] == match
+
+
+def test_the_systemd_unit_runs_a_persistent_attach_by_identity() -> None:
+    from usbipy.cli import usbipy as cli
+
+    unit = (Path(__file__).parents[2] / "systemd/usbipy-attach-device@.service").read_text()
+    settings = dict(line.split("=", 1) for line in unit.splitlines()
+                    if "=" in line and not line.startswith("#"))
+    command = settings["ExecStart"].split()
+    env = {"${HOST}": "lab1", "${DEVICE}": "0483:374b:0671FF", "$OPTIONS": "-r lab2"}
+    # (systemd splits an unbraced $OPTIONS into words; ${NAME} stays one)
+    args = cli.build_parser().parse_args([part for word in command[1:]
+                                          for part in env.get(word, word).split()])
+    assert (args.command, args.remote, args.device, args.busid, args.persistent) == (
+        "attach", ["lab1", "lab2"], "0483:374b:0671FF", None, True)

@@ -23,15 +23,16 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..client import persistent
 from ..client.address import split_address
-from ..client.attach import attach
+from ..client.attach import attach, attach_device
 from ..client.backoff import Backoff
+from ..client.identity import DeviceSpec
 from ..config.values import MAX_SECONDS, positive, whole
 from ..daemonize import DaemonFailed, daemonize
 from ..errors import UsbipError
@@ -132,10 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
         rules_options(cmd)
 
     att = sub.add_parser("attach", parents=[common], help="import a remote device into vhci-hcd")
-    att.add_argument("-r", "--remote", metavar="HOST[:PORT]", required=True,
-                     help="the machine that exports the device")
-    att.add_argument("-b", "--busid", "-d", "--device", dest="busid", required=True,
-                     help="the device's bus id on HOST")
+    att.add_argument("-r", "--remote", metavar="HOST[:PORT]", required=True, action="append",
+                     help="the machine that exports the device; with --device, may repeat: "
+                          "the first that offers a match serves it")
+    which_device = att.add_mutually_exclusive_group(required=True)
+    which_device.add_argument("-b", "--busid", "-d", dest="busid",
+                              help="the device's bus id on HOST")
+    which_device.add_argument("--device", metavar="VID:PID[:SERIAL]",
+                              help="the device by its ids (and serial), at whatever bus id it "
+                                   "has: looked up in the device lists at each attempt")
+    att.add_argument("--first", action="store_true",
+                     help="with --device: where several devices match, the first")
     att.add_argument("--dead-peer-timeout", type=positive(MAX_SECONDS), default=DEFAULT_TIMEOUT,
                      metavar="SECONDS",
                      help="give the server up when it has not answered for this long: the "
@@ -374,6 +382,8 @@ def _keeper_text(keeper: persistent.KeeperState) -> str:
     import time
 
     text = f"persistent (pid {keeper.pid}"
+    if keeper.match is not None:
+        text += f", by {keeper.match}"
     if keeper.state == "attached":
         text += f", attached {_ago(time.time() - keeper.since)} ago"
         if keeper.down_since is not None:
@@ -595,8 +605,8 @@ def _policy_check(args: argparse.Namespace) -> dict[str, object]:
 def _remote_port(args: argparse.Namespace) -> None:
     """-r HOST:PORT and -r [V6ADDR]:PORT, as the PyUSB backend takes them: the port
     given there is the one dialled (-t gives it otherwise)."""
-    if getattr(args, "remote", None) is None or args.command == "detach":
-        return
+    if getattr(args, "remote", None) is None or args.command in ("detach", "attach"):
+        return  # (attach: -r may repeat, see _servers)
     try:
         args.remote, port = split_address(args.remote)
     except ValueError as exc:
@@ -822,25 +832,61 @@ def _unbind_busid(args: argparse.Namespace, rules: LocalRules) -> object:
     return None
 
 
+def _servers(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """attach's -r HOST[:PORT], each; one unless the device is named by --device."""
+    servers = []
+    for text in args.remote:
+        try:
+            host, port = split_address(text)
+        except ValueError as exc:
+            raise UsbipError(f"-r: {exc}") from None
+        servers.append((host, port if port is not None else args.tcp_port))
+    if len(servers) > 1 and args.device is None:
+        raise UsbipError("-r may repeat only with --device (a bus id names a device on one "
+                         "server)")
+    if args.first and args.device is None:
+        raise UsbipError("--first is for --device")
+    return servers
+
+
+def _attach_fn(args: argparse.Namespace, tls: TlsFiles | None,
+               servers: list[tuple[str, int]], **options: Any) -> Callable[..., Any]:
+    """What attaches the device once: by busid, or found by its ids."""
+    common = {"tls": tls, "server_name": args.tls_server_name,
+              "keepalive": Keepalive(args.dead_peer_timeout), **options}
+    if args.device is None:
+        host, port = servers[0]
+        return functools.partial(attach, host, args.busid, port, **common)
+    spec = DeviceSpec.parse(args.device)
+    return functools.partial(attach_device, servers, spec, first=args.first, **common)
+
+
+def _match_text(args: argparse.Namespace, servers: list[tuple[str, int]]) -> str | None:
+    if args.device is None:
+        return None
+    return (f"device {args.device} on " + ", ".join(f"{h}:{p}" for h, p in servers)
+            + (" (the first match)" if args.first else ""))
+
+
 def _attach(args: argparse.Namespace, tls: TlsFiles | None) -> object:
+    servers = _servers(args)
     if args.persistent:
-        return _attach_persistent(args, tls)
+        return _attach_persistent(args, tls, servers)
     for option in ("retries", "background"):
         if getattr(args, option) not in (None, False):
             raise UsbipError(f"--{option} is for --persistent attachments")
     if not args.resume:
         raise UsbipError("--no-resume is for --persistent attachments (a single attach "
                          "never resumes)")
-    attached = attach(args.remote, args.busid, args.tcp_port, tls=tls,
-                      server_name=args.tls_server_name,
-                      keepalive=Keepalive(args.dead_peer_timeout))
+    attached = _attach_fn(args, tls, servers)()
+    busid = attached.device.busid
     if args.json:
         return {"port": attached.port, "host": attached.host,
-                "tcp_port": attached.tcp_port, "busid": args.busid,
+                "tcp_port": attached.tcp_port, "busid": busid,
                 "device": _device_dict(attached.device),
                 "tls": attached.tls.as_dict() if attached.tls else None}
     over = f" over TLS with {attached.tls.peer}" if attached.tls else ""
-    print(f"usbipy: info: attached {args.busid} from {args.remote}:{args.tcp_port} "
+    print(f"usbipy: info: attached {busid} from {attached.host}:{attached.tcp_port} "
           f"on port {attached.port}{over}")
     return None
 
@@ -893,31 +939,34 @@ def _detach(args: argparse.Namespace) -> object:
     return None
 
 
-def _attach_persistent(args: argparse.Namespace, tls: TlsFiles | None) -> object:
-    for running in persistent.find_keepers(busid=args.busid, host=args.remote):
-        if running.tcp_port == args.tcp_port:
-            raise UsbipError(f"{printable(running.url)} is already kept attached by pid "
-                             f"{running.pid} (see 'usbipy port')")
+def _attach_persistent(args: argparse.Namespace, tls: TlsFiles | None,
+                       servers: list[tuple[str, int]]) -> object:
+    match = _match_text(args, servers)
+    host, port = servers[0]
+    for running in persistent.read_states():
+        same = (running.match == match if match is not None else
+                running.match is None and (running.host, running.tcp_port, running.busid)
+                == (host, port, args.busid))
+        if same:
+            raise UsbipError(f"{printable(match or running.url)} is already kept attached by "
+                             f"pid {running.pid} (see 'usbipy port')")
     vhci.require_vhci()  # a usage error: before going to the background
     keeper = persistent.Keeper(
-        args.remote, args.tcp_port, args.busid,
-        functools.partial(attach, args.remote, args.busid, args.tcp_port, tls=tls,
-                          server_name=args.tls_server_name,
-                          keepalive=Keepalive(args.dead_peer_timeout), watch=True,
-                          resume=args.resume),
+        host, port, args.busid or args.device,
+        _attach_fn(args, tls, servers, watch=True, resume=args.resume), match=match,
         backoff=Backoff(maximum=max(1.0, args.max_delay), retries=args.retries))
+    what = match or f"{args.busid} from {host}:{port}"
     if not args.background:
         status = _keep(keeper, logging.StreamHandler(sys.stderr), "usbipy: %(message)s")
         if status:
-            raise UsbipError(f"{args.busid} from {args.remote}:{args.tcp_port}: gave up "
-                             f"after {keeper.backoff.attempts} retries")
+            raise UsbipError(f"{what}: gave up after {keeper.backoff.attempts} retries")
         return {"persistent": True, "stopped": True} if args.json else None
     pid = _background(keeper)
     log_file = persistent.run_dir() / f"{pid}.log"
     if args.json:
         return {"persistent": True, "pid": pid, "log": str(log_file)}
-    print(f"usbipy: info: keeping {args.busid} from {args.remote}:{args.tcp_port} "
-          f"attached in the background (pid {pid}, log {log_file})")
+    print(f"usbipy: info: keeping {what} attached in the background (pid {pid}, log "
+          f"{log_file})")
     return None
 
 

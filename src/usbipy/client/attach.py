@@ -10,16 +10,19 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ..keepalive import DEFAULT, Keepalive
 from ..linux import vhci
-from ..protocol import DeviceInfo
+from ..protocol import DeviceInfo, OpStatus
 from ..protocol.resume import ResumableStream
 from ..tls import TlsError, TlsFiles, TlsSession, client_context, ktls
-from .errors import TlsRefused
+from . import identity
+from .errors import ImportRefused, TlsRefused
 from .handshake import OP_TIMEOUT, connect, import_offering_resume
+from .identity import DeviceSpec, Found
 from .relay import CONNECT_TIMEOUT, Relay
 
 
@@ -134,3 +137,29 @@ def attach(host: str, busid: str, tcp_port: int, *, tls: TlsFiles | None = None,
             pass
         raise
     return Attached(port, host, tcp_port, device, session, watcher, relay)
+
+
+def attach_device(servers: Sequence[tuple[str, int]], spec: DeviceSpec, *, first: bool = False,
+                  tls: TlsFiles | None = None, server_name: str | None = None,
+                  keepalive: Keepalive = DEFAULT, watch: bool = False, resume: bool = False,
+                  before_hand_off: Callable[[], None] | None = None,
+                  on_found: Callable[[Found], None] | None = None) -> Attached:
+    """`usbipy attach --device VID:PID[:SERIAL]`: the device found on the first of
+    ``servers`` that offers it (:func:`usbipy.client.identity.find`), attached as
+    :func:`attach` does. ``on_found`` is told where it was found."""
+    context = client_context(tls) if tls is not None else None
+    list_devices, read_serial = identity.sync_functions(context, server_name, OP_TIMEOUT)
+    found = identity.find(servers, spec, first=first, list_devices=list_devices,
+                          read_serial=read_serial)
+    if on_found is not None:
+        on_found(found)
+    deadline = time.monotonic() + (identity.BUSY_AFTER_PROBE if spec.serial is not None else 0.0)
+    while True:
+        try:
+            return attach(found.host, found.busid, found.port, tls=tls,
+                          server_name=server_name, keepalive=keepalive, watch=watch,
+                          resume=resume, before_hand_off=before_hand_off)
+        except ImportRefused as exc:
+            if exc.status is not OpStatus.DEV_BUSY or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.2)

@@ -87,6 +87,9 @@ class KeeperState:
     down_since: float | None = None
     #: Times the connection was resumed.
     resumed: int = 0
+    #: How the device is found at each attempt, for one attached by identity
+    #: ("device 0483:df11:SERIAL on HOST1:3240, HOST2:3240"); None: by busid.
+    match: str | None = None
 
     @property
     def url(self) -> str:
@@ -108,6 +111,7 @@ class KeeperState:
             "attempts": (int,), "last_error": (str, type(None)), "reattached": (int,),
             "started": (int, type(None)), "resumable": (bool,),
             "down_since": (int, float, type(None)), "resumed": (int,),
+            "match": (str, type(None)),
         }
         for name, value in data.items():
             if name not in kinds or (isinstance(value, bool) and bool not in kinds[name]) or (
@@ -240,6 +244,7 @@ class Keeper:
     """
 
     def __init__(self, host: str, tcp_port: int, busid: str, attach: AttachFn, *,
+                 match: str | None = None,
                  backoff: Backoff | None = None, backstop: float = BACKSTOP,
                  read_ports: Callable[[], list[vhci.VhciPort]] = vhci.read_ports,
                  detach: Callable[[int], None] = vhci.detach,
@@ -259,7 +264,7 @@ class Keeper:
         self._attaching = False
         self._attached_before = False
         self.state = KeeperState(os.getpid(), host, tcp_port, busid, "connecting",
-                                 started=process_start(os.getpid()))
+                                 started=process_start(os.getpid()), match=match)
 
     def stop(self) -> None:
         """Stop for good: detach, and do not come back. Safe from a signal handler;
@@ -364,7 +369,9 @@ class Keeper:
                  " again" if again else "")
         self.backoff.reset_count()  # (retries: failures in a row)
         relay = attached.relay
-        self._set(state="attached", port=port, devid=devid, since=time.time(),
+        # (by identity, the device may be somewhere else this time)
+        self._set(host=attached.host, tcp_port=attached.tcp_port, busid=attached.device.busid,
+                  state="attached", port=port, devid=devid, since=time.time(),
                   last_error=None, attempts=0, retry_at=None,
                   reattached=self.state.reattached + again, resumable=relay is not None,
                   down_since=None)
@@ -446,8 +453,9 @@ class Keeper:
     def _forget(self, port: int) -> None:
         """After a loss: the port's record, if it is still ours."""
         record = vhci.read_record(port)
+        state = self.state
         if record is not None and (record.host, record.service, record.busid) == (
-                self.host, str(self.tcp_port), self.busid):
+                state.host, str(state.tcp_port), state.busid):
             vhci.remove_record(port)
 
     def _release(self, port: int, devid: int) -> None:

@@ -26,6 +26,7 @@ connection.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import socket
@@ -57,6 +58,7 @@ from ..protocol import (
 from ..protocol.constants import USBIP_PORT
 from ..tls import TlsSession, handshake_failure
 from ..usb.urb import UrbFlag
+from . import identity
 from .backoff import Backoff
 from .errors import (
     EARLY_CLOSE,
@@ -69,6 +71,7 @@ from .errors import (
     TransferTimeout,
     lost_reason,
 )
+from .identity import DeviceSpec
 from .relay import RelayThread, import_resumable
 from .transfers import (
     CONNECT_TIMEOUT,
@@ -263,13 +266,19 @@ async def list_devices(host: str, port: int = USBIP_PORT, *, tls: ssl.SSLContext
         await _close(protocol)
 
 
-async def import_device(host: str, busid: str, port: int = USBIP_PORT, *,
+async def import_device(host: str, busid: str | None = None, port: int = USBIP_PORT, *,
+                        device: str | None = None, first: bool = False,
                         tls: ssl.SSLContext | None = None,
                         server_hostname: str | None = None,
                         keepalive: Keepalive = DEFAULT,
                         reconnect: Backoff | None = None,
                         resume: bool = False) -> RemoteDevice:
     """OP_REQ_IMPORT: hold ``busid`` and get a handle to submit URBs to it.
+
+    Or ``device="VID:PID[:SERIAL]"`` for the device with those ids, at whatever
+    busid it has (looked up again at each reconnect: see
+    :mod:`usbipy.client.identity`); several that match are an error, unless
+    ``first``.
 
     ``tls``, ``server_hostname`` and ``keepalive`` as for :func:`list_devices`.
     With ``resume``, a lost connection is resumed in place where the server
@@ -279,7 +288,11 @@ async def import_device(host: str, busid: str, port: int = USBIP_PORT, *,
     after the delays ``reconnect`` gives, until it succeeds or they run out;
     see :class:`RemoteDevice`.
     """
-    target = _Target(host, busid, port, tls, server_hostname, keepalive, resume)
+    if (busid is None) == (device is None):
+        raise ValueError("give a busid or device=VID:PID[:SERIAL], one of them")
+    spec = DeviceSpec.parse(device) if device is not None else None
+    target = _Target(host, busid or "", port, tls, server_hostname, keepalive, resume, spec,
+                     first)
     protocol, info, relay = await _import_target(target)
     return RemoteDevice(protocol, info, target=target, reconnect=reconnect, relay=relay)
 
@@ -295,10 +308,33 @@ class _Target:
     server_hostname: str | None
     keepalive: Keepalive
     resume: bool = False
+    #: By identity: the ids (and serial) found on the device list at each import.
+    spec: DeviceSpec | None = None
+    first: bool = False
 
 
 async def _import_target(target: _Target
                          ) -> tuple[_ClientProtocol, DeviceInfo, RelayThread | None]:
+    if target.spec is None:
+        return await _import_busid(target)
+    list_devices, read_serial = identity.sync_functions(target.tls, target.server_hostname,
+                                                        CONNECT_TIMEOUT)
+    found = await asyncio.to_thread(identity.find, [(target.host, target.port)], target.spec,
+                                    first=target.first, list_devices=list_devices,
+                                    read_serial=read_serial)
+    located = dataclasses.replace(target, busid=found.busid)
+    deadline = time.monotonic() + (identity.BUSY_AFTER_PROBE if target.spec.serial else 0.0)
+    while True:  # (usbip-host frees a device a moment after the serial was read)
+        try:
+            return await _import_busid(located)
+        except ImportRefused as exc:
+            if exc.status is not OpStatus.DEV_BUSY or time.monotonic() >= deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
+async def _import_busid(target: _Target
+                        ) -> tuple[_ClientProtocol, DeviceInfo, RelayThread | None]:
     if not target.resume:
         protocol, info = await _import(target.host, target.busid, target.port, target.tls,
                                        target.server_hostname, target.keepalive)
