@@ -1,4 +1,5 @@
-"""Where usbipy keeps what outlives a process: libusb bindings, the TLS CA."""
+"""Where usbipy keeps what outlives a process: the export rules `usbipy bind` records,
+the TLS CA."""
 
 from __future__ import annotations
 

@@ -76,7 +76,7 @@ def clean(rig: Rig) -> Iterator[Rig]:
     vm = rig.vm
     vm.run("for p in $(usbip port | sed -n 's/^Port \\([0-9]*\\):.*/\\1/p'); do "
            "usbip detach -p $p; done")
-    vm.run("rm -f /run/usbipy/libusb-bindings.json")
+    vm.run("rm -f /run/usbipy/exports.json")
     wait_for(vm, f"[ -z \"$({vhci_nodes('block')})$({vhci_nodes('tty')})\" ]")
     if not vm.check(f"cat {gadgets.GADGETS}/msc/UDC").strip():
         gadgets.plug(vm, "msc")
@@ -133,7 +133,7 @@ def test_serial_gadget_lines_both_ways(clean: Rig) -> None:
     vm = clean.vm
     busid = clean.busid(ACM)
     # by ids: the binding follows the device wherever it is plugged in
-    vm.check(f"{USBIPY} bind --device {ACM}")
+    vm.check(f"{USBIPY} bind --libusb --device {ACM}")
     wait_for(vm, f"{USBIPY} list -r {LOOPBACK} | grep -q ' {busid}: '")
     vm.check(f"{USBIPY} attach -r {LOOPBACK} -b {busid}")
     acm = vhci_node(vm, "tty")
@@ -149,7 +149,7 @@ def test_serial_gadget_lines_both_ways(clean: Rig) -> None:
         assert out == f"{line}\n"
     vm.check(f"{USBIPY} detach -p {port_of(vm)}")
     out = vm.check(f"{USBIPY} unbind --device {ACM}")
-    assert f"unbind device {ACM} from export through libusb: complete" in out
+    assert f"unbind {ACM} from export through libusb: complete" in out
 
 
 def test_iso_out_through_libusb(clean: Rig) -> None:

@@ -169,8 +169,8 @@ def _initramfs(version: str, kernel: Path, agent_python: str) -> Path:
 class Vm:
     """One booted guest. Use as a context manager; :meth:`run` executes a command."""
 
-    def __init__(self, *, memory_mb: int = 1024, cpus: int = 2, extra_args: list[str] | None = None
-                 ) -> None:
+    def __init__(self, *, memory_mb: int = 1024, cpus: int = 2, extra_args: list[str] | None = None,
+                 qmp: bool = False) -> None:
         check_host()
         self.kernel, self.version = _kernel()
         self.memory_mb = memory_mb
@@ -181,6 +181,10 @@ class Vm:
         #: The host's 127.0.0.1:guest_port reaches the guest's port 3240 (a server there).
         self.guest_port = _free_port()
         self._proc: subprocess.Popen[bytes] | None = None
+        #: QEMU's monitor (QMP), to plug and unplug devices: with ``qmp``.
+        self._qmp_path = self.dir / "qmp.sock" if qmp else None
+        self._qmp: socket.socket | None = None
+        self._qmp_buf = b""
         self._agent: socket.socket | None = None
         self._buf = b""
         self._last_id = 0
@@ -220,6 +224,7 @@ class Vm:
             "-netdev", net, "-device", "virtio-net-pci,netdev=n0",
             "-chardev", f"socket,id=agent,path={sock_path},server=on,wait=off",
             "-device", "virtio-serial-pci", "-device", "virtserialport,chardev=agent,name=agent",
+            *(["-qmp", f"unix:{self._qmp_path},server=on,wait=off"] if self._qmp_path else []),
             *self.extra_args,
         ]
         self._qemu_log = open(self.dir / "qemu.log", "wb")
@@ -240,6 +245,40 @@ class Vm:
         if not reply.get("ready"):
             raise RuntimeError(f"unexpected greeting from the guest agent: {reply}")
         return self
+
+    def qmp(self, execute: str, **arguments: object) -> object:
+        """A QMP command (``device_add``, ``device_del``, ``blockdev-add``...); its
+        return value. RuntimeError with QEMU's error."""
+        assert self._qmp_path is not None, "the VM was made without qmp=True"
+        if self._qmp is None:
+            sock = socket.socket(socket.AF_UNIX)
+            sock.settimeout(30)
+            sock.connect(str(self._qmp_path))
+            self._qmp = sock
+            self._qmp_reply()  # the greeting
+            self.qmp("qmp_capabilities")
+        message: dict[str, object] = {"execute": execute}
+        if arguments:
+            message["arguments"] = arguments
+        self._qmp.sendall(json.dumps(message).encode() + b"\n")
+        reply = self._qmp_reply()
+        if "error" in reply:
+            raise RuntimeError(f"QMP {execute}: {reply['error']}")
+        return reply.get("return")
+
+    def _qmp_reply(self) -> dict[str, object]:
+        """The next reply (or greeting), events in between skipped."""
+        assert self._qmp is not None
+        while True:
+            while b"\n" not in self._qmp_buf:
+                chunk = self._qmp.recv(65536)
+                if not chunk:
+                    raise RuntimeError("QEMU closed its QMP socket")
+                self._qmp_buf += chunk
+            line, self._qmp_buf = self._qmp_buf.split(b"\n", 1)
+            reply: dict[str, object] = json.loads(line)
+            if "event" not in reply:
+                return reply
 
     def _check_alive(self, deadline: float) -> None:
         assert self._proc is not None
@@ -328,6 +367,9 @@ class Vm:
         if self._agent is not None:
             self._agent.close()
             self._agent = None
+        if self._qmp is not None:
+            self._qmp.close()
+            self._qmp = None
 
     def close(self) -> None:
         self.kill()

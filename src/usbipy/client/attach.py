@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from ..keepalive import DEFAULT, Keepalive
 from ..linux import vhci
-from ..protocol import DeviceInfo, OpStatus
+from ..protocol import DeviceInfo
 from ..protocol.resume import ResumableStream
 from ..tls import TlsError, TlsFiles, TlsSession, client_context, ktls
 from . import identity
@@ -160,6 +160,7 @@ def attach_device(servers: Sequence[tuple[str, int]], spec: DeviceSpec, *, first
                           server_name=server_name, keepalive=keepalive, watch=watch,
                           resume=resume, before_hand_off=before_hand_off)
         except ImportRefused as exc:
-            if exc.status is not OpStatus.DEV_BUSY or time.monotonic() >= deadline:
+            # (usbipd says NA where usbipyd says DEV_BUSY: usbip_export_device)
+            if exc.status not in identity.BUSY or time.monotonic() >= deadline:
                 raise
             time.sleep(0.2)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from ..escape import printable
 from ..exports.rules import parse_device_spec
-from ..protocol import DeviceInfo
+from ..protocol import DeviceInfo, OpStatus
 from ..usb.descriptors import DescriptorType
 from ..usb.requests import GET_DESCRIPTOR
 from .errors import ClientError, ImportRefused
@@ -32,6 +32,9 @@ _LANGID_EN_US = 0x0409
 #: Seconds an import may find the device busy right after a serial was read from it
 #: (usbip-host frees a device a moment after its connection closes).
 BUSY_AFTER_PROBE = 10.0
+#: What an import of a device still being freed is answered: DEV_BUSY by usbipyd,
+#: NA by usbipd (usbip_export_device refuses a device that is not available).
+BUSY = (OpStatus.DEV_BUSY, OpStatus.NA)
 
 
 class NoMatch(ClientError):

@@ -328,7 +328,7 @@ async def _import_target(target: _Target
         try:
             return await _import_busid(located)
         except ImportRefused as exc:
-            if exc.status is not OpStatus.DEV_BUSY or time.monotonic() >= deadline:
+            if exc.status not in identity.BUSY or time.monotonic() >= deadline:
                 raise
             await asyncio.sleep(0.2)
 

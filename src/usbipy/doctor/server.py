@@ -1,7 +1,7 @@
 """`usbipy doctor` on a server: the walk a person does by hand, in order.
 
 Kernel modules; the USB devices the host sees; what is bound to usbip-host
-(and whether one is stuck "in use" with no connection); libusb bindings;
+(and whether one is stuck "in use" with no connection); libusb export rules;
 usbipyd or usbipd running, and where it listens; firewall rules that drop
 the port; the TLS files; and where to capture what the kernel serves.
 """
@@ -27,10 +27,10 @@ EXPIRY_WARNING = datetime.timedelta(days=30)
 
 
 def check_server(port: int = 3240, tls: TlsFiles | None = None,
-                 libusb_bindings: list[str] | None = None,
+                 libusb_rules: list[str] | None = None,
                  resume_window: float = Limits().resume_window) -> Report:
-    """Every server-side check; ``libusb_bindings``: the devices bound with
-    ``usbipy bind --libusb`` (their specs), if any; ``resume_window``: as the
+    """Every server-side check; ``libusb_rules``: the export rules through libusb
+    (as `usbipy list -l` names them), if any; ``resume_window``: as the
     configuration sets it."""
     report = Report()
     _modules(report, tls is not None)
@@ -45,9 +45,9 @@ def check_server(port: int = 3240, tls: TlsFiles | None = None,
     bound = usbip_host.bound_devices()
     sockets = system.tcp_sockets()
     _bindings(report, bound, system.kernel_held(sockets))
-    if libusb_bindings:
-        report.add("libusb bindings", Status.INFO, ", ".join(libusb_bindings))
-    _daemon(report, sockets, port, exported=bool(bound or libusb_bindings))
+    if libusb_rules:
+        report.add("libusb export rules", Status.INFO, ", ".join(libusb_rules))
+    _daemon(report, sockets, port, exported=bool(bound or libusb_rules))
     if resume_window > 0:
         report.add("resumption", Status.INFO,
                    f"a usbipy client's lost connection is kept {resume_window:g} s for it to "

@@ -528,6 +528,7 @@ class Service:
             await self.engine.reload()
         if self._libusb is not None:
             await self._libusb.check()
+        log.info("export rules applied again (%d in force)", len(self.rules()))
 
     def _gone(self, busid: str) -> None:
         """A device left: if a client held it, its session ends; the log and the

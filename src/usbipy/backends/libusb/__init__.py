@@ -2,20 +2,17 @@
 
 ``events`` runs libusb's event thread, ``urbs`` turns URBs into transfers and
 back, ``device`` is one exported device, ``unplug`` tells an unplug from an
-error, ``source`` finds the bound devices, ``bindings`` is the file that says
-which, and ``status`` maps libusb's results to the kernel's errno values.
+error, ``source`` finds the devices the export rules say to export through
+libusb (see :mod:`usbipy.exports`), and ``status`` maps libusb's results to
+the kernel's errno values.
 Importing this package does not need python-libusb1; using a device does.
 """
 
-from .bindings import Binding, BindingError, BindingStore
 from .device import LibusbDevice
 from .events import LibusbUnavailable, libusb_available
 from .source import LibusbSource
 
 __all__ = [
-    "Binding",
-    "BindingError",
-    "BindingStore",
     "LibusbDevice",
     "LibusbSource",
     "LibusbUnavailable",
