@@ -84,14 +84,22 @@ def driver_of(vm: Vm, busid: str) -> str:
 
 def start_usbipyd(vm: Vm, config: str, *options: str) -> None:
     vm.check(f"mkdir -p {RUN}/state && printf '%s' '{config}' > {CONFIG}")
-    vm.check(f"(setsid {USBIPYD} -c {CONFIG} -d -P {PID} {' '.join(options)} </dev/null "
-             f">{LOG} 2>&1 &)")
-    wait_for(vm, f"grep -q 'hotplug: udev' {LOG}")
+    vm.check(f"({ENV} setsid {PYTHON} -m usbipy.cli.usbipyd -c {CONFIG} -d -P {PID} "
+             f"{' '.join(options)} </dev/null >{LOG} 2>&1 &)")
+    try:
+        wait_for(vm, f"grep -q 'hotplug: udev' {LOG}")
+    except AssertionError as exc:
+        raise AssertionError(f"usbipyd did not start:\n{vm.run(f'cat {LOG}').out}") from exc
 
 
 def stop_usbipyd(vm: Vm) -> None:
     vm.run(f"kill $(cat {PID}) 2>/dev/null")
     wait_for(vm, f"[ ! -e {PID} ]")
+
+
+def diagnostics(vm: Vm) -> str:
+    """What the keepers and usbipyd say: for a failure's message."""
+    return vm.run(f"{USBIPY} port; tail -n 20 /run/usbipy/attach/*.log; tail -n 30 {LOG}").out
 
 
 def read_back(vm: Vm) -> None:
@@ -194,9 +202,12 @@ def test_a_firmware_update_that_re_enumerates_is_followed_by_both_ids(clean: Rig
 
     def seen_through_vhci(vid_pid: str) -> None:
         vid, pid = vid_pid.split(":")
-        wait_for(vm, "for d in /sys/bus/usb/devices/*; do case $(readlink -f $d) in "
-                     f"*vhci*) [ \"$(cat $d/idVendor 2>/dev/null):$(cat $d/idProduct "
-                     f"2>/dev/null)\" = {vid}:{pid} ] && exit 0;; esac; done; exit 1")
+        try:
+            wait_for(vm, "(for d in /sys/bus/usb/devices/*; do case $(readlink -f $d) in "
+                         f"*vhci*) [ \"$(cat $d/idVendor 2>/dev/null):$(cat $d/idProduct "
+                         f"2>/dev/null)\" = {vid}:{pid} ] && exit 0;; esac; done; exit 1)")
+        except AssertionError as exc:
+            raise AssertionError(f"{vid_pid} not attached: {diagnostics(vm)}") from exc
 
     try:
         seen_through_vhci(APPLICATION)

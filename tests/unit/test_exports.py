@@ -253,7 +253,7 @@ def test_an_unbind_by_hand_is_respected_until_the_device_is_plugged_in_again() -
     async def go() -> None:
         await engine.start()
         host._driver("1-1", "usb")  # `usbip unbind -b 1-1`: the kernel's events follow
-        await engine.event(HotplugEvent("unbind", "1-1", "usbip-host"))
+        await engine.event(HotplugEvent("unbind", "1-1"))  # (it names no driver)
         await engine.event(HotplugEvent("bind", "1-1", "usb"))
         await asyncio.sleep(0.7)  # (past UNBIND_SETTLE: no "remove" came)
         await engine.event(HotplugEvent("bind", "1-1", "usb"))
@@ -263,6 +263,20 @@ def test_an_unbind_by_hand_is_respected_until_the_device_is_plugged_in_again() -
 
     run(go())
     assert host.calls == [("bind", "1-1"), ("bind", "1-1")]  # (again only once replugged)
+    engine.close()
+
+
+def test_the_unbind_of_the_driver_usbip_host_took_it_from_is_not_one_by_hand() -> None:
+    host = FakeHost(STICK)
+    engine, _ = engine_for(host, rule(vid_pid=("46f4:0001",)))
+
+    async def go() -> None:
+        await engine.start()
+        await engine.event(HotplugEvent("unbind", "1-1"))  # ("usb", let go by the bind)
+        await asyncio.sleep(0.7)
+
+    run(go())
+    assert list(engine.bound) == ["1-1"] and engine.held == {}
     engine.close()
 
 

@@ -194,7 +194,9 @@ class ExportEngine:
             self._left(busid)
             return
         if event.action == "unbind":
-            if event.driver == usbip_host.DRIVER:
+            # (the kernel's unbind event seldom names the driver: it is gone already;
+            # whose unbind it was is read from sysfs once things settled)
+            if event.driver in (usbip_host.DRIVER, None):
                 if busid in self._unbinding:
                     self._unbinding.discard(busid)
                 elif busid in self.bound:
@@ -275,13 +277,16 @@ class ExportEngine:
         task.add_done_callback(self._tasks.discard)
 
     async def _unbound(self, busid: str) -> None:
-        bound = self.bound.pop(busid, None)
+        bound = self.bound.get(busid)
         try:
             if bound is None or busid not in self._settling:
                 return  # (removed meanwhile: an unplug)
             device = await self._run(self._host.read, busid)
         finally:
             self._settling.discard(busid)
+        if device is not None and device.driver == usbip_host.DRIVER:
+            return  # (another driver's unbind: the one usbip-host took it from)
+        del self.bound[busid]
         if device is None or device.devnum != bound[0]:
             return
         self.held[busid] = device.devnum
