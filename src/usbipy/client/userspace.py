@@ -712,11 +712,13 @@ class connect:  # noqa: N801 (used as a function: ``async with connect(...)``)
     """Import ``busid`` from ``host``: ``async with connect(...) as dev`` closes it
     at the end; ``dev = await connect(...)`` leaves that to you.
 
-    The keyword arguments are :func:`import_device`'s: ``port``, ``tls``,
-    ``server_hostname``, ``keepalive``, ``reconnect``.
+    The keyword arguments are :func:`import_device`'s: ``port``, ``device``
+    (VID:PID[:SERIAL] in place of a busid), ``first``, ``tls``,
+    ``server_hostname``, ``keepalive``, ``reconnect``, ``resume``.
     """
 
-    def __init__(self, host: str, busid: str, port: int = USBIP_PORT, **options: Any) -> None:
+    def __init__(self, host: str, busid: str | None = None, port: int = USBIP_PORT,
+                 **options: Any) -> None:
         self._args = (host, busid, port)
         self._options = options
         self._device: RemoteDevice | None = None
