@@ -28,6 +28,7 @@ CONFIG = f"{RUN}/usbipyd.toml"
 LOG = f"{RUN}/usbipyd.log"
 PID = f"{RUN}/usbipyd.pid"
 LOOPBACK = "127.0.0.1"
+METRICS = "127.0.0.1:9100"
 #: QEMU's usb-storage and usb-kbd.
 STICK, KEYBOARD = "46f4:0001", "0627:0001"
 KNOWN_FILE, KNOWN_TEXT = "hello.txt", "a file on the stick\n"
@@ -158,7 +159,7 @@ def test_a_stick_follows_its_rule_and_its_client_through_unplug_and_replug(
             skip_or_fail("python-libusb1 is missing (pip install -e '.[test]')")
     serial = f"STICK-{via.upper()}"
     start_usbipyd(vm, f'[[export]]\nvid_pid = "{STICK}"\nserial = "{serial}"\n'
-                      f'via = "{via}"\n')
+                      f'via = "{via}"\n', "--metrics", METRICS)
     clean.plug_stick(1, serial, "stick")
     busid = busid_of(vm, STICK, serial)
     if via == "usbip-host":
@@ -178,6 +179,10 @@ def test_a_stick_follows_its_rule_and_its_client_through_unplug_and_replug(
     wait_for(vm, f"[ -z \"$({vhci_nodes('block')})\" ]")
     wait_for(vm, f"grep -q '\"state\": \"waiting\"' {KEEPERS}")
     assert f"{busid}: unplugged" in vm.check(f"cat {LOG}")
+    metrics = vm.check(f"{PYTHON} -c \"import urllib.request; print(urllib.request.urlopen("
+                       f"'http://{METRICS}/metrics').read().decode())\"")
+    assert f'usbipy_devices_unplugged_total{{busid="{busid}"}} 1.0' in metrics
+    assert f"usbipy_rule_binds_total {1.0 if via == 'usbip-host' else 0.0}" in metrics
 
     clean.plug_stick(4, serial, "stick-again")  # another port
     moved = busid_of(vm, STICK, serial)
@@ -295,3 +300,21 @@ def test_nothing_runs_while_nothing_is_plugged(clean: Rig) -> None:
     woken, used = int(vm.check(switches)) - before, int(vm.check(cpu)) - ticks
     print(f"usbipyd idle for 20 s: {woken} wake-ups, {used} clock ticks of CPU")
     assert woken < 20, f"{woken} wake-ups in 20 s: something polls"
+
+
+def test_a_rule_for_a_device_this_machine_runs_from_is_refused(clean: Rig) -> None:
+    """The stick holds /boot here: a rule that would export it is an error."""
+    vm = clean.vm
+    clean.plug_stick(2, "STICK-BOOT", "stick")
+    busid = busid_of(vm, STICK, "STICK-BOOT")
+    disk = wait_output(vm, f"ls /sys/bus/usb/devices/{busid}/*/host*/target*/*/block/")
+    vm.check(f"mount -o ro /dev/{disk.split()[0]} /boot")
+    try:
+        vm.check(f"mkdir -p {RUN} && printf '%s' '[[export]]\ninterface_class = 0x08\n' "
+                 f"> {CONFIG}")
+        result = vm.run(f"{USBIPYD} -c {CONFIG} --check-config")
+        assert result.rc == 1 and result.out.count("\n") == 1, result.out
+        assert (f"{CONFIG}:1: export[1]: would export {busid} ({STICK} serial STICK-BOOT), "
+                "which holds /boot, that this machine runs from") in result.out, result.out
+    finally:
+        vm.run("umount /boot")

@@ -135,7 +135,7 @@ class FakeHost:
         self.plugged = {d.busid: d for d in devices}
         self.calls: list[tuple[str, str]] = []
         self.stub = stub
-        self.root: set[str] = set()
+        self.root: dict[str, str] = {}
 
     def devices(self) -> list[PluggedDevice]:
         return list(self.plugged.values())
@@ -160,7 +160,7 @@ class FakeHost:
     def stub_loaded(self) -> bool:
         return self.stub
 
-    def protected(self) -> set[str]:
+    def protected(self) -> dict[str, str]:
         return self.root
 
     def plug(self, device: PluggedDevice) -> HotplugEvent:
@@ -325,10 +325,10 @@ def test_a_reload_that_removes_a_rule_gives_its_devices_back() -> None:
 def test_the_device_that_holds_the_root_file_system_is_never_bound(
         caplog: pytest.LogCaptureFixture) -> None:
     host = FakeHost(STICK)
-    host.root = {"1-1"}
+    host.root = {"1-1": "/"}
     engine, _ = engine_for(host, rule(busid=("1-*",)))
     run(engine.start())
-    assert host.calls == [] and "holds the root file system" in caplog.text
+    assert host.calls == [] and "it holds the root file system (/)" in caplog.text
     engine.close()
 
 
@@ -367,8 +367,9 @@ def test_the_usb_device_under_a_mount_is_found(tmp_path: Path,
     (disk / "sda1").mkdir(parents=True)
     (root / "dev/block").mkdir(parents=True)
     os.symlink(disk / "sda1", root / f"dev/block/{os.major(dev)}:{os.minor(dev)}")
-    assert rootdev.root_busids((str(tmp_path),)) == {"2-1", "2-1.4"}
-    assert rootdev.root_busids(("/nonexistent",)) == set()
+    assert rootdev.root_busids((str(tmp_path),)) == {"2-1": str(tmp_path),
+                                                     "2-1.4": str(tmp_path)}
+    assert rootdev.root_busids(("/nonexistent",)) == {}
 
 
 # --- [[export]] in the configuration ------------------------------------------------------
@@ -424,10 +425,59 @@ def test_a_rule_that_would_export_the_root_file_systems_device_is_refused(
         fake: FakeSysfs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fake.add_device("2-1", 0x0781, 0x5583)
     (fake.root / "bus/usb/devices/2-1").resolve().joinpath("serial").write_text("ROOTDISK\n")
-    monkeypatch.setattr(rootdev, "root_busids", lambda mounts=rootdev.MOUNTS: {"2-1"})
+    monkeypatch.setattr(rootdev, "root_busids", lambda mounts=rootdev.MOUNTS: {"2-1": "/"})
     path = tmp_path / "usbipyd.toml"
     path.write_text('[[export]]\ninterface_class = 0x08\n')
     with pytest.raises(ConfigError, match=r"usbipyd.toml:1: export\[1\]: would export 2-1 "
-                                          r"\(0781:5583 serial ROOTDISK\), which holds this "
-                                          "machine's root file system"):
+                                          r"\(0781:5583 serial ROOTDISK\), which holds the "
+                                          r"root file system \(/\), that this machine runs "
+                                          "from"):
         config_file.load(path)
+
+
+# --- libusb's hotplug callbacks, where pyudev is missing ------------------------------------
+
+
+def test_libusb_hotplug_callbacks_reach_the_loop_as_events() -> None:
+    import threading
+
+    pytest.importorskip("usb1")
+    from usbipy.backends.libusb.events import usb1
+    from usbipy.exports.hotplug import LibusbWatcher
+
+    from .fake_usb1 import FakeDevice
+
+    class Context:
+        def __init__(self) -> None:
+            self.callbacks: list[Any] = []
+
+        def hotplugRegisterCallback(self, callback: Any, events: int, flags: int) -> int:
+            self.callbacks.append(callback)
+            return 7
+
+        def hotplugDeregisterCallback(self, handle: int) -> None:
+            assert handle == 7
+            self.callbacks.clear()
+
+    context = Context()
+
+    async def go() -> list[HotplugEvent]:
+        seen: list[HotplugEvent] = []
+        watcher = LibusbWatcher(context, seen.append)
+        watcher.start()
+        [callback] = context.callbacks
+        # (libusb calls from its event thread)
+        for event in (usb1.HOTPLUG_EVENT_DEVICE_ARRIVED, usb1.HOTPLUG_EVENT_DEVICE_LEFT):
+            thread = threading.Thread(target=callback, args=(context, FakeDevice(), event))
+            thread.start()
+            thread.join()
+        for _ in range(100):
+            if len(seen) == 2:
+                break
+            await asyncio.sleep(0.01)
+        watcher.close()
+        assert context.callbacks == []
+        return seen
+
+    busid = "2-3.1"  # (FakeDevice's place)
+    assert asyncio.run(go()) == [HotplugEvent("add", busid), HotplugEvent("remove", busid)]

@@ -14,12 +14,13 @@ import dataclasses
 import fnmatch
 import ipaddress
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..exports.rules import ExportRule, ExportRules, PluggedDevice, Via
+from ..linux import rootdev
 from ..policy import (
     Action,
     CertificateAuthority,
@@ -218,7 +219,7 @@ def _interface_classes(doc: Document, path: KeyPath, value: Any) -> tuple[int, .
 
 
 def _exports(doc: Document, value: Any, names: dict[str, DeviceSelector],
-             present: Sequence[PluggedDevice], protected: set[str]) -> ExportRules:
+             present: Sequence[PluggedDevice], protected: Mapping[str, str]) -> ExportRules:
     if not isinstance(value, list):
         raise doc.error(("export",), "is not a list of rules: write [[export]]")
     rules = []
@@ -247,16 +248,18 @@ def _exports(doc: Document, value: Any, names: dict[str, DeviceSelector],
                 raise doc.error(path, f"would export the hub at {device_now}: a hub cannot "
                                       "be exported (name its devices, not the hub)")
             if device_now.busid in protected:
-                raise doc.error(path, f"would export {device_now}, which holds this "
-                                      "machine's root file system")
+                raise doc.error(path, f"would export {device_now}, which holds "
+                                      f"{rootdev.holds(protected[device_now.busid])}, that "
+                                      "this machine runs from")
         rules.append(rule)
     return ExportRules(rules)
 
 
-def present_devices() -> tuple[list[PluggedDevice], set[str]]:
+def present_devices() -> tuple[list[PluggedDevice], dict[str, str]]:
     """What is plugged in here (every USB device, hubs too), and the devices that hold
-    the root file system: what [[export]] rules are checked against."""
-    from ..linux import rootdev, sysfs
+    the file systems this machine runs from: what [[export]] rules are checked
+    against."""
+    from ..linux import sysfs
 
     return ([PluggedDevice.of(d) for d in sysfs.usb_devices() if not d.on_vhci],
             rootdev.root_busids())

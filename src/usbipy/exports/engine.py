@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -27,7 +27,7 @@ from typing import Any, Protocol
 from ..errors import UsbipError
 from ..escape import printable
 from ..linux import sysfs, usbip_host
-from ..linux.rootdev import root_busids
+from ..linux.rootdev import holds, root_busids
 from .rules import ExportRule, ExportRules, PluggedDevice, Via
 from .store import RuleStore, StoreError
 
@@ -56,7 +56,7 @@ class Host(Protocol):
     def bind(self, busid: str) -> None: ...
     def unbind(self, busid: str) -> None: ...
     def stub_loaded(self) -> bool: ...
-    def protected(self) -> set[str]: ...
+    def protected(self) -> Mapping[str, str]: ...
 
 
 class LinuxHost:
@@ -81,7 +81,7 @@ class LinuxHost:
     def stub_loaded(self) -> bool:
         return usbip_host.driver_loaded()
 
-    def protected(self) -> set[str]:
+    def protected(self) -> Mapping[str, str]:
         return root_busids()
 
 
@@ -138,8 +138,9 @@ class ExportEngine:
         self.bound: dict[str, tuple[int, ExportRule]] = {}
         #: busid -> devnum: devices unbound by hand, left alone until replugged.
         self.held: dict[str, int] = {}
-        #: Devices that hold the root file system (never exported).
-        self._protected: set[str] = set()
+        #: Devices that hold the file systems this machine runs from (busid -> the
+        #: mount point): never exported.
+        self._protected: Mapping[str, str] = {}
         self._unbinding: set[str] = set()
         #: Devices usbip-host let go of, until it is clear whether by hand or unplugged.
         self._settling: set[str] = set()
@@ -241,8 +242,9 @@ class ExportEngine:
             return
         busid = device.busid
         if busid in self._protected:
-            self._warn_once(("root", busid), "%s: not exported (%s): it holds the root file "
-                            "system", device, rule.where or rule)
+            self._warn_once(("root", busid), "%s: not exported (%s): it holds %s, that this "
+                            "machine runs from", device, rule.where or rule,
+                            holds(self._protected[busid]))
             return
         if rule.via is Via.LIBUSB:
             self._warn_once(("libusb", f"{busid}/{device.devnum}"),

@@ -1,4 +1,5 @@
-"""Which USB devices hold this machine's root file system: never to be exported.
+"""Which USB devices hold the file systems this machine runs from (the root, /boot,
+/usr): never to be exported.
 
 The root's block device (st_dev of "/") is found in /sys/dev/block; its
 sysfs path runs through the USB device it sits on ("/usb2/2-1/2-1:1.0/
@@ -37,10 +38,11 @@ def _usb_devices_under(block: Path, seen: set[Path]) -> set[str]:
     return found
 
 
-def root_busids(mounts: tuple[str, ...] = MOUNTS) -> set[str]:
-    """The busids of the USB devices that hold ``mounts`` (an empty set on a machine
-    whose root is not on USB, or with no sysfs)."""
-    found: set[str] = set()
+def root_busids(mounts: tuple[str, ...] = MOUNTS) -> dict[str, str]:
+    """The busids of the USB devices that hold ``mounts``, each with the first mount
+    point it holds (empty on a machine that runs from no USB device, or with no
+    sysfs)."""
+    found: dict[str, str] = {}
     seen: set[Path] = set()
     for mount in mounts:
         try:
@@ -49,5 +51,11 @@ def root_busids(mounts: tuple[str, ...] = MOUNTS) -> set[str]:
             continue
         block = sysfs.SYSFS_ROOT / "dev/block" / f"{os.major(dev)}:{os.minor(dev)}"
         if block.exists():
-            found |= _usb_devices_under(block, seen)
+            for busid in _usb_devices_under(block, seen):
+                found.setdefault(busid, mount)
     return found
+
+
+def holds(mount: str) -> str:
+    """How an error says what a device holds: "the root file system (/)", "/boot"."""
+    return "the root file system (/)" if mount == "/" else mount
