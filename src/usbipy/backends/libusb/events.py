@@ -25,6 +25,11 @@ __all__ = ["LibusbEvents", "LibusbUnavailable", "libusb_available", "require_usb
 
 log = logging.getLogger("usbipy.libusb")
 
+#: Seconds the event thread waits for libusb's next event before looking again
+#: whether it is to stop (close() wakes it at once where libusb can: 1.0.21 and
+#: later).
+IDLE_WAIT = 10.0
+
 
 class LibusbUnavailable(UsbipError):
     """python-libusb1 (or libusb itself) is missing."""
@@ -52,9 +57,11 @@ class LibusbEvents:
         self._thread.start()
 
     def _run(self) -> None:
+        # A long wait: libusb returns as soon as there is an event, and close() wakes it
+        # (libusb_interrupt_event_handler); idle, the thread does not run at all.
         while not self._stop.is_set():
             try:
-                self.context.handleEventsTimeout(0.1)
+                self.context.handleEventsTimeout(IDLE_WAIT)
             except usb1.USBErrorInterrupted:
                 continue
             except Exception:  # keep serving the other devices
@@ -63,5 +70,8 @@ class LibusbEvents:
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        interrupt = getattr(self.context, "interruptEventHandler", None)
+        if interrupt is not None:
+            interrupt()
+        self._thread.join(timeout=IDLE_WAIT + 5)
         self.context.close()
