@@ -65,7 +65,7 @@ from .client.errors import (
     TransferTimeout,
     UrbError,
 )
-from .client.identity import DeviceSpec, serial_of
+from .client.identity import BUSY, DeviceSpec, serial_of
 from .client.sync import Device, connect, list_devices
 from .client.transfers import CONNECT_TIMEOUT
 from .errors import UsbipError
@@ -287,9 +287,14 @@ class UsbipBackend(usb.backend.IBackend):  # type: ignore[misc]
                             printable(info.busid), exc)
                 return False
             with device:
-                self._serials[key] = serial_of(
-                    lambda t, r, v, i, n: device.control(t, r, v, i, n,
-                                                         timeout=DESCRIPTOR_TIMEOUT))
+                try:
+                    self._serials[key] = serial_of(
+                        lambda t, r, v, i, n: device.control(t, r, v, i, n,
+                                                             timeout=DESCRIPTOR_TIMEOUT))
+                except UsbipError as exc:  # (a stall, a time-out: not a device to show)
+                    log.warning("%s:%d: %s left out: its serial number cannot be read: %s",
+                                printable(self.host), self.port, printable(info.busid), exc)
+                    return False
         serial = self._serials.get(key)
         return serial is not None and fnmatch.fnmatchcase(serial, spec.serial)
 
@@ -331,15 +336,15 @@ class UsbipBackend(usb.backend.IBackend):  # type: ignore[misc]
         return dev
 
     def _import(self, busid: str) -> Device:
-        """Import ``busid``, waiting out DEV_BUSY for a while: usbip-host offers a
-        device again only once the reset after its last connection is done."""
+        """Import ``busid``, waiting out DEV_BUSY (NA from usbipd) for a while: usbip-host
+        offers a device again only once the reset after its last connection is done."""
         deadline = time.monotonic() + REOPEN_WAIT
         while True:
             try:
                 return connect(self.host, busid, self.port, resume=self._resume,
                                **self._options)
             except ImportRefused as exc:
-                if exc.status is not OpStatus.DEV_BUSY or time.monotonic() > deadline:
+                if exc.status not in BUSY or time.monotonic() > deadline:
                     raise
             time.sleep(0.1)
 

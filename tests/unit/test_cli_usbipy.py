@@ -629,7 +629,8 @@ def test_bind_by_ids_records_a_rule_and_binds_what_it_matches_now(
     rc, out, _ = usbipy(capsys, "unbind", "-b", "1-1")
     assert rc == 0 and "1-1 stays unbound until it is plugged in again (usbipy bind)" in out
     devnum = int((fake.devices / "1-1" / "devnum").read_text())
-    assert json.loads(state.read_text())["unbound"] == [{"busid": "1-1", "devnum": devnum}]
+    [held] = json.loads(state.read_text())["unbound"]
+    assert (held["busid"], held["devnum"]) == ("1-1", devnum)
     fake.set_driver("1-1", "usb")
     rc, out, _ = usbipy(capsys, "list", "-l")
     assert "not exported: unbound by hand until replugged (usbipy bind)" in out
@@ -658,3 +659,38 @@ def test_a_configured_rule_shows_in_list_and_is_not_removed_by_unbind(
     config.write_text('[[export]]\nvid_pid = "1209"\n')
     rc, _, err = usbipy(capsys, "list", "-l", "-c", str(config))
     assert rc == 1 and err.count("\n") == 1 and f"{config}:2: export[1].vid_pid" in err
+
+
+def test_a_rule_for_the_device_this_machine_runs_from_is_refused(
+        fake: FakeSysfs, capsys, state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from usbipy.linux import rootdev
+
+    local_devices(fake)
+    fake.load_usbip_host()
+    monkeypatch.setattr(rootdev, "root_busids", lambda mounts=rootdev.MOUNTS: {"1-1": "/"})
+    for args in (["bind", "--device", "46f4:0001"], ["bind", "--libusb", "-b", "1-1"],
+                 ["bind", "--libusb", "--device", "46f4:*"]):
+        rc, _, err = usbipy(capsys, *args)
+        assert rc == 1 and err == ("usbipy: error: 1-1 (46f4:0001) holds the root file "
+                                   "system (/), that this machine runs from: it is never "
+                                   "exported\n"), (args, err)
+    assert not state.exists()  # (no rule recorded)
+    assert (fake.drivers / "usbip-host/bind").read_text() == ""
+
+
+def test_a_bind_that_fails_records_no_rule_and_a_failed_unbind_keeps_its_hold(
+        fake: FakeSysfs, capsys, state: Path) -> None:
+    local_devices(fake)
+    rc, _, err = usbipy(capsys, "bind", "--device", "46f4:0001")  # (usbip-host not loaded)
+    assert rc == 1 and "usbip-host driver is not loaded" in err
+    assert json.loads(state.read_text())["export"] == []
+    fake.load_usbip_host()
+    rc, _, err = usbipy(capsys, "bind", "--device", "46f4:0001")  # (run again: it works)
+    assert rc == 0, err
+    fake.set_driver("1-1", "usbip-host")
+    rc, _, _ = usbipy(capsys, "unbind", "-b", "1-1")
+    assert rc == 0 and len(json.loads(state.read_text())["unbound"]) == 1
+    fake.set_driver("1-1", "usb")
+    rc, _, err = usbipy(capsys, "unbind", "-b", "1-1")  # (not bound: an error...)
+    assert rc == 1 and "not bound to usbip-host" in err
+    assert len(json.loads(state.read_text())["unbound"]) == 1  # (...that keeps the hold)

@@ -5,6 +5,7 @@ kernel tests')."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -117,6 +118,19 @@ def test_the_old_libusb_bindings_are_read_as_libusb_rules(tmp_path: Path) -> Non
     store.add(ExportRule.for_device("46f4:0001"))  # (written to the new file: old one gone)
     assert not (tmp_path / "libusb-bindings.json").exists()
     assert len(RuleStore(tmp_path).load().rules) == 3
+
+
+def test_a_hold_from_another_boot_is_void(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                           ) -> None:
+    from usbipy.exports import store as store_mod
+
+    boot = tmp_path / "boot_id"
+    boot.write_text("one\n")
+    monkeypatch.setattr(store_mod, "BOOT_ID", boot)
+    RuleStore(tmp_path).hold("1-1", 5)
+    assert RuleStore(tmp_path).load().unbound == {"1-1": 5}
+    boot.write_text("two\n")  # (restarted: the same port may give the same address)
+    assert RuleStore(tmp_path).load().unbound == {}
 
 
 def test_a_damaged_store_is_an_error_that_names_it(tmp_path: Path) -> None:
@@ -280,7 +294,8 @@ def test_the_unbind_of_the_driver_usbip_host_took_it_from_is_not_one_by_hand() -
     engine.close()
 
 
-def test_the_unbind_an_unplug_sends_is_not_taken_for_one_by_hand() -> None:
+def test_the_unbind_an_unplug_sends_is_not_taken_for_one_by_hand(
+        caplog: pytest.LogCaptureFixture) -> None:
     host = FakeHost(STICK)
     engine, _ = engine_for(host, rule(vid_pid=("46f4:0001",)))
 
@@ -293,7 +308,8 @@ def test_the_unbind_an_unplug_sends_is_not_taken_for_one_by_hand() -> None:
 
     run(go())
     assert host.calls == [("bind", "1-1"), ("bind", "1-1")]
-    assert engine.held == {}
+    assert engine.held == {} and engine.departures == 1
+    assert "by hand" not in caplog.text
     engine.close()
 
 
@@ -459,11 +475,20 @@ def test_libusb_hotplug_callbacks_reach_the_loop_as_events() -> None:
             assert handle == 7
             self.callbacks.clear()
 
+    class Events:
+        def __init__(self) -> None:
+            self.context = context
+            self.closed = False
+
+        def close(self) -> None:
+            self.closed = True
+
     context = Context()
+    events = Events()
 
     async def go() -> list[HotplugEvent]:
         seen: list[HotplugEvent] = []
-        watcher = LibusbWatcher(context, seen.append)
+        watcher = LibusbWatcher(events, seen.append)
         watcher.start()
         [callback] = context.callbacks
         # (libusb calls from its event thread)
@@ -476,8 +501,65 @@ def test_libusb_hotplug_callbacks_reach_the_loop_as_events() -> None:
                 break
             await asyncio.sleep(0.01)
         watcher.close()
-        assert context.callbacks == []
+        assert context.callbacks == [] and events.closed
         return seen
 
     busid = "2-3.1"  # (FakeDevice's place)
     assert asyncio.run(go()) == [HotplugEvent("add", busid), HotplugEvent("remove", busid)]
+
+
+def test_an_unplug_while_an_unbind_settles_and_is_read_leaves_no_error() -> None:
+    import time as time_mod
+
+    host = FakeHost(STICK)
+    slow = [False]
+    read = host.read
+
+    def slow_read(busid: str) -> PluggedDevice | None:
+        if slow[0]:
+            time_mod.sleep(0.3)
+        return read(busid)
+
+    host.read = slow_read  # type: ignore[method-assign]
+    engine, _ = engine_for(host, rule(vid_pid=("46f4:0001",)))
+
+    async def go() -> None:
+        await engine.start()
+        slow[0] = True
+        await engine.event(HotplugEvent("unbind", "1-1"))
+        await asyncio.sleep(0.6)  # (settled: its read of sysfs is under way)
+        pending = list(engine._tasks)
+        assert pending
+        await engine.event(host.unplug("1-1"))
+        await asyncio.gather(*pending)  # (raises what the task raised)
+
+    run(go())
+    assert engine.bound == {} and engine.held == {} and engine.departures == 1
+    engine.close()
+
+
+def test_libusb_exports_only_what_a_libusb_rule_matches_first_and_reads_serials_lazily(
+        ) -> None:
+    from usbipy.backends.libusb.source import rule_for as libusb_rule
+
+    probe = rule(Via.USBIP_HOST, "a", vid_pid=("0483:*",))
+    sticks = rule(Via.LIBUSB, "b", interface_class=(8,))
+    by_serial = rule(Via.LIBUSB, "c", vid_pid=("46f4:0001",), serial=("SER1",))
+    reads: list[str] = []
+
+    def serial(value: str | None) -> Any:
+        def read() -> str | None:
+            reads.append("read")
+            return value
+        return read
+
+    rules = ExportRules([probe, sticks])
+    # APP has a mass-storage interface, but its first rule says usbip-host
+    assert libusb_rule(rules, APP, serial(None)) is None
+    assert libusb_rule(rules, STICK, serial(None)) == sticks
+    unread = dataclasses.replace(STICK, serial=None)
+    assert libusb_rule(ExportRules([by_serial]), unread, serial("SER1")) == by_serial
+    assert reads == ["read"]
+    assert libusb_rule(ExportRules([by_serial]), dataclasses.replace(DFU, serial=None),
+                       serial("SER1")) is None
+    assert reads == ["read"]  # (other ids: its serial was never read)

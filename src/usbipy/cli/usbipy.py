@@ -44,6 +44,7 @@ from ..exports.admin import (
     find_recorded_spec,
     give_back,
     present,
+    refuse_protected,
 )
 from ..exports.rules import ExportRule, PluggedDevice, Via
 from ..exports.store import WHERE as STORE_WHERE
@@ -733,6 +734,7 @@ def _bind(args: argparse.Namespace) -> object:
             _libusb_busid(args.busid)
             rule = ExportRule(DeviceSelector(busid=(args.busid,)), Via.LIBUSB,
                               where=STORE_WHERE)
+            refuse_protected(rule)
             rules.store.release(args.busid)
             rules.store.add(rule)
             if args.json:
@@ -764,6 +766,7 @@ def _bind_rule(args: argparse.Namespace, rules: LocalRules, rule: ExportRule) ->
         from ..backends.libusb.events import require_usb1
 
         require_usb1()
+    refuse_protected(rule)
     rules.store.add(rule)
     if usb_devices_dir().is_dir():
         plugged = [d.busid for d in present() if rule.matches(d)]
@@ -772,7 +775,11 @@ def _bind_rule(args: argparse.Namespace, rules: LocalRules, rule: ExportRule) ->
         serial = rule.device.serial[0] if rule.device.serial else None
         plugged = [busid for busid, (vid, pid, cls) in _libusb_plugged_in().items()
                    if rule.matches(PluggedDevice(busid, vid, pid, serial, cls))]
-    bound = bind_matching(rule, rules) if rule.via is Via.USBIP_HOST else []
+    try:
+        bound = bind_matching(rule, rules) if rule.via is Via.USBIP_HOST else []
+    except UsbipError:
+        rules.store.remove(rule)  # (not half done: the command may simply be run again)
+        raise
     if args.json:
         return {"rule": rule.spec, "export": rule.via.value, "plugged_in": bool(plugged),
                 "busids": plugged, "bound": bound}
@@ -795,7 +802,7 @@ def _unbind_rule(args: argparse.Namespace, rules: LocalRules) -> object:
         raise UsbipError(f"{args.device} is not a rule 'usbipy bind' recorded (see 'usbipy "
                          "list -l')")
     rules.store.remove(recorded)
-    given = give_back(recorded) if recorded.via is Via.USBIP_HOST else []
+    given = give_back(recorded, rules) if recorded.via is Via.USBIP_HOST else []
     if args.json:
         return {"rule": recorded.spec, "export": None, "given_back": given}
     for busid in given:
@@ -811,6 +818,7 @@ def _unbind_busid(args: argparse.Namespace, rules: LocalRules) -> object:
     except SysfsError:
         device = None
     rule = rules.rule_for(device) if device is not None else None
+    held_before = rules.store.load().unbound.get(args.busid)
     if device is not None and rule is not None:
         # usbipyd must not take it back at once: left alone until it is plugged in again
         rules.store.hold(device.busid, device.devnum)
@@ -819,8 +827,8 @@ def _unbind_busid(args: argparse.Namespace, rules: LocalRules) -> object:
         try:
             usbip_host.unbind(args.busid)
         except UsbipError:
-            if device is not None and rule is not None:
-                rules.store.release(device.busid)
+            if device is not None and rule is not None and held_before != device.devnum:
+                rules.store.release(device.busid)  # (only the hold this call made)
             raise
     if args.json:
         return {"busid": args.busid, "driver": None,
@@ -886,8 +894,8 @@ def _attach(args: argparse.Namespace, tls: TlsFiles | None) -> object:
                 "device": _device_dict(attached.device),
                 "tls": attached.tls.as_dict() if attached.tls else None}
     over = f" over TLS with {attached.tls.peer}" if attached.tls else ""
-    print(f"usbipy: info: attached {busid} from {attached.host}:{attached.tcp_port} "
-          f"on port {attached.port}{over}")
+    print(f"usbipy: info: attached {printable(busid)} from {printable(attached.host)}:"
+          f"{attached.tcp_port} on port {attached.port}{over}")
     return None
 
 

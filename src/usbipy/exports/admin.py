@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UsbipError
-from ..linux import sysfs, usbip_host
+from ..linux import rootdev, sysfs, usbip_host
 from .rules import ExportRule, ExportRules, PluggedDevice, Via, parse_device_spec
 from .store import RuleStore
 
@@ -50,14 +50,28 @@ def present() -> list[PluggedDevice]:
     return [PluggedDevice.of(d) for d in sysfs.usb_devices() if not d.is_hub and not d.on_vhci]
 
 
+def refuse_protected(rule: ExportRule) -> None:
+    """UsbipError if ``rule`` matches a device this machine runs from (it is never
+    exported; a rule that names it is a mistake to say now)."""
+    protected = rootdev.root_busids()
+    for device in present():
+        if device.busid in protected and rule.matches(device):
+            mount = rootdev.holds(protected[device.busid])
+            raise UsbipError(f"{device} holds {mount}, that this machine runs from: it is "
+                             "never exported")
+
+
 def bind_matching(rule: ExportRule, rules: LocalRules) -> list[str]:
     """The devices plugged in now that ``rule`` exports through usbip-host (the first
     rule to match them), bound; their busids. Already bound ones count."""
     bound = []
     everything = rules.all()
     unbound = rules.store.load().unbound
+    protected = rootdev.root_busids()
     for device in present():
         if everything.rule_for(device) != rule or unbound.get(device.busid) == device.devnum:
+            continue
+        if device.busid in protected:
             continue
         if device.driver != usbip_host.DRIVER:
             try:
@@ -71,14 +85,25 @@ def bind_matching(rule: ExportRule, rules: LocalRules) -> list[str]:
     return bound
 
 
-def give_back(rule: ExportRule) -> list[str]:
-    """The devices ``rule`` matches that are bound to usbip-host, unbound and given back
+def give_back(rule: ExportRule, rules: LocalRules) -> list[str]:
+    """The devices ``rule`` (removed from ``rules``) matched that are bound to
+    usbip-host and that no other rule exports through it, unbound and given back
     to their drivers; their busids."""
     given = []
+    remaining = rules.all()
     for device in present():
-        if rule.matches(device) and device.driver == usbip_host.DRIVER:
+        if not rule.matches(device) or device.driver != usbip_host.DRIVER:
+            continue
+        still = remaining.rule_for(device)
+        if still is not None and still.via is Via.USBIP_HOST:
+            continue  # (another rule exports it: its session goes on)
+        try:
             usbip_host.unbind(device.busid)
-            given.append(device.busid)
+        except UsbipError:
+            # (a running usbipyd may have given it back meanwhile: that is the same)
+            if sysfs.driver_of(sysfs.usb_devices_dir() / device.busid) == usbip_host.DRIVER:
+                raise
+        given.append(device.busid)
     return given
 
 

@@ -170,7 +170,7 @@ class ExportEngine:
         await self.apply_all(give_back=True)
 
     async def apply_all(self, *, give_back: bool = False) -> None:
-        rules = self._read_rules()
+        rules = await self._run(self._read_rules)
         for device in await self._run(self._host.devices):
             await self._apply(device, rules)
         if give_back:
@@ -178,6 +178,8 @@ class ExportEngine:
                 device = await self._run(self._host.read, busid)
                 now = rules.rule_for(device) if device is not None else None
                 if device is not None and (now is None or now.via is not Via.USBIP_HOST):
+                    if self.bound.get(busid, (None, None))[1] is not rule:
+                        continue  # (unplugged, or bound again, meanwhile)
                     log.info("%s: no rule exports it through usbip-host now (%s was "
                              "removed): given back to its driver", device, rule.where or rule)
                     del self.bound[busid]
@@ -189,7 +191,8 @@ class ExportEngine:
                         log.warning("%s: cannot give it back: %s", device, exc)
 
     async def event(self, event: HotplugEvent) -> None:
-        """A hotplug event, in the order the kernel sent them."""
+        """A hotplug event. The caller hands them over one at a time, in the order the
+        kernel sent them (the service's queue)."""
         busid = event.busid
         if event.action == "remove":
             self._left(busid)
@@ -211,7 +214,7 @@ class ExportEngine:
             return  # (ours, or an admin's: either way exported now)
         device = await self._run(self._host.read, busid)
         if device is not None:
-            await self._apply(device, self._read_rules())
+            await self._apply(device, await self._run(self._read_rules))
 
     # --- the work -----------------------------------------------------------------------
 
@@ -222,13 +225,19 @@ class ExportEngine:
             self._warn_once(("store", str(exc)), "%s: its rules are not applied", exc)
             return ExportRules()
 
-    def _held_back(self, device: PluggedDevice) -> bool:
+    def _stored_hold(self, busid: str) -> int | None:
+        """The devnum `usbipy unbind -b` recorded for ``busid`` (blocking: a file)."""
+        if self._store is None:
+            return None
+        try:
+            return self._store.load().unbound.get(busid)
+        except StoreError:
+            return None  # (said where the rules are read)
+
+    async def _held_back(self, device: PluggedDevice) -> bool:
         held = self.held.get(device.busid)
-        if held is None and self._store is not None:
-            try:
-                held = self._store.load().unbound.get(device.busid)
-            except StoreError:
-                held = None  # (said where the rules are read)
+        if held is None:
+            held = await self._run(self._stored_hold, device.busid)
         if held is None:
             return False
         if held == device.devnum:
@@ -238,7 +247,7 @@ class ExportEngine:
 
     async def _apply(self, device: PluggedDevice, rules: ExportRules) -> None:
         rule = rules.rule_for(device)
-        if rule is None or device.busid in self._settling or self._held_back(device):
+        if rule is None or device.busid in self._settling or await self._held_back(device):
             return
         busid = device.busid
         if busid in self._protected:
@@ -280,15 +289,16 @@ class ExportEngine:
 
     async def _unbound(self, busid: str) -> None:
         bound = self.bound.get(busid)
-        try:
-            if bound is None or busid not in self._settling:
-                return  # (removed meanwhile: an unplug)
-            device = await self._run(self._host.read, busid)
-        finally:
+        if bound is None or busid not in self._settling:
             self._settling.discard(busid)
+            return  # (removed meanwhile: an unplug)
+        device = await self._run(self._host.read, busid)
+        if busid not in self._settling or self.bound.get(busid) is not bound:
+            return  # (removed, or bound again, while it was read)
+        self._settling.discard(busid)
         if device is not None and device.driver == usbip_host.DRIVER:
             return  # (another driver's unbind: the one usbip-host took it from)
-        del self.bound[busid]
+        self.bound.pop(busid, None)
         if device is None or device.devnum != bound[0]:
             return
         self.held[busid] = device.devnum
@@ -298,6 +308,9 @@ class ExportEngine:
     def _left(self, busid: str) -> None:
         self.held.pop(busid, None)
         self._settling.discard(busid)
+        if self._store is not None:  # (a hold lasts until the device is unplugged)
+            store = self._store
+            self._worker.submit(self._release_hold, store, busid)
         bound = self.bound.pop(busid, None)
         if bound is not None:
             self.departures += 1
@@ -305,6 +318,13 @@ class ExportEngine:
                      bound[1].where or bound[1])
         if self._gone is not None:
             self._gone(busid)
+
+    @staticmethod
+    def _release_hold(store: RuleStore, busid: str) -> None:
+        try:
+            store.release(busid)
+        except StoreError as exc:
+            log.warning("%s", exc)
 
     def _warn_once(self, key: tuple[str, str], message: str, *args: Any) -> None:
         if key not in self._warned:

@@ -81,8 +81,11 @@ class LibusbWatcher:
     """Arrivals and departures from libusb's hotplug callbacks (where pyudev is
     missing). They come on libusb's event thread and are handed to the loop."""
 
-    def __init__(self, context: Any, on_event: Callable[[HotplugEvent], Any]) -> None:
-        self._context = context
+    def __init__(self, events: Any, on_event: Callable[[HotplugEvent], Any]) -> None:
+        """``events``: a LibusbEvents (its context, and the thread that runs its events,
+        which is where libusb calls back); closed with the watcher."""
+        self._events = events
+        self._context = events.context
         self._on_event = on_event
         self._handle: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -115,6 +118,7 @@ class LibusbWatcher:
             except Exception:
                 pass
             self._handle = None
+        self._events.close()
 
 
 # inotify(7): the flags this uses, and its event header (struct inotify_event)

@@ -6,8 +6,9 @@ edits and usbipyd reloads on SIGHUP; the command line never rewrites that
 file. What `usbipy bind --device` (or `bind --libusb`) asks for is kept here
 instead, and usbipyd reads it afresh whenever a device appears and on every
 device list, so a running server needs no signal. A device unbound by hand
-is recorded with its address (devnum) and stays unbound until it is plugged
-in again (a new address), whatever the rules say.
+is recorded with its address (devnum) and this boot's id, and stays unbound
+until it is unplugged or plugged in again (a new address), or the machine
+restarts, whatever the rules say.
 
 Written atomically: a server reading meanwhile sees the old file or the new.
 """
@@ -32,6 +33,17 @@ LEGACY_NAME = "libusb-bindings.json"
 NAME = "exports.json"
 #: How the file names its rules (as `usbipy list -l` shows them).
 WHERE = "usbipy bind"
+
+
+#: This boot's id (Linux): a hold recorded in another boot is void.
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+
+def boot_id() -> str | None:
+    try:
+        return BOOT_ID.read_text().strip() or None
+    except OSError:
+        return None
 
 
 class StoreError(UsbipError):
@@ -102,17 +114,23 @@ class RuleStore:
                     recorded = Recorded(ExportRules(_legacy_rule(e) for e in raw.get("libusb", [])),
                                         {})
                 else:
+                    boot = boot_id()
+                    # (a hold is for the device as it was plugged in: not after a reboot,
+                    # where the same port may well give it the same address again)
                     recorded = Recorded(
                         ExportRules(_rule_from(e) for e in raw.get("export", [])),
-                        {str(e["busid"]): int(e["devnum"]) for e in raw.get("unbound", [])})
+                        {str(e["busid"]): int(e["devnum"]) for e in raw.get("unbound", [])
+                         if e.get("boot") in (None, boot)})
             except (OSError, ValueError, TypeError, KeyError) as exc:
                 raise StoreError(f"cannot read {path}: {exc}") from exc
         self._cache = (stamp, recorded)
         return recorded
 
     def _save(self, recorded: Recorded) -> None:
+        boot = boot_id()
         data = {"export": [_entry_of(rule) for rule in recorded.rules],
-                "unbound": [{"busid": busid, "devnum": devnum}
+                "unbound": [{"busid": busid, "devnum": devnum,
+                             **({"boot": boot} if boot is not None else {})}
                             for busid, devnum in sorted(recorded.unbound.items())]}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)

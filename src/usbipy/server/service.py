@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..backends.base import ExportedDevice
 from ..backends.kernel_stub import KernelStubSource
-from ..backends.libusb.events import libusb_available
+from ..backends.libusb.events import LibusbEvents, libusb_available
 from ..backends.libusb.source import LibusbSource
 from ..capture import Capture
 from ..capture.writer import check_writable
@@ -55,6 +55,9 @@ if TYPE_CHECKING:
     from .metrics import MetricsEndpoint
 
 log = logging.getLogger("usbipyd")
+
+#: What the queue of changes says when the rules changed (a reload, `usbipy bind`).
+RULES_CHANGED = object()
 
 
 def emulated_devices(options: argparse.Namespace, *, look_only: bool = False
@@ -267,6 +270,8 @@ class Service:
         self.rules = rules if rules is not None else RuleSources(settings.exports)
         self._state = state
         self.engine: ExportEngine | None = None
+        #: Hotplug events and rule changes, for the engine in the order they came.
+        self._changes: asyncio.Queue[HotplugEvent | object] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
         #: Whether the loop began serving (then it closes everything as it ends).
         self._serving = False
@@ -433,7 +438,7 @@ class Service:
                 try:
                     self.settings = await reload(server, self.settings)
                     self.rules.configured = self.settings.exports
-                    await self._rules_changed()
+                    self._changes.put_nowait(RULES_CHANGED)
                 except Exception:  # (a reload that fails must not end the next ones)
                     log.exception("reload failed: the running configuration stays in force")
 
@@ -447,6 +452,8 @@ class Service:
                 watcher.cancel()
             for each in watchers:
                 each.close()
+            for task in list(self._tasks):
+                task.cancel()
             if self.engine is not None:
                 await asyncio.to_thread(self.engine.close)
             await server.close()  # closes the sources and the capture too
@@ -458,9 +465,9 @@ class Service:
 
     async def _watch_devices(self) -> list[hotplug.UdevWatcher | hotplug.LibusbWatcher
                                           | hotplug.StoreWatcher]:
-        """The rule engine started, and what tells it of changes: hotplug events (udev's,
-        else libusb's) and `usbipy bind` writing its rules (inotify). The watchers
-        started; none polls."""
+        """The watchers of what changes (hotplug events, udev's else libusb's, and `usbipy
+        bind` writing its rules, by inotify) started, then the rule engine, which is
+        handed every change in order by one task. The watchers started; none polls."""
         options = self.settings.options
         watchers: list[hotplug.UdevWatcher | hotplug.LibusbWatcher | hotplug.StoreWatcher] = []
         linux = sysfs.usb_devices_dir().is_dir()
@@ -471,18 +478,20 @@ class Service:
                 on_bind=(lambda _busid: setattr(stats, "rule_binds", stats.rule_binds + 1))
                 if stats is not None else None,
                 usbip_host_rules=options.usbip_host)
-            await self.engine.start()
         events: hotplug.UdevWatcher | hotplug.LibusbWatcher | None = None
         if linux and hotplug.udev_available():
             try:
-                events = hotplug.UdevWatcher(self._hotplug)
+                events = hotplug.UdevWatcher(self._changes.put_nowait)
                 events.start()
             except Exception as exc:  # (no netlink: a container without it)
                 log.warning("hotplug: udev's events cannot be read (%s)", exc)
                 events = None
         if events is None and self._libusb is not None:
             try:
-                events = hotplug.LibusbWatcher(self._libusb.events.context, self._hotplug)
+                # (a context of its own: the source's is made anew when libusb's list of
+                # devices goes stale, and a callback registered on it would go with it)
+                context = await asyncio.to_thread(LibusbEvents)
+                events = hotplug.LibusbWatcher(context, self._changes.put_nowait)
                 events.start()
             except Exception as exc:
                 log.warning("hotplug: libusb's callbacks are not available (%s)", exc)
@@ -493,9 +502,11 @@ class Service:
             log.warning("hotplug: no events to watch (pip install 'usbipy[hotplug]' for "
                         "udev's): export rules apply at start and on SIGHUP only")
         if self._state is not None:
-            store = hotplug.StoreWatcher(self._state, STORE_NAME, self._store_changed)
+            store = hotplug.StoreWatcher(self._state, STORE_NAME,
+                                         lambda: self._changes.put_nowait(RULES_CHANGED))
             if store.start():
                 watchers.append(store)
+        self._spawn(self._apply_changes())
         return watchers
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -503,32 +514,35 @@ class Service:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _hotplug(self, event: HotplugEvent) -> None:
-        async def handle() -> None:
+    async def _apply_changes(self) -> None:
+        """The engine's start, then each change in the order it came: one at a time (the
+        engine's state is not for two events at once)."""
+        if self.engine is not None:
             try:
+                await self.engine.start()
+            except Exception:
+                log.exception("applying the export rules at start failed")
+        while True:
+            change = await self._changes.get()
+            try:
+                if change is RULES_CHANGED:
+                    await self._rules_changed()
+                    continue
+                assert isinstance(change, HotplugEvent)
                 if self.engine is not None:
-                    await self.engine.event(event)
-                if event.action == "remove" and self._libusb is not None:
+                    await self.engine.event(change)
+                if change.action == "remove" and self._libusb is not None:
                     await self._libusb.check()
             except Exception:
-                log.exception("hotplug: handling %s of %s failed", event.action,
-                              printable(event.busid))
-        self._spawn(handle())
-
-    def _store_changed(self) -> None:
-        async def handle() -> None:
-            try:
-                await self._rules_changed()
-            except Exception:
-                log.exception("applying the rules 'usbipy bind' recorded failed")
-        self._spawn(handle())
+                log.exception("applying a change of the devices or rules failed")
 
     async def _rules_changed(self) -> None:
         if self.engine is not None:
             await self.engine.reload()
         if self._libusb is not None:
             await self._libusb.check()
-        log.info("export rules applied again (%d in force)", len(self.rules()))
+        rules = await asyncio.to_thread(self.rules)
+        log.info("export rules applied again (%d in force)", len(rules))
 
     def _gone(self, busid: str) -> None:
         """A device left: if a client held it, its session ends; the log and the

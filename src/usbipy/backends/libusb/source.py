@@ -9,15 +9,17 @@ one at a time on this source's own worker thread, never on the event loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ...escape import printable
 from ...exports.rules import ExportRule, ExportRules, PluggedDevice, Via
 from ...linux import sysfs
+from ...linux.rootdev import root_busids
 from ..base import DeviceSource
 from .device import LibusbDevice, busid_of
 from .events import LibusbEvents
@@ -47,12 +49,26 @@ def _interface_classes(device: Any) -> tuple[int, ...]:
 
 def rule_for(rules: ExportRules, device: PluggedDevice,
              serial: Callable[[], str | None]) -> ExportRule | None:
-    """The rule that exports ``device`` (whose serial is read only if a rule asks)."""
-    if any(rule.device.serial for rule in rules):
-        known = device.serial if device.serial is not None else serial()
-        device = PluggedDevice(device.busid, device.vendor, device.product, known,
-                               device.device_class, device.interface_classes, device.devnum)
-    return rules.rule_for(device)
+    """The rule that exports ``device`` through libusb: the first rule that matches it,
+    if it says libusb. The serial is read (``serial``: it may open the device) only
+    for a rule that names one and matches the device otherwise."""
+    if device.is_hub:
+        return None
+    known: list[str | None] = []
+    for rule in rules:
+        if rule.device.serial and device.serial is None:
+            loose = dataclasses.replace(rule, device=dataclasses.replace(rule.device,
+                                                                         serial=()))
+            if not loose.matches(device):
+                continue
+            if not known:
+                known.append(serial())
+            if not rule.matches(dataclasses.replace(device, serial=known[0])):
+                continue
+        elif not rule.matches(device):
+            continue
+        return rule if rule.via is Via.LIBUSB else None
+    return None
 
 
 class LibusbSource(DeviceSource):
@@ -73,10 +89,18 @@ class LibusbSource(DeviceSource):
         self._devices: dict[str, LibusbDevice] = {}
         self._unseen_warned: set[str] = set()
         self._unmatched_warned: set[ExportRule] = set()
+        self._root: Mapping[str, str] | None = None
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="libusb-source")
 
     def rules(self) -> ExportRules:
-        return self._rules().via(Via.LIBUSB)
+        """Every rule in force (the first that matches a device decides, libusb or not)."""
+        return self._rules()
+
+    def _protected(self) -> Mapping[str, str]:
+        """The devices this machine runs from: never exported (read once)."""
+        if self._root is None:
+            self._root = root_busids()
+        return self._root
 
     @property
     def events(self) -> LibusbEvents:
@@ -94,7 +118,7 @@ class LibusbSource(DeviceSource):
     def scan(self) -> list[LibusbDevice]:
         """The devices to export now (blocking: libusb's device list, sysfs)."""
         rules = self.rules()
-        if not len(rules):
+        if not len(rules.via(Via.LIBUSB)):
             return [d for d in self._devices.values() if d.is_open]
         found = self._scan(rules)
         unseen = self._unseen(rules, found)
@@ -123,7 +147,7 @@ class LibusbSource(DeviceSource):
         return list(found.values())
 
     def _warn_unmatched(self, rules: ExportRules, found: dict[str, LibusbDevice]) -> None:
-        for rule in rules:
+        for rule in rules.via(Via.LIBUSB):
             matched = any(device.rule is rule for device in found.values())
             if matched:
                 self._unmatched_warned.discard(rule)
@@ -149,6 +173,8 @@ class LibusbSource(DeviceSource):
                 continue  # the kernel stub has it
             if unbound.get(busid) == plugged.devnum:
                 continue  # unbound by hand, until it is plugged in again
+            if busid in self._protected():
+                continue  # (this machine runs from it: the engine says so once)
             rule = rule_for(rules, plugged, functools.partial(device_serial, busid, device))
             if rule is None:
                 continue
@@ -165,15 +191,19 @@ class LibusbSource(DeviceSource):
             found[busid].rule = rule
         return found
 
-    @staticmethod
-    def _unseen(rules: ExportRules, found: dict[str, LibusbDevice]) -> list[str]:
-        """Devices the rules export that sysfs shows (Linux) and libusb's list lacks,
-        or whose address there is out of date (replugged)."""
+    def _unseen(self, rules: ExportRules, found: dict[str, LibusbDevice]) -> list[str]:
+        """Devices the rules export through libusb that sysfs shows (Linux) and libusb's
+        list lacks, or whose address there is out of date (replugged)."""
         unseen = []
+        unbound = self._unbound()
         for device in sysfs.usb_devices():
             if device.driver == "usbip-host" or device.on_vhci:
                 continue
-            if rules.rule_for(PluggedDevice.of(device)) is None:
+            if unbound.get(device.busid) == device.info.devnum:
+                continue  # (held back: not looked for)
+            if device.busid in self._protected():
+                continue
+            if rule_for(rules, PluggedDevice.of(device), lambda: None) is None:
                 continue
             known = found.get(device.busid)
             if known is None or known.devnum != device.info.devnum:
