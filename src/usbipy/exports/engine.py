@@ -146,9 +146,8 @@ class ExportEngine:
         self._settling: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._warned: set[tuple[str, str]] = set()
-        #: How many devices left while exported, and were bound by rule: the metrics'.
+        #: How many of the devices this engine bound were unplugged since.
         self.departures = 0
-        self.binds = 0
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
@@ -277,7 +276,6 @@ class ExportEngine:
             log.debug("%s: bind failed: %s", device, exc)
             return
         self.bound[busid] = (device.devnum, rule)
-        self.binds += 1
         if self._on_bind is not None:
             self._on_bind(busid)
         log.info("%s: bound to usbip-host (%s)", device, rule.where or rule)
