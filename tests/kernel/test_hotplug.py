@@ -168,7 +168,7 @@ def test_a_stick_follows_its_rule_and_its_client_through_unplug_and_replug(
     listed = vm.check(f"{USBIPY} list -l -c {CONFIG}")
     assert f"exported through {via} by rule: usbipyd.toml line 1" in listed
     vm.check(f"{USBIPY} attach -r {LOOPBACK} --device {STICK}:{serial} --persistent "
-             "--background")
+             "--max-delay 2 --background")
     read_back(vm)
     port = vm.check(f"{USBIPY} port")
     assert f"by device {STICK}:{serial} on {LOOPBACK}:3240" in port
@@ -203,7 +203,7 @@ def test_a_firmware_update_that_re_enumerates_is_followed_by_both_ids(clean: Rig
     start_usbipyd(vm, f'[[export]]\nvid_pid = ["{APPLICATION}", "{BOOTLOADER}"]\n'
                       f'serial = "{serial}"\n')
     vm.check(f"{USBIPY} attach -r {LOOPBACK} --device 1209:*:{serial} --persistent "
-             "--background")
+             "--max-delay 2 --background")
 
     def seen_through_vhci(vid_pid: str) -> None:
         vid, pid = vid_pid.split(":")
