@@ -259,10 +259,9 @@ def present_devices() -> tuple[list[PluggedDevice], dict[str, str]]:
     """What is plugged in here (every USB device, hubs too), and the devices that hold
     the file systems this machine runs from: what [[export]] rules are checked
     against."""
-    from ..linux import sysfs
+    from ..exports.admin import present
 
-    return ([PluggedDevice.of(d) for d in sysfs.usb_devices() if not d.on_vhci],
-            rootdev.root_busids())
+    return present(hubs=True), rootdev.root_busids()
 
 
 def warnings(policy: Policy, tls: bool, *, written: bool) -> list[str]:

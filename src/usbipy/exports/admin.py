@@ -44,10 +44,11 @@ class LocalRules:
         return self.all().rule_for(device)
 
 
-def present() -> list[PluggedDevice]:
-    """Every device plugged in here that could be exported (no hubs, nothing vhci-hcd
-    attached)."""
-    return [PluggedDevice.of(d) for d in sysfs.usb_devices() if not d.is_hub and not d.on_vhci]
+def present(*, hubs: bool = False) -> list[PluggedDevice]:
+    """Every device plugged in here that could be exported (nothing vhci-hcd attached;
+    no hubs, unless ``hubs``: what a rule is checked against)."""
+    return [PluggedDevice.of(d) for d in sysfs.usb_devices()
+            if not d.on_vhci and (hubs or not d.is_hub)]
 
 
 def refuse_protected(rule: ExportRule) -> None:

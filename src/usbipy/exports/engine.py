@@ -28,6 +28,7 @@ from ..errors import UsbipError
 from ..escape import printable
 from ..linux import sysfs, usbip_host
 from ..linux.rootdev import holds, root_busids
+from .admin import present
 from .rules import ExportRule, ExportRules, PluggedDevice, Via
 from .store import RuleStore, StoreError
 
@@ -63,7 +64,7 @@ class LinuxHost:
     """sysfs and the kernel's usbip-host."""
 
     def devices(self) -> list[PluggedDevice]:
-        return [PluggedDevice.of(d) for d in sysfs.usb_devices() if not d.on_vhci]
+        return present()
 
     def read(self, busid: str) -> PluggedDevice | None:
         try:
