@@ -308,11 +308,16 @@ def _print_local(devices: Sequence[UsbDevice], parsable: bool, rules: LocalRules
         print()
 
 
+def _rule_of(dev: UsbDevice, rules: LocalRules) -> tuple[ExportRule | None, bool]:
+    """The rule that exports ``dev``, and whether it is held back (unbound by hand)."""
+    held = rules.store.load().unbound.get(dev.busid) == dev.info.devnum
+    return rules.rule_for(PluggedDevice.of(dev)), held
+
+
 def _exported_by(dev: UsbDevice, rules: LocalRules) -> str:
     """How `list -l` says what exports a device: the rule, usbip-host bound by hand, or
     nothing."""
-    rule = rules.rule_for(PluggedDevice.of(dev))
-    held = rules.store.load().unbound.get(dev.busid) == dev.info.devnum
+    rule, held = _rule_of(dev, rules)
     if rule is not None and held:
         return f"not exported: unbound by hand until replugged ({rule.where})"
     if rule is not None:
@@ -325,8 +330,7 @@ def _exported_by(dev: UsbDevice, rules: LocalRules) -> str:
 def _local_dict(dev: UsbDevice, rules: LocalRules) -> dict[str, object]:
     result = _device_dict(dev.info)
     result["driver"] = dev.driver
-    rule = rules.rule_for(PluggedDevice.of(dev))
-    held = rules.store.load().unbound.get(dev.busid) == dev.info.devnum
+    rule, held = _rule_of(dev, rules)
     result["exported"] = dev.driver == usbip_host.DRIVER or (
         rule is not None and rule.via is Via.LIBUSB and not held)
     result["rule"] = None if rule is None else {
