@@ -44,6 +44,8 @@ SubmitResult = Completion | Awaitable[Completion]
 class ExportedDevice(ABC):
     """A USB device that usbipyd exports and whose URBs this process serves."""
 
+    #: How it is served, as the status page names it ("emulated", "libusb").
+    via: str = "emulated"
     #: Filled in by the registry when the device is added, unless the backend knows it.
     busid: str = ""
     busnum: int = 0
@@ -87,6 +89,8 @@ class HandOffDevice(ABC):
     (sysfs); the server makes them in a worker thread.
     """
 
+    #: Who serves its URBs, as the status page names it.
+    via: str = "usbip-host"
     busid: str = ""
     serial: str | None = None
 

@@ -26,6 +26,7 @@ from ..policy import (
     CertificateAuthority,
     ClientSelector,
     DeviceSelector,
+    Grant,
     Policy,
     Rule,
 )
@@ -183,11 +184,16 @@ def _policy(doc: Document, value: Any, names: dict[str, DeviceSelector]) -> Poli
         path: KeyPath = ("policy", "rule", index)
         rule = _table(doc, path, rule_value)
         for key in rule:
-            if key not in ("action", "device", "client"):
-                raise _unknown(doc, (*path, key), ("action", "device", "client"))
-        if "action" not in rule:
-            raise doc.error(path, 'action: missing: say "allow" or "deny"')
-        action = Action(check_choice("allow", "deny")(doc, (*path, "action"), rule["action"]))
+            if key not in ("action", "grant", "device", "client"):
+                raise _unknown(doc, (*path, key), ("action", "grant", "device", "client"))
+        if "action" not in rule and "grant" not in rule:
+            raise doc.error(path, 'action: missing: say "allow" or "deny" (or grant "view" '
+                                  'or "admin" of the status page)')
+        action = (Action(check_choice("allow", "deny")(doc, (*path, "action"), rule["action"]))
+                  if "action" in rule else None)
+        grant = (Grant[check_choice("view", "admin")(doc, (*path, "grant"),
+                                                     rule["grant"]).upper()]
+                 if "grant" in rule else None)
         if "device" not in rule and "client" not in rule:
             raise doc.error(path, "names no device and no client (a rule for every client "
                                   "and device is policy.default)")
@@ -196,7 +202,7 @@ def _policy(doc: Document, value: Any, names: dict[str, DeviceSelector]) -> Poli
         client = (_client_selector(doc, (*path, "client"), rule["client"])
                   if "client" in rule else ClientSelector())
         rules.append(Rule(action, device, client, where=doc.where(path).replace(
-            f"{doc.path}:", f"{doc.path.name} line "), number=index + 1))
+            f"{doc.path}:", f"{doc.path.name} line "), number=index + 1, grant=grant))
     default_where = doc.where(("policy", "default")).replace(
         f"{doc.path}:", f"{doc.path.name} line ")
     return Policy(tuple(rules), default, f"the default ({default.value}, {default_where})")

@@ -26,6 +26,7 @@ from .values import (
     PORTS,
     RESUME_BUFFERS,
     SWITCH,
+    TEXT,
     Kind,
     choice,
     hertz,
@@ -93,6 +94,8 @@ TLS = Group("mutual TLS", "With all three files, every client on the listen addr
             "to usbip-host need.")
 DIAGNOSTICS = Group("diagnostics", "Captures and metrics (also [diagnostics] in the "
                     "configuration file).")
+FLEET = Group("fleet", "Many servers in one view (also [server] in the configuration "
+              "file).")
 LIMITS = Group("limits", "What one client, or a flood of them, may hold (also [limits] in "
                "the configuration file).")
 
@@ -137,6 +140,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("rules_only", "rules_only", ("--rules-only",), SWITCH,
             "apply the export rules as devices come and go (bind them to usbip-host), and "
             "serve nothing: next to the C usbipd, which serves them", False),
+    Setting("advertise", "server.advertise", ("--advertise",), SWITCH,
+            "advertise this server by DNS-SD (multicast DNS, as _usbip._tcp) for 'usbipy "
+            "list --all' (default: when it listens on an address other than loopback; needs "
+            "python-zeroconf)", group=FLEET),
+    Setting("server_name", "server.name", ("--name",), TEXT,
+            "the name DNS-SD and the status page show (default: the host name)",
+            metavar="NAME", group=FLEET),
     Setting("address", "listen", ("-a", "--address"), ADDRESSES,
             f"listen address, may repeat (default: {DEFAULT_ADDRESS})", metavar="ADDR"),
     Setting("family", "family", (), choice("any", "ipv4", "ipv6"),
@@ -170,9 +180,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("capture_files", "diagnostics.capture_files", ("--capture-files",),
             whole_number(*CAPTURE_FILES), "capture files kept, the newest FILE.pcapng, then "
             "FILE.1.pcapng... (default: 5)", 5, metavar="N", group=DIAGNOSTICS),
+    Setting("http", "diagnostics.http", ("--http",), HOST_PORT,
+            "serve the status page at http://ADDR:PORT/, its JSON API at /api/v1/, and "
+            "Prometheus metrics at /metrics (with prometheus_client); a bare PORT: on "
+            "127.0.0.1, where local users are its admins; other addresses need the TLS "
+            "files, and the policy's grant rules say who may view and release",
+            metavar="ADDR:PORT", group=DIAGNOSTICS),
     Setting("metrics", "diagnostics.metrics", ("--metrics",), HOST_PORT,
-            "serve Prometheus metrics at http://ADDR:PORT/metrics (a bare PORT: on "
-            "127.0.0.1; needs prometheus_client)", metavar="ADDR:PORT", group=DIAGNOSTICS),
+            "the same listener as --http (its older name)", metavar="ADDR:PORT",
+            group=DIAGNOSTICS),
     Setting("max_connections", "limits.max_connections", ("--max-connections",),
             whole_number(*COUNTS), f"connections at once (default: {_BASE.max_connections})",
             metavar="N", group=LIMITS),

@@ -97,6 +97,21 @@ def _bool(doc: Document, path: KeyPath, value: Any) -> bool:
     return value
 
 
+def _text(text: str) -> str:
+    if not text.isprintable() or not 0 < len(text) <= 63:
+        raise argparse.ArgumentTypeError(f"{shown(text)}: a name is 1 to 63 printable "
+                                         "characters")
+    return text
+
+
+def _check_text(doc: Document, path: KeyPath, value: Any) -> str:
+    text = check_string(doc, path, value)
+    try:
+        return _text(text)
+    except argparse.ArgumentTypeError as exc:
+        raise doc.error(path, str(exc)) from None
+
+
 def check_choice(*choices: str) -> Check:
     def check(doc: Document, path: KeyPath, value: Any) -> str:
         if value not in choices:
@@ -226,6 +241,8 @@ def _host_port_check(doc: Document, path: KeyPath, value: Any) -> tuple[str, int
 
 #: True or false; --NAME and --no-NAME.
 SWITCH = Kind(_bool, switch=True)
+#: A line of text (a name).
+TEXT = Kind(lambda doc, path, value: _check_text(doc, path, value), _text)
 #: A file's name; in the file, relative to the file's directory.
 FILE = Kind(_file)
 #: ADDR:PORT, [V6ADDR]:PORT or PORT (on 127.0.0.1).

@@ -32,6 +32,18 @@ class Action(enum.Enum):
     DENY = "deny"
 
 
+class Grant(enum.IntEnum):
+    """What a client may do on usbipyd's HTTP listener (the status API and page):
+    ``view`` a device's state, or also, as ``admin``, release it from its client."""
+
+    VIEW = 1
+    ADMIN = 2
+
+    @property
+    def word(self) -> str:
+        return self.name.lower()
+
+
 @dataclass(frozen=True)
 class DeviceFacts:
     """What a rule can know about a device."""
@@ -204,20 +216,25 @@ def _describe(*fields: tuple[str, tuple[str, ...]]) -> str:
 
 @dataclass(frozen=True)
 class Rule:
-    action: Action
+    #: Whether the client may use the device; None: a rule that only grants.
+    action: Action | None
     device: DeviceSelector = field(default_factory=DeviceSelector)
     client: ClientSelector = field(default_factory=ClientSelector)
     #: Where it is written ("usbipyd.toml line 27"), for the logs.
     where: str = ""
     #: 1-based position in the policy.
     number: int = 0
+    #: What the client may do with the device on the HTTP listener; None: nothing.
+    grant: Grant | None = None
 
     def matches(self, client: Client, device: DeviceFacts) -> bool:
         return self.device.matches(device) and self.client.matches(client)
 
     def __str__(self) -> str:
         said = " ".join(part for part in (
-            self.action.value, f"client {self.client}" if not self.client.empty else "",
+            self.action.value if self.action is not None else "",
+            f"grant {self.grant.word}" if self.grant is not None else "",
+            f"client {self.client}" if not self.client.empty else "",
             f"device {self.device}" if not self.device.empty else "") if part)
         where = f", {self.where}" if self.where else ""
         return f"rule {self.number} ({said}{where})"
@@ -247,14 +264,29 @@ class Policy:
 
     def decide(self, client: Client, device: DeviceFacts) -> Decision:
         for rule in self.rules:
-            if rule.matches(client, device):
+            if rule.action is not None and rule.matches(client, device):
                 return Decision(rule.action, rule, str(rule))
         return Decision(self.default, None, self.default_reason)
+
+    def grant(self, client: Client, device: DeviceFacts) -> Grant | None:
+        """What ``client`` may do with ``device`` on the HTTP listener: the first rule
+        that grants and matches says; no such rule, nothing. (A rule that only allows
+        grants nothing: using a device is not watching who else uses it.)"""
+        for rule in self.rules:
+            if rule.grant is not None and rule.matches(client, device):
+                return rule.grant
+        return None
+
+    def grants_anything(self, client: Client) -> bool:
+        """Whether some rule grants ``client`` something, on some device."""
+        return any(rule.grant is not None and rule.client.matches(client)
+                   for rule in self.rules)
 
     @property
     def open(self) -> bool:
         """Every client may use every device."""
-        return not self.rules and self.default is Action.ALLOW
+        return not any(rule.action is not None for rule in self.rules) and (
+            self.default is Action.ALLOW)
 
 
 #: Every client may use every device: what a server without a policy does.

@@ -6,6 +6,7 @@ its policy and limits, and every later request sees the new ones.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from ..backends.base import AnyDevice
@@ -42,6 +43,10 @@ class HandedOff:
     peer: str
     #: Until the kernel has taken the socket (the import decides it then).
     pending: bool = False
+    #: Whether TLS (kernel TLS, here) protects the session.
+    protected: bool = False
+    #: When it was handed off (time.time()).
+    since: float = field(default_factory=time.time)
 
 
 @dataclass

@@ -16,6 +16,7 @@ import errno
 import logging
 import math
 import socket
+import time
 from collections.abc import Awaitable, Coroutine, Sequence
 from typing import Any, cast
 
@@ -104,6 +105,10 @@ class UsbipServerProtocol(asyncio.Protocol):
         self.tls = tls
         self.conn = ServerConnection(max_transfer_length=max_transfer_length)
         self.device: ExportedDevice | None = None
+        #: When the device was imported (time.time()), and the bytes of its URBs
+        #: from and to the client (counted with the metrics: the status page's).
+        self.imported_at: float | None = None
+        self.bytes_in = self.bytes_out = 0
         self.peer = "?"
         #: The client's address (None: not an IP connection).
         self._address: str | None = None
@@ -485,6 +490,7 @@ class UsbipServerProtocol(asyncio.Protocol):
 
     def serve(self, device: ExportedDevice, info: DeviceInfo) -> None:
         self.device = device
+        self.imported_at = time.time()
         device.drop_client = self._close
         if self._capture is not None:
             self._recorder = self._capture.recorder(info.busnum, info.devnum)
@@ -595,6 +601,7 @@ class UsbipServerProtocol(asyncio.Protocol):
         assert device is not None
         if stats is not None and urb.direction is Direction.OUT:
             stats.bytes[self._key_out] += len(urb.data)
+            self.bytes_in += len(urb.data)
         try:
             result = device.submit(urb)
         except Exception:
@@ -662,6 +669,7 @@ class UsbipServerProtocol(asyncio.Protocol):
         if stats is not None:
             if reply.data:
                 stats.bytes[self._key_in] += len(reply.data)
+                self.bytes_out += len(reply.data)
             if reply.status:
                 stats.errors[(self._key_in[0], status_name(reply.status))] += 1
 

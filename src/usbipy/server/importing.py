@@ -164,7 +164,8 @@ async def _hand_off(conn: ImportingConnection, device: HandOffDevice, generation
     # revoked_meanwhile below, and a failed hand-off puts back what was there.
     handed = conn.access.handed_off
     previous = handed.get(device.busid)
-    entry = HandedOff(device, conn.client, conn.peer, pending=True)
+    entry = HandedOff(device, conn.client, conn.peer, pending=True,
+                      protected=conn.tls is not None)
     handed[device.busid] = entry
     try:
         # The kernel's usbip threads expect a blocking socket, as usbipd gives it.

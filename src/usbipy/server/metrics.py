@@ -1,9 +1,9 @@
-"""The Prometheus endpoint (usbipyd --metrics ADDR:PORT), with prometheus_client.
+"""The Prometheus metrics (``/metrics`` on usbipyd --http ADDR:PORT), with prometheus_client.
 
 The server counts in plain integers on its loop (:class:`ServerStats`); a
 scrape, in the endpoint's HTTP thread, asks the loop for a snapshot and turns
 it into metric families. prometheus_client writes the text format, and its
-WSGI app answers ``/metrics`` (and compressed, when asked).
+WSGI app answers ``/metrics`` (and compressed, when asked) on the HTTP listener.
 
 Exposed (all prefixed ``usbipy_``): ``devices_exported``, ``devices_imported``
 {busid, client}, ``imports_total`` {busid, client}, ``connections_open`` and
@@ -16,15 +16,11 @@ a capture.
 from __future__ import annotations
 
 import asyncio
-import socket
-import socketserver
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import (
@@ -179,48 +175,10 @@ def _counter(name: str, documentation: str, labels: list[str],
     return family
 
 
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base's name)
-        pass  # (a scrape every 15 s is not news)
-
-
-class _ThreadingServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-    def server_bind(self) -> None:
-        # (HTTPServer.server_bind asks the DNS for this host's name: a slow or dead
-        # resolver would hold up usbipyd's start, for a name nothing uses)
-        socketserver.TCPServer.server_bind(self)
-        host, port = self.server_address[:2]
-        self.server_name, self.server_port = str(host), int(port)
-        self.setup_environ()
-
-
-class MetricsEndpoint:
-    """``/metrics`` on ADDR:PORT, served by a thread. Bound when made (so that
-    usbipyd can report a busy port before it daemonizes), served from
-    :meth:`start`, which needs the server's event loop."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.registry = CollectorRegistry(auto_describe=False)
-        server_class = type("_Server", (_ThreadingServer,), {
-            "address_family": socket.AF_INET6 if ":" in host else socket.AF_INET})
-        self._httpd: WSGIServer = make_server(host, port, make_wsgi_app(self.registry),
-                                  server_class=server_class, handler_class=_QuietHandler)
-        self.port: int = self._httpd.server_address[1]
-        shown = f"[{host}]" if ":" in host else host
-        #: Where to scrape.
-        self.url = f"http://{shown}:{self.port}/metrics"
-        self._thread: threading.Thread | None = None
-
-    def start(self, server: UsbipServer, loop: asyncio.AbstractEventLoop) -> None:
-        self.registry.register(_ServerCollector(server, loop))
-        self._thread = threading.Thread(target=self._httpd.serve_forever,
-                                        name="usbipy-metrics", daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        if self._thread is not None:
-            self._httpd.shutdown()
-            self._thread.join(timeout=10)
-        self._httpd.server_close()
+def metrics_app(server: UsbipServer, loop: asyncio.AbstractEventLoop
+                ) -> Callable[..., Iterable[bytes]]:
+    """The WSGI app of ``/metrics`` (the HTTP listener, :mod:`.http`, routes to it)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_ServerCollector(server, loop))
+    app: Callable[..., Iterable[bytes]] = make_wsgi_app(registry)
+    return app

@@ -22,6 +22,7 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import __version__
 from ..backends.base import ExportedDevice
 from ..backends.kernel_stub import KernelStubSource
 from ..backends.libusb.events import LibusbEvents, libusb_available
@@ -39,6 +40,7 @@ from ..devices.webcam import Webcam
 from ..errors import UsbipError
 from ..escape import printable
 from ..exports import hotplug
+from ..exports.admin import present
 from ..exports.engine import ExportEngine, HotplugEvent, RuleSources
 from ..exports.rules import ExportRules, Via
 from ..exports.store import NAME as STORE_NAME
@@ -49,10 +51,13 @@ from ..statedir import state_dir
 from ..tls import TlsError, TlsFiles, ktls, server_context
 from .server import UsbipServer, listen_sockets
 from .stats import ServerStats
+from .status import StatusBoard
 from .tls import ServerTls
 
 if TYPE_CHECKING:
-    from .metrics import MetricsEndpoint
+    from ..discovery.advertise import Advertiser
+    from ..discovery.browse import PeerWatcher
+    from .http import HttpEndpoint
 
 log = logging.getLogger("usbipyd")
 
@@ -161,21 +166,46 @@ def _warn_if_exposed(sockets: Sequence[socket.socket]) -> None:
                         host)
 
 
-def _metrics_endpoint(options: argparse.Namespace) -> MetricsEndpoint | None:
-    """The endpoint --metrics asks for, bound (before -D forks: a busy port is told)."""
-    if options.metrics is None:
+def http_address(options: argparse.Namespace) -> tuple[str, int] | None:
+    """Where --http (or its older name, --metrics) asks the HTTP listener to be."""
+    http, metrics = options.http, options.metrics
+    if http is not None and metrics is not None and tuple(http) != tuple(metrics):
+        raise UsbipError("--http and --metrics name one listener: give one address")
+    address = http if http is not None else metrics
+    return tuple(address) if address is not None else None
+
+
+def _http_endpoint(options: argparse.Namespace) -> HttpEndpoint | None:
+    """The listener --http asks for, bound (before -D forks: a busy port is told)."""
+    address = http_address(options)
+    if address is None:
         return None
+    from .http import HttpEndpoint, is_loopback
+
+    host, port = address
+    context = None
+    if not is_loopback(host):
+        files = TlsFiles.from_options(options.tls_cert, options.tls_key, options.tls_ca)
+        if files is None:
+            raise UsbipError(f"--http {host}:{port}: a status page on an address other than "
+                             "loopback needs mutual TLS (--tls-cert, --tls-key, --tls-ca): it "
+                             "shows who uses what, and an admin may release devices there")
+        try:
+            context = server_context(files, kernel=False)
+        except (TlsError, OSError, ssl.SSLError) as exc:
+            raise UsbipError(f"--http {host}:{port}: {exc}") from None
     try:
-        from .metrics import MetricsEndpoint
-    except ImportError:
-        raise UsbipError("--metrics needs prometheus_client: pip install "
-                         "'usbipy[metrics]'") from None
-    host, port = options.metrics
-    try:
-        return MetricsEndpoint(host, port)
+        return HttpEndpoint(host, port, context)
     except OSError as exc:
-        raise UsbipError(f"cannot serve metrics on {host}:{port}: "
+        raise UsbipError(f"cannot serve HTTP on {host}:{port}: "
                          f"{exc.strerror or exc}") from None
+
+
+def _loopback_address(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
 
 
 def raise_file_limit(limits: Limits) -> None:
@@ -259,7 +289,7 @@ class Service:
     """usbipyd's server, its sockets bound and its checks done; :meth:`run` serves."""
 
     def __init__(self, settings: Settings, server: UsbipServer, libusb: LibusbSource | None,
-                 metrics: MetricsEndpoint | None, pid_file: PidFile | None,
+                 metrics: HttpEndpoint | None, pid_file: PidFile | None,
                  rules: RuleSources | None = None, state: Path | None = None) -> None:
         self.settings = settings
         self.server = server
@@ -275,6 +305,8 @@ class Service:
         self._tasks: set[asyncio.Task[None]] = set()
         #: Whether the loop began serving (then it closes everything as it ends).
         self._serving = False
+        #: What the status API and page show (with --http).
+        self.board: StatusBoard | None = None
 
     @classmethod
     def prepare(cls, settings: Settings) -> Service:
@@ -323,7 +355,7 @@ class Service:
                 log.warning("kernel TLS is not available: devices bound to usbip-host cannot "
                             "be exported over TLS ('modprobe tls', then restart usbipyd)")
             raise_file_limit(settings.limits)
-            metrics = _metrics_endpoint(options)
+            metrics = _http_endpoint(options)
             if options.capture is not None:
                 try:  # (the capture itself is made after -D forks: its writer is a thread)
                     check_writable(options.capture)
@@ -408,9 +440,12 @@ class Service:
         self._serving = True
         if not self.settings.options.rules_only:
             await server.start()
+        advertiser = await self._advertise()
+        peers = await self._watch_peers() if metrics is not None else None
         if metrics is not None:
-            metrics.start(server, asyncio.get_running_loop())
-            log.info("metrics on %s", metrics.url)
+            self.board = self._status_board(peers)
+            metrics.start(server, asyncio.get_running_loop(), self.board)
+            log.info("status page on %s/, metrics on %s", metrics.base, metrics.url)
         watchers = await self._watch_devices()
         polling = self._libusb is not None and len(watchers) < 2
         watcher = asyncio.create_task(_watch(self._libusb)) if (
@@ -456,10 +491,86 @@ class Service:
                 task.cancel()
             if self.engine is not None:
                 await asyncio.to_thread(self.engine.close)
+            if advertiser is not None:
+                await advertiser.close()
+            if peers is not None:
+                await peers.close()
             await server.close()  # closes the sources and the capture too
             if metrics is not None:
                 await asyncio.to_thread(metrics.close)
 
+
+    # --- the status page and DNS-SD ----------------------------------------------------
+
+    def _name(self) -> str:
+        return self.settings.options.server_name or socket.gethostname()
+
+    def _status_board(self, peers: PeerWatcher | None) -> StatusBoard:
+        rules = self.rules
+
+        def rule_of(busids: list[str]) -> dict[str, str]:
+            """busid -> where the export rule that matched it is written (sysfs reads)."""
+            if not sysfs.usb_devices_dir().is_dir():
+                return {}
+            in_force = rules()
+            wanted = set(busids)
+            return {device.busid: rule.where for device in present()
+                    if device.busid in wanted
+                    and (rule := in_force.rule_for(device)) is not None}
+
+        return StatusBoard(self.server, name=self._name(), version=f"usbipy {__version__}",
+                           rule_of=rule_of, peers=peers.peers if peers is not None else list)
+
+    async def _advertise(self) -> Advertiser | None:
+        """DNS-SD for this server, when the settings ask for it (by default: when it
+        listens on an address other than loopback)."""
+        options = self.settings.options
+        if options.rules_only:
+            return None
+        exposed = [host for host, _port in self.server.addresses
+                   if not _loopback_address(host)]
+        wanted = options.advertise
+        if wanted is False or (wanted is None and not exposed):
+            return None
+        if not exposed:
+            log.warning("not advertised by DNS-SD: usbipyd listens on loopback only")
+            return None
+        try:
+            from ..discovery.advertise import Advertiser
+        except ImportError:
+            message = "not advertised by DNS-SD: pip install 'usbipy[fleet]' (python-zeroconf)"
+            if wanted:
+                raise UsbipError(message) from None
+            log.warning("%s, or say --no-advertise", message)
+            return None
+        page = self._metrics.port if (self._metrics is not None and not _loopback_address(
+            self._metrics.host)) else None
+        advertiser = Advertiser(self._name(), self.server.port, exposed,
+                                tls=self.server.tls is not None, page_port=page)
+        try:
+            await advertiser.start()
+        except (OSError, ValueError) as exc:
+            log.warning("not advertised by DNS-SD: %s", exc)
+            return None
+        log.info("advertised by DNS-SD as %s", printable(advertiser.instance))
+        return advertiser
+
+    async def _watch_peers(self) -> PeerWatcher | None:
+        """The other servers DNS-SD finds, for the page (only where this one is on the
+        network: a loopback-only server has no peers to show)."""
+        if not any(not _loopback_address(host) for host, _port in self.server.addresses):
+            return None
+        try:
+            from ..discovery.browse import PeerWatcher
+        except ImportError:
+            return None
+        watcher = PeerWatcher(self._name())
+        try:
+            await watcher.start()
+        except OSError as exc:
+            log.warning("cannot browse DNS-SD for other servers: %s", exc)
+            return None
+        return watcher
 
     # --- devices that come and go -------------------------------------------------------
 
@@ -545,8 +656,10 @@ class Service:
         log.info("export rules applied again (%d in force)", len(rules))
 
     def _gone(self, busid: str) -> None:
-        """A device left: if a client held it, its session ends; the log and the
-        metrics say so."""
+        """A device left: if a client held it, its session ends; the log, the metrics
+        and the status page say so."""
+        if self.board is not None:
+            self.board.gone(busid)
         access = self.server.access
         holder = access.handed_off.get(busid)
         owner = self.server.registry.owner(busid)

@@ -63,6 +63,8 @@ def busid_of(device: Any) -> str:
 class LibusbDevice(ExportedDevice):
     """A device opened through libusb while a client has it imported."""
 
+    via = "libusb"
+
     def __init__(self, events: LibusbEvents, device: Any, busid: str | None = None) -> None:
         self._events = events
         self._device = device

@@ -1,0 +1,94 @@
+"""usbipyd's DNS-SD advertisement, with python-zeroconf on the server's event loop.
+
+A server listening on a wildcard address advertises every address the host has
+(but loopback); one listening on given addresses advertises those, on their
+interfaces. The advertisement is withdrawn (an mDNS goodbye, TTL 0) when usbipyd
+stops, so browsers drop it at once.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+import ifaddr
+from zeroconf import InterfaceChoice, IPVersion, NonUniqueNameException, ServiceInfo
+from zeroconf.asyncio import AsyncZeroconf
+
+from .records import SERVICE_TYPE, instance_label, txt_record
+
+#: Wildcard listen addresses.
+ANY = ("0.0.0.0", "::")
+
+
+def host_addresses(listening: list[str]) -> list[str]:
+    """The addresses to advertise for a server listening on ``listening``."""
+    wildcard_v4 = "0.0.0.0" in listening
+    wildcard_v6 = "::" in listening
+    found: list[str] = [a for a in listening if a not in ANY]
+    if wildcard_v4 or wildcard_v6:
+        for adapter in ifaddr.get_adapters():
+            for ip in adapter.ips:
+                if isinstance(ip.ip, str):  # (IPv4; a dual-stack :: serves it too)
+                    found.append(ip.ip)
+                elif wildcard_v6:
+                    v6 = ipaddress.ip_address(ip.ip[0])
+                    if not v6.is_link_local:  # (a scope is not in an AAAA record)
+                        found.append(str(v6))
+    unique: list[str] = []
+    for text in found:
+        address = ipaddress.ip_address(text.split("%", 1)[0])
+        if not address.is_loopback and str(address) not in unique:
+            unique.append(str(address))
+    return unique
+
+
+class Advertiser:
+    """One server's advertisement, started and closed on the loop."""
+
+    def __init__(self, name: str, port: int, listening: list[str], *, tls: bool,
+                 page_port: int | None = None) -> None:
+        self.name = name
+        self.port = port
+        self._listening = listening
+        self._tls = tls
+        self._page_port = page_port
+        self._zeroconf: AsyncZeroconf | None = None
+        self._info: ServiceInfo | None = None
+        #: The instance name in use (python-zeroconf renames it on a conflict).
+        self.instance = f"{instance_label(name)}.{SERVICE_TYPE}"
+
+    async def start(self) -> None:
+        addresses = host_addresses(self._listening)
+        if not addresses:
+            raise ValueError("no address but loopback to advertise")
+        wildcard = any(a in ANY for a in self._listening)
+        interfaces = InterfaceChoice.All if wildcard else addresses
+        version = (IPVersion.All if any(":" in a for a in addresses) else IPVersion.V4Only)
+        self._zeroconf = AsyncZeroconf(interfaces=interfaces, ip_version=version)
+        self._info = ServiceInfo(
+            SERVICE_TYPE, self.instance, port=self.port,
+            properties=txt_record(self.name, tls=self._tls, page_port=self._page_port),
+            server=f"{instance_label(socket.gethostname())}.local.",
+            parsed_addresses=addresses)
+        try:
+            # (the first await probes the name; the second announces it)
+            await (await self._zeroconf.async_register_service(
+                self._info, allow_name_change=True))
+        except NonUniqueNameException as exc:
+            await self.close()
+            raise ValueError(f"the name {self.instance} is taken") from exc
+        except BaseException:
+            await self.close()
+            raise
+        self.instance = self._info.name
+
+    async def close(self) -> None:
+        zeroconf, self._zeroconf = self._zeroconf, None
+        if zeroconf is None:
+            return
+        try:
+            if self._info is not None:
+                await (await zeroconf.async_unregister_service(self._info))
+        finally:
+            await zeroconf.async_close()
