@@ -35,6 +35,7 @@ from ..client.backoff import Backoff
 from ..client.identity import DeviceSpec
 from ..config.values import MAX_SECONDS, positive, whole
 from ..daemonize import DaemonFailed, daemonize
+from ..discovery.records import BROWSE_TIME
 from ..errors import UsbipError
 from ..escape import printable
 from ..exports.admin import (
@@ -71,6 +72,12 @@ if TYPE_CHECKING:  # (loaded where used: each command starts with what it needs 
 #: The socket of the system log, for -l.
 SYSLOG = "/dev/log"
 
+def browse_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--browse-time", type=positive(60.0), default=BROWSE_TIME,
+                        metavar="SECONDS", help="how long to listen for servers by DNS-SD "
+                                                f"(default: {BROWSE_TIME:g})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="usbipy", description="USB/IP client (protocol 1.1.1).")
     p.add_argument("--version", action="version", version=f"usbipy {__version__}")
@@ -100,10 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
                               "(default: the HOST given with -r)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    lst = sub.add_parser("list", parents=[common], help="list exportable or local USB devices")
-    where = lst.add_mutually_exclusive_group(required=True)
+    lst = sub.add_parser("list", parents=[common], help="list exportable or local USB devices "
+                         "(with neither -r nor -l: every server's on the network)")
+    where = lst.add_mutually_exclusive_group()
     where.add_argument("-r", "--remote", metavar="HOST[:PORT]", help="the devices HOST exports")
     where.add_argument("-l", "--local", action="store_true", help="the local USB devices")
+    where.add_argument("--all", action="store_true",
+                       help="the devices of every usbipy server DNS-SD finds (the default), "
+                            "and of those found within a day that do not answer now")
+    browse_option(lst)
     lst.add_argument("-p", "--parsable", action="store_true",
                      help="parsable format for -l (as usbip, -r ignores it)")
 
@@ -134,9 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
         rules_options(cmd)
 
     att = sub.add_parser("attach", parents=[common], help="import a remote device into vhci-hcd")
-    att.add_argument("-r", "--remote", metavar="HOST[:PORT]", required=True, action="append",
+    att.add_argument("-r", "--remote", metavar="HOST[:PORT]", action="append",
                      help="the machine that exports the device; with --device, may repeat: "
-                          "the first that offers a match serves it")
+                          "the first that offers a match serves it, and without -r, every "
+                          "server DNS-SD finds is asked")
+    browse_option(att)
     which_device = att.add_mutually_exclusive_group(required=True)
     which_device.add_argument("-b", "--busid", "-d", dest="busid",
                               help="the device's bus id on HOST")
@@ -178,6 +192,20 @@ def build_parser() -> argparse.ArgumentParser:
     det.add_argument("-r", "--remote", metavar="HOST",
                      help="with -b: the attachment from this server")
     sub.add_parser("port", parents=[common], help="show imported devices")
+    status = sub.add_parser("status", parents=[common],
+                            help="who holds which device, since when, and the traffic: from "
+                                 "usbipyd's status API (usbipyd --http)")
+    status_where = status.add_mutually_exclusive_group()
+    status_where.add_argument("-r", "--remote", metavar="HOST:PORT|URL",
+                              help="the status listener of a server (its --http address; "
+                                   "https unless on loopback)")
+    status_where.add_argument("--all", action="store_true",
+                              help="every server DNS-SD finds that serves its status on the "
+                                   "network")
+    status.add_argument("-c", "--config", metavar="FILE",
+                        help="without -r: usbipyd's configuration file, for its [diagnostics] "
+                             "http address (default: usbipyd's)")
+    browse_option(status)
     sub.add_parser("version", parents=[common], help="show the version (as usbip version)")
 
     cert = sub.add_parser("cert", parents=[common],
@@ -268,15 +296,16 @@ def _device_dict(d: DeviceInfo) -> dict[str, object]:
 # --- list ------------------------------------------------------------------------------
 
 
-def _print_remote(host: str, devices: Sequence[DeviceInfo]) -> None:
+def _print_remote(host: str, devices: Sequence[DeviceInfo], *, escaped: bool = False) -> None:
     # The layout of `usbip list -r`, which has no parsable form (-p is for -l only).
     ids = system_ids()
+    shown = host if escaped else printable(host)
     if not devices:
-        print(f"usbipy: info: no exportable devices found on {host}", file=sys.stderr)
+        print(f"usbipy: info: no exportable devices found on {shown}", file=sys.stderr)
         return
     print("Exportable USB devices")
     print("======================")
-    print(f" - {printable(host)}")
+    print(f" - {shown}")
     for d in devices:
         # busid and path come from the server: escaped before they reach a terminal
         print(f"{printable(d.busid):>11}: {ids.product_name(d.idVendor, d.idProduct)}")
@@ -636,6 +665,8 @@ def _run(args: argparse.Namespace) -> object:
     if args.command == "doctor":
         return _doctor(args, tls)
     if args.command == "list":
+        if args.remote is None and not args.local:
+            return _list_fleet(args, tls)
         if args.remote is not None:
             import asyncio
 
@@ -663,7 +694,147 @@ def _run(args: argparse.Namespace) -> object:
         return _cert(args)
     elif args.command == "port":
         return _port(args)
+    elif args.command == "status":
+        return _status(args, tls)
     return None
+
+
+def _list_fleet(args: argparse.Namespace, tls: TlsFiles | None) -> object:
+    """`usbipy list` (--all): every server's devices, found by DNS-SD."""
+    import asyncio
+
+    from ..client.fleet import as_json, list_fleet
+
+    answers = asyncio.run(list_fleet(args.browse_time, tls=tls,
+                                     server_hostname=args.tls_server_name))
+    failed = [a for a in answers if a.error is not None]
+    result = {"servers": as_json(answers, _device_dict), "not_answering": len(failed)}
+    if args.json:
+        return result
+    if not answers:
+        raise UsbipError("no usbipy server found on the network by DNS-SD (in "
+                         f"{args.browse_time:g} s; give -r HOST, or --browse-time)")
+    for answer in answers:
+        server = answer.server
+        where = f"{printable(server.host)}:{server.port}"
+        if answer.devices is None:
+            continue
+        if not answer.devices:
+            print(f"usbipy: info: no exportable devices found on {server.shown_name} ({where})",
+                  file=sys.stderr)
+            continue
+        _print_remote(f"{where} ({server.shown_name}{', TLS' if server.tls else ''})",
+                      answer.devices, escaped=True)
+    for answer in failed:
+        server = answer.server
+        print(f"usbipy: error: {server.shown_name} ({printable(server.host)}:{server.port}): "
+              f"{printable(answer.error or '')}", file=sys.stderr)
+    return result
+
+
+def _status(args: argparse.Namespace, tls: TlsFiles | None) -> object:
+    """`usbipy status`: who holds what, from usbipyd's status API."""
+    import asyncio
+
+    from ..client.status import fetch_all, status_url
+
+    names: dict[str, str] = {}
+    if args.all:
+        from ..client.fleet import discover
+
+        servers = asyncio.run(discover(args.browse_time, remember=False))
+        urls = []
+        for found, _how, _seen in servers:
+            if found.page is not None:
+                url = f"{found.page}api/v1/status"
+                names[url] = found.shown_name
+                urls.append(url)
+        if not urls:
+            raise UsbipError(f"no usbipy server found by DNS-SD serves its status on the "
+                             f"network ({len(servers)} found in {args.browse_time:g} s; "
+                             "usbipyd --http ADDR:PORT serves it)")
+    elif args.remote is not None:
+        urls = [status_url(args.remote)]
+    else:
+        urls = [status_url(_local_status_address(args))]
+    answers = asyncio.run(fetch_all(urls, tls))
+    failed = [a for a in answers if a.error is not None]
+    result = {"servers": [{"url": a.url, "status": a.status, "error": a.error}
+                          for a in answers], "not_answering": len(failed)}
+    if args.json:
+        return result
+    for answer in answers:
+        if answer.status is not None:
+            _print_status(answer.status)
+    for answer in failed:
+        label = names.get(answer.url, printable(answer.url))
+        print(f"usbipy: error: {label}: {printable(answer.error or '')}", file=sys.stderr)
+    return result
+
+
+def _local_status_address(args: argparse.Namespace) -> str:
+    """The local usbipyd's --http address, from its configuration file."""
+    from ..config import config_path
+    from ..config import load as load_config
+
+    path = config_path(args.config)
+    options = load_config(path).options if path is not None else {}
+    address = options.get("http") or options.get("metrics")
+    if address is None:
+        raise UsbipError("which server? give -r HOST:PORT (usbipyd --http), or --all; "
+                         + (f"{path} sets no [diagnostics] http" if path is not None else
+                            "no usbipyd configuration file here says its http address"))
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _print_status(status: dict[str, Any]) -> None:
+    """One server's status as lines: every string came from the server, escaped."""
+    server = status.get("server", {})
+    tls_mark = ", TLS" if server.get("tls") else ""
+    print(f"{printable(str(server.get('name')))} ({printable(str(server.get('version')))}"
+          f"{tls_mark}), port {server.get('port')}")
+    devices = status.get("devices", [])
+    if not devices:
+        print("    no devices exported")
+    for device in devices:
+        names = " : ".join(printable(str(n)) for n in (device.get("vendor"),
+                                                        device.get("product")) if n)
+        ident = printable(str(device.get("vid_pid")))
+        print(f"{printable(str(device.get('busid'))):>11}: {ident} {names}".rstrip())
+        print(f"{'':>11}: {_state_text(device)}")
+        if device.get("rule"):
+            print(f"{'':>11}: exported by rule: {printable(str(device['rule']))}")
+    print()
+
+
+def _state_text(device: dict[str, Any]) -> str:
+    state = str(device.get("state"))
+    client = device.get("client")
+    if state not in ("in-use", "served-by-kernel") or not client:
+        return printable(state)
+    who = printable(str(client.get("address") or "a client"))
+    if client.get("cn"):
+        who += f" (CN={printable(str(client['cn']))})"
+    parts = [f"in use by {who}"]
+    if client.get("since"):
+        parts.append(f"since {printable(str(client['since']))}")
+    if client.get("bytes_in") is not None:
+        parts.append(f"{_size(client['bytes_in'])} in, {_size(client.get('bytes_out') or 0)} "
+                     "out")
+    if state == "served-by-kernel":
+        parts.append("served by the kernel")
+    parts.append("TLS" if client.get("protected") else "plaintext")
+    return ", ".join(parts)
+
+
+def _size(count: Any) -> str:
+    value = float(count) if isinstance(count, int | float) else 0.0
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} GB"
 
 
 def _doctor(args: argparse.Namespace, tls: TlsFiles | None) -> dict[str, object]:
@@ -844,8 +1015,18 @@ def _unbind_busid(args: argparse.Namespace, rules: LocalRules) -> object:
     return None
 
 
-def _servers(args: argparse.Namespace) -> list[tuple[str, int]]:
-    """attach's -r HOST[:PORT], each; one unless the device is named by --device."""
+def _servers(args: argparse.Namespace, tls: TlsFiles | None) -> list[tuple[str, int]]:
+    """attach's -r HOST[:PORT], each; one unless the device is named by --device; with
+    --device and no -r, the servers DNS-SD finds."""
+    if not args.remote:
+        if args.device is None:
+            raise UsbipError("attach -b BUSID needs -r HOST (or name the device by "
+                             "--device VID:PID[:SERIAL] to find it on the network)")
+        import asyncio
+
+        from ..client.fleet import servers_for
+
+        return asyncio.run(servers_for(args.browse_time, tls=tls is not None))
     servers = []
     for text in args.remote:
         try:
@@ -881,7 +1062,7 @@ def _match_text(args: argparse.Namespace, servers: list[tuple[str, int]]) -> str
 
 
 def _attach(args: argparse.Namespace, tls: TlsFiles | None) -> object:
-    servers = _servers(args)
+    servers = _servers(args, tls)
     if args.persistent:
         return _attach_persistent(args, tls, servers)
     for option in ("retries", "background"):
@@ -1126,6 +1307,9 @@ def _main(argv: Sequence[str] | None) -> int:
         return 3  # (a decision, not an error: "denied" for scripts)
     if args.command == "doctor" and isinstance(result, dict) and not result["passed"]:
         return 1
+    if args.command in ("list", "status") and isinstance(result, dict) and result.get(
+            "not_answering"):
+        return 1  # (some servers did not answer: named on stderr, or in the JSON)
     return 0
 
 

@@ -16,14 +16,10 @@ from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from ..escape import printable
-from .records import SERVICE_TYPE, Found, instance_label, parse_service
+from .records import BROWSE_TIME, SERVICE_TYPE, Found, instance_label, parse_service
 
 log = logging.getLogger("usbipy.discovery")
 
-#: Seconds `usbipy list --all` listens for servers by default. A responder answers
-#: a query within 20-120 ms (RFC 6762 section 6), and python-zeroconf asks again
-#: after 1 s, so 2 s hears a server that missed the first question.
-BROWSE_TIME = 2.0
 #: Milliseconds one resolution may take (SRV, TXT and address records).
 RESOLVE_MS = 1500
 #: Servers kept by one browse (a network that answers with more is not a lab).

@@ -20,6 +20,10 @@ SERVICE_TYPE = "_usbip._tcp.local."
 #: The TXT record's version (RFC 6763 section 6.7).
 TXT_VERSION = "1"
 PROTOCOL = f"{USBIP_VERSION >> 8}.{(USBIP_VERSION >> 4) & 0xF}.{USBIP_VERSION & 0xF}"
+#: Seconds `usbipy list --all` listens for servers by default. A responder answers
+#: a query within 20-120 ms (RFC 6762 section 6), and python-zeroconf asks again
+#: after 1 s, so 2 s hears a server that missed the first question.
+BROWSE_TIME = 2.0
 #: Longest server name advertised (a DNS label is 63 bytes).
 MAX_NAME = 63
 

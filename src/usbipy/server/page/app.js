@@ -21,11 +21,10 @@
   function el(tag, attrs, ...kids) {
     const node = document.createElement(tag);
     for (const [k, v] of Object.entries(attrs || {})) {
-      if (v !== null && v !== undefined && v !== false) node.setAttribute(k, String(v));
+      if (v != null && v !== false) node.setAttribute(k, String(v));
     }
     for (const kid of kids) {
-      if (kid === null || kid === undefined || kid === '') continue;
-      node.append(typeof kid === 'string' ? document.createTextNode(kid) : kid);
+      if (kid != null && kid !== '') node.append(typeof kid === 'string' ? document.createTextNode(kid) : kid);
     }
     return node;
   }
@@ -35,12 +34,11 @@
 
   // Decimal units (kB = 1000 B), one decimal below 10: "1.2 MB", "34 kB", "512 B".
   function bytes(n) {
+    if (n == null) return '—';
     const units = ['B', 'kB', 'MB', 'GB', 'TB', 'PB'];
-    let v = Number(n);
-    let i = 0;
+    let v = Number(n), i = 0;
     while (v >= 1000 && i < units.length - 1) { v /= 1000; i++; }
-    const num = i === 0 ? String(Math.round(v)) : v.toFixed(v < 10 ? 1 : 0);
-    return `${num} ${units[i]}`;
+    return `${i === 0 ? Math.round(v) : v.toFixed(v < 10 ? 1 : 0)} ${units[i]}`;
   }
 
   // "42 s", "5 min", "2 h 5 min", "3 d 4 h"
@@ -65,21 +63,18 @@
 
   // IPv6 literals need brackets before ":port".
   function hostPort(host, port) {
-    host = String(host);
-    const h = host.includes(':') && !host.startsWith('[') ? `[${host}]` : host;
-    return port === null || port === undefined ? h : `${h}:${port}`;
+    const h = /:/.test(host) && !/^\[/.test(host) ? `[${host}]` : String(host);
+    return port == null ? h : `${h}:${port}`;
   }
 
   function stateText(d) {
     const c = d.client;
     if (d.state !== 'in-use' && d.state !== 'served-by-kernel') return String(d.state);
     let t = 'in use';
-    if (c) t += ` by ${c.address}` + (c.cn !== null && c.cn !== undefined ? ` (CN=${c.cn})` : '');
+    if (c) t += ` by ${c.address}` + (c.cn != null ? ` (CN=${c.cn})` : '');
     if (d.state === 'served-by-kernel') t += ' — served by the kernel';
     return t;
   }
-
-  // ---- messages and the live indicator ----
 
   function showMessage(text, kind) {
     $('message').textContent = text;
@@ -110,9 +105,7 @@
     $('server-version').textContent = server.version ? `usbipy ${server.version}` : '';
     $('server-tls').hidden = !server.tls;
     const addrs = Array.isArray(server.addresses) ? server.addresses : [];
-    $('server-addresses').textContent = addrs.length
-      ? addrs.map((a) => hostPort(a, server.port)).join(', ')
-      : (server.port ? `port ${server.port}` : '');
+    $('server-addresses').textContent = addrs.map((a) => hostPort(a, server.port)).join(', ');
     $('you').textContent = you ? `you: ${you.client} (${you.grant})` : '';
   }
 
@@ -131,21 +124,15 @@
       title: c && c.protected ? 'session encrypted by TLS' : null,
     }, stateText(d));
 
-    let since = '—';
-    if (c) {
-      since = el('span', null, localTime(c.since), ' · ',
-        el('span', { class: 'duration', 'data-seconds': Number(c.seconds) || 0 }, duration(c.seconds)));
-    }
+    const since = !c ? '—' : el('span', null, localTime(c.since), ' · ',
+      el('span', { class: 'duration', 'data-seconds': Number(c.seconds) || 0 }, duration(c.seconds)));
 
     // bytes_in: from the client to the device; bytes_out: from the device to the client.
     // Both are null when the kernel serves the device (usbipy does not see the traffic).
-    let traffic = '—';
-    if (c && (c.bytes_in !== null && c.bytes_in !== undefined || c.bytes_out !== null && c.bytes_out !== undefined)) {
-      const b = (n) => (n === null || n === undefined ? '—' : bytes(n));
-      traffic = el('span', { title: 'in: from the client · out: to the client' },
-        el('span', { class: 'dir' }, `in ${b(c.bytes_in)}`), ' · ',
-        el('span', { class: 'dir' }, `out ${b(c.bytes_out)}`));
-    }
+    const traffic = !c || (c.bytes_in == null && c.bytes_out == null) ? '—'
+      : el('span', { title: 'in: from the client · out: to the client' },
+        el('span', { class: 'dir' }, `in ${bytes(c.bytes_in)}`), ' · ',
+        el('span', { class: 'dir' }, `out ${bytes(c.bytes_out)}`));
 
     tr.append(
       cell('Bus ID', 'busid', el('code', null, String(d.busid))),
@@ -164,22 +151,15 @@
   }
 
   function renderDevices(devices) {
-    const tbody = $('device-rows');
-    // Keep keyboard focus on a Release button across a re-render.
+    // Keep keyboard focus on a Release button across a re-render (rows are matched
+    // by dataset value, not by a selector built from an untrusted busid).
     const active = document.activeElement;
-    const focusRow = active && active.matches('button.release') ? active.closest('tr') : null;
-    const focusBusid = focusRow ? focusRow.dataset.busid : null;
-
+    const keep = active && active.matches('button.release') ? active.closest('tr').dataset.busid : null;
     const rows = devices.map(deviceRow);
     if (!rows.length) rows.push(el('tr', { class: 'empty' }, el('td', { colspan: 7 }, 'No devices exported.')));
-    tbody.replaceChildren(...rows);
-
-    if (focusBusid !== null) {
-      // Compare dataset values instead of building a selector from an untrusted busid.
-      const row = rows.find((r) => r.dataset.busid === focusBusid);
-      const button = row && row.querySelector('button.release');
-      if (button) button.focus();
-    }
+    $('device-rows').replaceChildren(...rows);
+    const button = keep !== null && rows.find((r) => r.dataset.busid === keep)?.querySelector('button.release');
+    if (button) button.focus();
   }
 
   function renderServers(servers) {
@@ -200,7 +180,6 @@
   }
 
   // ---- release ----
-
   function releaseButton(d) {
     if (!d.can_release || (d.state !== 'in-use' && d.state !== 'served-by-kernel')) return null;
     const button = el('button', { type: 'button', class: 'release' }, 'Release');
@@ -214,18 +193,11 @@
     button.disabled = true;
     try {
       const r = await fetch(`/api/v1/devices/${encodeURIComponent(d.busid)}/release`, {
-        method: 'POST',
-        headers: { 'Content-Type': 'application/json', Accept: 'application/json' },
-        body: '{}',
-        credentials: 'same-origin',
-        cache: 'no-store',
+        method: 'POST', headers: { 'Content-Type': 'application/json' }, body: '{}', cache: 'no-store',
       });
-      const body = await r.json().catch(() => ({}));
-      if (r.ok) {
-        showMessage(`Released ${body.released || d.busid} from ${body.client || who}.`, 'info');
-      } else {
-        showMessage(`Could not release ${d.busid}: ${body.error || `HTTP ${r.status}`}`, 'error');
-      }
+      const body = await r.json().catch(() => ({}));  // an error page that is not JSON
+      if (r.ok) showMessage(`Released ${body.released || d.busid} from ${body.client || who}.`, 'info');
+      else showMessage(`Could not release ${d.busid}: ${body.error || `HTTP ${r.status}`}`, 'error');
     } catch (e) {
       showMessage(`Could not release ${d.busid}: ${e.message}`, 'error');
     }
@@ -262,10 +234,7 @@
     const es = new EventSource(EVENTS_URL);
     es.addEventListener('status', (ev) => {
       let status;
-      try { status = JSON.parse(ev.data); } catch (e) {
-        showMessage('The server sent a status that is not JSON.', 'error');
-        return;
-      }
+      try { status = JSON.parse(ev.data); } catch (e) { showMessage('The server sent a bad status.', 'error'); return; }
       setLive('live');
       render(status);
     });
