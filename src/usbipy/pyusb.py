@@ -594,7 +594,9 @@ def get_backend(address: str, busid: str | None = None, *,
     """A PyUSB backend for the devices of the USB/IP server at ``address``.
 
     ``address``: ``"HOST"``, ``"HOST:PORT"``, ``"[V6ADDR]:PORT"`` or
-    ``"usbip://HOST[:PORT][/BUSID]"``; ``busid`` picks one device. ``tls``
+    ``"usbip://HOST[:PORT][/BUSID]"``; ``busid`` picks one device. A device named by
+    ``usbip://HOST/VID:PID[:SERIAL]`` is found at whatever busid it has, and with
+    ``usbip://*/VID:PID[:SERIAL]`` on whichever server DNS-SD finds offering it. ``tls``
     (:func:`usbipy.tls.client_context`) for mutual TLS, ``keepalive`` for the
     dead-peer timeout, ``timeout`` (seconds) to connect and import; ``resume``:
     a lost connection is resumed in place where the server offers it (usbipyd).
@@ -607,6 +609,17 @@ def get_backend(address: str, busid: str | None = None, *,
         except ClientError as exc:
             raise ValueError(str(exc)) from None
         busid = None
+    if host == "*":  # usbip://*/VID:PID[:SERIAL]: wherever DNS-SD finds it
+        if device is None:
+            raise ValueError(f"usbip://*/ names a device by VID:PID[:SERIAL]: "
+                             f"{printable(address)}")
+        from .client.fleet import locate
+
+        try:
+            found = locate(device, tls=tls, server_hostname=server_hostname)
+        except UsbipError as exc:
+            _raise(exc)
+        host, port = found.host, found.port
     return UsbipBackend(host, port, busid, tls=tls, server_hostname=server_hostname,
                         keepalive=keepalive, timeout=timeout, resume=resume, device=device)
 

@@ -14,16 +14,19 @@ import asyncio
 import json
 import os
 import ssl
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..discovery.records import Found
+from ..discovery.records import BROWSE_TIME, Found
 from ..errors import UsbipError
 from ..protocol import USBIP_PORT, DeviceInfo
 from ..tls import TlsFiles, client_context
+from . import identity
+from .identity import DeviceSpec
 from .userspace import list_devices
 
 #: Seconds one server has to send its device list.
@@ -161,6 +164,33 @@ async def servers_for(browse_time: float, *, tls: bool) -> list[tuple[str, int]]
                    "those do not take TLS") + ")") if others else ""
         raise UsbipError(f"no usbipy server {kind} found on the network by DNS-SD{more}")
     return [(f.host, f.port or USBIP_PORT) for f in usable]
+
+
+#: The host that means "wherever DNS-SD finds it": usbip://*/VID:PID[:SERIAL].
+ANYWHERE = "*"
+
+
+def locate(spec: DeviceSpec, *, tls: ssl.SSLContext | None, server_hostname: str | None,
+           first: bool = False, browse_time: float = BROWSE_TIME) -> identity.Found:
+    """The server DNS-SD finds that offers the device ``spec`` names (blocking: a
+    browse on a loop of its own, then the device lists, as :func:`identity.find`)."""
+    result: list[list[tuple[str, int]]] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(asyncio.run(servers_for(browse_time, tls=tls is not None)))
+        except BaseException as exc:  # (handed to the caller's thread)
+            failure.append(exc)
+
+    worker = threading.Thread(target=run, name="usbipy-browse")  # (whatever loop runs here)
+    worker.start()
+    worker.join()
+    if failure:
+        raise failure[0]
+    list_fn, serial_fn = identity.sync_functions(tls, server_hostname, LIST_TIMEOUT)
+    return identity.find(result[0], spec, first=first, list_devices=list_fn,
+                         read_serial=serial_fn)
 
 
 def as_json(answers: Sequence[ServerDevices], device: Any) -> list[dict[str, Any]]:

@@ -317,12 +317,19 @@ async def _import_target(target: _Target
                          ) -> tuple[_ClientProtocol, DeviceInfo, RelayThread | None]:
     if target.spec is None:
         return await _import_busid(target)
-    list_devices, read_serial = identity.sync_functions(target.tls, target.server_hostname,
-                                                        CONNECT_TIMEOUT)
-    found = await asyncio.to_thread(identity.find, [(target.host, target.port)], target.spec,
-                                    first=target.first, list_devices=list_devices,
-                                    read_serial=read_serial)
-    located = dataclasses.replace(target, busid=found.busid)
+    if target.host == "*":  # (wherever DNS-SD finds it: usbip://*/VID:PID)
+        from .fleet import locate
+
+        found = await asyncio.to_thread(locate, target.spec, tls=target.tls,
+                                        server_hostname=target.server_hostname,
+                                        first=target.first)
+    else:
+        list_devices, read_serial = identity.sync_functions(
+            target.tls, target.server_hostname, CONNECT_TIMEOUT)
+        found = await asyncio.to_thread(identity.find, [(target.host, target.port)],
+                                        target.spec, first=target.first,
+                                        list_devices=list_devices, read_serial=read_serial)
+    located = dataclasses.replace(target, host=found.host, port=found.port, busid=found.busid)
     deadline = time.monotonic() + (identity.BUSY_AFTER_PROBE if target.spec.serial else 0.0)
     while True:  # (usbip-host frees a device a moment after the serial was read)
         try:
