@@ -127,12 +127,12 @@ ERRORS = [
     ("[tls\n", "FILE:1: expected ']' at the end of a table declaration (column 5)"),
     ("prot = 3240\n", "FILE:1: prot: unknown key (known: debug, devices, diagnostics, export, "
                       "family, libusb, limits, listen, loop, names, pid_file, policy, port, "
-                      "rules_only, state_dir, tls, usbip_host)"),
+                      "rules_only, server, state_dir, tls, usbip_host)"),
     ("port = '3240'\n", "FILE:1: port: '3240' is not a whole number"),
     # "" names no table: the top's keys are not set through it
     ("[\"\"]\nport = 5\n", "FILE:1: : unknown key (known: debug, devices, diagnostics, "
                           "export, family, libusb, limits, listen, loop, names, pid_file, "
-                          "policy, port, rules_only, state_dir, tls, usbip_host)"),
+                          "policy, port, rules_only, server, state_dir, tls, usbip_host)"),
     ("port = 70000\n", "FILE:1: port: 70000 is out of range (0 to 65535)"),
     ("port = true\n", "FILE:1: port: True is not a whole number"),
     ("debug = 1\n", "FILE:1: debug: 1 is not true or false"),
@@ -174,7 +174,8 @@ ERRORS = [
     ("[policy]\ndefault = 'deny'\nrules = []\n",
      "FILE:3: policy.rules: unknown key (known: default, rule)"),
     ("[policy]\ndefault = 'deny'\n[[policy.rule]]\ndevice.busid = '1-1'\n",
-     'FILE:3: policy.rule[1]: action: missing: say "allow" or "deny"'),
+     'FILE:3: policy.rule[1]: action: missing: say "allow" or "deny" (or grant "view" '
+     'or "admin" of the status page)'),
     ("[policy]\ndefault = 'deny'\n[[policy.rule]]\naction = 'permit'\n",
      "FILE:4: policy.rule[1].action: 'permit' is not one of allow, deny"),
     ("[policy]\ndefault = 'deny'\n[[policy.rule]]\naction = 'allow'\n",
@@ -544,3 +545,60 @@ def test_an_error_after_the_start_is_said_once(monkeypatch: pytest.MonkeyPatch,
     err = capsys.readouterr().err
     assert err.count("uvloop is not installed") == 1, err
     assert "uvloop is not installed" not in caplog.text
+
+
+def test_grant_rules_give_the_status_page_and_decide_no_import(tmp_path: Path) -> None:
+    from usbipy.policy import Client, DeviceFacts, Grant
+
+    policy = load(write(tmp_path, """
+[policy]
+default = "allow"
+[[policy.rule]]
+grant = "admin"
+client.cn = "ops-*"
+[[policy.rule]]
+grant = "view"
+client.network = "10.0.0.0/8"
+device.busid = "1-*"
+[[policy.rule]]
+action = "deny"
+grant = "view"
+client.cn = "guest"
+""")).policy
+    assert policy is not None
+    facts = DeviceFacts("1-2", 0x1209, 0x0002)
+    ops, lab, guest = Client("10.1.2.3", cn="ops-anna"), Client("10.1.2.3"), Client(cn="guest")
+    assert policy.grant(ops, facts) is Grant.ADMIN
+    assert policy.grant(lab, facts) is Grant.VIEW
+    assert policy.grant(lab, DeviceFacts("2-1", 1, 1)) is None
+    assert policy.grant(Client("192.0.2.1"), facts) is None
+    assert policy.grants_anything(lab) and not policy.grants_anything(Client("192.0.2.1"))
+    # a rule that only grants decides nothing of imports; one that does both, both
+    assert policy.decide(ops, facts).allowed
+    assert not policy.decide(guest, facts).allowed
+    assert policy.grant(guest, facts) is Grant.VIEW
+    assert "grant admin" in str(policy.rules[0])
+
+
+def test_a_bad_grant_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"policy\.rule\[1\]\.grant: 'root' is not one of "
+                                          "view, admin"):
+        load(write(tmp_path, "[policy]\ndefault = 'deny'\n[[policy.rule]]\ngrant = 'root'\n"
+                             "client.cn = 'x'\n"))
+
+
+def test_http_and_advertising_settings(tmp_path: Path) -> None:
+    settings = load(write(tmp_path, """
+[server]
+advertise = false
+name = "lab 1"
+[diagnostics]
+http = "127.0.0.1:8080"
+""")).options
+    assert (settings["advertise"], settings["server_name"], settings["http"]) == (
+        False, "lab 1", ("127.0.0.1", 8080))
+    with pytest.raises(ConfigError, match="server.name: .*1 to 63 printable"):
+        load(write(tmp_path, '[server]\nname = "a\\u0007b"\n'))
+    with pytest.raises(UsbipError, match="--http and --metrics name one listener"):
+        service.http_address(argparse.Namespace(http=("127.0.0.1", 1),
+                                                metrics=("127.0.0.1", 2)))

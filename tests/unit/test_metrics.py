@@ -19,7 +19,7 @@ from usbipy.client.errors import Stalled, TransferTimeout  # noqa: E402
 from usbipy.devices import CdcAcm, HidKeyboard, ImageFile, MassStorage  # noqa: E402
 from usbipy.protocol import Direction  # noqa: E402
 from usbipy.server import ServerThread  # noqa: E402
-from usbipy.server.metrics import MetricsEndpoint  # noqa: E402
+from usbipy.server.http import HttpEndpoint as MetricsEndpoint  # noqa: E402
 from usbipy.server.stats import ServerStats, refusal_kind, status_name  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -159,7 +159,7 @@ def test_a_busy_port_is_an_error_usbipyd_names(tmp_path: Path,
         code = main(["-c", "/dev/null", "--demo", "-t", "0", "--metrics", f"{HOST}:{port}"])
     assert code == 1
     err = capsys.readouterr().err
-    assert err.startswith(f"usbipyd: cannot serve metrics on {HOST}:{port}: ")
+    assert err.startswith(f"usbipyd: cannot serve HTTP on {HOST}:{port}: ")
     assert err.count("\n") == 1
     code = main(["-c", "/dev/null", "--demo", "-t", "0", "--capture",
                  str(tmp_path / "no" / "dir" / "x.pcapng")])

@@ -639,8 +639,8 @@ def _policy_check(args: argparse.Namespace) -> dict[str, object]:
 def _remote_port(args: argparse.Namespace) -> None:
     """-r HOST:PORT and -r [V6ADDR]:PORT, as the PyUSB backend takes them: the port
     given there is the one dialled (-t gives it otherwise)."""
-    if getattr(args, "remote", None) is None or args.command in ("detach", "attach"):
-        return  # (attach: -r may repeat, see _servers)
+    if getattr(args, "remote", None) is None or args.command in ("detach", "attach", "status"):
+        return  # (attach: -r may repeat, see _servers; status: its own listener)
     try:
         args.remote, port = split_address(args.remote)
     except ValueError as exc:

@@ -242,6 +242,9 @@ class HttpEndpoint:
             start("200 OK", [("Content-Type", kind), ("Content-Length", str(len(body))),
                              *SECURITY_HEADERS])
             return [body]
+        if path == "/favicon.ico":  # (a browser asks; the page has no icon)
+            start("204 No Content", SECURITY_HEADERS)
+            return []
         if path == "/metrics" and method in ("GET", "HEAD"):
             if self._metrics is None:
                 return _json(start, "404 Not Found", {"error": "metrics need prometheus_client:"

@@ -2,7 +2,7 @@
 //
 // Every string from the server (busid, CN, names, addresses, rule text) is
 // untrusted: it reaches the DOM only as textContent, through setAttribute, or as
-// a text node made by el() below. Nothing here uses innerHTML.
+// a text node made by el() below. Nothing here parses a string as markup.
 'use strict';
 
 (() => {

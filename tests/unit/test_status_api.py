@@ -1,0 +1,359 @@
+"""usbipyd's HTTP listener: the status API's JSON, its live events, an admin's release,
+who may see what (loopback, and the policy's grants over mutual TLS), and what a
+browser's attacker may not do (another Host, a cross-site POST)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import ssl
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from usbipy.cli import usbipy as cli
+from usbipy.client import sync
+from usbipy.devices import CdcAcm, HidKeyboard, ImageFile, MassStorage
+from usbipy.policy import Action, ClientSelector, DeviceSelector, Grant, Policy, Rule
+from usbipy.server import ServerThread
+from usbipy.server.http import HttpEndpoint
+from usbipy.server.stats import ServerStats
+from usbipy.tls import TlsFiles, client_context, server_context
+
+HOST = "127.0.0.1"
+#: A busid a hostile exporter could choose: markup and a terminal escape.
+HOSTILE_BUSID = "1-9<script>\x1b[31m"
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 20.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def get(url: str, *, context: ssl.SSLContext | None = None,
+        headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10, context=context) as reply:
+            return reply.status, dict(reply.headers), reply.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+def post(url: str, *, content_type: str | None = "application/json",
+         context: ssl.SSLContext | None = None,
+         headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    request = urllib.request.Request(url, data=b"{}", method="POST", headers={
+        **({"Content-Type": content_type} if content_type else {}), **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=10, context=context) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def status_of(base: str, context: ssl.SSLContext | None = None) -> dict[str, Any]:
+    code, _headers, body = get(f"{base}/api/v1/status", context=context)
+    assert code == 200, body
+    result: dict[str, Any] = json.loads(body)
+    return result
+
+
+def device(status: dict[str, Any], busid: str) -> dict[str, Any]:
+    [found] = [d for d in status["devices"] if d["busid"] == busid]
+    result: dict[str, Any] = found
+    return result
+
+
+@pytest.fixture
+def served() -> Iterator[tuple[ServerThread, HttpEndpoint]]:
+    hostile = CdcAcm()
+    hostile.busid = HOSTILE_BUSID
+    endpoint = HttpEndpoint(HOST, 0)
+    with ServerThread([HidKeyboard(), MassStorage(ImageFile.scratch(1 << 20)), hostile],
+                      port=0, stats=ServerStats()) as srv:
+        assert srv.server is not None
+        endpoint.start(srv.server, srv.loop)
+        try:
+            yield srv, endpoint
+        finally:
+            endpoint.close()
+
+
+DEVICE_KEYS: dict[str, Any] = {"busid": str, "vid_pid": str, "vendor": (str, type(None)),
+               "product": (str, type(None)), "serial": (str, type(None)), "speed": str,
+               "via": str, "state": str, "rule": (str, type(None)),
+               "client": (dict, type(None)), "can_release": bool}
+CLIENT_KEYS: dict[str, Any] = {"address": (str, type(None)), "cn": (str, type(None)),
+               "since": (str, type(None)), "seconds": (float, int, type(None)),
+               "bytes_in": (int, type(None)), "bytes_out": (int, type(None)),
+               "protected": bool}
+
+
+def check_schema(status: dict[str, Any]) -> None:
+    assert set(status) == {"api", "server", "you", "devices", "servers"}
+    assert status["api"] == 1
+    assert set(status["server"]) == {"name", "version", "tls", "addresses", "port"}
+    assert isinstance(status["server"]["port"], int)
+    assert set(status["you"]) == {"client", "grant"}
+    assert isinstance(status["servers"], list)
+    for record in status["devices"]:
+        assert set(record) == set(DEVICE_KEYS), record
+        for key, kind in DEVICE_KEYS.items():
+            assert isinstance(record[key], kind), (key, record[key])
+        assert record["state"] in ("available", "in-use", "served-by-kernel", "gone")
+        assert record["via"] in ("emulated", "usbip-host", "libusb")
+        if record["client"] is not None:
+            assert set(record["client"]) == set(CLIENT_KEYS)
+            for key, kind in CLIENT_KEYS.items():
+                assert isinstance(record["client"][key], kind), (key, record["client"])
+
+
+def test_the_status_lists_every_device_in_the_documented_shape(served) -> None:
+    srv, endpoint = served
+    status = status_of(endpoint.base)
+    check_schema(status)
+    assert [d["busid"] for d in status["devices"]] == ["1-1", "1-2", HOSTILE_BUSID]
+    assert status["you"] == {"client": "127.0.0.1", "grant": "admin"}
+    keyboard = device(status, "1-1")
+    assert (keyboard["vid_pid"], keyboard["state"], keyboard["via"],
+            keyboard["can_release"]) == ("1209:0001", "available", "emulated", False)
+    assert status["server"]["port"] == srv.port
+
+
+def test_an_import_shows_who_holds_it_and_an_admin_releases_it(served) -> None:
+    srv, endpoint = served
+    with sync.connect(HOST, "1-1", srv.port) as dev:
+        dev.control(0x80, 6, 0x0100, 0, 18, timeout=5)
+        record = wait_for(lambda: (r := device(status_of(endpoint.base), "1-1"))
+                          ["state"] == "in-use" and r["client"]["bytes_out"] and r)
+        check_schema(status_of(endpoint.base))
+        assert record["client"]["address"] == "127.0.0.1"
+        assert record["client"]["protected"] is False
+        assert record["client"]["bytes_out"] >= 18
+        assert record["client"]["since"].endswith("Z")
+        assert record["can_release"] is True
+        code, body = post(f"{endpoint.base}/api/v1/devices/1-1/release")
+        assert (code, body) == (200, {"released": "1-1", "client": "127.0.0.1"})
+        with pytest.raises(Exception):  # noqa: B017 (the session is gone: any error)
+            for _ in range(50):
+                dev.control(0x80, 6, 0x0100, 0, 18, timeout=5)
+                time.sleep(0.05)
+    wait_for(lambda: device(status_of(endpoint.base), "1-1")["state"] == "available")
+    code, body = post(f"{endpoint.base}/api/v1/devices/1-1/release")
+    assert code == 409 and "not in use" in body["error"]
+    code, body = post(f"{endpoint.base}/api/v1/devices/9-9/release")
+    assert code == 404
+
+
+def test_events_arrive_when_a_device_is_imported(served) -> None:
+    srv, endpoint = served
+    connection = http.client.HTTPConnection(HOST, endpoint.port, timeout=20)
+    connection.request("GET", "/api/v1/events")
+    reply = connection.getresponse()
+    assert reply.status == 200
+    assert reply.headers["Content-Type"].startswith("text/event-stream")
+
+    def next_status() -> dict[str, Any]:
+        event = None
+        while True:
+            line = reply.fp.readline().decode()
+            assert line, "the stream ended"
+            if line.startswith("event: "):
+                event = line[7:].strip()
+            elif line.startswith("data: ") and event == "status":
+                result: dict[str, Any] = json.loads(line[6:])
+                return result
+
+    first = next_status()
+    assert device(first, "1-1")["state"] == "available"
+    with sync.connect(HOST, "1-1", srv.port):
+        began = time.monotonic()
+        for _ in range(40):  # (each event is a change; the import is one of them)
+            update = next_status()
+            if device(update, "1-1")["state"] == "in-use":
+                break
+        else:
+            pytest.fail("no event showed the import")
+        assert time.monotonic() - began < 10
+    connection.close()
+
+
+def test_a_browser_attack_is_refused(served) -> None:
+    srv, endpoint = served
+    # DNS rebinding: a page of evil.example whose name now resolves to 127.0.0.1
+    code, _headers, _body = get(f"{endpoint.base}/api/v1/status",
+                                headers={"Host": f"evil.example:{endpoint.port}"})
+    assert code == 421
+    with sync.connect(HOST, "1-1", srv.port):
+        wait_for(lambda: device(status_of(endpoint.base), "1-1")["state"] == "in-use")
+        # CSRF: a cross-site form can send neither JSON nor this server's Origin
+        assert post(f"{endpoint.base}/api/v1/devices/1-1/release",
+                    content_type="application/x-www-form-urlencoded")[0] == 415
+        assert post(f"{endpoint.base}/api/v1/devices/1-1/release",
+                    headers={"Origin": "http://evil.example"})[0] == 403
+        assert device(status_of(endpoint.base), "1-1")["state"] == "in-use"
+        assert post(f"{endpoint.base}/api/v1/devices/1-1/release",
+                    headers={"Origin": endpoint.base})[0] == 200
+
+
+def test_the_page_is_served_with_a_strict_policy(served) -> None:
+    _srv, endpoint = served
+    code, headers, body = get(f"{endpoint.base}/")
+    assert code == 200 and b"/static/app.js" in body
+    assert headers["Content-Type"].startswith("text/html")
+    assert "default-src 'self'" in headers["Content-Security-Policy"]
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    code, headers, body = get(f"{endpoint.base}/static/app.js")
+    assert code == 200 and headers["Content-Type"].startswith("text/javascript")
+    for sink in (b"innerHTML", b"outerHTML", b"insertAdjacentHTML", b"document.write"):
+        assert sink not in body  # (peer strings go in as text, never as markup)
+    assert get(f"{endpoint.base}/static/../../etc/passwd")[0] == 404
+
+
+def test_status_prints_what_a_peer_chose_escaped(served, capsys) -> None:
+    srv, endpoint = served
+    with sync.connect(HOST, "1-1", srv.port):
+        wait_for(lambda: device(status_of(endpoint.base), "1-1")["state"] == "in-use")
+        assert cli.main(["status", "-r", f"{HOST}:{endpoint.port}"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out
+    assert "1-9<script>\\x1b[31m" in out
+    assert "in use by 127.0.0.1" in out and "plaintext" in out
+    assert cli.main(["status", "-r", f"{HOST}:{endpoint.port}", "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    check_schema(listing["servers"][0]["status"])
+
+
+# --- over mutual TLS: the policy's grants ---------------------------------------------
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Path:
+    from usbipy.tls import certs
+
+    certs.init_ca(tmp_path)
+    certs.issue("localhost", server=True, base=tmp_path, alt_names=("127.0.0.1",))
+    for name in ("watcher", "operator", "stranger"):
+        certs.issue(name, server=False, base=tmp_path)
+    return tmp_path / "tls"
+
+
+def files(pki: Path, name: str) -> TlsFiles:
+    return TlsFiles(pki / f"{name}.pem", pki / f"{name}-key.pem", pki / "ca.pem")
+
+
+GRANTS = Policy((
+    Rule(None, client=ClientSelector(cn=("watcher",)), grant=Grant.VIEW, number=1),
+    Rule(None, client=ClientSelector(cn=("operator",)), device=DeviceSelector(busid=("1-1",)),
+         grant=Grant.ADMIN, number=2),
+    Rule(None, client=ClientSelector(cn=("operator",)), grant=Grant.VIEW, number=3),
+), default=Action.ALLOW)
+
+
+@pytest.fixture
+def served_tls(pki: Path) -> Iterator[tuple[ServerThread, HttpEndpoint]]:
+    endpoint = HttpEndpoint(HOST, 0, server_context(files(pki, "localhost"), kernel=False))
+    with ServerThread([HidKeyboard(), MassStorage(ImageFile.scratch(1 << 20))], port=0,
+                      stats=ServerStats(), policy=GRANTS) as srv:
+        assert srv.server is not None
+        endpoint.start(srv.server, srv.loop)
+        try:
+            yield srv, endpoint
+        finally:
+            endpoint.close()
+
+
+def test_over_tls_the_grants_decide_who_sees_and_who_releases(served_tls, pki) -> None:
+    srv, endpoint = served_tls
+    assert endpoint.base.startswith("https://")
+    stranger = client_context(files(pki, "stranger"))
+    code, _headers, body = get(f"{endpoint.base}/api/v1/status", context=stranger)
+    assert code == 403 and b"CN=stranger from 127.0.0.1 may not view" in body
+    assert get(f"{endpoint.base}/", context=stranger)[0] == 403
+    assert get(f"{endpoint.base}/metrics", context=stranger)[0] == 403
+
+    watcher = client_context(files(pki, "watcher"))
+    operator = client_context(files(pki, "operator"))
+    seen = status_of(endpoint.base, watcher)
+    check_schema(seen)
+    assert seen["you"] == {"client": "CN=watcher from 127.0.0.1", "grant": "view"}
+    assert seen["server"]["tls"] is False  # (the USB/IP listener's, not this one's)
+    with sync.connect(HOST, "1-1", srv.port):
+        record = wait_for(lambda: (r := device(status_of(endpoint.base, watcher), "1-1"))
+                          ["state"] == "in-use" and r)
+        assert record["can_release"] is False
+        code, body = post(f"{endpoint.base}/api/v1/devices/1-1/release", context=watcher)
+        assert code == 403 and "may not release" in body["error"]
+        as_operator = status_of(endpoint.base, operator)
+        assert as_operator["you"]["grant"] == "admin"
+        assert device(as_operator, "1-1")["can_release"] is True
+        assert device(as_operator, "1-2")["can_release"] is False
+        code, body = post(f"{endpoint.base}/api/v1/devices/1-1/release", context=operator)
+        assert (code, body["released"]) == (200, "1-1")
+
+
+def test_a_plaintext_request_on_the_tls_listener_gets_no_answer(served_tls) -> None:
+    _srv, endpoint = served_tls
+    with socket.create_connection((HOST, endpoint.port), timeout=10) as sock:
+        sock.sendall(b"GET /api/v1/status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        received = b""
+        try:
+            while chunk := sock.recv(4096):
+                received += chunk
+        except (ConnectionResetError, TimeoutError):
+            pass
+    assert b"HTTP/" not in received and b"devices" not in received
+
+
+def test_a_client_without_a_certificate_is_refused(served_tls) -> None:
+    _srv, endpoint = served_tls
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with pytest.raises((ssl.SSLError, ConnectionResetError, urllib.error.URLError)):
+        with urllib.request.urlopen(f"{endpoint.base}/api/v1/status", timeout=10,
+                                    context=context) as reply:
+            reply.read()
+
+
+def test_requests_at_once_are_bounded(served) -> None:
+    _srv, endpoint = served
+    from usbipy.server import http as http_module
+
+    # every request thread waits for a request that does not come (for its timeout)...
+    idle = [socket.create_connection((HOST, endpoint.port), timeout=10)
+            for _ in range(http_module.MAX_REQUESTS)]
+    try:
+        # ...so one more connection is closed unanswered, not given a thread
+        with socket.create_connection((HOST, endpoint.port), timeout=10) as extra:
+            extra.sendall(b"GET /api/v1/status HTTP/1.0\r\n\r\n")
+            try:
+                answer = extra.recv(100)
+            except ConnectionResetError:
+                answer = b""
+            assert answer == b""
+    finally:
+        for sock in idle:
+            sock.close()
+    wait_for(lambda: get(f"{endpoint.base}/api/v1/status")[0] == 200)
+
+
+def test_the_status_off_loopback_needs_tls(capsys) -> None:
+    from usbipy.cli.usbipyd import main
+
+    assert main(["-c", "/dev/null", "--demo", "-t", "0", "--http", "192.0.2.1:8080"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "a status page on an address other than loopback needs mutual TLS" in err
