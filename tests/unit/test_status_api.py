@@ -220,6 +220,13 @@ def test_the_page_is_served_with_a_strict_policy(served) -> None:
     for sink in (b"innerHTML", b"outerHTML", b"insertAdjacentHTML", b"document.write"):
         assert sink not in body  # (peer strings go in as text, never as markup)
     assert get(f"{endpoint.base}/static/../../etc/passwd")[0] == 404
+    # a browser asks for an icon first: no reply after it has a second Content-Length
+    assert get(f"{endpoint.base}/favicon.ico")[0] == 204
+    code, headers, _body = get(f"{endpoint.base}/api/v1/status")
+    raw = http.client.HTTPConnection(HOST, endpoint.port, timeout=10)
+    raw.request("GET", "/api/v1/status")
+    assert [k for k, _v in raw.getresponse().getheaders()].count("Content-Length") == 1
+    raw.close()
 
 
 def test_status_prints_what_a_peer_chose_escaped(served, capsys) -> None:

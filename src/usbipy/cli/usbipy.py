@@ -792,8 +792,8 @@ def _print_status(status: dict[str, Any]) -> None:
     """One server's status as lines: every string came from the server, escaped."""
     server = status.get("server", {})
     tls_mark = ", TLS" if server.get("tls") else ""
-    print(f"{printable(str(server.get('name')))} ({printable(str(server.get('version')))}"
-          f"{tls_mark}), port {server.get('port')}")
+    print(f"{printable(str(server.get('name')))} (usbipy "
+          f"{printable(str(server.get('version')))}{tls_mark}), port {server.get('port')}")
     devices = status.get("devices", [])
     if not devices:
         print("    no devices exported")

@@ -69,13 +69,14 @@ API = "/api/v1/"
 PAGE_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
               "/static/app.js": ("app.js", "text/javascript; charset=utf-8"),
               "/static/style.css": ("style.css", "text/css; charset=utf-8")}
-SECURITY_HEADERS = [
+#: (a tuple: wsgiref adds to the list it is given, and these are every reply's)
+SECURITY_HEADERS = (
     ("Content-Security-Policy", "default-src 'self'; frame-ancestors 'none'; "
                                 "base-uri 'none'; form-action 'none'"),
     ("X-Content-Type-Options", "nosniff"),
     ("Referrer-Policy", "no-referrer"),
     ("Cache-Control", "no-store"),
-]
+)
 
 StartResponse = Callable[..., Any]
 
@@ -199,7 +200,7 @@ class HttpEndpoint:
 
         self._loop = loop
         self.board = board if board is not None else StatusBoard(
-            server, name=socket.gethostname(), version=f"usbipy {__version__}")
+            server, name=socket.gethostname(), version=__version__)
         try:
             from .metrics import metrics_app
         except ImportError:  # (prometheus_client is optional: the rest works without it)
@@ -243,7 +244,7 @@ class HttpEndpoint:
                              *SECURITY_HEADERS])
             return [body]
         if path == "/favicon.ico":  # (a browser asks; the page has no icon)
-            start("204 No Content", SECURITY_HEADERS)
+            start("204 No Content", list(SECURITY_HEADERS))
             return []
         if path == "/metrics" and method in ("GET", "HEAD"):
             if self._metrics is None:

@@ -518,7 +518,7 @@ class Service:
                     if device.busid in wanted
                     and (rule := in_force.rule_for(device)) is not None}
 
-        return StatusBoard(self.server, name=self._name(), version=f"usbipy {__version__}",
+        return StatusBoard(self.server, name=self._name(), version=__version__,
                            rule_of=rule_of, peers=peers.peers if peers is not None else list)
 
     async def _advertise(self) -> Advertiser | None:

@@ -1,0 +1,125 @@
+"""usbipyd's status page in a real browser: Debian's headless Chromium, driven by
+Selenium through Debian's chromedriver. The page shows the demo's devices, turns a
+row to "in use" when a client imports it (no reload), lets an admin release it,
+and shows a hostile busid as text. A screenshot is kept in build/test-output/."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.interop.conftest import require
+from usbipy.client import sync
+from usbipy.devices import CdcAcm
+from usbipy.devices.demo import demo_devices
+from usbipy.server import ServerThread
+from usbipy.server.http import HttpEndpoint
+from usbipy.server.stats import ServerStats
+
+webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+HOST = "127.0.0.1"
+HOSTILE_BUSID = "1-9<script>alert(1)</script>"
+OUTPUT = Path(__file__).resolve().parents[2] / "build" / "test-output"
+#: Seconds the issue gives an import to show on an open page.
+LIVE_WITHIN = 2.0
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    chromium = require("chromium")
+    chromedriver = require("chromedriver")
+    profile = tempfile.mkdtemp(prefix="usbipy-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    # (no network beyond loopback here: Chromium's own background traffic is turned off)
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+                 f"--user-data-dir={profile}", "--window-size=1200,800"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=chromedriver),
+                              options=options)
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture
+def served() -> Iterator[tuple[ServerThread, HttpEndpoint]]:
+    hostile = CdcAcm()
+    hostile.busid = HOSTILE_BUSID
+    endpoint = HttpEndpoint(HOST, 0)
+    with ServerThread([*demo_devices(disk_size=8 << 20), hostile], port=0,
+                      stats=ServerStats()) as srv:
+        assert srv.server is not None
+        endpoint.start(srv.server, srv.loop)
+        try:
+            yield srv, endpoint
+        finally:
+            endpoint.close()
+
+
+#: Each row's busid and state text, read in one go (the page re-renders its rows on
+#: every event: an element found a moment ago may be gone).
+ROWS = """return Array.from(document.querySelectorAll('#device-rows tr[data-busid]'),
+    row => [row.dataset.busid, row.querySelector('td.busid').textContent,
+            row.querySelector('td.state').textContent]);"""
+
+
+def state_of(driver: Any, busid: str) -> str:
+    for row_busid, _shown, state in driver.execute_script(ROWS):
+        if row_busid == busid:
+            return str(state)
+    return ""
+
+
+def test_the_page_follows_imports_and_releases_live(browser: Any, served: Any) -> None:
+    srv, endpoint = served
+    wait = WebDriverWait(browser, 30, poll_frequency=0.05)
+    browser.get(f"{endpoint.base}/")
+    wait.until(lambda d: d.find_element(By.ID, "live").text == "live")
+    wait.until(lambda d: all(state_of(d, b) == "available" for b in ("1-1", "1-2", "1-3")))
+    names = browser.find_element(By.ID, "device-rows").text
+    assert "1209:0001" in names and "1209:0002" in names and "1209:0003" in names
+
+    # a hostile busid is shown as text: no script element was made of it
+    rows = [row for row in browser.execute_script(ROWS) if row[0] == HOSTILE_BUSID]
+    assert len(rows) == 1 and rows[0][1] == HOSTILE_BUSID
+    assert browser.execute_script(
+        "return document.querySelectorAll('#device-rows script').length") == 0
+
+    browser.execute_script("window.usbipyMarker = 'not reloaded';")
+    with sync.connect(HOST, "1-1", srv.port) as device:
+        shown_at = time.monotonic()
+        WebDriverWait(browser, LIVE_WITHIN, poll_frequency=0.05).until(
+            lambda d: state_of(d, "1-1") == "in use by 127.0.0.1")
+        assert time.monotonic() - shown_at <= LIVE_WITHIN
+        assert browser.execute_script("return window.usbipyMarker") == "not reloaded"
+        OUTPUT.mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(OUTPUT / "status-page.png"))
+
+        # an admin releases it (the page asks first: the test says yes)
+        browser.execute_script("""
+            window.confirm = () => true;
+            const row = Array.from(document.querySelectorAll('#device-rows tr'))
+                .find(r => r.dataset.busid === '1-1');
+            row.querySelector('button.release').click();""")
+        wait.until(lambda d: state_of(d, "1-1") == "available")
+        with pytest.raises(Exception):  # noqa: B017 (the session is gone: any error)
+            for _ in range(50):
+                device.control(0x80, 6, 0x0100, 0, 18, timeout=5)
+                time.sleep(0.05)
+    assert browser.execute_script("return window.usbipyMarker") == "not reloaded"
+    assert "Released" in browser.find_element(By.ID, "message").text
