@@ -13,7 +13,8 @@ if [ "${1:-}" = "--test" ]; then
     # tests use Debian's usbip and Wireshark's dissector
     packages="$packages qemu-system-x86 linux-image-amd64 busybox-static kmod cpio udev
         usbip usbutils libusb-1.0-0 e2fsprogs dosfstools tshark iproute2 procps socat
-        nftables alsa-utils v4l-utils"
+        nftables alsa-utils v4l-utils chromium chromium-driver avahi-daemon avahi-utils
+        dbus-daemon"
 fi
 missing=""
 for p in $packages; do
@@ -38,7 +39,7 @@ fi
 # nothing (the package is installed editable: a change to the code needs no step).
 # (with cryptography, for `usbipy cert`: the README's TLS set-up works from here;
 # with Pillow, for the demo webcam's MJPEG; the test extra holds them all)
-if [ "${1:-}" = "--test" ]; then extras=test; else extras=tls,webcam,man; fi
+if [ "${1:-}" = "--test" ]; then extras=test; else extras=tls,webcam,man,fleet,metrics; fi
 stamp=.venv/.usbipy-installed
 sum=$(cksum < pyproject.toml)
 installed=$(cat "$stamp" 2>/dev/null || true)

@@ -14,7 +14,7 @@ so that avahi-browse can be asked what that host sees.
     with NetLab(3) as lab:
         server = lab.hosts[0].popen([...])
         with lab.hosts[2].avahi() as avahi:
-            found = avahi.browse("_usbip._tcp", timeout=10)
+            found = avahi.wait_for("_usbip._tcp", lambda services: len(services) == 1)
 
 Needs root and iproute2; ``NetLab.available()`` and ``Avahi.available()`` give the
 reason to skip when the machine cannot.
@@ -27,6 +27,7 @@ import contextlib
 import os
 import re
 import secrets
+import selectors
 import shutil
 import signal
 import subprocess
@@ -178,13 +179,21 @@ class NetLab:
     is Host.hostname, so that programs naming themselves after gethostname() differ.
     sweep=True first deletes namespaces that earlier labs left behind when their
     process died without cleaning up (those whose creator's pid is gone).
+    A host's only route is 10.77.0.0/24 on eth0: sockets that name their interface
+    (IP_MULTICAST_IF; python-zeroconf with InterfaceChoice.All or a list of addresses,
+    avahi) multicast fine, but one bound to 0.0.0.0 that does not (python-zeroconf's
+    InterfaceChoice.Default) gets ENODEV. multicast_route=True adds 224.0.0.0/4 dev eth0,
+    as a default route does on most machines.
     """
 
-    def __init__(self, hosts: int, *, uts: bool = True, sweep: bool = True) -> None:
+    def __init__(
+        self, hosts: int, *, uts: bool = True, sweep: bool = True, multicast_route: bool = False,
+    ) -> None:
         if not 1 <= hosts <= MAX_HOSTS:
             raise ValueError(f"hosts must be 1 to {MAX_HOSTS}, not {hosts}")
         self.uts = uts
         self.sweep = sweep
+        self.multicast_route = multicast_route
         self.prefix = f"netlab-{os.getpid()}-{secrets.token_hex(3)}"
         #: The namespace holding the bridge br0.
         self.switch = f"{self.prefix}-sw"
@@ -240,6 +249,8 @@ class NetLab:
             _ip("-n", ns, "addr", "add", f"{host.address}/24", "dev", "eth0")
             _ip("-n", ns, "link", "set", "eth0", "up")
             _ip("-n", ns, "link", "set", "lo", "up")
+            if self.multicast_route:
+                _ip("-n", ns, "route", "add", "224.0.0.0/4", "dev", "eth0")
 
     def track(self, proc: subprocess.Popen[Any]) -> None:
         """Ends proc (SIGTERM, then SIGKILL after GRACE s) when the lab closes."""
@@ -327,18 +338,25 @@ def _parse_txt(text: str) -> list[str]:
     return text[1:-1].split('" "')
 
 
-def parse_browse(output: str) -> list[AvahiService]:
-    """The resolved services in avahi-browse -rp output."""
-    found: list[AvahiService] = []
-    for line in output.splitlines():
-        fields = line.split(";", 9)
-        if fields[0] != "=" or len(fields) < 10:
-            continue
-        found.append(AvahiService(
+def _apply(services: dict[tuple[str, ...], AvahiService], line: str) -> None:
+    """Updates services with one line of avahi-browse -rp: '=' resolved, '-' removed."""
+    fields = line.split(";", 9)
+    key = tuple(fields[1:6])
+    if fields[0] == "=" and len(fields) == 10:
+        services[key] = AvahiService(
             interface=fields[1], protocol=fields[2], name=_unescape(fields[3]),
             type=fields[4], domain=fields[5], hostname=fields[6], address=fields[7],
-            port=int(fields[8]), txt=_parse_txt(fields[9])))
-    return found
+            port=int(fields[8]), txt=_parse_txt(fields[9]))
+    elif fields[0] == "-" and len(fields) == 6:
+        services.pop(key, None)
+
+
+def parse_browse(output: str) -> list[AvahiService]:
+    """The services that avahi-browse -rp output leaves resolved."""
+    services: dict[tuple[str, ...], AvahiService] = {}
+    for line in output.splitlines():
+        _apply(services, line)
+    return list(services.values())
 
 
 _BUS_CONFIG = """\
@@ -537,8 +555,62 @@ class Avahi:
         return str(done.stdout.decode(errors="replace"))
 
     def browse(self, service_type: str, timeout: float = 10.0) -> list[AvahiService]:
-        """The services of service_type ("_usbip._tcp") avahi-browse -rtp resolves."""
+        """The services of service_type ("_usbip._tcp") one avahi-browse -rtp resolves.
+
+        It can miss services that are there (see wait_for); it also lists, from the
+        daemon's cache, services whose process died without a goodbye, until their
+        records expire (python-zeroconf's SRV/TXT/A: 120 s).
+        """
         return parse_browse(self.browse_output(service_type, timeout))
+
+    def wait_for(
+        self, service_type: str, condition: Callable[[list[AvahiService]], bool],
+        timeout: float = READY_TIMEOUT, settle: float = 1.2,
+    ) -> list[AvahiService]:
+        """Browses (avahi-browse -rp, not -t) until condition(services) holds; those services.
+
+        The list follows the daemon: resolved services join it and withdrawn ones (a
+        goodbye, or records expired from the cache) leave it. condition is first asked
+        after settle seconds, when avahi has dumped its cache and heard the first
+        answers, so that "not there" means something; then after each change and every
+        0.1 s. TimeoutError after timeout seconds, with the list in its message.
+
+        Prefer it to browse() when something else may browse the same type: avahi-daemon
+        skips its own query for a second after hearing another host ask (RFC 6762's
+        duplicate question suppression), even when that question was a QU one whose
+        answers went by unicast to the asker (python-zeroconf's first query is QU), so a
+        single browse() then comes back empty; this one hears the query a second later.
+        """
+        services: dict[tuple[str, ...], AvahiService] = {}
+        proc = self.host.popen(
+            ["avahi-browse", "-rp", "--no-db-lookup", service_type],
+            env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL)
+        assert proc.stdout is not None
+        start = time.monotonic()
+        deadline = start + timeout
+        pending = b""
+        try:
+            with selectors.DefaultSelector() as selector:
+                selector.register(proc.stdout, selectors.EVENT_READ)
+                for _ in range(int(timeout / 0.1) + 1000):
+                    now = time.monotonic()
+                    if now - start >= settle and condition(list(services.values())):
+                        return list(services.values())
+                    if now >= deadline:
+                        break
+                    if selector.select(min(0.1, deadline - now)):
+                        data = os.read(proc.stdout.fileno(), 65536)
+                        if not data:
+                            raise RuntimeError(f"avahi-browse exited: {proc.wait(GRACE)}")
+                        *lines, pending = (pending + data).split(b"\n")
+                        for line in lines:
+                            _apply(services, line.decode(errors="replace"))
+        finally:
+            _stop([proc])
+            proc.stdout.close()
+        raise TimeoutError(f"avahi-browse {service_type}: not as wanted after {timeout} s: "
+                           f"{list(services.values())}")
 
     def publish_service(
         self, name: str, service_type: str, port: int, txt: Sequence[str] = (),

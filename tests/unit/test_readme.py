@@ -107,7 +107,8 @@ def _started(args: list[str], cwd: Path, *, stdin: int | None = None
 
 def _demo(cwd: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "usbipy.cli.usbipyd", "-c", os.devnull, "--demo", "--audio",
-            "--webcam", "--disk-size", "1048576", "-a", "127.0.0.1", "-t", str(PORT), *extra]
+            "--webcam", "--http", "3241", "--disk-size", "1048576", "-a", "127.0.0.1", "-t",
+            str(PORT), *extra]
 
 
 def _run_example(script: Path, cwd: Path) -> None:

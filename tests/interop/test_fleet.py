@@ -1,0 +1,171 @@
+"""Many hosts, one view, on a real (private) network: three usbipyd in three network
+namespaces advertise themselves by DNS-SD, and a client in a fourth lists every
+server's devices with `usbipy list --all`, attaches one by its ids wherever it is
+(usbip://*/VID:PID), and names a server that stopped as not answering, within the
+bound. Avahi, the network's own mDNS daemon, sees the servers too.
+
+Multicast stays inside the namespaces this test makes (tests/interop/netlab.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.interop.netlab import Avahi, Host, NetLab
+
+SERVERS = 3
+SERVICE = "_usbip._tcp"
+#: The bound a listing keeps when a server does not answer: the browse (2 s), one
+#: server's time to answer (5 s), and room for a slow machine's Python start.
+LISTING_BOUND = 30.0
+
+
+def unavailable(reason: str | None) -> None:
+    if reason is not None:
+        if os.environ.get("USBIPY_REQUIRE_ALL"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+def wait_for_text(path: Path, text: str, proc: subprocess.Popen[Any],
+                  timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in path.read_text():
+        assert proc.poll() is None, path.read_text()
+        assert time.monotonic() < deadline, path.read_text()
+        time.sleep(0.05)
+
+
+class Lab:
+    def __init__(self, net: NetLab, tmp: Path) -> None:
+        self.net = net
+        self.tmp = tmp
+        self.servers: list[subprocess.Popen[Any]] = []
+        self.client: Host = net.hosts[SERVERS]
+        self.cache = tmp / "client-cache"
+
+    def usbipy(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        return self.client.run([sys.executable, "-m", "usbipy.cli.usbipy", *args],
+                               capture_output=True, text=True, timeout=timeout,
+                               env={**os.environ, "XDG_CACHE_HOME": str(self.cache)})
+
+    def python(self, code: str) -> subprocess.CompletedProcess[str]:
+        return self.client.run([sys.executable, "-c", code], capture_output=True, text=True,
+                               timeout=60, env={**os.environ, "XDG_CACHE_HOME": str(self.cache)})
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    """One lab for the module (each server takes a second or two to advertise): the
+    test that stops a server comes last."""
+    unavailable(NetLab.available())
+    tmp_path = tmp_path_factory.mktemp("fleet")
+    with NetLab(SERVERS + 1) as net:
+        lab = Lab(net, tmp_path)
+        for index, host in enumerate(net.hosts[:SERVERS]):
+            log = tmp_path / f"lab{index}.log"
+            with open(log, "w") as out:
+                proc = host.popen(
+                    [sys.executable, "-m", "usbipy.cli.usbipyd", "-c", os.devnull, "--demo",
+                     "--disk-size", str(1 << 20), "-a", "0.0.0.0", "--name", f"lab{index}",
+                     "--state-dir", str(tmp_path / f"state{index}"), "-d"],
+                    stdout=out, stderr=subprocess.STDOUT)
+            lab.servers.append(proc)
+            wait_for_text(log, "advertised by DNS-SD as", proc)
+        yield lab
+
+
+def test_avahi_sees_the_servers(lab: Lab) -> None:
+    unavailable(Avahi.available())
+    with lab.client.avahi() as avahi:
+        services = avahi.wait_for(
+            SERVICE, lambda found: {s["name"] for s in found} >= {"lab0", "lab1", "lab2"})
+    by_name = {s["name"]: s for s in services}
+    for index in range(SERVERS):
+        service = by_name[f"lab{index}"]
+        assert service["address"] == lab.net.hosts[index].address
+        assert service["port"] == 3240
+        assert {"protocol=1.1.1", "tls=none", f"name=lab{index}", "txtvers=1"} <= set(
+            service["txt"])
+        # no device list in the advertisement: that stays behind the access policy
+        assert not any("1209" in entry for entry in service["txt"])
+
+
+def test_a_server_that_says_no_is_not_advertised(lab: Lab, tmp_path: Path) -> None:
+    host = lab.net.hosts[0]
+    log = tmp_path / "quiet.log"
+    with open(log, "w") as out:
+        quiet = host.popen([sys.executable, "-m", "usbipy.cli.usbipyd", "-c", os.devnull,
+                            "--demo", "--disk-size", str(1 << 20), "-a", "0.0.0.0", "-t",
+                            "3250", "--name", "quiet", "--no-advertise",
+                            "--state-dir", str(tmp_path / "quiet")],
+                           stdout=out, stderr=subprocess.STDOUT)
+    wait_for_text(log, "listening on 0.0.0.0:3250", quiet)
+    listed = lab.usbipy("list", "--all", "--json")
+    names = {s["name"] for s in json.loads(listed.stdout)["servers"]}
+    assert names == {"lab0", "lab1", "lab2"}
+    quiet.terminate()
+    quiet.wait(timeout=30)
+
+
+def test_list_all_finds_every_server_and_names_one_that_stopped(lab: Lab) -> None:
+    listed = lab.usbipy("list", "--all", "--json")
+    assert listed.returncode == 0, listed.stderr
+    servers = json.loads(listed.stdout)["servers"]
+    by_name = {s["name"]: s for s in servers}
+    assert set(by_name) == {"lab0", "lab1", "lab2"}, servers
+    for index in range(SERVERS):
+        server = by_name[f"lab{index}"]
+        assert server["host"] == lab.net.hosts[index].address
+        assert (server["port"], server["tls"], server["protocol"], server["found_by"],
+                server["error"]) == (3240, False, "1.1.1", "dns-sd", None)
+        assert [d["busid"] for d in server["devices"]] == ["1-1", "1-2", "1-3"]
+
+    text = lab.usbipy("list")  # (no -r, no -l: the same, as `usbip list -r` shows it)
+    assert text.returncode == 0, text.stderr
+    for index in range(SERVERS):
+        assert f" - {lab.net.hosts[index].address}:3240 (lab{index})" in text.stdout
+    assert text.stdout.count("1209:0002") == SERVERS
+
+    # a device by its ids, wherever it is: the first server that offers it
+    found = lab.python("from usbipy.pyusb import get_backend\n"
+                      "backend = get_backend('usbip://*/1209:0003')\n"
+                      "print(backend.host, [d.busid for d in backend.enumerate_devices()])")
+    assert found.returncode == 0, found.stderr
+    host, busids = found.stdout.split(" ", 1)
+    assert host in {h.address for h in lab.net.hosts[:SERVERS]}
+    assert busids.strip() == "['1-3']"
+
+    # lab2 stops (SIGSTOP: it answers neither DNS-SD nor USB/IP): named, within the bound
+    stopped = lab.servers[2]
+    stopped.send_signal(signal.SIGSTOP)
+    try:
+        began = time.monotonic()
+        again = lab.usbipy("list", "--all", "--json")
+        took = time.monotonic() - began
+        assert took < LISTING_BOUND, took
+        assert again.returncode == 1  # (a server did not answer)
+        result = json.loads(again.stdout)
+        assert result["not_answering"] == 1
+        by_name = {s["name"]: s for s in result["servers"]}
+        assert by_name["lab2"]["found_by"] == "remembered"
+        assert by_name["lab2"]["error"].startswith("not answering")
+        assert by_name["lab2"]["devices"] is None
+        assert all(by_name[n]["error"] is None and len(by_name[n]["devices"]) == 3
+                   for n in ("lab0", "lab1"))
+        text = lab.usbipy("list", "--all")
+        assert text.returncode == 1
+        assert (f"usbipy: error: lab2 ({lab.net.hosts[2].address}:3240): not answering"
+                in text.stderr)
+        assert "(lab0)" in text.stdout and "(lab1)" in text.stdout
+    finally:
+        stopped.send_signal(signal.SIGCONT)
