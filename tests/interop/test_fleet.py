@@ -52,6 +52,11 @@ class Lab:
         self.servers: list[subprocess.Popen[Any]] = []
         self.client: Host = net.hosts[SERVERS]
         self.cache = tmp / "client-cache"
+        self.pki = tmp / "pki" / "tls"
+
+    def alice(self) -> list[str]:
+        return ["--tls-cert", str(self.pki / "alice.pem"), "--tls-key",
+                str(self.pki / "alice-key.pem"), "--tls-ca", str(self.pki / "ca.pem")]
 
     def usbipy(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
         return self.client.run([sys.executable, "-m", "usbipy.cli.usbipy", *args],
@@ -63,22 +68,47 @@ class Lab:
                                timeout=60, env={**os.environ, "XDG_CACHE_HOME": str(self.cache)})
 
 
+LAB0_CONFIG = """
+[tls]
+cert = "{pki}/lab0.pem"
+key = "{pki}/lab0-key.pem"
+ca = "{pki}/ca.pem"
+[diagnostics]
+http = "0.0.0.0:8443"
+[policy]
+default = "allow"
+[[policy.rule]]
+grant = "admin"
+client.cn = "alice"
+"""
+
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     """One lab for the module (each server takes a second or two to advertise): the
-    test that stops a server comes last."""
+    test that stops a server comes last. lab0 requires mutual TLS and serves its status
+    page on the network; lab1 and lab2 are plaintext, their pages on loopback."""
     unavailable(NetLab.available())
     tmp_path = tmp_path_factory.mktemp("fleet")
+    from usbipy.tls import certs
+
     with NetLab(SERVERS + 1) as net:
         lab = Lab(net, tmp_path)
+        certs.init_ca(lab.pki.parent)
+        certs.issue("lab0", server=True, base=lab.pki.parent,
+                    alt_names=(net.hosts[0].address,))
+        certs.issue("alice", server=False, base=lab.pki.parent)
         for index, host in enumerate(net.hosts[:SERVERS]):
             log = tmp_path / f"lab{index}.log"
+            config = tmp_path / f"lab{index}.toml"
+            config.write_text(LAB0_CONFIG.format(pki=lab.pki) if index == 0 else "")
+            extra = [] if index == 0 else ["--http", "8080"]
             with open(log, "w") as out:
                 proc = host.popen(
-                    [sys.executable, "-m", "usbipy.cli.usbipyd", "-c", os.devnull, "--demo",
+                    [sys.executable, "-m", "usbipy.cli.usbipyd", "-c", str(config), "--demo",
                      "--disk-size", str(1 << 20), "-a", "0.0.0.0", "--name", f"lab{index}",
-                     "--state-dir", str(tmp_path / f"state{index}"), "-d"],
-                    stdout=out, stderr=subprocess.STDOUT)
+                     "--state-dir", str(tmp_path / f"state{index}"), "--ktls", "off", "-d",
+                     *extra], stdout=out, stderr=subprocess.STDOUT)
             lab.servers.append(proc)
             wait_for_text(log, "advertised by DNS-SD as", proc)
         yield lab
@@ -94,10 +124,38 @@ def test_avahi_sees_the_servers(lab: Lab) -> None:
         service = by_name[f"lab{index}"]
         assert service["address"] == lab.net.hosts[index].address
         assert service["port"] == 3240
-        assert {"protocol=1.1.1", "tls=none", f"name=lab{index}", "txtvers=1"} <= set(
+        tls = "tls=required" if index == 0 else "tls=none"
+        assert {"protocol=1.1.1", tls, f"name=lab{index}", "txtvers=1"} <= set(
             service["txt"])
         # no device list in the advertisement: that stays behind the access policy
         assert not any("1209" in entry for entry in service["txt"])
+
+
+def test_status_all_reads_the_pages_on_the_network_and_each_page_knows_its_peers(
+        lab: Lab) -> None:
+    status = lab.usbipy("status", "--all", "--json", *lab.alice())
+    assert status.returncode == 0, status.stderr
+    [server] = json.loads(status.stdout)["servers"]
+    assert server["url"] == f"https://{lab.net.hosts[0].address}:8443/api/v1/status"
+    seen = server["status"]
+    assert seen["server"]["name"] == "lab0" and seen["server"]["tls"] is True
+    assert seen["you"] == {"client": "CN=alice from 10.77.0.13", "grant": "admin"}
+    assert [d["busid"] for d in seen["devices"]] == ["1-1", "1-2", "1-3"]
+    text = lab.usbipy("status", "--all", *lab.alice())
+    assert text.returncode == 0 and "lab0 (usbipy " in text.stdout
+    # without a certificate the page is not even reached
+    refused = lab.usbipy("status", "-r", f"{lab.net.hosts[0].address}:8443")
+    assert refused.returncode == 1 and "needs TLS" in refused.stderr
+    # lab1's page (on its loopback) lists the other servers, lab0's with its link
+    peers = lab.net.hosts[1].run(
+        [sys.executable, "-c", "import json, urllib.request; print(json.dumps(json.load("
+         "urllib.request.urlopen('http://127.0.0.1:8080/api/v1/status', timeout=10))"
+         "['servers']))"], capture_output=True, text=True, timeout=60)
+    assert peers.returncode == 0, peers.stderr
+    listed = {p["name"]: p for p in json.loads(peers.stdout)}
+    assert set(listed) == {"lab0", "lab2"}
+    assert listed["lab0"]["page"] == f"https://{lab.net.hosts[0].address}:8443/"
+    assert listed["lab2"]["page"] is None
 
 
 def test_a_server_that_says_no_is_not_advertised(lab: Lab, tmp_path: Path) -> None:
@@ -110,7 +168,7 @@ def test_a_server_that_says_no_is_not_advertised(lab: Lab, tmp_path: Path) -> No
                             "--state-dir", str(tmp_path / "quiet")],
                            stdout=out, stderr=subprocess.STDOUT)
     wait_for_text(log, "listening on 0.0.0.0:3250", quiet)
-    listed = lab.usbipy("list", "--all", "--json")
+    listed = lab.usbipy("list", "--all", "--json", *lab.alice())
     names = {s["name"] for s in json.loads(listed.stdout)["servers"]}
     assert names == {"lab0", "lab1", "lab2"}
     quiet.terminate()
@@ -118,7 +176,7 @@ def test_a_server_that_says_no_is_not_advertised(lab: Lab, tmp_path: Path) -> No
 
 
 def test_list_all_finds_every_server_and_names_one_that_stopped(lab: Lab) -> None:
-    listed = lab.usbipy("list", "--all", "--json")
+    listed = lab.usbipy("list", "--all", "--json", *lab.alice())
     assert listed.returncode == 0, listed.stderr
     servers = json.loads(listed.stdout)["servers"]
     by_name = {s["name"]: s for s in servers}
@@ -127,14 +185,18 @@ def test_list_all_finds_every_server_and_names_one_that_stopped(lab: Lab) -> Non
         server = by_name[f"lab{index}"]
         assert server["host"] == lab.net.hosts[index].address
         assert (server["port"], server["tls"], server["protocol"], server["found_by"],
-                server["error"]) == (3240, False, "1.1.1", "dns-sd", None)
+                server["error"]) == (3240, index == 0, "1.1.1", "dns-sd", None)
         assert [d["busid"] for d in server["devices"]] == ["1-1", "1-2", "1-3"]
+    assert by_name["lab0"]["page"] == f"https://{lab.net.hosts[0].address}:8443/"
+    assert by_name["lab1"]["page"] is None  # (its page is on its loopback only)
 
-    text = lab.usbipy("list")  # (no -r, no -l: the same, as `usbip list -r` shows it)
-    assert text.returncode == 0, text.stderr
-    for index in range(SERVERS):
-        assert f" - {lab.net.hosts[index].address}:3240 (lab{index})" in text.stdout
-    assert text.stdout.count("1209:0002") == SERVERS
+    # without credentials, the server that requires TLS is named, the others listed
+    plain = lab.usbipy("list", "--all")
+    assert plain.returncode == 1
+    assert "lab0 (10.77.0.10:3240): requires TLS" in plain.stderr
+    for index in (1, 2):
+        assert f" - {lab.net.hosts[index].address}:3240 (lab{index})" in plain.stdout
+    assert plain.stdout.count("1209:0002") == 2
 
     # a device by its ids, wherever it is: the first server that offers it
     found = lab.python("from usbipy.pyusb import get_backend\n"
@@ -150,7 +212,7 @@ def test_list_all_finds_every_server_and_names_one_that_stopped(lab: Lab) -> Non
     stopped.send_signal(signal.SIGSTOP)
     try:
         began = time.monotonic()
-        again = lab.usbipy("list", "--all", "--json")
+        again = lab.usbipy("list", "--all", "--json", *lab.alice())
         took = time.monotonic() - began
         assert took < LISTING_BOUND, took
         assert again.returncode == 1  # (a server did not answer)
@@ -162,10 +224,10 @@ def test_list_all_finds_every_server_and_names_one_that_stopped(lab: Lab) -> Non
         assert by_name["lab2"]["devices"] is None
         assert all(by_name[n]["error"] is None and len(by_name[n]["devices"]) == 3
                    for n in ("lab0", "lab1"))
-        text = lab.usbipy("list", "--all")
+        text = lab.usbipy("list", "--all", *lab.alice())
         assert text.returncode == 1
         assert (f"usbipy: error: lab2 ({lab.net.hosts[2].address}:3240): not answering"
                 in text.stderr)
-        assert "(lab0)" in text.stdout and "(lab1)" in text.stdout
+        assert "(lab0, TLS)" in text.stdout and "(lab1)" in text.stdout
     finally:
         stopped.send_signal(signal.SIGCONT)
