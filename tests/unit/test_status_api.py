@@ -364,3 +364,18 @@ def test_the_status_off_loopback_needs_tls(capsys) -> None:
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert "a status page on an address other than loopback needs mutual TLS" in err
+
+
+def test_a_device_that_left_is_shown_gone_then_forgotten(served, monkeypatch) -> None:
+    srv, endpoint = served
+    from usbipy.server import status as status_module
+
+    assert device(status_of(endpoint.base), "1-2")["state"] == "available"
+    assert srv.server is not None
+    srv.call(srv.server.registry.remove, "1-2")
+    gone = device(status_of(endpoint.base), "1-2")
+    assert (gone["state"], gone["client"], gone["can_release"]) == ("gone", None, False)
+    assert gone["vid_pid"] == "1209:0002"
+    check_schema(status_of(endpoint.base))
+    monkeypatch.setattr(status_module, "GONE_KEPT", 0.0)
+    assert "1-2" not in [d["busid"] for d in status_of(endpoint.base)["devices"]]
