@@ -252,7 +252,7 @@ def pki(tmp_path: Path) -> Path:
 
     certs.init_ca(tmp_path)
     certs.issue("localhost", server=True, base=tmp_path, alt_names=("127.0.0.1",))
-    for name in ("watcher", "operator", "stranger"):
+    for name in ("watcher", "operator", "stranger", "prober"):
         certs.issue(name, server=False, base=tmp_path)
     return tmp_path / "tls"
 
@@ -266,6 +266,8 @@ GRANTS = Policy((
     Rule(None, client=ClientSelector(cn=("operator",)), device=DeviceSelector(busid=("1-1",)),
          grant=Grant.ADMIN, number=2),
     Rule(None, client=ClientSelector(cn=("operator",)), grant=Grant.VIEW, number=3),
+    Rule(None, client=ClientSelector(cn=("prober",)), device=DeviceSelector(busid=("1-2",)),
+         grant=Grant.VIEW, number=4),
 ), default=Action.ALLOW)
 
 
@@ -293,6 +295,12 @@ def test_over_tls_the_grants_decide_who_sees_and_who_releases(served_tls, pki) -
 
     watcher = client_context(files(pki, "watcher"))
     operator = client_context(files(pki, "operator"))
+    # a grant on one device shows that device, and not the metrics, which name them all
+    prober = client_context(files(pki, "prober"))
+    assert [d["busid"] for d in status_of(endpoint.base, prober)["devices"]] == ["1-2"]
+    code, _headers, body = get(f"{endpoint.base}/metrics", context=prober)
+    assert code == 403 and b"may not read the metrics" in body
+    assert get(f"{endpoint.base}/metrics", context=watcher)[0] == 200
     seen = status_of(endpoint.base, watcher)
     check_schema(seen)
     assert seen["you"] == {"client": "CN=watcher from 127.0.0.1", "grant": "view"}
@@ -373,9 +381,46 @@ def test_a_device_that_left_is_shown_gone_then_forgotten(served, monkeypatch) ->
     assert device(status_of(endpoint.base), "1-2")["state"] == "available"
     assert srv.server is not None
     srv.call(srv.server.registry.remove, "1-2")
-    gone = device(status_of(endpoint.base), "1-2")
+    gone = wait_for(lambda: (r := device(status_of(endpoint.base), "1-2"))["state"] == "gone"
+                    and r)
     assert (gone["state"], gone["client"], gone["can_release"]) == ("gone", None, False)
     assert gone["vid_pid"] == "1209:0002"
     check_schema(status_of(endpoint.base))
     monkeypatch.setattr(status_module, "GONE_KEPT", 0.0)
-    assert "1-2" not in [d["busid"] for d in status_of(endpoint.base)["devices"]]
+    wait_for(lambda: "1-2" not in [d["busid"] for d in status_of(endpoint.base)["devices"]])
+
+
+def test_a_release_body_is_bounded(served) -> None:
+    _srv, endpoint = served
+    for length, code in (("-1", 400), ("abc", 400), (str(1 << 30), 413)):
+        with socket.create_connection((HOST, endpoint.port), timeout=10) as sock:
+            sock.sendall(f"POST /api/v1/devices/1-1/release HTTP/1.1\r\nHost: {HOST}\r\n"
+                         f"Content-Type: application/json\r\nContent-Length: {length}\r\n"
+                         "\r\n".encode())
+            answer = sock.recv(200)
+        assert answer.startswith(f"HTTP/1.0 {code}".encode()), (length, answer)
+
+
+def test_a_request_that_trickles_in_is_cut_at_its_deadline(served, monkeypatch) -> None:
+    _srv, endpoint = served
+    from usbipy.server import http as http_module
+
+    monkeypatch.setattr(http_module, "REQUEST_TIMEOUT", 1.0)
+    with socket.create_connection((HOST, endpoint.port), timeout=10) as sock:
+        sock.sendall(b"GET /api/v1/status HTTP/1.1\r\n")
+        began = time.monotonic()
+        cut = False
+        for _ in range(40):  # (a byte each 0.2 s: never silent for a read's timeout)
+            try:
+                sock.sendall(b"X")
+                ready = socket.socket.recv(sock, 1, socket.MSG_DONTWAIT)
+                if ready == b"":
+                    cut = True
+                    break
+            except BlockingIOError:
+                pass
+            except OSError:
+                cut = True
+                break
+            time.sleep(0.2)
+        assert cut and time.monotonic() - began < 5

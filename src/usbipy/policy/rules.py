@@ -282,6 +282,12 @@ class Policy:
         return any(rule.grant is not None and rule.client.matches(client)
                    for rule in self.rules)
 
+    def grants_everything(self, client: Client) -> bool:
+        """Whether a rule with no device part grants ``client`` something: then every
+        device is granted it (grants add up to seeing; none takes one away)."""
+        return any(rule.grant is not None and rule.device.empty and rule.client.matches(client)
+                   for rule in self.rules)
+
     @property
     def open(self) -> bool:
         """Every client may use every device."""

@@ -26,6 +26,7 @@ Content-Security-Policy and puts every string a peer chose in the DOM as text.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ipaddress
 import json
 import logging
@@ -54,7 +55,8 @@ log = logging.getLogger("usbipy.server")
 MAX_REQUESTS = 32
 #: Event streams open at once (each holds a request thread while the page is open).
 MAX_STREAMS = 8
-#: Seconds a request has to arrive whole (and a reply to be read, once sent).
+#: Seconds a connection has for its TLS handshake and its whole request (headers),
+#: and each write of a reply may wait.
 REQUEST_TIMEOUT = 10.0
 #: How often an event stream looks for a change; and a comment, to keep it open.
 STREAM_CHECK = 0.5
@@ -64,6 +66,10 @@ STREAM_KEEPALIVE = 15.0
 STREAM_LIFETIME = 3600.0
 #: Seconds a request waits for the event loop's answer.
 LOOP_TIMEOUT = 10.0
+#: Bytes a release's body may say it has (it says "{}").
+MAX_BODY = 4096
+#: Connections at once from one address other than loopback.
+MAX_PER_ADDRESS = 8
 
 API = "/api/v1/"
 PAGE_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
@@ -88,6 +94,18 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def _cut(sock: socket.socket) -> None:
+    """A connection's deadline passed: end its reads and writes (its thread then ends)."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+#: The deadline of the request this thread serves.
+_request = threading.local()
+
+
 class _Handler(WSGIRequestHandler):
     timeout = REQUEST_TIMEOUT
     viewer: Viewer
@@ -104,12 +122,19 @@ class _Handler(WSGIRequestHandler):
             self.viewer = Viewer(client_of(peer, None), everywhere=Grant.ADMIN)
 
     def get_environ(self) -> dict[str, Any]:
+        deadline: threading.Timer | None = getattr(_request, "deadline", None)
+        if deadline is not None:
+            deadline.cancel()  # (the request is whole: what is left is the reply)
         environ = super().get_environ()
         environ["usbipy.viewer"] = self.viewer
         return environ
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base's name)
         pass  # (a scrape every 15 s, a page's polls: not news)
+
+
+class LoopBusy(Exception):
+    """The event loop did not answer a request in time."""
 
 
 class _Listener(socketserver.ThreadingMixIn, WSGIServer):
@@ -120,6 +145,9 @@ class _Listener(socketserver.ThreadingMixIn, WSGIServer):
     def __init__(self, address: tuple[str, int], family: socket.AddressFamily) -> None:
         self.address_family = family
         self._active = threading.BoundedSemaphore(MAX_REQUESTS)
+        self._lock = threading.Lock()
+        #: Connections being served, by client address.
+        self._per_address: dict[str, int] = {}
         super().__init__(address, _Handler)
 
     def server_bind(self) -> None:
@@ -131,37 +159,65 @@ class _Listener(socketserver.ThreadingMixIn, WSGIServer):
         self.setup_environ()
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._active.acquire(blocking=False):
-            self.shutdown_request(request)  # (a flood waits for no thread)
-            return
+        address = str(client_address[0])
+        with self._lock:
+            crowded = (not is_loopback(address)
+                       and self._per_address.get(address, 0) >= MAX_PER_ADDRESS)
+            if crowded or not self._active.acquire(blocking=False):
+                self.shutdown_request(request)  # (a flood waits for no thread)
+                return
+            self._per_address[address] = self._per_address.get(address, 0) + 1
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._active.release()
+            self._done(address)
             raise
+
+    def _done(self, address: str) -> None:
+        with self._lock:
+            left = self._per_address.pop(address, 1) - 1
+            if left:
+                self._per_address[address] = left
+            self._active.release()
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._active.release()
+            self._done(str(client_address[0]))
 
     def finish_request(self, request: Any, client_address: Any) -> None:
-        if self.tls is None:
-            super().finish_request(request, client_address)
-            return
+        # One deadline for the handshake and the whole request, not one per read: a
+        # client that sends a byte now and then holds no thread past it. (The app
+        # cancels it once the request is whole: see _Handler.get_environ.)
         request.settimeout(REQUEST_TIMEOUT)
+        deadline = threading.Timer(REQUEST_TIMEOUT, _cut, (request,))
+        deadline.daemon = True
+        deadline.start()
         try:
-            secured = self.tls.wrap_socket(request, server_side=True)
-        except (OSError, ssl.SSLError) as exc:
-            # (plaintext on the TLS port, a certificate the CA did not sign, silence)
-            log.debug("http: %s: TLS handshake refused: %s", printable(str(client_address[0])),
-                      exc)
-            return
-        try:
-            super().finish_request(secured, client_address)
+            if self.tls is None:
+                self._serve(request, client_address, deadline)
+                return
+            try:
+                secured = self.tls.wrap_socket(request, server_side=True)
+            except (OSError, ssl.SSLError) as exc:
+                # (plaintext on the TLS port, a certificate the CA did not sign, silence)
+                log.debug("http: %s: TLS handshake refused: %s",
+                          printable(str(client_address[0])), exc)
+                return
+            try:
+                self._serve(secured, client_address, deadline)
+            finally:
+                secured.close()
         finally:
-            secured.close()
+            deadline.cancel()
+
+    def _serve(self, sock: Any, client_address: Any, deadline: threading.Timer) -> None:
+        _request.deadline = deadline  # (the handler runs on this thread)
+        try:
+            super().finish_request(sock, client_address)
+        finally:
+            _request.deadline = None
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.debug("http: request from %s failed", printable(str(client_address[0])),
@@ -222,10 +278,24 @@ class HttpEndpoint:
     # --- the application ------------------------------------------------------------
 
     def _on_loop(self, work: Any) -> Any:
+        """``work`` run on the server's loop; LoopBusy if it takes LOOP_TIMEOUT (it is
+        cancelled then: nothing piles up behind a stuck read)."""
         assert self._loop is not None
-        return asyncio.run_coroutine_threadsafe(work, self._loop).result(LOOP_TIMEOUT)
+        future = asyncio.run_coroutine_threadsafe(work, self._loop)
+        try:
+            return future.result(LOOP_TIMEOUT)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise LoopBusy from None
 
     def _app(self, environ: dict[str, Any], start: StartResponse) -> Iterable[bytes]:
+        try:
+            return self._route(environ, start)
+        except LoopBusy:
+            return _json(start, "504 Gateway Timeout", {
+                "error": f"the server did not answer within {LOOP_TIMEOUT:g} s"})
+
+    def _route(self, environ: dict[str, Any], start: StartResponse) -> Iterable[bytes]:
         viewer: Viewer = environ["usbipy.viewer"]
         method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "/")
         host = environ.get("HTTP_HOST")
@@ -250,8 +320,11 @@ class HttpEndpoint:
             if self._metrics is None:
                 return _json(start, "404 Not Found", {"error": "metrics need prometheus_client:"
                                                       " pip install 'usbipy[metrics]'"})
-            if not viewer.may_view(server):
-                return _json(start, "403 Forbidden", _refused(viewer.client))
+            if not viewer.may_view_all(server):  # (metrics name every device and client)
+                return _json(start, "403 Forbidden", {
+                    "error": f"{viewer.client.name} may not read the metrics (they name "
+                             "every device and client: a grant rule with no device part "
+                             "allows it)"})
             return self._metrics(environ, start)
         if not path.startswith(API):
             return _json(start, "404 Not Found", {"error": f"no such page: {path}"})
@@ -274,6 +347,16 @@ class HttpEndpoint:
 
     def _release(self, environ: dict[str, Any], start: StartResponse, board: StatusBoard,
                  viewer: Viewer, busid: str) -> Iterable[bytes]:
+        # (the body says nothing; a length that is not small is refused, so that no
+        # request holds the server's memory, and a small one is read: a socket closed
+        # with bytes unread is reset, and the reply lost with it)
+        length = environ.get("CONTENT_LENGTH") or "0"
+        if not length.isdigit():
+            return _json(start, "400 Bad Request", {"error": "a bad Content-Length"})
+        if int(length) > MAX_BODY:
+            return _json(start, "413 Content Too Large", {"error": "a release has no body "
+                                                          "but {}"})
+        environ["wsgi.input"].read(int(length))
         if environ.get("CONTENT_TYPE", "").split(";")[0].strip() != "application/json":
             return _json(start, "415 Unsupported Media Type",
                          {"error": "send the release as application/json"})
@@ -281,8 +364,6 @@ class HttpEndpoint:
         if origin is not None and origin not in self._origins(environ):
             return _json(start, "403 Forbidden", {"error": "a release comes from this "
                                                   "server's own page"})
-        length = min(int(environ.get("CONTENT_LENGTH") or 0), 4096)
-        environ["wsgi.input"].read(length)
         grants = self._on_loop(_grant_of(board, viewer, busid))
         if grants is None:
             return _json(start, "404 Not Found", {"error": f"no device {busid}"})
@@ -315,7 +396,13 @@ class HttpEndpoint:
             began = sent = time.monotonic()
             last = None
             while not self._closing.is_set() and time.monotonic() - began < STREAM_LIFETIME:
-                status = self._on_loop(board.status(viewer))
+                if not viewer.may_view(board.server):  # (a reload took its grant away)
+                    return
+                try:
+                    status = self._on_loop(board.status(viewer))
+                except LoopBusy:
+                    self._closing.wait(STREAM_CHECK)
+                    continue
                 changed = _changes(status)
                 if changed != last:
                     last, sent = changed, time.monotonic()

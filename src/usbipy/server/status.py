@@ -34,7 +34,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("usbipy.server")
 
-#: Seconds an unplugged device is still shown, as gone; and how many are kept.
+#: Seconds a reading of the devices serves every page and request (the event streams
+#: look twice a second: this many pages cost one reading).
+SNAPSHOT_AGE = 0.4
+#: Seconds a device no longer exported is still shown, as gone; and how many are kept.
 GONE_KEPT = 600.0
 GONE_MAX = 64
 
@@ -62,6 +65,11 @@ class Viewer:
         with no device yet; each device is decided on its own)."""
         return self.everywhere is not None or server.access.policy.grants_anything(self.client)
 
+    def may_view_all(self, server: UsbipServer) -> bool:
+        """Whether a rule grants this client every device (what the metrics show)."""
+        return self.everywhere is not None or server.access.policy.grants_everything(
+            self.client)
+
 
 @dataclass
 class _Gone:
@@ -86,6 +94,8 @@ class StatusBoard:
     _last: dict[str, dict[str, Any]] = field(default_factory=dict)
     _rules: tuple[frozenset[str], Mapping[str, str]] = (frozenset(), {})
     _ids: UsbIds | None = None
+    _snapshot: tuple[float, list[tuple[AnyDevice, dict[str, Any]]]] | None = None
+    _reading: asyncio.Future[list[tuple[AnyDevice, dict[str, Any]]]] | None = None
 
     def gone(self, busid: str) -> None:
         """A device left (the export engine saw it unplugged)."""
@@ -94,13 +104,30 @@ class StatusBoard:
             self._keep_gone(busid, last)
 
     def _keep_gone(self, busid: str, last: dict[str, Any]) -> None:
-        record = {**last, "state": "gone", "client": None, "can_release": False}
+        record = {**{k: v for k, v in last.items() if k != "releasable"}, "state": "gone",
+                  "client": None, "can_release": False}
         self._gone[busid] = _Gone(record, time.time())
         while len(self._gone) > GONE_MAX:
             del self._gone[next(iter(self._gone))]
 
     async def devices(self) -> list[tuple[AnyDevice, dict[str, Any]]]:
-        """Every exported device and its record (without what a viewer may do)."""
+        """Every exported device and its record (without what a viewer may do): read
+        at most every :data:`SNAPSHOT_AGE` seconds, however many pages are open."""
+        now = time.monotonic()
+        if self._snapshot is not None and now - self._snapshot[0] < SNAPSHOT_AGE:
+            return self._snapshot[1]
+        if self._reading is None:
+            self._reading = asyncio.ensure_future(self._read())
+        reading = self._reading
+        try:
+            found = await asyncio.shield(reading)
+        finally:
+            if reading.done() and self._reading is reading:
+                self._reading = None
+        self._snapshot = (time.monotonic(), found)
+        return found
+
+    async def _read(self) -> list[tuple[AnyDevice, dict[str, Any]]]:
         server = self.server
         if self._ids is None:
             self._ids = await asyncio.to_thread(system_ids)
@@ -125,10 +152,12 @@ class StatusBoard:
                                            conn.bytes_out, conn.tls is not None)
             elif device.busid in kernel_busy:
                 record["state"] = "served-by-kernel"
-                record["client"] = (_holder(handed.client, handed.since, None, None,
-                                            handed.protected)
-                                    if handed is not None and not handed.pending else
-                                    _stranger())
+                if handed is not None and not handed.pending:
+                    record["client"] = _holder(handed.client, handed.since, None, None,
+                                               handed.protected)
+                else:  # (a session this usbipyd did not start: it cannot release it)
+                    record["client"] = _stranger()
+                    record["releasable"] = False
             elif server.registry.owner(device.busid) is not None:
                 # (held by an attachment whose client is away, kept for it to resume)
                 record["state"] = "in-use"
@@ -182,7 +211,9 @@ class StatusBoard:
             if grant is None:
                 continue
             best = grant if best is None else max(best, grant)
-            shown.append({**record, "can_release": grant is Grant.ADMIN
+            releasable = record.get("releasable", True)
+            shown.append({**{k: v for k, v in record.items() if k != "releasable"},
+                          "can_release": grant is Grant.ADMIN and releasable
                           and record["state"] in ("in-use", "served-by-kernel")})
         for busid, gone in self._gone.items():
             if viewer.everywhere is not None or _facts_grant(server, viewer, gone.record,
@@ -209,6 +240,7 @@ class StatusBoard:
             if conn.device is not None and conn.device.busid == busid:
                 log.warning("%s: released from %s by %s (status page)", shown, conn.peer, by)
                 conn.close()
+                self._snapshot = None
                 return conn.client.name
         entry = server.access.handed_off.get(busid)
         if entry is not None and not entry.pending and isinstance(entry.device, HandOffDevice):
@@ -216,7 +248,13 @@ class StatusBoard:
             status = await asyncio.to_thread(device.import_status)
             if status is OpStatus.DEV_BUSY and server.access.handed_off.get(busid) is entry:
                 del server.access.handed_off[busid]
-                await asyncio.to_thread(device.take_back)
+                try:
+                    await asyncio.to_thread(device.take_back)
+                except OSError as exc:
+                    server.access.handed_off.setdefault(busid, entry)
+                    raise LookupError(f"{busid}: its session cannot be ended: "
+                                      f"{exc.strerror or exc}") from None
+                self._snapshot = None
                 log.warning("%s: released from %s (served by the kernel) by %s (status "
                             "page)", shown, entry.peer, by)
                 return entry.client.name
