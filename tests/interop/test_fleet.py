@@ -102,7 +102,9 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
             log = tmp_path / f"lab{index}.log"
             config = tmp_path / f"lab{index}.toml"
             config.write_text(LAB0_CONFIG.format(pki=lab.pki) if index == 0 else "")
-            extra = [] if index == 0 else ["--http", "8080"]
+            # (lab1 alone has a headset, 1209:0004: a device only one server offers)
+            extra = [] if index == 0 else ["--http", "8080", *(["--audio"] if index == 1
+                                                               else [])]
             with open(log, "w") as out:
                 proc = host.popen(
                     [sys.executable, "-m", "usbipy.cli.usbipyd", "-c", str(config), "--demo",
@@ -186,26 +188,31 @@ def test_list_all_finds_every_server_and_names_one_that_stopped(lab: Lab) -> Non
         assert server["host"] == lab.net.hosts[index].address
         assert (server["port"], server["tls"], server["protocol"], server["found_by"],
                 server["error"]) == (3240, index == 0, "1.1.1", "dns-sd", None)
-        assert [d["busid"] for d in server["devices"]] == ["1-1", "1-2", "1-3"]
+        assert [d["busid"] for d in server["devices"]] == ["1-1", "1-2", "1-3", *(
+            ["1-4"] if index == 1 else [])]
     assert by_name["lab0"]["page"] == f"https://{lab.net.hosts[0].address}:8443/"
     assert by_name["lab1"]["page"] is None  # (its page is on its loopback only)
 
-    # without credentials, the server that requires TLS is named, the others listed
+    # without credentials, the server that requires TLS is named (not a failure: it
+    # was not asked), the others listed
     plain = lab.usbipy("list", "--all")
-    assert plain.returncode == 1
-    assert "lab0 (10.77.0.10:3240): requires TLS" in plain.stderr
+    assert plain.returncode == 0, plain.stderr
+    assert "usbipy: info: lab0 (10.77.0.10:3240): requires TLS" in plain.stderr
     for index in (1, 2):
         assert f" - {lab.net.hosts[index].address}:3240 (lab{index})" in plain.stdout
-    assert plain.stdout.count("1209:0002") == 2
+    assert plain.stdout.count("(1209:0002)") == 2
 
-    # a device by its ids, wherever it is: the first server that offers it
+    # a device by its ids, wherever it is: on the one server that offers it...
     found = lab.python("from usbipy.pyusb import get_backend\n"
-                      "backend = get_backend('usbip://*/1209:0003')\n"
+                      "backend = get_backend('usbip://*/1209:0004')\n"
                       "print(backend.host, [d.busid for d in backend.enumerate_devices()])")
     assert found.returncode == 0, found.stderr
-    host, busids = found.stdout.split(" ", 1)
-    assert host in {h.address for h in lab.net.hosts[:SERVERS]}
-    assert busids.strip() == "['1-3']"
+    assert found.stdout.split() == [lab.net.hosts[1].address, "['1-4']"]
+    # ...and one that two offer is not taken from either: anyone may answer DNS-SD
+    several = lab.python("from usbipy.pyusb import get_backend\n"
+                         "get_backend('usbip://*/1209:0003')")
+    assert "2 servers offer 1209:0003: lab1 (10.77.0.11:3240) 1-3, lab2 (10.77.0.12:3240)" \
+        in several.stderr
 
     # lab2 stops (SIGSTOP: it answers neither DNS-SD nor USB/IP): named, within the bound
     stopped = lab.servers[2]
@@ -215,19 +222,20 @@ def test_list_all_finds_every_server_and_names_one_that_stopped(lab: Lab) -> Non
         again = lab.usbipy("list", "--all", "--json", *lab.alice())
         took = time.monotonic() - began
         assert took < LISTING_BOUND, took
-        assert again.returncode == 1  # (a server did not answer)
+        # (named, with when it was last found; the exit status is for servers found now)
+        assert again.returncode == 0, again.stderr
         result = json.loads(again.stdout)
-        assert result["not_answering"] == 1
+        assert result["not_answering"] == 0
         by_name = {s["name"]: s for s in result["servers"]}
         assert by_name["lab2"]["found_by"] == "remembered"
         assert by_name["lab2"]["error"].startswith("not answering")
         assert by_name["lab2"]["devices"] is None
-        assert all(by_name[n]["error"] is None and len(by_name[n]["devices"]) == 3
+        assert all(by_name[n]["error"] is None and len(by_name[n]["devices"]) >= 3
                    for n in ("lab0", "lab1"))
         text = lab.usbipy("list", "--all", *lab.alice())
-        assert text.returncode == 1
-        assert (f"usbipy: error: lab2 ({lab.net.hosts[2].address}:3240): not answering"
-                in text.stderr)
+        assert text.returncode == 0
+        assert (f"usbipy: warning: lab2 ({lab.net.hosts[2].address}:3240): not answering"
+                in text.stderr) and "last found" in text.stderr
         assert "(lab0, TLS)" in text.stdout and "(lab1)" in text.stdout
     finally:
         stopped.send_signal(signal.SIGCONT)

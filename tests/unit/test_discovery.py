@@ -93,6 +93,7 @@ def test_a_server_found_before_and_silent_now_is_named(tmp_path: Path,
         by_name = {a.server.name: a for a in answers}
         assert [d.busid for d in by_name["alive"].devices or []] == ["1-1"]
         assert by_name["silent"].error == "not answering: no device list in 2 s"
+        assert by_name["silent"].failed and not by_name["alive"].failed
         listing = fleet.as_json(answers, lambda d: d.busid)
         assert set(listing[0]) == {"name", "instance", "host", "addresses", "port", "tls",
                                    "protocol", "page", "found_by", "error", "devices"}
@@ -104,6 +105,7 @@ def test_a_server_found_before_and_silent_now_is_named(tmp_path: Path,
         assert again["silent"].error is not None
         assert again["silent"].error.startswith("not answering")
         assert "last found" in again["silent"].error
+        assert not again["silent"].failed  # (named, but the exit status is for found now)
     silent.close()
     saved = json.loads((tmp_path / "usbipy" / "servers.json").read_text())
     assert {s["server"]["name"] for s in saved["servers"]} == {"alive", "silent"}

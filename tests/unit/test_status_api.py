@@ -368,10 +368,53 @@ def test_requests_at_once_are_bounded(served) -> None:
 def test_the_status_off_loopback_needs_tls(capsys) -> None:
     from usbipy.cli.usbipyd import main
 
-    assert main(["-c", "/dev/null", "--demo", "-t", "0", "--http", "192.0.2.1:8080"]) == 1
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1
-    assert "a status page on an address other than loopback needs mutual TLS" in err
+    for check in ([], ["--check-config"]):
+        assert main(["-c", "/dev/null", "--demo", "-t", "0", "--http", "192.0.2.1:8080",
+                     *check]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1
+        assert "a status page on an address other than loopback needs mutual TLS" in err
+    assert main(["-c", "/dev/null", "--demo", "-t", "0", "--metrics", "192.0.2.1:9100",
+                 "--check-config"]) == 1
+    assert "--metrics is its older name" in capsys.readouterr().err
+
+
+def test_status_refuses_what_is_not_the_api(capsys) -> None:
+    import http.server
+
+    answers = [{"server": {"name": "x", "port": "\x1b]0;owned\x07\x1b[2J", "version": "1"},
+                "devices": [{"busid": "1-1\x1b[31m", "state": "in-use",
+                             "client": "not a dict"}]},
+               ["not", "an", "object"]]
+
+    class Fake(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (the base's name)
+            body = json.dumps(answers[0]).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    fake = http.server.ThreadingHTTPServer((HOST, 0), Fake)
+    import threading
+
+    threading.Thread(target=fake.serve_forever, daemon=True).start()
+    try:
+        where = f"{HOST}:{fake.server_address[1]}"
+        assert cli.main(["status", "-r", where]) == 0
+        out = capsys.readouterr().out
+        assert "\x1b" not in out and "\x07" not in out
+        assert "port \\x1b]0;owned" in out and "1-1\\x1b[31m" in out
+        answers.pop(0)
+        assert cli.main(["status", "-r", where]) == 1
+        err = capsys.readouterr().err
+        assert "not in the shape of usbipy's API" in err and "Traceback" not in err
+    finally:
+        fake.shutdown()
+        fake.server_close()
 
 
 def test_a_device_that_left_is_shown_gone_then_forgotten(served, monkeypatch) -> None:

@@ -17,7 +17,9 @@ stdout) with exit status 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import io
 import json
 import logging
 import os
@@ -707,13 +709,13 @@ def _list_fleet(args: argparse.Namespace, tls: TlsFiles | None) -> object:
 
     answers = asyncio.run(list_fleet(args.browse_time, tls=tls,
                                      server_hostname=args.tls_server_name))
-    failed = [a for a in answers if a.error is not None]
-    result = {"servers": as_json(answers, _device_dict), "not_answering": len(failed)}
-    if args.json:
-        return result
     if not answers:
         raise UsbipError("no usbipy server found on the network by DNS-SD (in "
                          f"{args.browse_time:g} s; give -r HOST, or --browse-time)")
+    result = {"servers": as_json(answers, _device_dict),
+              "not_answering": sum(a.failed for a in answers)}
+    if args.json:
+        return result
     for answer in answers:
         server = answer.server
         where = f"{printable(server.host)}:{server.port}"
@@ -725,10 +727,14 @@ def _list_fleet(args: argparse.Namespace, tls: TlsFiles | None) -> object:
             continue
         _print_remote(f"{where} ({server.shown_name}{', TLS' if server.tls else ''})",
                       answer.devices, escaped=True)
-    for answer in failed:
+    for answer in answers:
+        if answer.error is None:
+            continue
         server = answer.server
-        print(f"usbipy: error: {server.shown_name} ({printable(server.host)}:{server.port}): "
-              f"{printable(answer.error or '')}", file=sys.stderr)
+        # (error: found now, and silent; warning: found before only; info: not asked)
+        level = "error" if answer.failed else "info" if answer.needs_tls else "warning"
+        print(f"usbipy: {level}: {server.shown_name} ({printable(server.host)}:{server.port})"
+              f": {printable(answer.error)}", file=sys.stderr)
     return result
 
 
@@ -756,24 +762,30 @@ def _status(args: argparse.Namespace, tls: TlsFiles | None) -> object:
     elif args.remote is not None:
         urls = [status_url(args.remote)]
     else:
-        urls = [status_url(_local_status_address(args))]
-    answers = asyncio.run(fetch_all(urls, tls))
-    failed = [a for a in answers if a.error is not None]
-    result = {"servers": [{"url": a.url, "status": a.status, "error": a.error}
-                          for a in answers], "not_answering": len(failed)}
-    if args.json:
-        return result
+        urls = [_local_status_address(args)]
+    answers = asyncio.run(fetch_all(urls, tls, args.tls_server_name))
     for answer in answers:
         if answer.status is not None:
-            _print_status(answer.status)
-    for answer in failed:
-        label = names.get(answer.url, printable(answer.url))
-        print(f"usbipy: error: {label}: {printable(answer.error or '')}", file=sys.stderr)
-    return result
+            try:
+                lines = io.StringIO()
+                with contextlib.redirect_stdout(lines):
+                    _print_status(answer.status)
+                if not args.json:
+                    print(lines.getvalue(), end="")
+            except UsbipError as exc:  # (not the API: said as this server's error)
+                answer.error, answer.status = str(exc), None
+    failed = [a for a in answers if a.error is not None]
+    if not args.json:
+        for answer in failed:
+            label = names.get(answer.url, printable(answer.url))
+            print(f"usbipy: error: {label}: {printable(answer.error or '')}", file=sys.stderr)
+    return {"servers": [{"url": a.url, "status": a.status, "error": a.error}
+                        for a in answers], "not_answering": len(failed)}
 
 
 def _local_status_address(args: argparse.Namespace) -> str:
-    """The local usbipyd's --http address, from its configuration file."""
+    """The local usbipyd's status URL, from its configuration file's --http address."""
+    from ..client.status import status_url
     from ..config import config_path
     from ..config import load as load_config
 
@@ -785,46 +797,58 @@ def _local_status_address(args: argparse.Namespace) -> str:
                          + (f"{path} sets no [diagnostics] http" if path is not None else
                             "no usbipyd configuration file here says its http address"))
     host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if host in ("0.0.0.0", "::"):  # (every address: this machine's own will do)
+        local = "127.0.0.1" if host == "0.0.0.0" else "[::1]"
+        return status_url(f"{local}:{port}", secure=True)
+    return status_url(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
 
 
-def _print_status(status: dict[str, Any]) -> None:
-    """One server's status as lines: every string came from the server, escaped."""
-    server = status.get("server", {})
-    tls_mark = ", TLS" if server.get("tls") else ""
-    print(f"{printable(str(server.get('name')))} (usbipy "
-          f"{printable(str(server.get('version')))}{tls_mark}), port {server.get('port')}")
-    devices = status.get("devices", [])
+def _shown(value: Any) -> str:
+    return printable(str(value))
+
+
+def _print_status(status: Any) -> None:
+    """One server's status as lines: every value came from the server, and is escaped;
+    a shape it does not have is said, not a traceback."""
+    server = status.get("server") if isinstance(status, dict) else None
+    devices = status.get("devices") if isinstance(status, dict) else None
+    if not isinstance(server, dict) or not isinstance(devices, list):
+        raise UsbipError("the server's status is not in the shape of usbipy's API (v1)")
+    tls_mark = ", TLS" if server.get("tls") is True else ""
+    print(f"{_shown(server.get('name'))} (usbipy {_shown(server.get('version'))}{tls_mark}),"
+          f" port {_shown(server.get('port'))}")
     if not devices:
         print("    no devices exported")
     for device in devices:
-        names = " : ".join(printable(str(n)) for n in (device.get("vendor"),
-                                                        device.get("product")) if n)
-        ident = printable(str(device.get("vid_pid")))
-        print(f"{printable(str(device.get('busid'))):>11}: {ident} {names}".rstrip())
+        if not isinstance(device, dict):
+            continue
+        names = " : ".join(_shown(n) for n in (device.get("vendor"), device.get("product"))
+                           if n)
+        print(f"{_shown(device.get('busid')):>11}: {_shown(device.get('vid_pid'))} "
+              f"{names}".rstrip())
         print(f"{'':>11}: {_state_text(device)}")
         if device.get("rule"):
-            print(f"{'':>11}: exported by rule: {printable(str(device['rule']))}")
+            print(f"{'':>11}: exported by rule: {_shown(device['rule'])}")
     print()
 
 
 def _state_text(device: dict[str, Any]) -> str:
-    state = str(device.get("state"))
+    state = device.get("state")
     client = device.get("client")
-    if state not in ("in-use", "served-by-kernel") or not client:
-        return printable(state)
-    who = printable(str(client.get("address") or "a client"))
+    if state not in ("in-use", "served-by-kernel") or not isinstance(client, dict):
+        return _shown(state)
+    who = _shown(client.get("address") or "a client")
     if client.get("cn"):
-        who += f" (CN={printable(str(client['cn']))})"
+        who += f" (CN={_shown(client['cn'])})"
     parts = [f"in use by {who}"]
     if client.get("since"):
-        parts.append(f"since {printable(str(client['since']))}")
-    if client.get("bytes_in") is not None:
+        parts.append(f"since {_shown(client['since'])}")
+    if isinstance(client.get("bytes_in"), int):
         parts.append(f"{_size(client['bytes_in'])} in, {_size(client.get('bytes_out') or 0)} "
                      "out")
     if state == "served-by-kernel":
         parts.append("served by the kernel")
-    parts.append("TLS" if client.get("protected") else "plaintext")
+    parts.append("TLS" if client.get("protected") is True else "plaintext")
     return ", ".join(parts)
 
 
@@ -1022,11 +1046,7 @@ def _servers(args: argparse.Namespace, tls: TlsFiles | None) -> list[tuple[str, 
         if args.device is None:
             raise UsbipError("attach -b BUSID needs -r HOST (or name the device by "
                              "--device VID:PID[:SERIAL] to find it on the network)")
-        import asyncio
-
-        from ..client.fleet import servers_for
-
-        return asyncio.run(servers_for(args.browse_time, tls=tls is not None))
+        return []  # (found by DNS-SD at each attempt: see _attach_fn)
     servers = []
     for text in args.remote:
         try:
@@ -1051,12 +1071,29 @@ def _attach_fn(args: argparse.Namespace, tls: TlsFiles | None,
         host, port = servers[0]
         return functools.partial(attach, host, args.busid, port, **common)
     spec = DeviceSpec.parse(args.device)
-    return functools.partial(attach_device, servers, spec, first=args.first, **common)
+    if servers:
+        return functools.partial(attach_device, servers, spec, first=args.first, **common)
+
+    def anywhere(**more: Any) -> Any:
+        """The servers DNS-SD finds now (a server that came up since is asked too),
+        the device's one chosen (several are an error, unless --first), then it."""
+        from ..client.fleet import locate
+
+        found = locate(spec, tls=client_context(tls) if tls is not None else None,
+                       server_hostname=args.tls_server_name, first=args.first,
+                       browse_time=args.browse_time)
+        return attach_device([(found.host, found.port)], spec, first=args.first,
+                             **common, **more)
+
+    return anywhere
 
 
 def _match_text(args: argparse.Namespace, servers: list[tuple[str, int]]) -> str | None:
     if args.device is None:
         return None
+    if not servers:
+        return (f"device {args.device} on the network (DNS-SD)"
+                + (" (the first match)" if args.first else ""))
     return (f"device {args.device} on " + ", ".join(f"{h}:{p}" for h, p in servers)
             + (" (the first match)" if args.first else ""))
 
@@ -1135,7 +1172,7 @@ def _detach(args: argparse.Namespace) -> object:
 def _attach_persistent(args: argparse.Namespace, tls: TlsFiles | None,
                        servers: list[tuple[str, int]]) -> object:
     match = _match_text(args, servers)
-    host, port = servers[0]
+    host, port = servers[0] if servers else ("*", args.tcp_port)
     for running in persistent.read_states():
         same = (running.match == match if match is not None else
                 running.match is None and (running.host, running.tcp_port, running.busid)

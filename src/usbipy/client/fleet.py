@@ -14,18 +14,21 @@ import asyncio
 import json
 import os
 import ssl
+import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..discovery.records import BROWSE_TIME, Found
 from ..errors import UsbipError
-from ..protocol import USBIP_PORT, DeviceInfo
+from ..escape import printable
+from ..protocol import DeviceInfo
 from ..tls import TlsFiles, client_context
 from . import identity
+from .errors import HostUnreachable
 from .identity import DeviceSpec
 from .userspace import list_devices
 
@@ -48,6 +51,15 @@ class ServerDevices:
     error: str | None = None
     #: When it was last found by DNS-SD (time.time()).
     last_seen: float | None = None
+    #: It was not asked: it requires TLS, and no TLS files were given.
+    needs_tls: bool = False
+
+    @property
+    def failed(self) -> bool:
+        """A server found now that did not answer (what makes the exit status 1: one
+        only remembered is named, and one that needs TLS files is not the server's
+        fault)."""
+        return self.error is not None and self.found_by == "dns-sd" and not self.needs_tls
 
 
 def cache_path() -> Path:
@@ -67,12 +79,20 @@ def _recall(path: Path) -> dict[str, tuple[Found, float]]:
 
 def _remember(path: Path, known: dict[str, tuple[Found, float]]) -> None:
     entries = sorted(known.values(), key=lambda pair: -pair[1])[:MAX_REMEMBERED]
+    text = json.dumps({"servers": [{"server": found.as_dict(), "seen": seen}
+                                   for found, seen in entries]}, indent=1)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(".tmp")
-        temporary.write_text(json.dumps({"servers": [
-            {"server": found.as_dict(), "seen": seen} for found, seen in entries]}, indent=1))
-        temporary.replace(path)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # (a file of its own, renamed into place: two listings at once never leave
+        # half a file; 0600: which servers a user works with is theirs)
+        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".servers-", suffix=".json")
+        try:
+            with os.fdopen(fd, "w") as out:
+                out.write(text)
+            os.replace(temporary, path)
+        except BaseException:
+            os.unlink(temporary)
+            raise
     except OSError:
         pass  # (a read-only home: the listing still works, it remembers nothing)
 
@@ -118,12 +138,14 @@ async def list_fleet(browse_time: float, *, tls: TlsFiles | None = None,
         answer = ServerDevices(found, how, last_seen=seen)
         if found.tls and context is None:
             answer.error = ("requires TLS: give --tls-cert, --tls-key and --tls-ca")
+            answer.needs_tls = True
             return answer
         try:
             async with asyncio.timeout(per_server):
-                answer.devices = list(await list_devices(
-                    found.host, found.port, tls=context if found.tls else None,
-                    server_hostname=server_hostname))
+                answer.devices = list(await _first_address(
+                    found, lambda host: list_devices(host, found.port,
+                                                     tls=context if found.tls else None,
+                                                     server_hostname=server_hostname)))
         except TimeoutError:
             answer.error = f"not answering: no device list in {per_server:g} s"
         except UsbipError as exc:
@@ -137,6 +159,21 @@ async def list_fleet(browse_time: float, *, tls: TlsFiles | None = None,
     return list(await asyncio.gather(*(ask(*server) for server in servers)))
 
 
+async def _first_address(found: Found,
+                         ask: Callable[[str], Awaitable[Sequence[DeviceInfo]]]
+                         ) -> Sequence[DeviceInfo]:
+    """``ask`` of the server's addresses in turn (IPv4 first) until one takes the
+    connection: a host advertises every address it has, and not every one is on
+    this client's network."""
+    ordered = sorted(found.addresses, key=lambda a: ":" in a)
+    for address in ordered[:-1]:
+        try:
+            return await ask(address)
+        except HostUnreachable:
+            continue
+    return await ask(ordered[-1])
+
+
 def _ago(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.0f} s"
@@ -145,7 +182,7 @@ def _ago(seconds: float) -> str:
     return f"{seconds / 3600:.0f} h"
 
 
-async def servers_for(browse_time: float, *, tls: bool) -> list[tuple[str, int]]:
+async def servers_for(browse_time: float, *, tls: bool) -> list[Found]:
     """The servers an attach by identity asks, found by DNS-SD now: with TLS
     credentials, those that require TLS; without, the others (a match on a server of
     the other kind is not taken: no quiet change of what protects the session)."""
@@ -163,7 +200,39 @@ async def servers_for(browse_time: float, *, tls: bool) -> list[tuple[str, int]]
                 + ("give --tls-cert, --tls-key and --tls-ca" if not tls else
                    "those do not take TLS") + ")") if others else ""
         raise UsbipError(f"no usbipy server {kind} found on the network by DNS-SD{more}")
-    return [(f.host, f.port or USBIP_PORT) for f in usable]
+    return usable
+
+
+def find_anywhere(servers: Sequence[Found], spec: DeviceSpec, *, first: bool,
+                  list_devices: identity.ListFn, read_serial: identity.SerialFn
+                  ) -> identity.Found:
+    """The device ``spec`` names on the servers DNS-SD found. Unlike -r's list, which
+    the user wrote and ordered, anyone on the network can answer DNS-SD: a device
+    offered by two servers is an error naming both (unless ``first``), so a host that
+    copies a device's ids cannot quietly take its place."""
+    matches: list[tuple[Found, identity.Found]] = []
+    failures: list[str] = []
+    for server in servers:
+        try:
+            matches.append((server, identity.find(
+                [(server.host, server.port)], spec, first=first, list_devices=list_devices,
+                read_serial=read_serial)))
+        except identity.NoMatch as exc:
+            failures.append(str(exc))
+            continue
+        if first:
+            break
+    if not matches:
+        why = f" ({'; '.join(failures)})" if failures else ""
+        raise identity.NoMatch(f"no device {printable(str(spec))} on the {len(servers)} "
+                               f"server{'s' if len(servers) != 1 else ''} DNS-SD found{why}")
+    if len(matches) > 1:
+        listed = ", ".join(f"{server.shown_name} ({server.target}) {printable(f.busid)}"
+                           for server, f in matches)
+        raise identity.SeveralMatches(
+            f"{len(matches)} servers offer {printable(str(spec))}: {listed} (give -r HOST, "
+            "or --first)")
+    return matches[0][1]
 
 
 #: The host that means "wherever DNS-SD finds it": usbip://*/VID:PID[:SERIAL].
@@ -173,8 +242,8 @@ ANYWHERE = "*"
 def locate(spec: DeviceSpec, *, tls: ssl.SSLContext | None, server_hostname: str | None,
            first: bool = False, browse_time: float = BROWSE_TIME) -> identity.Found:
     """The server DNS-SD finds that offers the device ``spec`` names (blocking: a
-    browse on a loop of its own, then the device lists, as :func:`identity.find`)."""
-    result: list[list[tuple[str, int]]] = []
+    browse on a loop of its own, then the device lists, as :func:`find_anywhere`)."""
+    result: list[list[Found]] = []
     failure: list[BaseException] = []
 
     def run() -> None:
@@ -189,7 +258,7 @@ def locate(spec: DeviceSpec, *, tls: ssl.SSLContext | None, server_hostname: str
     if failure:
         raise failure[0]
     list_fn, serial_fn = identity.sync_functions(tls, server_hostname, LIST_TIMEOUT)
-    return identity.find(result[0], spec, first=first, list_devices=list_fn,
+    return find_anywhere(result[0], spec, first=first, list_devices=list_fn,
                          read_serial=serial_fn)
 
 

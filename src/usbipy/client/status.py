@@ -4,12 +4,13 @@ server's, or every one DNS-SD finds that serves it on the network."""
 from __future__ import annotations
 
 import asyncio
+import http.client
 import ipaddress
 import json
+import socket
 import ssl
-import urllib.error
+import time
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,8 +29,10 @@ class ServerStatus:
     error: str | None = None
 
 
-def status_url(text: str) -> str:
-    """-r HOST:PORT (or a URL) as the status API's URL: https unless on loopback."""
+def status_url(text: str, *, secure: bool | None = None) -> str:
+    """-r HOST:PORT (or a URL) as the status API's URL: https unless on loopback (or
+    as ``secure`` says: a listener on a wildcard address, reached on loopback, speaks
+    TLS all the same)."""
     if text.startswith(("http://", "https://")):
         base = text.rstrip("/")
     else:
@@ -46,45 +49,60 @@ def status_url(text: str) -> str:
         except ValueError:
             loopback = host == "localhost"
         shown = f"[{host}]" if ":" in host else host
-        base = f"{'http' if loopback else 'https'}://{shown}:{port}"
+        tls = not loopback if secure is None else secure
+        base = f"{'https' if tls else 'http'}://{shown}:{port}"
     return f"{base}/api/v1/status"
 
 
 def fetch(url: str, tls: TlsFiles | None, server_name: str | None = None) -> ServerStatus:
-    """One server's status (blocking), or why not."""
+    """One server's status (blocking), or why not; within STATUS_TIMEOUT in all."""
     answer = ServerStatus(url)
+    parts = urllib.parse.urlsplit(url)
+    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
     context: ssl.SSLContext | None = None
-    if url.startswith("https://"):
+    if parts.scheme == "https":
         if tls is None:
             answer.error = "its status needs TLS: give --tls-cert, --tls-key and --tls-ca"
             return answer
         context = client_context(tls)
-        if server_name is not None:
-            context.check_hostname = True
-    request = urllib.request.Request(url, headers={"Accept": "application/json"})
+    deadline = time.monotonic() + STATUS_TIMEOUT
     try:
-        with urllib.request.urlopen(request, timeout=STATUS_TIMEOUT,  # noqa: S310 (http(s) only)
-                                    context=context) as reply:
-            body = reply.read(MAX_STATUS + 1)
-        if len(body) > MAX_STATUS:
+        # (http.client, not urllib: no proxy from the environment sees the request, and
+        # the certificate is checked for --tls-server-name when it is given)
+        sock = socket.create_connection((host, port), timeout=STATUS_TIMEOUT)
+        if context is not None:
+            sock = context.wrap_socket(sock, server_hostname=server_name or host)
+        connection = http.client.HTTPConnection(host, port, timeout=STATUS_TIMEOUT)
+        connection.sock = sock
+        try:
+            connection.request("GET", parts.path or "/", headers={"Accept": "application/json"})
+            reply = connection.getresponse()
+            body = b""
+            while len(body) <= MAX_STATUS and (chunk := reply.read(65536)):
+                body += chunk
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no whole answer in {STATUS_TIMEOUT:g} s")
+        finally:
+            connection.close()
+        if reply.status != 200:
+            answer.error = f"refused: HTTP {reply.status}: {_reason(body, reply.reason)}"
+        elif len(body) > MAX_STATUS:
             answer.error = "its answer is too long"
         else:
             answer.status = json.loads(body)
-    except urllib.error.HTTPError as exc:
-        answer.error = f"refused: HTTP {exc.code}: {_reason(exc)}"
-    except urllib.error.URLError as exc:
-        answer.error = f"not answering: {getattr(exc.reason, 'strerror', None) or exc.reason}"
-    except (OSError, ValueError) as exc:
+    except (OSError, ssl.SSLError, http.client.HTTPException, ValueError) as exc:
         answer.error = f"not answering: {getattr(exc, 'strerror', None) or exc}"
     return answer
 
 
-def _reason(exc: urllib.error.HTTPError) -> str:
+def _reason(body: bytes, reason: str) -> str:
     try:
-        return str(json.loads(exc.read(4096))["error"])
-    except (ValueError, KeyError, TypeError, OSError):
-        return str(exc.reason)
+        return str(json.loads(body)["error"])
+    except (ValueError, KeyError, TypeError):
+        return reason
 
 
-async def fetch_all(urls: list[str], tls: TlsFiles | None) -> list[ServerStatus]:
-    return list(await asyncio.gather(*(asyncio.to_thread(fetch, url, tls) for url in urls)))
+async def fetch_all(urls: list[str], tls: TlsFiles | None,
+                    server_name: str | None = None) -> list[ServerStatus]:
+    return list(await asyncio.gather(*(asyncio.to_thread(fetch, url, tls, server_name)
+                                       for url in urls)))

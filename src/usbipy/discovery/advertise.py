@@ -15,30 +15,32 @@ import ifaddr
 from zeroconf import InterfaceChoice, IPVersion, NonUniqueNameException, ServiceInfo
 from zeroconf.asyncio import AsyncZeroconf
 
-from .records import SERVICE_TYPE, instance_label, txt_record
+from .records import SERVICE_TYPE, host_label, instance_label, txt_record
 
 #: Wildcard listen addresses.
 ANY = ("0.0.0.0", "::")
 
 
 def host_addresses(listening: list[str]) -> list[str]:
-    """The addresses to advertise for a server listening on ``listening``."""
-    wildcard_v4 = "0.0.0.0" in listening
-    wildcard_v6 = "::" in listening
+    """The addresses to advertise for a server listening on ``listening``: those given,
+    and for a wildcard every address of its family the host has (usbipyd's IPv6
+    sockets are IPv6 only: "::" serves no IPv4 client), loopback and link-local
+    IPv6 left out (a scope is not in an AAAA record)."""
     found: list[str] = [a for a in listening if a not in ANY]
-    if wildcard_v4 or wildcard_v6:
+    if "0.0.0.0" in listening or "::" in listening:
         for adapter in ifaddr.get_adapters():
             for ip in adapter.ips:
-                if isinstance(ip.ip, str):  # (IPv4; a dual-stack :: serves it too)
-                    found.append(ip.ip)
-                elif wildcard_v6:
-                    v6 = ipaddress.ip_address(ip.ip[0])
-                    if not v6.is_link_local:  # (a scope is not in an AAAA record)
-                        found.append(str(v6))
+                if isinstance(ip.ip, str):
+                    if "0.0.0.0" in listening:
+                        found.append(ip.ip)
+                elif "::" in listening:
+                    found.append(ip.ip[0])
     unique: list[str] = []
     for text in found:
         address = ipaddress.ip_address(text.split("%", 1)[0])
-        if not address.is_loopback and str(address) not in unique:
+        if address.is_loopback or (address.version == 6 and address.is_link_local):
+            continue
+        if str(address) not in unique:
             unique.append(str(address))
     return unique
 
@@ -69,7 +71,9 @@ class Advertiser:
         self._info = ServiceInfo(
             SERVICE_TYPE, self.instance, port=self.port,
             properties=txt_record(self.name, tls=self._tls, page_port=self._page_port),
-            server=f"{instance_label(socket.gethostname())}.local.",
+            # (a host name of its own: the machine's, NAME.local, is avahi's to
+            # announce; two announcers of one name make avahi rename the host)
+            server=f"usbipy-{host_label(socket.gethostname())}.local.",
             parsed_addresses=addresses)
         try:
             # (the first await probes the name; the second announces it)

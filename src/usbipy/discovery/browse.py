@@ -16,7 +16,7 @@ from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from ..escape import printable
-from .records import BROWSE_TIME, SERVICE_TYPE, Found, instance_label, parse_service
+from .records import BROWSE_TIME, SERVICE_TYPE, Found, parse_service
 
 log = logging.getLogger("usbipy.discovery")
 
@@ -72,11 +72,13 @@ async def browse(seconds: float = BROWSE_TIME) -> list[Found]:
 class PeerWatcher:
     """The other servers on the network, kept up to date for usbipyd's page."""
 
-    def __init__(self, own_name: str) -> None:
-        self._own = f"{instance_label(own_name)}.{SERVICE_TYPE}".lower()
+    def __init__(self, own_instance: str) -> None:
+        #: This server's own instance name (the advertiser's, after any rename).
+        self.own = own_instance
         self._zeroconf: AsyncZeroconf | None = None
         self._browser: AsyncServiceBrowser | None = None
         self._found: dict[str, Found] = {}
+        self._resolving: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
@@ -86,13 +88,17 @@ class PeerWatcher:
 
     def _changed(self, zeroconf: Zeroconf, service_type: str, name: str,
                  state_change: ServiceStateChange) -> None:
-        if name.lower() == self._own:
+        if name.lower() == self.own.lower():
             return
         if state_change is ServiceStateChange.Removed:
             self._found.pop(name, None)
             return
-        if len(self._found) >= MAX_FOUND and name not in self._found:
+        # (one resolution a name at a time, and a bounded number: a flood of names
+        # on the network is not a flood of tasks on usbipyd's loop)
+        if name in self._resolving or len(self._resolving) >= MAX_FOUND or (
+                len(self._found) >= MAX_FOUND and name not in self._found):
             return
+        self._resolving.add(name)
         task = asyncio.ensure_future(self._resolve(zeroconf, name))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -103,6 +109,8 @@ class PeerWatcher:
         except Exception as exc:
             log.debug("resolving %s failed: %s", printable(name), exc)
             return
+        finally:
+            self._resolving.discard(name)
         if found is not None:
             self._found[name] = found
 

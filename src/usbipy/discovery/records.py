@@ -46,6 +46,13 @@ def instance_label(name: str) -> str:
     return label
 
 
+def host_label(name: str) -> str:
+    """``name`` as a host name label: letters, digits and hyphens (RFC 952)."""
+    label = "".join(c if c.isascii() and (c.isalnum() or c == "-") else "-"
+                    for c in name.split(".", 1)[0]).strip("-")
+    return (label or "host")[:50]
+
+
 @dataclass(frozen=True)
 class Found:
     """A server a browse found."""

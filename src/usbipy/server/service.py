@@ -139,8 +139,38 @@ def check(settings: Settings) -> None:
     """Everything a start would check without starting (--check-config): the TLS
     files load (and kernel TLS, when asked for), the disk image opens."""
     server_tls(settings.options, settings.origins)
+    check_http(settings.options)
     for device in emulated_devices(settings.options, look_only=True):
         device.close()
+
+
+def check_http(options: argparse.Namespace) -> None:
+    """What --http (and --advertise) need, said before a start binds anything."""
+    address = http_address(options)
+    if options.advertise:
+        try:
+            import zeroconf  # noqa: F401
+        except ImportError:
+            raise UsbipError("--advertise needs python-zeroconf: pip install "
+                             "'usbipy[fleet]'") from None
+    if address is None:
+        return
+    host, port = address
+    from .http import is_loopback
+
+    if not is_loopback(host) and TlsFiles.from_options(
+            options.tls_cert, options.tls_key, options.tls_ca) is None:
+        older = " (--metrics is its older name: the metrics are on it)" if (
+            options.http is None) else ""
+        raise UsbipError(f"--http {host}:{port}{older}: a status page on an address other "
+                         "than loopback needs mutual TLS (--tls-cert, --tls-key, --tls-ca): "
+                         "it shows who uses what, and an admin may release devices there")
+    if options.http is None:  # (asked for by its older name: the metrics, then)
+        try:
+            import prometheus_client  # noqa: F401
+        except ImportError:
+            raise UsbipError("--metrics needs prometheus_client: pip install "
+                             "'usbipy[metrics]'") from None
 
 
 def listen_hosts(options: argparse.Namespace) -> tuple[list[str], socket.AddressFamily]:
@@ -186,10 +216,7 @@ def _http_endpoint(options: argparse.Namespace) -> HttpEndpoint | None:
     context = None
     if not is_loopback(host):
         files = TlsFiles.from_options(options.tls_cert, options.tls_key, options.tls_ca)
-        if files is None:
-            raise UsbipError(f"--http {host}:{port}: a status page on an address other than "
-                             "loopback needs mutual TLS (--tls-cert, --tls-key, --tls-ca): it "
-                             "shows who uses what, and an admin may release devices there")
+        assert files is not None
         try:
             context = server_context(files, kernel=False)
         except (TlsError, OSError, ssl.SSLError) as exc:
@@ -307,6 +334,7 @@ class Service:
         self._serving = False
         #: What the status API and page show (with --http).
         self.board: StatusBoard | None = None
+        self._advertiser: Advertiser | None = None
 
     @classmethod
     def prepare(cls, settings: Settings) -> Service:
@@ -328,6 +356,7 @@ class Service:
             log.warning("no devices to export (try --demo, --audio, --webcam, --disk PATH, "
                         "or 'usbipy bind -b BUSID' with usbip-host loaded)")
         tls = server_tls(options, settings.origins)
+        check_http(options)
         hosts, family = listen_hosts(options)
         opened: list[socket.socket] = []
         metrics = None
@@ -440,7 +469,7 @@ class Service:
         self._serving = True
         if not self.settings.options.rules_only:
             await server.start()
-        advertiser = await self._advertise()
+        advertiser = self._advertiser = await self._advertise()
         peers = await self._watch_peers() if metrics is not None else None
         if metrics is not None:
             self.board = self._status_board(peers)
@@ -562,9 +591,12 @@ class Service:
             return None
         try:
             from ..discovery.browse import PeerWatcher
+            from ..discovery.records import SERVICE_TYPE, instance_label
         except ImportError:
             return None
-        watcher = PeerWatcher(self._name())
+        own = (self._advertiser.instance if self._advertiser is not None
+               else f"{instance_label(self._name())}.{SERVICE_TYPE}")
+        watcher = PeerWatcher(own)
         try:
             await watcher.start()
         except OSError as exc:
