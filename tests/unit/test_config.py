@@ -602,3 +602,16 @@ http = "127.0.0.1:8080"
     with pytest.raises(UsbipError, match="--http and --metrics name one listener"):
         service.http_address(argparse.Namespace(http=("127.0.0.1", 1),
                                                 metrics=("127.0.0.1", 2)))
+
+
+def test_grant_rules_and_the_status_listener_are_checked_together(tmp_path: Path) -> None:
+    from usbipy.config import read_settings
+
+    grant = '[policy]\ndefault = "allow"\n[[policy.rule]]\ngrant = "view"\nclient.cn = "x"\n'
+    loopback = read_settings(write(tmp_path, grant + '[diagnostics]\nhttp = "127.0.0.1:1"\n'))
+    assert any("grant rules apply to [diagnostics] http on an address other than loopback"
+               in w for w in loopback.warnings)
+    network = read_settings(write(tmp_path, '[diagnostics]\nhttp = "0.0.0.0:8443"\n'))
+    assert any("no rule grants it: every client gets 403" in w for w in network.warnings)
+    both = read_settings(write(tmp_path, grant + '[diagnostics]\nhttp = "0.0.0.0:8443"\n'))
+    assert not any("grant" in w for w in both.warnings)

@@ -270,9 +270,20 @@ def present_devices() -> tuple[list[PluggedDevice], dict[str, str]]:
     return present(hubs=True), rootdev.root_busids()
 
 
-def warnings(policy: Policy, tls: bool, *, written: bool) -> list[str]:
-    """What a policy (``written`` in a file, or none) lets through or can never match."""
+def warnings(policy: Policy, tls: bool, *, written: bool,
+             http: tuple[str, int] | None = None) -> list[str]:
+    """What a policy (``written`` in a file, or none) lets through or can never match;
+    ``http``: where the status listener is (its grant rules' only use)."""
     found = []
+    grants = [rule for rule in policy.rules if rule.grant is not None]
+    on_network = http is not None and not _loopback(http[0])
+    if grants and not on_network:
+        found.append(f"{grants[0]} grants the status page, which is served on loopback "
+                     "only, to every local user (or not at all): grant rules apply to "
+                     "[diagnostics] http on an address other than loopback")
+    if on_network and not grants:
+        found.append("the status page is on the network and no rule grants it: every "
+                     "client gets 403 (add grant = \"view\" or \"admin\" to a policy rule)")
     if tls and not written:
         found.append("mutual TLS and no [policy] in a configuration file: every client whose "
                      "certificate the CA signed may list and import every device")
@@ -284,6 +295,13 @@ def warnings(policy: Policy, tls: bool, *, written: bool) -> list[str]:
                              "here: it matches no client unless --tls-cert/--tls-key/"
                              "--tls-ca are given")
     return found
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def parse(doc: Document) -> DaemonConfig:

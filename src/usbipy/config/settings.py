@@ -66,7 +66,8 @@ def read_settings(path: Path | None, given: Mapping[str, Any] | None = None) -> 
     policy = config.policy if config.policy is not None else OPEN
     origins = {dest: where for dest, where in config.origins.items() if dest not in given}
     return Settings(path, argparse.Namespace(**options), limits, policy,
-                    warnings(policy, tls is not None, written=config.policy is not None),
+                    warnings(policy, tls is not None, written=config.policy is not None,
+                             http=options.get("http") or options.get("metrics")),
                     origins, given, config.exports)
 
 
