@@ -344,3 +344,22 @@ def scsi(dev: Any, tag: int, cdb: bytes, data_in: int = 0, data_out: bytes = b""
     csw = dev.bulk_read(0x81, 13, timeout=timeout)
     assert struct.unpack("<IIIB", csw) == (0x53425355, tag, 0, 0)
     return bytes(got)
+
+
+@contextlib.contextmanager
+def serving_status(devices: list[Any], tls: Any = None,
+                   **server_args: Any) -> Any:
+    """``devices`` served on a free port, with the HTTP listener (status API, page,
+    metrics) on another of 127.0.0.1: yields (ServerThread, HttpEndpoint)."""
+    from usbipy.server import ServerThread
+    from usbipy.server.http import HttpEndpoint
+    from usbipy.server.stats import ServerStats
+
+    endpoint = HttpEndpoint("127.0.0.1", 0, tls)
+    try:
+        with ServerThread(devices, port=0, stats=ServerStats(), **server_args) as srv:
+            assert srv.server is not None
+            endpoint.start(srv.server, srv.loop)
+            yield srv, endpoint
+    finally:
+        endpoint.close()

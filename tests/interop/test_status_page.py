@@ -14,13 +14,13 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import serving_status
 from tests.interop.conftest import require
 from usbipy.client import sync
 from usbipy.devices import CdcAcm
 from usbipy.devices.demo import demo_devices
 from usbipy.server import ServerThread
 from usbipy.server.http import HttpEndpoint
-from usbipy.server.stats import ServerStats
 
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -60,15 +60,8 @@ def browser() -> Iterator[Any]:
 def served() -> Iterator[tuple[ServerThread, HttpEndpoint]]:
     hostile = CdcAcm()
     hostile.busid = HOSTILE_BUSID
-    endpoint = HttpEndpoint(HOST, 0)
-    with ServerThread([*demo_devices(disk_size=8 << 20), hostile], port=0,
-                      stats=ServerStats()) as srv:
-        assert srv.server is not None
-        endpoint.start(srv.server, srv.loop)
-        try:
-            yield srv, endpoint
-        finally:
-            endpoint.close()
+    with serving_status([*demo_devices(disk_size=8 << 20), hostile]) as served:
+        yield served
 
 
 #: Each row's busid and state text, read in one go (the page re-renders its rows on

@@ -17,13 +17,13 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import serving_status
 from usbipy.cli import usbipy as cli
 from usbipy.client import sync
 from usbipy.devices import CdcAcm, HidKeyboard, ImageFile, MassStorage
 from usbipy.policy import Action, ClientSelector, DeviceSelector, Grant, Policy, Rule
 from usbipy.server import ServerThread
 from usbipy.server.http import HttpEndpoint
-from usbipy.server.stats import ServerStats
 from usbipy.tls import TlsFiles, client_context, server_context
 
 HOST = "127.0.0.1"
@@ -80,15 +80,9 @@ def device(status: dict[str, Any], busid: str) -> dict[str, Any]:
 def served() -> Iterator[tuple[ServerThread, HttpEndpoint]]:
     hostile = CdcAcm()
     hostile.busid = HOSTILE_BUSID
-    endpoint = HttpEndpoint(HOST, 0)
-    with ServerThread([HidKeyboard(), MassStorage(ImageFile.scratch(1 << 20)), hostile],
-                      port=0, stats=ServerStats()) as srv:
-        assert srv.server is not None
-        endpoint.start(srv.server, srv.loop)
-        try:
-            yield srv, endpoint
-        finally:
-            endpoint.close()
+    with serving_status([HidKeyboard(), MassStorage(ImageFile.scratch(1 << 20)), hostile]
+                        ) as served:
+        yield served
 
 
 DEVICE_KEYS: dict[str, Any] = {"busid": str, "vid_pid": str, "vendor": (str, type(None)),
@@ -273,15 +267,10 @@ GRANTS = Policy((
 
 @pytest.fixture
 def served_tls(pki: Path) -> Iterator[tuple[ServerThread, HttpEndpoint]]:
-    endpoint = HttpEndpoint(HOST, 0, server_context(files(pki, "localhost"), kernel=False))
-    with ServerThread([HidKeyboard(), MassStorage(ImageFile.scratch(1 << 20))], port=0,
-                      stats=ServerStats(), policy=GRANTS) as srv:
-        assert srv.server is not None
-        endpoint.start(srv.server, srv.loop)
-        try:
-            yield srv, endpoint
-        finally:
-            endpoint.close()
+    with serving_status([HidKeyboard(), MassStorage(ImageFile.scratch(1 << 20))],
+                        server_context(files(pki, "localhost"), kernel=False),
+                        policy=GRANTS) as served:
+        yield served
 
 
 def test_over_tls_the_grants_decide_who_sees_and_who_releases(served_tls, pki) -> None:
