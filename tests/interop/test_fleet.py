@@ -208,6 +208,13 @@ def test_list_all_finds_every_server_and_names_one_that_stopped(lab: Lab) -> Non
                       "print(backend.host, [d.busid for d in backend.enumerate_devices()])")
     assert found.returncode == 0, found.stderr
     assert found.stdout.split() == [lab.net.hosts[1].address, "['1-4']"]
+    # (the same from asyncio)
+    found = lab.python("import asyncio, usbipy\n"
+                      "async def main():\n"
+                      "    async with usbipy.connect('*', device='1209:0004') as device:\n"
+                      "        print(device.info.busid)\n"
+                      "asyncio.run(main())")
+    assert found.returncode == 0 and found.stdout.split() == ["1-4"], found.stderr
     # ...and one that two offer is not taken from either: anyone may answer DNS-SD
     several = lab.python("from usbipy.pyusb import get_backend\n"
                          "get_backend('usbip://*/1209:0003')")

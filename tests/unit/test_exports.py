@@ -563,3 +563,19 @@ def test_libusb_exports_only_what_a_libusb_rule_matches_first_and_reads_serials_
     assert libusb_rule(ExportRules([by_serial]), dataclasses.replace(DFU, serial=None),
                        serial("SER1")) is None
     assert reads == ["read"]  # (other ids: its serial was never read)
+
+
+def test_the_status_page_names_the_rule_that_exports_each_device(fake: FakeSysfs,
+                                                                  tmp_path: Path) -> None:
+    from usbipy.exports.admin import rules_of
+
+    fake.add_device("1-1", 0x0483, 0x374B)
+    fake.add_device("1-2", 0x046D, 0xC31C, interfaces=((3, 1, 1),))
+    fake.add_device("2-1", 0x0781, 0x5583, interfaces=((8, 6, 0x50),))
+    path = tmp_path / "usbipyd.toml"
+    path.write_text('[[export]]\nvid_pid = "0483:374b"\n\n[[export]]\ninterface_class = 8\n'
+                    'via = "libusb"\n')
+    rules = config_file.load(path).exports
+    assert rules_of(rules, ["1-1", "1-2", "2-1"]) == {
+        "1-1": "usbipyd.toml line 1", "2-1": "usbipyd.toml line 4"}
+    assert rules_of(rules, ["1-2"]) == {}

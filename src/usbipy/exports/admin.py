@@ -9,6 +9,7 @@ C usbipd, or none, what is done here is what happens now, and `usbipyd
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,14 @@ def present(*, hubs: bool = False) -> list[PluggedDevice]:
     no hubs, unless ``hubs``: what a rule is checked against)."""
     return [PluggedDevice.of(d) for d in sysfs.usb_devices()
             if not d.on_vhci and (hubs or not d.is_hub)]
+
+
+def rules_of(rules: ExportRules, busids: Iterable[str]) -> dict[str, str]:
+    """busid -> where the rule that exports it is written ("usbipyd.toml line 4"), for
+    the devices plugged in here among ``busids`` (sysfs reads: not on the loop)."""
+    wanted = set(busids)
+    return {device.busid: rule.where or str(rule) for device in present()
+            if device.busid in wanted and (rule := rules.rule_for(device)) is not None}
 
 
 def refuse_protected(rule: ExportRule) -> None:

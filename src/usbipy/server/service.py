@@ -40,7 +40,7 @@ from ..devices.webcam import Webcam
 from ..errors import UsbipError
 from ..escape import printable
 from ..exports import hotplug
-from ..exports.admin import present
+from ..exports.admin import rules_of
 from ..exports.engine import ExportEngine, HotplugEvent, RuleSources
 from ..exports.rules import ExportRules, Via
 from ..exports.store import NAME as STORE_NAME
@@ -541,11 +541,7 @@ class Service:
             """busid -> where the export rule that matched it is written (sysfs reads)."""
             if not sysfs.usb_devices_dir().is_dir():
                 return {}
-            in_force = rules()
-            wanted = set(busids)
-            return {device.busid: rule.where for device in present()
-                    if device.busid in wanted
-                    and (rule := in_force.rule_for(device)) is not None}
+            return rules_of(rules(), busids)
 
         return StatusBoard(self.server, name=self._name(), version=__version__,
                            rule_of=rule_of, peers=peers.peers if peers is not None else list)
