@@ -43,6 +43,15 @@ def test_a_resolved_service_becomes_a_server() -> None:
         "Lab 1", "10.0.0.5", 3240, True, "10.0.0.5:3240")
     assert found.page == "https://10.0.0.5:8443/"
     assert Found.from_dict(json.loads(json.dumps(found.as_dict()))) == found
+    # a page on an address of its own is linked there
+    assert txt_record("lab1", tls=True, page_port=8443, page_host="10.0.1.5")["page"] == (
+        "10.0.1.5:8443")
+    elsewhere = parse_service(f"lab1.{SERVICE_TYPE}", ["10.0.0.5"], 3240,
+                              {b"page": b"10.0.1.5:8443"})
+    assert elsewhere is not None and elsewhere.page == "https://10.0.1.5:8443/"
+    assert Found.from_dict(json.loads(json.dumps(elsewhere.as_dict()))) == elsewhere
+    bad = parse_service(f"lab1.{SERVICE_TYPE}", ["10.0.0.5"], 3240, {b"page": b"evil:8443"})
+    assert bad is not None and bad.page is None
 
 
 @pytest.mark.parametrize("addresses, port, txt", [

@@ -49,12 +49,13 @@ class Advertiser:
     """One server's advertisement, started and closed on the loop."""
 
     def __init__(self, name: str, port: int, listening: list[str], *, tls: bool,
-                 page_port: int | None = None) -> None:
+                 page_port: int | None = None, page_host: str | None = None) -> None:
         self.name = name
         self.port = port
         self._listening = listening
         self._tls = tls
         self._page_port = page_port
+        self._page_host = page_host
         self._zeroconf: AsyncZeroconf | None = None
         self._info: ServiceInfo | None = None
         #: The instance name in use (python-zeroconf renames it on a conflict).
@@ -70,7 +71,8 @@ class Advertiser:
         self._zeroconf = AsyncZeroconf(interfaces=interfaces, ip_version=version)
         self._info = ServiceInfo(
             SERVICE_TYPE, self.instance, port=self.port,
-            properties=txt_record(self.name, tls=self._tls, page_port=self._page_port),
+            properties=txt_record(self.name, tls=self._tls, page_port=self._page_port,
+                                  page_host=self._page_host),
             # (a host name of its own: the machine's, NAME.local, is avahi's to
             # announce; two announcers of one name make avahi rename the host)
             server=f"usbipy-{host_label(socket.gethostname())}.local.",

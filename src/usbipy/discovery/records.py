@@ -8,6 +8,7 @@ behind the server's access policy.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from dataclasses import dataclass
 from typing import Any
@@ -28,13 +29,34 @@ BROWSE_TIME = 2.0
 MAX_NAME = 63
 
 
-def txt_record(name: str, *, tls: bool, page_port: int | None) -> dict[str, str]:
-    """The TXT record of a server called ``name``."""
+def txt_record(name: str, *, tls: bool, page_port: int | None,
+               page_host: str | None = None) -> dict[str, str]:
+    """The TXT record of a server called ``name``; its page, when it serves one on the
+    network: ``page=PORT`` on the advertised addresses, or ``page=ADDR:PORT`` when the
+    page listens on an address of its own."""
     record = {"txtvers": TXT_VERSION, "protocol": PROTOCOL,
               "tls": "required" if tls else "none", "name": name}
     if page_port is not None:
-        record["page"] = str(page_port)
+        record["page"] = (str(page_port) if page_host is None else
+                          f"[{page_host}]:{page_port}" if ":" in page_host else
+                          f"{page_host}:{page_port}")
     return record
+
+
+def _page(text: str) -> tuple[str | None, int | None]:
+    """(host or None, port) of a TXT record's ``page``; (None, None) when it is not one."""
+    host: str | None = None
+    port = text
+    if ":" in text:
+        host, _, port = text.rpartition(":")
+        host = host.strip("[]")
+        try:
+            host = str(ipaddress.ip_address(host))
+        except ValueError:
+            return None, None
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        return None, None
+    return host, int(port)
 
 
 def instance_label(name: str) -> str:
@@ -65,8 +87,10 @@ class Found:
     port: int
     tls: bool
     protocol: str | None
-    #: The status page's port on the same host, when it serves one on the network.
+    #: The status page's port, when it serves one on the network, and its address
+    #: when that is not the server's.
     page_port: int | None = None
+    page_host: str | None = None
 
     @property
     def host(self) -> str:
@@ -88,7 +112,7 @@ class Found:
     def page(self) -> str | None:
         if self.page_port is None:
             return None
-        host = self.host
+        host = self.page_host or self.host
         shown = f"[{host}]" if ":" in host else host
         return f"https://{shown}:{self.page_port}/"
 
@@ -100,12 +124,15 @@ class Found:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Found:
         page = data.get("page")
-        page_port = None
-        if isinstance(page, str) and page.rsplit(":", 1)[-1].rstrip("/").isdigit():
-            page_port = int(page.rsplit(":", 1)[-1].rstrip("/"))
-        return cls(str(data["instance"]), str(data["name"]),
-                   tuple(str(a) for a in data["addresses"]), int(data["port"]),
-                   bool(data["tls"]), data.get("protocol"), page_port)
+        page_host = page_port = None
+        if isinstance(page, str) and page.startswith("https://"):
+            page_host, page_port = _page(page[len("https://"):].rstrip("/"))
+        found = cls(str(data["instance"]), str(data["name"]),
+                    tuple(str(a) for a in data["addresses"]), int(data["port"]),
+                    bool(data["tls"]), data.get("protocol"), page_port)
+        if page_host is not None and page_host != found.host:
+            found = dataclasses.replace(found, page_host=page_host)
+        return found
 
 
 def parse_service(instance: str, addresses: list[str], port: int | None,
@@ -127,7 +154,6 @@ def parse_service(instance: str, addresses: list[str], port: int | None,
            for key, value in properties.items()}
     label = instance[:-len(SERVICE_TYPE) - 1] if instance.endswith("." + SERVICE_TYPE) \
         else instance
-    page = txt.get("page", "")
-    page_port = int(page) if page.isdigit() and 0 < int(page) < 65536 else None
+    page_host, page_port = _page(txt.get("page", ""))
     return Found(instance, (txt.get("name") or label)[:MAX_NAME * 4], tuple(valid), port,
-                 txt.get("tls") == "required", txt.get("protocol"), page_port)
+                 txt.get("tls") == "required", txt.get("protocol"), page_port, page_host)

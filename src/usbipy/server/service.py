@@ -568,10 +568,14 @@ class Service:
                 raise UsbipError(message) from None
             log.warning("%s, or say --no-advertise", message)
             return None
-        page = self._metrics.port if (self._metrics is not None and not _loopback_address(
-            self._metrics.host)) else None
+        page = page_host = None
+        if self._metrics is not None and not _loopback_address(self._metrics.host):
+            page = self._metrics.port
+            if self._metrics.host not in ("0.0.0.0", "::"):
+                page_host = self._metrics.host
         advertiser = Advertiser(self._name(), self.server.port, exposed,
-                                tls=self.server.tls is not None, page_port=page)
+                                tls=self.server.tls is not None, page_port=page,
+                                page_host=page_host)
         try:
             await advertiser.start()
         except (OSError, ValueError) as exc:
