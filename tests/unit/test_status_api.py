@@ -433,18 +433,15 @@ def test_a_release_body_is_bounded(served) -> None:
         assert answer.startswith(f"HTTP/1.0 {code}".encode()), (length, answer)
 
 
-def test_a_request_that_trickles_in_is_cut_at_its_deadline(served, monkeypatch) -> None:
-    _srv, endpoint = served
-    from usbipy.server import http as http_module
-
-    monkeypatch.setattr(http_module, "REQUEST_TIMEOUT", 1.0)
-    with socket.create_connection((HOST, endpoint.port), timeout=10) as sock:
-        sock.sendall(b"GET /api/v1/status HTTP/1.1\r\n")
+def trickle_is_cut(port: int, message: bytes) -> None:
+    """``message`` sent a byte each 0.2 s (never silent for a read's timeout): the
+    server ends the connection within a few seconds all the same."""
+    with socket.create_connection((HOST, port), timeout=10) as sock:
         began = time.monotonic()
         cut = False
-        for _ in range(40):  # (a byte each 0.2 s: never silent for a read's timeout)
+        for index in range(40):
             try:
-                sock.sendall(b"X")
+                sock.sendall(message[index % len(message):][:1])
                 ready = socket.socket.recv(sock, 1, socket.MSG_DONTWAIT)
                 if ready == b"":
                     cut = True
@@ -456,3 +453,28 @@ def test_a_request_that_trickles_in_is_cut_at_its_deadline(served, monkeypatch) 
                 break
             time.sleep(0.2)
         assert cut and time.monotonic() - began < 5
+
+
+def test_a_request_that_trickles_in_is_cut_at_its_deadline(served, monkeypatch) -> None:
+    _srv, endpoint = served
+    from usbipy.server import http as http_module
+
+    monkeypatch.setattr(http_module, "REQUEST_TIMEOUT", 1.0)
+    trickle_is_cut(endpoint.port, b"GET /api/v1/status HTTP/1.1\r\nX-Padding: " + b"x" * 64)
+
+
+def test_a_handshake_that_trickles_in_is_cut_at_its_deadline(served_tls, monkeypatch
+                                                              ) -> None:
+    _srv, endpoint = served_tls
+    from usbipy.server import http as http_module
+
+    monkeypatch.setattr(http_module, "REQUEST_TIMEOUT", 1.0)
+    # (a real ClientHello, slowly: no certificate is needed to hold a thread so)
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    outgoing = ssl.MemoryBIO()
+    hello = context.wrap_bio(ssl.MemoryBIO(), outgoing)
+    with pytest.raises(ssl.SSLWantReadError):
+        hello.do_handshake()
+    trickle_is_cut(endpoint.port, outgoing.read())

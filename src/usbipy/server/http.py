@@ -191,7 +191,10 @@ class _Listener(socketserver.ThreadingMixIn, WSGIServer):
         # client that sends a byte now and then holds no thread past it. (The app
         # cancels it once the request is whole: see _Handler.get_environ.)
         request.settimeout(REQUEST_TIMEOUT)
-        deadline = threading.Timer(REQUEST_TIMEOUT, _cut, (request,))
+        # (a descriptor of its own for the deadline: TLS takes the request's over, and
+        # shutdown(2) on either ends the one connection both name)
+        watch = request.dup()
+        deadline = threading.Timer(REQUEST_TIMEOUT, _cut, (watch,))
         deadline.daemon = True
         deadline.start()
         try:
@@ -211,6 +214,7 @@ class _Listener(socketserver.ThreadingMixIn, WSGIServer):
                 secured.close()
         finally:
             deadline.cancel()
+            watch.close()
 
     def _serve(self, sock: Any, client_address: Any, deadline: threading.Timer) -> None:
         _request.deadline = deadline  # (the handler runs on this thread)
