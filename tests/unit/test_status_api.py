@@ -478,3 +478,16 @@ def test_a_handshake_that_trickles_in_is_cut_at_its_deadline(served_tls, monkeyp
     with pytest.raises(ssl.SSLWantReadError):
         hello.do_handshake()
     trickle_is_cut(endpoint.port, outgoing.read())
+
+
+def test_a_failure_is_a_json_500_and_a_log_line(served, monkeypatch, caplog) -> None:
+    _srv, endpoint = served
+    assert endpoint.board is not None
+
+    async def broken() -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(endpoint.board, "devices", broken)
+    code, _headers, body = get(f"{endpoint.base}/api/v1/status")
+    assert code == 500 and json.loads(body) == {"error": "the server failed; its log says why"}
+    assert "http: GET /api/v1/status failed" in caplog.text

@@ -298,6 +298,11 @@ class HttpEndpoint:
         except LoopBusy:
             return _json(start, "504 Gateway Timeout", {
                 "error": f"the server did not answer within {LOOP_TIMEOUT:g} s"})
+        except Exception:  # (one line in usbipyd's log, not a traceback on its stderr)
+            log.exception("http: %s %s failed", environ.get("REQUEST_METHOD"),
+                          printable(str(environ.get("PATH_INFO"))))
+            return _json(start, "500 Internal Server Error",
+                         {"error": "the server failed; its log says why"})
 
     def _route(self, environ: dict[str, Any], start: StartResponse) -> Iterable[bytes]:
         viewer: Viewer = environ["usbipy.viewer"]
