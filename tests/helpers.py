@@ -347,15 +347,17 @@ def scsi(dev: Any, tag: int, cdb: bytes, data_in: int = 0, data_out: bytes = b""
 
 
 @contextlib.contextmanager
-def serving_status(devices: list[Any], tls: Any = None,
+def serving_status(devices: list[Any], http_tls: Any = None,
                    **server_args: Any) -> Any:
     """``devices`` served on a free port, with the HTTP listener (status API, page,
-    metrics) on another of 127.0.0.1: yields (ServerThread, HttpEndpoint)."""
+    metrics) on another of 127.0.0.1, with ``http_tls`` (an SSLContext) if given; the
+    rest are the server's arguments (its own ``tls`` among them). Yields (ServerThread,
+    HttpEndpoint)."""
     from usbipy.server import ServerThread
     from usbipy.server.http import HttpEndpoint
     from usbipy.server.stats import ServerStats
 
-    endpoint = HttpEndpoint("127.0.0.1", 0, tls)
+    endpoint = HttpEndpoint("127.0.0.1", 0, http_tls)
     try:
         with ServerThread(devices, port=0, stats=ServerStats(), **server_args) as srv:
             assert srv.server is not None

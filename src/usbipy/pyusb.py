@@ -46,7 +46,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 from typing import Any, NoReturn, ParamSpec, TypeVar
-from urllib.parse import unquote, urlsplit
 
 try:
     import usb.backend
@@ -54,7 +53,7 @@ try:
 except ImportError as exc:  # (an optional extra: say which)
     raise ImportError("usbipy.pyusb needs PyUSB: pip install 'usbipy[pyusb]'") from exc
 
-from .client.address import split_address
+from .client.address import parse_address
 from .client.errors import (
     ClientError,
     DeviceGone,
@@ -121,44 +120,6 @@ _SPEEDS = {Speed.LOW: 1, Speed.FULL: 2, Speed.HIGH: 3, Speed.WIRELESS: 3, Speed.
 REOPEN_WAIT = 10.0
 #: Seconds for the descriptor requests the backend makes by itself.
 DESCRIPTOR_TIMEOUT = 5.0
-
-
-def parse_address(address: str, busid: str | None = None) -> tuple[str, int, str | None]:
-    """(host, port, busid) from ``"HOST"``, ``"HOST:PORT"``, ``"[V6]:PORT"`` or
-    ``"usbip://HOST[:PORT][/BUSID]"``; ValueError naming what is wrong."""
-    shown = printable(address)
-    if "://" in address:
-        url = urlsplit(address)
-        if url.scheme != "usbip":
-            raise ValueError(f"not a usbip:// URL: {shown}")
-        if url.username is not None or url.query or url.fragment:
-            raise ValueError(f"a usbip:// URL has a host, a port and a busid only: {shown}")
-        netloc = url.netloc
-        if netloc.startswith("[") and "]" not in netloc:
-            raise ValueError(f"bad address {shown}")
-        # (an IPv6 zone is percent-encoded in a URL, RFC 6874: fe80::1%25eth0)
-        host = unquote(netloc[1:netloc.index("]")] if netloc.startswith("[")
-                       else netloc.rpartition(":")[0] if ":" in netloc else netloc)
-        try:
-            port = url.port if url.port is not None else USBIP_PORT
-        except ValueError:
-            raise ValueError(f"bad port in {shown}") from None
-        path = unquote(url.path[1:] if url.path.startswith("/") else url.path)
-        if path:
-            if "/" in path:
-                raise ValueError(f"a busid has no '/': {shown}")
-            if busid is not None and busid != path:
-                raise ValueError(f"the URL names busid {printable(path)}, busid= says "
-                                 f"{printable(busid)}")
-            busid = path
-    else:
-        host, given = split_address(address)
-        port = given if given is not None else USBIP_PORT
-    if not host:
-        raise ValueError(f"no host in {shown}")
-    if not 0 < port < 65536:
-        raise ValueError(f"port {port} out of range (1 to 65535)")
-    return host, port, busid
 
 
 @dataclass(frozen=True, eq=False)

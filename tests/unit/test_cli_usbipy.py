@@ -6,6 +6,7 @@ here every error path is reachable, and the files usbipy writes are read back.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -694,3 +695,35 @@ def test_a_bind_that_fails_records_no_rule_and_a_failed_unbind_keeps_its_hold(
     rc, _, err = usbipy(capsys, "unbind", "-b", "1-1")  # (not bound: an error...)
     assert rc == 1 and "not bound to usbip-host" in err
     assert len(json.loads(state.read_text())["unbound"]) == 1  # (...that keeps the hold)
+
+
+def test_attach_by_ids_without_r_finds_the_server_by_dns_sd(fake: FakeSysfs, capsys,
+                                                            server: ServerThread,
+                                                            monkeypatch) -> None:
+    from usbipy.discovery import browse as browse_module
+    from usbipy.discovery.records import SERVICE_TYPE, Found
+
+    hc = fake.load_vhci()
+    found = [Found(f"lab1.{SERVICE_TYPE}", "lab1", ("127.0.0.1",), server.port, False,
+                   "1.1.1"),
+             Found(f"lab9.{SERVICE_TYPE}", "lab9", ("127.0.0.1",), 9, True, "1.1.1")]
+
+    async def browsed(seconds: float) -> list[Found]:
+        return list(found)
+
+    monkeypatch.setattr(browse_module, "browse", browsed)
+    # (lab9 requires TLS, and no TLS files are given: it is not asked)
+    rc, out, err = usbipy(capsys, "--json", "attach", "--device", "1209:0002:MSC00000001")
+    assert rc == 0, err
+    result = json.loads(out)
+    assert (result["host"], result["tcp_port"], result["busid"]) == (
+        "127.0.0.1", server.port, "1-2")
+    assert (hc / "attach").read_text().split()[0] == "0"
+    # a device two servers offer is taken from neither
+    found[1] = dataclasses.replace(found[0], instance=f"copy.{SERVICE_TYPE}", name="copy")
+    rc, _out, err = usbipy(capsys, "attach", "--device", "1209:0001")
+    assert rc == 1
+    assert "2 servers offer 1209:0001: lab1 (127.0.0.1:" in err and "(give -r HOST" in err
+    found.clear()
+    rc, _out, err = usbipy(capsys, "attach", "--device", "1209:0001")
+    assert rc == 1 and "no usbipy server without TLS found on the network by DNS-SD" in err

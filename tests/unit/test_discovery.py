@@ -118,3 +118,32 @@ def test_a_server_found_before_and_silent_now_is_named(tmp_path: Path,
     silent.close()
     saved = json.loads((tmp_path / "usbipy" / "servers.json").read_text())
     assert {s["server"]["name"] for s in saved["servers"]} == {"alive", "silent"}
+
+
+def test_the_servers_are_asked_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                       ) -> None:
+    import socket
+
+    from usbipy.discovery import browse as browse_module
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    silent = []
+    for _ in range(3):  # (each takes the connection and never answers)
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        silent.append(sock)
+    servers = [_found(f"silent{i}", s.getsockname()[1]) for i, s in enumerate(silent)]
+
+    async def found_now(seconds: float) -> list[Found]:
+        return list(servers)
+
+    monkeypatch.setattr(browse_module, "browse", found_now)
+    began = time.monotonic()
+    answers = asyncio.run(fleet.list_fleet(0.1, per_server=2.0, remember=False))
+    took = time.monotonic() - began
+    assert [a.error for a in answers] == ["not answering: no device list in 2 s"] * 3
+    # one after another would take 6 s; at once, the 2 s of one (and start-up)
+    assert took < 5.0, took
+    for sock in silent:
+        sock.close()

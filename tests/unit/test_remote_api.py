@@ -107,6 +107,11 @@ def test_async_connect_reads_stalls_and_closes(serve) -> None:
         dev = await usbipy.connect(HOST, "1-1", server.port)
         assert (await dev.control(*GET_DEVICE))[:2] == b"\x12\x01"
         await dev.close()
+        # a URL, with a busid or with the device's ids
+        for url in (f"usbip://{HOST}:{server.port}/1-1",
+                    f"usbip://{HOST}:{server.port}/1209:0001"):
+            async with usbipy.connect(url) as dev:
+                assert dev.info.busid == "1-1"
 
     serve(test)
 

@@ -491,3 +491,34 @@ def test_a_failure_is_a_json_500_and_a_log_line(served, monkeypatch, caplog) -> 
     code, _headers, body = get(f"{endpoint.base}/api/v1/status")
     assert code == 500 and json.loads(body) == {"error": "the server failed; its log says why"}
     assert "http: GET /api/v1/status failed" in caplog.text
+
+
+def test_a_tls_session_shows_its_certificate_and_traffic_both_ways(pki, caplog) -> None:
+    """The USB/IP session itself over mutual TLS: the page names the client's CN, says
+    the session is protected, and counts the bytes each way; the log names the admin
+    who released it."""
+    import logging
+
+    from usbipy.server.tls import ServerTls
+
+    tls = ServerTls(server_context(files(pki, "localhost"), kernel=False), kernel=False)
+    with serving_status([CdcAcm()], None, tls=tls) as (srv, endpoint), \
+            sync.connect(HOST, "1-1", srv.port,
+                         tls=client_context(files(pki, "watcher"))) as acm:
+        acm.control(0x00, 9, 1, 0, b"")  # SET_CONFIGURATION
+        acm.bulk_write(0x02, b"ping" * 256, timeout=5)
+        echoed = b""
+        while len(echoed) < 1024:  # (the port echoes, in packets of its own size)
+            echoed += acm.bulk_read(0x81, 1024, timeout=5)
+        assert echoed == b"ping" * 256
+        record = wait_for(lambda: (r := device(status_of(endpoint.base), "1-1"))["client"]
+                          and r["client"]["bytes_in"] >= 1024 and r)
+        client = record["client"]
+        assert (client["cn"], client["protected"], client["address"]) == (
+            "watcher", True, "127.0.0.1")
+        assert client["bytes_out"] >= 1024
+        with caplog.at_level(logging.WARNING, logger="usbipy.server"):
+            assert post(f"{endpoint.base}/api/v1/devices/1-1/release")[0] == 200
+        assert ("1-1: released from 127.0.0.1:" in caplog.text
+                and "CN=watcher" in caplog.text and "by 127.0.0.1 (status page)"
+                in caplog.text), caplog.text

@@ -263,7 +263,7 @@ def locate(spec: DeviceSpec, *, tls: ssl.SSLContext | None, server_hostname: str
 
 
 def as_json(answers: Sequence[ServerDevices], device: Any) -> list[dict[str, Any]]:
-    """The fleet listing's JSON (stable: tests/unit/test_fleet.py checks its shape)."""
+    """The fleet listing's JSON (stable: tests/unit/test_discovery.py checks its shape)."""
     return [{**a.server.as_dict(), "found_by": a.found_by, "error": a.error,
              "devices": [device(d) for d in a.devices] if a.devices is not None else None}
             for a in answers]

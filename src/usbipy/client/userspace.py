@@ -59,6 +59,7 @@ from ..protocol.constants import USBIP_PORT
 from ..tls import TlsSession, handshake_failure
 from ..usb.urb import UrbFlag
 from . import identity
+from .address import parse_address
 from .backoff import Backoff
 from .errors import (
     EARLY_CLOSE,
@@ -721,11 +722,20 @@ class connect:  # noqa: N801 (used as a function: ``async with connect(...)``)
 
     The keyword arguments are :func:`import_device`'s: ``port``, ``device``
     (VID:PID[:SERIAL] in place of a busid), ``first``, ``tls``,
-    ``server_hostname``, ``keepalive``, ``reconnect``, ``resume``.
+    ``server_hostname``, ``keepalive``, ``reconnect``, ``resume``. ``host`` may
+    be a URL: ``usbip://HOST[:PORT]/BUSID``, ``usbip://HOST/VID:PID[:SERIAL]``, and
+    ``usbip://*/VID:PID[:SERIAL]`` for the device wherever DNS-SD finds it.
     """
 
     def __init__(self, host: str, busid: str | None = None, port: int = USBIP_PORT,
                  **options: Any) -> None:
+        if "://" in host:  # usbip://HOST[:PORT]/BUSID or /VID:PID[:SERIAL]; HOST may be *
+            host, port, path = parse_address(host, busid)
+            busid = None
+            if path is not None and ":" in path:
+                options["device"] = path
+            else:
+                busid = path
         self._args = (host, busid, port)
         self._options = options
         self._device: RemoteDevice | None = None

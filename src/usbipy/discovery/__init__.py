@@ -1,7 +1,7 @@
 """Finding usbipy servers on the network by DNS-SD over multicast DNS (RFC 6762,
 RFC 6763), with python-zeroconf: what a server says of itself (:mod:`.records`),
 the server's advertisement (:mod:`.advertise`), and browsing for servers
-(:mod:`.browse`), remembered between runs (:mod:`.memory`).
+(:mod:`.browse`; the client remembers what it found: :mod:`usbipy.client.fleet`).
 
 The service type is ``_usbip._tcp``. IANA's registry gives TCP port 3240 the
 service name "triomotion" (Trio Motion Control Port), which USB/IP has used
