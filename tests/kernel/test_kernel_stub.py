@@ -229,6 +229,57 @@ def test_a_reload_that_revokes_the_client_ends_the_kernel_session(clean: Stick) 
     assert busid not in vm.check(f"{USBIPY} list -r {LOOPBACK}")
 
 
+STATUS = f"{USBIPY} --json status -r {LOOPBACK}:3241"
+RELEASE = (f"{PYTHON} -c \"import urllib.request as u; print(u.urlopen(u.Request("
+           "'http://127.0.0.1:3241/api/v1/devices/{busid}/release', data=b'{{}}', "
+           "headers={{'Content-Type': 'application/json'}})).read().decode())\"")
+
+
+def stick_status(vm: Vm, busid: str) -> dict[str, object]:
+    [server] = json.loads(vm.check(STATUS))["servers"]
+    [record] = [d for d in server["status"]["devices"] if d["busid"] == busid]
+    return dict(record)
+
+
+def test_the_status_page_shows_a_kernel_session_and_releases_it(clean: Stick) -> None:
+    """usbipyd hands the stick to usbip-host for the C client: its status says so
+    (served by the kernel, for whom, by which rule), and an admin's release ends the
+    kernel's session: the stub is free and vhci-hcd lets go of the disk."""
+    vm, busid = clean.vm, clean.busid
+    vm.check(f"{USBIPY} bind --device {STICK_ID}")  # (a rule: the page names it)
+    try:
+        vm.check(f"setsid {USBIPYD} -c /dev/null --http 3241 -P /run/usbipyd.pid "
+                 "</dev/null >/run/usbipyd.log 2>&1 &")
+        wait_for(vm, f"{USBIPY} list -r {LOOPBACK} 2>/dev/null | grep -q ' {busid}: '")
+        wait_for(vm, f"{STATUS} >/dev/null 2>&1")
+        record = stick_status(vm, busid)
+        assert (record["state"], record["via"], record["rule"]) == (
+            "available", "usbip-host", "usbipy bind"), record
+
+        vm.check(f"usbip attach -r {LOOPBACK} -b {busid}")
+        disk = vhci_disk(vm)
+        assert read_known_file(vm, disk) == KNOWN_TEXT
+        record = stick_status(vm, busid)
+        client = record["client"]
+        assert record["state"] == "served-by-kernel" and record["can_release"] is True
+        assert isinstance(client, dict) and client["address"] == LOOPBACK
+        assert client["bytes_in"] is None  # (the kernel moves the bytes: nobody counts them)
+        text = vm.check(f"{USBIPY} status -r {LOOPBACK}:3241")
+        assert f"in use by {LOOPBACK}" in text and "served by the kernel" in text, text
+
+        released = json.loads(vm.check(RELEASE.format(busid=busid)))
+        assert released == {"released": busid, "client": LOOPBACK}
+        wait_for(vm, f"grep -qx 1 /sys/bus/usb/devices/{busid}/usbip_status")
+        wait_for(vm, "! usbip port | grep -q 'Port in Use'")
+        wait_for(vm, f"[ -z \"$({_disks('')})\" ]")
+        wait_for(vm, f"{STATUS} | grep -q '\"state\": \"available\"'")
+        log = vm.check("cat /run/usbipyd.log")
+        assert (f"{busid}: released from {LOOPBACK}:" in log
+                and "(served by the kernel) by 127.0.0.1 (status page)" in log), log
+    finally:
+        vm.run(f"{USBIPY} unbind --device {STICK_ID}")
+
+
 def test_pyusb_on_the_host_drives_the_stick_the_c_usbipd_exports(clean: Stick) -> None:
     """usbipy.pyusb against the kernel's stub: the C usbipd serves usbip-host in the
     guest, PyUSB on the host reads and writes the stick with SCSI commands, and the

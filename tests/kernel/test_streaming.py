@@ -174,6 +174,16 @@ def capture(vm: Vm, node: str, fmt: str, width: int, height: int, count: int) ->
     return (vm.io_dir / Path(out).name).read_bytes()
 
 
+def in_order(numbers: list[int]) -> bool:
+    """Frames sent one after another, as the guest received them: distinct, and none
+    behind the frame two places before it. (uvcvideo copies each URB's payload on an
+    unbound workqueue, drivers/media/usb/uvc/uvc_driver.c's "uvcvideo" async_wq, so on
+    a guest of two CPUs two frames' buffers may complete swapped; usbipy numbers and
+    sends them in order, which a frame further back would contradict.)"""
+    return len(set(numbers)) == len(numbers) and all(
+        later > earlier for earlier, later in zip(numbers, numbers[2:], strict=False))
+
+
 def frame_numbers(data: bytes, fmt: str, width: int, height: int) -> list[int]:
     """The frame number of each captured frame, checking that it decodes and is whole."""
     from PIL import Image
@@ -210,8 +220,8 @@ def test_webcam_streams_numbered_frames_in_yuy2_and_mjpeg(clean: Vm, transport: 
             numbers = frame_numbers(capture(vm, node, fmt, width, height, 30), fmt, width,
                                     height)
             assert len(numbers) == 30, numbers
-            assert numbers == sorted(set(numbers)), f"frames out of order: {numbers}"
-            assert not seen or numbers[0] > seen[-1]
+            assert in_order(numbers), f"frames out of order: {numbers}"
+            assert not seen or min(numbers) > max(seen)
             seen += numbers
 
 
@@ -246,8 +256,8 @@ def test_unlink_mid_stream_then_the_stream_resumes(clean: Vm) -> None:
         assert unlinks_sent(vm) > unlinks
         before = camera.frame_number if camera.stream is None else camera.stream.number
         numbers = frame_numbers(capture(vm, node, "YUYV", 160, 120, 10), "YUYV", 160, 120)
-        assert len(numbers) == 10 and numbers == sorted(set(numbers))
-        assert numbers[0] >= before, (before, numbers)
+        assert len(numbers) == 10 and in_order(numbers), numbers
+        assert min(numbers) >= before, (before, numbers)
 
 
 def test_detach_mid_stream_leaves_the_server_serving(clean: Vm) -> None:
@@ -282,4 +292,4 @@ def test_detach_mid_stream_leaves_the_server_serving(clean: Vm) -> None:
         attach(vm, "1-2")
         node = video_node(vm)
         numbers = frame_numbers(capture(vm, node, "YUYV", 160, 120, 5), "YUYV", 160, 120)
-        assert len(numbers) == 5 and numbers == sorted(set(numbers))
+        assert len(numbers) == 5 and in_order(numbers), numbers
