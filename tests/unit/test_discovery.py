@@ -147,3 +147,14 @@ def test_the_servers_are_asked_at_once(tmp_path: Path, monkeypatch: pytest.Monke
     assert took < 5.0, took
     for sock in silent:
         sock.close()
+
+
+@pytest.mark.parametrize("host, loopback", [
+    ("127.0.0.1", True), ("127.8.9.10", True), ("::1", True), ("[::1]", True),
+    ("::ffff:127.0.0.1", True), ("localhost", True), ("0.0.0.0", False), ("::", False),
+    ("10.0.0.5", False), ("fe80::1%eth0", False), ("lab1", False), ("", False),
+])
+def test_what_counts_as_loopback(host: str, loopback: bool) -> None:
+    from usbipy.netaddr import is_loopback
+
+    assert is_loopback(host) is loopback

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import http.client
-import ipaddress
 import json
 import socket
 import ssl
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import UsbipError
+from ..netaddr import is_loopback
 from ..tls import TlsFiles, client_context
 
 #: Seconds one server has to answer; bytes its answer may hold.
@@ -44,10 +44,7 @@ def status_url(text: str, *, secure: bool | None = None) -> str:
         if not host or port is None:
             raise UsbipError(f"-r {text}: give the status listener's HOST:PORT (usbipyd "
                              "--http)")
-        try:
-            loopback = ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            loopback = host == "localhost"
+        loopback = is_loopback(host)
         shown = f"[{host}]" if ":" in host else host
         tls = not loopback if secure is None else secure
         base = f"{'https' if tls else 'http'}://{shown}:{port}"

@@ -21,6 +21,7 @@ from typing import Any
 
 from ..exports.rules import ExportRule, ExportRules, PluggedDevice, Via
 from ..linux import rootdev
+from ..netaddr import is_loopback
 from ..policy import (
     Action,
     CertificateAuthority,
@@ -276,7 +277,7 @@ def warnings(policy: Policy, tls: bool, *, written: bool,
     ``http``: where the status listener is (its grant rules' only use)."""
     found = []
     grants = [rule for rule in policy.rules if rule.grant is not None]
-    on_network = http is not None and not _loopback(http[0])
+    on_network = http is not None and not is_loopback(http[0])
     if grants and not on_network:
         found.append(f"{grants[0]} grants the status page, which is served on loopback "
                      "only, to every local user (or not at all): grant rules apply to "
@@ -295,13 +296,6 @@ def warnings(policy: Policy, tls: bool, *, written: bool,
                              "here: it matches no client unless --tls-cert/--tls-key/"
                              "--tls-ca are given")
     return found
-
-
-def _loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 def parse(doc: Document) -> DaemonConfig:

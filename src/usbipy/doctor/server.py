@@ -9,7 +9,6 @@ the port; the TLS files; and where to capture what the kernel serves.
 from __future__ import annotations
 
 import datetime
-import ipaddress
 import os
 import ssl
 from pathlib import Path
@@ -18,6 +17,7 @@ from ..config.limits import Limits
 from ..escape import printable
 from ..linux import sysfs, usbip_host
 from ..linux.modules import EXTRA_MODULES
+from ..netaddr import is_loopback
 from ..tls import TlsFiles
 from . import system
 from .report import Report, Status
@@ -143,7 +143,7 @@ def _daemon(report: Report, sockets: list[system.TcpSocket], port: int,
     addresses = sorted({s.local for s in listening})
     shown = ", ".join(f"[{a}]" if ":" in a else a for a in addresses)
     everywhere = any(a in ("0.0.0.0", "::") for a in addresses)
-    local_only = not everywhere and all(_loopback(a) for a in addresses)
+    local_only = not everywhere and all(is_loopback(a) for a in addresses)
     if local_only and exported:
         report.add("server", Status.WARN,
                    f"{names or 'a server'} listens on {shown} port {port} only: no other "
@@ -153,13 +153,6 @@ def _daemon(report: Report, sockets: list[system.TcpSocket], port: int,
     else:
         report.add("server", Status.OK,
                    f"{names or 'a server'} listens on {shown} port {port}")
-
-
-def _loopback(address: str) -> bool:
-    ip = ipaddress.ip_address(address)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback
 
 
 def _server_name(process: system.Process) -> str:

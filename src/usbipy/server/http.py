@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import ipaddress
 import json
 import logging
 import socket
@@ -41,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from ..escape import printable
+from ..netaddr import is_loopback
 from ..policy import Client, Grant
 from ..tls import TlsSession
 from .access import client_of
@@ -85,13 +85,6 @@ SECURITY_HEADERS = (
 )
 
 StartResponse = Callable[..., Any]
-
-
-def is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 def _cut(sock: socket.socket) -> None:

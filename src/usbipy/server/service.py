@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import logging
 import resource
 import signal
@@ -46,6 +45,7 @@ from ..exports.rules import ExportRules, Via
 from ..exports.store import NAME as STORE_NAME
 from ..exports.store import RuleStore
 from ..linux import sysfs, usbip_host
+from ..netaddr import is_loopback
 from ..pidfile import PidFile
 from ..statedir import state_dir
 from ..tls import TlsError, TlsFiles, ktls, server_context
@@ -156,8 +156,6 @@ def check_http(options: argparse.Namespace) -> None:
     if address is None:
         return
     host, port = address
-    from .http import is_loopback
-
     if not is_loopback(host) and TlsFiles.from_options(
             options.tls_cert, options.tls_key, options.tls_ca) is None:
         older = " (--metrics is its older name: the metrics are on it)" if (
@@ -186,11 +184,7 @@ def listen_hosts(options: argparse.Namespace) -> tuple[list[str], socket.Address
 def _warn_if_exposed(sockets: Sequence[socket.socket]) -> None:
     for sock in sockets:
         host = sock.getsockname()[0]
-        try:
-            loopback = ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            loopback = False
-        if not loopback:
+        if not is_loopback(host):
             log.warning("serving plaintext USB/IP on %s: anyone who reaches it can take the "
                         "devices and read their traffic (use --tls-cert/--tls-key/--tls-ca)",
                         host)
@@ -210,7 +204,7 @@ def _http_endpoint(options: argparse.Namespace) -> HttpEndpoint | None:
     address = http_address(options)
     if address is None:
         return None
-    from .http import HttpEndpoint, is_loopback
+    from .http import HttpEndpoint
 
     host, port = address
     context = None
@@ -226,13 +220,6 @@ def _http_endpoint(options: argparse.Namespace) -> HttpEndpoint | None:
     except OSError as exc:
         raise UsbipError(f"cannot serve HTTP on {host}:{port}: "
                          f"{exc.strerror or exc}") from None
-
-
-def _loopback_address(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
-    except ValueError:
-        return False
 
 
 def raise_file_limit(limits: Limits) -> None:
@@ -553,7 +540,7 @@ class Service:
         if options.rules_only:
             return None
         exposed = [host for host, _port in self.server.addresses
-                   if not _loopback_address(host)]
+                   if not is_loopback(host)]
         wanted = options.advertise
         if wanted is False or (wanted is None and not exposed):
             return None
@@ -569,7 +556,7 @@ class Service:
             log.warning("%s, or say --no-advertise", message)
             return None
         page = page_host = None
-        if self._metrics is not None and not _loopback_address(self._metrics.host):
+        if self._metrics is not None and not is_loopback(self._metrics.host):
             page = self._metrics.port
             if self._metrics.host not in ("0.0.0.0", "::"):
                 page_host = self._metrics.host
@@ -587,7 +574,7 @@ class Service:
     async def _watch_peers(self) -> PeerWatcher | None:
         """The other servers DNS-SD finds, for the page (only where this one is on the
         network: a loopback-only server has no peers to show)."""
-        if not any(not _loopback_address(host) for host, _port in self.server.addresses):
+        if not any(not is_loopback(host) for host, _port in self.server.addresses):
             return None
         try:
             from ..discovery.browse import PeerWatcher
