@@ -200,7 +200,9 @@ class _Connection:
             raise LocalProtocolError("data received after EOF")
         buf = self._buf
         if self._pos == len(buf):  # everything before was parsed
-            self._buf = data if type(data) is bytes else bytearray(data)
+            # (a view, as the resumable stream's payload, is copied once either way:
+            # as bytes, its messages are sliced out the cheap way, as a read's are)
+            self._buf = data if type(data) is bytes else bytes(data)
             self._pos = 0
             return
         if type(buf) is bytes:  # a partial message left in a chunk: keep only that

@@ -28,11 +28,12 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 from struct import Struct
-from typing import cast
 
 from .errors import BadFrame
 
 FRAME = Struct("!BIQ")
+_HEAD = FRAME.size
+_pack, _unpack, _unpack_from = FRAME.pack, FRAME.unpack, FRAME.unpack_from
 DATA, ACK, FIN = 0x44, 0x41, 0x46
 _KIND_NAMES = {DATA: "DATA", ACK: "ACK", FIN: "FIN"}
 #: A DATA frame carries at most this much (a sender splits); more is refused.
@@ -91,10 +92,10 @@ class ResumableStream:
         else:  # the usual case: bytes, one frame's worth; no copy, one header
             if 0 < total <= MAX_FRAME:
                 at = self.sent
-                whole = cast(tuple[bytes, ...], kept)
-                self._kept.append((at, whole))
+                # (every piece is bytes, checked above: no cast() call on this path)
+                self._kept.append((at, kept))  # type: ignore[arg-type]
                 self.sent = at + total
-                return [FRAME.pack(DATA, total, at), *whole]
+                return [_pack(DATA, total, at), *kept]  # type: ignore[list-item]
         out: list[bytes | memoryview] = []
         frame: list[bytes | memoryview] = []
         size = 0
@@ -216,17 +217,24 @@ class ResumableStream:
                     self.received += take - skip
                 pos += take
                 continue
-            if partial or end - pos < FRAME.size:
-                need = FRAME.size - len(partial)
+            if partial or end - pos < _HEAD:
+                need = _HEAD - len(partial)
                 partial += view[pos:pos + need]
                 pos += min(need, end - pos)
-                if len(partial) < FRAME.size:
+                if len(partial) < _HEAD:
                     break
-                kind, length, offset = FRAME.unpack(partial)
+                kind, length, offset = _unpack(partial)
                 partial.clear()
             else:
-                kind, length, offset = FRAME.unpack_from(view, pos)
-                pos += FRAME.size
+                kind, length, offset = _unpack_from(view, pos)
+                pos += _HEAD
+                if (kind == DATA and offset == self.received and 0 < length <= end - pos
+                        and length <= MAX_FRAME and not self.finished):
+                    # The usual frame: whole in this read, nothing of it had before.
+                    out.append(view[pos:pos + length])
+                    self.received += length
+                    pos += length
+                    continue
             self._header(kind, length, offset)
         return out
 

@@ -209,8 +209,10 @@ class Resumable(asyncio.Protocol):
     # --- asyncio.Protocol, for the TCP transport ----------------------------------
 
     def data_received(self, data: bytes) -> None:
+        stream = self.stream
+        acked = stream.acked
         try:
-            payload = self.stream.receive(data)
+            payload = stream.receive(data)
         except RemoteProtocolError as exc:
             log.warning("%s: closing the connection: %s: %s", self.protocol.peer,
                         type(exc).__name__, printable(str(exc)))
@@ -230,10 +232,11 @@ class Resumable(asyncio.Protocol):
             self.protocol.pieces_received(payload)
             if self._ended:
                 return
-        if self.stream.ack_due and self._raw is not None:
-            self._raw.write(self.stream.ack())
-        self._check_pause()
-        if self.stream.finished and not self._ended:
+        if stream.ack_due and self._raw is not None:
+            self._raw.write(stream.ack())
+        if stream.acked != acked:  # (an ACK: what it frees may let the protocol go on)
+            self._check_pause()
+        if stream.finished and not self._ended:
             # The client detached: the attachment ends now, not after a window.
             log.debug("%s: the client ended the resumable stream", self.protocol.peer)
             self.close()

@@ -49,6 +49,7 @@ from ..netaddr import is_loopback
 from ..pidfile import PidFile
 from ..statedir import state_dir
 from ..tls import TlsError, TlsFiles, ktls, server_context
+from . import memory
 from .server import UsbipServer, listen_sockets
 from .stats import ServerStats
 from .status import StatusBoard
@@ -246,7 +247,9 @@ def _unservable(rules: ExportRules, why: str) -> None:
 
 
 def run_loop(main: Coroutine[Any, Any, None], loop: str) -> None:
-    """Run ``main`` on uvloop when asked for or (``auto``) installed, else on asyncio's."""
+    """Run ``main`` on uvloop when asked for or (``auto``) installed, else on asyncio's,
+    with the heap kept for serving (memory.py)."""
+    memory.keep_heap()
     if loop != "asyncio":
         try:
             import uvloop
