@@ -68,6 +68,28 @@ class FakeSysfs:
             (path / "usbip_status").write_text("1\n")
             (path / "usbip_sockfd").write_text("")
 
+    def add_vudc(self, n: int, descriptor: bytes | None = None, *,
+                 speed: str = "high-speed", function: str | None = "msc") -> Path:
+        """usbip-vudc.<n>, a UDC of the kernel's usbip-vudc; ``descriptor``: the device
+        descriptor of the gadget bound to it (None: no gadget, dev_desc unreadable)."""
+        name = f"usbip-vudc.{n}"
+        path = self.root / "devices/platform" / name
+        udc = path / "udc" / name
+        udc.mkdir(parents=True)
+        driver = self.root / "bus/platform/drivers/usbip-vudc"
+        driver.mkdir(parents=True, exist_ok=True)
+        for attr in ("bind", "unbind", "uevent"):
+            (driver / attr).write_text("")
+        os.symlink(path, driver / name)
+        if descriptor is not None:
+            (path / "dev_desc").write_bytes(descriptor)
+        (path / "usbip_status").write_text("1\n")
+        (path / "usbip_sockfd").write_text("")
+        (udc / "current_speed").write_text((speed if descriptor else "UNKNOWN") + "\n")
+        (udc / "uevent").write_text("USB_UDC_NAME=usbip-vudc\n" + (
+            f"USB_UDC_DRIVER={function}\n" if descriptor and function else ""))
+        return path
+
     def install_modules(self, *names: str) -> None:
         """This kernel's module tree (see the ``fake`` fixture) has ``names``."""
         base = self.modules / os.uname().release

@@ -125,14 +125,15 @@ def test_one_schema_makes_the_options_and_the_keys() -> None:
 ERRORS = [
     ("port = 3240\nport = 1\n", "FILE:2: cannot overwrite a value (column 9)"),
     ("[tls\n", "FILE:1: expected ']' at the end of a table declaration (column 5)"),
-    ("prot = 3240\n", "FILE:1: prot: unknown key (known: debug, devices, diagnostics, export, "
-                      "family, libusb, limits, listen, loop, names, pid_file, policy, port, "
-                      "rules_only, server, state_dir, tls, usbip_host)"),
+    ("prot = 3240\n", "FILE:1: prot: unknown key (known: debug, device_mode, devices, "
+                      "diagnostics, export, family, libusb, limits, listen, loop, names, "
+                      "pid_file, policy, port, rules_only, server, state_dir, tls, usbip_host)"),
     ("port = '3240'\n", "FILE:1: port: '3240' is not a whole number"),
     # "" names no table: the top's keys are not set through it
-    ("[\"\"]\nport = 5\n", "FILE:1: : unknown key (known: debug, devices, diagnostics, "
-                          "export, family, libusb, limits, listen, loop, names, pid_file, "
-                          "policy, port, rules_only, server, state_dir, tls, usbip_host)"),
+    ("[\"\"]\nport = 5\n", "FILE:1: : unknown key (known: debug, device_mode, devices, "
+                          "diagnostics, export, family, libusb, limits, listen, loop, names, "
+                          "pid_file, policy, port, rules_only, server, state_dir, tls, "
+                          "usbip_host)"),
     ("port = 70000\n", "FILE:1: port: 70000 is out of range (0 to 65535)"),
     ("port = true\n", "FILE:1: port: True is not a whole number"),
     ("debug = 1\n", "FILE:1: debug: 1 is not true or false"),

@@ -15,7 +15,7 @@ from ..protocol import DeviceInfo, OpStatus
 from .base import DeviceSource, HandOffDevice
 
 #: usbip_status -> the reply usbipd gives to an import (usbipd.c, recv_request_import)
-_IMPORT_STATUS = {
+IMPORT_STATUS = {
     StubStatus.AVAILABLE: OpStatus.OK,
     StubStatus.USED: OpStatus.DEV_BUSY,
     StubStatus.ERROR: OpStatus.DEV_ERR,
@@ -40,7 +40,7 @@ class KernelStubDevice(HandOffDevice):
 
     def import_status(self) -> OpStatus:
         status = self.status
-        return _IMPORT_STATUS.get(status, OpStatus.NA) if status is not None else OpStatus.NA
+        return IMPORT_STATUS.get(status, OpStatus.NA) if status is not None else OpStatus.NA
 
     def hand_off(self, fd: int) -> None:
         usbip_host.hand_off(self._device, fd)

@@ -52,7 +52,8 @@ from ..exports.admin import (
 from ..exports.rules import ExportRule, PluggedDevice, Via
 from ..exports.store import WHERE as STORE_WHERE
 from ..keepalive import DEFAULT_TIMEOUT, Keepalive
-from ..linux import usbip_host, vhci
+from ..linux import usbip_host, vhci, vudc
+from ..linux.modules import load_hint
 from ..linux.sysfs import (
     SysfsError,
     UsbDevice,
@@ -114,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     where = lst.add_mutually_exclusive_group()
     where.add_argument("-r", "--remote", metavar="HOST[:PORT]", help="the devices HOST exports")
     where.add_argument("-l", "--local", action="store_true", help="the local USB devices")
+    where.add_argument("-d", "--device", action="store_true",
+                       help="the local gadgets bound to usbip-vudc, which 'usbipyd -e' "
+                            "exports (device mode)")
     where.add_argument("--all", action="store_true",
                        help="the devices of every usbipy server DNS-SD finds (the default), "
                             "and of those found within a day that do not answer now")
@@ -337,6 +341,35 @@ def _print_local(devices: Sequence[UsbDevice], parsable: bool, rules: LocalRules
             print(f"   {ids.product_name(d.idVendor, d.idProduct)}")
             print(f"   {_exported_by(dev, rules)}")
         print()
+
+
+def _list_gadgets(parsable: bool, as_json: bool) -> object:
+    """`usbipy list -d`: the UDCs of usbip-vudc and the gadget bound to each, as
+    `usbip list -d` lists them (a UDC with no gadget has nothing to export)."""
+    if not vudc.driver_loaded():
+        raise UsbipError(f"the usbip-vudc driver is not loaded: {load_hint('usbip-vudc')}")
+    found = vudc.gadgets()
+    if as_json:
+        return [{"busid": g.busid, "function": g.function,
+                 **({} if g.info is None else {
+                     "usbid": f"{g.info.idVendor:04x}:{g.info.idProduct:04x}",
+                     "speed": g.info.speed.name.lower()})} for g in found]
+    ids = system_ids()
+    for gadget in found:
+        info = gadget.info
+        if info is None:
+            if not parsable:
+                print(f" - busid {gadget.busid}: no gadget bound\n")
+            continue
+        usbid = f"{info.idVendor:04x}:{info.idProduct:04x}"
+        if parsable:
+            print(f"busid={gadget.busid}#usbid={usbid}#")
+        else:
+            print(f" - busid {gadget.busid} ({usbid})")
+            print(f"   {ids.product_name(info.idVendor, info.idProduct)}")
+            print(f"   gadget {printable(gadget.function or '?')}")
+        print()
+    return None
 
 
 def _rule_of(dev: UsbDevice, rules: LocalRules) -> tuple[ExportRule | None, bool]:
@@ -667,6 +700,8 @@ def _run(args: argparse.Namespace) -> object:
     if args.command == "doctor":
         return _doctor(args, tls)
     if args.command == "list":
+        if args.device:
+            return _list_gadgets(args.parsable, as_json)
         if args.remote is None and not args.local:
             return _list_fleet(args, tls)
         if args.remote is not None:

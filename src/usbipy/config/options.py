@@ -134,6 +134,10 @@ SETTINGS: tuple[Setting, ...] = (
             "usbipd does)", True),
     Setting("libusb", "libusb", ("--libusb",), SWITCH,
             "export through libusb the devices export rules say so (the default)", True),
+    Setting("device_mode", "device_mode", ("-e", "--device-mode"), SWITCH,
+            "device mode, as usbipd -e: export the gadgets bound to the kernel's virtual "
+            "UDC, usbip-vudc (modprobe usbip-vudc, then bind a gadget to usbip-vudc.N), "
+            "and nothing else", False),
     Setting("state_dir", "state_dir", ("--state-dir",), FILE,
             "where the export rules 'usbipy bind' records live (default: $USBIPY_STATE_DIR "
             "or /var/lib/usbipy)", metavar="DIR"),

@@ -151,8 +151,8 @@ async def _hand_off(conn: ImportingConnection, device: HandOffDevice, generation
     shown = printable(device.busid)
     if conn.tls is not None and not conn.tls.kernel:
         # The kernel cannot take over a session whose keys live in this process.
-        log.error("%s: cannot hand %s to usbip-host over TLS: kernel TLS is not available "
-                  "here ('modprobe tls', then restart usbipyd)", conn.peer, shown)
+        log.error("%s: cannot hand %s to %s over TLS: kernel TLS is not available "
+                  "here ('modprobe tls', then restart usbipyd)", conn.peer, shown, device.via)
         conn.registry.release(device.busid, conn)
         conn.refuse(OpStatus.NA)
         return
@@ -195,4 +195,4 @@ async def _hand_off(conn: ImportingConnection, device: HandOffDevice, generation
         conn.hang_up()
         return
     conn.served_by_kernel(device)
-    log.info("%s: imported %s (served by the kernel)", conn.peer, shown)
+    log.info("%s: imported %s (served by the kernel's %s)", conn.peer, shown, device.via)

@@ -26,6 +26,7 @@ from ..backends.base import ExportedDevice
 from ..backends.kernel_stub import KernelStubSource
 from ..backends.libusb.events import LibusbEvents, libusb_available
 from ..backends.libusb.source import LibusbSource
+from ..backends.vudc import VudcSource
 from ..capture import Capture
 from ..capture.writer import check_writable
 from ..config import Limits, Settings, describe, read_settings
@@ -44,7 +45,8 @@ from ..exports.engine import ExportEngine, HotplugEvent, RuleSources
 from ..exports.rules import ExportRules, Via
 from ..exports.store import NAME as STORE_NAME
 from ..exports.store import RuleStore
-from ..linux import sysfs, usbip_host
+from ..linux import sysfs, usbip_host, vudc
+from ..linux.modules import load_hint
 from ..netaddr import is_loopback
 from ..pidfile import PidFile
 from ..statedir import state_dir
@@ -141,8 +143,11 @@ def check(settings: Settings) -> None:
     files load (and kernel TLS, when asked for), the disk image opens."""
     server_tls(settings.options, settings.origins)
     check_http(settings.options)
-    for device in emulated_devices(settings.options, look_only=True):
+    devices = emulated_devices(settings.options, look_only=True)
+    for device in devices:
         device.close()
+    if settings.options.device_mode:
+        _device_mode_alone(settings.options, bool(devices))
 
 
 def check_http(options: argparse.Namespace) -> None:
@@ -238,6 +243,28 @@ def raise_file_limit(limits: Limits) -> None:
             log.warning("max_connections %d: only %d file descriptors allowed (ulimit -n, "
                         "LimitNOFILE= in systemd): connections beyond fail to be accepted",
                         limits.max_connections, soft)
+
+
+def _device_mode_alone(options: argparse.Namespace, emulated: bool) -> None:
+    """Device mode serves the gadgets on usbip-vudc, as usbipd -e does, and nothing
+    else: what else the settings ask for is refused, not dropped quietly."""
+    if emulated:
+        raise UsbipError("device mode (-e) exports the gadgets bound to usbip-vudc only: "
+                         "drop --demo, --disk, --audio and --webcam (another usbipyd on "
+                         "another port can serve them)")
+    if options.rules_only:
+        raise UsbipError("device mode (-e) serves gadgets; --rules-only serves nothing: "
+                         "choose one")
+
+
+def _check_device_mode(options: argparse.Namespace, devices: list[ExportedDevice]) -> None:
+    _device_mode_alone(options, bool(devices))
+    if not vudc.driver_loaded():
+        log.warning("device mode: the usbip-vudc driver is not loaded (%s): no gadget to "
+                    "export until it is", load_hint("usbip-vudc"))
+    elif not any(g.info is not None for g in vudc.gadgets()):
+        log.warning("device mode: no gadget is bound to usbip-vudc yet (write usbip-vudc.N to "
+                    "a configfs gadget's UDC file)")
 
 
 def _unservable(rules: ExportRules, why: str) -> None:
@@ -337,10 +364,12 @@ class Service:
             devices = emulated_devices(options)
         except (StorageError, OSError) as exc:
             raise UsbipError(str(exc)) from None
-        kernel = options.usbip_host
+        kernel = options.usbip_host and not options.device_mode
         state = Path(options.state_dir) if options.state_dir else state_dir()
         rules = RuleSources(settings.exports, RuleStore(state))
-        if options.rules_only:
+        if options.device_mode:
+            _check_device_mode(options, devices)
+        elif options.rules_only:
             devices = []
         elif not devices and not (kernel and usbip_host.driver_loaded()) and not len(rules()):
             log.warning("no devices to export (try --demo, --audio, --webcam, --disk PATH, "
@@ -404,8 +433,10 @@ class Service:
             server.add(device)
         if kernel:
             server.registry.add_source(KernelStubSource())
+        if options.device_mode:
+            server.registry.add_source(VudcSource())
         libusb: LibusbSource | None = None
-        if options.libusb and not options.rules_only:
+        if options.libusb and not options.rules_only and not options.device_mode:
             if libusb_available():
                 libusb = LibusbSource(rules, rules.unbound)
                 server.registry.add_source(libusb)
@@ -603,6 +634,8 @@ class Service:
         handed every change in order by one task. The watchers started; none polls."""
         options = self.settings.options
         watchers: list[hotplug.UdevWatcher | hotplug.LibusbWatcher | hotplug.StoreWatcher] = []
+        if options.device_mode:  # (the host's devices are not this server's business)
+            return watchers
         linux = sysfs.usb_devices_dir().is_dir()
         stats = self.server.stats
         if linux:
