@@ -159,6 +159,14 @@ def test_control_passes_through_except_what_the_stub_intercepts() -> None:
             done = await result(device.submit(urb(0, Direction.OUT, setup=request)))
             assert done.status == 0 and handle.calls == calls
         assert len(handle.submitted) == 1  # none of them went raw to the device
+        # CLEAR_FEATURE(ENDPOINT_HALT) of the default pipe goes to the device as it is
+        # (usb_clear_halt sends it so; libusb_clear_halt refuses endpoint 0)
+        handle.calls.clear()
+        ep0_halt = device.submit(urb(0, Direction.OUT, setup=setup(0x02, 1, 0, 0, 0)))
+        control = handle.submitted[-1]
+        assert (control.kind, control.setup, handle.calls) == ("control", (0x02, 1, 0, 0), [])
+        control.complete()
+        assert (await result(ep0_halt)).status == 0
         # alt setting 1 brought its iso endpoint
         device.submit(urb(4, Direction.IN, 1024, iso=[IsoPacket(0, 1024)]))
         assert handle.submitted[-1].kind == "iso"
@@ -413,3 +421,57 @@ def test_an_unplug_grace_period_never_reaches_the_next_client(
         device.close()
 
     with_device(test)
+
+
+def test_control_requests_after_an_intercepted_one_wait_for_it() -> None:
+    """ep0 serves its requests in order (usbtest's test 10 checks it): a request queued
+    behind CLEAR_FEATURE(ENDPOINT_HALT), which a libusb call does in a worker thread,
+    reaches the device only once that call has returned, and completes after it; one
+    unlinked while it waits never reaches the device."""
+    import time
+
+    class SlowHaltHandle(FakeHandle):
+        def clearHalt(self, endpoint: int) -> None:
+            time.sleep(0.2)
+            super().clearHalt(endpoint)
+
+    class SlowHaltDevice(FakeDevice):
+        def open(self) -> FakeHandle:
+            self.handle = SlowHaltHandle(self)
+            return self.handle
+
+    async def main() -> None:
+        fake = SlowHaltDevice()
+        device = LibusbDevice(None, fake)  # type: ignore[arg-type]
+        await device.attach()
+        handle = fake.handle
+        assert handle is not None
+        done: list[str] = []
+        halt = asyncio.ensure_future(result(device.submit(
+            urb(0, Direction.OUT, setup=setup(0x02, 1, 0, 0x81, 0)))))
+        halt.add_done_callback(lambda _: done.append("halt"))
+        get = asyncio.ensure_future(result(device.submit(
+            urb(0, Direction.IN, 18, setup=setup(0x80, 6, 0x100, 0, 18)))))
+        get.add_done_callback(lambda _: done.append("get"))
+        dropped = asyncio.ensure_future(result(device.submit(
+            urb(0, Direction.IN, 2, setup=setup(0x80, 0, 0, 0, 2)))))
+        await asyncio.sleep(0.05)
+        assert handle.submitted == []  # both wait behind the halt's call
+        dropped.cancel()  # unlinked while it waits
+        await asyncio.wait_for(halt, 10)
+        await asyncio.sleep(0.01)  # (the queued request's submit runs in a callback)
+        assert done == ["halt"]
+        [control] = handle.submitted
+        assert control.setup == (0x80, 6, 0x100, 0)
+        control.complete(data=b"\x12\x01" + bytes(16))
+        assert len((await get).data) == 18
+        assert done == ["halt", "get"]
+        await asyncio.sleep(0.05)
+        assert len(handle.submitted) == 1  # the unlinked one never went out
+        # the queue drained: the next request goes to the device at once
+        device.submit(urb(0, Direction.IN, 18, setup=setup(0x80, 6, 0x100, 0, 18)))
+        assert len(handle.submitted) == 2
+        await device.detach()
+        device.close()
+
+    asyncio.run(main())

@@ -94,6 +94,13 @@ class LibusbDevice(ExportedDevice):
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="libusb-device")
         self._abandon_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        #: While a request done by a libusb call (SET_CONFIGURATION, SET_INTERFACE,
+        #: CLEAR_FEATURE(ENDPOINT_HALT), port reset) or a control request queued behind
+        #: one is under way: the last one's completion. The default control pipe serves
+        #: its requests in order (USB 2.0, 5.5.5), and usbip-host's receive thread
+        #: submits the next request only once its own call has returned (stub_rx.c):
+        #: a later request must not overtake it (usbtest's test 10 checks the order).
+        self._ep0_tail: asyncio.Future[Completion] | None = None
 
     @property
     def usb_device(self) -> Any:
@@ -285,17 +292,28 @@ class LibusbDevice(ExportedDevice):
         return self._submit(transfer)
 
     def _control(self, urb: CmdSubmit) -> SubmitResult:
+        tail = self._ep0_tail
+        if tail is not None and not tail.done():
+            return self._after(tail, urb)
+        self._ep0_tail = None
+        return self._control_now(urb)
+
+    def _control_now(self, urb: CmdSubmit) -> SubmitResult:
+        if self.gone or self._handle is None:
+            return Completion(status=-errno.ENODEV)
         request_type, request, value, index, length = SETUP.unpack(urb.setup)
         # The requests usbip-host does itself rather than pass on (stub_rx.c).
         if request_type == 0 and request == SET_CONFIGURATION:
-            return self._blocking(self._set_configuration, value)
+            return self._in_order(self._blocking(self._set_configuration, value))
         if request_type == RECIPIENT_INTERFACE and request == SET_INTERFACE:
-            return self._blocking(self._set_interface, index, value)
+            return self._in_order(self._blocking(self._set_interface, index, value))
         if (request_type == RECIPIENT_ENDPOINT and request == CLEAR_FEATURE
-                and value == ENDPOINT_HALT):
-            return self._blocking(self._handle.clearHalt, index & 0xFF)
+                and value == ENDPOINT_HALT and index & 0x7F):
+            # (the default pipe's goes to the device as it is: usb_clear_halt sends just
+            # that, and libusb_clear_halt refuses endpoint 0, usbfs's proc_clearhalt)
+            return self._in_order(self._blocking(self._handle.clearHalt, index & 0xFF))
         if request_type == PORT_REQUEST_TYPE and request == SET_FEATURE and value == PORT_RESET:
-            return self._blocking(self._handle.resetDevice)
+            return self._in_order(self._blocking(self._handle.resetDevice))
         transfer = self._handle.getTransfer()
         data: int | bytes = length if request_type & DIR_IN else urb.data[:length]
         transfer.setControl(request_type, request, value, index, data, self._completed, urb, 0)
@@ -379,6 +397,38 @@ class LibusbDevice(ExportedDevice):
             self._mark_gone()
         elif self.gone and not self._transfers:
             self._drop_soon()
+
+    def _in_order(self, work: Coroutine[Any, Any, Completion]) -> asyncio.Future[Completion]:
+        """A request done by a libusb call: the control requests after it wait for it.
+        (Inside a queue, the queue's last request is already what the next ones wait for.)"""
+        future = asyncio.ensure_future(work)
+        if self._ep0_tail is None:
+            self._ep0_tail = future
+        return future
+
+    def _after(self, tail: asyncio.Future[Completion], urb: CmdSubmit
+               ) -> asyncio.Future[Completion]:
+        """Control request ``urb``, submitted once ``tail`` (the request before it) is done.
+        Unlinked meanwhile (the future cancelled), it is never submitted."""
+        assert self._loop is not None
+        future: asyncio.Future[Completion] = self._loop.create_future()
+
+        def submit(_: object) -> None:
+            if future.cancelled():
+                return
+            result = self._control_now(urb)
+            if isinstance(result, Completion):
+                future.set_result(result)
+                return
+            inner = asyncio.ensure_future(result)
+            future.add_done_callback(lambda f: inner.cancel() if f.cancelled() else None)
+            inner.add_done_callback(
+                lambda i: None if future.done() else (
+                    future.cancel() if i.cancelled() else future.set_result(i.result())))
+
+        tail.add_done_callback(submit)
+        self._ep0_tail = future
+        return future
 
     def _blocking(self, fn: Callable[..., Any], *args: Any) -> Coroutine[Any, Any, Completion]:
         async def run() -> Completion:
