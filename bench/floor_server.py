@@ -92,6 +92,7 @@ def urbs(sock: socket.socket) -> None:
         (_cmd, seqnum, devid, direction, ep, _flags, length, _start, _packets, _interval,
          setup) = CMD.unpack(header)
         reply = b""
+        assert length <= len(DATA), "the floor serves transfers of 1 MiB at most"
         if direction == 0 and length:
             recv_exactly(sock, sink_view[:length])
         if ep == 0:

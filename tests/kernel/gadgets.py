@@ -24,9 +24,10 @@ def load(vm: Vm, udcs: int = 3) -> None:
 
 
 def create(vm: Vm, name: str, vid_pid: str, function: str,
-           attrs: dict[str, str] | None = None, udc: int = 0) -> None:
+           attrs: dict[str, str | bytes] | None = None, udc: int = 0) -> None:
     """Make gadget ``name`` with one function (e.g. 'mass_storage.0', 'acm.usb0') and
-    bind it to dummy_udc.<udc>."""
+    bind it to dummy_udc.<udc>. An attribute given as bytes is written as they are (a
+    HID report descriptor)."""
     vid, pid = vid_pid.split(":")
     g = f"{GADGETS}/{name}"
     lines = [
@@ -38,7 +39,11 @@ def create(vm: Vm, name: str, vid_pid: str, function: str,
         f"echo c > {g}/configs/c.1/strings/0x409/configuration",
     ]
     for attr, value in (attrs or {}).items():
-        lines.append(f"echo {shlex.quote(value)} > {g}/functions/{function}/{attr}")
+        if isinstance(value, bytes):
+            escaped = "".join(f"\\x{b:02x}" for b in value)
+            lines.append(f"printf '{escaped}' > {g}/functions/{function}/{attr}")
+        else:
+            lines.append(f"echo {shlex.quote(value)} > {g}/functions/{function}/{attr}")
     lines.append(f"ln -s {g}/functions/{function} {g}/configs/c.1/")
     lines.append(f"echo dummy_udc.{udc} > {g}/UDC")
     vm.check(" && ".join(lines))

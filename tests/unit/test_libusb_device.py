@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import threading
 import types
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -423,55 +424,142 @@ def test_an_unplug_grace_period_never_reaches_the_next_client(
     with_device(test)
 
 
+class GatedHaltDevice(FakeDevice):
+    """clearHalt waits for ``gate`` (the libusb call under way); setInterfaceAltSetting
+    raises when ``broken``."""
+
+    def __init__(self, broken: bool = False) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.broken = broken
+
+    def open(self) -> FakeHandle:
+        gate, broken = self.gate, self.broken
+
+        class Handle(FakeHandle):
+            def clearHalt(self, endpoint: int) -> None:
+                gate.wait(10)
+                super().clearHalt(endpoint)
+
+            def setInterfaceAltSetting(self, interface: int, alt: int) -> None:
+                if broken:
+                    raise RuntimeError("a bug in a libusb call")
+                super().setInterfaceAltSetting(interface, alt)
+
+        self.handle = Handle(self)
+        return self.handle
+
+
+HALT = setup(0x02, 1, 0, 0x81, 0)  # CLEAR_FEATURE(ENDPOINT_HALT) of endpoint 0x81
+GET_DEVICE = setup(0x80, 6, 0x100, 0, 18)
+GET_STATUS = setup(0x80, 0, 0, 0, 2)
+
+
+def gated(test: Callable[[LibusbDevice, GatedHaltDevice], Awaitable[None]],
+          broken: bool = False) -> None:
+    async def main() -> None:
+        fake = GatedHaltDevice(broken)
+        device = LibusbDevice(None, fake)  # type: ignore[arg-type]
+        await device.attach()
+        try:
+            await test(device, fake)
+        finally:
+            fake.gate.set()
+            await device.detach()
+            device.close()
+
+    asyncio.run(main())
+
+
+def submit(device: LibusbDevice, request: bytes, length: int = 0) -> asyncio.Future[Completion]:
+    direction = Direction.IN if request[0] & 0x80 else Direction.OUT
+    return asyncio.ensure_future(result(device.submit(urb(0, direction, length,
+                                                           setup=request))))
+
+
 def test_control_requests_after_an_intercepted_one_wait_for_it() -> None:
     """ep0 serves its requests in order (usbtest's test 10 checks it): a request queued
     behind CLEAR_FEATURE(ENDPOINT_HALT), which a libusb call does in a worker thread,
     reaches the device only once that call has returned, and completes after it; one
     unlinked while it waits never reaches the device."""
-    import time
-
-    class SlowHaltHandle(FakeHandle):
-        def clearHalt(self, endpoint: int) -> None:
-            time.sleep(0.2)
-            super().clearHalt(endpoint)
-
-    class SlowHaltDevice(FakeDevice):
-        def open(self) -> FakeHandle:
-            self.handle = SlowHaltHandle(self)
-            return self.handle
-
-    async def main() -> None:
-        fake = SlowHaltDevice()
-        device = LibusbDevice(None, fake)  # type: ignore[arg-type]
-        await device.attach()
+    async def test(device: LibusbDevice, fake: GatedHaltDevice) -> None:
         handle = fake.handle
         assert handle is not None
         done: list[str] = []
-        halt = asyncio.ensure_future(result(device.submit(
-            urb(0, Direction.OUT, setup=setup(0x02, 1, 0, 0x81, 0)))))
+        halt = submit(device, HALT)
         halt.add_done_callback(lambda _: done.append("halt"))
-        get = asyncio.ensure_future(result(device.submit(
-            urb(0, Direction.IN, 18, setup=setup(0x80, 6, 0x100, 0, 18)))))
+        get = submit(device, GET_DEVICE, 18)
         get.add_done_callback(lambda _: done.append("get"))
-        dropped = asyncio.ensure_future(result(device.submit(
-            urb(0, Direction.IN, 2, setup=setup(0x80, 0, 0, 0, 2)))))
+        dropped = submit(device, GET_STATUS, 2)
         await asyncio.sleep(0.05)
         assert handle.submitted == []  # both wait behind the halt's call
         dropped.cancel()  # unlinked while it waits
+        fake.gate.set()
         await asyncio.wait_for(halt, 10)
-        await asyncio.sleep(0.01)  # (the queued request's submit runs in a callback)
+        await asyncio.sleep(0.01)  # (the queue moves on in a callback)
         assert done == ["halt"]
         [control] = handle.submitted
         assert control.setup == (0x80, 6, 0x100, 0)
         control.complete(data=b"\x12\x01" + bytes(16))
         assert len((await get).data) == 18
         assert done == ["halt", "get"]
-        await asyncio.sleep(0.05)
         assert len(handle.submitted) == 1  # the unlinked one never went out
         # the queue drained: the next request goes to the device at once
-        device.submit(urb(0, Direction.IN, 18, setup=setup(0x80, 6, 0x100, 0, 18)))
+        submit(device, GET_DEVICE, 18)
+        await asyncio.sleep(0)
         assert len(handle.submitted) == 2
-        await device.detach()
-        device.close()
 
-    asyncio.run(main())
+    gated(test)
+
+
+def test_unlinking_the_last_queued_request_lets_nothing_overtake() -> None:
+    async def test(device: LibusbDevice, fake: GatedHaltDevice) -> None:
+        handle = fake.handle
+        assert handle is not None
+        submit(device, HALT)
+        submit(device, GET_DEVICE, 18)
+        last = submit(device, GET_STATUS, 2)
+        await asyncio.sleep(0.02)
+        last.cancel()
+        await asyncio.sleep(0.02)
+        submit(device, GET_DEVICE, 18)
+        await asyncio.sleep(0.05)
+        assert handle.submitted == []  # the halt's call still runs: nothing went out
+
+    gated(test)
+
+
+def test_unlinking_the_intercepted_request_holds_the_queue_until_its_call_returns() -> None:
+    async def test(device: LibusbDevice, fake: GatedHaltDevice) -> None:
+        handle = fake.handle
+        assert handle is not None
+        halt = submit(device, HALT)
+        submit(device, GET_DEVICE, 18)
+        await asyncio.sleep(0.02)
+        halt.cancel()  # the client gave up on it; the libusb call goes on
+        await asyncio.sleep(0.05)
+        assert handle.submitted == []
+        fake.gate.set()
+        await asyncio.sleep(0.1)
+        assert len(handle.submitted) == 1
+
+    gated(test)
+
+
+def test_a_queued_request_whose_call_raises_is_answered_and_the_queue_goes_on() -> None:
+    async def test(device: LibusbDevice, fake: GatedHaltDevice) -> None:
+        handle = fake.handle
+        assert handle is not None
+        halt = submit(device, HALT)
+        alt = submit(device, setup(0x01, 11, 1, 0, 0))  # SET_INTERFACE: raises
+        status = submit(device, GET_STATUS, 2)
+        fake.gate.set()
+        await asyncio.wait_for(halt, 10)
+        with pytest.raises(RuntimeError):
+            await asyncio.wait_for(alt, 10)  # (the server answers it EPROTO)
+        await asyncio.sleep(0.01)
+        [control] = handle.submitted
+        control.complete(data=b"\0\0")
+        assert (await asyncio.wait_for(status, 10)).data == b"\0\0"
+
+    gated(test, broken=True)

@@ -61,7 +61,7 @@ from ..linux.sysfs import (
     usb_devices,
     usb_devices_dir,
 )
-from ..linux.usbids import system_ids
+from ..linux.usbids import UsbIds, system_ids
 from ..linux.usbip_host import UsbipHostError
 from ..policy import DeviceSelector
 from ..protocol import USBIP_PORT, DeviceInfo
@@ -332,15 +332,22 @@ def _exportable_local() -> list[UsbDevice]:
 def _print_local(devices: Sequence[UsbDevice], parsable: bool, rules: LocalRules) -> None:
     ids = system_ids()
     for dev in devices:
-        d = dev.info
-        usbid = f"{d.idVendor:04x}:{d.idProduct:04x}"
-        if parsable:
-            print(f"busid={dev.busid}#usbid={usbid}#")
-        else:
-            print(f" - busid {dev.busid} ({usbid})")
-            print(f"   {ids.product_name(d.idVendor, d.idProduct)}")
-            print(f"   {_exported_by(dev, rules)}")
-        print()
+        _print_listed(dev.busid, dev.info, parsable, ids,
+                      None if parsable else _exported_by(dev, rules))
+
+
+def _print_listed(busid: str, info: DeviceInfo, parsable: bool, ids: UsbIds,
+                  status: str | None) -> None:
+    """One device of `list -l` or `list -d`, as `usbip list` prints it, with ``status``
+    on a third line (not in the parsable form)."""
+    usbid = f"{info.idVendor:04x}:{info.idProduct:04x}"
+    if parsable:
+        print(f"busid={busid}#usbid={usbid}#")
+    else:
+        print(f" - busid {busid} ({usbid})")
+        print(f"   {ids.product_name(info.idVendor, info.idProduct)}")
+        print(f"   {status}")
+    print()
 
 
 def _list_gadgets(parsable: bool, as_json: bool) -> object:
@@ -361,14 +368,8 @@ def _list_gadgets(parsable: bool, as_json: bool) -> object:
             if not parsable:
                 print(f" - busid {gadget.busid}: no gadget bound\n")
             continue
-        usbid = f"{info.idVendor:04x}:{info.idProduct:04x}"
-        if parsable:
-            print(f"busid={gadget.busid}#usbid={usbid}#")
-        else:
-            print(f" - busid {gadget.busid} ({usbid})")
-            print(f"   {ids.product_name(info.idVendor, info.idProduct)}")
-            print(f"   gadget {printable(gadget.function or '?')}")
-        print()
+        _print_listed(gadget.busid, info, parsable, ids,
+                      f"gadget {printable(gadget.function or '?')}")
     return None
 
 

@@ -208,8 +208,10 @@ class UsbipServerProtocol(asyncio.Protocol):
         """Consecutive pieces of the stream, handled as one read, their replies in one
         write: a resumable stream's payload of several frames (server/resume.py). Only
         after the import, where no idle clock runs."""
-        for piece in pieces:
-            self.conn.receive_data(piece)
+        if len(pieces) == 1:
+            self.conn.receive_data(pieces[0])
+        elif pieces:  # (one copy of them all, not a copy grown piece by piece)
+            self.conn.receive_data(b"".join(pieces))
         self._process()
 
     def _process(self) -> None:

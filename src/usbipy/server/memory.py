@@ -36,12 +36,14 @@ DELAY = 0.5
 
 
 #: mallopt(3)'s parameters (glibc's malloc.h), and the values usbipyd serves with:
-#: free memory at the heap's top kept for the next allocations, and the size from
-#: which an allocation is a mapping of its own. (Setting the first turns glibc's
-#: dynamic mmap threshold off: the second is set with it, above any one reply.)
+#: free memory at the top of each heap (glibc's arenas: the loop's, and one per busy
+#: worker thread) kept for the next allocations, and the size from which an
+#: allocation is a mapping of its own, returned whole when freed. (Setting the first
+#: turns glibc's dynamic mmap threshold off: the second is set with it, above a
+#: resumable stream's largest frame, 1 MiB, and a 64 KiB reply with its header.)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 TRIM_THRESHOLD = 16 << 20
-MMAP_THRESHOLD = 4 << 20
+MMAP_THRESHOLD = 2 << 20
 
 
 def _libc(name: str) -> Callable[..., int] | None:
@@ -57,10 +59,10 @@ _MALLOPT = _libc("mallopt")
 
 
 def keep_heap() -> bool:
-    """Keep up to TRIM_THRESHOLD bytes of freed heap for the next replies, rather
-    than returning them to the system at once (glibc; elsewhere nothing). What is
-    kept still goes back with :func:`give_back` after a large connection. True if
-    it was set."""
+    """Keep up to TRIM_THRESHOLD bytes of freed heap (per arena) for the next
+    replies, rather than returning them to the system at once (glibc; elsewhere
+    nothing). What a client held while usbipyd stopped reading it still goes back
+    with :func:`give_back` when it ends. True if it was set."""
     if _MALLOPT is None:
         return False
     return bool(_MALLOPT(M_MMAP_THRESHOLD, MMAP_THRESHOLD)

@@ -247,7 +247,8 @@ def raise_file_limit(limits: Limits) -> None:
 
 def _device_mode_alone(options: argparse.Namespace, emulated: bool) -> None:
     """Device mode serves the gadgets on usbip-vudc, as usbipd -e does, and nothing
-    else: what else the settings ask for is refused, not dropped quietly."""
+    else: emulated devices or --rules-only asked for with it are refused, not dropped
+    quietly (export rules are left alone, with a warning)."""
     if emulated:
         raise UsbipError("device mode (-e) exports the gadgets bound to usbip-vudc only: "
                          "drop --demo, --disk, --audio and --webcam (another usbipyd on "
@@ -257,8 +258,12 @@ def _device_mode_alone(options: argparse.Namespace, emulated: bool) -> None:
                          "choose one")
 
 
-def _check_device_mode(options: argparse.Namespace, devices: list[ExportedDevice]) -> None:
+def _check_device_mode(options: argparse.Namespace, devices: list[ExportedDevice],
+                       rules: ExportRules) -> None:
     _device_mode_alone(options, bool(devices))
+    if len(rules):
+        log.warning("device mode: the export rules are not applied (they export this "
+                    "host's devices; run another usbipyd for them)")
     if not vudc.driver_loaded():
         log.warning("device mode: the usbip-vudc driver is not loaded (%s): no gadget to "
                     "export until it is", load_hint("usbip-vudc"))
@@ -368,7 +373,7 @@ class Service:
         state = Path(options.state_dir) if options.state_dir else state_dir()
         rules = RuleSources(settings.exports, RuleStore(state))
         if options.device_mode:
-            _check_device_mode(options, devices)
+            _check_device_mode(options, devices, rules())
         elif options.rules_only:
             devices = []
         elif not devices and not (kernel and usbip_host.driver_loaded()) and not len(rules()):
@@ -399,9 +404,12 @@ class Service:
                 opened += plain_sockets
             if tls is None:
                 _warn_if_exposed(sockets)
-            elif not tls.kernel and kernel and usbip_host.driver_loaded():
-                log.warning("kernel TLS is not available: devices bound to usbip-host cannot "
-                            "be exported over TLS ('modprobe tls', then restart usbipyd)")
+            elif not tls.kernel and ((kernel and usbip_host.driver_loaded())
+                                     or options.device_mode):
+                log.warning("kernel TLS is not available: %s cannot be exported over TLS "
+                            "('modprobe tls', then restart usbipyd)",
+                            "gadgets on usbip-vudc" if options.device_mode
+                            else "devices bound to usbip-host")
             raise_file_limit(settings.limits)
             metrics = _http_endpoint(options)
             if options.capture is not None:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-from collections.abc import Callable, Coroutine
+from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +61,28 @@ def busid_of(device: Any) -> str:
     return f"{device.getBusNumber()}-{'.'.join(str(p) for p in ports)}"
 
 
+def _settle(future: asyncio.Future[Completion], result: SubmitResult) -> None:
+    """``future`` gets what ``result`` gives: its completion, error or cancellation (and an
+    unlink of ``future`` cancels ``result``)."""
+    if isinstance(result, Completion):
+        future.set_result(result)
+        return
+    inner = asyncio.ensure_future(result)
+
+    def copy(done: asyncio.Future[Completion]) -> None:
+        if future.done():
+            return
+        if done.cancelled():
+            future.cancel()
+        elif done.exception() is not None:
+            future.set_exception(done.exception())  # type: ignore[arg-type]
+        else:
+            future.set_result(done.result())
+
+    inner.add_done_callback(copy)
+    future.add_done_callback(lambda f: inner.cancel() if f.cancelled() else None)
+
+
 class LibusbDevice(ExportedDevice):
     """A device opened through libusb while a client has it imported."""
 
@@ -94,13 +117,16 @@ class LibusbDevice(ExportedDevice):
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="libusb-device")
         self._abandon_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        #: While a request done by a libusb call (SET_CONFIGURATION, SET_INTERFACE,
-        #: CLEAR_FEATURE(ENDPOINT_HALT), port reset) or a control request queued behind
-        #: one is under way: the last one's completion. The default control pipe serves
-        #: its requests in order (USB 2.0, 5.5.5), and usbip-host's receive thread
-        #: submits the next request only once its own call has returned (stub_rx.c):
-        #: a later request must not overtake it (usbtest's test 10 checks the order).
-        self._ep0_tail: asyncio.Future[Completion] | None = None
+        #: Whether a request done by a libusb call (SET_CONFIGURATION, SET_INTERFACE,
+        #: CLEAR_FEATURE(ENDPOINT_HALT), port reset) is under way, and the control
+        #: requests that came after it, waiting. The default control pipe serves its
+        #: requests in order (USB 2.0, 5.5.5), and usbip-host's receive thread submits
+        #: the next request only once its own call has returned (stub_rx.c): a later
+        #: request must not overtake it (usbtest's test 10 checks the order). The queue
+        #: moves on when the call returns, not when the client stops waiting for it (an
+        #: unlink does not stop a libusb call).
+        self._ep0_busy = False
+        self._ep0_queue: deque[tuple[CmdSubmit, asyncio.Future[Completion]]] = deque()
 
     @property
     def usb_device(self) -> Any:
@@ -292,10 +318,11 @@ class LibusbDevice(ExportedDevice):
         return self._submit(transfer)
 
     def _control(self, urb: CmdSubmit) -> SubmitResult:
-        tail = self._ep0_tail
-        if tail is not None and not tail.done():
-            return self._after(tail, urb)
-        self._ep0_tail = None
+        if self._ep0_busy or self._ep0_queue:
+            assert self._loop is not None
+            future: asyncio.Future[Completion] = self._loop.create_future()
+            self._ep0_queue.append((urb, future))
+            return future
         return self._control_now(urb)
 
     def _control_now(self, urb: CmdSubmit) -> SubmitResult:
@@ -304,16 +331,16 @@ class LibusbDevice(ExportedDevice):
         request_type, request, value, index, length = SETUP.unpack(urb.setup)
         # The requests usbip-host does itself rather than pass on (stub_rx.c).
         if request_type == 0 and request == SET_CONFIGURATION:
-            return self._in_order(self._blocking(self._set_configuration, value))
+            return self._intercepted(self._set_configuration, value)
         if request_type == RECIPIENT_INTERFACE and request == SET_INTERFACE:
-            return self._in_order(self._blocking(self._set_interface, index, value))
+            return self._intercepted(self._set_interface, index, value)
         if (request_type == RECIPIENT_ENDPOINT and request == CLEAR_FEATURE
                 and value == ENDPOINT_HALT and index & 0x7F):
             # (the default pipe's goes to the device as it is: usb_clear_halt sends just
             # that, and libusb_clear_halt refuses endpoint 0, usbfs's proc_clearhalt)
-            return self._in_order(self._blocking(self._handle.clearHalt, index & 0xFF))
+            return self._intercepted(self._handle.clearHalt, index & 0xFF)
         if request_type == PORT_REQUEST_TYPE and request == SET_FEATURE and value == PORT_RESET:
-            return self._in_order(self._blocking(self._handle.resetDevice))
+            return self._intercepted(self._handle.resetDevice)
         transfer = self._handle.getTransfer()
         data: int | bytes = length if request_type & DIR_IN else urb.data[:length]
         transfer.setControl(request_type, request, value, index, data, self._completed, urb, 0)
@@ -398,48 +425,50 @@ class LibusbDevice(ExportedDevice):
         elif self.gone and not self._transfers:
             self._drop_soon()
 
-    def _in_order(self, work: Coroutine[Any, Any, Completion]) -> asyncio.Future[Completion]:
-        """A request done by a libusb call: the control requests after it wait for it.
-        (Inside a queue, the queue's last request is already what the next ones wait for.)"""
-        future = asyncio.ensure_future(work)
-        if self._ep0_tail is None:
-            self._ep0_tail = future
-        return future
+    def _intercepted(self, fn: Callable[..., Any], *args: Any) -> SubmitResult:
+        """A request done by ``fn(*args)``, a libusb call on the worker thread; the
+        control requests after it wait until the call has returned."""
+        loop = self._loop
+        assert loop is not None
+        try:
+            call = self._worker.submit(fn, *args)
+        except RuntimeError:  # (the worker is shut down: the device is being closed)
+            return Completion(status=-errno.ENODEV)
+        self._ep0_busy = True
 
-    def _after(self, tail: asyncio.Future[Completion], urb: CmdSubmit
-               ) -> asyncio.Future[Completion]:
-        """Control request ``urb``, submitted once ``tail`` (the request before it) is done.
-        Unlinked meanwhile (the future cancelled), it is never submitted."""
-        assert self._loop is not None
-        future: asyncio.Future[Completion] = self._loop.create_future()
-
-        def submit(_: object) -> None:
-            if future.cancelled():
-                return
-            result = self._control_now(urb)
-            if isinstance(result, Completion):
-                future.set_result(result)
-                return
-            inner = asyncio.ensure_future(result)
-            future.add_done_callback(lambda f: inner.cancel() if f.cancelled() else None)
-            inner.add_done_callback(
-                lambda i: None if future.done() else (
-                    future.cancel() if i.cancelled() else future.set_result(i.result())))
-
-        tail.add_done_callback(submit)
-        self._ep0_tail = future
-        return future
-
-    def _blocking(self, fn: Callable[..., Any], *args: Any) -> Coroutine[Any, Any, Completion]:
-        async def run() -> Completion:
+        def returned(_: object) -> None:
             try:
-                await self._call(fn, *args)
+                loop.call_soon_threadsafe(self._ep0_next)
+            except RuntimeError:
+                pass  # the loop is closed: the server is gone
+
+        call.add_done_callback(returned)
+
+        async def result() -> Completion:
+            try:
+                await asyncio.wrap_future(call)
             except events.usb1.USBError as exc:
                 if exc.value == LIBUSB_ERROR_NO_DEVICE:
                     self._mark_gone()
                 return Completion(status=error_errno(exc.value))
             return Completion()
-        return run()
+
+        return result()
+
+    def _ep0_next(self) -> None:
+        """The libusb call returned: submit the control requests that waited, in order,
+        up to the next one done by a libusb call. One unlinked while it waited is never
+        submitted."""
+        self._ep0_busy = False
+        queue = self._ep0_queue
+        while queue and not self._ep0_busy:
+            urb, future = queue.popleft()
+            if future.done():
+                continue
+            try:
+                _settle(future, self._control_now(urb))
+            except Exception as exc:  # (its client gets EPROTO, as for any URB that raised)
+                future.set_exception(exc)
 
     def _set_configuration(self, value: int) -> None:
         if self._handle.getConfiguration() == value:
