@@ -22,6 +22,11 @@ IMPORT_STATUS = {
 }
 
 
+def import_status(status: StubStatus | None) -> OpStatus:
+    """The reply to an import of a device in the kernel's ``status`` (None: unreadable)."""
+    return IMPORT_STATUS.get(status, OpStatus.NA) if status is not None else OpStatus.NA
+
+
 class KernelStubDevice(HandOffDevice):
     """A device bound to usbip-host; its URBs are the kernel's business."""
 
@@ -39,8 +44,7 @@ class KernelStubDevice(HandOffDevice):
         return usbip_host.stub_status(self._device)
 
     def import_status(self) -> OpStatus:
-        status = self.status
-        return IMPORT_STATUS.get(status, OpStatus.NA) if status is not None else OpStatus.NA
+        return import_status(self.status)
 
     def hand_off(self, fd: int) -> None:
         usbip_host.hand_off(self._device, fd)

@@ -13,7 +13,7 @@ import asyncio
 from ..linux import vudc
 from ..protocol import DeviceInfo, OpStatus
 from .base import DeviceSource, HandOffDevice
-from .kernel_stub import IMPORT_STATUS
+from .kernel_stub import import_status
 
 
 class VudcDevice(HandOffDevice):
@@ -31,8 +31,7 @@ class VudcDevice(HandOffDevice):
         return self._info
 
     def import_status(self) -> OpStatus:
-        status = self._gadget.status
-        return IMPORT_STATUS.get(status, OpStatus.NA) if status is not None else OpStatus.NA
+        return import_status(self._gadget.status)
 
     def hand_off(self, fd: int) -> None:
         vudc.hand_off(self._gadget, fd)
