@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import gadgets
-from .guest import PYTHON, wait_for, wait_output
+from .guest import PYTHON, wait_for
 from .vm import Vm
 
 ENV = "USBIPY_STATE_DIR=/run/usbipy"
@@ -166,12 +166,8 @@ DEVICES = [
 
 
 def _vhci_copy(vm: Vm, device: Device) -> str:
-    vid, pid = device.vid_pid.split(":")
     try:
-        return wait_output(vm, "for d in /sys/bus/usb/devices/*; do [ -f $d/idVendor ] && "
-                               "read -r v < $d/idVendor && read -r p < $d/idProduct && "
-                               f"[ \"$v:$p\" = {vid}:{pid} ] && readlink -f $d | grep -q vhci "
-                               "&& echo ${d##*/}; done; true", 60).split()[0]
+        return gadgets.vhci_busid(vm, device.vid_pid, 60)
     except AssertionError:
         raise Failed("does not enumerate through vhci-hcd") from None
 

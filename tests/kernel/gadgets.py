@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import shlex
 
-from .guest import wait_for
+from .guest import wait_for, wait_output
 from .vm import Vm
 
 GADGETS = "/sys/kernel/config/usb_gadget"
@@ -64,6 +64,16 @@ def busid(vm: Vm, vid_pid: str) -> str:
         if "vhci" not in vm.check(f"readlink -f /sys/bus/usb/devices/{name}"):
             return name
     raise AssertionError(f"no {vid_pid} on dummy_hcd")
+
+
+def vhci_busid(vm: Vm, vid_pid: str, timeout: float = 120) -> str:
+    """The busid of the gadget's copy attached through vhci-hcd, once it has enumerated
+    (AssertionError after ``timeout`` seconds)."""
+    vid, pid = vid_pid.split(":")
+    return wait_output(vm, "for d in /sys/bus/usb/devices/*; do [ -f $d/idVendor ] && "
+                           "read -r v < $d/idVendor && read -r p < $d/idProduct && "
+                           f"[ \"$v:$p\" = {vid}:{pid} ] && readlink -f $d | grep -q vhci "
+                           "&& echo ${d##*/}; done; true", timeout).split()[0]
 
 
 def unplug(vm: Vm, name: str) -> None:

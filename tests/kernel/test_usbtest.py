@@ -21,7 +21,7 @@ import pytest
 
 from . import gadgets
 from .conftest import require_vm
-from .guest import PYTHON, USBIPY, USBIPYD, wait_for, wait_output
+from .guest import PYTHON, USBIPY, USBIPYD, wait_for
 from .vm import Vm
 
 ZERO = "0525:a4a0"  # gadget zero's ids: usbtest's table names them
@@ -50,15 +50,6 @@ def run_cases(vm: Vm, busid: str) -> dict[int, int]:
     return {r["case"]: r["errno"] for r in results}
 
 
-def vhci_copy(vm: Vm) -> str:
-    """The busid of the gadget attached through vhci-hcd, once it has enumerated."""
-    vid, pid = ZERO.split(":")
-    return wait_output(vm, f"for d in /sys/bus/usb/devices/*; do [ -f $d/idVendor ] && "
-                           f"read -r v < $d/idVendor && read -r p < $d/idProduct && "
-                           f"[ \"$v:$p\" = {vid}:{pid} ] && readlink -f $d | grep -q vhci "
-                           f"&& echo ${{d##*/}}; done; true").strip()
-
-
 def detach_all(vm: Vm) -> None:
     vm.run("for p in $(usbip port | sed -n 's/^Port \\([0-9]*\\):.*/\\1/p'); do "
            "usbip detach -p $p; done")
@@ -73,7 +64,7 @@ def test_usbtest_cases_that_pass_locally_pass_through_usbipyd_libusb(vm: Vm) -> 
     vm.check(f"({ENV} {USBIPYD} -P /run/usbipyd.pid > /run/usbipyd.log 2>&1 &)")
     wait_for(vm, f"{USBIPY} list -r 127.0.0.1 2>/dev/null | grep -q ' {busid}: '")
     vm.check(f"{USBIPY} attach -r 127.0.0.1 -b {busid}")
-    libusb = run_cases(vm, vhci_copy(vm))
+    libusb = run_cases(vm, gadgets.vhci_busid(vm, ZERO))
     detach_all(vm)
     vm.check("kill $(cat /run/usbipyd.pid)")
     wait_for(vm, "[ ! -e /run/usbipyd.pid ]")
